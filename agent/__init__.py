@@ -1,0 +1,1 @@
+"""The provider-side GPU agent daemon."""

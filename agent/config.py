@@ -1,0 +1,179 @@
+"""The agent's configuration: pydantic models loaded from YAML.
+
+Every model forbids unknown keys so a typo fails at load with its key path.
+``config.example.yaml`` documents every option and must load as-is (tested).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gpuagent.configload import load_config
+from gpuagent.logsetup import LogFormat, LogLevel
+from gpuagent.units import ByteSize, Duration
+
+DEFAULT_CONFIG_PATH = Path("/etc/gpu-agent/config.yaml")
+
+# Environment variables that override single keys, for what differs per host.
+ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "GPU_AGENT_COORDINATOR_ADDRESS": ("coordinator", "address"),
+    "GPU_AGENT_COORDINATOR_INSECURE": ("coordinator", "insecure"),
+    "GPU_AGENT_NODE_NAME": ("node", "name"),
+    "GPU_AGENT_STATE_DIR": ("node", "state_dir"),
+    "GPU_AGENT_GPU_BACKEND": ("gpu", "backend"),
+    "GPU_AGENT_LOG_LEVEL": ("log", "level"),
+    "GPU_AGENT_STATUS_LISTEN": ("status", "listen"),
+}
+
+# Keys whose values are masked by ``gpu-agent config show``.
+SECRET_KEYS = frozenset({"password", "token", "client_key_file", "auth"})
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(Strict):
+    name: str | None = Field(
+        default=None, description="Human name shown by the coordinator; defaults to the hostname"
+    )
+    state_dir: Path = Field(
+        default=Path("/var/lib/gpu-agent"),
+        description="Identity key, state DB and usage outbox live here",
+    )
+    region: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class LogConfig(Strict):
+    level: LogLevel = "info"
+    format: LogFormat = "auto"
+
+
+class CoordinatorConfig(Strict):
+    address: str = Field(
+        default="localhost:7443", description="host:port of the coordinator's gRPC endpoint"
+    )
+    insecure: bool = Field(default=False, description="plaintext gRPC; only for loopback demos")
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    server_name: str | None = Field(
+        default=None, description="TLS name to verify instead of the host in address"
+    )
+    keepalive_time: Duration = 20.0
+    keepalive_timeout: Duration = 10.0
+    call_timeout: Duration = 10.0
+    reconnect_initial: Duration = 1.0
+    reconnect_max: Duration = 120.0
+    stop_leases_after_disconnect: Duration | None = Field(
+        default=None,
+        description="stop running leases after this long without a coordinator; off by default",
+    )
+
+    @model_validator(mode="after")
+    def _mtls_pair(self) -> CoordinatorConfig:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file must be set together")
+        if self.keepalive_timeout <= 0 or self.keepalive_time <= 0:
+            raise ValueError("keepalive_time and keepalive_timeout must be positive")
+        return self
+
+
+SimulatedProfile = Literal["h100-sxm-80gb", "a100-sxm-80gb", "rtx-4090", "rtx-3080"]
+
+
+class SimulatedGpuConfig(Strict):
+    profile: SimulatedProfile = "h100-sxm-80gb"
+    count: int = Field(default=8, ge=0, le=64)
+
+
+class GpuConfig(Strict):
+    backend: Literal["nvml", "simulated", "auto"] = Field(
+        default="nvml", description="auto = NVML when the library loads, else simulated (loudly)"
+    )
+    health_interval: Duration = 5.0
+    simulated: SimulatedGpuConfig = Field(default_factory=SimulatedGpuConfig)
+
+
+class RuntimeConfig(Strict):
+    docker_host: str = Field(
+        default="unix:///var/run/docker.sock", description="Docker Engine API endpoint"
+    )
+    runtime: str | None = Field(default=None, description="OCI runtime, e.g. runsc; None = default")
+    allowed_registries: list[str] = Field(
+        default_factory=list, description="empty = any registry not denied"
+    )
+    denied_registries: list[str] = Field(default_factory=list)
+    allowed_capabilities: list[str] = Field(
+        default_factory=list, description="capabilities a lease may add back after cap_drop=ALL"
+    )
+    max_gpus_per_lease: int = Field(default=8, ge=1)
+    max_memory: ByteSize = 256 * 1024**3
+    max_cpus: float = Field(default=64.0, gt=0)
+    max_shm: ByteSize = 64 * 1024**3
+    max_scratch: ByteSize = 500 * 1024**3
+    cpu_reserve: float = Field(
+        default=1.0, ge=0, description="CPUs kept for the host and the agent, never leased"
+    )
+    memory_reserve: ByteSize = 4 * 1024**3
+    pids_limit: int = Field(default=4096, ge=16)
+    read_only_rootfs: bool = False
+    stop_grace: Duration = 30.0
+    pull_timeout: Duration = 1800.0
+    scratch_dir: Path | None = Field(
+        default=None, description="per-lease scratch dirs; default <state_dir>/scratch"
+    )
+
+    @field_validator("allowed_capabilities")
+    @classmethod
+    def _caps_upper(cls, caps: list[str]) -> list[str]:
+        return [c.upper().removeprefix("CAP_") for c in caps]
+
+
+class MeteringConfig(Strict):
+    sample_interval: Duration = 5.0
+    record_interval: Duration = 60.0
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    outbox_alert_records: int = Field(
+        default=100_000, ge=1, description="pending records above this raise an alert metric"
+    )
+
+    @model_validator(mode="after")
+    def _intervals(self) -> MeteringConfig:
+        if self.sample_interval <= 0:
+            raise ValueError("sample_interval must be positive")
+        if self.record_interval < self.sample_interval:
+            raise ValueError("record_interval must be at least sample_interval")
+        return self
+
+
+class StatusConfig(Strict):
+    listen: str = Field(
+        default="127.0.0.1:9470",
+        description="host:port for /metrics, /healthz, /readyz and the status API",
+    )
+    scrape_timeout: Duration = 2.0
+
+
+class AttestationConfig(Strict):
+    backend: Literal["auto", "torch", "cupy", "numpy"] = "auto"
+
+
+class AgentConfig(Strict):
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    metering: MeteringConfig = Field(default_factory=MeteringConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
+    attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+
+
+def load_agent_config(path: Path | None) -> AgentConfig:
+    """Load and validate; raises ``ConfigError`` with one line per problem."""
+    return load_config(AgentConfig, path, ENV_OVERRIDES)

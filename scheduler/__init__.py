@@ -1,0 +1,1 @@
+"""The reference coordinator: gRPC server, node registry, placement, ledger."""
