@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
-SECRET_MASK = "********"
+SECRET_MASK = "********"  # noqa: S105 - the mask itself, not a secret
 
 
 class ConfigError(Exception):

@@ -133,5 +133,7 @@ Duration = Annotated[
 ]
 """Seconds, written as ``10s``/``5m``/``1h`` in YAML; never negative."""
 
-ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)]
+ByteSize = Annotated[
+    int, BeforeValidator(parse_size), PlainSerializer(format_size, return_type=str)
+]
 """Bytes, written as ``512MiB``/``8GiB`` in YAML; never negative."""

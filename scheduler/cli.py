@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # Output piped into `head` and friends: not an error worth a traceback.
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - must outlive this frame for exit
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115, PTH123 - must outlive this frame
         return 0
 
 

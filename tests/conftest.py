@@ -43,5 +43,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Tests that use the Docker fixtures are docker tests whether or not they say so.
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if ("docker_client" in fixtures or "busybox_image" in fixtures) and not item.get_closest_marker("docker"):
+        if (
+            "docker_client" in fixtures or "busybox_image" in fixtures
+        ) and not item.get_closest_marker("docker"):
             item.add_marker(pytest.mark.docker)

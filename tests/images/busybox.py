@@ -55,4 +55,3 @@ def build_busybox(client: docker.DockerClient | None = None) -> str:
         (Path(ctx) / "Dockerfile").write_text(DOCKERFILE.format(label=RECIPE_LABEL, recipe=recipe))
         client.images.build(path=ctx, tag=BUSYBOX_IMAGE, rm=True, forcerm=True)
     return BUSYBOX_IMAGE
-
