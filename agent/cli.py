@@ -23,6 +23,7 @@ from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 COMMAND_MODULES = (
     "agent.cmd_run",
     "agent.cmd_config",
+    "agent.cmd_status",
 )
 
 Handler = Callable[[argparse.Namespace], int]

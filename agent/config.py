@@ -86,9 +86,38 @@ class CoordinatorConfig(Strict):
 SimulatedProfile = Literal["h100-sxm-80gb", "a100-sxm-80gb", "rtx-4090", "rtx-3080"]
 
 
+class SimulatedFault(Strict):
+    """A fault the simulated backend injects ``after`` seconds from its start."""
+
+    gpu: int = Field(ge=0, description="index of the simulated GPU")
+    kind: Literal["xid", "ecc", "thermal", "lost"]
+    code: int | None = Field(
+        default=None, ge=1, description="Xid code for kind xid (default 79: fallen off the bus)"
+    )
+    after: Duration = 0.0
+
+    @model_validator(mode="after")
+    def _code_only_for_xid(self) -> SimulatedFault:
+        if self.code is not None and self.kind != "xid":
+            raise ValueError(f"code applies only to kind xid, not {self.kind}")
+        return self
+
+
 class SimulatedGpuConfig(Strict):
     profile: SimulatedProfile = "h100-sxm-80gb"
     count: int = Field(default=8, ge=0, le=64)
+    faults: list[SimulatedFault] = Field(
+        default_factory=list, description="faults injected on a schedule, for demos and drills"
+    )
+
+    @model_validator(mode="after")
+    def _faults_name_existing_gpus(self) -> SimulatedGpuConfig:
+        for n, fault in enumerate(self.faults):
+            if fault.gpu >= self.count:
+                raise ValueError(
+                    f"faults[{n}].gpu is {fault.gpu} but only {self.count} simulated GPUs exist"
+                )
+        return self
 
 
 class GpuConfig(Strict):
@@ -124,6 +153,13 @@ class RuntimeConfig(Strict):
     read_only_rootfs: bool = False
     stop_grace: Duration = 30.0
     pull_timeout: Duration = 1800.0
+    pull_policy: Literal["if-not-present", "always", "never"] = Field(
+        default="if-not-present", description="when to pull a lease's image"
+    )
+    default_memory: ByteSize = Field(
+        default=1024**3, description="memory limit for leases that do not ask for one"
+    )
+    default_cpus: float = Field(default=1.0, gt=0, description="CPUs for leases that do not ask")
     scratch_dir: Path | None = Field(
         default=None, description="per-lease scratch dirs; default <state_dir>/scratch"
     )

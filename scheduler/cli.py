@@ -18,7 +18,11 @@ from gpuagent.configload import ConfigError
 
 from .config import DEFAULT_CONFIG_PATH, SchedulerConfig, load_scheduler_config
 
-COMMAND_MODULES = ("scheduler.cmd_config",)
+COMMAND_MODULES = (
+    "scheduler.cmd_serve",
+    "scheduler.cmd_nodes",
+    "scheduler.cmd_config",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -1,0 +1,217 @@
+"""Preflight checks: what must hold before this host can serve leases, and how to fix it.
+
+``gpu-agent doctor`` prints them; the daemon calls ``run_preflight`` at start
+and refuses to start when ``fatal_results`` is not empty. With the simulated
+backend the driver, NVML and toolkit checks are informational: there is no
+GPU to protect. Blocking (NVML, Docker, subprocess): call from a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import AgentConfig
+from .gpu import NvmlUnavailable, open_backend
+from .hostinfo import docker_version, free_bytes_under, parse_version, toolkit_version
+
+log = logging.getLogger(__name__)
+
+# CVE-2024-0132: a crafted image escapes to the host through the toolkit's
+# mount handling; fixed in 1.16.2 (NVIDIA security bulletin 5582).
+MIN_TOOLKIT = (1, 16, 2)
+DISK_FATAL_BYTES = 1024**3
+DISK_WARN_BYTES = 10 * 1024**3
+NVIDIA_DRIVER_PROC = Path("/proc/driver/nvidia/version")
+CGROUP2_MARKER = Path("/sys/fs/cgroup/cgroup.controllers")
+_TIME_ERROR = 5  # adjtimex(2): the kernel clock is not synchronised
+
+
+class Severity(enum.StrEnum):
+    OK = "ok"
+    INFO = "info"
+    WARNING = "warning"
+    FATAL = "fatal"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    severity: Severity
+    message: str
+    fix: str | None = None
+
+
+def fatal_results(results: list[CheckResult]) -> list[CheckResult]:
+    return [r for r in results if r.severity == Severity.FATAL]
+
+
+def check_driver(simulated: bool, proc_file: Path = NVIDIA_DRIVER_PROC) -> CheckResult:
+    if simulated:
+        return CheckResult("driver", Severity.INFO, "simulated GPUs: NVIDIA driver not needed")
+    try:
+        first = proc_file.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError):
+        return CheckResult(
+            "driver",
+            Severity.FATAL,
+            f"NVIDIA kernel driver not loaded ({proc_file} missing)",
+            "install the NVIDIA driver and load it (`modprobe nvidia`), then check `nvidia-smi`",
+        )
+    return CheckResult("driver", Severity.OK, first.strip())
+
+
+def check_nvml(
+    config: AgentConfig, nvml_module: Any = None
+) -> tuple[CheckResult, bool]:
+    """The NVML result and whether the host has real GPUs behind it."""
+    gpu = config.gpu
+    if gpu.backend == "simulated":
+        sim = gpu.simulated
+        return (
+            CheckResult(
+                "nvml", Severity.INFO, f"simulated backend: {sim.count} x {sim.profile}"
+            ),
+            False,
+        )
+    try:
+        backend = open_backend(gpu.model_copy(update={"backend": "nvml"}), nvml_module=nvml_module)
+    except NvmlUnavailable as exc:
+        severity = Severity.FATAL if gpu.backend == "nvml" else Severity.WARNING
+        suffix = "" if gpu.backend == "nvml" else " (backend auto: falling back to simulated GPUs)"
+        return CheckResult("nvml", severity, exc.cause + suffix, exc.fix), False
+    try:
+        count = backend.device_count()
+        driver, cuda = backend.driver_versions()
+    finally:
+        backend.close()
+    return (
+        CheckResult("nvml", Severity.OK, f"{count} GPU(s), driver {driver}, CUDA {cuda}"),
+        True,
+    )
+
+
+def check_docker(docker_host: str, timeout: float = 3.0) -> CheckResult:
+    try:
+        version = docker_version(docker_host, timeout)
+    except Exception as exc:  # the docker SDK raises several unrelated types here
+        return CheckResult(
+            "docker",
+            Severity.FATAL,
+            f"Docker Engine unreachable at {docker_host}: {exc}",
+            "start it (`systemctl start docker`), check runtime.docker_host, and make sure "
+            "the agent's user may open the socket",
+        )
+    return CheckResult("docker", Severity.OK, f"Docker Engine {version} at {docker_host}")
+
+
+def check_toolkit(version: str | None, real_gpus: bool) -> CheckResult:
+    if version is None:
+        if not real_gpus:
+            return CheckResult(
+                "container_toolkit",
+                Severity.INFO,
+                "NVIDIA Container Toolkit not found (not needed without real GPUs)",
+            )
+        return CheckResult(
+            "container_toolkit",
+            Severity.FATAL,
+            "NVIDIA Container Toolkit not installed: containers cannot reach the GPUs",
+            "install nvidia-container-toolkit >= 1.16.2 and run "
+            "`nvidia-ctk runtime configure --runtime=docker && systemctl restart docker`",
+        )
+    parsed = parse_version(version)
+    if parsed is not None and parsed < MIN_TOOLKIT:
+        return CheckResult(
+            "container_toolkit",
+            Severity.FATAL if real_gpus else Severity.WARNING,
+            f"NVIDIA Container Toolkit {version} is vulnerable to CVE-2024-0132 "
+            "(container escape to the host)",
+            "upgrade nvidia-container-toolkit to 1.16.2 or newer",
+        )
+    return CheckResult("container_toolkit", Severity.OK, f"NVIDIA Container Toolkit {version}")
+
+
+def check_cgroup_v2(marker: Path = CGROUP2_MARKER) -> CheckResult:
+    if marker.exists():
+        return CheckResult("cgroup_v2", Severity.OK, "unified cgroup hierarchy (v2)")
+    return CheckResult(
+        "cgroup_v2",
+        Severity.WARNING,
+        "cgroup v2 not mounted at /sys/fs/cgroup: per-lease CPU and memory metering "
+        "is less precise",
+        "boot with systemd.unified_cgroup_hierarchy=1 (the default on current distributions)",
+    )
+
+
+def check_disk(state_dir: Path, free: int | None = None) -> CheckResult:
+    free = free_bytes_under(state_dir) if free is None else free
+    if free is None:
+        return CheckResult("disk", Severity.WARNING, f"cannot read free space under {state_dir}")
+    gib = free / 1024**3
+    fix = f"free space on the filesystem holding {state_dir} or move node.state_dir"
+    if free < DISK_FATAL_BYTES:
+        return CheckResult("disk", Severity.FATAL, f"only {gib:.2f} GiB free under {state_dir}", fix)
+    if free < DISK_WARN_BYTES:
+        return CheckResult("disk", Severity.WARNING, f"{gib:.1f} GiB free under {state_dir}", fix)
+    return CheckResult("disk", Severity.OK, f"{gib:.0f} GiB free under {state_dir}")
+
+
+def kernel_clock_state() -> int | None:
+    """adjtimex(2) with no changes requested: the kernel's clock state, or None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        # struct timex is ~208 bytes; zeroed means modes=0, a read-only query.
+        buf = ctypes.create_string_buffer(512)
+        state = int(libc.adjtimex(buf))
+    except (OSError, AttributeError):
+        return None
+    return state if state >= 0 else None
+
+
+def check_clock(state: Callable[[], int | None] = kernel_clock_state) -> CheckResult:
+    value = state()
+    if value is None:
+        return CheckResult("clock", Severity.INFO, "clock synchronisation state unknown")
+    if value == _TIME_ERROR:
+        return CheckResult(
+            "clock",
+            Severity.WARNING,
+            "system clock not synchronised: usage records and lease deadlines rely on it",
+            "enable NTP (`timedatectl set-ntp true`, or install chrony)",
+        )
+    return CheckResult("clock", Severity.OK, "system clock synchronised")
+
+
+def run_preflight(config: AgentConfig, *, nvml_module: Any = None) -> list[CheckResult]:
+    """Every check, in the order an operator would fix them."""
+    simulated = config.gpu.backend == "simulated"
+    nvml_result, real_gpus = check_nvml(config, nvml_module)
+    driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
+    results = [
+        driver,
+        nvml_result,
+        check_docker(config.runtime.docker_host),
+        check_toolkit(toolkit_version(), real_gpus),
+        check_cgroup_v2(),
+        check_disk(config.node.state_dir),
+        check_clock(),
+    ]
+    for result in results:
+        if result.severity in (Severity.WARNING, Severity.FATAL):
+            log.log(
+                logging.ERROR if result.severity == Severity.FATAL else logging.WARNING,
+                "preflight check: %s",
+                result.message,
+                extra={"check": result.name, "severity": result.severity.value, "fix": result.fix},
+            )
+    return results

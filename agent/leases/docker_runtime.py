@@ -1,0 +1,463 @@
+"""Lease containers on the Docker Engine, through the docker SDK.
+
+Every SDK call blocks, so each public coroutine runs it with ``asyncio.to_thread``.
+The events stream is read by a dedicated daemon thread that feeds the loop with
+``call_soon_threadsafe``: a blocked executor thread would keep ``asyncio.run``
+from returning at shutdown.
+
+Containers are created hardened whatever the spec says (the spec has already
+been checked by ``spec.check_spec``): all capabilities dropped except the host's
+allow-list, no-new-privileges, Docker's default seccomp profile, pids, memory
+and CPU limits, no swap, no restart policy, and the only host path a per-lease
+scratch dir. Every container carries the labels below; nothing without
+``io.gpuagent.managed=true`` and this node's id is ever touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+from docker.types import DeviceRequest, LogConfig, Mount
+
+from ..config import RuntimeConfig
+from .spec import ImageRef, LeaseSpec, RegistryAuth, effective_cpus, effective_memory
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "io.gpuagent.managed"
+LABEL_LEASE = "io.gpuagent.lease-id"
+LABEL_NODE = "io.gpuagent.node-id"
+LABEL_GPUS = "io.gpuagent.gpus"
+LABEL_EXPIRES = "io.gpuagent.expires-at"
+SCRATCH_MOUNT = "/scratch"
+LOG_TAIL_LINES = 100
+# Events the manager acts on; the engine sends many more (exec, attach, ...).
+WATCHED_ACTIONS = frozenset({"start", "die", "oom", "destroy"})
+RESYNC = "resync"  # synthetic event: the stream (re)connected, look at everything
+
+
+class RuntimeFailure(Exception):
+    """A Docker operation failed; the message is fit for a lease's reason."""
+
+
+class PullError(RuntimeFailure):
+    """The image could not be made available."""
+
+
+class ContainerExists(RuntimeFailure):
+    """A container with the lease's name already exists (an earlier attempt)."""
+
+    def __init__(self, container_id: str) -> None:
+        self.container_id = container_id
+        super().__init__(f"container {container_id[:12]} already exists for this lease")
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    lease_id: str
+    node_id: str
+    gpu_uuids: tuple[str, ...]
+    status: str  # created | running | paused | restarting | exited | dead | removing
+    exit_code: int | None
+    oom_killed: bool
+    restart_count: int
+    started_at: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    action: str  # one of WATCHED_ACTIONS, or RESYNC
+    container_id: str = ""
+    lease_id: str = ""
+    exit_code: int | None = None
+
+
+def container_name(lease_id: str) -> str:
+    # Lease ids are validated already; this keeps the name legal regardless.
+    return "gpuagent-" + re.sub(r"[^A-Za-z0-9_.-]", "-", lease_id)
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, docker.errors.APIError):
+        return str(exc.explanation or exc)
+    return str(exc) or type(exc).__name__
+
+
+def _info(container: Container) -> ContainerInfo:
+    attrs: dict[str, Any] = container.attrs
+    state: dict[str, Any] = attrs.get("State") or {}
+    labels: dict[str, str] = (attrs.get("Config") or {}).get("Labels") or {}
+    gpus = labels.get(LABEL_GPUS, "")
+    return ContainerInfo(
+        id=container.id or "",
+        name=(attrs.get("Name") or "").lstrip("/"),
+        lease_id=labels.get(LABEL_LEASE, ""),
+        node_id=labels.get(LABEL_NODE, ""),
+        gpu_uuids=tuple(g for g in gpus.split(",") if g),
+        status=str(state.get("Status", "")),
+        exit_code=state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
+        restart_count=int(attrs.get("RestartCount") or 0),
+        started_at=str(state.get("StartedAt", "")),
+        error=str(state.get("Error", "")),
+    )
+
+
+class DockerRuntime:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        config: RuntimeConfig,
+        node_id: str,
+        scratch_root: Path,
+    ) -> None:
+        self._client = client
+        self._config = config
+        self.node_id = node_id
+        self.scratch_root = scratch_root
+
+    @property
+    def label_filters(self) -> list[str]:
+        return [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self.node_id}"]
+
+    # -- images -----------------------------------------------------------------
+
+    async def ensure_image(
+        self, image: str, ref: ImageRef, auth: RegistryAuth | None = None
+    ) -> None:
+        """Make ``image`` local per ``pull_policy``; raises ``PullError`` with the cause."""
+        policy = self._config.pull_policy
+        if policy != "always" and await asyncio.to_thread(self._present, image):
+            log.debug("image present, not pulling", extra={"image": image})
+            return
+        if policy == "never":
+            raise PullError(f"image {image} is not present on this host and pull_policy is never")
+        abort = threading.Event()
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(self._pull, image, ref, auth, abort),
+                timeout=self._config.pull_timeout,
+            )
+        except TimeoutError:
+            abort.set()
+            raise PullError(
+                f"pull of {image} timed out after {self._config.pull_timeout:g}s"
+            ) from None
+
+    def _present(self, image: str) -> bool:
+        try:
+            self._client.images.get(image)
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as exc:
+            raise PullError(f"cannot inspect image {image}: {_explain(exc)}") from exc
+        return True
+
+    def _pull(
+        self, image: str, ref: ImageRef, auth: RegistryAuth | None, abort: threading.Event
+    ) -> None:
+        auth_config = None
+        if auth is not None and auth.username:
+            auth_config = {"username": auth.username, "password": auth.password.get_secret_value()}
+            if auth.server:
+                auth_config["serveraddress"] = auth.server
+        started = time.monotonic()
+        last_log = 0.0
+        log.info("pulling image", extra={"image": image})
+        try:
+            stream = self._client.api.pull(
+                ref.repository, tag=ref.pull_tag, stream=True, decode=True, auth_config=auth_config
+            )
+            for event in stream:
+                if abort.is_set():
+                    return
+                if "error" in event:
+                    raise PullError(f"pull of {image} failed: {event['error']}")
+                now = time.monotonic()
+                # Per-layer progress comes many times a second; a line every 5 s is enough.
+                if now - last_log >= 5.0 or "progress" not in event:
+                    last_log = now
+                    log.debug(
+                        "pull progress",
+                        extra={
+                            "image": image,
+                            "layer": event.get("id"),
+                            "status": event.get("status"),
+                            "progress": event.get("progress"),
+                        },
+                    )
+        except docker.errors.DockerException as exc:
+            raise PullError(f"pull of {image} failed: {_explain(exc)}") from exc
+        log.info(
+            "image pulled", extra={"image": image, "seconds": round(time.monotonic() - started, 1)}
+        )
+
+    # -- containers -------------------------------------------------------------
+
+    def scratch_dir(self, lease_id: str) -> Path:
+        return self.scratch_root / container_name(lease_id)
+
+    async def create(
+        self,
+        lease_id: str,
+        spec: LeaseSpec,
+        gpu_uuids: Sequence[str],
+        expires_at: float | None,
+        device_request: bool,
+    ) -> str:
+        """Create (not start) the lease's container; returns its id."""
+        return await asyncio.to_thread(
+            self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request
+        )
+
+    def _create(
+        self,
+        lease_id: str,
+        spec: LeaseSpec,
+        gpu_uuids: tuple[str, ...],
+        expires_at: float | None,
+        device_request: bool,
+    ) -> str:
+        scratch = self.scratch_dir(lease_id)
+        scratch.mkdir(parents=True, exist_ok=True)
+        # World-writable (sticky) so images running as a non-root user can use it;
+        # the state dir above it (0700) keeps host users out.
+        scratch.chmod(0o1777)
+        memory = effective_memory(spec, self._config)
+        env = dict(spec.env)
+        # Read by the NVIDIA runtime and by CUDA apps; "void" hides every GPU.
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_uuids) if gpu_uuids else "void"
+        labels = {
+            LABEL_MANAGED: "true",
+            LABEL_LEASE: lease_id,
+            LABEL_NODE: self.node_id,
+            LABEL_GPUS: ",".join(gpu_uuids),
+        }
+        if expires_at is not None:
+            labels[LABEL_EXPIRES] = f"{expires_at:.3f}"
+        kwargs: dict[str, Any] = {
+            "image": spec.image,
+            "name": container_name(lease_id),
+            "entrypoint": list(spec.command) or None,
+            "command": list(spec.args) or None,
+            "environment": env,
+            "labels": labels,
+            "detach": True,
+            "cap_drop": ["ALL"],
+            "cap_add": [c.upper().removeprefix("CAP_") for c in spec.cap_add] or None,
+            "security_opt": ["no-new-privileges:true"],
+            "pids_limit": self._config.pids_limit,
+            "mem_limit": memory,
+            "memswap_limit": memory,  # equal to the limit: no swap
+            "nano_cpus": int(effective_cpus(spec, self._config) * 1e9),
+            "read_only": self._config.read_only_rootfs,
+            "mounts": [Mount(SCRATCH_MOUNT, str(scratch), type="bind")],
+            "restart_policy": {"Name": "no"},
+            # Bounded logs: a chatty lease must not fill the host's disk.
+            "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
+        }
+        if spec.shm_bytes:
+            kwargs["shm_size"] = spec.shm_bytes
+        if self._config.runtime:
+            kwargs["runtime"] = self._config.runtime
+        if self._config.read_only_rootfs:
+            kwargs["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108 - in the container
+        if spec.ports:
+            kwargs["ports"] = {f"{p.container_port}/{p.protocol}": None for p in spec.ports}
+        if device_request and gpu_uuids:
+            kwargs["device_requests"] = [
+                DeviceRequest(driver="nvidia", device_ids=list(gpu_uuids), capabilities=[["gpu"]])
+            ]
+        try:
+            container = self._client.containers.create(**kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                existing = self._client.containers.get(container_name(lease_id))
+                raise ContainerExists(existing.id or "") from exc
+            raise RuntimeFailure(f"container create failed: {_explain(exc)}") from exc
+        log.info(
+            "container created",
+            extra={"lease_id": lease_id, "container_id": container.id, "gpus": list(gpu_uuids)},
+        )
+        return container.id or ""
+
+    async def start(self, container_id: str) -> None:
+        def _start() -> None:
+            try:
+                self._client.api.start(container_id)
+            except docker.errors.APIError as exc:
+                raise RuntimeFailure(f"container start failed: {_explain(exc)}") from exc
+
+        await asyncio.to_thread(_start)
+
+    async def stop(self, container_id: str, grace: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; a gone container is fine."""
+
+        def _stop() -> None:
+            try:
+                self._client.api.stop(container_id, timeout=max(0, round(grace)))
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                raise RuntimeFailure(f"container stop failed: {_explain(exc)}") from exc
+
+        await asyncio.to_thread(_stop)
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        def _inspect() -> ContainerInfo | None:
+            try:
+                return _info(self._client.containers.get(container_id))
+            except docker.errors.NotFound:
+                return None
+
+        return await asyncio.to_thread(_inspect)
+
+    async def logs_tail(self, container_id: str, lines: int = LOG_TAIL_LINES) -> str:
+        def _logs() -> str:
+            try:
+                data = self._client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
+            except docker.errors.NotFound:
+                return ""
+            except docker.errors.APIError as exc:
+                log.warning(
+                    "cannot read container logs",
+                    extra={"container_id": container_id, "error": _explain(exc)},
+                )
+                return ""
+            return bytes(data).decode("utf-8", errors="replace")
+
+        return await asyncio.to_thread(_logs)
+
+    async def remove(self, container_id: str) -> None:
+        def _remove() -> None:
+            try:
+                self._client.api.remove_container(container_id, force=True, v=True)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                # 409 "removal already in progress" is as good as done.
+                if exc.status_code != 409:
+                    raise RuntimeFailure(f"container remove failed: {_explain(exc)}") from exc
+
+        await asyncio.to_thread(_remove)
+
+    async def remove_scratch(self, lease_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.scratch_dir(lease_id), True)
+
+    async def list_managed(self) -> list[ContainerInfo]:
+        """Every container with our managed label and this node's id, any status."""
+
+        def _list() -> list[ContainerInfo]:
+            found = self._client.containers.list(all=True, filters={"label": self.label_filters})
+            # The filter is the engine's; check again so a bug there cannot make
+            # us touch someone else's container.
+            infos = [_info(c) for c in found]
+            return [i for i in infos if i.node_id == self.node_id and i.lease_id]
+
+        return await asyncio.to_thread(_list)
+
+    # -- events -----------------------------------------------------------------
+
+    async def events(
+        self, stop: asyncio.Event, reconnect_delay: float = 1.0
+    ) -> AsyncIterator[ContainerEvent]:
+        """Container events for our leases until ``stop``; reconnects on failure.
+
+        Yields ``RESYNC`` each time the stream is (re)established: events may
+        have been missed before it, so the consumer should look at every lease.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[ContainerEvent | BaseException | None] = asyncio.Queue()
+        since: int | None = None
+        while not stop.is_set():
+            holder: list[Any] = []
+            thread = threading.Thread(
+                target=self._pump,
+                args=(loop, queue, since, holder),
+                name="docker-events",
+                daemon=True,
+            )
+            thread.start()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            try:
+                while True:
+                    get = asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait(
+                        {get, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if get not in done:
+                        get.cancel()
+                        return
+                    item = get.result()
+                    if item is None or isinstance(item, BaseException):
+                        if item is not None:
+                            log.warning(
+                                "docker events stream failed; reconnecting",
+                                extra={
+                                    "error": _explain(item)
+                                    if isinstance(item, Exception)
+                                    else repr(item)
+                                },
+                            )
+                        break
+                    if item.action != RESYNC:
+                        since = int(time.time()) - 1  # overlap: duplicates are harmless
+                    yield item
+            finally:
+                stop_wait.cancel()
+                for stream in holder:
+                    with contextlib.suppress(Exception):
+                        stream.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=reconnect_delay)
+
+    def _pump(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[ContainerEvent | BaseException | None],
+        since: int | None,
+        holder: list[Any],
+    ) -> None:
+        def put(item: ContainerEvent | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under us
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        try:
+            filters: dict[str, Any] = {"type": "container", "label": self.label_filters}
+            stream = self._client.events(decode=True, since=since, filters=filters)
+            holder.append(stream)
+            put(ContainerEvent(RESYNC))
+            for raw in stream:
+                action = str(raw.get("Action") or raw.get("status") or "")
+                if action not in WATCHED_ACTIONS:
+                    continue
+                attrs: dict[str, str] = (raw.get("Actor") or {}).get("Attributes") or {}
+                exit_code = attrs.get("exitCode")
+                put(
+                    ContainerEvent(
+                        action=action,
+                        container_id=str(raw.get("id") or (raw.get("Actor") or {}).get("ID", "")),
+                        lease_id=attrs.get(LABEL_LEASE, ""),
+                        exit_code=int(exit_code) if exit_code and exit_code.isdigit() else None,
+                    )
+                )
+        except Exception as exc:  # any failure ends this stream; the reader reconnects
+            put(exc)
+            return
+        put(None)

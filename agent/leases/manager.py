@@ -1,0 +1,675 @@
+"""The lease manager: from an assignment to a finished, cleaned-up container.
+
+The link calls ``assign``/``cancel``; ``run`` watches Docker events and expiry
+deadlines; ``reconcile`` (run once at start) makes Docker and the state DB agree
+after a restart. Every state change is stored in the state DB together with the
+``LeaseUpdate`` reporting it, then handed to ``on_update``: if that fails, the
+update stays in the DB (``pending_updates``) until ``ack_update``.
+
+Work on one lease is serialised by a per-lease lock; different leases proceed
+concurrently. Nothing a lease does may crash the manager: unexpected errors fail
+that lease with a reason and are logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import psutil
+
+from ..config import AgentConfig
+from .allocator import AllocationError, GpuAllocator
+from .docker_runtime import RESYNC, ContainerExists, ContainerInfo, DockerRuntime, RuntimeFailure
+from .records import LeaseRecord, LeaseUpdate, bound_log_tail
+from .spec import (
+    FreeCapacity,
+    GpuDescription,
+    ImageRef,
+    LeaseRejected,
+    LeaseSpec,
+    RejectCode,
+    check_spec,
+    effective_cpus,
+    effective_memory,
+    parse_spec,
+    validate_lease_id,
+)
+from .statedb import StateDB
+from .states import LeaseState, check_transition
+
+log = logging.getLogger(__name__)
+
+UpdateCallback = Callable[[LeaseUpdate], Awaitable[None]]
+
+
+class Clock(Protocol):
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+@dataclass(frozen=True)
+class HostCapacity:
+    """What the host has in total; leases share it minus the configured reserves."""
+
+    memory_bytes: int
+    cpus: float
+
+    @classmethod
+    def detect(cls) -> HostCapacity:
+        return cls(memory_bytes=psutil.virtual_memory().total, cpus=float(os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    lease_id: str
+    state: LeaseState
+    gpu_uuids: tuple[str, ...]
+    container_id: str | None
+    expires_at: float | None
+
+
+@dataclass(frozen=True)
+class LeasesSnapshot:
+    leases: tuple[LeaseView, ...]
+    allocations: Mapping[str, str]  # GPU UUID -> lease id
+
+
+@dataclass(frozen=True)
+class RunningLease:
+    lease_id: str
+    container_id: str
+    gpu_uuids: tuple[str, ...]
+    started_monotonic: float
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+class LeaseManager:
+    def __init__(
+        self,
+        config: AgentConfig,
+        runtime: DockerRuntime,
+        statedb: StateDB,
+        allocator: GpuAllocator,
+        node_id: str,
+        gpu_uuids_source: Callable[[], list[str]],
+        on_update: UpdateCallback,
+        simulated_gpus: bool = False,
+        clock: Clock | None = None,
+        gpu_details_source: Callable[[], Mapping[str, GpuDescription]] | None = None,
+        host: HostCapacity | None = None,
+    ) -> None:
+        self._config = config
+        self._policy = config.runtime
+        self._runtime = runtime
+        self._db = statedb
+        self._allocator = allocator
+        self.node_id = node_id
+        self._gpu_source = gpu_uuids_source
+        self._gpu_details = gpu_details_source
+        self._on_update = on_update
+        self._simulated = simulated_gpus
+        self._clock: Clock = clock or SystemClock()
+        self._host = host or HostCapacity.detect()
+        self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
+        self._specs: dict[str, LeaseSpec] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._launches: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started_mono: dict[str, float] = {}
+        self._deadlines_changed = asyncio.Event()
+        self._loaded = False
+        self._reconciled = False
+
+    # -- public API -------------------------------------------------------------
+
+    async def assign(
+        self,
+        lease_id: str,
+        spec: Mapping[str, Any] | LeaseSpec,
+        expires_at: float | None = None,
+        gpu_uuids: Sequence[str] | None = None,
+    ) -> None:
+        """Take on a lease; idempotent by ``lease_id`` (a repeat is logged and ignored).
+
+        ``expires_at`` is unix seconds (None: only ``max_duration_seconds`` bounds
+        it); ``gpu_uuids`` is the coordinator's choice of GPUs, or None.
+        """
+        await self._load()
+        if not isinstance(lease_id, str):
+            log.error(
+                "lease assignment without a string id ignored", extra={"lease_id": repr(lease_id)}
+            )
+            return
+        async with self._lock(lease_id):
+            known = lease_id in self._active
+            if not known:
+                known = await asyncio.to_thread(self._db.get, lease_id) is not None
+            if known:
+                log.info("duplicate lease assignment ignored", extra={"lease_id": lease_id})
+                return
+            now = self._clock.time()
+            stored: dict[str, Any] = {}
+            try:
+                validate_lease_id(lease_id)
+                parsed = parse_spec(spec)
+                stored = parsed.stored()
+                ref = check_spec(parsed, self._policy, self._free_capacity())
+                try:
+                    gpus = self._allocator.allocate(
+                        lease_id, parsed.gpu_count, self._gpu_source(), gpu_uuids
+                    )
+                except AllocationError as exc:
+                    raise LeaseRejected(RejectCode.GPU_CONFLICT, str(exc)) from None
+            except LeaseRejected as exc:
+                await self._reject(lease_id, stored, exc, now)
+                return
+            deadlines = [t for t in (expires_at,) if t]
+            if parsed.max_duration_seconds:
+                deadlines.append(now + parsed.max_duration_seconds)
+            record = LeaseRecord(
+                lease_id=lease_id,
+                state=LeaseState.ASSIGNED,
+                spec=stored,
+                created_at=now,
+                updated_at=now,
+                gpu_uuids=gpus,
+                expires_at=min(deadlines) if deadlines else None,
+                update_seq=1,
+            )
+            update = self._update_for(record, now)
+            if not await asyncio.to_thread(self._db.insert_new, record, update):
+                self._allocator.release(lease_id)
+                return
+            self._active[lease_id] = record
+            self._specs[lease_id] = parsed
+            log.info(
+                "lease assigned",
+                extra={"lease_id": lease_id, "image": parsed.image, "gpus": list(gpus)},
+            )
+            await self._notify(update)
+            self._launches[lease_id] = asyncio.create_task(
+                self._launch(lease_id, parsed, ref), name=f"lease-{lease_id}"
+            )
+            self._deadlines_changed.set()
+
+    async def cancel(self, lease_id: str, reason: str = "", grace: float | None = None) -> None:
+        """Stop a lease (SIGTERM, then SIGKILL after ``grace``); idempotent."""
+        await self._stop_lease(
+            lease_id, LeaseState.CANCELLED, reason or "cancelled by the coordinator", grace
+        )
+
+    async def reconcile(self) -> None:
+        """Make Docker and the state DB agree; run once at start, before new work."""
+        await self._load()
+        containers = await self._runtime.list_managed()
+        by_lease: dict[str, ContainerInfo] = {}
+        for info in containers:
+            record = self._active.get(info.lease_id)
+            claimed = record is not None and record.container_id in (None, info.id)
+            if not claimed or info.lease_id in by_lease:
+                known = await asyncio.to_thread(self._db.get, info.lease_id)
+                log.warning(
+                    "removing container no active lease claims",
+                    extra={
+                        "container_id": info.id,
+                        "lease_id": info.lease_id,
+                        "recorded_state": known.state if known else None,
+                    },
+                )
+                await self._runtime.remove(info.id)
+                await self._runtime.remove_scratch(info.lease_id)
+                continue
+            by_lease[info.lease_id] = info
+        for lease_id, record in list(self._active.items()):
+            async with self._lock(lease_id):
+                await self._reconcile_one(record, by_lease.get(lease_id))
+        self._reconciled = True
+        self._deadlines_changed.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Watch Docker events and expiry deadlines until ``stop``. Leases keep running."""
+        if not self._reconciled:
+            await self.reconcile()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_events(stop), name="lease-events")
+                tg.create_task(self._expiry_loop(stop), name="lease-expiry")
+        finally:
+            # Launches and stops in flight end here; what they left half done is
+            # in the state DB and the next reconcile finishes it.
+            for task in [*self._launches.values(), *self._tasks]:
+                task.cancel()
+            await asyncio.gather(*self._launches.values(), *self._tasks, return_exceptions=True)
+
+    def snapshot(self) -> LeasesSnapshot:
+        views = tuple(
+            LeaseView(r.lease_id, r.state, r.gpu_uuids, r.container_id, r.expires_at)
+            for r in self._active.values()
+        )
+        return LeasesSnapshot(views, self._allocator.allocations())
+
+    def running_leases(self) -> list[RunningLease]:
+        return [
+            RunningLease(
+                r.lease_id, r.container_id or "", r.gpu_uuids, self._started_mono[r.lease_id]
+            )
+            for r in self._active.values()
+            if r.state is LeaseState.RUNNING and r.lease_id in self._started_mono
+        ]
+
+    async def pending_updates(self) -> list[LeaseUpdate]:
+        """Updates the coordinator has not acknowledged: re-send them after a reconnect."""
+        return await asyncio.to_thread(self._db.pending_updates)
+
+    async def ack_update(self, lease_id: str, seq: int) -> None:
+        await asyncio.to_thread(self._db.ack_update, lease_id, seq)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def _launch(self, lease_id: str, spec: LeaseSpec, ref: ImageRef) -> None:
+        try:
+            async with self._lock(lease_id):
+                if not await self._advance(lease_id, LeaseState.PULLING):
+                    return
+            try:
+                await self._runtime.ensure_image(spec.image, ref, spec.registry_auth)
+            except RuntimeFailure as exc:
+                await self._fail_unstarted(lease_id, str(exc))
+                return
+            async with self._lock(lease_id):
+                if not await self._advance(lease_id, LeaseState.STARTING):
+                    return
+                record = self._active[lease_id]
+                try:
+                    container_id = await self._runtime.create(
+                        lease_id, spec, record.gpu_uuids, record.expires_at, not self._simulated
+                    )
+                except ContainerExists as exc:
+                    # Only an earlier attempt at this very lease can hold the name.
+                    container_id = exc.container_id
+                except RuntimeFailure as exc:
+                    await self._end(record, LeaseState.FAILED, reason=str(exc))
+                    return
+                record = record.evolve(container_id=container_id)
+                await self._save(record)
+                if record.stop_state is not None:
+                    await self._finish_stopped(record)
+                    return
+                try:
+                    await self._runtime.start(container_id)
+                except RuntimeFailure as exc:
+                    await self._end(record, LeaseState.FAILED, reason=str(exc))
+                    return
+                self._started_mono[lease_id] = self._clock.monotonic()
+                record = self._active[lease_id]
+                if record.state is LeaseState.STARTING:
+                    await self._transition(
+                        record, LeaseState.RUNNING, started_at=self._clock.time()
+                    )
+                    log.info(
+                        "lease running", extra={"lease_id": lease_id, "container_id": container_id}
+                    )
+            # A very short job may already have exited before the events watcher
+            # looked; checking once here closes that gap.
+            self._spawn(self._finalize(lease_id), f"lease-check-{lease_id}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("lease launch failed", extra={"lease_id": lease_id})
+            await self._fail_unstarted(lease_id, f"internal agent error: {exc}")
+        finally:
+            self._launches.pop(lease_id, None)
+
+    async def _advance(self, lease_id: str, state: LeaseState) -> bool:
+        """Move a live lease to ``state``; False if it has ended or is being stopped."""
+        record = self._active.get(lease_id)
+        if record is None or record.stop_state is not None:
+            return False
+        await self._transition(record, state)
+        return True
+
+    async def _fail_unstarted(self, lease_id: str, reason: str) -> None:
+        async with self._lock(lease_id):
+            record = self._active.get(lease_id)
+            if record is not None:
+                if record.container_id:
+                    await self._runtime.remove(record.container_id)
+                await self._end(record, LeaseState.FAILED, reason=reason)
+
+    async def _stop_lease(
+        self, lease_id: str, state: LeaseState, reason: str, grace: float | None
+    ) -> None:
+        await self._load()
+        grace = self._policy.stop_grace if grace is None or grace <= 0 else grace
+        async with self._lock(lease_id):
+            record = self._active.get(lease_id)
+            if record is None:
+                log.info("stop for a lease not running ignored", extra={"lease_id": lease_id})
+                return
+            if record.stop_state is None:
+                record = record.evolve(stop_state=state, stop_reason=reason)
+                await self._save(record)
+            launch = self._launches.get(lease_id)
+            if record.state in (LeaseState.ASSIGNED, LeaseState.PULLING) and launch is not None:
+                # Nothing runs yet: abandoning the pull is the whole stop.
+                launch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await launch
+                await self._end(record, record.stop_state or state, reason=record.stop_reason)
+                return
+            container_id = record.container_id
+        if container_id:
+            log.info("stopping lease", extra={"lease_id": lease_id, "state": state, "grace": grace})
+            try:
+                await self._runtime.stop(container_id, grace)
+            except RuntimeFailure as exc:
+                log.error("stop failed; removing", extra={"lease_id": lease_id, "error": str(exc)})
+                await self._runtime.remove(container_id)
+            await self._finalize(lease_id)
+        elif record.state is not LeaseState.STARTING:
+            async with self._lock(lease_id):
+                current = self._active.get(lease_id)
+                if current is not None:
+                    await self._end(
+                        current, current.stop_state or state, reason=current.stop_reason
+                    )
+        # STARTING without a container: the launch sees stop_state and ends it.
+
+    async def _finalize(self, lease_id: str, *, startup: bool = False) -> None:
+        """Turn an exited (or vanished) container into its terminal state; idempotent."""
+        async with self._lock(lease_id):
+            record = self._active.get(lease_id)
+            if record is None or not record.container_id:
+                return
+            info = await self._runtime.inspect(record.container_id)
+            if info is not None and info.status in ("running", "paused", "restarting"):
+                return
+            if info is not None and info.status == "created" and not startup:
+                return  # the launch is about to start it
+            await self._finalize_locked(record, info)
+
+    async def _finalize_locked(self, record: LeaseRecord, info: ContainerInfo | None) -> None:
+        if info is None:
+            await self._end(
+                record,
+                record.stop_state or LeaseState.LOST,
+                reason=record.stop_reason or "container vanished (removed outside the agent)",
+            )
+            return
+        if info.status == "created":
+            await self._end(
+                record,
+                record.stop_state or LeaseState.LOST,
+                reason=record.stop_reason or "agent restarted before the container started",
+            )
+            return
+        if record.state is LeaseState.STARTING:
+            # It ran, however briefly: say so before saying how it ended.
+            record = await self._transition(record, LeaseState.RUNNING, container_id=info.id)
+        tail = bound_log_tail(await self._runtime.logs_tail(info.id))
+        exit_code = info.exit_code
+        if record.stop_state is not None:
+            state, reason = record.stop_state, record.stop_reason
+        elif info.oom_killed:
+            spec_memory = effective_memory(LeaseSpec.model_validate(record.spec), self._policy)
+            state = LeaseState.FAILED
+            reason = f"out of memory: the container exceeded its {spec_memory} byte memory limit"
+        elif exit_code == 0:
+            state, reason = LeaseState.SUCCEEDED, ""
+        else:
+            state = LeaseState.FAILED
+            reason = f"container exited with code {exit_code}"
+            if info.error:
+                reason += f": {info.error}"
+        await self._end(record, state, reason=reason, exit_code=exit_code, log_tail=tail)
+
+    async def _finish_stopped(self, record: LeaseRecord) -> None:
+        if record.container_id:
+            await self._runtime.remove(record.container_id)
+        await self._end(
+            record, record.stop_state or LeaseState.CANCELLED, reason=record.stop_reason
+        )
+
+    async def _end(self, record: LeaseRecord, state: LeaseState, **changes: Any) -> None:
+        """Record the terminal state first, then clean up: a crash in between leaves a
+        container that reconcile removes, never a lease that looks alive."""
+        ended = await self._transition(record, state, notify=False, stop_state=None, **changes)
+        self._allocator.release(record.lease_id)
+        self._specs.pop(record.lease_id, None)
+        self._started_mono.pop(record.lease_id, None)
+        try:
+            if record.container_id:
+                await self._runtime.remove(record.container_id)
+            await self._runtime.remove_scratch(record.lease_id)
+        except RuntimeFailure as exc:
+            log.warning(
+                "lease cleanup failed", extra={"lease_id": record.lease_id, "error": str(exc)}
+            )
+        log.info(
+            "lease ended",
+            extra={
+                "lease_id": record.lease_id,
+                "state": state,
+                "reason": changes.get("reason", ""),
+            },
+        )
+        # Reported only now, so a coordinator that sees the end can reuse the GPUs.
+        await self._notify(self._update_for(ended, ended.updated_at))
+
+    async def _reconcile_one(self, record: LeaseRecord, info: ContainerInfo | None) -> None:
+        lease_id = record.lease_id
+        if info is None:
+            reason = (
+                "container vanished while the agent was down"
+                if record.state is LeaseState.RUNNING
+                else "agent restarted before the container started"
+            )
+            await self._end(
+                record, record.stop_state or LeaseState.LOST, reason=record.stop_reason or reason
+            )
+            return
+        record = record.evolve(container_id=info.id)
+        await self._save(record)
+        if info.status not in ("running", "paused", "restarting"):
+            await self._finalize_locked(record, info)
+            return
+        self._allocator.restore(lease_id, info.gpu_uuids or record.gpu_uuids)
+        started_at = record.started_at or self._clock.time()
+        self._started_mono[lease_id] = self._clock.monotonic() - max(
+            0.0, self._clock.time() - started_at
+        )
+        if record.state is not LeaseState.RUNNING:
+            record = await self._transition(record, LeaseState.RUNNING, started_at=started_at)
+        log.info("lease re-adopted", extra={"lease_id": lease_id, "container_id": info.id})
+        if record.stop_state is None and record.expires_at is not None:
+            if record.expires_at <= self._clock.time():
+                # Expired while the agent was down: stop it now, not at the next tick.
+                record = record.evolve(
+                    stop_state=LeaseState.EXPIRED,
+                    stop_reason=f"lease expired at {_iso(record.expires_at)}",
+                )
+                await self._save(record)
+        if record.stop_state is not None:
+            # The agent died while stopping it: finish the job.
+            self._spawn(
+                self._stop_lease(lease_id, record.stop_state, record.stop_reason, None),
+                f"lease-stop-{lease_id}",
+            )
+
+    # -- watchers ---------------------------------------------------------------
+
+    async def _watch_events(self, stop: asyncio.Event) -> None:
+        async for event in self._runtime.events(stop):
+            if event.action == RESYNC:
+                for lease_id, record in list(self._active.items()):
+                    if record.container_id and record.state is LeaseState.RUNNING:
+                        self._spawn(self._finalize(lease_id), f"lease-check-{lease_id}")
+            elif event.action == "oom":
+                log.warning(
+                    "lease container hit its memory limit", extra={"lease_id": event.lease_id}
+                )
+            elif event.action in ("die", "destroy") and event.lease_id in self._active:
+                self._spawn(self._finalize(event.lease_id), f"lease-exit-{event.lease_id}")
+
+    async def _expiry_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            now = self._clock.time()
+            upcoming = []
+            for lease_id, record in list(self._active.items()):
+                if record.expires_at is None or record.stop_state is not None:
+                    continue
+                if record.expires_at <= now:
+                    reason = f"lease expired at {_iso(record.expires_at)}"
+                    self._spawn(
+                        self._stop_lease(lease_id, LeaseState.EXPIRED, reason, None),
+                        f"lease-expire-{lease_id}",
+                    )
+                else:
+                    upcoming.append(record.expires_at)
+            # Sleep to the next deadline, but wake when leases come and go, and
+            # at least once a minute so a wall-clock jump is noticed.
+            timeout = min([60.0, *(t - now for t in upcoming)])
+            self._deadlines_changed.clear()
+            waiters = {
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._deadlines_changed.wait()),
+            }
+            _, pending = await asyncio.wait(
+                waiters, timeout=max(timeout, 0.01), return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+
+    # -- helpers ----------------------------------------------------------------
+
+    async def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for record in await asyncio.to_thread(self._db.leases, active_only=True):
+            self._active[record.lease_id] = record
+            if record.state is not LeaseState.RUNNING:
+                # Re-adopted leases get their GPUs from container labels in reconcile.
+                self._allocator.restore(record.lease_id, record.gpu_uuids)
+
+    def _lock(self, lease_id: str) -> asyncio.Lock:
+        lock = self._locks.get(lease_id)
+        if lock is None:
+            lock = self._locks[lease_id] = asyncio.Lock()
+        return lock
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lease task failed", extra={"task": name})
+
+        task = asyncio.create_task(guarded(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _free_capacity(self) -> FreeCapacity:
+        used_memory = 0
+        used_cpus = 0.0
+        for lease_id, record in self._active.items():
+            spec = self._specs.get(lease_id) or LeaseSpec.model_validate(record.spec)
+            used_memory += effective_memory(spec, self._policy)
+            used_cpus += effective_cpus(spec, self._policy)
+        return FreeCapacity(
+            gpus=self._allocator.free(self._gpu_source()),
+            memory_bytes=self._host.memory_bytes - self._policy.memory_reserve - used_memory,
+            cpus=self._host.cpus - self._policy.cpu_reserve - used_cpus,
+            gpu_details=self._gpu_details() if self._gpu_details else None,
+        )
+
+    async def _reject(
+        self, lease_id: str, stored: dict[str, Any], exc: LeaseRejected, now: float
+    ) -> None:
+        rejection = exc.rejection
+        log.warning(
+            "lease rejected",
+            extra={"lease_id": lease_id, "code": rejection.code, "reason": rejection.message},
+        )
+        record = LeaseRecord(
+            lease_id=lease_id,
+            state=LeaseState.REJECTED,
+            spec=stored,
+            created_at=now,
+            updated_at=now,
+            reason=str(rejection),
+            update_seq=1,
+            extra={"reject_code": rejection.code.value},
+        )
+        update = self._update_for(record, now)
+        if await asyncio.to_thread(self._db.insert_new, record, update):
+            await self._notify(update)
+
+    def _update_for(self, record: LeaseRecord, now: float) -> LeaseUpdate:
+        return LeaseUpdate(
+            lease_id=record.lease_id,
+            seq=record.update_seq,
+            state=record.state,
+            at=now,
+            reason=record.reason if record.state.terminal else "",
+            exit_code=record.exit_code,
+            log_tail=record.log_tail if record.state is LeaseState.FAILED else "",
+            container_id=record.container_id or "",
+            gpu_uuids=record.gpu_uuids,
+        )
+
+    async def _transition(
+        self, record: LeaseRecord, state: LeaseState, *, notify: bool = True, **changes: Any
+    ) -> LeaseRecord:
+        check_transition(record.state, state)
+        now = self._clock.time()
+        new = record.evolve(
+            state=state, updated_at=now, update_seq=record.update_seq + 1, **changes
+        )
+        update = self._update_for(new, now)
+        await asyncio.to_thread(self._db.save, new, update)
+        if state.terminal:
+            self._active.pop(new.lease_id, None)
+        else:
+            self._active[new.lease_id] = new
+        if notify:
+            await self._notify(update)
+        return new
+
+    async def _save(self, record: LeaseRecord) -> None:
+        """Store a change that is not a state transition (container id, stop intent)."""
+        await asyncio.to_thread(self._db.save, record, None)
+        if not record.state.terminal:
+            self._active[record.lease_id] = record
+
+    async def _notify(self, update: LeaseUpdate) -> None:
+        try:
+            await self._on_update(update)
+        except Exception:
+            # The update is in the state DB; the link re-sends it from there.
+            log.exception(
+                "lease update callback failed",
+                extra={"lease_id": update.lease_id, "seq": update.seq},
+            )

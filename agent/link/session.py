@@ -1,0 +1,411 @@
+"""``CoordinatorLink``: one Connect stream at a time, reconnected forever.
+
+A session: the coordinator sends a nonce (HelloChallenge), the agent answers with
+a Hello signed over it, the coordinator replies Welcome (or a fatal
+ProtocolError). Then heartbeats flow up every ``heartbeat_interval_ms`` and
+coordinator messages are dispatched on the envelope's ``oneof`` to the handlers
+other parts registered with ``on()``. gRPC never resumes a stream, so nothing
+is queued while disconnected: the next Hello carries the current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+
+from gpuagent import PROTOCOL_VERSION, __version__
+from gpuagent.signing import hello_signing_bytes
+from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+
+from ..config import CoordinatorConfig
+from ..identity import NodeIdentity
+from .backoff import Backoff
+from .channel import ChannelConfigError, make_channel
+from .reporter import NodeReporter
+
+log = logging.getLogger(__name__)
+
+# A handler gets the message inside the envelope (e.g. a LeaseAssign).
+Handler = Callable[[Any], Awaitable[None]]
+ParamsListener = Callable[["LinkParams"], None]
+ChannelFactory = Callable[[CoordinatorConfig], grpc.aio.Channel]
+
+# Messages the session itself consumes; nobody else may register for them.
+_SESSION_KINDS = frozenset({"hello_challenge", "welcome", "params_update", "error"})
+_COORDINATOR_KINDS = frozenset(
+    f.name for f in coordinator_pb2.CoordinatorMessage.DESCRIPTOR.oneofs_by_name["body"].fields
+)
+Error = common_pb2.ProtocolError
+
+
+@dataclass(frozen=True)
+class LinkParams:
+    """Coordinator-set parameters in effect (seconds)."""
+
+    heartbeat_interval: float = 10.0
+    metering_interval: float = 60.0
+    attestation_required: bool = False
+    attestation_interval: float = 0.0
+    attestation_spot_check_rows: int = 0
+    usage_batch_max: int = 0
+
+
+def _merge_params(current: LinkParams, update: common_pb2.NodeParams) -> LinkParams:
+    # Zero means "unchanged" so a coordinator can send only what it changes.
+    changes: dict[str, float | int | bool] = {}
+    if update.heartbeat_interval_ms:
+        changes["heartbeat_interval"] = update.heartbeat_interval_ms / 1000
+    if update.metering_interval_ms:
+        changes["metering_interval"] = update.metering_interval_ms / 1000
+    if update.usage_batch_max:
+        changes["usage_batch_max"] = update.usage_batch_max
+    if update.HasField("attestation"):
+        changes["attestation_required"] = update.attestation.required
+        changes["attestation_interval"] = float(update.attestation.interval_seconds)
+        changes["attestation_spot_check_rows"] = update.attestation.spot_check_rows
+    return replace(current, **changes)  # type: ignore[arg-type]
+
+
+class LinkRejected(Exception):
+    """The coordinator refused this agent (fatal ProtocolError); the message says why."""
+
+
+class NotConnected(Exception):
+    """No session is open; callers retry later (nothing is queued)."""
+
+
+class _SessionEnded(Exception):
+    pass
+
+
+class CoordinatorLink:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        identity: NodeIdentity,
+        reporter: NodeReporter,
+        *,
+        node_name: str = "",
+        region: str = "",
+        labels: Mapping[str, str] | None = None,
+        backoff: Backoff | None = None,
+        channel_factory: ChannelFactory = make_channel,
+        monotonic: Callable[[], float] = time.monotonic,
+        protocol_version: str = PROTOCOL_VERSION,
+        agent_version: str = __version__,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.reporter = reporter
+        self.node_name = node_name
+        self.region = region
+        self.labels = dict(labels or {})
+        self.backoff = backoff or Backoff(config.reconnect_initial, config.reconnect_max)
+        self.protocol_version = protocol_version
+        self.agent_version = agent_version
+        self.params = LinkParams()
+        self.session_id: str | None = None
+        self.sessions_opened = 0
+        self.last_error: str | None = None
+        self._channel_factory = channel_factory
+        self._monotonic = monotonic
+        self._started = monotonic()
+        self._handlers: dict[str, Handler] = {}
+        self._params_listeners: list[ParamsListener] = []
+        self._call: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        self._write_lock = asyncio.Lock()
+        self._params_changed = asyncio.Event()
+        self._connected = asyncio.Event()
+
+    # -- for the rest of the agent ------------------------------------------------
+
+    def on(self, kind: str, handler: Handler) -> None:
+        """Route CoordinatorMessage field ``kind`` (e.g. "lease_assign") to ``handler``.
+
+        Handlers run one at a time in arrival order (the protocol's ordering rule);
+        one that needs long work starts a task. An exception is logged and answered
+        with a ProtocolError(INTERNAL); it never ends the session.
+        """
+        if kind not in _COORDINATOR_KINDS:
+            raise ValueError(f"{kind!r} is not a CoordinatorMessage field")
+        if kind in _SESSION_KINDS:
+            raise ValueError(f"{kind!r} is handled by the session itself")
+        self._handlers[kind] = handler
+
+    def on_params(self, listener: ParamsListener) -> None:
+        """Called with the new LinkParams after Welcome and each ParamsUpdate."""
+        self._params_listeners.append(listener)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def send(self, message: coordinator_pb2.AgentMessage) -> None:
+        """Write one message on the open session; raises NotConnected if there is none."""
+        call = self._call
+        if call is None:
+            raise NotConnected("no coordinator session")
+        async with self._write_lock:
+            try:
+                await call.write(message)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError) as exc:
+                raise NotConnected(f"session closed while sending: {exc}") from None
+
+    # -- the reconnect loop --------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep a session open until ``stop`` is set; never raises for link trouble."""
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+            except LinkRejected as exc:
+                self._record_error(str(exc), logging.ERROR)
+            except grpc.aio.AioRpcError as exc:
+                self._record_error(
+                    f"coordinator {self.config.address}: {exc.code().name}: {exc.details()}",
+                    logging.WARNING,
+                )
+            except (_SessionEnded, ChannelConfigError) as exc:
+                self._record_error(str(exc), logging.WARNING)
+            except TimeoutError:
+                self._record_error(
+                    f"coordinator {self.config.address}: no answer within "
+                    f"{self.config.call_timeout}s during the handshake",
+                    logging.WARNING,
+                )
+            except Exception as exc:  # a bug here must not take the daemon down
+                log.exception("coordinator session failed")
+                self.last_error = repr(exc)
+            if stop.is_set():
+                break
+            delay = self.backoff.next_delay()
+            log.info("reconnecting to coordinator", extra={"delay_s": round(delay, 3)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    def _record_error(self, message: str, level: int) -> None:
+        self.last_error = message
+        log.log(level, "coordinator link down: %s", message)
+
+    async def _read(
+        self, call: grpc.aio.StreamStreamCall[Any, Any], within: float | None
+    ) -> coordinator_pb2.CoordinatorMessage:
+        message = await asyncio.wait_for(call.read(), within)
+        if message is grpc.aio.EOF:
+            raise _SessionEnded("coordinator closed the stream")
+        assert isinstance(message, coordinator_pb2.CoordinatorMessage)
+        return message
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        channel = self._channel_factory(self.config)
+        try:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            call = stub.Connect(wait_for_ready=False)
+            try:
+                await self._handshake(call)
+                self._call = call
+                self._connected.set()
+                await self._serve(call, stop)
+            finally:
+                self._call = None
+                self._connected.clear()
+                self.session_id = None
+                call.cancel()
+        finally:
+            await channel.close(grace=None)
+
+    async def _handshake(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        timeout = self.config.call_timeout
+        first = await self._read(call, timeout)
+        if first.WhichOneof("body") == "error":
+            raise LinkRejected(_describe(first.error))
+        if first.WhichOneof("body") != "hello_challenge":
+            raise _SessionEnded(
+                f"coordinator sent {first.WhichOneof('body')} before hello_challenge"
+            )
+        challenge = first.hello_challenge
+        theirs = challenge.protocol_version.partition(".")[0]
+        if theirs != self.protocol_version.partition(".")[0]:
+            log.error(
+                "coordinator speaks another protocol major version; it will refuse us",
+                extra={"coordinator": challenge.protocol_version, "agent": self.protocol_version},
+            )
+        await call.write(coordinator_pb2.AgentMessage(hello=await self._hello(challenge.nonce)))
+        reply = await self._read(call, timeout)
+        kind = reply.WhichOneof("body")
+        if kind == "error":
+            raise LinkRejected(_describe(reply.error))
+        if kind != "welcome":
+            raise _SessionEnded(f"coordinator sent {kind} instead of welcome")
+        welcome = reply.welcome
+        self.session_id = welcome.session_id
+        self.sessions_opened += 1
+        self.last_error = None
+        # A welcomed session is a healthy one: the next outage starts at 1 s again.
+        self.backoff.reset()
+        log.info(
+            "connected to coordinator",
+            extra={
+                "session_id": welcome.session_id,
+                "node_id": self.identity.node_id,
+                "coordinator": self.config.address,
+                "coordinator_version": challenge.coordinator_version,
+                "heartbeat_interval_ms": welcome.params.heartbeat_interval_ms,
+            },
+        )
+        self._apply_params(welcome.params, initial=True)
+
+    async def _hello(self, nonce: bytes) -> coordinator_pb2.Hello:
+        state = await self.reporter.hello_state()
+        node_id = self.identity.node_id
+        public_key = self.identity.public_key_bytes
+        signature = self.identity.sign(
+            hello_signing_bytes(nonce, node_id, public_key, self.protocol_version)
+        )
+        return coordinator_pb2.Hello(
+            node_id=node_id,
+            public_key=public_key,
+            signature=signature,
+            protocol_version=self.protocol_version,
+            agent_version=self.agent_version,
+            node_name=self.node_name,
+            region=self.region,
+            labels=self.labels,
+            inventory=state.inventory,
+            gpu_health=state.gpu_health,
+            leases=state.leases,
+            last_acked_usage_seq=state.last_acked_usage_seq,
+            uptime_seconds=int(self._monotonic() - self._started),
+            draining=state.draining,
+        )
+
+    def _apply_params(self, update: common_pb2.NodeParams, *, initial: bool) -> None:
+        old = self.params
+        new = _merge_params(old, update)
+        for name in LinkParams.__dataclass_fields__:
+            before, after = getattr(old, name), getattr(new, name)
+            if before != after:
+                log.info(
+                    "coordinator parameter %s",
+                    "set" if initial else "changed",
+                    extra={"param": name, "old": before, "new": after},
+                )
+        self.params = new
+        self._params_changed.set()
+        for listener in self._params_listeners:
+            try:
+                listener(new)
+            except Exception:
+                log.exception("params listener failed")
+
+    async def _serve(self, call: grpc.aio.StreamStreamCall[Any, Any], stop: asyncio.Event) -> None:
+        tasks = {
+            asyncio.create_task(self._reader(call), name="link-reader"),
+            asyncio.create_task(self._heartbeats(), name="link-heartbeat"),
+            asyncio.create_task(stop.wait(), name="link-stop"),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        if stop.is_set():
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await call.done_writing()
+
+    async def _heartbeats(self) -> None:
+        seq = 0
+        while True:
+            self._params_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                # A new interval applies at once rather than after the old one runs out.
+                await asyncio.wait_for(self._params_changed.wait(), self.params.heartbeat_interval)
+                continue
+            state = await self.reporter.heartbeat_state()
+            seq += 1
+            heartbeat = coordinator_pb2.Heartbeat(
+                seq=seq,
+                uptime_seconds=int(self._monotonic() - self._started),
+                sent_at_unix_nanos=time.time_ns(),
+                gpu_health=state.gpu_health,
+                free_gpu_uuids=state.free_gpu_uuids,
+                allocated_gpu_uuids=state.allocated_gpu_uuids,
+                leases=state.leases,
+                draining=state.draining,
+                usage_pending=state.usage_pending,
+            )
+            try:
+                await self.send(coordinator_pb2.AgentMessage(heartbeat=heartbeat))
+            except NotConnected as exc:
+                raise _SessionEnded(str(exc)) from None
+
+    async def _reader(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        while True:
+            message = await self._read(call, None)
+            await self._dispatch(message)
+
+    async def _reply_error(self, code: int, text: str, in_reply_to: str) -> None:
+        error = Error(code=code, message=text, in_reply_to=in_reply_to)  # type: ignore[arg-type]
+        with contextlib.suppress(NotConnected):
+            await self.send(coordinator_pb2.AgentMessage(error=error))
+
+    async def _dispatch(self, message: coordinator_pb2.CoordinatorMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind is None:
+            log.warning("coordinator sent an empty message")
+            await self._reply_error(Error.MALFORMED, "empty CoordinatorMessage", "")
+            return
+        if kind == "params_update":
+            self._apply_params(message.params_update.params, initial=False)
+            return
+        if kind == "error":
+            err = message.error
+            if err.fatal:
+                raise LinkRejected(_describe(err))
+            log.warning(
+                "coordinator reported a protocol error",
+                extra={
+                    "code": Error.Code.Name(err.code),
+                    "detail": err.message,
+                    "in_reply_to": err.in_reply_to,
+                },
+            )
+            return
+        if kind in ("hello_challenge", "welcome"):
+            log.warning("coordinator sent %s mid-session; ignored", kind)
+            await self._reply_error(
+                Error.OUT_OF_ORDER, f"{kind} is only valid at session start", kind
+            )
+            return
+        handler = self._handlers.get(kind)
+        if handler is None:
+            log.warning("no handler for coordinator message %s; refused", kind)
+            await self._reply_error(Error.REJECTED, f"this agent does not handle {kind}", kind)
+            return
+        try:
+            await handler(getattr(message, kind))
+        except Exception:
+            ref = uuid.uuid4().hex[:8]
+            log.exception("handler for %s failed", kind, extra={"ref": ref})
+            await self._reply_error(
+                Error.INTERNAL, f"agent failed handling {kind} (ref {ref})", kind
+            )
+
+
+def _describe(error: common_pb2.ProtocolError) -> str:
+    return f"coordinator refused: {Error.Code.Name(error.code)}: {error.message}"

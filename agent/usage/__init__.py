@@ -1,0 +1,1 @@
+"""Usage metering: sample running leases, close intervals, keep signed records durably."""

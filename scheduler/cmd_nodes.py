@@ -1,0 +1,200 @@
+"""``gpu-scheduler nodes [list|show ID]``: the node registry, from a running server.
+
+Talks to the server's Nodes service over gRPC with a deadline. Address and TLS
+default to the same config file ``serve`` reads (and its auto-generated CA), so
+on the scheduler's host plain ``gpu-scheduler nodes`` just works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from gpuagent.v1 import inventory_pb2, nodes_pb2, nodes_pb2_grpc
+
+from .cli import UsageError, load_config_from_args
+from .server import tls_dir
+
+_LIVENESS = {
+    nodes_pb2.LIVENESS_ONLINE: "online",
+    nodes_pb2.LIVENESS_SUSPECT: "suspect",
+    nodes_pb2.LIVENESS_OFFLINE: "offline",
+}
+_HEALTH = {
+    inventory_pb2.GpuHealth.HEALTHY: "healthy",
+    inventory_pb2.GpuHealth.DEGRADED: "degraded",
+    inventory_pb2.GpuHealth.UNHEALTHY: "unhealthy",
+}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: options may come before or after `show` without one hiding the other.
+    s = argparse.SUPPRESS
+    conn.add_argument("--address", default=s, help="host:port (default: server.listen)")
+    conn.add_argument("--ca-file", type=Path, default=s, help="CA to verify the server")
+    conn.add_argument("--client-cert", type=Path, default=s, help="mTLS client certificate")
+    conn.add_argument("--client-key", type=Path, default=s, help="mTLS client key")
+    conn.add_argument("--insecure", action="store_true", default=s, help="plaintext gRPC")
+    conn.add_argument("--timeout", type=float, default=s, help="deadline in seconds (default 5)")
+    conn.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    nodes = sub.add_parser("nodes", parents=[conn], help="list nodes, or show one")
+    nodes.set_defaults(handler=_list)
+    nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
+    lst = nodes_sub.add_parser("list", parents=[conn], help="every node (the default)")
+    lst.set_defaults(handler=_list)
+    show = nodes_sub.add_parser("show", parents=[conn], help="one node in detail")
+    show.add_argument("node_id", metavar="ID", help="node id or a unique prefix")
+    show.set_defaults(handler=_show)
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    config = load_config_from_args(args)
+    address = getattr(args, "address", None) or config.server.listen
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "[::]", ""):  # noqa: S104 - a listen address, not a bind
+        address = f"127.0.0.1:{port}"
+    if getattr(args, "insecure", False) or (
+        config.server.insecure and not hasattr(args, "ca_file")
+    ):
+        return grpc.insecure_channel(address)
+    ca_file: Path | None = getattr(args, "ca_file", None)
+    if ca_file is None and config.server.cert_file is None:
+        generated = tls_dir(config) / "ca.pem"
+        ca_file = generated if generated.exists() else None
+    cert, key = getattr(args, "client_cert", None), getattr(args, "client_key", None)
+    if (cert is None) != (key is None):
+        raise UsageError("--client-cert and --client-key must be given together")
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca_file.read_bytes() if ca_file else None,
+            private_key=key.read_bytes() if key else None,
+            certificate_chain=cert.read_bytes() if cert else None,
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.secure_channel(address, creds)
+
+
+def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
+    timeout = getattr(args, "timeout", 5.0)
+    with _channel(args) as channel:
+        stub = nodes_pb2_grpc.NodesStub(channel)
+        try:
+            return getattr(stub, fn)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # noqa: T201
+            return None
+
+
+def format_size(size: int) -> str:
+    """Approximate IEC size for people (23.5GiB), unlike units.format_size's exact form."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f}{unit}" if value.is_integer() else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
+def _ago(unix_nanos: int, now: float) -> str:
+    if not unix_nanos:
+        return "never"
+    seconds = max(0.0, now - unix_nanos / 1e9)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _pct(ratio: float) -> str:
+    return f"{ratio * 100:.1f}%"
+
+
+def _gpu_summary(node: nodes_pb2.Node) -> str:
+    gpus = node.inventory.gpus
+    if not gpus:
+        return "0"
+    names = sorted({g.name for g in gpus})
+    return f"{len(gpus)}x {names[0]}" + (" (mixed)" if len(names) > 1 else "")
+
+
+def _list(args: argparse.Namespace) -> int:
+    response = _call(args, "List", nodes_pb2.ListNodesRequest())
+    if response is None:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps([MessageToDict(n) for n in response.nodes], indent=2))  # noqa: T201
+        return 0
+    now = time.time()
+    rows = [("NODE", "NAME", "STATE", "GPUS", "FREE", "UP 1H", "UP 24H", "UP 30D", "LAST SEEN")]
+    for n in response.nodes:
+        rows.append(
+            (
+                n.node_id,
+                n.name,
+                _LIVENESS.get(n.liveness, "unknown") + ("" if n.connected else " (disc.)"),
+                _gpu_summary(n),
+                str(len(n.free_gpu_uuids)),
+                _pct(n.uptime.ratio_1h),
+                _pct(n.uptime.ratio_24h),
+                _pct(n.uptime.ratio_30d),
+                _ago(n.last_heartbeat_unix_nanos, now),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())  # noqa: T201
+    if not response.nodes:
+        print("(no nodes registered yet)")  # noqa: T201
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    node = _call(args, "Get", nodes_pb2.GetNodeRequest(node_id=args.node_id))
+    if node is None:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(MessageToDict(node), indent=2))  # noqa: T201
+        return 0
+    now = time.time()
+    host = node.inventory.host
+    health = {h.uuid: h for h in node.gpu_health}
+    free = set(node.free_gpu_uuids)
+    lines = [
+        f"node:        {node.node_id}",
+        f"name:        {node.name}",
+        f"state:       {_LIVENESS.get(node.liveness, 'unknown')}"
+        + (f" (connected from {node.peer})" if node.connected else " (not connected)"),
+        f"last seen:   {_ago(node.last_heartbeat_unix_nanos, now)}",
+        f"uptime:      1h {_pct(node.uptime.ratio_1h)}  24h {_pct(node.uptime.ratio_24h)}"
+        f"  30d {_pct(node.uptime.ratio_30d)}",
+        f"agent:       {node.agent_version} (protocol {node.protocol_version})",
+        f"draining:    {'yes' if node.draining else 'no'}",
+        f"host:        {host.hostname}, {host.os}, kernel {host.kernel}",
+        f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
+        f"memory:      {format_size(host.memory_bytes)}",
+        "gpus:",
+    ]
+    for g in node.inventory.gpus:
+        h = health.get(g.uuid)
+        state = _HEALTH.get(h.state, "unknown") if h else "unknown"
+        if h and h.cordoned:
+            state += ", cordoned"
+        lines.append(
+            f"  [{g.index}] {g.uuid}  {g.name}  {format_size(g.memory_total_bytes)}  "
+            f"{state}  {'free' if g.uuid in free else 'allocated'}"
+            + ("  (simulated)" if g.simulated else "")
+        )
+    for lease in node.leases:
+        lines.append(f"lease:       {lease.lease_id} state={lease.state}")
+    print("\n".join(lines))  # noqa: T201
+    return 0

@@ -1,0 +1,39 @@
+"""``gpu-scheduler serve``: run the reference coordinator in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from gpuagent.logsetup import setup_logging
+
+from .cli import load_config_from_args
+from .config import SchedulerConfig
+from .db import DatabaseError
+from .server import SchedulerServer, ServerStartError
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="run the coordinator's gRPC server in the foreground")
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config_from_args(args)
+    setup_logging(config.log.level, config.log.format)
+    try:
+        return asyncio.run(_main(config))
+    except (ServerStartError, DatabaseError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+
+
+async def _main(config: SchedulerConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await SchedulerServer(config).run(stop)
+    return 0

@@ -1,0 +1,133 @@
+"""The scheduler's SQLite database: one file, WAL, versioned migrations.
+
+sqlite3 blocks, so every statement runs on one dedicated worker thread (which
+also serializes writers without extra locking). ``PRAGMA user_version`` records
+how many migrations have run; new ones are appended to ``MIGRATIONS``, never
+edited, so every database reaches the same schema by the same steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: node registry, sessions, heartbeat coverage for uptime.
+    """
+    CREATE TABLE nodes (
+        node_id TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        region TEXT NOT NULL DEFAULT '',
+        labels_json TEXT NOT NULL DEFAULT '{}',
+        agent_version TEXT NOT NULL DEFAULT '',
+        protocol_version TEXT NOT NULL DEFAULT '',
+        inventory BLOB,            -- serialized gpuagent.v1.Inventory
+        last_heartbeat BLOB,       -- serialized gpuagent.v1.Heartbeat
+        first_seen_ns INTEGER NOT NULL,
+        last_seen_ns INTEGER,      -- wall clock of the last Hello or Heartbeat
+        draining INTEGER NOT NULL DEFAULT 0,
+        acked_usage_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        peer TEXT NOT NULL DEFAULT '',
+        started_ns INTEGER NOT NULL,
+        ended_ns INTEGER,
+        end_reason TEXT
+    );
+    CREATE INDEX sessions_node ON sessions(node_id, started_ns);
+    CREATE TABLE coverage (
+        node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        PRIMARY KEY (node_id, start_ns)
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+
+class DatabaseError(Exception):
+    """The database file cannot be opened or migrated; the message names it."""
+
+
+def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Run pending migrations, each in its own transaction; returns the new version."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(migrations):
+        raise DatabaseError(
+            f"database schema version {version} is newer than this scheduler knows "
+            f"({len(migrations)}); upgrade gpu-scheduler"
+        )
+    for number in range(version + 1, len(migrations) + 1):
+        # executescript commits first, so wrap the step ourselves to keep it atomic.
+        conn.executescript(
+            f"BEGIN;\n{migrations[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
+        )
+        log.info("database migrated", extra={"schema_version": number})
+    return len(migrations)
+
+
+class Database:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=5000")
+            migrate(conn)
+        except (sqlite3.Error, OSError) as exc:
+            raise DatabaseError(f"{self.path}: cannot open the database: {exc}") from None
+        self._conn = conn
+
+    async def open(self) -> None:
+        await self.run(lambda: self._open())
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the database thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the database thread, inside one transaction."""
+
+        def txn() -> T:
+            conn = self._conn
+            if conn is None:
+                raise DatabaseError(f"{self.path}: database is not open")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self.run(txn)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self.run(_close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,181 @@
+"""The reference scheduler's own Prometheus metrics, on a registry of its own.
+
+Fleet state (nodes and leases by state) is read at scrape time from snapshot
+functions the scheduler provides, so the numbers cannot drift from its store;
+events (placements, usage records, heartbeats, attestations) are counters and a
+histogram the scheduler updates as they happen. Served by
+``start_metrics_server(listen, metrics)`` on ``metrics.listen`` (default
+127.0.0.1:9471).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gpuagent import PROTOCOL_VERSION, __version__
+
+log = logging.getLogger(__name__)
+
+NODES = "gpu_scheduler_nodes"
+LEASES = "gpu_scheduler_leases"
+PLACEMENT_DURATION = "gpu_scheduler_placement_duration_seconds"
+USAGE_INGESTED = "gpu_scheduler_usage_records_ingested"  # counter
+USAGE_DUPLICATES = "gpu_scheduler_usage_records_duplicate"  # counter
+HEARTBEATS = "gpu_scheduler_heartbeats"  # counter: rate() = heartbeats per second
+ATTESTATIONS = "gpu_scheduler_attestations"  # counter, label outcome
+BUILD = "gpu_scheduler_build"  # info
+
+NODE_STATES = ("online", "suspect", "offline", "draining")
+LEASE_STATES = (
+    "pending",
+    "assigned",
+    "pulling",
+    "starting",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "expired",
+    "lost",
+    "rejected",
+)
+ATTESTATION_OUTCOMES = ("passed", "failed", "timeout", "invalid")
+
+PLACEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+StateCounts = Callable[[], Mapping[str, int]]
+
+
+class _FleetCollector(Collector):
+    def __init__(self, metrics: SchedulerMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        yield _state_family(NODES, "Nodes known to the scheduler, by state", NODE_STATES, m.nodes)
+        yield _state_family(LEASES, "Leases, by state", LEASE_STATES, m.leases)
+
+
+def _state_family(
+    name: str, doc: str, known: tuple[str, ...], fn: StateCounts | None
+) -> GaugeMetricFamily:
+    fam = GaugeMetricFamily(name, doc, labels=["state"])
+    counts: dict[str, int] = dict.fromkeys(known, 0)
+    if fn is not None:
+        try:
+            counts.update(fn())
+        except Exception:
+            # One broken snapshot costs its family, never the scrape.
+            log.exception("metrics snapshot failed", extra={"metric": name})
+            return fam
+    for state, n in counts.items():
+        fam.add_metric([state], float(n))
+    return fam
+
+
+class SchedulerMetrics:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        nodes: StateCounts | None = None,
+        leases: StateCounts | None = None,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.nodes = nodes
+        self.leases = leases
+        ProcessCollector(registry=self.registry)
+        Info(BUILD, "Scheduler build; value is always 1", registry=self.registry).info(
+            {"version": __version__, "protocol": PROTOCOL_VERSION}
+        )
+        self.placement_duration = Histogram(
+            PLACEMENT_DURATION,
+            "Time to choose a node and GPUs for a submitted lease",
+            buckets=PLACEMENT_BUCKETS,
+            registry=self.registry,
+        )
+        self.usage_ingested = Counter(
+            USAGE_INGESTED, "Usage records stored (each node, seq once)", registry=self.registry
+        )
+        self.usage_duplicates = Counter(
+            USAGE_DUPLICATES,
+            "Usage records received again and ignored (already stored)",
+            registry=self.registry,
+        )
+        self.heartbeats = Counter(
+            HEARTBEATS, "Heartbeats received from agents", registry=self.registry
+        )
+        self.attestations = Counter(
+            ATTESTATIONS, "Attestation verdicts, by outcome", ["outcome"], registry=self.registry
+        )
+        for outcome in ATTESTATION_OUTCOMES:
+            self.attestations.labels(outcome)
+        self.registry.register(_FleetCollector(self))
+
+    def set_sources(self, *, nodes: StateCounts | None, leases: StateCounts | None) -> None:
+        self.nodes, self.leases = nodes, leases
+
+    def placement(self, seconds: float) -> None:
+        self.placement_duration.observe(seconds)
+
+    def usage_records(self, stored: int, duplicates: int = 0) -> None:
+        self.usage_ingested.inc(max(stored, 0))
+        self.usage_duplicates.inc(max(duplicates, 0))
+
+    def heartbeat(self) -> None:
+        self.heartbeats.inc()
+
+    def attestation(self, outcome: str) -> None:
+        self.attestations.labels(outcome).inc()
+
+
+class MetricsServer:
+    """Handle on the running endpoint; ``close()`` is idempotent."""
+
+    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+        self._server: WSGIServer | None = server
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "closed"
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            self._thread.join(timeout=5)
+
+
+def start_metrics_server(listen: str, metrics: SchedulerMetrics) -> MetricsServer:
+    """Serve ``/metrics`` on ``host:port`` (port 0 picks a free one) in a daemon thread.
+
+    Raises ``ValueError`` naming ``metrics.listen`` when the address is malformed
+    and ``OSError`` when it cannot be bound.
+    """
+    host, sep, port_text = listen.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"metrics.listen {listen!r}: expected host:port, e.g. 127.0.0.1:9471")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":port" asks for every interface
+    server, thread = start_http_server(int(port_text), addr=host, registry=metrics.registry)
+    log.info("scheduler metrics listening", extra={"address": f"{host}:{server.server_port}"})
+    return MetricsServer(server, thread)

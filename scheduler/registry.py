@@ -1,0 +1,335 @@
+"""The node registry: who is known, who is connected, what they last reported.
+
+The database is the source of truth across restarts; this class keeps the
+working copy in memory (a few KiB per node) so Nodes.List never waits on disk,
+and writes every change through before acknowledging it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from gpuagent.v1 import coordinator_pb2, inventory_pb2, nodes_pb2
+
+from . import uptime
+from .db import Database
+from .liveness import Liveness, LivenessPolicy, evaluate
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Sender = Callable[[coordinator_pb2.CoordinatorMessage], Awaitable[None]]
+
+_LIVENESS_PB = {
+    Liveness.ONLINE: nodes_pb2.LIVENESS_ONLINE,
+    Liveness.SUSPECT: nodes_pb2.LIVENESS_SUSPECT,
+    Liveness.OFFLINE: nodes_pb2.LIVENESS_OFFLINE,
+}
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)
+
+
+@dataclass
+class NodeRecord:
+    node_id: str
+    public_key: bytes
+    first_seen: float
+    name: str = ""
+    region: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    agent_version: str = ""
+    protocol_version: str = ""
+    inventory: inventory_pb2.Inventory = field(default_factory=inventory_pb2.Inventory)
+    last_heartbeat: coordinator_pb2.Heartbeat | None = None
+    last_seen: float | None = None
+    draining: bool = False
+    acked_usage_seq: int = 0
+    spans: list[tuple[float, float]] = field(default_factory=list)
+    # start_ns of the last span exactly as stored: float seconds do not round-trip ns.
+    last_span_key: int | None = None
+    liveness: Liveness = Liveness.OFFLINE
+
+
+@dataclass
+class Session:
+    """One open Connect stream. ``closed`` is set to make its servicer end it."""
+
+    session_id: str
+    node_id: str
+    peer: str
+    started: float
+    send: Sender
+    last_heartbeat_seq: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_reason: str = ""
+
+
+class Registry:
+    def __init__(self, db: Database, policy: LivenessPolicy, clock: Clock = time.time) -> None:
+        self.db = db
+        self.policy = policy
+        self.clock = clock
+        self.started_at = clock()
+        self.nodes: dict[str, NodeRecord] = {}
+        self.sessions: dict[str, Session] = {}  # by node_id
+
+    async def load(self) -> None:
+        """Read every known node back; called once at startup."""
+        horizon = _ns(self.clock() - uptime.RETENTION)
+
+        def read(conn: sqlite3.Connection) -> list[NodeRecord]:
+            records = []
+            for row in conn.execute(
+                "SELECT node_id, public_key, name, region, labels_json, agent_version,"
+                " protocol_version, inventory, last_heartbeat, first_seen_ns, last_seen_ns,"
+                " draining, acked_usage_seq FROM nodes"
+            ):
+                inventory = inventory_pb2.Inventory()
+                if row[7]:
+                    inventory.ParseFromString(row[7])
+                heartbeat = None
+                if row[8]:
+                    heartbeat = coordinator_pb2.Heartbeat()
+                    heartbeat.ParseFromString(row[8])
+                rows = conn.execute(
+                    "SELECT start_ns, end_ns FROM coverage WHERE node_id = ? AND end_ns >= ?"
+                    " ORDER BY start_ns",
+                    (row[0], horizon),
+                ).fetchall()
+                spans = [(s / 1e9, e / 1e9) for s, e in rows]
+                last_key = rows[-1][0] if rows else None
+                records.append(
+                    NodeRecord(
+                        node_id=row[0],
+                        public_key=row[1],
+                        name=row[2],
+                        region=row[3],
+                        labels=json.loads(row[4]),
+                        agent_version=row[5],
+                        protocol_version=row[6],
+                        inventory=inventory,
+                        last_heartbeat=heartbeat,
+                        first_seen=row[9] / 1e9,
+                        last_seen=row[10] / 1e9 if row[10] is not None else None,
+                        draining=bool(row[11]),
+                        acked_usage_seq=row[12],
+                        spans=spans,
+                        last_span_key=last_key,
+                    )
+                )
+            # Sessions that were open when the scheduler died ended then, not now.
+            conn.execute(
+                "UPDATE sessions SET ended_ns = started_ns, end_reason = 'scheduler restart'"
+                " WHERE ended_ns IS NULL"
+            )
+            return records
+
+        for record in await self.db.call(read):
+            self.nodes[record.node_id] = record
+            record.liveness = self.liveness(record)
+        log.info("node registry loaded", extra={"nodes": len(self.nodes)})
+
+    def liveness(self, record: NodeRecord) -> Liveness:
+        return evaluate(self.policy, record.last_seen, self.clock(), self.started_at)
+
+    def sweep(self) -> list[tuple[str, Liveness, Liveness]]:
+        """Re-evaluate every node; log and return the transitions."""
+        changes = []
+        for record in self.nodes.values():
+            new = self.liveness(record)
+            if new is not record.liveness:
+                changes.append((record.node_id, record.liveness, new))
+                log.info(
+                    "node %s",
+                    new.value,
+                    extra={
+                        "node_id": record.node_id,
+                        "from": record.liveness.value,
+                        "to": new.value,
+                        "last_seen": record.last_seen,
+                    },
+                )
+                record.liveness = new
+        return changes
+
+    def _extend_coverage(self, record: NodeRecord, now: float) -> tuple[int, int]:
+        before = len(record.spans)
+        uptime.extend(record.spans, now, self.policy.heartbeat_interval)
+        start, end = record.spans[-1]
+        if len(record.spans) != before or record.last_span_key is None:
+            record.last_span_key = _ns(start)
+        return record.last_span_key, _ns(end)
+
+    async def register(
+        self, hello: coordinator_pb2.Hello, peer: str, send: Sender
+    ) -> tuple[NodeRecord, Session]:
+        """Record a verified Hello and open its session, superseding an older one."""
+        now = self.clock()
+        record = self.nodes.get(hello.node_id)
+        if record is None:
+            record = NodeRecord(hello.node_id, hello.public_key, first_seen=now)
+        elif record.public_key != hello.public_key:
+            # Cannot happen short of a SHA-256 collision; refuse rather than merge.
+            raise ValueError("node id already registered with another public key")
+        record.name = hello.node_name
+        record.region = hello.region
+        record.labels = dict(hello.labels)
+        record.agent_version = hello.agent_version
+        record.protocol_version = hello.protocol_version
+        record.inventory.CopyFrom(hello.inventory)
+        record.last_heartbeat = coordinator_pb2.Heartbeat(
+            gpu_health=hello.gpu_health,
+            free_gpu_uuids=[g.uuid for g in hello.inventory.gpus],
+            leases=hello.leases,
+            draining=hello.draining,
+        )
+        record.last_seen = now
+        span = self._extend_coverage(record, now)
+        session = Session(uuid.uuid4().hex, record.node_id, peer, now, send)
+        first_seen = record.first_seen
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO nodes (node_id, public_key, name, region, labels_json,"
+                " agent_version, protocol_version, inventory, last_heartbeat, first_seen_ns,"
+                " last_seen_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(node_id) DO UPDATE SET name = excluded.name,"
+                " region = excluded.region, labels_json = excluded.labels_json,"
+                " agent_version = excluded.agent_version,"
+                " protocol_version = excluded.protocol_version, inventory = excluded.inventory,"
+                " last_heartbeat = excluded.last_heartbeat, last_seen_ns = excluded.last_seen_ns",
+                (
+                    record.node_id,
+                    record.public_key,
+                    record.name,
+                    record.region,
+                    json.dumps(record.labels),
+                    record.agent_version,
+                    record.protocol_version,
+                    record.inventory.SerializeToString(),
+                    record.last_heartbeat.SerializeToString() if record.last_heartbeat else None,
+                    _ns(first_seen),
+                    _ns(now),
+                ),
+            )
+            conn.execute(
+                "INSERT INTO sessions (session_id, node_id, peer, started_ns) VALUES (?, ?, ?, ?)",
+                (session.session_id, record.node_id, peer, _ns(now)),
+            )
+            _write_span(conn, record.node_id, span)
+
+        await self.db.call(write)
+        self.nodes[record.node_id] = record
+        old = self.sessions.get(record.node_id)
+        if old is not None:
+            old.close_reason = "superseded by a newer session of the same node"
+            old.closed.set()
+        self.sessions[record.node_id] = session
+        record.liveness = self.liveness(record)
+        return record, session
+
+    async def heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
+        record = self.nodes[session.node_id]
+        now = self.clock()
+        session.last_heartbeat_seq = heartbeat.seq
+        record.last_heartbeat = heartbeat
+        record.last_seen = now
+        span = self._extend_coverage(record, now)
+        if record.liveness is not Liveness.ONLINE:
+            self.sweep()
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE nodes SET last_seen_ns = ?, last_heartbeat = ? WHERE node_id = ?",
+                (_ns(now), heartbeat.SerializeToString(), record.node_id),
+            )
+            _write_span(conn, record.node_id, span)
+
+        await self.db.call(write)
+
+    async def end_session(self, session: Session, reason: str) -> None:
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+        now = _ns(self.clock())
+        await self.db.call(
+            lambda conn: conn.execute(
+                "UPDATE sessions SET ended_ns = ?, end_reason = ? WHERE session_id = ?",
+                (now, reason, session.session_id),
+            )
+        )
+
+    async def set_draining(self, record: NodeRecord, draining: bool) -> None:
+        record.draining = draining
+        await self.db.call(
+            lambda conn: conn.execute(
+                "UPDATE nodes SET draining = ? WHERE node_id = ?", (int(draining), record.node_id)
+            )
+        )
+
+    async def prune_coverage(self) -> None:
+        horizon = self.clock() - uptime.RETENTION
+        for record in self.nodes.values():
+            record.spans = [s for s in record.spans if s[1] >= horizon]
+        await self.db.call(
+            lambda conn: conn.execute("DELETE FROM coverage WHERE end_ns < ?", (_ns(horizon),))
+        )
+
+    def find(self, node_id_or_prefix: str) -> NodeRecord | None:
+        """Exact id, else the single node whose id starts with the prefix."""
+        if node_id_or_prefix in self.nodes:
+            return self.nodes[node_id_or_prefix]
+        matches = [r for k, r in self.nodes.items() if k.startswith(node_id_or_prefix)]
+        return matches[0] if len(matches) == 1 and node_id_or_prefix else None
+
+    def uptime(self, record: NodeRecord) -> dict[str, float]:
+        now = self.clock()
+        return {
+            name: uptime.ratio(record.spans, now, window, record.first_seen)
+            for name, window in uptime.WINDOWS
+        }
+
+    def to_proto(self, record: NodeRecord) -> nodes_pb2.Node:
+        session = self.sessions.get(record.node_id)
+        ratios = self.uptime(record)
+        heartbeat = record.last_heartbeat or coordinator_pb2.Heartbeat()
+        return nodes_pb2.Node(
+            node_id=record.node_id,
+            name=record.name,
+            public_key=record.public_key,
+            liveness=_LIVENESS_PB[self.liveness(record)],
+            connected=session is not None,
+            session_id=session.session_id if session else "",
+            peer=session.peer if session else "",
+            agent_version=record.agent_version,
+            protocol_version=record.protocol_version,
+            inventory=record.inventory,
+            gpu_health=heartbeat.gpu_health,
+            free_gpu_uuids=heartbeat.free_gpu_uuids,
+            allocated_gpu_uuids=heartbeat.allocated_gpu_uuids,
+            leases=heartbeat.leases,
+            first_seen_unix_nanos=_ns(record.first_seen),
+            last_heartbeat_unix_nanos=_ns(record.last_seen) if record.last_seen else 0,
+            uptime=nodes_pb2.Uptime(
+                ratio_1h=ratios["1h"], ratio_24h=ratios["24h"], ratio_30d=ratios["30d"]
+            ),
+            draining=record.draining,
+            region=record.region,
+            labels=record.labels,
+        )
+
+
+def _write_span(conn: sqlite3.Connection, node_id: str, span: tuple[int, int]) -> None:
+    conn.execute(
+        "INSERT INTO coverage (node_id, start_ns, end_ns) VALUES (?, ?, ?)"
+        " ON CONFLICT(node_id, start_ns) DO UPDATE SET end_ns = excluded.end_ns",
+        (node_id, span[0], span[1]),
+    )

@@ -1,0 +1,128 @@
+"""A real scheduler on a loopback port with real TLS, and agent links to it.
+
+Shared by the link and scheduler tests: certificates come from trustme, the
+server is the real ``SchedulerServer`` (its clock injectable), the agent side is
+the real ``CoordinatorLink`` with a deterministic backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trustme
+
+from agent.config import CoordinatorConfig
+from agent.identity import NodeIdentity, load_or_create
+from agent.link import Backoff, CoordinatorLink, StaticReporter
+from agent.link.reporter import build_inventory, simulated_gpus
+from scheduler.config import SchedulerConfig
+from scheduler.server import SchedulerServer
+
+
+@dataclass
+class Pki:
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_pki(tmp: Path, *, expired: bool = False) -> Pki:
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.UTC)
+    if expired:
+        cert = ca.issue_cert(
+            "localhost",
+            "127.0.0.1",
+            not_before=now - datetime.timedelta(days=30),
+            not_after=now - datetime.timedelta(days=1),
+        )
+    else:
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+    tmp.mkdir(parents=True, exist_ok=True)
+    pki = Pki(ca, tmp / "ca.pem", tmp / "server.pem", tmp / "server.key")
+    ca.cert_pem.write_to_path(str(pki.ca_file))
+    cert.private_key_pem.write_to_path(str(pki.key_file))
+    cert.cert_chain_pems[0].write_to_path(str(pki.cert_file))
+    for blob in cert.cert_chain_pems[1:]:
+        blob.write_to_path(str(pki.cert_file), append=True)
+    return pki
+
+
+def scheduler_config(
+    tmp: Path, pki: Pki | None, *, port: int = 0, heartbeat: float = 0.2, **liveness: float
+) -> SchedulerConfig:
+    server: dict[str, object] = {"listen": f"127.0.0.1:{port}"}
+    if pki is None:
+        server["insecure"] = True
+    else:
+        server.update(cert_file=str(pki.cert_file), key_file=str(pki.key_file))
+    return SchedulerConfig.model_validate(
+        {
+            "server": server,
+            "database": {"path": str(tmp / "sched" / "scheduler.db")},
+            "liveness": {"heartbeat_interval": heartbeat, **liveness},
+            "metrics": {"listen": None},
+        }
+    )
+
+
+def agent_config(port: int, pki: Pki | None, **overrides: object) -> CoordinatorConfig:
+    data: dict[str, object] = {
+        "address": f"localhost:{port}",
+        "call_timeout": 2.0,
+        "reconnect_initial": 0.1,
+        "reconnect_max": 0.5,
+    }
+    if pki is None:
+        data["insecure"] = True
+    else:
+        data["ca_file"] = str(pki.ca_file)
+    data.update(overrides)
+    return CoordinatorConfig.model_validate(data)
+
+
+def make_link(
+    config: CoordinatorConfig, state_dir: Path, *, gpus: int = 2
+) -> tuple[CoordinatorLink, NodeIdentity]:
+    identity = load_or_create(state_dir)
+    reporter = StaticReporter(build_inventory(simulated_gpus("rtx-4090", gpus, identity.node_id)))
+    # No jitter: the reconnect schedule is exactly initial * 1.6^n, capped.
+    backoff = Backoff(config.reconnect_initial, config.reconnect_max, uniform=lambda a, b: 0.0)
+    link = CoordinatorLink(config, identity, reporter, node_name="test-node", backoff=backoff)
+    return link, identity
+
+
+async def until(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Poll ``predicate`` until true; for state with no event to await (remote DB rows)."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
+
+
+class FakeClock:
+    """Wall clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def start_server(
+    config: SchedulerConfig, clock: Callable[[], float] = time.time
+) -> SchedulerServer:
+    server = SchedulerServer(config, clock=clock)
+    await server.start()
+    return server
