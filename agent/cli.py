@@ -23,7 +23,10 @@ from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 COMMAND_MODULES = (
     "agent.cmd_run",
     "agent.cmd_config",
+    "agent.cmd_leases",
     "agent.cmd_status",
+    "agent.cmd_hardware",
+    "agent.cmd_attest",
 )
 
 Handler = Callable[[argparse.Namespace], int]

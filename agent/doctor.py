@@ -67,17 +67,13 @@ def check_driver(simulated: bool, proc_file: Path = NVIDIA_DRIVER_PROC) -> Check
     return CheckResult("driver", Severity.OK, first.strip())
 
 
-def check_nvml(
-    config: AgentConfig, nvml_module: Any = None
-) -> tuple[CheckResult, bool]:
+def check_nvml(config: AgentConfig, nvml_module: Any = None) -> tuple[CheckResult, bool]:
     """The NVML result and whether the host has real GPUs behind it."""
     gpu = config.gpu
     if gpu.backend == "simulated":
         sim = gpu.simulated
         return (
-            CheckResult(
-                "nvml", Severity.INFO, f"simulated backend: {sim.count} x {sim.profile}"
-            ),
+            CheckResult("nvml", Severity.INFO, f"simulated backend: {sim.count} x {sim.profile}"),
             False,
         )
     try:
@@ -157,7 +153,9 @@ def check_disk(state_dir: Path, free: int | None = None) -> CheckResult:
     gib = free / 1024**3
     fix = f"free space on the filesystem holding {state_dir} or move node.state_dir"
     if free < DISK_FATAL_BYTES:
-        return CheckResult("disk", Severity.FATAL, f"only {gib:.2f} GiB free under {state_dir}", fix)
+        return CheckResult(
+            "disk", Severity.FATAL, f"only {gib:.2f} GiB free under {state_dir}", fix
+        )
     if free < DISK_WARN_BYTES:
         return CheckResult("disk", Severity.WARNING, f"{gib:.1f} GiB free under {state_dir}", fix)
     return CheckResult("disk", Severity.OK, f"{gib:.0f} GiB free under {state_dir}")
@@ -192,8 +190,14 @@ def check_clock(state: Callable[[], int | None] = kernel_clock_state) -> CheckRe
     return CheckResult("clock", Severity.OK, "system clock synchronised")
 
 
-def run_preflight(config: AgentConfig, *, nvml_module: Any = None) -> list[CheckResult]:
-    """Every check, in the order an operator would fix them."""
+def run_preflight(
+    config: AgentConfig, *, nvml_module: Any = None, log_problems: bool = True
+) -> list[CheckResult]:
+    """Every check, in the order an operator would fix them.
+
+    The daemon logs warnings and fatal results (``log_problems``); ``doctor``
+    prints them itself instead.
+    """
     simulated = config.gpu.backend == "simulated"
     nvml_result, real_gpus = check_nvml(config, nvml_module)
     driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
@@ -206,7 +210,7 @@ def run_preflight(config: AgentConfig, *, nvml_module: Any = None) -> list[Check
         check_disk(config.node.state_dir),
         check_clock(),
     ]
-    for result in results:
+    for result in results if log_problems else ():
         if result.severity in (Severity.WARNING, Severity.FATAL):
             log.log(
                 logging.ERROR if result.severity == Severity.FATAL else logging.WARNING,

@@ -121,9 +121,7 @@ def interfaces() -> tuple[NetInterface, ...]:
     for name, addrs in sorted(psutil.net_if_addrs().items()):
         st = stats.get(name)
         mac = next((a.address for a in addrs if a.family == psutil.AF_LINK), None)
-        ips = tuple(
-            a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)
-        )
+        ips = tuple(a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
         result.append(
             NetInterface(
                 name=name,

@@ -97,11 +97,11 @@ class LeaseEnv:
         return [u for u in self.updates if u.lease_id == lease_id][-1]
 
     async def wait_state(
-        self, lease_id: str, state: LeaseState, timeout: float = WAIT
+        self, lease_id: str, state: LeaseState, limit: float = WAIT
     ) -> LeaseUpdate:
         async with self._changed:
             await asyncio.wait_for(
-                self._changed.wait_for(lambda: state in self.states(lease_id)), timeout
+                self._changed.wait_for(lambda: state in self.states(lease_id)), limit
             )
         return next(u for u in self.updates if u.lease_id == lease_id and u.state is state)
 

@@ -10,7 +10,7 @@ from agent.config import GpuConfig
 
 from .backend import GpuBackend
 from .model import GpuHealth, GpuInfo, GpuSample, HealthState, MigDevice, NvLinkPeer, XidEvent
-from .nvml import GpuLost, NvmlBackend, NvmlUnavailable, unavailable_from_code
+from .nvml import GpuLost, NvmlBackend, NvmlUnavailable
 from .simulated import simulated_backend
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from agent.hostinfo import HostInfo
 from .backend import GpuBackend
 from .cordons import CordonFileError, CordonStore
 from .health import evaluate
-from .model import GpuInfo, HealthState
+from .model import GpuInfo
 
 SCHEMA_PATH = Path(__file__).with_name("detect.schema.json")
 SCHEMA_VERSION = 1
@@ -37,8 +38,6 @@ def build_report(
     gpus = []
     for info in inventory:
         sample = backend.sample(info.index)
-        from collections import Counter
-
         state, reasons = evaluate(
             sample,
             Counter(),
@@ -102,12 +101,26 @@ def render_table(report: dict[str, Any]) -> str:
             f"CUDA {_or_dash(first['cuda_driver_version'])}"
         )
     lines.append("")
-    header = ("IDX", "NAME", "MEMORY", "CC", "ARCH", "POWER", "PCIE", "MIG", "ECC", "HEALTH", "UUID")
+    header = (
+        "IDX",
+        "NAME",
+        "MEMORY",
+        "CC",
+        "ARCH",
+        "POWER",
+        "PCIE",
+        "MIG",
+        "ECC",
+        "HEALTH",
+        "UUID",
+    )
     rows = [header]
     for g in gpus:
         health = g["health"]["state"] + (" (cordoned)" if g["health"]["cordoned"] else "")
-        mig = "-" if g["mig_enabled"] is None else (
-            f"on ({len(g['mig_devices'])})" if g["mig_enabled"] else "off"
+        mig = (
+            "-"
+            if g["mig_enabled"] is None
+            else (f"on ({len(g['mig_devices'])})" if g["mig_enabled"] else "off")
         )
         pcie = (
             f"gen{g['pcie_max_generation']} x{g['pcie_max_width']}"
@@ -132,7 +145,9 @@ def render_table(report: dict[str, Any]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     if not gpus:
         lines.append("(no GPUs found)")
     for g in gpus:
@@ -141,10 +156,6 @@ def render_table(report: dict[str, Any]) -> str:
         if g["health"]["cordoned"]:
             lines.append(f"GPU {g['index']}: cordoned: {g['health']['cordon_reason']}")
     return "\n".join(lines)
-
-
-def health_of(entry: dict[str, Any]) -> HealthState:
-    return HealthState(entry["health"]["state"])
 
 
 def find_gpu(inventory: list[GpuInfo], ident: str) -> GpuInfo | None:

@@ -52,16 +52,16 @@ class FakeHandle:
 @dataclass(frozen=True)
 class FakeEventData:
     device: FakeHandle
-    eventType: int  # noqa: N815 - pynvml's field name
-    eventData: int  # noqa: N815
-    gpuInstanceId: int = 0xFFFFFFFF  # noqa: N815
-    computeInstanceId: int = 0xFFFFFFFF  # noqa: N815
+    eventType: int
+    eventData: int
+    gpuInstanceId: int = 0xFFFFFFFF
+    computeInstanceId: int = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class _PciInfo:
-    busId: str  # noqa: N815 - pynvml's field name
-    pciDeviceId: int  # noqa: N815
+    busId: str
+    pciDeviceId: int
     domain: int
     bus: int
     device: int
@@ -82,8 +82,8 @@ class _Utilization:
 
 @dataclass(frozen=True)
 class _Violation:
-    referenceTime: int  # noqa: N815
-    violationTime: int  # noqa: N815
+    referenceTime: int
+    violationTime: int
 
 
 @dataclass
@@ -288,41 +288,43 @@ class FakeNvml:
     @staticmethod
     def _power_mw(gpu: FakeGpu) -> float:
         p = gpu.profile
-        return (p.idle_power_watts + (p.power_limit_watts - p.idle_power_watts) * gpu.utilization) * 1000
+        return (
+            p.idle_power_watts + (p.power_limit_watts - p.idle_power_watts) * gpu.utilization
+        ) * 1000
 
     # -- library ------------------------------------------------------------------
 
-    def nvmlInit(self) -> None:  # noqa: N802 - pynvml's names throughout
+    def nvmlInit(self) -> None:
         with self._lock:
             self.calls["nvmlInit"] += 1
             if self.init_error is not None:
                 raise _error(self.init_error)
             self._initialized += 1
 
-    def nvmlShutdown(self) -> None:  # noqa: N802
+    def nvmlShutdown(self) -> None:
         with self._lock:
             self._enter("nvmlShutdown")
             self._initialized -= 1
 
-    def nvmlSystemGetDriverVersion(self) -> str:  # noqa: N802
+    def nvmlSystemGetDriverVersion(self) -> str:
         with self._lock:
             self._enter("nvmlSystemGetDriverVersion")
             return self.driver_version
 
-    def nvmlSystemGetCudaDriverVersion(self) -> int:  # noqa: N802
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
         with self._lock:
             self._enter("nvmlSystemGetCudaDriverVersion")
             return self.cuda_driver_version
 
-    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:  # noqa: N802
+    def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
         return self.nvmlSystemGetCudaDriverVersion()
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int:
         with self._lock:
             self._enter("nvmlDeviceGetCount")
             return len(self.gpus)
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
         with self._lock:
             self._enter("nvmlDeviceGetHandleByIndex")
             if not 0 <= index < len(self.gpus):
@@ -333,78 +335,84 @@ class FakeNvml:
 
     # -- identity ---------------------------------------------------------------
 
-    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:  # noqa: N802
+    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetUUID", handle)
             return gpu.uuid if handle.mig is None else gpu.mig_uuids[handle.mig]
 
-    def nvmlDeviceGetName(self, handle: FakeHandle) -> str:  # noqa: N802
+    def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetName", handle)
             if handle.mig is not None and gpu.profile.mig_profile is not None:
                 return f"{gpu.profile.name} MIG {gpu.profile.mig_profile.name}"
             return gpu.profile.name
 
-    def nvmlDeviceGetSerial(self, handle: FakeHandle) -> str:  # noqa: N802
+    def nvmlDeviceGetSerial(self, handle: FakeHandle) -> str:
         with self._lock:
             return self._gpu("nvmlDeviceGetSerial", handle).serial
 
-    def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> _PciInfo:  # noqa: N802
+    def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> _PciInfo:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetPciInfo", handle)
             bus = 0x18 + 0x10 * gpu.index
             return _PciInfo(gpu.pci_bus_id, gpu.profile.pci_device_id, 0, bus, 0)
 
-    def nvmlDeviceGetCudaComputeCapability(self, handle: FakeHandle) -> tuple[int, int]:  # noqa: N802
+    def nvmlDeviceGetCudaComputeCapability(self, handle: FakeHandle) -> tuple[int, int]:
         with self._lock:
-            return self._gpu("nvmlDeviceGetCudaComputeCapability", handle).profile.compute_capability
+            return self._gpu(
+                "nvmlDeviceGetCudaComputeCapability", handle
+            ).profile.compute_capability
 
-    def nvmlDeviceGetArchitecture(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetArchitecture(self, handle: FakeHandle) -> int:
         with self._lock:
             return self._gpu("nvmlDeviceGetArchitecture", handle).profile.architecture
 
-    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetEnforcedPowerLimit", handle)
             return int(gpu.profile.power_limit_watts * 1000)
 
-    def nvmlDeviceGetPowerManagementLimit(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetPowerManagementLimit(self, handle: FakeHandle) -> int:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetPowerManagementLimit", handle)
             return int(gpu.profile.power_limit_watts * 1000)
 
-    def nvmlDeviceGetMaxClockInfo(self, handle: FakeHandle, clock_type: int) -> int:  # noqa: N802
+    def nvmlDeviceGetMaxClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
         with self._lock:
             p = self._gpu("nvmlDeviceGetMaxClockInfo", handle).profile
-            return p.max_memory_clock_mhz if clock_type == pynvml.NVML_CLOCK_MEM else p.max_sm_clock_mhz
+            return (
+                p.max_memory_clock_mhz
+                if clock_type == pynvml.NVML_CLOCK_MEM
+                else p.max_sm_clock_mhz
+            )
 
-    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: FakeHandle) -> int:
         with self._lock:
             return self._gpu("nvmlDeviceGetMaxPcieLinkGeneration", handle).profile.pcie_generation
 
-    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:
         with self._lock:
             return self._gpu("nvmlDeviceGetMaxPcieLinkWidth", handle).profile.pcie_width
 
-    def nvmlDeviceGetEccMode(self, handle: FakeHandle) -> list[int]:  # noqa: N802
+    def nvmlDeviceGetEccMode(self, handle: FakeHandle) -> list[int]:
         with self._lock:
             on = int(self._gpu("nvmlDeviceGetEccMode", handle).profile.ecc)
             return [on, on]
 
     # -- MIG -----------------------------------------------------------------------
 
-    def nvmlDeviceGetMigMode(self, handle: FakeHandle) -> list[int]:  # noqa: N802
+    def nvmlDeviceGetMigMode(self, handle: FakeHandle) -> list[int]:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetMigMode", handle)
             if gpu.profile.mig_profile is None:
                 raise _error(pynvml.NVML_ERROR_NOT_SUPPORTED)
             return [int(gpu.mig_enabled), int(gpu.mig_enabled)]
 
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: FakeHandle) -> int:
         with self._lock:
             return self._gpu("nvmlDeviceGetMaxMigDeviceCount", handle).profile.mig_max_devices
 
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeHandle, index: int) -> FakeHandle:  # noqa: N802
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: FakeHandle, index: int) -> FakeHandle:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetMigDeviceHandleByIndex", handle)
             if not gpu.mig_enabled:
@@ -413,7 +421,7 @@ class FakeNvml:
                 raise _error(pynvml.NVML_ERROR_NOT_FOUND)
             return FakeHandle(gpu.index, index)
 
-    def nvmlDeviceGetGpuInstanceId(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetGpuInstanceId(self, handle: FakeHandle) -> int:
         with self._lock:
             self._gpu("nvmlDeviceGetGpuInstanceId", handle)
             if handle.mig is None:
@@ -421,7 +429,7 @@ class FakeNvml:
             # Smallest slices sit at GPU instance ids 7..13 on A100/H100.
             return 7 + handle.mig
 
-    def nvmlDeviceGetComputeInstanceId(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetComputeInstanceId(self, handle: FakeHandle) -> int:
         with self._lock:
             self._gpu("nvmlDeviceGetComputeInstanceId", handle)
             if handle.mig is None:
@@ -430,14 +438,14 @@ class FakeNvml:
 
     # -- NVLink ----------------------------------------------------------------------
 
-    def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:  # noqa: N802
+    def nvmlDeviceGetNvLinkState(self, handle: FakeHandle, link: int) -> int:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetNvLinkState", handle)
             if link >= gpu.profile.nvlink_links:
                 raise _error(pynvml.NVML_ERROR_INVALID_ARGUMENT)
             return int(pynvml.NVML_FEATURE_ENABLED)
 
-    def nvmlDeviceGetNvLinkRemotePciInfo(self, handle: FakeHandle, link: int) -> _PciInfo:  # noqa: N802
+    def nvmlDeviceGetNvLinkRemotePciInfo(self, handle: FakeHandle, link: int) -> _PciInfo:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetNvLinkRemotePciInfo", handle)
             if link >= gpu.profile.nvlink_links:
@@ -448,20 +456,20 @@ class FakeNvml:
 
     # -- telemetry ---------------------------------------------------------------------
 
-    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:  # noqa: N802
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetTemperature", handle)
             return 92 if gpu.thermal else int(30 + 45 * gpu.utilization)
 
-    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
         with self._lock:
             return int(self._power_mw(self._gpu("nvmlDeviceGetPowerUsage", handle)))
 
-    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:
         with self._lock:
             return int(self._gpu("nvmlDeviceGetTotalEnergyConsumption", handle).energy_mj)
 
-    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> _Utilization:  # noqa: N802
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> _Utilization:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetUtilizationRates", handle)
             if gpu.mig_enabled:
@@ -470,7 +478,7 @@ class FakeNvml:
             pct = round(gpu.utilization * 100)
             return _Utilization(pct, pct // 2)
 
-    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> _Memory:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle) -> _Memory:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetMemoryInfo", handle)
             if handle.mig is not None and gpu.profile.mig_profile is not None:
@@ -480,7 +488,7 @@ class FakeNvml:
             used = 512 * _MIB + int((total - 1024 * _MIB) * gpu.utilization * 0.8)
             return _Memory(total, total - used, used)
 
-    def nvmlDeviceGetClockInfo(self, handle: FakeHandle, clock_type: int) -> int:  # noqa: N802
+    def nvmlDeviceGetClockInfo(self, handle: FakeHandle, clock_type: int) -> int:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetClockInfo", handle)
             p = gpu.profile
@@ -498,28 +506,28 @@ class FakeNvml:
             mask |= _THERMAL_MASK
         return mask
 
-    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
         with self._lock:
             return self._reasons("nvmlDeviceGetCurrentClocksEventReasons", handle)
 
-    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
         with self._lock:
             return self._reasons("nvmlDeviceGetCurrentClocksThrottleReasons", handle)
 
-    def nvmlDeviceGetViolationStatus(self, handle: FakeHandle, policy: int) -> _Violation:  # noqa: N802
+    def nvmlDeviceGetViolationStatus(self, handle: FakeHandle, policy: int) -> _Violation:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetViolationStatus", handle)
             ns = gpu.thermal_violation_ns if policy == 1 else 0  # 1: NVML_PERF_POLICY_THERMAL
             return _Violation(time.time_ns(), ns)
 
-    def nvmlDeviceGetPcieReplayCounter(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetPcieReplayCounter(self, handle: FakeHandle) -> int:
         with self._lock:
             self._gpu("nvmlDeviceGetPcieReplayCounter", handle)
             return 0
 
     # -- memory errors ---------------------------------------------------------------------
 
-    def nvmlDeviceGetTotalEccErrors(  # noqa: N802
+    def nvmlDeviceGetTotalEccErrors(
         self, handle: FakeHandle, error_type: int, counter_type: int
     ) -> int:
         with self._lock:
@@ -528,7 +536,7 @@ class FakeNvml:
                 return gpu.ecc_uncorrected
             return gpu.ecc_corrected
 
-    def nvmlDeviceGetRemappedRows(self, handle: FakeHandle) -> tuple[int, int, int, int]:  # noqa: N802
+    def nvmlDeviceGetRemappedRows(self, handle: FakeHandle) -> tuple[int, int, int, int]:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetRemappedRows", handle)
             return (
@@ -538,32 +546,32 @@ class FakeNvml:
                 int(gpu.remap_failed),
             )
 
-    def nvmlDeviceGetRetiredPages(self, handle: FakeHandle, cause: int) -> list[int]:  # noqa: N802
+    def nvmlDeviceGetRetiredPages(self, handle: FakeHandle, cause: int) -> list[int]:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetRetiredPages", handle)
             if cause == pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR:
                 return [0x1000 * n for n in range(gpu.ecc_uncorrected)]
             return []
 
-    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, handle: FakeHandle) -> int:
         with self._lock:
             return int(self._gpu("nvmlDeviceGetRetiredPagesPendingStatus", handle).remap_pending)
 
     # -- events ----------------------------------------------------------------------------
 
-    def nvmlEventSetCreate(self) -> _EventSet:  # noqa: N802
+    def nvmlEventSetCreate(self) -> _EventSet:
         with self._lock:
             self._enter("nvmlEventSetCreate")
             event_set = _EventSet()
             self._event_sets.append(event_set)
             return event_set
 
-    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:  # noqa: N802
+    def nvmlDeviceGetSupportedEventTypes(self, handle: FakeHandle) -> int:
         with self._lock:
             gpu = self._gpu("nvmlDeviceGetSupportedEventTypes", handle)
-            return _XID | ((_SBE | _DBE) if gpu.profile.ecc else 0)
+            return int(_XID | ((_SBE | _DBE) if gpu.profile.ecc else 0))
 
-    def nvmlDeviceRegisterEvents(  # noqa: N802
+    def nvmlDeviceRegisterEvents(
         self, handle: FakeHandle, event_types: int, event_set: _EventSet
     ) -> None:
         with self._lock:
@@ -572,7 +580,7 @@ class FakeNvml:
                 event_set.registered.get(handle.index, 0) | event_types
             )
 
-    def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:  # noqa: N802
+    def nvmlEventSetWait_v2(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
         deadline = self._clock() + timeout_ms / 1000
         with self._cond:
             self._enter("nvmlEventSetWait_v2")
@@ -585,10 +593,10 @@ class FakeNvml:
                 self._apply_due()
             return event_set.queue.popleft()
 
-    def nvmlEventSetWait(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:  # noqa: N802
+    def nvmlEventSetWait(self, event_set: _EventSet, timeout_ms: int) -> FakeEventData:
         return self.nvmlEventSetWait_v2(event_set, timeout_ms)
 
-    def nvmlEventSetFree(self, event_set: _EventSet) -> None:  # noqa: N802
+    def nvmlEventSetFree(self, event_set: _EventSet) -> None:
         with self._lock:
             self._enter("nvmlEventSetFree")
             if event_set in self._event_sets:

@@ -210,7 +210,11 @@ class HealthMonitor:
             ]
             counts = dict(self._xid_counts.get(index, {}))
         state, reasons = evaluate(sample, critical, recent, acknowledged)
-        if state == HealthState.UNHEALTHY and uuid is not None and not self.cordons.is_cordoned(uuid):
+        if (
+            state == HealthState.UNHEALTHY
+            and uuid is not None
+            and not self.cordons.is_cordoned(uuid)
+        ):
             reason = "; ".join(reasons)
             if self._try(lambda: self.cordons.cordon(uuid, reason, "health", index)):
                 log.error(
@@ -322,11 +326,10 @@ class HealthMonitor:
                     log.exception("health change callback failed", extra={"uuid": health.uuid})
 
 
-async def _wait_any(a: asyncio.Event, b: asyncio.Event, timeout: float) -> None:
+async def _wait_any(a: asyncio.Event, b: asyncio.Event, seconds: float) -> None:
     waiters = {asyncio.create_task(a.wait()), asyncio.create_task(b.wait())}
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in waiters:
             task.cancel()
-

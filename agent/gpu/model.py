@@ -121,6 +121,4 @@ class GpuHealth:
 
     @property
     def leasable(self) -> bool:
-        return (
-            self.uuid is not None and not self.cordoned and self.state != HealthState.UNHEALTHY
-        )
+        return self.uuid is not None and not self.cordoned and self.state != HealthState.UNHEALTHY

@@ -17,10 +17,11 @@ All methods block: the daemon calls them from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -176,10 +177,9 @@ class NvmlBackend:
                 return
             self._opened = False
             if self._event_set is not None:
-                try:
+                # Shutting down: a failure to free the set changes nothing.
+                with contextlib.suppress(self._nvml.NVMLError):
                     self._nvml.nvmlEventSetFree(self._event_set)
-                except self._nvml.NVMLError:
-                    pass  # shutting down; nothing useful to do with it
                 self._event_set = None
             try:
                 self._nvml.nvmlShutdown()
@@ -392,9 +392,7 @@ class NvmlBackend:
                 break  # InvalidArgument past the last link this GPU has
             if state != getattr(nvml, "NVML_FEATURE_ENABLED", 1):
                 continue
-            pci = self._read(
-                index, "nvlink_remote", "nvmlDeviceGetNvLinkRemotePciInfo", h, link
-            )
+            pci = self._read(index, "nvlink_remote", "nvmlDeviceGetNvLinkRemotePciInfo", h, link)
             if pci is not None:
                 peers.append(NvLinkPeer(link, _text(pci.busId), None))
         return tuple(peers)
@@ -440,9 +438,7 @@ class NvmlBackend:
         mem = self._read(index, "memory", "nvmlDeviceGetMemoryInfo", h)
         sm = self._read(index, "sm_clock", "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_SM)
         mclk = self._read(index, "memory_clock", "nvmlDeviceGetClockInfo", h, nvml.NVML_CLOCK_MEM)
-        reasons = self._read(
-            index, "throttle_reasons", "nvmlDeviceGetCurrentClocksEventReasons", h
-        )
+        reasons = self._read(index, "throttle_reasons", "nvmlDeviceGetCurrentClocksEventReasons", h)
         if reasons is None and "throttle_reasons" in self._dropped.get(index, {}):
             # Drivers before 535 only have the older name for the same bitmask.
             reasons = self._read(
@@ -530,12 +526,12 @@ class NvmlBackend:
         for index in range(self.device_count()):
             try:
                 h = self._handle(index)
-                supported = self._read(
-                    index, "events", "nvmlDeviceGetSupportedEventTypes", h
-                )
+                supported = self._read(index, "events", "nvmlDeviceGetSupportedEventTypes", h)
                 mask = wanted & (supported if supported is not None else _EVENT_XID)
                 if mask:
-                    self._read(index, "events", "nvmlDeviceRegisterEvents", h, mask, self._event_set)
+                    self._read(
+                        index, "events", "nvmlDeviceRegisterEvents", h, mask, self._event_set
+                    )
             except GpuLost:
                 self._log_lost(index)
         return True
@@ -601,6 +597,8 @@ def _lost_info(index: int, uuid: str | None, simulated: bool) -> GpuInfo:
     )
 
 
-def _with_peer_uuids(info: GpuInfo, bus_to_uuid: dict[str, str | None]) -> GpuInfo:
-    peers = tuple(replace(p, peer_uuid=bus_to_uuid.get(p.peer_pci_bus_id)) for p in info.nvlink_peers)
+def _with_peer_uuids(info: GpuInfo, bus_to_uuid: Mapping[str, str | None]) -> GpuInfo:
+    peers = tuple(
+        replace(p, peer_uuid=bus_to_uuid.get(p.peer_pci_bus_id)) for p in info.nvlink_peers
+    )
     return replace(info, nvlink_peers=peers)

@@ -8,7 +8,7 @@ from .allocator import AllocationError, GpuAllocator
 from .docker_runtime import DockerRuntime, container_name
 from .manager import HostCapacity, LeaseManager, LeasesSnapshot, LeaseView, RunningLease
 from .records import LeaseRecord, LeaseUpdate
-from .spec import LeaseRejected, LeaseSpec, Rejection, RejectCode, check_spec, parse_spec
+from .spec import LeaseRejected, LeaseSpec, RejectCode, Rejection, check_spec, parse_spec
 from .statedb import StateDB
 from .states import LeaseState
 

@@ -501,16 +501,20 @@ class LeaseManager:
         if record.state is not LeaseState.RUNNING:
             record = await self._transition(record, LeaseState.RUNNING, started_at=started_at)
         log.info("lease re-adopted", extra={"lease_id": lease_id, "container_id": info.id})
-        if record.stop_state is None and record.expires_at is not None:
-            if record.expires_at <= self._clock.time():
-                # Expired while the agent was down: stop it now, not at the next tick.
-                record = record.evolve(
-                    stop_state=LeaseState.EXPIRED,
-                    stop_reason=f"lease expired at {_iso(record.expires_at)}",
-                )
-                await self._save(record)
+        expires_at = record.expires_at
+        # Expired while the agent was down: stop it now, not at the next tick.
+        if (
+            record.stop_state is None
+            and expires_at is not None
+            and expires_at <= self._clock.time()
+        ):
+            record = record.evolve(
+                stop_state=LeaseState.EXPIRED,
+                stop_reason=f"lease expired at {_iso(expires_at)}",
+            )
+            await self._save(record)
         if record.stop_state is not None:
-            # The agent died while stopping it: finish the job.
+            # Expired while down, or the agent died while stopping it: finish the job.
             self._spawn(
                 self._stop_lease(lease_id, record.stop_state, record.stop_reason, None),
                 f"lease-stop-{lease_id}",
