@@ -17,9 +17,6 @@ from agent.gpu.health import HealthMonitor, evaluate
 from agent.gpu.model import GpuHealth, GpuSample, HealthState
 from agent.gpu.nvml import NvmlBackend
 
-pytestmark = pytest.mark.asyncio(loop_scope="function")
-
-
 def _sample(**kw: object) -> GpuSample:
     return GpuSample(index=0, uuid="GPU-x", timestamp=0.0, **kw)  # type: ignore[arg-type]
 
@@ -87,12 +84,14 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         await task
 
 
+@pytest.mark.asyncio
 async def test_all_healthy_at_start(rig: Rig) -> None:
     """Idle GPUs are healthy, uncordoned and all leasable."""
     assert [h.state for h in rig.monitor.snapshot()] == [HealthState.HEALTHY] * 3
     assert len(rig.monitor.healthy_uuids()) == 3
 
 
+@pytest.mark.asyncio
 async def test_critical_xid_cordons_and_logs(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     """Xid 79 makes the GPU unhealthy, cordoned (persisted), not leasable, with log lines."""
     caplog.set_level(logging.INFO, logger="agent.gpu.health")
@@ -104,7 +103,6 @@ async def test_critical_xid_cordons_and_logs(rig: Rig, caplog: pytest.LogCapture
     assert "Xid 79" in h.reasons[0]
     assert uuid not in rig.monitor.healthy_uuids()
     assert rig.health(0).leasable
-    assert CordonStore(rig.store.path.parent).get(uuid) is not None or rig.store.is_cordoned(uuid)
     reloaded = CordonStore(rig.store.path.parent)
     reloaded.load()
     assert reloaded.get(uuid) is not None and reloaded.get(uuid).source == "health"  # type: ignore[union-attr]
@@ -115,6 +113,7 @@ async def test_critical_xid_cordons_and_logs(rig: Rig, caplog: pytest.LogCapture
     assert any(c.uuid == uuid and c.cordoned for c in rig.changes)
 
 
+@pytest.mark.asyncio
 async def test_application_xid_does_not_cordon(rig: Rig) -> None:
     """Xid 13 (the workload's own fault) is counted but the GPU stays healthy."""
     rig.fake.inject_xid(0, 13)
@@ -124,6 +123,7 @@ async def test_application_xid_does_not_cordon(rig: Rig) -> None:
     assert rig.health(0).state == HealthState.HEALTHY and not rig.health(0).cordoned
 
 
+@pytest.mark.asyncio
 async def test_xid_storm_one_log_line_per_batch_and_monitor_continues(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -138,6 +138,7 @@ async def test_xid_storm_one_log_line_per_batch_and_monitor_continues(
     assert len(rig.xids) == 1000
 
 
+@pytest.mark.asyncio
 async def test_lost_gpu_is_unhealthy_and_cordoned(rig: Rig) -> None:
     """A GPU that falls off the bus mid-run is unhealthy and cordoned; others are untouched."""
     rig.fake.lose_gpu(0)
@@ -148,6 +149,7 @@ async def test_lost_gpu_is_unhealthy_and_cordoned(rig: Rig) -> None:
     assert rig.health(1).state == HealthState.HEALTHY
 
 
+@pytest.mark.asyncio
 async def test_uncorrectable_ecc_cordons(rig: Rig) -> None:
     """An uncorrectable ECC error cordons the GPU."""
     rig.fake.inject_ecc(2)
@@ -155,6 +157,7 @@ async def test_uncorrectable_ecc_cordons(rig: Rig) -> None:
     assert any("uncorrectable ECC" in r for r in rig.health(2).reasons)
 
 
+@pytest.mark.asyncio
 async def test_thermal_throttle_degrades_without_cordon_and_recovers(rig: Rig) -> None:
     """Thermal throttling is degraded, still leasable, and clears by itself."""
     rig.fake.set_thermal(1)
@@ -164,6 +167,7 @@ async def test_thermal_throttle_degrades_without_cordon_and_recovers(rig: Rig) -
     await rig.until(lambda: rig.health(1).state == HealthState.HEALTHY)
 
 
+@pytest.mark.asyncio
 async def test_uncordon_while_running_forgives_seen_faults(rig: Rig) -> None:
     """`uncordon` (another process's store) returns the GPU; ECC seen so far is acknowledged."""
     rig.fake.inject_ecc(1)
@@ -179,6 +183,7 @@ async def test_uncordon_while_running_forgives_seen_faults(rig: Rig) -> None:
     await rig.until(lambda: rig.health(1).cordoned)
 
 
+@pytest.mark.asyncio
 async def test_uncordon_of_still_lost_gpu_recordons(rig: Rig) -> None:
     """Uncordoning a GPU that is still lost cordons it again at the next check."""
     rig.fake.lose_gpu(2)
@@ -191,6 +196,7 @@ async def test_uncordon_of_still_lost_gpu_recordons(rig: Rig) -> None:
     assert rig.health(2).cordoned and not rig.health(2).leasable
 
 
+@pytest.mark.asyncio
 async def test_operator_cordon_blocks_leases(rig: Rig) -> None:
     """A healthy GPU cordoned by the operator is not leasable but stays healthy."""
     uuid = rig.health(0).uuid
@@ -202,6 +208,7 @@ async def test_operator_cordon_blocks_leases(rig: Rig) -> None:
     assert rig.health(0).cordon_reason == "maintenance"
 
 
+@pytest.mark.asyncio
 async def test_check_failure_is_logged_and_monitor_keeps_running(
     rig: Rig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,6 +228,7 @@ async def test_check_failure_is_logged_and_monitor_keeps_running(
     assert any("health check failed" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.asyncio
 async def test_stop_ends_run_promptly(tmp_path: Path) -> None:
     """run() returns soon after stop is set, even while waiting for events."""
     r = Rig(tmp_path, ["rtx-4090"])

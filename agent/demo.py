@@ -1,0 +1,287 @@
+"""``make run``: the whole main job on one machine, on embedded defaults.
+
+Starts the reference scheduler (SQLite, TLS with its self-generated CA) and the
+agent (NVML if the library loads, else simulated GPUs, announced loudly) as real
+processes, submits a demo lease that runs in Docker, follows it to the end, shows
+its usage, and keeps both running until Ctrl-C, which stops them cleanly.
+
+Everything lives under ``.run/`` in the working directory, so a second run reuses
+the node identity and the scheduler's database, as a real deployment would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+RUN_DIR = Path(".run")
+BIN = Path(sys.executable).parent
+DEMO_IMAGE = "gpu-agent-test/busybox:latest"
+DEMO_BUYER = "demo-buyer"
+
+# The demo lease: a few seconds of visible work, then success.
+DEMO_LEASE: dict[str, Any] = {
+    "image": DEMO_IMAGE,
+    "command": [
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8; do echo step $i of 8; sleep 1; done; echo done",
+    ],
+    "gpus": 1,
+    "cpus": 0.5,
+    "memory": "64MiB",
+    "max_duration": "5m",
+    "price_max_per_gpu_hour": 2.0,
+}
+
+
+def say(text: str) -> None:
+    print(f"\033[1m==> {text}\033[0m", flush=True)  # noqa: T201 - the demo talks to a person
+
+
+def banner(text: str) -> None:
+    line = "!" * 78
+    print(f"\033[1;33m{line}\n!! {text}\n{line}\033[0m", flush=True)  # noqa: T201
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def nvml_available() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+    except Exception:  # any failure to load or init NVML means "no GPU here"
+        return False
+    return True
+
+
+def _pump(prefix: str, stream: IO[str]) -> None:
+    for line in stream:
+        print(f"{prefix} {line.rstrip()}", flush=True)  # noqa: T201
+
+
+def start(name: str, argv: list[str], log_path: Path) -> subprocess.Popen[str]:
+    """Start a child in its own process group (Ctrl-C reaches us, and we stop it)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    log_file = log_path.open("a", encoding="utf-8")
+
+    def tee() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            if os.environ.get("DEMO_VERBOSE"):
+                print(f"[{name}] {line.rstrip()}", flush=True)  # noqa: T201
+
+    threading.Thread(target=tee, daemon=True, name=f"{name}-log").start()
+    return proc
+
+
+def stop(proc: subprocess.Popen[str], name: str, timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        say(f"{name} did not stop within {timeout:.0f}s; killing it")
+        proc.kill()
+        proc.wait()
+
+
+def cli(program: str, config: Path, *args: str, check: bool = True) -> str:
+    result = subprocess.run(
+        [str(BIN / program), "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(
+            f"{program} {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+        )
+    return result.stdout
+
+
+def wait_for(what: str, predicate: Any, timeout: float, procs: list[subprocess.Popen[str]]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a process exited early (code {proc.returncode}) while {what}")
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out after {timeout:.0f}s {what}")
+
+
+@contextlib.contextmanager
+def running(procs: dict[str, subprocess.Popen[str]]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for name in reversed(list(procs)):
+            stop(procs[name], name)
+
+
+def ensure_demo_image() -> None:
+    try:
+        from tests.images import build_busybox
+    except ImportError:
+        say("run from the repository root so the demo image recipe (tests/images) is found")
+        raise
+    say("building the local demo image (FROM scratch + static busybox; no registry needed)")
+    build_busybox()
+
+
+def main() -> int:
+    RUN_DIR.mkdir(exist_ok=True)
+    sched_dir = (RUN_DIR / "scheduler").resolve()
+    agent_dir = (RUN_DIR / "agent").resolve()
+    sched_dir.mkdir(exist_ok=True)
+    agent_dir.mkdir(exist_ok=True, mode=0o700)
+    grpc_port, metrics_port, status_port = free_port(), free_port(), free_port()
+
+    use_nvml = nvml_available()
+    if not use_nvml:
+        banner("NVML not available: the agent runs on SIMULATED GPUs (2 x H100 SXM 80GB)")
+
+    sched_cfg = RUN_DIR / "scheduler.yaml"
+    sched_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "log": {"level": "info", "format": "text"},
+                "server": {"listen": f"127.0.0.1:{grpc_port}"},
+                "database": {"path": str(sched_dir / "scheduler.db")},
+                "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+            }
+        )
+    )
+    agent_cfg = RUN_DIR / "agent.yaml"
+    agent_cfg.write_text(
+        yaml.safe_dump(
+            {
+                "log": {"level": "info", "format": "text"},
+                "node": {"name": "demo-node", "state_dir": str(agent_dir)},
+                "coordinator": {
+                    "address": f"127.0.0.1:{grpc_port}",
+                    "ca_file": str(sched_dir / "tls" / "ca.pem"),
+                },
+                "gpu": {
+                    "backend": "nvml" if use_nvml else "simulated",
+                    "simulated": {"profile": "h100-sxm-80gb", "count": 2},
+                },
+                "metering": {"sample_interval": "1s", "record_interval": "5s"},
+                "status": {"listen": f"127.0.0.1:{status_port}"},
+            }
+        )
+    )
+    ensure_demo_image()
+
+    procs: dict[str, subprocess.Popen[str]] = {}
+    with running(procs):
+        say(f"starting gpu-scheduler on 127.0.0.1:{grpc_port} (TLS, SQLite in {sched_dir})")
+        procs["scheduler"] = start(
+            "scheduler",
+            [str(BIN / "gpu-scheduler"), "-c", str(sched_cfg), "serve"],
+            RUN_DIR / "scheduler.log",
+        )
+        wait_for(
+            "waiting for the scheduler's CA",
+            lambda: (sched_dir / "tls" / "ca.pem").exists()
+            and socket.create_connection(("127.0.0.1", grpc_port), 1).close() is None,
+            30,
+            list(procs.values()),
+        )
+        say(f"starting gpu-agent (state in {agent_dir}, status on 127.0.0.1:{status_port})")
+        procs["agent"] = start(
+            "agent",
+            [str(BIN / "gpu-agent"), "-c", str(agent_cfg), "run"],
+            RUN_DIR / "agent.log",
+        )
+
+        def node_online() -> bool:
+            nodes = json.loads(cli("gpu-scheduler", sched_cfg, "nodes", "--json"))
+            return any(n.get("liveness") == "online" for n in nodes.get("nodes", nodes))
+
+        wait_for("waiting for the node to come online", node_online, 60, list(procs.values()))
+        print(cli("gpu-scheduler", sched_cfg, "nodes"), flush=True)  # noqa: T201
+
+        run_lease(sched_cfg, agent_cfg)
+
+        say("scheduler and agent keep running; Ctrl-C stops them (logs in .run/*.log)")
+        try:
+            while all(p.poll() is None for p in procs.values()):
+                time.sleep(1)
+            say("a process exited on its own; stopping the demo")
+            return 1
+        except KeyboardInterrupt:
+            print(flush=True)  # noqa: T201
+            say("Ctrl-C: stopping agent and scheduler")
+    say("stopped cleanly")
+    return 0
+
+
+def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
+    lease_file = RUN_DIR / "demo-lease.yaml"
+    lease_file.write_text(yaml.safe_dump(DEMO_LEASE, sort_keys=False))
+    cli("gpu-scheduler", sched_cfg, "deposit", DEMO_BUYER, "100", check=False)
+    say("submitting the demo lease and following it")
+    proc = subprocess.run(
+        [
+            str(BIN / "gpu-scheduler"),
+            "-c",
+            str(sched_cfg),
+            "submit",
+            str(lease_file),
+            "--buyer",
+            DEMO_BUYER,
+            "--wait",
+        ],
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if proc.returncode != 0:
+        say(f"lease did not succeed (exit {proc.returncode}); see .run/agent.log")
+    say("leases on the agent (local view)")
+    print(cli("gpu-agent", agent_cfg, "leases", check=False), flush=True)  # noqa: T201
+    say("usage billed at the scheduler")
+    print(cli("gpu-scheduler", sched_cfg, "usage", check=False), flush=True)  # noqa: T201
+    print(cli("gpu-scheduler", sched_cfg, "balance", DEMO_BUYER, check=False), flush=True)  # noqa: T201
+
+
+if __name__ == "__main__":
+    if shutil.which("docker") is None:
+        sys.exit("the demo needs the Docker Engine (docker not found on PATH)")
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Preflight checks: each problem has a severity and a fix; fatal ones stop the daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import docker
+import pynvml
+
+from agent.config import AgentConfig
+from agent.doctor import (
+    Severity,
+    check_clock,
+    check_disk,
+    check_driver,
+    check_nvml,
+    check_toolkit,
+    fatal_results,
+    run_preflight,
+)
+from agent.gpu.fakenvml import FakeNvml
+
+
+def test_vulnerable_toolkit_is_fatal_with_real_gpus() -> None:
+    """Toolkit 1.16.1 (CVE-2024-0132) is fatal on a GPU host; 1.16.2 and later pass."""
+    bad = check_toolkit("1.16.1", real_gpus=True)
+    assert bad.severity == Severity.FATAL and "CVE-2024-0132" in bad.message
+    assert bad.fix is not None and "1.16.2" in bad.fix
+    assert check_toolkit("1.16.2", real_gpus=True).severity == Severity.OK
+    assert check_toolkit("1.17.0", real_gpus=True).severity == Severity.OK
+
+
+def test_missing_toolkit_fatal_only_with_real_gpus() -> None:
+    """No toolkit is fatal with real GPUs and informational with simulated ones."""
+    assert check_toolkit(None, real_gpus=True).severity == Severity.FATAL
+    assert check_toolkit(None, real_gpus=False).severity == Severity.INFO
+
+
+def test_driver_missing_is_fatal_unless_simulated(tmp_path: Path) -> None:
+    """A missing /proc/driver/nvidia/version is fatal with NVML, informational when simulated."""
+    missing = tmp_path / "version"
+    assert check_driver(False, missing).severity == Severity.FATAL
+    assert check_driver(True, missing).severity == Severity.INFO
+    missing.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.90.07\n")
+    ok = check_driver(False, missing)
+    assert ok.severity == Severity.OK and "550.90.07" in ok.message
+
+
+def test_nvml_check_maps_init_failure_to_fix() -> None:
+    """NVML that fails to load is fatal for backend nvml, a warning for auto."""
+    broken = FakeNvml([], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    result, real = check_nvml(AgentConfig.model_validate({"gpu": {"backend": "nvml"}}), broken)
+    assert result.severity == Severity.FATAL and not real
+    assert result.fix is not None and "modprobe" in result.fix
+    result, _ = check_nvml(AgentConfig.model_validate({"gpu": {"backend": "auto"}}), broken)
+    assert result.severity == Severity.WARNING
+
+
+def test_nvml_check_counts_gpus() -> None:
+    """Working NVML reports the GPU count and driver."""
+    result, real = check_nvml(AgentConfig(), FakeNvml(["rtx-4090"] * 2))
+    assert result.severity == Severity.OK and real
+    assert "2 GPU(s)" in result.message and "550.90.07" in result.message
+
+
+def test_disk_thresholds(tmp_path: Path) -> None:
+    """Under 1 GiB free is fatal, under 10 GiB a warning."""
+    assert check_disk(tmp_path, free=512 * 1024**2).severity == Severity.FATAL
+    assert check_disk(tmp_path, free=5 * 1024**3).severity == Severity.WARNING
+    assert check_disk(tmp_path, free=50 * 1024**3).severity == Severity.OK
+
+
+def test_unsynchronised_clock_warns_with_fix() -> None:
+    """adjtimex TIME_ERROR is a warning that says how to enable NTP."""
+    result = check_clock(lambda: 5)
+    assert result.severity == Severity.WARNING and result.fix and "NTP" in result.fix
+    assert check_clock(lambda: 0).severity == Severity.OK
+
+
+def test_preflight_simulated_has_no_gpu_fatals(
+    docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """With simulated GPUs and a reachable Docker, nothing is fatal."""
+    config = AgentConfig.model_validate(
+        {"node": {"state_dir": str(tmp_path)}, "gpu": {"backend": "simulated"}}
+    )
+    results = run_preflight(config)
+    by_name = {r.name: r for r in results}
+    assert by_name["docker"].severity == Severity.OK
+    assert by_name["nvml"].severity == Severity.INFO
+    assert fatal_results(results) == []
+
+
+def test_preflight_unreachable_docker_is_fatal(tmp_path: Path) -> None:
+    """An unreachable Docker Engine is fatal, with how to fix it."""
+    config = AgentConfig.model_validate(
+        {
+            "node": {"state_dir": str(tmp_path)},
+            "gpu": {"backend": "simulated"},
+            "runtime": {"docker_host": "unix:///nonexistent/docker.sock"},
+        }
+    )
+    fatal = fatal_results(run_preflight(config))
+    assert [r.name for r in fatal] == ["docker"]
+    assert fatal[0].fix is not None and "systemctl start docker" in fatal[0].fix
