@@ -137,9 +137,17 @@ def interfaces() -> tuple[NetInterface, ...]:
 
 def docker_version(docker_host: str, timeout: float = 3.0) -> str:
     """The Engine's version; raises ``docker.errors.DockerException`` when unreachable."""
-    client = docker.DockerClient(base_url=docker_host, timeout=max(int(timeout), 1))
+    if docker_host.startswith("unix://"):
+        socket_path = Path(docker_host.removeprefix("unix://"))
+        if not socket_path.exists():
+            # Checked here: the SDK leaks its socket when connect() finds no file.
+            raise docker.errors.DockerException(f"no socket at {socket_path} (is dockerd running?)")
+    # A pinned API version keeps the constructor off the network (version "auto"
+    # connects there and leaks the socket when the engine is down); the
+    # unversioned /version endpoint answers on every engine whatever its API range.
+    client = docker.APIClient(base_url=docker_host, timeout=max(int(timeout), 1), version="1.24")
     try:
-        return str(client.version().get("Version", "unknown"))
+        return str(client.version(api_version=False).get("Version", "unknown"))
     finally:
         client.close()
 

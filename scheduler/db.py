@@ -55,6 +55,52 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: leases, their transition history, and placement attempts.
+    """
+    CREATE TABLE leases (
+        lease_id TEXT PRIMARY KEY,         -- server-generated or the idempotency key
+        buyer TEXT NOT NULL DEFAULT '',
+        spec BLOB NOT NULL,                -- serialized gpuagent.v1.LeaseSpec
+        gpu_count INTEGER NOT NULL,
+        price_micros_per_gpu_hour INTEGER NOT NULL DEFAULT 0,  -- ceiling, then accepted ask
+        max_duration_s INTEGER NOT NULL DEFAULT 0,
+        pinned_node_id TEXT NOT NULL DEFAULT '',
+        replace_on_lost INTEGER NOT NULL DEFAULT 0,
+        node_id TEXT,
+        gpu_uuids_json TEXT NOT NULL DEFAULT '[]',
+        state TEXT NOT NULL,
+        exit_code INTEGER,
+        reason TEXT NOT NULL DEFAULT '',
+        log_tail TEXT NOT NULL DEFAULT '',
+        container_id TEXT NOT NULL DEFAULT '',
+        last_update_seq INTEGER NOT NULL DEFAULT 0,
+        created_ns INTEGER NOT NULL,
+        updated_ns INTEGER NOT NULL,
+        started_ns INTEGER,
+        ended_ns INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        expires_at_ns INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX leases_state ON leases(state, created_ns);
+    CREATE INDEX leases_node ON leases(node_id, state);
+    CREATE TABLE lease_events (
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        seq INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        node_id TEXT,
+        ts_ns INTEGER NOT NULL,
+        PRIMARY KEY (lease_id, seq)
+    );
+    CREATE TABLE placement_attempts (
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        node_id TEXT NOT NULL,
+        outcome TEXT NOT NULL,             -- assigned | accepted | rejected | timeout | unreachable
+        reason TEXT NOT NULL DEFAULT '',
+        ts_ns INTEGER NOT NULL
+    );
+    CREATE INDEX placement_attempts_lease ON placement_attempts(lease_id, ts_ns);
+    """,
 )
 
 

@@ -39,6 +39,7 @@ class FakeGpu:
     ecc: tuple[int, int] = (0, 0)
     remapped: tuple[int, int, int, int] = (0, 0, 0, 0)
     violation_ns: int = 0
+    unsupported: set[str] = field(default_factory=set)  # this GPU's NotSupported calls
 
 
 @dataclass
@@ -69,7 +70,8 @@ class FakeNvml:
             release = object.__getattribute__(self, "hang")
             if release is not None:
                 release.wait()
-            if name in object.__getattribute__(self, "unsupported"):
+            per_gpu = args[0].unsupported if args and isinstance(args[0], FakeGpu) else set()
+            if name in object.__getattribute__(self, "unsupported") or name in per_gpu:
                 raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
             if name in object.__getattribute__(self, "failing"):
                 raise NVMLError(NVML_ERROR_UNKNOWN)
@@ -151,6 +153,7 @@ def populated_telemetry(nvml: FakeNvml | None = None, timeout: float = 2.0) -> A
 
     nvml = nvml if nvml is not None else FakeNvml.with_gpus(2)
     nvml.gpus[0].remapped = (1, 0, 0, 0)
+    nvml.gpus[1].unsupported = {"nvmlDeviceGetRemappedRows"}  # as on pre-Ampere cards
     xids = XidCounter()
     xids.record(nvml.gpus[1].uuid, 79, 1_700_000_000.0)
     leases = {nvml.gpus[0].uuid: "lease-a"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -17,12 +18,13 @@ from agent.gpu.health import HealthMonitor, evaluate
 from agent.gpu.model import GpuHealth, GpuSample, HealthState
 from agent.gpu.nvml import NvmlBackend
 
+
 def _sample(**kw: object) -> GpuSample:
     return GpuSample(index=0, uuid="GPU-x", timestamp=0.0, **kw)  # type: ignore[arg-type]
 
 
 def test_evaluate_rules() -> None:
-    """Critical Xid, uncorrectable ECC, remap failure and loss are unhealthy; throttling degrades."""
+    """Critical Xid, uncorrectable ECC, remap failure, loss: unhealthy; throttling: degraded."""
     assert evaluate(_sample(), Counter()) == (HealthState.HEALTHY, ())
     assert evaluate(_sample(), Counter({79: 2}))[0] == HealthState.UNHEALTHY
     assert evaluate(_sample(ecc_uncorrected=1), Counter())[0] == HealthState.UNHEALTHY
@@ -59,14 +61,14 @@ class Rig:
         self.changes.append(health)
         self._changed.set()
 
-    async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        """Wait on change notifications (and checks) until ``predicate`` holds."""
-        async with asyncio.timeout(timeout):
+    async def until(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        """Wait until ``predicate`` holds: woken by change notifications, re-checked after
+        each short wait because some conditions (a check count) have no event."""
+        async with asyncio.timeout(within):
             while not predicate():
                 self._changed.clear()
-                checks = self.monitor.checks
-                while not self._changed.is_set() and self.monitor.checks == checks:
-                    await asyncio.sleep(0.01)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.02)
 
     def health(self, index: int) -> GpuHealth:
         return next(h for h in self.monitor.snapshot() if h.index == index)

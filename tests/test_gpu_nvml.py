@@ -179,7 +179,9 @@ def test_auto_falls_back_to_simulated_loudly(caplog: pytest.LogCaptureFixture) -
     fake = FakeNvml([], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
     backend = open_backend(GpuConfig(backend="auto"), nvml_module=fake)
     assert backend.simulated and backend.name == "simulated"
-    assert any("SIMULATED" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert any(
+        "SIMULATED" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records
+    )
 
 
 def test_auto_prefers_nvml_when_it_loads() -> None:

@@ -201,14 +201,16 @@ async def test_component_serves_until_stop() -> None:
 
 
 def test_docker_readiness_check_against_the_engine(docker_client: docker.DockerClient) -> None:
-    """The Docker check passes against the real engine and fails against a dead socket."""
+    """The Docker check passes against the real engine and fails against a dead engine."""
     readiness = Readiness(timeout=5)
     readiness.add("docker", docker_check(docker_client.ping))
     assert readiness.evaluate()["checks"]["docker"] == {"ok": True, "detail": "reachable"}
-    # An explicit API version: otherwise the client dials the dead socket at construction.
-    dead = docker.DockerClient(
-        base_url="unix:///nonexistent/docker.sock", version="1.43", timeout=1
-    )
+    # A closed TCP port rather than a missing unix socket: docker-py leaks the socket of
+    # a failed unix connect. An explicit API version, or the client dials at construction.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = docker.DockerClient(base_url=f"tcp://127.0.0.1:{port}", version="1.43", timeout=1)
     try:
         readiness.add("docker", docker_check(dead.ping))
         result = readiness.evaluate()

@@ -211,15 +211,7 @@ def test_unit_paths_match_the_config_defaults(
     ("unit", "parser"),
     [
         ("gpu-agent.service", agent_parser),
-        pytest.param(
-            "gpu-scheduler.service",
-            scheduler_parser,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gpu-scheduler has no daemon subcommand yet; drop this mark when "
-                "`gpu-scheduler run` exists (or change the unit to its name)",
-            ),
-        ),
+        ("gpu-scheduler.service", scheduler_parser),
     ],
 )
 def test_exec_start_is_a_real_cli_invocation(

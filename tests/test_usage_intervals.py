@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -32,7 +34,7 @@ def test_split_has_no_gaps_or_overlaps(
         return
     assert pieces[0].start == last
     assert pieces[-1].end.mono_ns == now.mono_ns
-    for before, after in zip(pieces, pieces[1:], strict=False):
+    for before, after in itertools.pairwise(pieces):
         assert after.start == before.end
     assert sum(p.duration_ns for p in pieces) == elapsed
     for piece in pieces:

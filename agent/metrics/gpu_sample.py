@@ -73,6 +73,14 @@ class GpuSource(Protocol):
     def read(self) -> GpuSnapshot: ...
 
 
+class XidSource(Protocol):
+    """Xid counts per GPU UUID; ``XidCounter`` is one, the health monitor may be another."""
+
+    def counts(self, uuid: str) -> dict[int, int]: ...
+
+    def last_timestamp(self, uuid: str) -> float | None: ...
+
+
 class XidCounter:
     """Xid events per GPU, fed by whoever watches NVML's event set.
 

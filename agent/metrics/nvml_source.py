@@ -15,7 +15,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from .gpu_sample import FieldError, FieldErrorReason, GpuReading, GpuSnapshot, XidCounter
+from .gpu_sample import FieldError, FieldErrorReason, GpuReading, GpuSnapshot, XidSource
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _cuda_version(raw: int) -> str:
 class NvmlGpuSource:
     """``GpuSource`` over NVML. ``xids`` supplies Xid counts (NVML only has events)."""
 
-    def __init__(self, nvml: Any, xids: XidCounter | None = None) -> None:
+    def __init__(self, nvml: Any, xids: XidSource | None = None) -> None:
         self._nvml = nvml
         self._xids = xids
         self._init_lock = threading.Lock()

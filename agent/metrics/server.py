@@ -211,8 +211,9 @@ class StatusServer:
                 f"status.listen {self._listen}: cannot listen: {exc.strerror or exc}"
             ) from exc
         self._server = server
+        # A short poll interval so stop() returns promptly at shutdown.
         self._thread = threading.Thread(
-            target=server.serve_forever, name="status-http", daemon=True
+            target=server.serve_forever, args=(0.1,), name="status-http", daemon=True
         )
         self._thread.start()
         log.info("status endpoint listening", extra={"address": "{}:{}".format(*self.address)})

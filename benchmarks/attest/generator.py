@@ -83,7 +83,7 @@ def check_inner(inner: int) -> None:
 
 
 def _mix32_u32(x: NDArray[np.uint32]) -> NDArray[np.uint32]:
-    """mix32 in place on a fresh array (the verifier's hot loop: temporaries cost more than math)."""
+    """mix32 in place on a fresh array: in the verifier's hot loop, temporaries cost most."""
     tmp = np.empty_like(x)
     for shift, mult in ((16, _M1), (15, _M2)):
         np.right_shift(x, np.uint32(shift), out=tmp)
