@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -68,8 +69,95 @@ class LivenessConfig(Strict):
     )
 
 
+class PlacementConfig(Strict):
+    assign_timeout: Duration = Field(
+        default=30.0, description="a node must answer a LeaseAssign within this, else the next"
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="failed offers (rejected/timeout) before a lease ends"
+    )
+    retry_interval: Duration = Field(
+        default=5.0, gt=0, description="placement pass for pending leases at least this often"
+    )
+    default_price_micros_per_gpu_hour: int = Field(
+        default=0, ge=0, description="a node's ask when its Hello has no price label"
+    )
+    price_label: str = Field(
+        default="price_micros_per_gpu_hour",
+        min_length=1,
+        description="Hello label holding a node's ask (micro-units per GPU-hour)",
+    )
+
+
 class MetricsConfig(Strict):
     listen: str | None = "127.0.0.1:9471"
+
+
+class ChallengeSize(Strict):
+    """A fixed challenge size: C is n x n, the inner dimension is ``inner``."""
+
+    n: int = Field(ge=1, le=65536)
+    inner: int = Field(ge=4, le=2**22, multiple_of=4)
+
+
+class AttestationConfig(Strict):
+    enabled: bool = Field(default=True, description="challenge nodes at all")
+    required: bool = Field(
+        default=True, description="place leases only on GPUs with a passed, unexpired attestation"
+    )
+    interval: Duration = Field(default=86400.0, gt=0, description="re-attest each node this often")
+    jitter: Duration = Field(
+        default=7200.0, ge=0, description="up to this much earlier, so nodes do not align"
+    )
+    random_mean: Duration = Field(
+        default=86400.0,
+        ge=0,
+        description="also attest at unannounced random times, on average this far apart; 0 = off",
+    )
+    validity: Duration = Field(
+        default=93600.0, gt=0, description="a passed attestation counts this long (> interval)"
+    )
+    retry_after: Duration = Field(
+        default=600.0, gt=0, description="re-attest this soon after a failure"
+    )
+    target_seconds: float = Field(
+        default=2.0, gt=0, description="challenge sized to take this long at the SKU's peak"
+    )
+    size: ChallengeSize | None = Field(
+        default=None, description="fixed challenge size instead of per-SKU sizing (tests)"
+    )
+    dtype: Literal["fp16", "bf16"] = "fp16"
+    open_rows: int = Field(default=8, ge=1, le=256, description="rows revealed per GPU")
+    sample_columns: int = Field(
+        default=32, ge=1, le=4096, description="secret columns checked per row"
+    )
+    network_allowance: Duration = Field(
+        default=0.05, ge=0, description="round trip allowed before one is measured"
+    )
+    max_network_allowance: Duration = Field(
+        default=1.0, ge=0, description="cap on the measured round trip a node is allowed"
+    )
+    open_timeout: Duration = Field(default=30.0, gt=0, description="reveal -> openings deadline")
+    accept_simulated: bool = Field(
+        default=False,
+        description="DEMO ONLY: judge GPUs the agent marks simulated against a lenient band",
+    )
+    simulated_size: ChallengeSize = Field(
+        default_factory=lambda: ChallengeSize(n=512, inner=4096),
+        description="challenge size for simulated GPUs (the CPU computes it)",
+    )
+    simulated_time_limit: Duration = Field(
+        default=120.0, gt=0, description="simulated band: challenge -> commit at most this long"
+    )
+
+    @model_validator(mode="after")
+    def _validity(self) -> AttestationConfig:
+        if self.enabled and self.validity <= self.interval:
+            raise ValueError(
+                f"validity ({self.validity:g}s) must exceed interval ({self.interval:g}s), "
+                "or every node would go unattested before its next attestation"
+            )
+        return self
 
 
 class SchedulerConfig(Strict):
@@ -78,6 +166,8 @@ class SchedulerConfig(Strict):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
 
 
 def load_scheduler_config(path: Path | None) -> SchedulerConfig:

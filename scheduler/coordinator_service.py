@@ -23,12 +23,20 @@ from gpuagent import PROTOCOL_VERSION, __version__, bounds
 from gpuagent.signing import hello_signing_bytes, node_id_from_public_key, verify_ed25519
 from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
-from .registry import Registry, Session
+from .registry import NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
 
 Error = common_pb2.ProtocolError
 SessionHandler = Callable[[Session, Any], Awaitable[None]]
+# Called after Welcome is sent (the agent is ready for pushes); must return quickly.
+ConnectHook = Callable[[Session, NodeRecord], Awaitable[None]]
+# Called with each ProtocolError an agent sends (after it is logged).
+AgentErrorHook = Callable[[Session, common_pb2.ProtocolError], Awaitable[None]]
+# Called after each Heartbeat is stored.
+HeartbeatHook = Callable[[Session, coordinator_pb2.Heartbeat], Awaitable[None]]
+# Lease ids the coordinator believes run on a node, for Welcome.known_lease_ids.
+KnownLeases = Callable[[str], Awaitable[list[str]]]
 _AGENT_KINDS = frozenset(
     f.name for f in coordinator_pb2.AgentMessage.DESCRIPTOR.oneofs_by_name["body"].fields
 )
@@ -104,12 +112,36 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.hello_timeout = hello_timeout
         self.protocol_version = protocol_version
         self._handlers: dict[str, SessionHandler] = {}
+        self._connect_hooks: list[ConnectHook] = []
+        self._error_hooks: list[AgentErrorHook] = []
+        self._heartbeat_hooks: list[HeartbeatHook] = []
+        self.known_leases: KnownLeases | None = None
 
     def on(self, kind: str, handler: SessionHandler) -> None:
         """Route AgentMessage field ``kind`` (e.g. "usage_report") to ``handler``."""
         if kind not in _AGENT_KINDS or kind in ("hello", "heartbeat", "error"):
             raise ValueError(f"{kind!r} is not an AgentMessage field a handler may take")
         self._handlers[kind] = handler
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        """Run ``hook(session, record)`` once per session, right after its Welcome."""
+        self._connect_hooks.append(hook)
+
+    def on_agent_error(self, hook: AgentErrorHook) -> None:
+        """Run ``hook(session, error)`` for each ProtocolError the agent sends."""
+        self._error_hooks.append(hook)
+
+    def on_heartbeat(self, hook: HeartbeatHook) -> None:
+        """Run ``hook(session, heartbeat)`` after each heartbeat is stored."""
+        self._heartbeat_hooks.append(hook)
+
+    async def _run_hooks(self, what: str, hooks: list[Any], *args: Any) -> None:
+        for hook in hooks:
+            try:
+                await hook(*args)
+            except Exception:
+                # A failing hook is a coordinator bug; the agent's session goes on.
+                log.exception("%s hook failed", what)
 
     async def update_params(self, params: common_pb2.NodeParams) -> None:
         """Change parameters for every node, now (ParamsUpdate) and in future Welcomes."""
@@ -181,6 +213,9 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         )
         reason = "agent closed the stream"
         try:
+            known: list[str] = []
+            if self.known_leases is not None:
+                known = await self.known_leases(record.node_id)
             await send(
                 coordinator_pb2.CoordinatorMessage(
                     welcome=coordinator_pb2.Welcome(
@@ -190,9 +225,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                         acked_usage_seq=record.acked_usage_seq,
                         server_time_unix_nanos=time.time_ns(),
                         draining=record.draining,
+                        known_lease_ids=known,
                     )
                 )
             )
+            await self._run_hooks("connect", self._connect_hooks, session, record)
             reason = await self._serve(session, context)
         except asyncio.CancelledError:
             reason = "stream cancelled"
@@ -255,6 +292,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 )
                 return
             await self.registry.heartbeat(session, heartbeat)
+            await self._run_hooks("heartbeat", self._heartbeat_hooks, session, heartbeat)
             return
         if kind == "hello":
             await self._error(session, Error.OUT_OF_ORDER, "hello is only valid first", kind)
@@ -270,6 +308,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                     "in_reply_to": err.in_reply_to,
                 },
             )
+            await self._run_hooks("agent error", self._error_hooks, session, err)
             return
         handler = self._handlers.get(kind)
         if handler is None:

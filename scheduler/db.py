@@ -62,7 +62,8 @@ MIGRATIONS: tuple[str, ...] = (
         buyer TEXT NOT NULL DEFAULT '',
         spec BLOB NOT NULL,                -- serialized gpuagent.v1.LeaseSpec
         gpu_count INTEGER NOT NULL,
-        price_micros_per_gpu_hour INTEGER NOT NULL DEFAULT 0,  -- ceiling, then accepted ask
+        price_micros_per_gpu_hour INTEGER NOT NULL DEFAULT 0,  -- the buyer's ceiling
+        accepted_price_micros_per_gpu_hour INTEGER,  -- the node's ask, once placed
         max_duration_s INTEGER NOT NULL DEFAULT 0,
         pinned_node_id TEXT NOT NULL DEFAULT '',
         replace_on_lost INTEGER NOT NULL DEFAULT 0,
@@ -76,13 +77,16 @@ MIGRATIONS: tuple[str, ...] = (
         last_update_seq INTEGER NOT NULL DEFAULT 0,
         created_ns INTEGER NOT NULL,
         updated_ns INTEGER NOT NULL,
+        placed_ns INTEGER,                 -- last offer to node_id
         started_ns INTEGER,
         ended_ns INTEGER,
+        cancel_requested_ns INTEGER,
         attempts INTEGER NOT NULL DEFAULT 0,
         expires_at_ns INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX leases_state ON leases(state, created_ns);
     CREATE INDEX leases_node ON leases(node_id, state);
+    CREATE INDEX leases_buyer ON leases(buyer, created_ns);
     CREATE TABLE lease_events (
         lease_id TEXT NOT NULL REFERENCES leases(lease_id),
         seq INTEGER NOT NULL,
@@ -95,7 +99,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE placement_attempts (
         lease_id TEXT NOT NULL REFERENCES leases(lease_id),
         node_id TEXT NOT NULL,
-        outcome TEXT NOT NULL,             -- assigned | accepted | rejected | timeout | unreachable
+        outcome TEXT NOT NULL,             -- offered|accepted|rejected|timeout|unreachable|lost|interrupted
         reason TEXT NOT NULL DEFAULT '',
         ts_ns INTEGER NOT NULL
     );

@@ -217,3 +217,31 @@ def test_broken_lease_provider_costs_only_the_label() -> None:
     assert reg.get_sample_value("gpu_power_watts", _gpu_labels(nvml, 0)) == 350.0
     errors = {"collector": "gpu", "field": "leases", "reason": "error"}
     assert reg.get_sample_value("gpu_agent_collector_errors_total", errors) >= 1
+
+
+def test_reads_the_simulated_backend_without_field_errors() -> None:
+    """Against the simulated backend's FakeNvml (real pynvml errors), every field reads."""
+    from agent.config import SimulatedGpuConfig
+    from agent.gpu.simulated import build_fake_nvml
+
+    nvml = build_fake_nvml(SimulatedGpuConfig(profile="h100-sxm-80gb", count=2), "test")
+    snapshot = NvmlGpuSource(nvml).read()
+    assert snapshot.field_errors == ()
+    assert [g.model for g in snapshot.gpus] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert snapshot.gpus[0].memory_total_bytes == 85520809984
+    assert snapshot.cuda_version == "12.4"
+
+
+def test_lost_gpu_on_the_simulated_backend_is_counted_not_raised() -> None:
+    """A GPU that falls off the bus drops its series; the other GPU and the scrape survive."""
+    from agent.config import SimulatedGpuConfig
+    from agent.gpu.simulated import build_fake_nvml
+
+    nvml = build_fake_nvml(SimulatedGpuConfig(profile="rtx-4090", count=2), "test")
+    nvml.lose_gpu(1)
+    reg = build_telemetry(gpu_source=NvmlGpuSource(nvml), scrape_timeout=2).registry
+    alive = {"gpu": "0", "uuid": nvml.gpus[0].uuid, "model": "NVIDIA GeForce RTX 4090"}
+    assert reg.get_sample_value("gpu_temperature_celsius", {**alive, "lease_id": ""}) is not None
+    text = generate_latest(reg).decode()
+    assert nvml.gpus[1].uuid not in text
+    assert 'reason="gpu_lost"' in text

@@ -16,6 +16,7 @@ import pytest
 
 from agent.cli import main
 from agent.cmd_status import base_url, render
+from agent.metrics.nvml_source import NvmlGpuSource
 from agent.metrics.readiness import CheckResult, Readiness, docker_check, nvml_check
 from agent.metrics.server import ListenError, StatusApp, StatusServer, parse_listen
 from agent.metrics.status import (
@@ -38,7 +39,7 @@ class Node:
         self.connected = True
         self.readiness = Readiness(timeout=0.3)
         self.readiness.add("coordinator", lambda: CheckResult(self.connected, "stream up"))
-        self.readiness.add("nvml", nvml_check(self.nvml))
+        self.readiness.add("nvml", nvml_check(NvmlGpuSource(self.nvml)))
         doc = StatusDocument()
         leases = {self.nvml.gpus[0].uuid: "lease-a"}
         doc.add("coordinator", coordinator_section(self.telemetry.agent, "sched:7443"))
@@ -116,6 +117,13 @@ def test_status_document_sections(node: Node) -> None:
     assert doc["gpus"]["cuda_version"] == "12.4"
     assert doc["leases"]["by_state"] == {"running": 1}
     assert doc["usage"]["records_pending"] == 3
+
+
+def test_status_before_any_scrape_reads_the_gpus_once(node: Node) -> None:
+    """With no scrape yet, /status takes one bounded GPU read instead of showing none."""
+    doc = httpx.get(node.url + "/status").json()
+    assert len(doc["gpus"]["devices"]) == 2
+    assert doc["gpus"]["sample_age_seconds"] < 5
 
 
 def test_failing_status_section_is_reported_not_fatal() -> None:

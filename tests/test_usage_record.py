@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 
 import pytest
@@ -104,8 +105,11 @@ def test_encoding_is_pinned() -> None:
     assert struct.unpack_from(">I", data, pos) == (8,)
     assert data[pos + 4 : pos + 12] == b"node-abc"
     assert struct.unpack_from(">Q", data, pos + 12) == (7,)
-    # tag + 2 strings (4+8, 4+7) + 12 u64/i64 + 3 u32 + 2 bools
-    assert len(data) == 18 + 12 + 11 + 12 * 8 + 3 * 4 + 2
+    # tag + 2 strings (4+8, 4+7) + 11 u64/i64 + 3 u32 + 2 bools
+    assert len(data) == 18 + 12 + 11 + 11 * 8 + 3 * 4 + 2
+    assert hashlib.sha256(data).hexdigest() == (
+        "16e99f2a821235c71e61c6c809c4920dcb0f312018f8b83b106166d1bbf15291"
+    )
 
 
 @pytest.mark.parametrize(

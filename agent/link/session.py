@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # A handler gets the message inside the envelope (e.g. a LeaseAssign).
 Handler = Callable[[Any], Awaitable[None]]
 ParamsListener = Callable[["LinkParams"], None]
+SessionListener = Callable[[coordinator_pb2.Welcome], Awaitable[None]]
 ChannelFactory = Callable[[CoordinatorConfig], grpc.aio.Channel]
 
 # Messages the session itself consumes; nobody else may register for them.
@@ -120,6 +121,9 @@ class CoordinatorLink:
         self._started = monotonic()
         self._handlers: dict[str, Handler] = {}
         self._params_listeners: list[ParamsListener] = []
+        self._session_listeners: list[SessionListener] = []
+        self._listener_tasks: set[asyncio.Task[None]] = set()
+        self.welcome: coordinator_pb2.Welcome | None = None
         self._call: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._write_lock = asyncio.Lock()
         self._params_changed = asyncio.Event()
@@ -143,6 +147,24 @@ class CoordinatorLink:
     def on_params(self, listener: ParamsListener) -> None:
         """Called with the new LinkParams after Welcome and each ParamsUpdate."""
         self._params_listeners.append(listener)
+
+    def on_session(self, listener: SessionListener) -> None:
+        """Called (as a task) with the Welcome of every new session.
+
+        This is where state kept across outages is re-sent: unacked lease updates
+        and usage records. Heartbeats are never queued; Hello carries the state.
+        """
+        self._session_listeners.append(listener)
+
+    async def _run_session_listener(
+        self, listener: SessionListener, welcome: coordinator_pb2.Welcome
+    ) -> None:
+        try:
+            await listener(welcome)
+        except NotConnected:
+            pass  # the session ended meanwhile; the next Welcome tries again
+        except Exception:
+            log.exception("session listener failed")
 
     @property
     def connected(self) -> bool:
@@ -216,6 +238,13 @@ class CoordinatorLink:
                 await self._handshake(call)
                 self._call = call
                 self._connected.set()
+                if self.welcome is not None:
+                    for listener in self._session_listeners:
+                        task = asyncio.create_task(
+                            self._run_session_listener(listener, self.welcome)
+                        )
+                        self._listener_tasks.add(task)
+                        task.add_done_callback(self._listener_tasks.discard)
                 await self._serve(call, stop)
             finally:
                 self._call = None
@@ -249,6 +278,7 @@ class CoordinatorLink:
         if kind != "welcome":
             raise _SessionEnded(f"coordinator sent {kind} instead of welcome")
         welcome = reply.welcome
+        self.welcome = welcome
         self.session_id = welcome.session_id
         self.sessions_opened += 1
         self.last_error = None

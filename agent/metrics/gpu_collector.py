@@ -210,8 +210,13 @@ class GpuCollector(Collector):
         leases = self._lookup(self._leases, "leases")
         labels = ["gpu", "uuid", "model", "lease_id"]
 
+        # Label values once per GPU, not once per series.
+        base_labels = {
+            r.index: [str(r.index), r.uuid, r.model, leases.get(r.uuid, "")] for r in snap.gpus
+        }
+
         def base(r: GpuReading) -> list[str]:
-            return [str(r.index), r.uuid, r.model, leases.get(r.uuid, "")]
+            return base_labels[r.index]
 
         info = GaugeMetricFamily(
             names.GPU_INFO,

@@ -72,6 +72,11 @@ class NvmlGpuSource:
                 self._initialized = False
                 self._nvml.nvmlShutdown()
 
+    def device_count(self) -> int:
+        """Blocking; raises NVMLError when NVML is unusable (the readiness check)."""
+        self._ensure_init()
+        return int(self._nvml.nvmlDeviceGetCount())
+
     def _reason(self, exc: BaseException) -> FieldErrorReason:
         code = getattr(exc, "value", None)
         if code == getattr(self._nvml, "NVML_ERROR_NOT_SUPPORTED", _ERROR_NOT_SUPPORTED):

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .bounded import BoundedCall
 
@@ -93,11 +93,16 @@ def docker_check(ping: Callable[[], object]) -> Check:
     return check
 
 
-def nvml_check(nvml: Any) -> Check:
-    """NVML answers and sees at least one GPU."""
+class _CountsGpus(Protocol):
+    def device_count(self) -> int: ...
+
+
+def nvml_check(source: _CountsGpus) -> Check:
+    """NVML answers and sees at least one GPU; ``source`` is e.g. an ``NvmlGpuSource``,
+    which initialises NVML itself (a bare module would answer ``Uninitialized``)."""
 
     def check() -> CheckResult:
-        count = int(nvml.nvmlDeviceGetCount())
+        count = source.device_count()
         return CheckResult(count > 0, f"{count} GPUs" if count else "NVML sees no GPUs")
 
     return check

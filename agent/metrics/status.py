@@ -1,10 +1,10 @@
 """The read-only JSON status document behind ``GET /status`` and ``gpu-agent status``.
 
 Built from provider callables, one per section. Providers read in-memory state
-only (the last GPU sample, the last readiness verdict, the lease manager's
-snapshot): the status page must answer instantly even when NVML or Docker
-hangs. A provider that raises costs its own section (``{"error": ...}``), never
-the document.
+(the last GPU sample, the last readiness verdict, the lease manager's
+snapshot), so the status page answers even when NVML or Docker hangs; the one
+read it may make (the first GPU sample) is bounded like a scrape. A provider
+that raises costs its own section (``{"error": ...}``), never the document.
 """
 
 from __future__ import annotations
@@ -65,10 +65,14 @@ def gpus_section(
     health: Callable[[], Mapping[str, GpuHealth]] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> Section:
-    """GPUs from the collector's last good sample (never a fresh NVML read)."""
+    """GPUs from the collector's last good sample. Only when there is none yet (no
+    scrape so far) does it read, bounded by the scrape timeout like a scrape."""
 
     def section() -> dict[str, Any]:
         snapshot, at = collector.latest()
+        if snapshot is None:
+            collector.sample()
+            snapshot, at = collector.latest()
         lease_of = leases() if leases is not None else {}
         health_of = health() if health is not None else {}
         gpus = []

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpuagent/v1/attestation.proto\x12\x0bgpuagent.v1\"g\n\x0f\x41ttestationTask\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x1d\n\x15\x62\x61ndwidth_probe_bytes\x18\x05 \x01(\x04\"\x85\x01\n\x14\x41ttestationChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12+\n\x05tasks\x18\x03 \x03(\x0b\x32\x1c.gpuagent.v1.AttestationTask\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\x04 \x01(\x03\"i\n\x0bGpuIdentity\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\"\xdb\x01\n\x11\x41ttestationCommit\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x13\n\x0bmerkle_root\x18\x03 \x01(\x0c\x12\x12\n\nelapsed_ns\x18\x04 \x01(\x04\x12\x12\n\ncompute_ns\x18\x05 \x01(\x04\x12\"\n\x1a\x62\x61ndwidth_bytes_per_second\x18\x06 \x01(\x01\x12*\n\x08identity\x18\x07 \x01(\x0b\x32\x18.gpuagent.v1.GpuIdentity\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"a\n\x11\x41ttestationReveal\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x03(\r\x12\x16\n\x0e\x66reivalds_seed\x18\x04 \x01(\x0c\"9\n\tOpenedRow\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x03(\x0c\"\x8d\x01\n\x0f\x41ttestationOpen\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12$\n\x04rows\x18\x03 \x03(\x0b\x32\x16.gpuagent.v1.OpenedRow\x12\x19\n\x11\x66reivalds_product\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"t\n\x11\x41ttestationResult\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x0e\n\x06passed\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0fmeasured_tflops\x18\x05 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpuagent/v1/attestation.proto\x12\x0bgpuagent.v1\"t\n\x0f\x41ttestationTask\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x1d\n\x15\x62\x61ndwidth_probe_bytes\x18\x05 \x01(\x04\x12\x0b\n\x03sku\x18\x06 \x01(\t\"\x85\x01\n\x14\x41ttestationChallenge\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x0c\x12+\n\x05tasks\x18\x03 \x03(\x0b\x32\x1c.gpuagent.v1.AttestationTask\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\x04 \x01(\x03\"i\n\x0bGpuIdentity\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06serial\x18\x03 \x01(\t\x12\x12\n\npci_bus_id\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\"\x9e\x02\n\x11\x41ttestationCommit\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x13\n\x0bmerkle_root\x18\x03 \x01(\x0c\x12\x12\n\nelapsed_ns\x18\x04 \x01(\x04\x12\x12\n\ncompute_ns\x18\x05 \x01(\x04\x12\"\n\x1a\x62\x61ndwidth_bytes_per_second\x18\x06 \x01(\x01\x12*\n\x08identity\x18\x07 \x01(\x0b\x32\x18.gpuagent.v1.GpuIdentity\x12\x11\n\tsignature\x18\x08 \x01(\x0c\x12\r\n\x05nonce\x18\t \x01(\x0c\x12\t\n\x01n\x18\n \x01(\r\x12\t\n\x01k\x18\x0b \x01(\r\x12\r\n\x05\x64type\x18\x0c \x01(\t\x12\r\n\x05\x65rror\x18\r \x01(\t\"_\n\x11\x41ttestationReveal\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x03(\rJ\x04\x08\x04\x10\x05R\x0e\x66reivalds_seed\"9\n\tOpenedRow\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x01(\x0c\x12\r\n\x05proof\x18\x03 \x03(\x0c\"\x89\x01\n\x0f\x41ttestationOpen\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12$\n\x04rows\x18\x03 \x03(\x0b\x32\x16.gpuagent.v1.OpenedRowJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\x11\x66reivalds_productR\tsignature\"\xa6\x01\n\x11\x41ttestationResult\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x02 \x01(\t\x12\x0e\n\x06passed\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0fmeasured_tflops\x18\x05 \x01(\x01\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0b\n\x03sku\x18\x07 \x01(\t\x12\x12\n\nelapsed_ns\x18\x08 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpuagent.v1.attestation_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ATTESTATIONTASK']._serialized_start=46
-  _globals['_ATTESTATIONTASK']._serialized_end=149
-  _globals['_ATTESTATIONCHALLENGE']._serialized_start=152
-  _globals['_ATTESTATIONCHALLENGE']._serialized_end=285
-  _globals['_GPUIDENTITY']._serialized_start=287
-  _globals['_GPUIDENTITY']._serialized_end=392
-  _globals['_ATTESTATIONCOMMIT']._serialized_start=395
-  _globals['_ATTESTATIONCOMMIT']._serialized_end=614
-  _globals['_ATTESTATIONREVEAL']._serialized_start=616
-  _globals['_ATTESTATIONREVEAL']._serialized_end=713
-  _globals['_OPENEDROW']._serialized_start=715
-  _globals['_OPENEDROW']._serialized_end=772
-  _globals['_ATTESTATIONOPEN']._serialized_start=775
-  _globals['_ATTESTATIONOPEN']._serialized_end=916
-  _globals['_ATTESTATIONRESULT']._serialized_start=918
-  _globals['_ATTESTATIONRESULT']._serialized_end=1034
+  _globals['_ATTESTATIONTASK']._serialized_end=162
+  _globals['_ATTESTATIONCHALLENGE']._serialized_start=165
+  _globals['_ATTESTATIONCHALLENGE']._serialized_end=298
+  _globals['_GPUIDENTITY']._serialized_start=300
+  _globals['_GPUIDENTITY']._serialized_end=405
+  _globals['_ATTESTATIONCOMMIT']._serialized_start=408
+  _globals['_ATTESTATIONCOMMIT']._serialized_end=694
+  _globals['_ATTESTATIONREVEAL']._serialized_start=696
+  _globals['_ATTESTATIONREVEAL']._serialized_end=791
+  _globals['_OPENEDROW']._serialized_start=793
+  _globals['_OPENEDROW']._serialized_end=850
+  _globals['_ATTESTATIONOPEN']._serialized_start=853
+  _globals['_ATTESTATIONOPEN']._serialized_end=990
+  _globals['_ATTESTATIONRESULT']._serialized_start=993
+  _globals['_ATTESTATIONRESULT']._serialized_end=1159
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,8 @@ class _LeaseStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LeaseState
     """container vanished outside the agent's control"""
     LEASE_STATE_REJECTED: _LeaseState.ValueType  # 10
     """agent refused the spec; reason says why"""
+    LEASE_STATE_PENDING: _LeaseState.ValueType  # 11
+    """coordinator holds it, not yet accepted by a node (buyer API only)"""
 
 class LeaseState(_LeaseState, metaclass=_LeaseStateEnumTypeWrapper):
     """Lifecycle of a lease, shared by agent reports and the buyer API."""
@@ -77,6 +79,8 @@ LEASE_STATE_LOST: LeaseState.ValueType  # 9
 """container vanished outside the agent's control"""
 LEASE_STATE_REJECTED: LeaseState.ValueType  # 10
 """agent refused the spec; reason says why"""
+LEASE_STATE_PENDING: LeaseState.ValueType  # 11
+"""coordinator holds it, not yet accepted by a node (buyer API only)"""
 Global___LeaseState: _TypeAlias = LeaseState  # noqa: Y015
 
 @_typing.final

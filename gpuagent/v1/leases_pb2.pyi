@@ -384,6 +384,13 @@ class Lease(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    BUYER_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    REPLACE_ON_LOST_FIELD_NUMBER: _builtins.int
+    ACCEPTED_PRICE_MICRO_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    ENDED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     state: _common_pb2.LeaseState.ValueType
     node_id: _builtins.str
@@ -392,12 +399,26 @@ class Lease(_message.Message):
     exit_code: _builtins.int
     reason: _builtins.str
     expires_at_unix_nanos: _builtins.int
+    buyer: _builtins.str
+    attempts: _builtins.int
+    """nodes offered this lease so far"""
+    replace_on_lost: _builtins.bool
+    accepted_price_micro_per_gpu_hour: _builtins.int
+    """the node's ask; 0 until placed"""
+    started_at_unix_nanos: _builtins.int
+    """first reported running; 0 = not yet"""
+    ended_at_unix_nanos: _builtins.int
+    """reached a terminal state; 0 = not yet"""
     @_builtins.property
     def spec(self) -> Global___LeaseSpec:
         """registry_auth is never returned"""
 
     @_builtins.property
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseEvent]:
+        """state history, oldest first (Get only)"""
+
     def __init__(
         self,
         *,
@@ -411,10 +432,17 @@ class Lease(_message.Message):
         exit_code: _builtins.int | None = ...,
         reason: _builtins.str = ...,
         expires_at_unix_nanos: _builtins.int = ...,
+        buyer: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        replace_on_lost: _builtins.bool = ...,
+        accepted_price_micro_per_gpu_hour: _builtins.int = ...,
+        events: _abc.Iterable[Global___LeaseEvent] | None = ...,
+        started_at_unix_nanos: _builtins.int = ...,
+        ended_at_unix_nanos: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "created_at_unix_nanos", b"created_at_unix_nanos", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "spec", b"spec", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -423,16 +451,52 @@ class Lease(_message.Message):
 Global___Lease: _TypeAlias = Lease  # noqa: Y015
 
 @_typing.final
+class LeaseEvent(_message.Message):
+    """One state transition in a lease's history, as the coordinator recorded it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    state: _common_pb2.LeaseState.ValueType
+    reason: _builtins.str
+    node_id: _builtins.str
+    at_unix_nanos: _builtins.int
+    def __init__(
+        self,
+        *,
+        state: _common_pb2.LeaseState.ValueType = ...,
+        reason: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        at_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_unix_nanos", b"at_unix_nanos", "node_id", b"node_id", "reason", b"reason", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseEvent: _TypeAlias = LeaseEvent  # noqa: Y015
+
+@_typing.final
 class SubmitLeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SPEC_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    BUYER_FIELD_NUMBER: _builtins.int
+    REPLACE_ON_LOST_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """same key + same spec = same lease"""
     node_id: _builtins.str
     """pin to a node; empty = scheduler places"""
+    buyer: _builtins.str
+    """account the lease is billed to"""
+    replace_on_lost: _builtins.bool
+    """re-place on another node if this one is lost"""
     @_builtins.property
     def spec(self) -> Global___LeaseSpec: ...
     def __init__(
@@ -441,10 +505,12 @@ class SubmitLeaseRequest(_message.Message):
         spec: Global___LeaseSpec | None = ...,
         idempotency_key: _builtins.str = ...,
         node_id: _builtins.str = ...,
+        buyer: _builtins.str = ...,
+        replace_on_lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "node_id", b"node_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer", b"buyer", "idempotency_key", b"idempotency_key", "node_id", b"node_id", "replace_on_lost", b"replace_on_lost", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,11 +543,14 @@ class ListLeasesRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    BUYER_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """filter; empty = all"""
     page_size: _builtins.int
     """0 = server default (100)"""
     page_token: _builtins.str
+    buyer: _builtins.str
+    """filter; empty = all"""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.LeaseState.ValueType]:
         """filter; empty = all"""
@@ -493,10 +562,11 @@ class ListLeasesRequest(_message.Message):
         states: _abc.Iterable[_common_pb2.LeaseState.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        buyer: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer", b"buyer", "node_id", b"node_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -117,6 +117,8 @@ class Node(_message.Message):
     DRAINING_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ATTESTED_FIELD_NUMBER: _builtins.int
+    ATTESTATIONS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     public_key: _builtins.bytes
@@ -131,6 +133,8 @@ class Node(_message.Message):
     last_heartbeat_unix_nanos: _builtins.int
     draining: _builtins.bool
     region: _builtins.str
+    attested: _builtins.bool
+    """every GPU holds a passed, unexpired attestation"""
     @_builtins.property
     def inventory(self) -> _inventory_pb2.Inventory: ...
     @_builtins.property
@@ -145,6 +149,10 @@ class Node(_message.Message):
     def uptime(self) -> Global___Uptime: ...
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def attestations(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuAttestation]:
+        """the latest result per GPU"""
+
     def __init__(
         self,
         *,
@@ -168,14 +176,69 @@ class Node(_message.Message):
         draining: _builtins.bool = ...,
         region: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attested: _builtins.bool = ...,
+        attestations: _abc.Iterable[Global___GpuAttestation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "connected", b"connected", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "name", b"name", "node_id", b"node_id", "peer", b"peer", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "name", b"name", "node_id", b"node_id", "peer", b"peer", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class GpuAttestation(_message.Message):
+    """One attestation verdict for one GPU, as the scheduler stored it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_UUID_FIELD_NUMBER: _builtins.int
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    MEASURED_TFLOPS_FIELD_NUMBER: _builtins.int
+    ELAPSED_NS_FIELD_NUMBER: _builtins.int
+    ATTESTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    gpu_uuid: _builtins.str
+    challenge_id: _builtins.str
+    """empty when judged without a challenge (unknown_sku)"""
+    sku: _builtins.str
+    """the SKU judged against; "<sku>@simulated" for the demo band"""
+    passed: _builtins.bool
+    reason: _builtins.str
+    """"ok" or the reject reason"""
+    message: _builtins.str
+    measured_tflops: _builtins.float
+    elapsed_ns: _builtins.int
+    """challenge sent -> commit received"""
+    attested_at_unix_nanos: _builtins.int
+    expires_at_unix_nanos: _builtins.int
+    """a passed result counts until then"""
+    def __init__(
+        self,
+        *,
+        gpu_uuid: _builtins.str = ...,
+        challenge_id: _builtins.str = ...,
+        sku: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        measured_tflops: _builtins.float = ...,
+        elapsed_ns: _builtins.int = ...,
+        attested_at_unix_nanos: _builtins.int = ...,
+        expires_at_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attested_at_unix_nanos", b"attested_at_unix_nanos", "challenge_id", b"challenge_id", "elapsed_ns", b"elapsed_ns", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuid", b"gpu_uuid", "measured_tflops", b"measured_tflops", "message", b"message", "passed", b"passed", "reason", b"reason", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GpuAttestation: _TypeAlias = GpuAttestation  # noqa: Y015
 
 @_typing.final
 class ListNodesRequest(_message.Message):
@@ -270,7 +333,10 @@ class AttestNodeRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    wait: _builtins.bool
+    """return after the verdicts (bounded by the call deadline)"""
     @_builtins.property
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty = every GPU"""
@@ -280,10 +346,11 @@ class AttestNodeRequest(_message.Message):
         *,
         node_id: _builtins.str = ...,
         gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+        wait: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_uuids", b"gpu_uuids", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_uuids", b"gpu_uuids", "node_id", b"node_id", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -294,15 +361,22 @@ class AttestNodeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
+    """empty when no GPU could be challenged"""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuAttestation]:
+        """verdicts so far: immediate failures, all when wait"""
+
     def __init__(
         self,
         *,
         challenge_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___GpuAttestation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

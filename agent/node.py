@@ -1,0 +1,379 @@
+"""The running agent, assembled: every part built from config and wired together.
+
+Data flows one way per edge (DESIGN.md): hardware -> health -> Hello/Heartbeat;
+LeaseAssign -> lease manager -> Docker; Docker + NVML -> sampler -> outbox ->
+UsageReport -> UsageAck -> prune. This module only connects those parts; each
+lives in its own package and is tested there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+from google.protobuf.json_format import MessageToDict
+
+from gpuagent import sdnotify
+from gpuagent.usage import SignedUsageRecord
+from gpuagent.usage_wire import record_to_pb
+from gpuagent.v1 import coordinator_pb2, leases_pb2, usage_pb2
+
+from . import wire
+from .config import AgentConfig
+from .daemon import Agent
+from .doctor import CheckResult, fatal_results, run_preflight
+from .gpu import GpuBackend, open_backend
+from .gpu.cordons import CordonStore
+from .gpu.health import HealthMonitor
+from .hostinfo import collect_host_info
+from .identity import NodeIdentity, load_or_create
+from .leases.allocator import GpuAllocator
+from .leases.docker_runtime import DockerRuntime
+from .leases.manager import LeaseManager
+from .leases.records import LeaseUpdate
+from .leases.spec import GpuDescription
+from .leases.statedb import StateDB
+from .link import CoordinatorLink, NotConnected
+from .link.reporter import HeartbeatState, HelloState, default_node_name
+from .usage.cgroup import CgroupReader, ContainerCounters
+from .usage.outbox import Outbox
+from .usage.sampler import Sampler
+from .metrics.nvml_source import NvmlGpuSource
+from .usage.sources import MeteredLease, SnapshotGpuUsage
+
+log = logging.getLogger(__name__)
+
+
+class PreflightFailed(Exception):
+    """A fatal preflight problem: the daemon refuses to start (exit code 2)."""
+
+    def __init__(self, results: Sequence[CheckResult]) -> None:
+        self.results = list(results)
+        super().__init__("; ".join(f"{r.name}: {r.message}" for r in results))
+
+
+@dataclass(frozen=True)
+class _Metered:
+    """A running lease as the sampler sees it."""
+
+    lease_id: str
+    container_id: str
+    gpu_uuids: Sequence[str]
+    started_monotonic: float
+    pid: int | None = None
+
+
+class _DockerPidReader:
+    """Cgroup counters of a container whose init pid is looked up on first read.
+
+    The sampler calls ``read`` in a worker thread, so the one Docker inspect it
+    costs never runs on the event loop.
+    """
+
+    def __init__(self, client: docker.DockerClient, container_id: str) -> None:
+        self._client = client
+        self._container_id = container_id
+        self._reader: CgroupReader | None = None
+
+    def read(self) -> ContainerCounters:
+        if self._reader is None:
+            pid: int | None = None
+            with contextlib.suppress(docker.errors.DockerException):
+                state = self._client.api.inspect_container(self._container_id)["State"]
+                pid = int(state.get("Pid") or 0) or None
+            self._reader = CgroupReader(self._container_id, pid)
+        return self._reader.read()
+
+
+class AgentNode:
+    """Owns the parts of one agent process; ``start()`` builds them, ``agent`` runs them."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        nvml_module: Any = None,
+        docker_client: docker.DockerClient | None = None,
+    ) -> None:
+        self.config = config
+        self._nvml_module = nvml_module
+        self._docker_client = docker_client
+        self.agent = Agent(config)
+        self.identity: NodeIdentity
+        self.backend: GpuBackend
+        self.health: HealthMonitor
+        self.leases: LeaseManager
+        self.outbox: Outbox
+        self.sampler: Sampler
+        self.link: CoordinatorLink
+        self._started = time.monotonic()
+        self._usage_wake = asyncio.Event()
+        self._usage_sent_through = 0
+        self._draining = False
+        self._inventory_pb: Any = None
+        self._gpu_names: dict[str, GpuDescription] = {}
+
+    # -- building -------------------------------------------------------------------
+
+    async def start(self) -> Agent:
+        config = self.config
+        state_dir = config.node.state_dir
+        results = await asyncio.to_thread(
+            run_preflight, config, nvml_module=self._nvml_module, log_problems=True
+        )
+        fatal = fatal_results(results)
+        if fatal:
+            raise PreflightFailed(fatal)
+        self.identity = await asyncio.to_thread(load_or_create, state_dir)
+        log.info(
+            "node identity", extra={"node_id": self.identity.node_id, "key": str(self.identity.path)}
+        )
+        self.backend = await asyncio.to_thread(
+            open_backend, config.gpu, nvml_module=self._nvml_module
+        )
+        if self.backend.simulated:
+            log.warning(
+                "running on SIMULATED GPUs: nothing here is real hardware",
+                extra={"profile": config.gpu.simulated.profile, "count": config.gpu.simulated.count},
+            )
+        gpus = await asyncio.to_thread(self.backend.inventory)
+        self._gpu_names = {
+            g.uuid: GpuDescription(name=g.name or "", memory_bytes=g.memory_total_bytes or 0)
+            for g in gpus
+            if g.uuid
+        }
+        host = await asyncio.to_thread(collect_host_info, state_dir, config.runtime.docker_host)
+        self._inventory_pb = wire.inventory(host, gpus)
+
+        # One NVML reader feeds both the usage sampler and /metrics.
+        self.gpu_source = NvmlGpuSource(self.backend.nvml)
+        cordons = CordonStore(state_dir)
+        self.health = HealthMonitor(self.backend, cordons, interval=config.gpu.health_interval)
+        await asyncio.to_thread(self.health.check_once)
+
+        client = self._docker_client or docker.DockerClient(
+            base_url=config.runtime.docker_host, timeout=60
+        )
+        self._docker_client = client
+        scratch = config.runtime.scratch_dir or state_dir / "scratch"
+        runtime = DockerRuntime(client, config.runtime, self.identity.node_id, Path(scratch))
+        statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
+        self.leases = LeaseManager(
+            config,
+            runtime,
+            statedb,
+            GpuAllocator(),
+            self.identity.node_id,
+            gpu_uuids_source=self._leasable_gpus,
+            on_update=self._on_lease_update,
+            simulated_gpus=self.backend.simulated,
+            gpu_details_source=lambda: self._gpu_names,
+        )
+        # Re-adopt what ran before a restart before telling the coordinator anything.
+        await self.leases.reconcile()
+
+        self.outbox = await asyncio.to_thread(
+            Outbox, state_dir / "usage.db", alert_records=config.metering.outbox_alert_records
+        )
+        self.sampler = Sampler(
+            self.outbox,
+            self._metered_leases,
+            SnapshotGpuUsage(self.gpu_source),
+            self.identity.sign,
+            self.identity.node_id,
+            config.metering,
+            reader_factory=lambda lease: _DockerPidReader(client, lease.container_id),
+            on_records=lambda _records: self._usage_wake.set(),
+        )
+
+        self.link = CoordinatorLink(
+            config.coordinator,
+            self.identity,
+            self,
+            node_name=config.node.name or default_node_name(),
+            region=config.node.region or "",
+            labels=config.node.labels,
+        )
+        self.link.on("lease_assign", self._on_lease_assign)
+        self.link.on("lease_cancel", self._on_lease_cancel)
+        self.link.on("lease_update_ack", self._on_lease_update_ack)
+        self.link.on("usage_ack", self._on_usage_ack)
+        self.link.on("drain", self._on_drain)
+        self.link.on_session(self._on_session)
+
+        agent = self.agent
+        agent.add_component("watchdog", sdnotify.watchdog_task)
+        agent.add_component("gpu-health", self.health.run)
+        agent.add_component("leases", self.leases.run)
+        agent.add_component("usage-sampler", self.sampler.run)
+        agent.add_component("usage-sender", self._usage_sender)
+        agent.add_component("coordinator-link", self.link.run)
+        agent.add_component("ready", self._announce_ready)
+        return agent
+
+    async def close(self) -> None:
+        """Release what the parts hold; containers keep running (they are Docker's)."""
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.outbox.close)
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(self.backend.close)
+        if self._docker_client is not None:
+            with contextlib.suppress(Exception):
+                self._docker_client.close()
+
+    # -- what the link reports ------------------------------------------------------
+
+    def _leasable_gpus(self) -> list[str]:
+        if self._draining:
+            return []
+        return sorted(self.health.healthy_uuids())
+
+    def _lease_statuses(self) -> list[Any]:
+        return [wire.lease_status(v) for v in self.leases.snapshot().leases]
+
+    async def hello_state(self) -> HelloState:
+        stats = await asyncio.to_thread(self.outbox.stats)
+        return HelloState(
+            inventory=self._inventory_pb,
+            gpu_health=[wire.gpu_health(h) for h in self.health.snapshot() if h.uuid],
+            leases=self._lease_statuses(),
+            last_acked_usage_seq=stats.acked_seq,
+            draining=self._draining,
+        )
+
+    async def heartbeat_state(self) -> HeartbeatState:
+        snapshot = self.leases.snapshot()
+        allocated = set(snapshot.allocations)
+        health = [h for h in self.health.snapshot() if h.uuid]
+        free = [h.uuid for h in health if h.leasable and h.uuid not in allocated]
+        stats = self.sampler.stats
+        return HeartbeatState(
+            gpu_health=[wire.gpu_health(h) for h in health],
+            free_gpu_uuids=[] if self._draining else [u for u in free if u],
+            allocated_gpu_uuids=sorted(allocated),
+            leases=[wire.lease_status(v) for v in snapshot.leases],
+            draining=self._draining,
+            usage_pending=stats.pending if stats is not None else 0,
+        )
+
+    # -- leases ---------------------------------------------------------------------
+
+    async def _on_lease_assign(self, msg: leases_pb2.LeaseAssign) -> None:
+        spec = MessageToDict(msg.spec, preserving_proto_field_name=True)
+        expires = msg.expires_at_unix_nanos / 1e9 if msg.expires_at_unix_nanos else None
+        if self._draining:
+            log.info("lease refused: node is draining", extra={"lease_id": msg.lease_id})
+        await self.leases.assign(
+            msg.lease_id, spec, expires, gpu_uuids=list(msg.gpu_uuids) or None
+        )
+
+    async def _on_lease_cancel(self, msg: leases_pb2.LeaseCancel) -> None:
+        await self.leases.cancel(
+            msg.lease_id, msg.reason or "cancelled by coordinator", msg.grace_seconds or None
+        )
+
+    async def _on_lease_update_ack(self, msg: leases_pb2.LeaseUpdateAck) -> None:
+        await self.leases.ack_update(msg.lease_id, msg.update_seq)
+
+    async def _on_lease_update(self, update: LeaseUpdate) -> None:
+        if update.state.terminal:
+            # The final usage record ends where the lease ended, before it is reported.
+            view = _Metered(update.lease_id, update.container_id, update.gpu_uuids, 0.0)
+            await self.sampler.close_lease(view)
+        with contextlib.suppress(NotConnected):
+            # Kept in the state DB until acked: a failed send is re-sent on reconnect.
+            await self.link.send(coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update)))
+
+    def _metered_leases(self) -> list[MeteredLease]:
+        return [
+            _Metered(r.lease_id, r.container_id, r.gpu_uuids, r.started_monotonic)
+            for r in self.leases.running_leases()
+        ]
+
+    # -- usage ------------------------------------------------------------------------
+
+    async def _on_usage_ack(self, msg: usage_pb2.UsageAck) -> None:
+        pruned = await asyncio.to_thread(self.outbox.ack, msg.acked_through_seq)
+        log.debug("usage acked", extra={"through_seq": msg.acked_through_seq, "pruned": pruned})
+
+    async def _on_session(self, welcome: coordinator_pb2.Welcome) -> None:
+        # What the coordinator stored is safe to prune; everything after it is re-sent.
+        if welcome.acked_usage_seq:
+            await asyncio.to_thread(self.outbox.ack, welcome.acked_usage_seq)
+        stats = await asyncio.to_thread(self.outbox.stats)
+        self._usage_sent_through = stats.acked_seq
+        self._usage_wake.set()
+        for update in await self.leases.pending_updates():
+            await self.link.send(coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update)))
+        if welcome.draining != self._draining:
+            self._set_draining(welcome.draining, "coordinator")
+
+    async def _usage_sender(self, stop: asyncio.Event) -> None:
+        """Send outbox records in seq order whenever there are some and a session is open."""
+        batch_size = self.config.metering.batch_size
+        while not stop.is_set():
+            if self.link.connected:
+                batch: list[SignedUsageRecord] = await asyncio.to_thread(
+                    self.outbox.pending, batch_size, self._usage_sent_through
+                )
+                if batch:
+                    report = usage_pb2.UsageReport(records=[record_to_pb(r) for r in batch])
+                    try:
+                        await self.link.send(coordinator_pb2.AgentMessage(usage_report=report))
+                    except NotConnected:
+                        continue
+                    self._usage_sent_through = batch[-1].record.seq
+                    continue
+            self._usage_wake.clear()
+            waiters = [asyncio.ensure_future(self._usage_wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+
+    # -- drain and readiness ------------------------------------------------------------
+
+    async def _on_drain(self, msg: Any) -> None:
+        self._set_draining(msg.enabled, f"coordinator: {msg.reason}" if msg.reason else "coordinator")
+
+    def _set_draining(self, draining: bool, source: str) -> None:
+        if draining != self._draining:
+            self._draining = draining
+            log.warning(
+                "drain %s", "enabled: no new leases" if draining else "lifted",
+                extra={"source": source},
+            )
+            sdnotify.status("draining" if draining else "running")
+
+    async def _announce_ready(self, stop: asyncio.Event) -> None:
+        """READY after the first Welcome, or degraded-ready if the coordinator is away.
+
+        systemd would otherwise keep the unit in 'activating' (and time it out)
+        while the coordinator is down, although the agent works: leases keep
+        running and usage keeps accruing.
+        """
+        connected = asyncio.ensure_future(self.link.wait_connected())
+        stopped = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait(
+            [connected, stopped], timeout=self.config.coordinator.call_timeout * 3,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        connected.cancel()
+        stopped.cancel()
+        if stop.is_set():
+            return
+        if self.link.connected:
+            sdnotify.ready(status=f"connected to {self.config.coordinator.address}")
+        else:
+            sdnotify.ready(
+                status=f"degraded: coordinator {self.config.coordinator.address} unreachable "
+                f"({self.link.last_error or 'no answer'}); leases keep running"
+            )
+        await stop.wait()
+        sdnotify.stopping(status="stopping: running containers are left to Docker")

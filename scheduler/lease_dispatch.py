@@ -1,0 +1,467 @@
+"""Moving leases between the store and the nodes' streams.
+
+- **Placement passes** run on submit, when a node comes online or heartbeats
+  while leases wait, when a lease ends (GPUs freed), and every
+  ``retry_interval``. A pass reads pending leases and the GPUs placed leases
+  hold, asks ``placement.choose`` for each lease, reserves the node's GPUs in
+  the database (the offer) and sends ``LeaseAssign`` over the node's stream.
+- **Offers** wait for the node's first ``LeaseUpdate`` about the lease, at most
+  ``assign_timeout``: any state but rejected accepts it; rejected, no answer or
+  no stream sends the lease back to pending (that node excluded) until
+  ``max_attempts`` failed offers end it. A node that answers after its deadline
+  is told to cancel, so a lease never runs twice.
+- **LeaseUpdates** are stored once per (lease_id, update_seq) and always acked
+  (duplicates too, so the agent stops re-sending); an update for a lease the
+  node should not be running is answered with ``LeaseCancel``.
+- **Node loss**: a node going offline loses its placed leases (or re-queues
+  them when the lease asked for ``replace_on_lost``). On reconnect the agent's
+  Hello lists what it runs: leases it should not run get ``LeaseCancel``;
+  leases it no longer lists are lost once its first heartbeat shows they are
+  still missing (the agent re-sends unacked updates right after Welcome, so a
+  lease that finished while disconnected ends with its real state, not lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
+
+from . import placement
+from .leases_store import (
+    TERMINAL,
+    CancelResult,
+    LeaseRow,
+    LeaseStore,
+    UpdateOutcome,
+    state_name,
+)
+from .liveness import Liveness
+from .registry import NodeRecord, Registry, Session
+
+log = logging.getLogger(__name__)
+
+GpuEligible = Callable[[str, str], bool]  # (node_id, gpu_uuid) -> may take leases
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    assign_timeout: float = 30.0
+    max_attempts: int = 5
+    retry_interval: float = 5.0
+    default_ask_micros: int = 0
+    price_label: str = "price_micros_per_gpu_hour"
+    cancel_grace_seconds: int = 0
+
+
+@dataclass
+class _Offer:
+    """An assignment waiting for the node's first answer: (outcome, reason)."""
+
+    node_id: str
+    answer: asyncio.Future[tuple[str, str]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def settle(self, outcome: str, reason: str = "") -> None:
+        if not self.answer.done():
+            self.answer.set_result((outcome, reason))
+
+
+# Offer outcomes the update handler or a cancel already stored; the rest fail the offer.
+_SETTLED = frozenset({"accepted", "rejected", "settled"})
+
+
+def _message(**body: object) -> coordinator_pb2.CoordinatorMessage:
+    return coordinator_pb2.CoordinatorMessage(**body)  # type: ignore[arg-type]
+
+
+class LeaseDispatcher:
+    def __init__(
+        self,
+        store: LeaseStore,
+        registry: Registry,
+        settings: DispatchSettings = DispatchSettings(),
+        *,
+        observe_placement: Callable[[float], None] | None = None,
+        gpu_eligible: GpuEligible | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.settings = settings
+        self.observe_placement = observe_placement
+        # Set by attestation once it exists: a GPU that fails it takes no lease.
+        self.gpu_eligible = gpu_eligible
+        self._wake = asyncio.Event()
+        self._place_lock = asyncio.Lock()
+        self._offers: dict[str, _Offer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
+        self._bad_price: set[tuple[str, str]] = set()
+        # node -> session id whose first heartbeat completes the reconnect reconciliation
+        self._reconcile: dict[str, Session] = {}
+
+    # -- the loop ------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a placement pass soon (coalesced)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Placement passes until ``stop``: when kicked, and every ``retry_interval``."""
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self.place_pending()
+                except Exception:  # one bad pass must not stop placement for good
+                    log.exception("placement pass failed")
+                woken = asyncio.create_task(self._wake.wait())
+                await asyncio.wait(
+                    {woken, stopping},
+                    timeout=self.settings.retry_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                woken.cancel()
+        finally:
+            stopping.cancel()
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop waiting for offers; the store recovers in-flight offers on next start."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- placement -----------------------------------------------------------------
+
+    def ask_price(self, record: NodeRecord) -> int:
+        raw = record.labels.get(self.settings.price_label)
+        if raw is None:
+            return self.settings.default_ask_micros
+        text = raw.strip()
+        if text.isdigit():
+            return int(text)
+        if (record.node_id, raw) not in self._bad_price:
+            self._bad_price.add((record.node_id, raw))
+            log.warning(
+                "node price label is not a whole number of micro-units; using the default ask",
+                extra={
+                    "node_id": record.node_id,
+                    "label": self.settings.price_label,
+                    "value": raw[:64],
+                    "default_ask": self.settings.default_ask_micros,
+                },
+            )
+        return self.settings.default_ask_micros
+
+    def node_views(self, holding: Sequence[LeaseRow]) -> list[placement.NodeView]:
+        held: dict[str, set[str]] = {}
+        for row in holding:
+            if row.node_id is not None:
+                held.setdefault(row.node_id, set()).update(row.gpu_uuids)
+        views = []
+        for record in self.registry.nodes.values():
+            liveness = self.registry.liveness(record)
+            connected = record.node_id in self.registry.sessions
+            heartbeat = record.last_heartbeat or coordinator_pb2.Heartbeat()
+            health = {h.uuid: h for h in heartbeat.gpu_health}
+            free = set(heartbeat.free_gpu_uuids) - held.get(record.node_id, set())
+            gpus = []
+            for gpu in record.inventory.gpus:
+                h = health.get(gpu.uuid)
+                if gpu.uuid not in free or h is None:
+                    continue
+                if h.state != inventory_pb2.GpuHealth.HEALTHY or h.cordoned:
+                    continue
+                if self.gpu_eligible is not None and not self.gpu_eligible(record.node_id, gpu.uuid):
+                    continue
+                gpus.append(
+                    placement.GpuView(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index)
+                )
+            views.append(
+                placement.NodeView(
+                    node_id=record.node_id,
+                    online=connected and liveness is Liveness.ONLINE,
+                    draining=record.draining or heartbeat.draining,
+                    ask_micros=self.ask_price(record),
+                    free_gpus=tuple(gpus),
+                    offline_reason="not connected" if not connected else liveness.value,
+                )
+            )
+        return views
+
+    async def place_pending(self) -> int:
+        """One placement pass; returns how many offers it sent."""
+        async with self._place_lock:
+            pending, holding, tried = await self.store.placement_view()
+            if not pending:
+                return 0
+            nodes = self.node_views(holding)
+            offers = 0
+            for row in pending:
+                spec = row.spec
+                request = placement.Request(
+                    gpu_count=spec.gpu_count,
+                    gpu_model=spec.gpu_model,
+                    gpu_min_memory_bytes=spec.gpu_min_memory_bytes,
+                    price_ceiling_micros=spec.price_micro_per_gpu_hour,
+                    pinned_node_id=row.pinned_node_id,
+                    excluded=frozenset(tried.get(row.lease_id, ())),
+                )
+                started = time.perf_counter()
+                decision = placement.choose(nodes, request)
+                if self.observe_placement is not None:
+                    self.observe_placement(time.perf_counter() - started)
+                summary = decision.summary()
+                chosen = decision.placement
+                if chosen is None:
+                    if self._waiting.get(row.lease_id) != summary:
+                        self._waiting[row.lease_id] = summary
+                        log.info(
+                            "lease waiting for a node: %s",
+                            summary,
+                            extra={"lease_id": row.lease_id, "skipped": decision.skipped},
+                        )
+                        await self.store.set_waiting_reason(row.lease_id, f"waiting: {summary}")
+                    continue
+                self._waiting.pop(row.lease_id, None)
+                offered = await self.store.offer(
+                    row.lease_id, chosen.node_id, chosen.gpu_uuids, chosen.ask_micros, summary
+                )
+                if offered is None:
+                    continue  # cancelled while we were choosing
+                log.info(
+                    "lease offered to node: %s",
+                    summary,
+                    extra={
+                        "lease_id": row.lease_id,
+                        "node_id": chosen.node_id,
+                        "gpu_uuids": list(chosen.gpu_uuids),
+                        "ask_micros": chosen.ask_micros,
+                        "attempt": offered.attempts,
+                        "skipped": decision.skipped,
+                    },
+                )
+                nodes = placement.take(nodes, chosen)
+                self._offers[row.lease_id] = _Offer(chosen.node_id)
+                self._spawn(self._offer(offered), f"offer-{row.lease_id}")
+                offers += 1
+            return offers
+
+    async def _offer(self, row: LeaseRow) -> None:
+        assert row.node_id is not None
+        node = row.node_id
+        offer = self._offers[row.lease_id]
+        try:
+            outcome, reason = await self._send_and_wait(row, offer)
+        finally:
+            if self._offers.get(row.lease_id) is offer:
+                del self._offers[row.lease_id]
+        if outcome in _SETTLED:
+            return
+        failed = await self.store.offer_failed(
+            row.lease_id, node, outcome, reason, self.settings.max_attempts
+        )
+        if failed is None:
+            return  # an update won the race: the node accepted after all
+        log.warning(
+            "lease offer failed (%s): %s",
+            outcome,
+            reason,
+            extra={"lease_id": row.lease_id, "node_id": node, "state": failed.state},
+        )
+        if outcome == "timeout":
+            # The node may still act on the late assignment: make sure it stops.
+            await self._send_cancel(node, row.lease_id, f"offer expired: {reason}")
+        self.kick()
+
+    async def _send_and_wait(self, row: LeaseRow, offer: _Offer) -> tuple[str, str]:
+        session = self.registry.sessions.get(offer.node_id)
+        if session is None:
+            return "unreachable", "node has no open stream"
+        assign = leases_pb2.LeaseAssign(
+            lease_id=row.lease_id, spec=row.spec, gpu_uuids=row.gpu_uuids
+        )
+        try:
+            await session.send(_message(lease_assign=assign))
+        except Exception as exc:
+            return "unreachable", f"sending the assignment failed: {exc!r}"
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(offer.answer), self.settings.assign_timeout
+            )
+        except TimeoutError:
+            return "timeout", f"no answer within {self.settings.assign_timeout:g}s"
+
+    # -- agent messages ------------------------------------------------------------
+
+    async def _send_cancel(self, node_id: str, lease_id: str, reason: str) -> bool:
+        session = self.registry.sessions.get(node_id)
+        if session is None:
+            return False
+        cancel = leases_pb2.LeaseCancel(
+            lease_id=lease_id, reason=reason, grace_seconds=self.settings.cancel_grace_seconds
+        )
+        try:
+            await session.send(_message(lease_cancel=cancel))
+        except Exception as exc:
+            log.warning(
+                "could not send LeaseCancel",
+                extra={"lease_id": lease_id, "node_id": node_id, "error": repr(exc)},
+            )
+            return False
+        log.info(
+            "LeaseCancel sent", extra={"lease_id": lease_id, "node_id": node_id, "reason": reason}
+        )
+        return True
+
+    async def on_update(self, session: Session, update: leases_pb2.LeaseUpdate) -> None:
+        """``coordinator.on("lease_update", ...)``: store, ack, settle offers."""
+        node = session.node_id
+        if not update.lease_id or update.update_seq == 0:
+            error = common_pb2.ProtocolError(
+                code=common_pb2.ProtocolError.MALFORMED,
+                message="lease_update needs lease_id and update_seq >= 1",
+                in_reply_to="lease_update",
+            )
+            await session.send(_message(error=error))
+            return
+        state = state_name(update.state)
+        result = await self.store.apply_update(node, update, self.settings.max_attempts)
+        extra = {
+            "lease_id": update.lease_id,
+            "node_id": node,
+            "update_seq": update.update_seq,
+            "state": state,
+            "outcome": result.outcome.value,
+        }
+        outcome = result.outcome
+        if outcome in (UpdateOutcome.UNKNOWN, UpdateOutcome.FOREIGN, UpdateOutcome.ENDED):
+            log.warning("lease update ignored: %s", outcome.value, extra=extra)
+            if state not in TERMINAL:
+                why = {
+                    UpdateOutcome.UNKNOWN: "unknown lease",
+                    UpdateOutcome.FOREIGN: "lease is not placed on this node",
+                    UpdateOutcome.ENDED: "lease already ended at the coordinator",
+                }[outcome]
+                await self._send_cancel(node, update.lease_id, why)
+        elif outcome is UpdateOutcome.DUPLICATE:
+            log.debug("duplicate lease update acked again", extra=extra)
+        else:
+            row = result.row
+            assert row is not None
+            extra["lease_state"] = row.state
+            log.info("lease update stored: %s -> %s", result.previous_state, row.state, extra=extra)
+            offer = self._offers.get(update.lease_id)
+            if offer is not None and offer.node_id == node:
+                offer.settle("rejected" if outcome is UpdateOutcome.REJECTED else "accepted")
+            if outcome is UpdateOutcome.REJECTED or row.terminal:
+                self.kick()
+            if row.cancel_requested_ns is not None and not row.terminal and result.previous_state == "pending":
+                # Cancelled while the offer was in flight: the node accepted; stop it.
+                await self._send_cancel(node, row.lease_id, "cancelled by the buyer")
+        ack = leases_pb2.LeaseUpdateAck(lease_id=update.lease_id, update_seq=update.update_seq)
+        await session.send(_message(lease_update_ack=ack))
+
+    # -- sessions, heartbeats, liveness -----------------------------------------------
+
+    async def known_lease_ids(self, node_id: str) -> list[str]:
+        """For Welcome: leases the coordinator believes run on ``node_id``."""
+        return [r.lease_id for r in await self.store.on_node(node_id) if r.state != "pending"]
+
+    async def on_connect(self, session: Session, record: NodeRecord) -> None:
+        """After Welcome: cancel what the node should not run; reconcile the rest at the
+        first heartbeat."""
+        # register() stored the Hello's lease list as the node's last heartbeat.
+        listed = list(record.last_heartbeat.leases) if record.last_heartbeat else []
+        running = [s.lease_id for s in listed if state_name(s.state) not in TERMINAL]
+        rows = await self.store.get_many(running)
+        for lease_id in running:
+            row = rows.get(lease_id)
+            why = None
+            if row is None:
+                why = "unknown lease"
+            elif row.node_id != session.node_id:
+                why = "lease is not placed on this node"
+            elif row.terminal:
+                why = f"lease already ended at the coordinator ({row.state})"
+            elif row.cancel_requested_ns is not None:
+                why = "cancelled by the buyer"
+            if why is not None:
+                await self._send_cancel(session.node_id, lease_id, why)
+        self._reconcile[session.node_id] = session
+        self.kick()
+
+    async def on_heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
+        if self._reconcile.get(session.node_id) is session:
+            del self._reconcile[session.node_id]
+            listed = {s.lease_id for s in heartbeat.leases}
+            lost = await self.store.node_lost(
+                session.node_id,
+                "the agent no longer runs it (missing after reconnect)",
+                placed_before_ns=round(session.started * 1e9),
+                keep=listed,
+            )
+            for row in lost:
+                log.warning(
+                    "lease lost: agent does not list it after reconnecting",
+                    extra={"lease_id": row.lease_id, "node_id": session.node_id, "state": row.state},
+                )
+            if lost:
+                self.kick()
+        if self.store.counts.get("pending", 0) > 0:
+            self.kick()
+
+    async def on_liveness(self, changes: Sequence[tuple[str, Liveness, Liveness]]) -> None:
+        """Called with ``Registry.sweep()``'s transitions."""
+        for node_id, _old, new in changes:
+            if new is Liveness.ONLINE:
+                self.kick()
+                continue
+            if new is not Liveness.OFFLINE:
+                continue
+            for offer in self._offers.values():
+                if offer.node_id == node_id:
+                    offer.settle("unreachable", "node went offline")
+            lost = await self.store.node_lost(
+                node_id, f"node {node_id} went offline (no heartbeat within the grace)"
+            )
+            for row in lost:
+                log.warning(
+                    "lease lost with its node" if row.state != "pending" else "lease re-queued",
+                    extra={"lease_id": row.lease_id, "node_id": node_id, "state": row.state},
+                )
+            if lost:
+                self.kick()
+
+    # -- buyer actions ----------------------------------------------------------------
+
+    async def cancel(self, lease_id: str, reason: str) -> CancelResult | None:
+        result = await self.store.cancel(lease_id, reason, frozenset(self.registry.sessions))
+        if result is None:
+            return None
+        row = result.row
+        offer = self._offers.get(lease_id)
+        if row.terminal and offer is not None:
+            offer.settle("settled")
+        if result.notify_node is not None:
+            await self._send_cancel(result.notify_node, lease_id, reason or "cancelled by the buyer")
+        log.info("lease cancel requested", extra={"lease_id": lease_id, "state": row.state})
+        if row.terminal:
+            self.kick()
+        return result

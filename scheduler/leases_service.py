@@ -1,0 +1,181 @@
+"""``Leases``: the buyer's API (``gpu-scheduler submit|leases|lease|cancel|logs``).
+
+Submit checks the spec's shape here, with an error naming the field, so a
+buyer learns at once what the agents would reject anyway; then it stores the
+lease as pending and asks the dispatcher for a placement pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from typing import Any, NoReturn
+
+import grpc
+
+from gpuagent import bounds
+from gpuagent.v1 import leases_pb2, leases_pb2_grpc
+
+from .lease_dispatch import LeaseDispatcher
+from .leases_store import IdempotencyConflict, LeaseRefused, LeaseStore, NewLease, state_name
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# Lease ids name the agent's container and scratch dir: path-safe, like the agent checks.
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_GPUS = 64
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+_HOSTILE = ("privileged", "host_network", "volumes", "devices", "cap_add")
+
+
+class SpecError(ValueError):
+    """The spec cannot be run by any agent; the message names the field."""
+
+
+def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
+    """Raise SpecError for the first field no agent would accept."""
+    try:
+        bounds.check(spec, "spec")
+    except bounds.BoundsError as exc:
+        raise SpecError(str(exc)) from None
+    if not spec.image.strip():
+        raise SpecError("spec.image: required (an image reference such as busybox:1.36)")
+    if not 1 <= spec.gpu_count <= MAX_GPUS:
+        raise SpecError(f"spec.gpu_count: must be 1..{MAX_GPUS}, got {spec.gpu_count}")
+    if not math.isfinite(spec.cpus) or spec.cpus < 0:
+        raise SpecError(f"spec.cpus: must be a finite number >= 0, got {spec.cpus}")
+    for name in _HOSTILE:
+        field = spec.DESCRIPTOR.fields_by_name[name]
+        value = getattr(spec, name)
+        if (field.is_repeated and len(value)) or (not field.is_repeated and value):
+            raise SpecError(
+                f"spec.{name}: not allowed; agents never grant it and would reject the lease"
+            )
+    for key in spec.env:
+        if not key or "=" in key or "\0" in key:
+            raise SpecError(f"spec.env[{key!r}]: names must be non-empty without '=' or NUL")
+    for index, port in enumerate(spec.ports):
+        if not 1 <= port.container_port <= 65535:
+            raise SpecError(f"spec.ports[{index}].container_port: must be 1..65535")
+        if port.protocol not in ("", "tcp", "udp"):
+            raise SpecError(f"spec.ports[{index}].protocol: must be tcp or udp")
+
+
+async def _abort(context: Context, code: grpc.StatusCode, text: str) -> NoReturn:
+    await context.abort(code, text)
+    raise AssertionError("abort returned")
+
+
+class LeasesService(leases_pb2_grpc.LeasesServicer):
+    def __init__(self, store: LeaseStore, dispatcher: LeaseDispatcher, registry: Registry) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.registry = registry
+
+    async def Submit(
+        self, request: leases_pb2.SubmitLeaseRequest, context: Context
+    ) -> leases_pb2.Lease:
+        try:
+            validate_spec(request.spec)
+        except SpecError as exc:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        key = request.idempotency_key
+        if key and not LEASE_ID_RE.match(key):
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "idempotency_key: 1-128 letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit (it becomes the lease id)",
+            )
+        if len(request.buyer) > 128:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "buyer: at most 128 characters")
+        pinned = ""
+        if request.node_id:
+            record = self.registry.find(request.node_id)
+            if record is None:
+                await _abort(
+                    context,
+                    grpc.StatusCode.NOT_FOUND,
+                    f"node_id: no node with id or unique prefix {request.node_id!r}",
+                )
+            pinned = record.node_id
+        new = NewLease(
+            lease_id=key or f"lease-{uuid.uuid4().hex[:20]}",
+            buyer=request.buyer,
+            spec=request.spec,
+            pinned_node_id=pinned,
+            replace_on_lost=request.replace_on_lost,
+        )
+        try:
+            row, created = await self.store.submit(new)
+        except IdempotencyConflict as exc:
+            await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        except LeaseRefused as exc:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        if created:
+            log.info(
+                "lease submitted",
+                extra={
+                    "lease_id": row.lease_id,
+                    "buyer": row.buyer,
+                    "image": row.spec.image,
+                    "gpus": row.gpu_count,
+                    "price_max": row.price_micros_per_gpu_hour,
+                    "pinned_node_id": pinned,
+                },
+            )
+            self.dispatcher.kick()
+        return row.to_proto()
+
+    async def Get(self, request: leases_pb2.GetLeaseRequest, context: Context) -> leases_pb2.Lease:
+        row = await self.store.get(request.lease_id)
+        if row is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
+        return row.to_proto(await self.store.events(row.lease_id))
+
+    async def List(
+        self, request: leases_pb2.ListLeasesRequest, context: Context
+    ) -> leases_pb2.ListLeasesResponse:
+        after = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token")
+            after = int(request.page_token)
+        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        rows, next_after = await self.store.list(
+            states=[state_name(s) for s in request.states],
+            node_id=request.node_id,
+            buyer=request.buyer,
+            limit=size,
+            after_rowid=after,
+        )
+        return leases_pb2.ListLeasesResponse(
+            leases=[r.to_proto() for r in rows],
+            next_page_token=str(next_after) if next_after else "",
+        )
+
+    async def Cancel(
+        self, request: leases_pb2.CancelLeaseRequest, context: Context
+    ) -> leases_pb2.Lease:
+        result = await self.dispatcher.cancel(request.lease_id, request.reason[:512])
+        if result is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
+        return result.row.to_proto(await self.store.events(request.lease_id))
+
+    async def Logs(
+        self, request: leases_pb2.LeaseLogsRequest, context: Context
+    ) -> leases_pb2.LeaseLogsResponse:
+        row = await self.store.get(request.lease_id)
+        if row is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
+        text = row.log_tail
+        if request.tail_lines:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-request.tail_lines :])
+        return leases_pb2.LeaseLogsResponse(log_tail=text, updated_at_unix_nanos=row.updated_ns)

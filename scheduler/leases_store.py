@@ -1,0 +1,728 @@
+"""Leases in the scheduler's database: rows, transitions, history, attempts.
+
+Every method is one transaction on the Database thread, so a state change, its
+history event and the ledger hooks commit together or not at all. Guarded
+UPDATEs (``WHERE state = ...``) make concurrent paths (an agent's update, a
+buyer's cancel, a placement timeout) safe without locks: the loser's UPDATE
+matches no row and it sees the winner's state.
+
+Ledger hooks: ``on_submitted(conn, row)`` runs inside Submit's transaction and
+``on_terminal(conn, row)`` inside the transaction that ends a lease. A submit
+hook refuses a lease by raising one of the ``refusals`` exception types given
+with it (e.g. the ledger's insufficient-balance error); Submit then fails with
+that message and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from gpuagent.v1 import common_pb2, leases_pb2
+
+from .db import Database
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Hook = Callable[[sqlite3.Connection, "LeaseRow"], None]
+
+PENDING = "pending"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "lost", "rejected"})
+# Failed offers that count against placement.max_attempts.
+FAILED_OFFERS = ("rejected", "timeout", "unreachable")
+
+_COLUMNS = (
+    "lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"
+    " accepted_price_micros_per_gpu_hour, max_duration_s, pinned_node_id, replace_on_lost,"
+    " node_id, gpu_uuids_json, state, exit_code, reason, log_tail, container_id,"
+    " last_update_seq, created_ns, updated_ns, placed_ns, started_ns, ended_ns,"
+    " cancel_requested_ns, attempts, expires_at_ns"
+)
+
+
+def state_name(state: int) -> str:
+    """``LEASE_STATE_RUNNING`` -> ``running``; unknown values -> ``unspecified``."""
+    try:
+        return common_pb2.LeaseState.Name(state).removeprefix("LEASE_STATE_").lower()  # type: ignore[arg-type]
+    except ValueError:
+        return "unspecified"
+
+
+def state_value(name: str) -> common_pb2.LeaseState.ValueType:
+    return common_pb2.LeaseState.Value("LEASE_STATE_" + name.upper())
+
+
+class LeaseRefused(Exception):
+    """A submit hook refused the lease (e.g. insufficient balance); the message says why."""
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was used before for a different spec."""
+
+
+@dataclass
+class LeaseRow:
+    lease_id: str
+    buyer: str
+    spec: leases_pb2.LeaseSpec
+    gpu_count: int
+    price_micros_per_gpu_hour: int
+    accepted_price_micros_per_gpu_hour: int | None
+    max_duration_s: int
+    pinned_node_id: str
+    replace_on_lost: bool
+    node_id: str | None
+    gpu_uuids: list[str]
+    state: str
+    exit_code: int | None
+    reason: str
+    log_tail: str
+    container_id: str
+    last_update_seq: int
+    created_ns: int
+    updated_ns: int
+    placed_ns: int | None
+    started_ns: int | None
+    ended_ns: int | None
+    cancel_requested_ns: int | None
+    attempts: int
+    expires_at_ns: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    @classmethod
+    def from_db(cls, row: Sequence[object]) -> LeaseRow:
+        spec = leases_pb2.LeaseSpec()
+        spec.ParseFromString(row[2])  # type: ignore[arg-type]
+        return cls(
+            lease_id=str(row[0]),
+            buyer=str(row[1]),
+            spec=spec,
+            gpu_count=int(row[3]),  # type: ignore[call-overload]
+            price_micros_per_gpu_hour=int(row[4]),  # type: ignore[call-overload]
+            accepted_price_micros_per_gpu_hour=row[5],  # type: ignore[arg-type]
+            max_duration_s=int(row[6]),  # type: ignore[call-overload]
+            pinned_node_id=str(row[7]),
+            replace_on_lost=bool(row[8]),
+            node_id=row[9],  # type: ignore[arg-type]
+            gpu_uuids=json.loads(str(row[10])),
+            state=str(row[11]),
+            exit_code=row[12],  # type: ignore[arg-type]
+            reason=str(row[13]),
+            log_tail=str(row[14]),
+            container_id=str(row[15]),
+            last_update_seq=int(row[16]),  # type: ignore[call-overload]
+            created_ns=int(row[17]),  # type: ignore[call-overload]
+            updated_ns=int(row[18]),  # type: ignore[call-overload]
+            placed_ns=row[19],  # type: ignore[arg-type]
+            started_ns=row[20],  # type: ignore[arg-type]
+            ended_ns=row[21],  # type: ignore[arg-type]
+            cancel_requested_ns=row[22],  # type: ignore[arg-type]
+            attempts=int(row[23]),  # type: ignore[call-overload]
+            expires_at_ns=int(row[24]),  # type: ignore[call-overload]
+        )
+
+    def to_proto(self, events: Iterable[leases_pb2.LeaseEvent] = ()) -> leases_pb2.Lease:
+        spec = leases_pb2.LeaseSpec()
+        spec.CopyFrom(self.spec)
+        spec.ClearField("registry_auth")  # a credential: stored for the agent, never shown
+        lease = leases_pb2.Lease(
+            lease_id=self.lease_id,
+            spec=spec,
+            state=state_value(self.state),
+            node_id=self.node_id or "",
+            gpu_uuids=self.gpu_uuids,
+            created_at_unix_nanos=self.created_ns,
+            updated_at_unix_nanos=self.updated_ns,
+            reason=self.reason,
+            expires_at_unix_nanos=self.expires_at_ns,
+            buyer=self.buyer,
+            attempts=self.attempts,
+            replace_on_lost=self.replace_on_lost,
+            accepted_price_micro_per_gpu_hour=self.accepted_price_micros_per_gpu_hour or 0,
+            events=events,
+            started_at_unix_nanos=self.started_ns or 0,
+            ended_at_unix_nanos=self.ended_ns or 0,
+        )
+        if self.exit_code is not None:
+            lease.exit_code = self.exit_code
+        return lease
+
+
+@dataclass(frozen=True)
+class NewLease:
+    lease_id: str
+    buyer: str
+    spec: leases_pb2.LeaseSpec
+    pinned_node_id: str = ""
+    replace_on_lost: bool = False
+
+
+class UpdateOutcome(Enum):
+    APPLIED = "applied"  # stored; the lease changed
+    DUPLICATE = "duplicate"  # seq already stored; ack again, change nothing
+    REJECTED = "rejected"  # the node refused the offer; the lease is pending again (or ended)
+    FOREIGN = "foreign"  # the lease is not (or no longer) placed on this node
+    ENDED = "ended"  # the scheduler already ended the lease; the update changes nothing
+    UNKNOWN = "unknown"  # no such lease
+
+
+@dataclass
+class UpdateResult:
+    outcome: UpdateOutcome
+    row: LeaseRow | None = None
+    previous_state: str = ""
+
+
+@dataclass
+class CancelResult:
+    row: LeaseRow
+    # Where a LeaseCancel must go (the lease runs or is being offered there); None = done here.
+    notify_node: str | None = None
+
+
+@dataclass
+class _Hooks:
+    on_submitted: list[Hook] = field(default_factory=list)
+    on_terminal: list[Hook] = field(default_factory=list)
+    refusals: tuple[type[BaseException], ...] = ()
+
+
+class LeaseStore:
+    def __init__(self, db: Database, clock: Clock = time.time) -> None:
+        self.db = db
+        self.clock = clock
+        self._hooks = _Hooks()
+        # Leases by state, kept current after each commit, for metrics scrapes.
+        self.counts: dict[str, int] = {}
+
+    # -- hooks ---------------------------------------------------------------------
+
+    def add_hooks(
+        self,
+        *,
+        on_submitted: Hook | None = None,
+        on_terminal: Hook | None = None,
+        refusals: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        """Run ``on_submitted`` / ``on_terminal`` inside the lease's transactions.
+
+        ``refusals``: exception types an ``on_submitted`` hook raises to refuse a
+        lease; Submit reports them as a failed precondition with their message.
+        """
+        if on_submitted is not None:
+            self._hooks.on_submitted.append(on_submitted)
+        if on_terminal is not None:
+            self._hooks.on_terminal.append(on_terminal)
+        self._hooks.refusals += refusals
+
+    # -- helpers on the database thread ---------------------------------------------
+
+    def _now(self) -> int:
+        return round(self.clock() * 1e9)
+
+    @staticmethod
+    def _get(conn: sqlite3.Connection, lease_id: str) -> LeaseRow | None:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+        return LeaseRow.from_db(row) if row else None
+
+    @staticmethod
+    def _event(
+        conn: sqlite3.Connection, lease_id: str, state: str, reason: str, node: str | None, ts: int
+    ) -> None:
+        conn.execute(
+            "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"
+            " VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM lease_events WHERE lease_id = ?),"
+            " ?, ?, ?, ?)",
+            (lease_id, lease_id, state, reason, node, ts),
+        )
+
+    @staticmethod
+    def _attempt(
+        conn: sqlite3.Connection, lease_id: str, node: str, outcome: str, reason: str, ts: int
+    ) -> None:
+        conn.execute(
+            "INSERT INTO placement_attempts (lease_id, node_id, outcome, reason, ts_ns)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (lease_id, node, outcome, reason, ts),
+        )
+
+    def _transition(
+        self,
+        conn: sqlite3.Connection,
+        lease_id: str,
+        state: str,
+        reason: str,
+        now: int,
+        *,
+        event_node: str | None = None,
+        **columns: object,
+    ) -> LeaseRow:
+        """Set ``state`` (+ columns), record the event, run on_terminal when it ends."""
+        columns = {"state": state, "reason": reason, "updated_ns": now, **columns}
+        if state in TERMINAL:
+            columns.setdefault("ended_ns", now)
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        conn.execute(
+            f"UPDATE leases SET {assignments} WHERE lease_id = ?",  # noqa: S608 - names are ours
+            (*columns.values(), lease_id),
+        )
+        row = self._get(conn, lease_id)
+        assert row is not None
+        self._event(conn, lease_id, state, reason, event_node or row.node_id, now)
+        if state in TERMINAL:
+            for hook in self._hooks.on_terminal:
+                hook(conn, row)
+        return row
+
+    def _count(self, before: str | None, after: str | None) -> None:
+        if before == after:
+            return
+        if before is not None:
+            self.counts[before] = self.counts.get(before, 1) - 1
+        if after is not None:
+            self.counts[after] = self.counts.get(after, 0) + 1
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Count leases by state and fail offers a previous run left in flight.
+
+        An offer is in memory only (its deadline task); after a restart nobody
+        waits for the answer, so the lease goes back to pending. The node, if it
+        accepted meanwhile, is told to cancel when it reconnects (its Hello lists
+        a lease the scheduler does not have there).
+        """
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+            for (lease_id, node_id) in conn.execute(
+                "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL",
+                (PENDING,),
+            ).fetchall():
+                self._attempt(conn, lease_id, node_id, "interrupted", "scheduler restarted", now)
+                conn.execute(
+                    "UPDATE leases SET node_id = NULL, gpu_uuids_json = '[]',"
+                    " accepted_price_micros_per_gpu_hour = NULL, updated_ns = ?"
+                    " WHERE lease_id = ?",
+                    (now, lease_id),
+                )
+            return dict(conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
+
+        self.counts = await self.db.call(txn)
+
+    async def get(self, lease_id: str) -> LeaseRow | None:
+        return await self.db.call(lambda conn: self._get(conn, lease_id))
+
+    async def events(self, lease_id: str) -> list[leases_pb2.LeaseEvent]:
+        def read(conn: sqlite3.Connection) -> list[leases_pb2.LeaseEvent]:
+            return [
+                leases_pb2.LeaseEvent(
+                    state=state_value(s), reason=r, node_id=n or "", at_unix_nanos=ts
+                )
+                for s, r, n, ts in conn.execute(
+                    "SELECT state, reason, node_id, ts_ns FROM lease_events"
+                    " WHERE lease_id = ? ORDER BY seq",
+                    (lease_id,),
+                )
+            ]
+
+        return await self.db.call(read)
+
+    async def attempts(self, lease_id: str) -> list[tuple[str, str, str, int]]:
+        """(node_id, outcome, reason, ts_ns) per placement attempt, oldest first."""
+        return await self.db.call(
+            lambda conn: conn.execute(
+                "SELECT node_id, outcome, reason, ts_ns FROM placement_attempts"
+                " WHERE lease_id = ? ORDER BY rowid",
+                (lease_id,),
+            ).fetchall()
+        )
+
+    async def list(
+        self,
+        *,
+        states: Sequence[str] = (),
+        node_id: str = "",
+        buyer: str = "",
+        limit: int = 100,
+        after_rowid: int = 0,
+    ) -> tuple[list[LeaseRow], int]:
+        """A page of leases in submit order and the rowid to continue after (0 = end)."""
+        where, params = ["rowid > ?"], [after_rowid]
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(states)  # type: ignore[arg-type]
+        if node_id:
+            where.append("node_id = ?")
+            params.append(node_id)  # type: ignore[arg-type]
+        if buyer:
+            where.append("buyer = ?")
+            params.append(buyer)  # type: ignore[arg-type]
+        sql = (
+            f"SELECT rowid, {_COLUMNS} FROM leases WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY rowid LIMIT ?"
+        )
+
+        def read(conn: sqlite3.Connection) -> tuple[list[LeaseRow], int]:
+            rows = conn.execute(sql, (*params, limit + 1)).fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            return [LeaseRow.from_db(r[1:]) for r in rows], (rows[-1][0] if more else 0)
+
+        return await self.db.call(read)
+
+    async def placement_view(self) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
+        """(pending leases to place, leases holding GPUs on nodes, nodes tried per pending lease)."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
+            pending = [
+                LeaseRow.from_db(r)
+                for r in conn.execute(
+                    f"SELECT {_COLUMNS} FROM leases WHERE state = ? AND node_id IS NULL"
+                    " ORDER BY created_ns, lease_id",
+                    (PENDING,),
+                )
+            ]
+            terminal = tuple(TERMINAL)
+            holding = [
+                LeaseRow.from_db(r)
+                for r in conn.execute(
+                    f"SELECT {_COLUMNS} FROM leases WHERE node_id IS NOT NULL"  # noqa: S608
+                    f" AND state NOT IN ({', '.join('?' * len(terminal))})",
+                    terminal,
+                )
+            ]
+            tried: dict[str, set[str]] = {}
+            for lease_id, node in conn.execute(
+                "SELECT a.lease_id, a.node_id FROM placement_attempts a"
+                " JOIN leases l ON l.lease_id = a.lease_id"
+                " WHERE l.state = ? AND l.node_id IS NULL",
+                (PENDING,),
+            ):
+                tried.setdefault(lease_id, set()).add(node)
+            return pending, holding, tried
+
+        return await self.db.call(read)
+
+    async def on_node(self, node_id: str) -> list[LeaseRow]:
+        """Non-terminal leases placed on ``node_id`` (offers in flight included)."""
+        terminal = tuple(TERMINAL)
+        return await self.db.call(
+            lambda conn: [
+                LeaseRow.from_db(r)
+                for r in conn.execute(
+                    f"SELECT {_COLUMNS} FROM leases WHERE node_id = ?"  # noqa: S608
+                    f" AND state NOT IN ({', '.join('?' * len(terminal))})",
+                    (node_id, *terminal),
+                )
+            ]
+        )
+
+    async def get_many(self, lease_ids: Sequence[str]) -> dict[str, LeaseRow]:
+        def read(conn: sqlite3.Connection) -> dict[str, LeaseRow]:
+            found = {}
+            for lease_id in lease_ids:
+                row = self._get(conn, lease_id)
+                if row is not None:
+                    found[lease_id] = row
+            return found
+
+        return await self.db.call(read)
+
+    # -- writes --------------------------------------------------------------------
+
+    async def submit(self, new: NewLease) -> tuple[LeaseRow, bool]:
+        """Store a pending lease; (row, created). A repeat of the same key returns the
+        first lease when the request is the same, else raises IdempotencyConflict."""
+        spec_bytes = new.spec.SerializeToString(deterministic=True)
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> tuple[LeaseRow, bool]:
+            existing = self._get(conn, new.lease_id)
+            if existing is not None:
+                same = (
+                    existing.spec.SerializeToString(deterministic=True) == spec_bytes
+                    and existing.buyer == new.buyer
+                    and existing.pinned_node_id == new.pinned_node_id
+                    and existing.replace_on_lost == new.replace_on_lost
+                )
+                if not same:
+                    raise IdempotencyConflict(
+                        f"idempotency key {new.lease_id!r} was already used for a different "
+                        "lease request; use a new key"
+                    )
+                return existing, False
+            conn.execute(
+                "INSERT INTO leases (lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"
+                " max_duration_s, pinned_node_id, replace_on_lost, state, created_ns, updated_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new.lease_id,
+                    new.buyer,
+                    spec_bytes,
+                    new.spec.gpu_count,
+                    new.spec.price_micro_per_gpu_hour,
+                    new.spec.max_duration_seconds,
+                    new.pinned_node_id,
+                    int(new.replace_on_lost),
+                    PENDING,
+                    now,
+                    now,
+                ),
+            )
+            self._event(conn, new.lease_id, PENDING, "submitted", None, now)
+            row = self._get(conn, new.lease_id)
+            assert row is not None
+            for hook in self._hooks.on_submitted:
+                try:
+                    hook(conn, row)
+                except self._hooks.refusals as exc:
+                    raise LeaseRefused(str(exc)) from exc
+            return row, True
+
+        row, created = await self.db.call(txn)
+        if created:
+            self._count(None, PENDING)
+        return row, created
+
+    async def set_waiting_reason(self, lease_id: str, reason: str) -> None:
+        """Why a pending lease is not placed yet (shown to the buyer); no history event."""
+        await self.db.call(
+            lambda conn: conn.execute(
+                "UPDATE leases SET reason = ? WHERE lease_id = ? AND state = ? AND node_id IS NULL",
+                (reason, lease_id, PENDING),
+            )
+        )
+
+    async def offer(
+        self, lease_id: str, node_id: str, gpu_uuids: Sequence[str], ask_micros: int, reason: str
+    ) -> LeaseRow | None:
+        """Reserve the node's GPUs for an offer; None when the lease is no longer placeable
+        (cancelled meanwhile)."""
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+            cur = conn.execute(
+                "UPDATE leases SET node_id = ?, gpu_uuids_json = ?,"
+                " accepted_price_micros_per_gpu_hour = ?, placed_ns = ?, updated_ns = ?,"
+                " attempts = attempts + 1, last_update_seq = 0, reason = ?"
+                " WHERE lease_id = ? AND state = ? AND node_id IS NULL",
+                (node_id, json.dumps(list(gpu_uuids)), ask_micros, now, now, reason, lease_id, PENDING),
+            )
+            if cur.rowcount == 0:
+                return None
+            self._attempt(conn, lease_id, node_id, "offered", reason, now)
+            return self._get(conn, lease_id)
+
+        return await self.db.call(txn)
+
+    async def offer_failed(
+        self, lease_id: str, node_id: str, outcome: str, reason: str, max_attempts: int
+    ) -> LeaseRow | None:
+        """The offer to ``node_id`` failed: back to pending, or ended when attempts are
+        used up (or the lease is pinned). None when the offer was already settled."""
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+            row = self._get(conn, lease_id)
+            if row is None or row.state != PENDING or row.node_id != node_id:
+                return None
+            return self._fail_offer(conn, row, outcome, reason, max_attempts, now)
+
+        row = await self.db.call(txn)
+        if row is not None:
+            self._count(PENDING, row.state)
+        return row
+
+    def _fail_offer(
+        self,
+        conn: sqlite3.Connection,
+        row: LeaseRow,
+        outcome: str,
+        reason: str,
+        max_attempts: int,
+        now: int,
+    ) -> LeaseRow:
+        assert row.node_id is not None
+        self._attempt(conn, row.lease_id, row.node_id, outcome, reason, now)
+        failures = conn.execute(
+            f"SELECT COUNT(*) FROM placement_attempts WHERE lease_id = ?"  # noqa: S608
+            f" AND outcome IN ({', '.join('?' * len(FAILED_OFFERS))})",
+            (row.lease_id, *FAILED_OFFERS),
+        ).fetchone()[0]
+        cleared = {
+            "node_id": None,
+            "gpu_uuids_json": "[]",
+            "accepted_price_micros_per_gpu_hour": None,
+            "last_update_seq": 0,
+        }
+        text = f"{row.node_id} {'rejected it' if outcome == 'rejected' else outcome}: {reason}"
+        if row.cancel_requested_ns is not None:
+            return self._transition(
+                conn, row.lease_id, "cancelled", f"cancelled before placement; {text}", now,
+                event_node=row.node_id, **cleared,
+            )
+        if row.pinned_node_id or failures >= max_attempts:
+            final = "rejected" if outcome == "rejected" else "failed"
+            why = "pinned node" if row.pinned_node_id else f"{failures} placement attempts"
+            return self._transition(
+                conn, row.lease_id, final, f"gave up after {why}; last: {text}", now,
+                event_node=row.node_id, **cleared,
+            )
+        # Still pending: an event so the buyer sees the attempt in the history.
+        return self._transition(
+            conn, row.lease_id, PENDING, f"retrying elsewhere; {text}", now,
+            event_node=row.node_id, **cleared,
+        )
+
+    async def apply_update(
+        self, node_id: str, update: leases_pb2.LeaseUpdate, max_attempts: int
+    ) -> UpdateResult:
+        """Store one LeaseUpdate from ``node_id``; idempotent by (lease_id, update_seq)."""
+        now = self._now()
+        state = state_name(update.state)
+
+        def txn(conn: sqlite3.Connection) -> UpdateResult:
+            row = self._get(conn, update.lease_id)
+            if row is None:
+                return UpdateResult(UpdateOutcome.UNKNOWN)
+            if row.node_id != node_id:
+                return UpdateResult(UpdateOutcome.FOREIGN, row, row.state)
+            if update.update_seq <= row.last_update_seq:
+                return UpdateResult(UpdateOutcome.DUPLICATE, row, row.state)
+            if row.terminal:
+                return UpdateResult(UpdateOutcome.ENDED, row, row.state)
+            if state == "rejected":
+                failed = self._fail_offer(
+                    conn, row, "rejected", update.reason or "no reason given", max_attempts, now
+                )
+                return UpdateResult(UpdateOutcome.REJECTED, failed, row.state)
+            columns: dict[str, object] = {"last_update_seq": update.update_seq}
+            if update.HasField("exit_code"):
+                columns["exit_code"] = update.exit_code
+            if update.log_tail:
+                columns["log_tail"] = update.log_tail
+            if update.container_id:
+                columns["container_id"] = update.container_id
+            if update.gpu_uuids:
+                columns["gpu_uuids_json"] = json.dumps(list(update.gpu_uuids))
+            if state == "running" and row.started_ns is None:
+                columns["started_ns"] = now
+                if row.max_duration_s:
+                    columns["expires_at_ns"] = now + row.max_duration_s * 1_000_000_000
+            if row.state == PENDING:
+                self._attempt(conn, row.lease_id, node_id, "accepted", state, now)
+            if state == row.state or state == "unspecified":
+                # Same state again (e.g. a fresher log tail): no history event.
+                assignments = ", ".join(f"{name} = ?" for name in columns)
+                conn.execute(
+                    f"UPDATE leases SET {assignments}, updated_ns = ? WHERE lease_id = ?",  # noqa: S608
+                    (*columns.values(), now, row.lease_id),
+                )
+                new = self._get(conn, row.lease_id)
+            else:
+                new = self._transition(
+                    conn, row.lease_id, state, update.reason, now, **columns
+                )
+            return UpdateResult(UpdateOutcome.APPLIED, new, row.state)
+
+        result = await self.db.call(txn)
+        if result.outcome in (UpdateOutcome.APPLIED, UpdateOutcome.REJECTED) and result.row:
+            self._count(result.previous_state, result.row.state)
+        return result
+
+    async def cancel(
+        self, lease_id: str, reason: str, connected: Collection[str]
+    ) -> CancelResult | None:
+        """Cancel: ends a pending lease (or one whose node is not connected) here and now;
+        for a placed lease, marks the request and says which node to tell. None: no lease."""
+        now = self._now()
+        reason = reason or "cancelled by the buyer"
+
+        def txn(conn: sqlite3.Connection) -> tuple[CancelResult, str] | None:
+            row = self._get(conn, lease_id)
+            if row is None:
+                return None
+            before = row.state
+            if row.terminal:
+                return CancelResult(row), before
+            node = row.node_id
+            if node is None or node not in connected:
+                # Nobody to wait for: a disconnected node is told again when its Hello
+                # lists the lease (reconciliation), so the lease ends now.
+                ended = self._transition(conn, lease_id, "cancelled", reason, now, cancel_requested_ns=now)
+                return CancelResult(ended, node), before
+            conn.execute(
+                "UPDATE leases SET cancel_requested_ns = COALESCE(cancel_requested_ns, ?),"
+                " updated_ns = ? WHERE lease_id = ?",
+                (now, now, lease_id),
+            )
+            self._event(conn, lease_id, row.state, f"cancel requested: {reason}", node, now)
+            updated = self._get(conn, lease_id)
+            assert updated is not None
+            return CancelResult(updated, node), before
+
+        result = await self.db.call(txn)
+        if result is None:
+            return None
+        cancel, before = result
+        self._count(before, cancel.row.state)
+        return cancel
+
+    async def node_lost(self, node_id: str, reason: str, placed_before_ns: int | None = None, keep: Iterable[str] = ()) -> list[LeaseRow]:
+        """End (as lost) or re-queue (``replace_on_lost``) the placed leases on ``node_id``.
+
+        Offers still in flight (pending) are left to their own deadline. With
+        ``placed_before_ns`` only leases placed before it are affected; ``keep``
+        lists lease ids the node still reports.
+        """
+        now = self._now()
+        keep_ids = set(keep)
+        terminal = tuple(TERMINAL)
+
+        def txn(conn: sqlite3.Connection) -> list[tuple[str, LeaseRow]]:
+            rows = [
+                LeaseRow.from_db(r)
+                for r in conn.execute(
+                    f"SELECT {_COLUMNS} FROM leases WHERE node_id = ? AND state != ?"  # noqa: S608
+                    f" AND state NOT IN ({', '.join('?' * len(terminal))})",
+                    (node_id, PENDING, *terminal),
+                )
+            ]
+            changed = []
+            for row in rows:
+                if row.lease_id in keep_ids:
+                    continue
+                if placed_before_ns is not None and (row.placed_ns or 0) >= placed_before_ns:
+                    continue
+                self._attempt(conn, row.lease_id, node_id, "lost", reason, now)
+                if row.cancel_requested_ns is not None:
+                    new = self._transition(
+                        conn, row.lease_id, "cancelled", f"cancelled; node lost: {reason}", now
+                    )
+                elif row.replace_on_lost:
+                    self._event(conn, row.lease_id, "lost", reason, node_id, now)
+                    new = self._transition(
+                        conn, row.lease_id, PENDING, f"re-placing: lost on {node_id}: {reason}", now,
+                        event_node=node_id, node_id=None, gpu_uuids_json="[]",
+                        accepted_price_micros_per_gpu_hour=None, last_update_seq=0,
+                        started_ns=None, expires_at_ns=0, exit_code=None, container_id="",
+                    )
+                else:
+                    new = self._transition(conn, row.lease_id, "lost", reason, now)
+                changed.append((row.state, new))
+            return changed
+
+        changed = await self.db.call(txn)
+        for before, row in changed:
+            self._count(before, row.state)
+        return [row for _, row in changed]

@@ -1,0 +1,181 @@
+"""Where a lease goes: filter the nodes, then pick by a documented score.
+
+Pure functions over plain views of the registry, so the policy is unit-tested
+without gRPC or a database.
+
+A node is a candidate when all of these hold:
+
+1. it is online with an open session, and not draining (by the operator or the
+   agent itself);
+2. the lease is not pinned to another node, and this node has not been offered
+   this lease before (LeaseAssign is idempotent by lease id on the agent, so a
+   node sees each lease id at most once; a re-placement goes elsewhere);
+3. its ask price per GPU-hour is at most the lease's ceiling;
+4. it has at least ``gpu_count`` free GPUs that match: healthy, not cordoned,
+   not held by any lease the scheduler placed there, name containing
+   ``gpu_model`` (case-insensitive) and memory at least ``gpu_min_memory_bytes``.
+
+Among candidates the lowest score wins, compared in order:
+
+1. **ask price** (cheapest first: the buyer pays the node's ask, not the ceiling);
+2. **best fit**: free GPUs the node would have left afterwards (fewest first, so
+   small leases fill partly used nodes and whole nodes stay free for big ones);
+3. **node id**, so equal nodes are chosen deterministically.
+
+The GPUs taken are the first matching ones by NVML index.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuView:
+    uuid: str
+    name: str
+    memory_bytes: int
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What placement needs to know about one node, read from the registry."""
+
+    node_id: str
+    online: bool
+    draining: bool
+    ask_micros: int
+    # Free for a new lease: healthy, not cordoned, not held by a placed lease.
+    free_gpus: tuple[GpuView, ...] = ()
+    # Why the node is not online (e.g. "suspect", "not connected"), for the log.
+    offline_reason: str = "offline"
+
+
+@dataclass(frozen=True)
+class Request:
+    gpu_count: int
+    gpu_model: str = ""
+    gpu_min_memory_bytes: int = 0
+    price_ceiling_micros: int = 0
+    pinned_node_id: str = ""
+    excluded: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Placement:
+    node_id: str
+    gpu_uuids: tuple[str, ...]
+    ask_micros: int
+    leftover_gpus: int
+
+    @property
+    def score(self) -> tuple[int, int, str]:
+        return (self.ask_micros, self.leftover_gpus, self.node_id)
+
+
+@dataclass(frozen=True)
+class Decision:
+    placement: Placement | None
+    # node_id -> why it was not a candidate (only for nodes that were skipped).
+    skipped: dict[str, str] = field(default_factory=dict)
+    candidates: int = 0
+
+    def summary(self) -> str:
+        """One line for logs and for the buyer: the choice, or why nothing fits."""
+        if self.placement is not None:
+            p = self.placement
+            return (
+                f"placed on {p.node_id} (ask {p.ask_micros}, {p.leftover_gpus} GPUs left; "
+                f"best of {self.candidates} candidates)"
+            )
+        if not self.skipped:
+            return "no nodes registered"
+        # Group identical reasons so a big fleet gives a short line.
+        counts = Counter(_reason_kind(r) for r in self.skipped.values())
+        parts = [f"{n} {kind}" if n > 1 else kind for kind, n in sorted(counts.items())]
+        return "no node fits: " + "; ".join(parts)
+
+
+def _reason_kind(reason: str) -> str:
+    # Reasons are "<kind>: <detail>"; the detail is node-specific noise in a summary.
+    return reason.split(":", 1)[0]
+
+
+def matching_gpus(node: NodeView, request: Request) -> list[GpuView]:
+    model = request.gpu_model.casefold()
+    return sorted(
+        (
+            g
+            for g in node.free_gpus
+            if model in g.name.casefold() and g.memory_bytes >= request.gpu_min_memory_bytes
+        ),
+        key=lambda g: (g.index, g.uuid),
+    )
+
+
+def why_not(node: NodeView, request: Request) -> str | None:
+    """The reason ``node`` cannot take ``request``, or None when it can."""
+    if request.pinned_node_id and node.node_id != request.pinned_node_id:
+        return f"not pinned: lease is pinned to {request.pinned_node_id}"
+    if node.node_id in request.excluded:
+        return "already tried: this node was offered the lease before"
+    if not node.online:
+        return f"unavailable: {node.offline_reason}"
+    if node.draining:
+        return "draining: node accepts no new leases"
+    if node.ask_micros > request.price_ceiling_micros:
+        return (
+            f"too expensive: ask {node.ask_micros} > ceiling {request.price_ceiling_micros} "
+            "micro-units per GPU-hour"
+        )
+    matching = len(matching_gpus(node, request))
+    if matching < request.gpu_count:
+        what = "free GPUs"
+        if request.gpu_model or request.gpu_min_memory_bytes:
+            what = "free GPUs matching the model/memory"
+        return f"not enough GPUs: {matching} {what} < {request.gpu_count} wanted"
+    return None
+
+
+def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
+    """The best node and GPUs for ``request``, with the reason every other node was skipped."""
+    skipped: dict[str, str] = {}
+    best: Placement | None = None
+    candidates = 0
+    for node in nodes:
+        reason = why_not(node, request)
+        if reason is not None:
+            skipped[node.node_id] = reason
+            continue
+        candidates += 1
+        gpus = matching_gpus(node, request)[: request.gpu_count]
+        option = Placement(
+            node_id=node.node_id,
+            gpu_uuids=tuple(g.uuid for g in gpus),
+            ask_micros=node.ask_micros,
+            leftover_gpus=len(node.free_gpus) - request.gpu_count,
+        )
+        if best is None or option.score < best.score:
+            best = option
+    return Decision(best, skipped, candidates)
+
+
+def take(nodes: Sequence[NodeView], placement: Placement) -> list[NodeView]:
+    """``nodes`` with the placed GPUs no longer free (several leases per pass)."""
+    taken = set(placement.gpu_uuids)
+    return [
+        NodeView(
+            n.node_id,
+            n.online,
+            n.draining,
+            n.ask_micros,
+            tuple(g for g in n.free_gpus if g.uuid not in taken),
+            n.offline_reason,
+        )
+        if n.node_id == placement.node_id
+        else n
+        for n in nodes
+    ]
