@@ -63,6 +63,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
 def nvml_available() -> bool:
     try:
         import pynvml
@@ -218,8 +224,7 @@ def main() -> int:
         )
         wait_for(
             "waiting for the scheduler's CA",
-            lambda: (sched_dir / "tls" / "ca.pem").exists()
-            and socket.create_connection(("127.0.0.1", grpc_port), 1).close() is None,
+            lambda: (sched_dir / "tls" / "ca.pem").exists() and port_open(grpc_port),
             30,
             list(procs.values()),
         )

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +42,22 @@ from .leases.spec import GpuDescription
 from .leases.statedb import StateDB
 from .link import CoordinatorLink, NotConnected
 from .link.reporter import HeartbeatState, HelloState, default_node_name
+from .metrics.gpu_collector import GpuHealth as MetricsGpuHealth
+from .metrics.nvml_source import NvmlGpuSource
+from .metrics.readiness import Readiness, coordinator_check, docker_check, nvml_check
+from .metrics.registry import Telemetry, build_telemetry
+from .metrics.server import StatusApp, StatusServer
+from .metrics.status import (
+    StatusDocument,
+    coordinator_section,
+    gpus_section,
+    leases_section,
+    readiness_section,
+    usage_section,
+)
 from .usage.cgroup import CgroupReader, ContainerCounters
 from .usage.outbox import Outbox
 from .usage.sampler import Sampler
-from .metrics.nvml_source import NvmlGpuSource
 from .usage.sources import MeteredLease, SnapshotGpuUsage
 
 log = logging.getLogger(__name__)
@@ -119,6 +131,7 @@ class AgentNode:
         self._draining = False
         self._inventory_pb: Any = None
         self._gpu_names: dict[str, GpuDescription] = {}
+        self._assigned_at: dict[str, float] = {}  # lease id -> monotonic, until it runs
 
     # -- building -------------------------------------------------------------------
 
@@ -133,7 +146,8 @@ class AgentNode:
             raise PreflightFailed(fatal)
         self.identity = await asyncio.to_thread(load_or_create, state_dir)
         log.info(
-            "node identity", extra={"node_id": self.identity.node_id, "key": str(self.identity.path)}
+            "node identity",
+            extra={"node_id": self.identity.node_id, "key": str(self.identity.path)},
         )
         self.backend = await asyncio.to_thread(
             open_backend, config.gpu, nvml_module=self._nvml_module
@@ -141,7 +155,10 @@ class AgentNode:
         if self.backend.simulated:
             log.warning(
                 "running on SIMULATED GPUs: nothing here is real hardware",
-                extra={"profile": config.gpu.simulated.profile, "count": config.gpu.simulated.count},
+                extra={
+                    "profile": config.gpu.simulated.profile,
+                    "count": config.gpu.simulated.count,
+                },
             )
         gpus = await asyncio.to_thread(self.backend.inventory)
         self._gpu_names = {
@@ -190,9 +207,10 @@ class AgentNode:
             self.identity.node_id,
             config.metering,
             reader_factory=lambda lease: _DockerPidReader(client, lease.container_id),
-            on_records=lambda _records: self._usage_wake.set(),
+            on_records=self._on_usage_records,
         )
 
+        self.telemetry = self._build_telemetry()
         self.link = CoordinatorLink(
             config.coordinator,
             self.identity,
@@ -200,7 +218,9 @@ class AgentNode:
             node_name=config.node.name or default_node_name(),
             region=config.node.region or "",
             labels=config.node.labels,
+            observer=self.telemetry.agent,
         )
+        status_server = self._build_status_server(client)
         self.link.on("lease_assign", self._on_lease_assign)
         self.link.on("lease_cancel", self._on_lease_cancel)
         self.link.on("lease_update_ack", self._on_lease_update_ack)
@@ -215,6 +235,7 @@ class AgentNode:
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self._usage_sender)
         agent.add_component("coordinator-link", self.link.run)
+        agent.add_component("status-server", status_server.run)
         agent.add_component("ready", self._announce_ready)
         return agent
 
@@ -227,6 +248,99 @@ class AgentNode:
         if self._docker_client is not None:
             with contextlib.suppress(Exception):
                 self._docker_client.close()
+
+    def _build_telemetry(self) -> Telemetry:
+        def gpu_health() -> dict[str, MetricsGpuHealth]:
+            return {
+                h.uuid: MetricsGpuHealth(
+                    state=h.state.value,
+                    cordoned=h.cordoned,
+                    reason=h.cordon_reason or "; ".join(h.reasons),
+                )
+                for h in self.health.snapshot()
+                if h.uuid
+            }
+
+        return build_telemetry(
+            gpu_source=self.gpu_source,
+            scrape_timeout=self.config.status.scrape_timeout,
+            gpu_leases=lambda: self.leases.snapshot().allocations,
+            gpu_health=gpu_health,
+            lease_states=lambda: _count_states(self.leases),
+            usage_alert_records=self.config.metering.outbox_alert_records,
+        )
+
+    def _build_status_server(self, client: docker.DockerClient) -> StatusServer:
+        telemetry = self.telemetry
+        readiness = Readiness(self.config.status.scrape_timeout)
+        readiness.add("coordinator", coordinator_check(lambda: self.link.connected))
+        readiness.add("docker", docker_check(client.ping))
+        readiness.add("nvml", nvml_check(self.gpu_source))
+        doc = StatusDocument()
+        doc.add(
+            "node",
+            lambda: {
+                "node_id": self.identity.node_id,
+                "name": self.config.node.name or default_node_name(),
+                "draining": self._draining,
+                "simulated_gpus": self.backend.simulated,
+                "uptime_seconds": round(time.monotonic() - self._started, 1),
+            },
+        )
+        if telemetry.gpu is not None:
+            doc.add("gpus", gpus_section(telemetry.gpu, lambda: self.leases.snapshot().allocations))
+        doc.add(
+            "coordinator", coordinator_section(telemetry.agent, self.config.coordinator.address)
+        )
+        doc.add(
+            "leases",
+            leases_section(
+                lambda: _count_states(self.leases),
+                lambda: [
+                    {
+                        "lease_id": v.lease_id,
+                        "state": v.state.value,
+                        "gpu_uuids": list(v.gpu_uuids),
+                        "container_id": v.container_id,
+                        "expires_at": v.expires_at,
+                    }
+                    for v in self.leases.snapshot().leases
+                ],
+            ),
+        )
+        doc.add("usage", usage_section(telemetry.agent))
+        doc.add("readiness", readiness_section(readiness))
+        loop = asyncio.get_running_loop()
+
+        def drain(body: Mapping[str, Any]) -> dict[str, Any]:
+            enabled = bool(body.get("enabled", True))
+            loop.call_soon_threadsafe(self._set_draining, enabled, "local (gpu-agent drain)")
+            return {"draining": enabled}
+
+        def uncordon(body: Mapping[str, Any]) -> dict[str, Any]:
+            uuid = str(body.get("uuid", ""))
+            released = self.health.cordons.uncordon(uuid)
+            return {"uncordoned": released is not None, "uuid": uuid}
+
+        app = StatusApp(
+            telemetry.registry,
+            readiness=readiness,
+            status=doc.build,
+            actions={"drain": drain, "uncordon": uncordon},
+        )
+        return StatusServer(self.config.status.listen, app)
+
+    def _on_usage_records(self, _records: Sequence[SignedUsageRecord]) -> None:
+        self._usage_wake.set()
+        self._refresh_usage_metrics()
+
+    def _refresh_usage_metrics(self) -> None:
+        stats = self.sampler.stats
+        if stats is not None:
+            oldest = stats.oldest_pending_unix_ns
+            self.telemetry.agent.set_usage_backlog(
+                stats.pending, oldest / 1e9 if oldest is not None else None
+            )
 
     # -- what the link reports ------------------------------------------------------
 
@@ -268,11 +382,8 @@ class AgentNode:
     async def _on_lease_assign(self, msg: leases_pb2.LeaseAssign) -> None:
         spec = MessageToDict(msg.spec, preserving_proto_field_name=True)
         expires = msg.expires_at_unix_nanos / 1e9 if msg.expires_at_unix_nanos else None
-        if self._draining:
-            log.info("lease refused: node is draining", extra={"lease_id": msg.lease_id})
-        await self.leases.assign(
-            msg.lease_id, spec, expires, gpu_uuids=list(msg.gpu_uuids) or None
-        )
+        self._assigned_at.setdefault(msg.lease_id, time.monotonic())
+        await self.leases.assign(msg.lease_id, spec, expires, gpu_uuids=list(msg.gpu_uuids) or None)
 
     async def _on_lease_cancel(self, msg: leases_pb2.LeaseCancel) -> None:
         await self.leases.cancel(
@@ -283,13 +394,20 @@ class AgentNode:
         await self.leases.ack_update(msg.lease_id, msg.update_seq)
 
     async def _on_lease_update(self, update: LeaseUpdate) -> None:
+        assigned = self._assigned_at.get(update.lease_id)
+        if assigned is not None and (update.state.terminal or update.state.value == "running"):
+            del self._assigned_at[update.lease_id]
+            outcome = "success" if update.state.value == "running" else update.state.value
+            self.telemetry.agent.lease_started(outcome, time.monotonic() - assigned)
         if update.state.terminal:
             # The final usage record ends where the lease ended, before it is reported.
             view = _Metered(update.lease_id, update.container_id, update.gpu_uuids, 0.0)
             await self.sampler.close_lease(view)
         with contextlib.suppress(NotConnected):
             # Kept in the state DB until acked: a failed send is re-sent on reconnect.
-            await self.link.send(coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update)))
+            await self.link.send(
+                coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update))
+            )
 
     def _metered_leases(self) -> list[MeteredLease]:
         return [
@@ -311,7 +429,9 @@ class AgentNode:
         self._usage_sent_through = stats.acked_seq
         self._usage_wake.set()
         for update in await self.leases.pending_updates():
-            await self.link.send(coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update)))
+            await self.link.send(
+                coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update))
+            )
         if welcome.draining != self._draining:
             self._set_draining(welcome.draining, "coordinator")
 
@@ -332,7 +452,10 @@ class AgentNode:
                     self._usage_sent_through = batch[-1].record.seq
                     continue
             self._usage_wake.clear()
-            waiters = [asyncio.ensure_future(self._usage_wake.wait()), asyncio.ensure_future(stop.wait())]
+            waiters = [
+                asyncio.ensure_future(self._usage_wake.wait()),
+                asyncio.ensure_future(stop.wait()),
+            ]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
@@ -340,13 +463,16 @@ class AgentNode:
     # -- drain and readiness ------------------------------------------------------------
 
     async def _on_drain(self, msg: Any) -> None:
-        self._set_draining(msg.enabled, f"coordinator: {msg.reason}" if msg.reason else "coordinator")
+        self._set_draining(
+            msg.enabled, f"coordinator: {msg.reason}" if msg.reason else "coordinator"
+        )
 
     def _set_draining(self, draining: bool, source: str) -> None:
         if draining != self._draining:
             self._draining = draining
             log.warning(
-                "drain %s", "enabled: no new leases" if draining else "lifted",
+                "drain %s",
+                "enabled: no new leases" if draining else "lifted",
                 extra={"source": source},
             )
             sdnotify.status("draining" if draining else "running")
@@ -360,8 +486,9 @@ class AgentNode:
         """
         connected = asyncio.ensure_future(self.link.wait_connected())
         stopped = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait(
-            [connected, stopped], timeout=self.config.coordinator.call_timeout * 3,
+        await asyncio.wait(
+            [connected, stopped],
+            timeout=self.config.coordinator.call_timeout * 3,
             return_when=asyncio.FIRST_COMPLETED,
         )
         connected.cancel()
@@ -377,3 +504,10 @@ class AgentNode:
             )
         await stop.wait()
         sdnotify.stopping(status="stopping: running containers are left to Docker")
+
+
+def _count_states(leases: LeaseManager) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for view in leases.snapshot().leases:
+        counts[view.state.value] = counts.get(view.state.value, 0) + 1
+    return counts

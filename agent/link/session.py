@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -36,6 +36,17 @@ log = logging.getLogger(__name__)
 # A handler gets the message inside the envelope (e.g. a LeaseAssign).
 Handler = Callable[[Any], Awaitable[None]]
 ParamsListener = Callable[["LinkParams"], None]
+
+
+class LinkObserver(Protocol):
+    """What the link tells metrics (``AgentMetrics`` implements it)."""
+
+    def set_connected(self, connected: bool) -> None: ...
+    def reconnected(self) -> None: ...
+    def heartbeat_sent(self, at: float | None = None) -> None: ...
+    def heartbeat_failed(self) -> None: ...
+
+
 SessionListener = Callable[[coordinator_pb2.Welcome], Awaitable[None]]
 ChannelFactory = Callable[[CoordinatorConfig], grpc.aio.Channel]
 
@@ -102,7 +113,9 @@ class CoordinatorLink:
         monotonic: Callable[[], float] = time.monotonic,
         protocol_version: str = PROTOCOL_VERSION,
         agent_version: str = __version__,
+        observer: LinkObserver | None = None,
     ) -> None:
+        self.observer = observer
         self.config = config
         self.identity = identity
         self.reporter = reporter
@@ -238,6 +251,10 @@ class CoordinatorLink:
                 await self._handshake(call)
                 self._call = call
                 self._connected.set()
+                if self.observer is not None:
+                    self.observer.set_connected(True)
+                    if self.sessions_opened > 1:
+                        self.observer.reconnected()
                 if self.welcome is not None:
                     for listener in self._session_listeners:
                         task = asyncio.create_task(
@@ -249,6 +266,8 @@ class CoordinatorLink:
             finally:
                 self._call = None
                 self._connected.clear()
+                if self.observer is not None:
+                    self.observer.set_connected(False)
                 self.session_id = None
                 call.cancel()
         finally:
@@ -382,7 +401,11 @@ class CoordinatorLink:
             try:
                 await self.send(coordinator_pb2.AgentMessage(heartbeat=heartbeat))
             except NotConnected as exc:
+                if self.observer is not None:
+                    self.observer.heartbeat_failed()
                 raise _SessionEnded(str(exc)) from None
+            if self.observer is not None:
+                self.observer.heartbeat_sent()
 
     async def _reader(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
         while True:

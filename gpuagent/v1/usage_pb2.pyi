@@ -28,19 +28,23 @@ class UsageRecord(_message.Message):
     END_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     DURATION_NS_FIELD_NUMBER: _builtins.int
     GPU_COUNT_FIELD_NUMBER: _builtins.int
-    GPU_SECONDS_FIELD_NUMBER: _builtins.int
-    GPU_UTILIZATION_MEAN_RATIO_FIELD_NUMBER: _builtins.int
+    GPU_NS_FIELD_NUMBER: _builtins.int
+    GPU_UTIL_PERMILLE_FIELD_NUMBER: _builtins.int
     GPU_MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
-    ENERGY_JOULES_FIELD_NUMBER: _builtins.int
+    ENERGY_MILLIJOULES_FIELD_NUMBER: _builtins.int
     ENERGY_ESTIMATED_FIELD_NUMBER: _builtins.int
-    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    CPU_USEC_FIELD_NUMBER: _builtins.int
     MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
     NET_RX_BYTES_FIELD_NUMBER: _builtins.int
     NET_TX_BYTES_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    UNMEASURED_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """per node, starts at 1, +1 per record, never reused"""
+    """Every billed quantity is an integer: the signature covers exact values
+    (gpuagent/usage.py canonical encoding), and floats would not round-trip.
+    per node, starts at 1, +1 per record, never reused
+    """
     lease_id: _builtins.str
     start_unix_nanos: _builtins.int
     """wall clock, for humans and invoices"""
@@ -48,21 +52,25 @@ class UsageRecord(_message.Message):
     duration_ns: _builtins.int
     """monotonic clock: what is billed"""
     gpu_count: _builtins.int
-    gpu_seconds: _builtins.float
-    """gpu_count * duration"""
-    gpu_utilization_mean_ratio: _builtins.float
+    gpu_ns: _builtins.int
+    """gpu_count * duration_ns (GPU-nanoseconds)"""
+    gpu_util_permille: _builtins.int
+    """mean GPU utilization, 0..1000"""
     gpu_memory_peak_bytes: _builtins.int
-    energy_joules: _builtins.float
+    energy_millijoules: _builtins.int
     energy_estimated: _builtins.bool
     """true when NVML had no energy counter"""
-    cpu_seconds: _builtins.float
+    cpu_usec: _builtins.int
+    """container CPU time"""
     memory_peak_bytes: _builtins.int
     net_rx_bytes: _builtins.int
     net_tx_bytes: _builtins.int
     final: _builtins.bool
     """the lease's last record"""
     signature: _builtins.bytes
-    """Ed25519 over the canonical bytes (PROTOCOL.md)"""
+    """Ed25519 over the canonical bytes (docs/metering.md)"""
+    unmeasured: _builtins.int
+    """bit set of counters that could not be read"""
     def __init__(
         self,
         *,
@@ -72,21 +80,22 @@ class UsageRecord(_message.Message):
         end_unix_nanos: _builtins.int = ...,
         duration_ns: _builtins.int = ...,
         gpu_count: _builtins.int = ...,
-        gpu_seconds: _builtins.float = ...,
-        gpu_utilization_mean_ratio: _builtins.float = ...,
+        gpu_ns: _builtins.int = ...,
+        gpu_util_permille: _builtins.int = ...,
         gpu_memory_peak_bytes: _builtins.int = ...,
-        energy_joules: _builtins.float = ...,
+        energy_millijoules: _builtins.int = ...,
         energy_estimated: _builtins.bool = ...,
-        cpu_seconds: _builtins.float = ...,
+        cpu_usec: _builtins.int = ...,
         memory_peak_bytes: _builtins.int = ...,
         net_rx_bytes: _builtins.int = ...,
         net_tx_bytes: _builtins.int = ...,
         final: _builtins.bool = ...,
         signature: _builtins.bytes = ...,
+        unmeasured: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "duration_ns", b"duration_ns", "end_unix_nanos", b"end_unix_nanos", "energy_estimated", b"energy_estimated", "energy_joules", b"energy_joules", "final", b"final", "gpu_count", b"gpu_count", "gpu_memory_peak_bytes", b"gpu_memory_peak_bytes", "gpu_seconds", b"gpu_seconds", "gpu_utilization_mean_ratio", b"gpu_utilization_mean_ratio", "lease_id", b"lease_id", "memory_peak_bytes", b"memory_peak_bytes", "net_rx_bytes", b"net_rx_bytes", "net_tx_bytes", b"net_tx_bytes", "seq", b"seq", "signature", b"signature", "start_unix_nanos", b"start_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_usec", b"cpu_usec", "duration_ns", b"duration_ns", "end_unix_nanos", b"end_unix_nanos", "energy_estimated", b"energy_estimated", "energy_millijoules", b"energy_millijoules", "final", b"final", "gpu_count", b"gpu_count", "gpu_memory_peak_bytes", b"gpu_memory_peak_bytes", "gpu_ns", b"gpu_ns", "gpu_util_permille", b"gpu_util_permille", "lease_id", b"lease_id", "memory_peak_bytes", b"memory_peak_bytes", "net_rx_bytes", b"net_rx_bytes", "net_tx_bytes", b"net_tx_bytes", "seq", b"seq", "signature", b"signature", "start_unix_nanos", b"start_unix_nanos", "unmeasured", b"unmeasured"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
