@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "agent.cmd_config",
     "agent.cmd_leases",
     "agent.cmd_status",
+    "agent.cmd_drain",
     "agent.cmd_hardware",
     "agent.cmd_attest",
 )

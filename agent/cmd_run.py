@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from gpuagent.logsetup import setup_logging
 
-from .cli import load_config_from_args
+from .cli import config_path, load_config_from_args
 from .config import AgentConfig
 from .gpu import NvmlUnavailable
 from .identity import IdentityError
@@ -30,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
     try:
-        return asyncio.run(_main(config))
+        return asyncio.run(_main(config, config_path(args)))
     except PreflightFailed as exc:
         for result in exc.results:
             print(f"error: preflight: {result.name}: {result.message}", file=sys.stderr)  # noqa: T201
@@ -45,8 +46,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _main(config: AgentConfig) -> int:
-    node = AgentNode(config)
+async def _main(config: AgentConfig, path: Path | None) -> int:
+    node = AgentNode(config, config_path=path)
     try:
         agent = await node.start()
         agent.install_signal_handlers()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from .config import AgentConfig
 
@@ -29,6 +29,8 @@ class Agent:
         self._stop_reason = ""
         self._components: list[tuple[str, Component]] = []
         self._signals = 0
+        self.on_reload: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self._reload_tasks: set[asyncio.Task[None]] = set()
 
     def add_component(self, name: str, component: Component) -> None:
         self._components.append((name, component))
@@ -48,6 +50,14 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+
+    def _on_hangup(self) -> None:
+        if self.on_reload is None or self._stop.is_set():
+            return
+        task = asyncio.get_running_loop().create_task(self.on_reload(), name="reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

@@ -21,12 +21,14 @@ import docker
 from google.protobuf.json_format import MessageToDict
 
 from gpuagent import sdnotify
+from gpuagent.configload import ConfigError
+from gpuagent.logsetup import setup_logging
 from gpuagent.usage import SignedUsageRecord
 from gpuagent.usage_wire import record_to_pb
 from gpuagent.v1 import coordinator_pb2, leases_pb2, usage_pb2
 
 from . import wire
-from .config import AgentConfig
+from .config import AgentConfig, load_agent_config
 from .daemon import Agent
 from .doctor import CheckResult, fatal_results, run_preflight
 from .gpu import GpuBackend, open_backend
@@ -55,6 +57,7 @@ from .metrics.status import (
     readiness_section,
     usage_section,
 )
+from .reload import merge_live, plan_reload
 from .usage.cgroup import CgroupReader, ContainerCounters
 from .usage.outbox import Outbox
 from .usage.sampler import Sampler
@@ -111,10 +114,12 @@ class AgentNode:
         self,
         config: AgentConfig,
         *,
+        config_path: Path | None = None,
         nvml_module: Any = None,
         docker_client: docker.DockerClient | None = None,
     ) -> None:
         self.config = config
+        self.config_path = config_path
         self._nvml_module = nvml_module
         self._docker_client = docker_client
         self.agent = Agent(config)
@@ -129,6 +134,8 @@ class AgentNode:
         self._usage_wake = asyncio.Event()
         self._usage_sent_through = 0
         self._draining = False
+        self._drain_deadline: float | None = None  # unix seconds
+        self._drain_task: asyncio.Task[None] | None = None
         self._inventory_pb: Any = None
         self._gpu_names: dict[str, GpuDescription] = {}
         self._assigned_at: dict[str, float] = {}  # lease id -> monotonic, until it runs
@@ -237,6 +244,8 @@ class AgentNode:
         agent.add_component("coordinator-link", self.link.run)
         agent.add_component("status-server", status_server.run)
         agent.add_component("ready", self._announce_ready)
+        agent.add_component("disconnect-guard", self._disconnect_guard)
+        agent.on_reload = self.reload
         return agent
 
     async def close(self) -> None:
@@ -314,8 +323,12 @@ class AgentNode:
 
         def drain(body: Mapping[str, Any]) -> dict[str, Any]:
             enabled = bool(body.get("enabled", True))
-            loop.call_soon_threadsafe(self._set_draining, enabled, "local (gpu-agent drain)")
-            return {"draining": enabled}
+            raw = body.get("deadline_unix")
+            deadline = float(raw) if isinstance(raw, int | float) and enabled else None
+            loop.call_soon_threadsafe(
+                self._set_draining, enabled, "local (gpu-agent drain)", deadline
+            )
+            return {"draining": enabled, "deadline_unix": deadline}
 
         def uncordon(body: Mapping[str, Any]) -> dict[str, Any]:
             uuid = str(body.get("uuid", ""))
@@ -463,19 +476,85 @@ class AgentNode:
     # -- drain and readiness ------------------------------------------------------------
 
     async def _on_drain(self, msg: Any) -> None:
-        self._set_draining(
-            msg.enabled, f"coordinator: {msg.reason}" if msg.reason else "coordinator"
-        )
+        deadline = msg.deadline_unix_nanos / 1e9 if msg.deadline_unix_nanos else None
+        source = f"coordinator: {msg.reason}" if msg.reason else "coordinator"
+        self._set_draining(msg.enabled, source, deadline)
 
-    def _set_draining(self, draining: bool, source: str) -> None:
-        if draining != self._draining:
-            self._draining = draining
-            log.warning(
-                "drain %s",
-                "enabled: no new leases" if draining else "lifted",
-                extra={"source": source},
+    def _set_draining(self, draining: bool, source: str, deadline: float | None = None) -> None:
+        """No new leases while draining; at ``deadline`` the running ones are stopped."""
+        if draining == self._draining and deadline == self._drain_deadline:
+            return
+        self._draining = draining
+        self._drain_deadline = deadline if draining else None
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        if draining and deadline is not None:
+            self._drain_task = asyncio.get_running_loop().create_task(
+                self._stop_at_deadline(deadline), name="drain-deadline"
             )
-            sdnotify.status("draining" if draining else "running")
+        log.warning(
+            "drain %s",
+            "enabled: no new leases" if draining else "lifted",
+            extra={"source": source, "deadline": deadline},
+        )
+        sdnotify.status("draining" if draining else "running")
+
+    async def _stop_at_deadline(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.time()))
+        await self._cancel_all("drain deadline reached")
+
+    async def _cancel_all(self, reason: str) -> None:
+        running = [v.lease_id for v in self.leases.snapshot().leases if not v.state.terminal]
+        if running:
+            log.warning("stopping running leases", extra={"reason": reason, "leases": running})
+        for lease_id in running:
+            await self.leases.cancel(lease_id, reason)
+
+    async def _disconnect_guard(self, stop: asyncio.Event) -> None:
+        """Off by default (leases run through outages); like Nomad's stop_on_client_after."""
+        while not stop.is_set():
+            limit = self.config.coordinator.stop_leases_after_disconnect
+            if limit is not None and not self.link.connected:
+                since = time.monotonic()
+                while not stop.is_set() and not self.link.connected:
+                    if time.monotonic() - since >= limit:
+                        await self._cancel_all(
+                            f"no coordinator for {limit:.0f}s "
+                            "(coordinator.stop_leases_after_disconnect)"
+                        )
+                        break
+                    await _wait(stop, 1.0)
+                while not stop.is_set() and not self.link.connected:
+                    await _wait(stop, 1.0)
+            await _wait(stop, 1.0)
+
+    async def reload(self) -> None:
+        """SIGHUP: apply the live-safe changes of the config file; report the rest."""
+        sdnotify.reloading(status="reloading configuration")
+        try:
+            new = await asyncio.to_thread(load_agent_config, self.config_path)
+        except ConfigError as exc:
+            log.error(
+                "config reload failed; keeping the running config",
+                extra={"file": exc.source, "problems": exc.problems},
+            )
+            sdnotify.ready(status="reload failed: kept the running config")
+            return
+        plan = plan_reload(self.config, new)
+        if plan.live:
+            self.config = merge_live(self.config, new, plan)
+            setup_logging(self.config.log.level, self.config.log.format)
+            self.leases.update_policy(self.config.runtime)
+        if plan.restart:
+            log.warning(
+                "config changes need a restart to apply", extra={"keys": list(plan.restart)}
+            )
+        log.info(
+            "config reloaded",
+            extra={"applied": list(plan.live), "need_restart": list(plan.restart)},
+        )
+        sdnotify.ready(status="running (config reloaded)")
 
     async def _announce_ready(self, stop: asyncio.Event) -> None:
         """READY after the first Welcome, or degraded-ready if the coordinator is away.
@@ -511,3 +590,8 @@ def _count_states(leases: LeaseManager) -> dict[str, int]:
     for view in leases.snapshot().leases:
         counts[view.state.value] = counts.get(view.state.value, 0) + 1
     return counts
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -132,6 +132,10 @@ class DockerRuntime:
         self.node_id = node_id
         self.scratch_root = scratch_root
 
+    def update_config(self, config: RuntimeConfig) -> None:
+        """Limits for containers created from now on (SIGHUP); running ones keep theirs."""
+        self._config = config
+
     @property
     def label_filters(self) -> list[str]:
         return [f"{LABEL_MANAGED}=true", f"{LABEL_NODE}={self.node_id}"]

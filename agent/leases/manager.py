@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import psutil
 
-from ..config import AgentConfig
+from ..config import AgentConfig, RuntimeConfig
 from .allocator import AllocationError, GpuAllocator
 from .docker_runtime import RESYNC, ContainerExists, ContainerInfo, DockerRuntime, RuntimeFailure
 from .records import LeaseRecord, LeaseUpdate, bound_log_tail
@@ -260,6 +260,11 @@ class LeaseManager:
             for task in [*self._launches.values(), *self._tasks]:
                 task.cancel()
             await asyncio.gather(*self._launches.values(), *self._tasks, return_exceptions=True)
+
+    def update_policy(self, runtime: RuntimeConfig) -> None:
+        """New admission limits and allow-lists (SIGHUP); running leases keep theirs."""
+        self._policy = runtime
+        self._runtime.update_config(runtime)
 
     def snapshot(self) -> LeasesSnapshot:
         views = tuple(
