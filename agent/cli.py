@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "agent.cmd_drain",
     "agent.cmd_hardware",
     "agent.cmd_attest",
+    "agent.cmd_usage",
 )
 
 Handler = Callable[[argparse.Namespace], int]

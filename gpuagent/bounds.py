@@ -22,7 +22,6 @@ LIMITS: dict[str, int] = {
     "gpuagent.v1.UsageReport.records": 10_000,
     "gpuagent.v1.OpenedRow.values": 1024 * 1024,
     "gpuagent.v1.OpenedRow.proof": 64,
-    "gpuagent.v1.AttestationOpen.freivalds_product": 1024 * 1024,
     "gpuagent.v1.Inventory.gpus": 64,
     "gpuagent.v1.Hello.gpu_health": 64,
     "gpuagent.v1.Heartbeat.gpu_health": 64,

@@ -40,6 +40,7 @@ import enum
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -83,7 +84,7 @@ class CanonicalDecodeError(ValueError):
     """Bytes that are not a canonical v1 usage record; the message says where."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class UsageRecord:
     """One closed interval of one lease. ``seq`` is 0 until the outbox assigns it."""
 
@@ -145,73 +146,92 @@ _LAYOUT: tuple[tuple[str, str], ...] = (
 _RANGES = {"Q": (0, U64_MAX), "q": (I64_MIN, I64_MAX), "I": (0, U32_MAX)}
 
 
+_U32 = struct.Struct(">I")
+_SEQ = struct.Struct(">Q")
+# Everything after lease_id, in layout order, as one struct: decoding 100,000
+# pending records at startup is one unpack each, not eighteen.
+_TAIL_FIELDS = tuple(name for name, _ in _LAYOUT[3:])
+_TAIL_BOOLS = tuple(i for i, (_, code) in enumerate(_LAYOUT[3:]) if code == "bool")
+_TAIL = struct.Struct(">" + "".join("B" if code == "bool" else code for _, code in _LAYOUT[3:]))
+
+
+def _check_field(name: str, code: str, value: object) -> None:
+    if code == "str":
+        if not isinstance(value, str):
+            raise UsageRecordError(f"{name}: expected a string, got {type(value).__name__}")
+    elif code == "bool":
+        if not isinstance(value, bool):
+            raise UsageRecordError(f"{name}: expected a bool, got {type(value).__name__}")
+    else:
+        # bool is an int subclass; a True seq is a bug, not the number 1.
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UsageRecordError(f"{name}: expected an integer, got {type(value).__name__}")
+        low, high = _RANGES[code]
+        if not low <= value <= high:
+            raise UsageRecordError(f"{name}: {value} is outside [{low}, {high}]")
+
+
+def _encode_str(name: str, value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > MAX_ID_BYTES:
+        raise UsageRecordError(f"{name}: {len(data)} bytes exceeds {MAX_ID_BYTES}")
+    return _U32.pack(len(data)) + data
+
+
 def canonical_bytes(record: UsageRecord) -> bytes:
     """The exact bytes a record's signature covers (see the module docstring).
 
     Raises UsageRecordError when a field does not fit its encoded width, so an
     unencodable record can never be signed.
     """
-    parts = [USAGE_DOMAIN]
     for name, code in _LAYOUT:
-        value = getattr(record, name)
-        if code == "str":
-            if not isinstance(value, str):
-                raise UsageRecordError(f"{name}: expected a string, got {type(value).__name__}")
-            data = value.encode("utf-8")
-            if len(data) > MAX_ID_BYTES:
-                raise UsageRecordError(f"{name}: {len(data)} bytes exceeds {MAX_ID_BYTES}")
-            parts.append(struct.pack(">I", len(data)) + data)
-        elif code == "bool":
-            if not isinstance(value, bool):
-                raise UsageRecordError(f"{name}: expected a bool, got {type(value).__name__}")
-            parts.append(b"\x01" if value else b"\x00")
-        else:
-            # bool is an int subclass; a True seq is a bug, not the number 1.
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageRecordError(f"{name}: expected an integer, got {type(value).__name__}")
-            low, high = _RANGES[code]
-            if not low <= value <= high:
-                raise UsageRecordError(f"{name}: {value} is outside [{low}, {high}]")
-            parts.append(struct.pack(">" + code, value))
-    return b"".join(parts)
+        _check_field(name, code, getattr(record, name))
+    return b"".join(
+        (
+            USAGE_DOMAIN,
+            _encode_str("node_id", record.node_id),
+            _SEQ.pack(record.seq),
+            _encode_str("lease_id", record.lease_id),
+            _TAIL.pack(*(getattr(record, name) for name in _TAIL_FIELDS)),
+        )
+    )
+
+
+def _decode_str(name: str, data: bytes, pos: int) -> tuple[str, int]:
+    if pos + 4 > len(data):
+        raise CanonicalDecodeError(f"{name}: truncated length at byte {pos}")
+    (length,) = _U32.unpack_from(data, pos)
+    pos += 4
+    if length > MAX_ID_BYTES or pos + length > len(data):
+        raise CanonicalDecodeError(f"{name}: bad length {length} at byte {pos - 4}")
+    try:
+        return data[pos : pos + length].decode("utf-8"), pos + length
+    except UnicodeDecodeError:
+        raise CanonicalDecodeError(f"{name}: not UTF-8") from None
 
 
 def decode_canonical(data: bytes) -> UsageRecord:
     """The record whose canonical bytes are ``data``; raises CanonicalDecodeError."""
     if not data.startswith(USAGE_DOMAIN):
         raise CanonicalDecodeError("missing the gpuagent.usage.v1 domain tag")
-    pos = len(USAGE_DOMAIN)
-    values: dict[str, object] = {}
-    for name, code in _LAYOUT:
-        if code == "str":
-            if pos + 4 > len(data):
-                raise CanonicalDecodeError(f"{name}: truncated length at byte {pos}")
-            (length,) = struct.unpack_from(">I", data, pos)
-            pos += 4
-            if length > MAX_ID_BYTES or pos + length > len(data):
-                raise CanonicalDecodeError(f"{name}: bad length {length} at byte {pos - 4}")
-            try:
-                values[name] = data[pos : pos + length].decode("utf-8")
-            except UnicodeDecodeError:
-                raise CanonicalDecodeError(f"{name}: not UTF-8") from None
-            pos += length
-        elif code == "bool":
-            if pos + 1 > len(data):
-                raise CanonicalDecodeError(f"{name}: truncated at byte {pos}")
-            flag = data[pos]
-            if flag not in (0, 1):
-                raise CanonicalDecodeError(f"{name}: bool byte {flag} is not 0 or 1")
-            values[name] = flag == 1
-            pos += 1
-        else:
-            size = struct.calcsize(">" + code)
-            if pos + size > len(data):
-                raise CanonicalDecodeError(f"{name}: truncated at byte {pos}")
-            (values[name],) = struct.unpack_from(">" + code, data, pos)
-            pos += size
-    if pos != len(data):
-        raise CanonicalDecodeError(f"{len(data) - pos} trailing bytes after the record")
-    return UsageRecord(**values)  # type: ignore[arg-type]
+    node_id, pos = _decode_str("node_id", data, len(USAGE_DOMAIN))
+    if pos + _SEQ.size > len(data):
+        raise CanonicalDecodeError(f"seq: truncated at byte {pos}")
+    (seq,) = _SEQ.unpack_from(data, pos)
+    lease_id, pos = _decode_str("lease_id", data, pos + _SEQ.size)
+    if pos + _TAIL.size > len(data):
+        raise CanonicalDecodeError(f"truncated at byte {pos}: {len(data) - pos} of {_TAIL.size}")
+    if pos + _TAIL.size != len(data):
+        raise CanonicalDecodeError(
+            f"{len(data) - pos - _TAIL.size} trailing bytes after the record"
+        )
+    tail: list[Any] = list(_TAIL.unpack_from(data, pos))
+    for index in _TAIL_BOOLS:
+        if tail[index] not in (0, 1):
+            name = _TAIL_FIELDS[index]
+            raise CanonicalDecodeError(f"{name}: bool byte {tail[index]} is not 0 or 1")
+        tail[index] = tail[index] == 1
+    return UsageRecord(node_id, seq, lease_id, *tail)
 
 
 def sign_record(record: UsageRecord, sign: Callable[[bytes], bytes]) -> bytes:

@@ -1,7 +1,9 @@
-"""Usage records between the shared model (``gpuagent.usage``) and protobuf.
+"""Usage records to and from protocol messages (``gpuagent.v1.UsageRecord``).
 
-The node id is not on the wire: the coordinator takes it from the authenticated
-session, so a record can only ever be verified as coming from that node.
+The proto carries every field of ``gpuagent.usage.UsageRecord`` exactly (all
+integers) except ``node_id``, which is the session's authenticated node: the
+coordinator rebuilds the record with it, so a node can only ever sign for
+itself, and the signature is checked over the rebuilt canonical bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ def record_to_pb(signed: SignedUsageRecord) -> usage_pb2.UsageRecord:
         duration_ns=r.duration_ns,
         gpu_count=r.gpu_count,
         gpu_ns=r.gpu_ns,
-        gpu_util_permille=r.gpu_util_permille,
+        gpu_utilization_permille=r.gpu_util_permille,
         gpu_memory_peak_bytes=r.peak_gpu_memory_bytes,
         energy_millijoules=r.energy_mj,
         energy_estimated=r.energy_estimated,
@@ -28,32 +30,32 @@ def record_to_pb(signed: SignedUsageRecord) -> usage_pb2.UsageRecord:
         memory_peak_bytes=r.peak_memory_bytes,
         net_rx_bytes=r.net_rx_bytes,
         net_tx_bytes=r.net_tx_bytes,
+        unmeasured=r.unmeasured,
         final=r.final,
         signature=signed.signature,
-        unmeasured=r.unmeasured,
     )
 
 
-def record_from_pb(node_id: str, msg: usage_pb2.UsageRecord) -> SignedUsageRecord:
-    """The record as the node signed it; verification is the caller's next step."""
+def record_from_pb(node_id: str, pb: usage_pb2.UsageRecord) -> SignedUsageRecord:
+    """The record ``node_id`` claims to have signed; verify it before trusting it."""
     record = UsageRecord(
         node_id=node_id,
-        seq=msg.seq,
-        lease_id=msg.lease_id,
-        start_unix_ns=msg.start_unix_nanos,
-        end_unix_ns=msg.end_unix_nanos,
-        duration_ns=msg.duration_ns,
-        gpu_count=msg.gpu_count,
-        gpu_ns=msg.gpu_ns,
-        gpu_util_permille=msg.gpu_util_permille,
-        peak_gpu_memory_bytes=msg.gpu_memory_peak_bytes,
-        energy_mj=msg.energy_millijoules,
-        energy_estimated=msg.energy_estimated,
-        cpu_usec=msg.cpu_usec,
-        peak_memory_bytes=msg.memory_peak_bytes,
-        net_rx_bytes=msg.net_rx_bytes,
-        net_tx_bytes=msg.net_tx_bytes,
-        unmeasured=msg.unmeasured,
-        final=msg.final,
+        seq=pb.seq,
+        lease_id=pb.lease_id,
+        start_unix_ns=pb.start_unix_nanos,
+        end_unix_ns=pb.end_unix_nanos,
+        duration_ns=pb.duration_ns,
+        gpu_count=pb.gpu_count,
+        gpu_ns=pb.gpu_ns,
+        gpu_util_permille=pb.gpu_utilization_permille,
+        peak_gpu_memory_bytes=pb.gpu_memory_peak_bytes,
+        energy_mj=pb.energy_millijoules,
+        energy_estimated=pb.energy_estimated,
+        cpu_usec=pb.cpu_usec,
+        peak_memory_bytes=pb.memory_peak_bytes,
+        net_rx_bytes=pb.net_rx_bytes,
+        net_tx_bytes=pb.net_tx_bytes,
+        unmeasured=pb.unmeasured,
+        final=pb.final,
     )
-    return SignedUsageRecord(record=record, signature=msg.signature)
+    return SignedUsageRecord(record, bytes(pb.signature))

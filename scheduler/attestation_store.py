@@ -116,4 +116,3 @@ async def history(db: Database, node_id: str, limit: int = 100) -> list[Attestat
         return [_record(r) for r in rows]
 
     return await db.call(read)
-

@@ -21,7 +21,9 @@ from .config import DEFAULT_CONFIG_PATH, SchedulerConfig, load_scheduler_config
 COMMAND_MODULES = (
     "scheduler.cmd_serve",
     "scheduler.cmd_nodes",
+    "scheduler.cmd_leases",
     "scheduler.cmd_config",
+    "scheduler.cmd_ledger",
 )
 
 Handler = Callable[[argparse.Namespace], int]

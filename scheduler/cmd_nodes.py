@@ -1,4 +1,4 @@
-"""``gpu-scheduler nodes [list|show ID]``: the node registry, from a running server.
+"""``gpu-scheduler nodes [list|show ID|attest ID]``: the node registry, from a running server.
 
 Talks to the server's Nodes service over gRPC with a deadline. Address and TLS
 default to the same config file ``serve`` reads (and its auto-generated CA), so
@@ -53,6 +53,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = nodes_sub.add_parser("show", parents=[conn], help="one node in detail")
     show.add_argument("node_id", metavar="ID", help="node id or a unique prefix")
     show.set_defaults(handler=_show)
+    attest = nodes_sub.add_parser(
+        "attest", parents=[conn], help="run a benchmark attestation on a node now"
+    )
+    attest.add_argument("node_id", metavar="ID", help="node id or a unique prefix")
+    attest.add_argument(
+        "--gpu", action="append", default=[], metavar="UUID", help="only this GPU (repeatable)"
+    )
+    attest.add_argument("--no-wait", action="store_true", help="return once the challenge is sent")
+    attest.set_defaults(handler=_attest)
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
@@ -196,5 +205,40 @@ def _show(args: argparse.Namespace) -> int:
         )
     for lease in node.leases:
         lines.append(f"lease:       {lease.lease_id} state={lease.state}")
+    lines.append(f"attested:    {'yes' if node.attested else 'no'}")
+    index = {g.uuid: g.index for g in node.inventory.gpus}
+    for a in node.attestations:
+        lines.append(f"  [{index.get(a.gpu_uuid, '?')}] " + format_attestation(a, now))
     print("\n".join(lines))  # noqa: T201
     return 0
+
+
+def format_attestation(a: nodes_pb2.GpuAttestation, now: float) -> str:
+    """One verdict on one line: outcome, SKU, figures, age and expiry."""
+    when = _ago(a.attested_at_unix_nanos, now)
+    if a.passed:
+        left = a.expires_at_unix_nanos / 1e9 - now
+        state = f"passed  expires in {left / 3600:.1f}h" if left > 0 else "EXPIRED"
+    else:
+        state = f"FAILED {a.reason}: {a.message}"
+    figures = f"{a.measured_tflops:.3g} TFLOPS in {a.elapsed_ns / 1e9:.2f}s" if a.elapsed_ns else ""
+    parts = [a.gpu_uuid, a.sku or "(no sku)", state, figures, when, a.challenge_id]
+    return "  ".join(p for p in parts if p)
+
+
+def _attest(args: argparse.Namespace) -> int:
+    wait = not args.no_wait
+    if wait and not hasattr(args, "timeout"):
+        args.timeout = 300.0  # a challenge takes seconds per GPU, a simulated one longer
+    request = nodes_pb2.AttestNodeRequest(node_id=args.node_id, gpu_uuids=args.gpu, wait=wait)
+    response = _call(args, "Attest", request)
+    if response is None:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(MessageToDict(response), indent=2))  # noqa: T201
+        return 0
+    now = time.time()
+    print(f"challenge:   {response.challenge_id or '(none: no GPU could be challenged)'}")  # noqa: T201
+    for a in response.results:
+        print("  " + format_attestation(a, now))  # noqa: T201
+    return 0 if all(a.passed for a in response.results) else 1

@@ -152,12 +152,57 @@ class AttestationConfig(Strict):
 
     @model_validator(mode="after")
     def _validity(self) -> AttestationConfig:
+        if self.required and not self.enabled:
+            raise ValueError(
+                "required: true with enabled: false would give no GPU a lease; "
+                "set required: false to run without attestation"
+            )
         if self.enabled and self.validity <= self.interval:
             raise ValueError(
                 f"validity ({self.validity:g}s) must exceed interval ({self.interval:g}s), "
                 "or every node would go unattested before its next attestation"
             )
         return self
+
+
+class LedgerConfig(Strict):
+    """Amounts are integer micro-units (1 unit = 1_000_000); see docs/ledger.md."""
+
+    escrow: bool = Field(
+        default=True,
+        description="submit reserves price x GPUs x max duration from the buyer's balance; "
+        "false = leases need no funds (usage is still stored and costed)",
+    )
+    min_collateral_micros: int = Field(
+        default=0,
+        ge=0,
+        description="unslashed stake a node needs before leases go to it; 0 = none",
+    )
+    slash_attestation_micros: int = Field(
+        default=10_000_000, ge=0, description="slashed from a node's stake per failed attestation"
+    )
+    slash_uptime_micros: int = Field(
+        default=10_000_000,
+        ge=0,
+        description="slashed once per uptime_window while measured uptime < the commitment",
+    )
+    uptime_window: Duration = Field(
+        default=86400.0, gt=0, description="uptime is measured over this window"
+    )
+    uptime_check_interval: Duration = Field(
+        default=3600.0, gt=0, description="compare uptime with commitments this often"
+    )
+    default_credit_micros: int = Field(
+        default=0, ge=0, description="DEMO: balance a new buyer account starts with"
+    )
+    final_record_grace: Duration = Field(
+        default=600.0,
+        gt=0,
+        description="escrow waits this long after a lease ends for its final record",
+    )
+    clock_skew_allowance: Duration = Field(
+        default=60.0, ge=0, description="records may start this long after the lease ended"
+    )
 
 
 class SchedulerConfig(Strict):
@@ -168,6 +213,7 @@ class SchedulerConfig(Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
 
 
 def load_scheduler_config(path: Path | None) -> SchedulerConfig:

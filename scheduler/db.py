@@ -105,6 +105,100 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX placement_attempts_lease ON placement_attempts(lease_id, ts_ns);
     """,
+    # 3: usage records and the ledger (docs/ledger.md). Amounts are integer micro-units.
+    """
+    CREATE TABLE usage_records (
+        node_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        lease_id TEXT NOT NULL,
+        status TEXT NOT NULL,              -- accepted | rejected (stored so the ack moves on)
+        reason TEXT NOT NULL DEFAULT '',
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        duration_ns INTEGER NOT NULL,
+        gpu_count INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        final INTEGER NOT NULL,
+        cost_micros INTEGER NOT NULL DEFAULT 0,
+        canonical BLOB NOT NULL,           -- the signed bytes: every field, exactly
+        signature BLOB NOT NULL,
+        received_ns INTEGER NOT NULL,
+        PRIMARY KEY (node_id, seq)
+    );
+    CREATE INDEX usage_records_lease ON usage_records(lease_id, start_ns);
+    CREATE TABLE accounts (
+        buyer TEXT PRIMARY KEY,
+        balance_micros INTEGER NOT NULL DEFAULT 0 CHECK (balance_micros >= 0),
+        deposited_micros INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE escrow (
+        lease_id TEXT PRIMARY KEY,
+        buyer TEXT NOT NULL,
+        cap_micros INTEGER NOT NULL,       -- the most this lease can ever cost
+        reserved_micros INTEGER NOT NULL,  -- moved from the balance, ever
+        settled_micros INTEGER NOT NULL DEFAULT 0,
+        released_micros INTEGER NOT NULL DEFAULT 0,
+        unbilled_micros INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL,               -- held | released
+        final_seen INTEGER NOT NULL DEFAULT 0,
+        ended_ns INTEGER,                  -- the lease reached a terminal state
+        created_ns INTEGER NOT NULL,
+        CHECK (reserved_micros - settled_micros - released_micros >= 0)
+    );
+    CREATE TABLE billing (
+        lease_id TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        price_micros_per_gpu_hour INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL DEFAULT 0,
+        cost_micros INTEGER NOT NULL DEFAULT 0,  -- floor(price * gpu_ns / 3.6e12)
+        PRIMARY KEY (lease_id, node_id)
+    );
+    CREATE TABLE earnings (
+        node_id TEXT PRIMARY KEY,
+        micros INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE collateral (
+        node_id TEXT PRIMARY KEY,
+        staked_micros INTEGER NOT NULL DEFAULT 0,
+        slashed_micros INTEGER NOT NULL DEFAULT 0,
+        uptime_commitment_ratio REAL NOT NULL DEFAULT 0,
+        committed_ns INTEGER NOT NULL,     -- uptime is measured from here
+        last_uptime_slash_ns INTEGER,
+        CHECK (slashed_micros <= staked_micros)
+    );
+    CREATE TABLE ledger_entries (
+        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ns INTEGER NOT NULL,
+        kind TEXT NOT NULL,                -- deposit|reserve|settle|release|stake|slash
+        buyer TEXT NOT NULL DEFAULT '',
+        node_id TEXT NOT NULL DEFAULT '',
+        lease_id TEXT NOT NULL DEFAULT '',
+        amount_micros INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        ref TEXT NOT NULL DEFAULT ''       -- idempotency key (deposits) or node:seq (settles)
+    );
+    CREATE UNIQUE INDEX ledger_entries_deposit_ref ON ledger_entries(ref)
+        WHERE kind = 'deposit' AND ref != '';
+    CREATE INDEX ledger_entries_lease ON ledger_entries(lease_id);
+    """,
+    # 4: attestation verdicts, one row per GPU per challenge (scheduler/attestation_store.py).
+    """
+    CREATE TABLE attestations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        gpu_uuid TEXT NOT NULL,
+        challenge_id TEXT NOT NULL DEFAULT '',  -- '' when judged without a challenge
+        sku TEXT NOT NULL DEFAULT '',           -- judged against; '<sku>@simulated' in demos
+        passed INTEGER NOT NULL,
+        reason TEXT NOT NULL,                   -- 'ok' or the reject reason
+        message TEXT NOT NULL DEFAULT '',
+        measured_tflops REAL NOT NULL DEFAULT 0,
+        elapsed_ns INTEGER NOT NULL DEFAULT 0,  -- challenge sent -> commit received
+        created_ns INTEGER NOT NULL,
+        expires_ns INTEGER NOT NULL             -- a passed verdict counts until then
+    );
+    CREATE INDEX attestations_gpu ON attestations(node_id, gpu_uuid, created_ns);
+    """,
 )
 
 

@@ -188,7 +188,9 @@ class LeaseDispatcher:
                     continue
                 if h.state != inventory_pb2.GpuHealth.HEALTHY or h.cordoned:
                     continue
-                if self.gpu_eligible is not None and not self.gpu_eligible(record.node_id, gpu.uuid):
+                if self.gpu_eligible is not None and not self.gpu_eligible(
+                    record.node_id, gpu.uuid
+                ):
                     continue
                 gpus.append(
                     placement.GpuView(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index)
@@ -372,7 +374,11 @@ class LeaseDispatcher:
                 offer.settle("rejected" if outcome is UpdateOutcome.REJECTED else "accepted")
             if outcome is UpdateOutcome.REJECTED or row.terminal:
                 self.kick()
-            if row.cancel_requested_ns is not None and not row.terminal and result.previous_state == "pending":
+            if (
+                row.cancel_requested_ns is not None
+                and not row.terminal
+                and result.previous_state == "pending"
+            ):
                 # Cancelled while the offer was in flight: the node accepted; stop it.
                 await self._send_cancel(node, row.lease_id, "cancelled by the buyer")
         ack = leases_pb2.LeaseUpdateAck(lease_id=update.lease_id, update_seq=update.update_seq)
@@ -420,7 +426,11 @@ class LeaseDispatcher:
             for row in lost:
                 log.warning(
                     "lease lost: agent does not list it after reconnecting",
-                    extra={"lease_id": row.lease_id, "node_id": session.node_id, "state": row.state},
+                    extra={
+                        "lease_id": row.lease_id,
+                        "node_id": session.node_id,
+                        "state": row.state,
+                    },
                 )
             if lost:
                 self.kick()
@@ -428,22 +438,32 @@ class LeaseDispatcher:
             self.kick()
 
     async def on_liveness(self, changes: Sequence[tuple[str, Liveness, Liveness]]) -> None:
-        """Called with ``Registry.sweep()``'s transitions."""
+        """After ``Registry.sweep()``: kick for nodes back online; fail offers to nodes gone
+        offline; lose (or re-queue) leases on every offline node.
+
+        Offline nodes are found by evaluating liveness, not only from ``changes``: a
+        sweep that runs inside a heartbeat reports its transitions to nobody, and a
+        node can be offline since before a restart.
+        """
         for node_id, _old, new in changes:
             if new is Liveness.ONLINE:
                 self.kick()
+            elif new is Liveness.OFFLINE:
+                for offer in self._offers.values():
+                    if offer.node_id == node_id:
+                        offer.settle("unreachable", "node went offline")
+        for node_id in sorted(await self.store.nodes_with_leases()):
+            record = self.registry.nodes.get(node_id)
+            if record is not None and self.registry.liveness(record) is not Liveness.OFFLINE:
                 continue
-            if new is not Liveness.OFFLINE:
-                continue
-            for offer in self._offers.values():
-                if offer.node_id == node_id:
-                    offer.settle("unreachable", "node went offline")
             lost = await self.store.node_lost(
                 node_id, f"node {node_id} went offline (no heartbeat within the grace)"
             )
             for row in lost:
                 log.warning(
-                    "lease lost with its node" if row.state != "pending" else "lease re-queued",
+                    "lease re-queued: its node went offline"
+                    if row.state == "pending"
+                    else "lease ended: its node went offline",
                     extra={"lease_id": row.lease_id, "node_id": node_id, "state": row.state},
                 )
             if lost:
@@ -460,7 +480,9 @@ class LeaseDispatcher:
         if row.terminal and offer is not None:
             offer.settle("settled")
         if result.notify_node is not None:
-            await self._send_cancel(result.notify_node, lease_id, reason or "cancelled by the buyer")
+            await self._send_cancel(
+                result.notify_node, lease_id, reason or "cancelled by the buyer"
+            )
         log.info("lease cancel requested", extra={"lease_id": lease_id, "state": row.state})
         if row.terminal:
             self.kick()

@@ -148,7 +148,7 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token")
             after = int(request.page_token)
         size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
-        rows, next_after = await self.store.list(
+        rows, next_after = await self.store.list_leases(
             states=[state_name(s) for s in request.states],
             node_id=request.node_id,
             buyer=request.buyer,

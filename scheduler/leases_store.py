@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -231,7 +231,10 @@ class LeaseStore:
 
     @staticmethod
     def _get(conn: sqlite3.Connection, lease_id: str) -> LeaseRow | None:
-        row = conn.execute(f"SELECT {_COLUMNS} FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+        row = conn.execute(
+            f"SELECT {_COLUMNS} FROM leases WHERE lease_id = ?",  # noqa: S608 - constant columns
+            (lease_id,),
+        ).fetchone()
         return LeaseRow.from_db(row) if row else None
 
     @staticmethod
@@ -264,10 +267,10 @@ class LeaseStore:
         now: int,
         *,
         event_node: str | None = None,
-        **columns: object,
+        columns: Mapping[str, object] | None = None,
     ) -> LeaseRow:
         """Set ``state`` (+ columns), record the event, run on_terminal when it ends."""
-        columns = {"state": state, "reason": reason, "updated_ns": now, **columns}
+        columns = {"state": state, "reason": reason, "updated_ns": now, **(columns or {})}
         if state in TERMINAL:
             columns.setdefault("ended_ns", now)
         assignments = ", ".join(f"{name} = ?" for name in columns)
@@ -304,7 +307,7 @@ class LeaseStore:
         now = self._now()
 
         def txn(conn: sqlite3.Connection) -> dict[str, int]:
-            for (lease_id, node_id) in conn.execute(
+            for lease_id, node_id in conn.execute(
                 "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL",
                 (PENDING,),
             ).fetchall():
@@ -315,7 +318,9 @@ class LeaseStore:
                     " WHERE lease_id = ?",
                     (now, lease_id),
                 )
-            return dict(conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall())
+            return dict(
+                conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall()
+            )
 
         self.counts = await self.db.call(txn)
 
@@ -347,7 +352,7 @@ class LeaseStore:
             ).fetchall()
         )
 
-    async def list(
+    async def list_leases(
         self,
         *,
         states: Sequence[str] = (),
@@ -381,13 +386,15 @@ class LeaseStore:
         return await self.db.call(read)
 
     async def placement_view(self) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
-        """(pending leases to place, leases holding GPUs on nodes, nodes tried per pending lease)."""
+        """(pending leases to place, leases holding GPUs, nodes tried per pending lease)."""
 
-        def read(conn: sqlite3.Connection) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
+        def read(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
             pending = [
                 LeaseRow.from_db(r)
                 for r in conn.execute(
-                    f"SELECT {_COLUMNS} FROM leases WHERE state = ? AND node_id IS NULL"
+                    f"SELECT {_COLUMNS} FROM leases WHERE state = ? AND node_id IS NULL"  # noqa: S608
                     " ORDER BY created_ns, lease_id",
                     (PENDING,),
                 )
@@ -425,6 +432,20 @@ class LeaseStore:
                     (node_id, *terminal),
                 )
             ]
+        )
+
+    async def nodes_with_leases(self) -> set[str]:
+        """Nodes holding at least one placed, non-terminal lease (offers excluded)."""
+        terminal = tuple(TERMINAL)
+        return await self.db.call(
+            lambda conn: {
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT node_id FROM leases WHERE node_id IS NOT NULL"  # noqa: S608
+                    f" AND state != ? AND state NOT IN ({', '.join('?' * len(terminal))})",
+                    (PENDING, *terminal),
+                )
+            }
         )
 
     async def get_many(self, lease_ids: Sequence[str]) -> dict[str, LeaseRow]:
@@ -516,7 +537,16 @@ class LeaseStore:
                 " accepted_price_micros_per_gpu_hour = ?, placed_ns = ?, updated_ns = ?,"
                 " attempts = attempts + 1, last_update_seq = 0, reason = ?"
                 " WHERE lease_id = ? AND state = ? AND node_id IS NULL",
-                (node_id, json.dumps(list(gpu_uuids)), ask_micros, now, now, reason, lease_id, PENDING),
+                (
+                    node_id,
+                    json.dumps(list(gpu_uuids)),
+                    ask_micros,
+                    now,
+                    now,
+                    reason,
+                    lease_id,
+                    PENDING,
+                ),
             )
             if cur.rowcount == 0:
                 return None
@@ -568,20 +598,35 @@ class LeaseStore:
         text = f"{row.node_id} {'rejected it' if outcome == 'rejected' else outcome}: {reason}"
         if row.cancel_requested_ns is not None:
             return self._transition(
-                conn, row.lease_id, "cancelled", f"cancelled before placement; {text}", now,
-                event_node=row.node_id, **cleared,
+                conn,
+                row.lease_id,
+                "cancelled",
+                f"cancelled before placement; {text}",
+                now,
+                event_node=row.node_id,
+                columns=cleared,
             )
         if row.pinned_node_id or failures >= max_attempts:
             final = "rejected" if outcome == "rejected" else "failed"
             why = "pinned node" if row.pinned_node_id else f"{failures} placement attempts"
             return self._transition(
-                conn, row.lease_id, final, f"gave up after {why}; last: {text}", now,
-                event_node=row.node_id, **cleared,
+                conn,
+                row.lease_id,
+                final,
+                f"gave up after {why}; last: {text}",
+                now,
+                event_node=row.node_id,
+                columns=cleared,
             )
         # Still pending: an event so the buyer sees the attempt in the history.
         return self._transition(
-            conn, row.lease_id, PENDING, f"retrying elsewhere; {text}", now,
-            event_node=row.node_id, **cleared,
+            conn,
+            row.lease_id,
+            PENDING,
+            f"retrying elsewhere; {text}",
+            now,
+            event_node=row.node_id,
+            columns=cleared,
         )
 
     async def apply_update(
@@ -631,7 +676,7 @@ class LeaseStore:
                 new = self._get(conn, row.lease_id)
             else:
                 new = self._transition(
-                    conn, row.lease_id, state, update.reason, now, **columns
+                    conn, row.lease_id, state, update.reason, now, columns=columns
                 )
             return UpdateResult(UpdateOutcome.APPLIED, new, row.state)
 
@@ -659,7 +704,9 @@ class LeaseStore:
             if node is None or node not in connected:
                 # Nobody to wait for: a disconnected node is told again when its Hello
                 # lists the lease (reconciliation), so the lease ends now.
-                ended = self._transition(conn, lease_id, "cancelled", reason, now, cancel_requested_ns=now)
+                ended = self._transition(
+                    conn, lease_id, "cancelled", reason, now, columns={"cancel_requested_ns": now}
+                )
                 return CancelResult(ended, node), before
             conn.execute(
                 "UPDATE leases SET cancel_requested_ns = COALESCE(cancel_requested_ns, ?),"
@@ -678,7 +725,13 @@ class LeaseStore:
         self._count(before, cancel.row.state)
         return cancel
 
-    async def node_lost(self, node_id: str, reason: str, placed_before_ns: int | None = None, keep: Iterable[str] = ()) -> list[LeaseRow]:
+    async def node_lost(
+        self,
+        node_id: str,
+        reason: str,
+        placed_before_ns: int | None = None,
+        keep: Iterable[str] = (),
+    ) -> list[LeaseRow]:
         """End (as lost) or re-queue (``replace_on_lost``) the placed leases on ``node_id``.
 
         Offers still in flight (pending) are left to their own deadline. With
@@ -712,10 +765,22 @@ class LeaseStore:
                 elif row.replace_on_lost:
                     self._event(conn, row.lease_id, "lost", reason, node_id, now)
                     new = self._transition(
-                        conn, row.lease_id, PENDING, f"re-placing: lost on {node_id}: {reason}", now,
-                        event_node=node_id, node_id=None, gpu_uuids_json="[]",
-                        accepted_price_micros_per_gpu_hour=None, last_update_seq=0,
-                        started_ns=None, expires_at_ns=0, exit_code=None, container_id="",
+                        conn,
+                        row.lease_id,
+                        PENDING,
+                        f"re-placing: lost on {node_id}: {reason}",
+                        now,
+                        event_node=node_id,
+                        columns={
+                            "node_id": None,
+                            "gpu_uuids_json": "[]",
+                            "accepted_price_micros_per_gpu_hour": None,
+                            "last_update_seq": 0,
+                            "started_ns": None,
+                            "expires_at_ns": 0,
+                            "exit_code": None,
+                            "container_id": "",
+                        },
                     )
                 else:
                     new = self._transition(conn, row.lease_id, "lost", reason, now)

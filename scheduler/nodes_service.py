@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import grpc
 
 from gpuagent.v1 import coordinator_pb2, nodes_pb2, nodes_pb2_grpc
 
+from .attestation import AttestationManager, AttestError, InFlight, NotConnected
 from .registry import NodeRecord, Registry
+
+# Nodes.Attest with wait and no deadline waits at most this long.
+MAX_ATTEST_WAIT_S = 600.0
 
 
 class NodesService(nodes_pb2_grpc.NodesServicer):
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, attestation: AttestationManager | None = None) -> None:
         self.registry = registry
+        self.attestation = attestation
+
+    def _view(self, record: NodeRecord) -> nodes_pb2.Node:
+        node = self.registry.to_proto(record)
+        if self.attestation is not None:
+            node.attested = self.attestation.attested(record.node_id)
+            node.attestations.extend(r.to_proto() for r in self.attestation.latest(record.node_id))
+        return node
 
     async def _find(self, node_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> NodeRecord:
         record = self.registry.find(node_id) if node_id else None
@@ -29,7 +43,7 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
     ) -> nodes_pb2.ListNodesResponse:
         wanted = set(request.liveness)
         nodes = [
-            self.registry.to_proto(r)
+            self._view(r)
             for r in sorted(self.registry.nodes.values(), key=lambda r: (r.name, r.node_id))
         ]
         return nodes_pb2.ListNodesResponse(
@@ -39,7 +53,7 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
     async def Get(
         self, request: nodes_pb2.GetNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.Node:
-        return self.registry.to_proto(await self._find(request.node_id, context))
+        return self._view(await self._find(request.node_id, context))
 
     async def Drain(
         self, request: nodes_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -50,12 +64,29 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         if session is not None:
             drain = coordinator_pb2.Drain(enabled=request.enabled, reason=request.reason)
             await session.send(coordinator_pb2.CoordinatorMessage(drain=drain))
-        return self.registry.to_proto(record)
+        return self._view(record)
 
     async def Attest(
         self, request: nodes_pb2.AttestNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.AttestNodeResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "attestation is not implemented by this scheduler yet"
+        record = await self._find(request.node_id, context)
+        if self.attestation is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "attestation is not configured")
+        assert self.attestation is not None
+        try:
+            attempt = await self.attestation.attest(record.node_id, list(request.gpu_uuids))
+        except (NotConnected, InFlight) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            raise AssertionError("abort returned") from exc
+        except AttestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise AssertionError("abort returned") from exc
+        if request.wait:
+            remaining = context.time_remaining()
+            # Answer a little before the caller's deadline with whatever is in by then.
+            within = MAX_ATTEST_WAIT_S if remaining is None else max(0.0, remaining - 0.25)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(attempt.done.wait(), within)
+        return nodes_pb2.AttestNodeResponse(
+            challenge_id=attempt.challenge_id, results=[r.to_proto() for r in attempt.results]
         )
-        raise AssertionError("abort returned")

@@ -17,21 +17,40 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, nodes_pb2, nodes_pb2_grpc
+from gpuagent.v1 import (
+    common_pb2,
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    leases_pb2,
+    leases_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
 
 from . import tlsgen
+from .attestation import AttestationManager
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .lease_dispatch import DispatchSettings, LeaseDispatcher
+from .leases_service import LeasesService
+from .leases_store import LeaseStore
+from .ledger import LeaseHooks
+from .ledger_service import LedgerService
 from .liveness import LivenessPolicy
 from .nodes_service import NodesService
 from .registry import Clock, Registry
+from .usage_ingest import UsageIngest
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
     coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name,
     nodes_pb2.DESCRIPTOR.services_by_name["Nodes"].full_name,
+    leases_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
+    ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name,
 )
 
 
@@ -93,7 +112,52 @@ class SchedulerServer:
             self.registry,
             common_pb2.NodeParams(heartbeat_interval_ms=int(lv.heartbeat_interval * 1000)),
         )
-        self.nodes = NodesService(self.registry)
+        self.attestation = AttestationManager(
+            config.attestation, self.registry, self.db, clock=clock
+        )
+        self.attestation.install(self.coordinator)
+        self.coordinator.params.attestation.CopyFrom(self.attestation.policy())
+        self.nodes = NodesService(self.registry, self.attestation)
+        pc = config.placement
+        self.leases_store = LeaseStore(self.db, clock)
+        self.dispatcher = LeaseDispatcher(
+            self.leases_store,
+            self.registry,
+            DispatchSettings(
+                assign_timeout=pc.assign_timeout,
+                max_attempts=pc.max_attempts,
+                retry_interval=pc.retry_interval,
+                default_ask_micros=pc.default_price_micros_per_gpu_hour,
+                price_label=pc.price_label,
+            ),
+            gpu_eligible=self.attestation.gpu_eligible,
+        )
+        # A GPU that just passed may be what a pending lease waits for.
+        self.attestation.add_listener(lambda _node_id: self.dispatcher.kick())
+        self.coordinator.on("lease_update", self.dispatcher.on_update)
+        self.coordinator.on_connect(self.dispatcher.on_connect)
+        self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)
+        self.coordinator.known_leases = self.dispatcher.known_lease_ids
+        self.leases = LeasesService(self.leases_store, self.dispatcher, self.registry)
+        # Ledger (docs/ledger.md): escrow rides the lease store's transactions, usage
+        # reports settle it, and placement skips nodes without enough collateral.
+        self.ledger = LedgerService(self.db, self.registry, config.ledger, clock)
+        if config.ledger.escrow:
+            hooks = LeaseHooks(self.ledger.policy, lambda: round(clock() * 1e9))
+            hooks.register(self.leases_store)
+        self.usage = UsageIngest(self.db, self.registry, self.ledger.policy, clock)
+        self.coordinator.on("usage_report", self.usage.handle)
+        attested = self.dispatcher.gpu_eligible
+        self.dispatcher.gpu_eligible = lambda node, gpu: self.ledger.node_eligible(node) and (
+            attested is None or attested(node, gpu)
+        )
+        self.ledger.on_eligibility_change = self.dispatcher.kick
+        self._ledger_stop = asyncio.Event()
+        self._ledger_task: asyncio.Task[None] | None = None
+        self._dispatch_stop = asyncio.Event()
+        self._dispatch_task: asyncio.Task[None] | None = None
+        self._attest_stop = asyncio.Event()
+        self._attest_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
@@ -101,9 +165,14 @@ class SchedulerServer:
         """Open the database, bind and start serving; returns the bound port."""
         await self.db.open()
         await self.registry.load()
+        await self.attestation.load()
+        await self.leases_store.load()
+        await self.ledger.load()
         server = grpc.aio.server(options=server_options(self.config))
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.coordinator, server)
         nodes_pb2_grpc.add_NodesServicer_to_server(self.nodes, server)
+        leases_pb2_grpc.add_LeasesServicer_to_server(self.leases, server)
+        ledger_pb2_grpc.add_LedgerServicer_to_server(self.ledger, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
@@ -130,6 +199,16 @@ class SchedulerServer:
         if port == 0:
             raise ServerStartError(f"server.listen: cannot bind {listen}")
         await server.start()
+        self._dispatch_stop.clear()
+        self._dispatch_task = asyncio.create_task(
+            self.dispatcher.run(self._dispatch_stop), name="lease-dispatch"
+        )
+        self._attest_stop.clear()
+        self._attest_task = asyncio.create_task(
+            self.attestation.run(self._attest_stop), name="attestation"
+        )
+        self._ledger_stop.clear()
+        self._ledger_task = asyncio.create_task(self.ledger.run(self._ledger_stop), name="ledger")
         self._server = server
         self.port = port
         log.info(
@@ -145,17 +224,35 @@ class SchedulerServer:
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._dispatch_task is not None:
+            self._dispatch_stop.set()
+            await self._dispatch_task
+            self._dispatch_task = None
+        if self._attest_task is not None:
+            self._attest_stop.set()
+            await self._attest_task
+            self._attest_task = None
+        if self._ledger_task is not None:
+            self._ledger_stop.set()
+            await self._ledger_task
+            self._ledger_task = None
+        await self.attestation.close()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
         await self.db.close()
+
+    async def sweep(self) -> None:
+        """Re-evaluate liveness; leases on offline nodes are lost (or re-placed)."""
+        changes = self.registry.sweep()
+        await self.dispatcher.on_liveness(changes)
 
     async def _sweep_forever(self) -> None:
         prune_every = 3600.0
         last_prune = self.clock()
         while True:
             await asyncio.sleep(max(1.0, self.policy.heartbeat_interval / 2))
-            self.registry.sweep()
+            await self.sweep()
             if self.clock() - last_prune >= prune_every:
                 last_prune = self.clock()
                 await self.registry.prune_coverage()

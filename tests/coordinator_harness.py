@@ -54,8 +54,19 @@ def make_pki(tmp: Path, *, expired: bool = False) -> Pki:
     return pki
 
 
+# Attestation is off unless a test asks for it: the simulated GPUs of make_link would
+# otherwise fail it (accept_simulated is off by default) and take no leases.
+NO_ATTESTATION: dict[str, object] = {"enabled": False, "required": False}
+
+
 def scheduler_config(
-    tmp: Path, pki: Pki | None, *, port: int = 0, heartbeat: float = 0.2, **liveness: float
+    tmp: Path,
+    pki: Pki | None,
+    *,
+    port: int = 0,
+    heartbeat: float = 0.2,
+    attestation: dict[str, object] | None = None,
+    **liveness: float,
 ) -> SchedulerConfig:
     server: dict[str, object] = {"listen": f"127.0.0.1:{port}"}
     if pki is None:
@@ -68,6 +79,7 @@ def scheduler_config(
             "database": {"path": str(tmp / "sched" / "scheduler.db")},
             "liveness": {"heartbeat_interval": heartbeat, **liveness},
             "metrics": {"listen": None},
+            "attestation": NO_ATTESTATION if attestation is None else attestation,
         }
     )
 

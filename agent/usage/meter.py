@@ -146,7 +146,7 @@ class LeaseMeter:
         if reading.energy_mj is not None and previous is not None:
             acc.energy_mj += _delta(reading.energy_mj, previous)
             acc.seen |= Unmeasured.ENERGY
-        elif reading.power_watts is not None:
+        elif reading.power_watts is not None and dt_ns > 0:
             # No counter, or no baseline for it yet: integrate power over the step
             # (W x ns / 1e6 = mJ) and say the figure is an estimate.
             acc.energy_mj += round(max(0.0, reading.power_watts) * dt_ns / 1e6)

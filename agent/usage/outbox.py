@@ -38,7 +38,7 @@ from gpuagent.usage import (
 
 log = logging.getLogger(__name__)
 
-OUTBOX_FILE_NAME = "usage-outbox.sqlite3"
+OUTBOX_FILE_NAME = "usage.db"  # in the node's state_dir
 SCHEMA_VERSION = 1
 
 # Test hook: called with a step name ("appended": rows written, not committed;
@@ -162,6 +162,9 @@ class Outbox:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
             # the module never opens or commits one behind our back.
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (sqlite3.Error, OSError) as exc:
+            raise OutboxError(f"{path}: cannot open the usage outbox: {exc}") from None
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -170,10 +173,12 @@ class Outbox:
                     if statement.strip():
                         self._db.execute(statement)
                 self._check_schema_version()
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
+            self._db.close()
             raise OutboxError(f"{path}: cannot open the usage outbox: {exc}") from None
-        except OSError as exc:
-            raise OutboxError(f"{path}: cannot open the usage outbox: {exc.strerror}") from None
+        except OutboxError:
+            self._db.close()
+            raise
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()

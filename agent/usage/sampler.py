@@ -98,6 +98,8 @@ class Sampler:
         """Tick every ``sample_interval`` until ``stop``; a failing tick is logged, not fatal."""
         loop = asyncio.get_running_loop()
         interval = self._config.sample_interval
+        # Pending counts are known before the first record of this run.
+        self.stats = await asyncio.to_thread(self._outbox.stats)
         next_at = loop.time()
         while not stop.is_set():
             try:
@@ -187,6 +189,14 @@ class Sampler:
                 continue
             if cursor is None:
                 start_ns = min(round(lease.started_monotonic * 1e9), now.mono_ns)
+                if lease.started_monotonic <= 0:
+                    # Unknown start: billing from the clock's epoch (boot) would invent
+                    # hours of use, so metering starts now instead.
+                    log.warning(
+                        "lease has no start time; metering it from now",
+                        extra={"lease_id": lease_id},
+                    )
+                    start_ns = now.mono_ns
                 start = Point(start_ns, wall_at(start_ns, now, 0))
                 meter = LeaseMeter.new_lease(lease_id, start, lease.gpu_uuids)
             else:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpuagent/v1/usage.proto\x12\x0bgpuagent.v1\"\x95\x03\n\x0bUsageRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x18\n\x10start_unix_nanos\x18\x03 \x01(\x03\x12\x16\n\x0e\x65nd_unix_nanos\x18\x04 \x01(\x03\x12\x13\n\x0b\x64uration_ns\x18\x05 \x01(\x04\x12\x11\n\tgpu_count\x18\x06 \x01(\r\x12\x0e\n\x06gpu_ns\x18\x07 \x01(\x04\x12\x19\n\x11gpu_util_permille\x18\x08 \x01(\r\x12\x1d\n\x15gpu_memory_peak_bytes\x18\t \x01(\x04\x12\x1a\n\x12\x65nergy_millijoules\x18\n \x01(\x04\x12\x18\n\x10\x65nergy_estimated\x18\x0b \x01(\x08\x12\x10\n\x08\x63pu_usec\x18\x0c \x01(\x04\x12\x19\n\x11memory_peak_bytes\x18\r \x01(\x04\x12\x14\n\x0cnet_rx_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cnet_tx_bytes\x18\x0f \x01(\x04\x12\r\n\x05\x66inal\x18\x10 \x01(\x08\x12\x11\n\tsignature\x18\x11 \x01(\x0c\x12\x12\n\nunmeasured\x18\x12 \x01(\r\"8\n\x0bUsageReport\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.gpuagent.v1.UsageRecord\"%\n\x08UsageAck\x12\x19\n\x11\x61\x63ked_through_seq\x18\x01 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpuagent/v1/usage.proto\x12\x0bgpuagent.v1\"\xf9\x03\n\x0bUsageRecord\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\x18\n\x10start_unix_nanos\x18\x03 \x01(\x03\x12\x16\n\x0e\x65nd_unix_nanos\x18\x04 \x01(\x03\x12\x13\n\x0b\x64uration_ns\x18\x05 \x01(\x04\x12\x11\n\tgpu_count\x18\x06 \x01(\r\x12\x1d\n\x15gpu_memory_peak_bytes\x18\t \x01(\x04\x12\x18\n\x10\x65nergy_estimated\x18\x0b \x01(\x08\x12\x19\n\x11memory_peak_bytes\x18\r \x01(\x04\x12\x14\n\x0cnet_rx_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cnet_tx_bytes\x18\x0f \x01(\x04\x12\r\n\x05\x66inal\x18\x10 \x01(\x08\x12\x11\n\tsignature\x18\x11 \x01(\x0c\x12\x0e\n\x06gpu_ns\x18\x12 \x01(\x04\x12 \n\x18gpu_utilization_permille\x18\x13 \x01(\r\x12\x1a\n\x12\x65nergy_millijoules\x18\x14 \x01(\x04\x12\x10\n\x08\x63pu_usec\x18\x15 \x01(\x04\x12\x12\n\nunmeasured\x18\x16 \x01(\rJ\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\n\x10\x0bJ\x04\x08\x0c\x10\rR\x0bgpu_secondsR\x1agpu_utilization_mean_ratioR\renergy_joulesR\x0b\x63pu_seconds\"8\n\x0bUsageReport\x12)\n\x07records\x18\x01 \x03(\x0b\x32\x18.gpuagent.v1.UsageRecord\"7\n\x08UsageAck\x12\x19\n\x11\x61\x63ked_through_seq\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpuagent.v1.usage_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_USAGERECORD']._serialized_start=41
-  _globals['_USAGERECORD']._serialized_end=446
-  _globals['_USAGEREPORT']._serialized_start=448
-  _globals['_USAGEREPORT']._serialized_end=504
-  _globals['_USAGEACK']._serialized_start=506
-  _globals['_USAGEACK']._serialized_end=543
+  _globals['_USAGERECORD']._serialized_end=546
+  _globals['_USAGEREPORT']._serialized_start=548
+  _globals['_USAGEREPORT']._serialized_end=604
+  _globals['_USAGEACK']._serialized_start=606
+  _globals['_USAGEACK']._serialized_end=661
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,394 @@
+# ruff: noqa: T201 - a CLI module: printing is its output
+"""``gpu-scheduler submit|leases|lease show|cancel|logs``: the buyer's commands.
+
+Same connection options and defaults as ``gpu-scheduler nodes``. A lease is
+described by a YAML file (format in docs/leases-buyer.md), by flags, or both
+(flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gpuagent.configload import ConfigError, format_validation_error, read_yaml
+from gpuagent.units import ByteSize, Duration, format_duration, parse_duration
+from gpuagent.v1 import leases_pb2, leases_pb2_grpc
+
+from .cli import UsageError
+from .cmd_nodes import _channel, format_size
+from .leases_store import TERMINAL, state_name, state_value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PortFile(_Strict):
+    container_port: int = Field(ge=1, le=65535)
+    protocol: str = Field(default="tcp", pattern="^(tcp|udp)$")
+
+
+class RegistryAuthFile(_Strict):
+    username: str = ""
+    password: str = ""
+    server: str = ""
+
+
+class LeaseFile(_Strict):
+    """The YAML lease file (docs/leases-buyer.md)."""
+
+    image: str = Field(min_length=1)
+    command: list[str] | str = Field(default_factory=list)
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    gpus: int = Field(default=1, ge=1, le=64)
+    gpu_model: str = ""
+    gpu_memory: ByteSize = 0
+    cpus: float = Field(default=0.0, ge=0)
+    memory: ByteSize = 0
+    shm: ByteSize = 0
+    scratch: ByteSize = 0
+    ports: list[PortFile] = Field(default_factory=list)
+    max_duration: Duration = 0.0
+    price_max: int = Field(default=0, ge=0, description="micro-units per GPU-hour")
+    buyer: str = ""
+    node: str = ""
+    replace_on_lost: bool = False
+    idempotency_key: str = ""
+    registry_auth: RegistryAuthFile | None = None
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, value: Any) -> Any:
+        # YAML turns `DEBUG: 1` into an int; an environment value is always text.
+        if isinstance(value, dict):
+            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+        return value
+
+    def command_list(self) -> list[str]:
+        return shlex.split(self.command) if isinstance(self.command, str) else self.command
+
+    def to_request(self) -> leases_pb2.SubmitLeaseRequest:
+        spec = leases_pb2.LeaseSpec(
+            image=self.image,
+            command=self.command_list(),
+            args=self.args,
+            env=self.env,
+            gpu_count=self.gpus,
+            gpu_model=self.gpu_model,
+            gpu_min_memory_bytes=self.gpu_memory,
+            cpus=self.cpus,
+            memory_bytes=self.memory,
+            shm_bytes=self.shm,
+            scratch_bytes=self.scratch,
+            ports=[
+                leases_pb2.PortSpec(container_port=p.container_port, protocol=p.protocol)
+                for p in self.ports
+            ],
+            max_duration_seconds=round(self.max_duration),
+            price_micro_per_gpu_hour=self.price_max,
+        )
+        if self.registry_auth is not None:
+            spec.registry_auth.CopyFrom(leases_pb2.RegistryAuth(**self.registry_auth.model_dump()))
+        return leases_pb2.SubmitLeaseRequest(
+            spec=spec,
+            idempotency_key=self.idempotency_key,
+            node_id=self.node,
+            buyer=self.buyer,
+            replace_on_lost=self.replace_on_lost,
+        )
+
+
+def _connection_parent() -> argparse.ArgumentParser:
+    conn = argparse.ArgumentParser(add_help=False)
+    s = argparse.SUPPRESS  # as in `nodes`: options may come before or after the action
+    conn.add_argument("--address", default=s, help="host:port (default: server.listen)")
+    conn.add_argument("--ca-file", type=Path, default=s, help="CA to verify the server")
+    conn.add_argument("--client-cert", type=Path, default=s, help="mTLS client certificate")
+    conn.add_argument("--client-key", type=Path, default=s, help="mTLS client key")
+    conn.add_argument("--insecure", action="store_true", default=s, help="plaintext gRPC")
+    conn.add_argument("--timeout", type=float, default=s, help="deadline in seconds (default 5)")
+    conn.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    return conn
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    conn = _connection_parent()
+    submit = sub.add_parser(
+        "submit", parents=[conn], help="submit a lease from a YAML file and/or flags"
+    )
+    submit.add_argument("file", type=Path, nargs="?", help="lease YAML (docs/leases-buyer.md)")
+    submit.add_argument("--image", help="container image")
+    submit.add_argument("--gpus", type=int, help="GPU count (default 1)")
+    submit.add_argument("--gpu-model", help="substring of the GPU name, e.g. 4090")
+    submit.add_argument("--gpu-memory", help="minimum memory per GPU, e.g. 24GiB")
+    submit.add_argument("--cmd", help="command, shell-quoted: --cmd \"sh -c 'echo hi'\"")
+    submit.add_argument("--env", action="append", metavar="K=V", help="environment (repeatable)")
+    submit.add_argument("--price-max", type=int, help="ceiling, micro-units per GPU-hour")
+    submit.add_argument("--max-duration", help="hard stop after this long, e.g. 10m")
+    submit.add_argument("--buyer", help="account billed")
+    submit.add_argument("--node", help="pin to this node (id or unique prefix)")
+    submit.add_argument(
+        "--replace-on-lost", action="store_true", default=None, help="re-place if the node dies"
+    )
+    submit.add_argument("--idempotency-key", help="retry-safe key; becomes the lease id")
+    submit.add_argument("--wait", action="store_true", help="follow state changes until it ends")
+    submit.add_argument(
+        "--wait-timeout", type=parse_duration, help="with --wait: give up after this long"
+    )
+    submit.set_defaults(handler=_submit)
+
+    leases = sub.add_parser("leases", parents=[conn], help="list leases")
+    leases.add_argument(
+        "--state", action="append", help="filter by state (repeatable): pending, running..."
+    )
+    leases.add_argument("--node", default="", help="filter by node id")
+    leases.add_argument("--buyer", default="", help="filter by buyer")
+    leases.set_defaults(handler=_list)
+
+    lease = sub.add_parser("lease", parents=[conn], help="one lease in detail")
+    lease_sub = lease.add_subparsers(dest="lease_command", metavar="ACTION", required=True)
+    show = lease_sub.add_parser("show", parents=[conn], help="state, placement and history")
+    show.add_argument("lease_id", metavar="ID")
+    show.set_defaults(handler=_show)
+
+    cancel = sub.add_parser("cancel", parents=[conn], help="cancel a lease")
+    cancel.add_argument("lease_id", metavar="ID")
+    cancel.add_argument("--reason", default="", help="shown in the lease's history")
+    cancel.set_defaults(handler=_cancel)
+
+    logs = sub.add_parser("logs", parents=[conn], help="last output the node reported")
+    logs.add_argument("lease_id", metavar="ID")
+    logs.add_argument("--tail", type=int, default=0, help="last N lines only")
+    logs.set_defaults(handler=_logs)
+
+
+class _Failed(Exception):
+    """An RPC failed; already reported on stderr."""
+
+
+def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
+    timeout = getattr(args, "timeout", 5.0)
+    with _channel(args) as channel:
+        stub = leases_pb2_grpc.LeasesStub(channel)
+        try:
+            return getattr(stub, fn)(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            raise _Failed from None
+
+
+def _state(state: int) -> str:
+    return state_name(state)
+
+
+def _when(unix_nanos: int) -> str:
+    if not unix_nanos:
+        return "-"
+    return datetime.fromtimestamp(unix_nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
+    """The SubmitLeaseRequest from the file (if any) with flags on top."""
+    source = str(args.file) if args.file is not None else "command line"
+    data: dict[str, Any] = read_yaml(args.file) if args.file is not None else {}
+    flags = {
+        "image": args.image,
+        "gpus": args.gpus,
+        "gpu_model": args.gpu_model,
+        "gpu_memory": args.gpu_memory,
+        "command": args.cmd,
+        "price_max": args.price_max,
+        "max_duration": args.max_duration,
+        "buyer": args.buyer,
+        "node": args.node,
+        "replace_on_lost": args.replace_on_lost,
+        "idempotency_key": args.idempotency_key,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.env:
+        env = dict(data.get("env") or {})
+        for item in args.env:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--env {item!r}: expected KEY=VALUE")
+            env[key] = value
+        data["env"] = env
+    if "image" not in data:
+        raise UsageError("no image: give a lease file or --image")
+    try:
+        return LeaseFile.model_validate(data).to_request()
+    except ValidationError as exc:
+        raise ConfigError(source, format_validation_error(LeaseFile, exc)) from None
+
+
+def _submit(args: argparse.Namespace) -> int:
+    request = build_request(args)
+    try:
+        lease = _call(args, "Submit", request)
+    except _Failed:
+        return 1
+    if getattr(args, "json", False) and not args.wait:
+        print(json.dumps(MessageToDict(lease), indent=2))
+        return 0
+    print(f"{lease.lease_id}  {_state(lease.state)}")
+    if not args.wait:
+        return 0
+    return _follow(args, lease.lease_id, args.wait_timeout)
+
+
+def _follow(args: argparse.Namespace, lease_id: str, limit: float | None) -> int:
+    """Print each new history event until the lease ends; exit 0 only if it succeeded."""
+    # No streaming RPC yet: poll Get, which returns the full history.
+    deadline = time.monotonic() + limit if limit else None
+    seen = 0
+    while True:
+        try:
+            lease = _call(args, "Get", leases_pb2.GetLeaseRequest(lease_id=lease_id))
+        except _Failed:
+            return 1
+        for event in lease.events[seen:]:
+            where = f" on {event.node_id}" if event.node_id else ""
+            reason = f": {event.reason}" if event.reason else ""
+            print(f"{_when(event.at_unix_nanos)}  {_state(event.state)}{where}{reason}")
+        seen = len(lease.events)
+        state = _state(lease.state)
+        if state in TERMINAL:
+            if lease.HasField("exit_code"):
+                print(f"exit code {lease.exit_code}")
+            return 0 if state == "succeeded" else 1
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"still {state} after {format_duration(limit or 0)}; not waiting longer")
+            return 1
+        time.sleep(0.5)
+
+
+def _list(args: argparse.Namespace) -> int:
+    states = []
+    for name in args.state or []:
+        try:
+            states.append(state_value(name))
+        except ValueError:
+            raise UsageError(f"--state {name!r}: not a lease state") from None
+    leases: list[leases_pb2.Lease] = []
+    token = ""
+    while True:
+        request = leases_pb2.ListLeasesRequest(
+            states=states, node_id=args.node, buyer=args.buyer, page_token=token
+        )
+        try:
+            response = _call(args, "List", request)
+        except _Failed:
+            return 1
+        leases.extend(response.leases)
+        token = response.next_page_token
+        if not token:
+            break
+    if getattr(args, "json", False):
+        print(json.dumps([MessageToDict(x) for x in leases], indent=2))
+        return 0
+    rows = [("LEASE", "STATE", "GPUS", "IMAGE", "NODE", "BUYER", "CREATED", "REASON")]
+    for x in leases:
+        rows.append(
+            (
+                x.lease_id,
+                _state(x.state),
+                str(x.spec.gpu_count),
+                x.spec.image,
+                x.node_id or "-",
+                x.buyer or "-",
+                _when(x.created_at_unix_nanos),
+                x.reason[:60],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if not leases:
+        print("(no leases)")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    try:
+        lease = _call(args, "Get", leases_pb2.GetLeaseRequest(lease_id=args.lease_id))
+    except _Failed:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(MessageToDict(lease), indent=2))
+        return 0
+    spec = lease.spec
+    command = shlex.join([*spec.command, *spec.args]) or "(image default)"
+    gpus = f"{spec.gpu_count}"
+    if spec.gpu_model:
+        gpus += f" x {spec.gpu_model}"
+    if spec.gpu_min_memory_bytes:
+        gpus += f" (>= {format_size(spec.gpu_min_memory_bytes)} each)"
+    lines = [
+        f"lease:       {lease.lease_id}",
+        f"state:       {_state(lease.state)}" + (f" ({lease.reason})" if lease.reason else ""),
+        f"buyer:       {lease.buyer or '-'}",
+        f"image:       {spec.image}",
+        f"command:     {command}",
+        f"gpus:        {gpus}",
+        f"price:       ceiling {spec.price_micro_per_gpu_hour}, accepted "
+        f"{lease.accepted_price_micro_per_gpu_hour} micro-units per GPU-hour",
+        "max runtime: "
+        + (format_duration(spec.max_duration_seconds) if spec.max_duration_seconds else "none"),
+        f"node:        {lease.node_id or '-'}  gpus {', '.join(lease.gpu_uuids) or '-'}",
+        f"attempts:    {lease.attempts}"
+        + ("  (re-placed if its node is lost)" if lease.replace_on_lost else ""),
+        f"created:     {_when(lease.created_at_unix_nanos)}",
+        f"started:     {_when(lease.started_at_unix_nanos)}",
+        f"ended:       {_when(lease.ended_at_unix_nanos)}",
+    ]
+    if lease.HasField("exit_code"):
+        lines.append(f"exit code:   {lease.exit_code}")
+    lines.append("history:")
+    for event in lease.events:
+        where = f" on {event.node_id}" if event.node_id else ""
+        reason = f": {event.reason}" if event.reason else ""
+        lines.append(f"  {_when(event.at_unix_nanos)}  {_state(event.state)}{where}{reason}")
+    print("\n".join(lines))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    request = leases_pb2.CancelLeaseRequest(lease_id=args.lease_id, reason=args.reason)
+    try:
+        lease = _call(args, "Cancel", request)
+    except _Failed:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(MessageToDict(lease), indent=2))
+        return 0
+    state = _state(lease.state)
+    note = "" if state in TERMINAL else " (cancel sent to the node; it stops shortly)"
+    print(f"{lease.lease_id}  {state}{note}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    request = leases_pb2.LeaseLogsRequest(lease_id=args.lease_id, tail_lines=max(args.tail, 0))
+    try:
+        response = _call(args, "Logs", request)
+    except _Failed:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(MessageToDict(response), indent=2))
+        return 0
+    sys.stdout.write(response.log_tail)
+    if response.log_tail and not response.log_tail.endswith("\n"):
+        sys.stdout.write("\n")
+    return 0

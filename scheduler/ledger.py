@@ -1,0 +1,576 @@
+"""The off-chain ledger: buyer balances and escrow, provider earnings, collateral.
+
+A stand-in for the protocol's payment layer, kept exact: every amount is an
+integer number of micro-units (1 unit = 1_000_000 micros) and every movement
+is one row of ``ledger_entries``, written in the same transaction as the
+balance it changes. The functions here take the sqlite connection of a
+transaction already open on the Database thread (``Database.call`` or the
+lease store's hooks), so a lease's state change and its money move together.
+
+Invariants (tests/test_ledger_properties.py checks them with hypothesis):
+
+- per buyer: ``balance + escrow held + spent == deposited``, where held is
+  ``reserved - settled - released`` summed over the buyer's leases;
+- ``sum(earnings) == sum(settled)``: what buyers spent, providers earned;
+- nothing is ever negative (CHECK constraints back this up).
+
+Rounding (docs/ledger.md): the cost of a lease on a node is
+``floor(price x cumulative gpu_ns / 3.6e12)``; each record is charged the
+difference to the previous cumulative cost, so rounding never loses or creates
+a micro however the time is cut into records. A reservation rounds up.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .leases_store import LeaseRow
+
+log = logging.getLogger(__name__)
+
+MICROS_PER_UNIT = 1_000_000
+NS_PER_HOUR = 3600 * 1_000_000_000
+I64_MAX = 2**63 - 1
+
+
+class LedgerError(Exception):
+    """A movement the ledger refuses (e.g. insufficient balance); the message says why."""
+
+
+@dataclass(frozen=True)
+class LedgerPolicy:
+    """The amounts and times the ledger applies (from ``ledger:`` in the config)."""
+
+    min_collateral_micros: int = 0
+    slash_attestation_micros: int = 0
+    slash_uptime_micros: int = 0
+    default_credit_micros: int = 0
+    final_record_grace_ns: int = 600 * 1_000_000_000
+    clock_skew_allowance_ns: int = 60 * 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Account:
+    buyer: str
+    balance_micros: int
+    escrow_micros: int
+    spent_micros: int
+    deposited_micros: int
+
+
+@dataclass(frozen=True)
+class Collateral:
+    node_id: str
+    staked_micros: int
+    slashed_micros: int
+    uptime_commitment_ratio: float
+    committed_ns: int
+    last_uptime_slash_ns: int | None
+
+    @property
+    def available_micros(self) -> int:
+        return self.staked_micros - self.slashed_micros
+
+
+@dataclass(frozen=True)
+class Settlement:
+    charged_micros: int  # moved from escrow (or the balance, late) to the provider
+    unbilled_micros: int  # metered beyond the lease's cap: not charged
+
+
+def format_micros(micros: int) -> str:
+    """12_500_000 -> "12.5"; exact (no float), trailing zeros trimmed."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS_PER_UNIT)
+    text = f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
+    return sign + text
+
+
+def cost_micros(price_micros_per_gpu_hour: int, gpu_ns: int) -> int:
+    """Cost of ``gpu_ns`` GPU-nanoseconds, rounded down to a whole micro."""
+    return price_micros_per_gpu_hour * gpu_ns // NS_PER_HOUR
+
+
+def reservation_micros(price_micros_per_gpu_hour: int, gpu_count: int, max_duration_s: int) -> int:
+    """The most a lease can cost: price x GPUs x max duration, rounded up."""
+    return -(-price_micros_per_gpu_hour * gpu_count * max_duration_s // 3600)
+
+
+def _entry(
+    conn: sqlite3.Connection,
+    kind: str,
+    amount: int,
+    now: int,
+    *,
+    buyer: str = "",
+    node_id: str = "",
+    lease_id: str = "",
+    reason: str = "",
+    ref: str = "",
+) -> None:
+    conn.execute(
+        "INSERT INTO ledger_entries (ts_ns, kind, buyer, node_id, lease_id, amount_micros,"
+        " reason, ref) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (now, kind, buyer, node_id, lease_id, amount, reason, ref),
+    )
+
+
+def _check_amount(what: str, micros: int, *, allow_zero: bool = False) -> None:
+    if micros < 0 or (micros == 0 and not allow_zero) or micros > I64_MAX:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise LedgerError(f"{what}: {micros} micros is not {bound} and within int64")
+
+
+def _ensure_account(conn: sqlite3.Connection, buyer: str, policy: LedgerPolicy, now: int) -> None:
+    """Create the buyer's account on first use, with the configured demo credit."""
+    cur = conn.execute("INSERT OR IGNORE INTO accounts (buyer) VALUES (?)", (buyer,))
+    if cur.rowcount and policy.default_credit_micros > 0:
+        credit = policy.default_credit_micros
+        conn.execute(
+            "UPDATE accounts SET balance_micros = ?, deposited_micros = ? WHERE buyer = ?",
+            (credit, credit, buyer),
+        )
+        _entry(conn, "deposit", credit, now, buyer=buyer, reason="default credit (ledger config)")
+
+
+# -- buyers ---------------------------------------------------------------------------
+
+
+def deposit(
+    conn: sqlite3.Connection,
+    buyer: str,
+    micros: int,
+    now: int,
+    policy: LedgerPolicy,
+    idempotency_key: str = "",
+) -> Account:
+    """Credit ``buyer``; a repeat with the same non-empty key credits once."""
+    if not buyer:
+        raise LedgerError("buyer: empty")
+    _check_amount("amount", micros)
+    _ensure_account(conn, buyer, policy, now)
+    if idempotency_key:
+        seen = conn.execute(
+            "SELECT buyer, amount_micros FROM ledger_entries WHERE kind = 'deposit' AND ref = ?",
+            (idempotency_key,),
+        ).fetchone()
+        if seen is not None:
+            if tuple(seen) != (buyer, micros):
+                raise LedgerError(
+                    f"idempotency key {idempotency_key!r} was used for another deposit "
+                    f"({seen[1]} micros to {seen[0]!r})"
+                )
+            return account(conn, buyer)
+    conn.execute(
+        "UPDATE accounts SET balance_micros = balance_micros + ?,"
+        " deposited_micros = deposited_micros + ? WHERE buyer = ?",
+        (micros, micros, buyer),
+    )
+    _entry(conn, "deposit", micros, now, buyer=buyer, ref=idempotency_key)
+    log.info("deposit", extra={"buyer": buyer, "micros": micros})
+    return account(conn, buyer)
+
+
+def account(conn: sqlite3.Connection, buyer: str) -> Account:
+    row = conn.execute(
+        "SELECT balance_micros, deposited_micros FROM accounts WHERE buyer = ?", (buyer,)
+    ).fetchone()
+    balance, deposited = row if row else (0, 0)
+    held, spent = conn.execute(
+        "SELECT COALESCE(SUM(reserved_micros - settled_micros - released_micros), 0),"
+        " COALESCE(SUM(settled_micros), 0) FROM escrow WHERE buyer = ?",
+        (buyer,),
+    ).fetchone()
+    return Account(buyer, balance, held, spent, deposited)
+
+
+def accounts(conn: sqlite3.Connection) -> list[Account]:
+    buyers = [b for (b,) in conn.execute("SELECT buyer FROM accounts ORDER BY buyer")]
+    return [account(conn, b) for b in buyers]
+
+
+# -- escrow ---------------------------------------------------------------------------
+
+
+def reserve(conn: sqlite3.Connection, lease: LeaseRow, now: int, policy: LedgerPolicy) -> int:
+    """Move the lease's maximum cost from the buyer's balance into escrow.
+
+    Raises LedgerError (nothing moved) when the balance is short or a priced
+    lease has no max duration to bound it.
+    """
+    price = lease.price_micros_per_gpu_hour
+    if price > 0 and lease.max_duration_s <= 0:
+        raise LedgerError(
+            "a lease with a price needs max_duration_seconds: escrow reserves "
+            "price x gpu_count x max_duration up front"
+        )
+    amount = reservation_micros(price, lease.gpu_count, lease.max_duration_s)
+    if amount > 0 and not lease.buyer:
+        raise LedgerError("a lease with a price needs a buyer account to pay from (set buyer)")
+    _ensure_account(conn, lease.buyer, policy, now)
+    (balance,) = conn.execute(
+        "SELECT balance_micros FROM accounts WHERE buyer = ?", (lease.buyer,)
+    ).fetchone()
+    if amount > balance:
+        raise LedgerError(
+            f"insufficient balance: buyer {lease.buyer!r} has {format_micros(balance)}, "
+            f"the lease needs {format_micros(amount)} in escrow "
+            f"({lease.gpu_count} GPU x {lease.max_duration_s}s x "
+            f"{format_micros(price)}/GPU-hour); deposit more or shorten max_duration"
+        )
+    conn.execute(
+        "UPDATE accounts SET balance_micros = balance_micros - ? WHERE buyer = ?",
+        (amount, lease.buyer),
+    )
+    conn.execute(
+        "INSERT INTO escrow (lease_id, buyer, cap_micros, reserved_micros, state, created_ns)"
+        " VALUES (?, ?, ?, ?, 'held', ?)",
+        (lease.lease_id, lease.buyer, amount, amount, now),
+    )
+    _entry(conn, "reserve", amount, now, buyer=lease.buyer, lease_id=lease.lease_id)
+    return amount
+
+
+def _escrow(conn: sqlite3.Connection, lease: LeaseRow, now: int) -> tuple[int, int, str]:
+    """(cap, settled, state) of the lease's escrow, created if missing.
+
+    A lease stored before the ledger was enabled has none: it gets one with
+    nothing reserved, so its usage is charged from the balance as it arrives.
+    """
+    row = conn.execute(
+        "SELECT cap_micros, settled_micros, state FROM escrow WHERE lease_id = ?",
+        (lease.lease_id,),
+    ).fetchone()
+    if row is None:
+        cap = reservation_micros(
+            lease.price_micros_per_gpu_hour, lease.gpu_count, lease.max_duration_s
+        )
+        conn.execute(
+            "INSERT INTO escrow (lease_id, buyer, cap_micros, reserved_micros, state, created_ns)"
+            " VALUES (?, ?, ?, 0, 'released', ?)",
+            (lease.lease_id, lease.buyer, cap, now),
+        )
+        return cap, 0, "released"
+    return int(row[0]), int(row[1]), str(row[2])
+
+
+def settle(
+    conn: sqlite3.Connection,
+    lease: LeaseRow,
+    node_id: str,
+    gpu_ns: int,
+    now: int,
+    ref: str = "",
+) -> Settlement:
+    """Charge ``gpu_ns`` more GPU time on ``node_id`` to the lease; pay the provider.
+
+    The price is fixed per (lease, node) at the first record: the node's accepted
+    ask (the buyer's ceiling when none was recorded). Charges never exceed the
+    lease's cap; after release (a record arriving late) they come from the
+    buyer's balance, as far as it goes.
+    """
+    price = lease.accepted_price_micros_per_gpu_hour
+    if price is None:
+        price = lease.price_micros_per_gpu_hour
+    conn.execute(
+        "INSERT OR IGNORE INTO billing (lease_id, node_id, price_micros_per_gpu_hour)"
+        " VALUES (?, ?, ?)",
+        (lease.lease_id, node_id, price),
+    )
+    price, billed_ns, billed_cost = conn.execute(
+        "SELECT price_micros_per_gpu_hour, gpu_ns, cost_micros FROM billing"
+        " WHERE lease_id = ? AND node_id = ?",
+        (lease.lease_id, node_id),
+    ).fetchone()
+    total_ns = billed_ns + gpu_ns
+    new_cost = cost_micros(price, total_ns)
+    delta = new_cost - billed_cost
+    conn.execute(
+        "UPDATE billing SET gpu_ns = ?, cost_micros = ? WHERE lease_id = ? AND node_id = ?",
+        (total_ns, new_cost, lease.lease_id, node_id),
+    )
+    cap, settled, state = _escrow(conn, lease, now)
+    charge = min(delta, cap - settled)
+    if state == "released":
+        (balance,) = conn.execute(
+            "SELECT COALESCE(MAX(balance_micros), 0) FROM accounts WHERE buyer = ?", (lease.buyer,)
+        ).fetchone()
+        charge = max(0, min(charge, balance))
+        if charge:
+            # A late record: reserve it from the balance and settle it at once, so the
+            # escrow identity (held = reserved - settled - released) stays exact.
+            conn.execute(
+                "UPDATE accounts SET balance_micros = balance_micros - ? WHERE buyer = ?",
+                (charge, lease.buyer),
+            )
+            conn.execute(
+                "UPDATE escrow SET reserved_micros = reserved_micros + ? WHERE lease_id = ?",
+                (charge, lease.lease_id),
+            )
+            _entry(
+                conn,
+                "reserve",
+                charge,
+                now,
+                buyer=lease.buyer,
+                lease_id=lease.lease_id,
+                reason="usage after release",
+                ref=ref,
+            )
+    charge = max(charge, 0)
+    unbilled = delta - charge
+    if charge:
+        conn.execute(
+            "UPDATE escrow SET settled_micros = settled_micros + ? WHERE lease_id = ?",
+            (charge, lease.lease_id),
+        )
+        conn.execute(
+            "INSERT INTO earnings (node_id, micros) VALUES (?, ?)"
+            " ON CONFLICT(node_id) DO UPDATE SET micros = micros + excluded.micros",
+            (node_id, charge),
+        )
+        _entry(
+            conn,
+            "settle",
+            charge,
+            now,
+            buyer=lease.buyer,
+            node_id=node_id,
+            lease_id=lease.lease_id,
+            ref=ref,
+        )
+    if unbilled:
+        conn.execute(
+            "UPDATE escrow SET unbilled_micros = unbilled_micros + ? WHERE lease_id = ?",
+            (unbilled, lease.lease_id),
+        )
+        log.warning(
+            "usage beyond what the lease can be charged; not billed",
+            extra={"lease_id": lease.lease_id, "node_id": node_id, "unbilled_micros": unbilled},
+        )
+    return Settlement(charge, unbilled)
+
+
+def release(conn: sqlite3.Connection, lease_id: str, now: int, reason: str) -> int:
+    """Return what escrow still holds for the lease to the buyer; idempotent."""
+    row = conn.execute(
+        "SELECT buyer, reserved_micros - settled_micros - released_micros, state FROM escrow"
+        " WHERE lease_id = ?",
+        (lease_id,),
+    ).fetchone()
+    if row is None or row[2] == "released":
+        return 0
+    buyer, held, _ = row
+    conn.execute(
+        "UPDATE escrow SET released_micros = released_micros + ?, state = 'released'"
+        " WHERE lease_id = ?",
+        (held, lease_id),
+    )
+    conn.execute(
+        "UPDATE accounts SET balance_micros = balance_micros + ? WHERE buyer = ?", (held, buyer)
+    )
+    _entry(conn, "release", held, now, buyer=buyer, lease_id=lease_id, reason=reason)
+    return int(held)
+
+
+def lease_ended(conn: sqlite3.Connection, lease: LeaseRow, now: int) -> int:
+    """The lease reached a terminal state: release now, or once its final record is in.
+
+    Released at once when no usage can follow (it never started and nothing was
+    metered) or the final record already arrived; otherwise held until the
+    final record or ``final_record_grace`` (``release_due``), so the last
+    interval is paid from escrow rather than chased from the balance.
+    """
+    conn.execute(
+        "UPDATE escrow SET ended_ns = COALESCE(ended_ns, ?) WHERE lease_id = ?",
+        (now, lease.lease_id),
+    )
+    row = conn.execute(
+        "SELECT final_seen FROM escrow WHERE lease_id = ?", (lease.lease_id,)
+    ).fetchone()
+    if row is None:
+        return 0
+    metered = conn.execute(
+        "SELECT 1 FROM usage_records WHERE lease_id = ? AND status = 'accepted' LIMIT 1",
+        (lease.lease_id,),
+    ).fetchone()
+    if row[0] or (lease.started_ns is None and metered is None):
+        return release(conn, lease.lease_id, now, f"lease {lease.state}")
+    return 0
+
+
+def final_record(conn: sqlite3.Connection, lease_id: str, now: int) -> int:
+    """The lease's final usage record is stored: release if the lease has ended."""
+    conn.execute("UPDATE escrow SET final_seen = 1 WHERE lease_id = ?", (lease_id,))
+    row = conn.execute("SELECT ended_ns FROM escrow WHERE lease_id = ?", (lease_id,)).fetchone()
+    if row is not None and row[0] is not None:
+        return release(conn, lease_id, now, "final usage record")
+    return 0
+
+
+def release_due(conn: sqlite3.Connection, now: int, policy: LedgerPolicy) -> list[str]:
+    """Release ended leases whose final record did not come within the grace."""
+    due = [
+        lease_id
+        for (lease_id,) in conn.execute(
+            "SELECT lease_id FROM escrow WHERE state = 'held' AND ended_ns IS NOT NULL"
+            " AND ended_ns <= ?",
+            (now - policy.final_record_grace_ns,),
+        )
+    ]
+    for lease_id in due:
+        release(conn, lease_id, now, "no final usage record within the grace")
+    return due
+
+
+# -- providers ------------------------------------------------------------------------
+
+
+def earnings(conn: sqlite3.Connection, node_id: str) -> int:
+    row = conn.execute("SELECT micros FROM earnings WHERE node_id = ?", (node_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def collateral(conn: sqlite3.Connection, node_id: str) -> Collateral | None:
+    row = conn.execute(
+        "SELECT staked_micros, slashed_micros, uptime_commitment_ratio, committed_ns,"
+        " last_uptime_slash_ns FROM collateral WHERE node_id = ?",
+        (node_id,),
+    ).fetchone()
+    return Collateral(node_id, *row) if row else None
+
+
+def stake(
+    conn: sqlite3.Connection,
+    node_id: str,
+    micros: int,
+    now: int,
+    uptime_commitment: float | None = None,
+) -> Collateral:
+    """Add to the node's recorded stake; set its uptime commitment (0..1) if given.
+
+    A new commitment restarts the uptime measurement: the node answers for the
+    uptime it promised from the moment it promised it.
+    """
+    _check_amount("amount", micros, allow_zero=True)
+    if uptime_commitment is not None and not 0.0 <= uptime_commitment <= 1.0:
+        raise LedgerError(f"uptime commitment {uptime_commitment} is not within 0..1")
+    conn.execute(
+        "INSERT OR IGNORE INTO collateral (node_id, committed_ns) VALUES (?, ?)", (node_id, now)
+    )
+    conn.execute(
+        "UPDATE collateral SET staked_micros = staked_micros + ? WHERE node_id = ?",
+        (micros, node_id),
+    )
+    if uptime_commitment is not None:
+        conn.execute(
+            "UPDATE collateral SET uptime_commitment_ratio = ?, committed_ns = ? WHERE node_id = ?",
+            (uptime_commitment, now, node_id),
+        )
+    reason = f"uptime commitment {uptime_commitment:g}" if uptime_commitment is not None else ""
+    _entry(conn, "stake", micros, now, node_id=node_id, reason=reason)
+    found = collateral(conn, node_id)
+    assert found is not None
+    log.info("stake recorded", extra={"node_id": node_id, "micros": micros})
+    return found
+
+
+def slash(conn: sqlite3.Connection, node_id: str, micros: int, now: int, reason: str) -> int:
+    """Take up to ``micros`` of the node's available stake; returns what was taken."""
+    found = collateral(conn, node_id)
+    amount = min(max(micros, 0), found.available_micros if found else 0)
+    if amount <= 0:
+        log.warning(
+            "slash found no collateral to take",
+            extra={"node_id": node_id, "wanted_micros": micros, "reason": reason},
+        )
+        return 0
+    conn.execute(
+        "UPDATE collateral SET slashed_micros = slashed_micros + ? WHERE node_id = ?",
+        (amount, node_id),
+    )
+    _entry(conn, "slash", amount, now, node_id=node_id, reason=reason)
+    log.warning(
+        "collateral slashed", extra={"node_id": node_id, "micros": amount, "reason": reason}
+    )
+    return amount
+
+
+def collateral_ok(conn: sqlite3.Connection, node_id: str, policy: LedgerPolicy) -> bool:
+    """True when the node's unslashed stake meets ``ledger.min_collateral``."""
+    if policy.min_collateral_micros <= 0:
+        return True
+    found = collateral(conn, node_id)
+    return found is not None and found.available_micros >= policy.min_collateral_micros
+
+
+def eligible_nodes(
+    conn: sqlite3.Connection, node_ids: set[str] | frozenset[str], policy: LedgerPolicy
+) -> set[str]:
+    """The subset of ``node_ids`` placement may put leases on (collateral suffices)."""
+    return {n for n in node_ids if collateral_ok(conn, n, policy)}
+
+
+def check_uptime(
+    conn: sqlite3.Connection,
+    node_id: str,
+    measured_ratio: float,
+    now: int,
+    window_ns: int,
+    policy: LedgerPolicy,
+) -> int:
+    """Slash once per window when measured uptime is below the node's commitment."""
+    found = collateral(conn, node_id)
+    if found is None or found.uptime_commitment_ratio <= 0:
+        return 0
+    if measured_ratio >= found.uptime_commitment_ratio:
+        return 0
+    last = found.last_uptime_slash_ns
+    if last is not None and now - last < window_ns:
+        return 0  # already slashed for this window
+    conn.execute("UPDATE collateral SET last_uptime_slash_ns = ? WHERE node_id = ?", (now, node_id))
+    return slash(
+        conn,
+        node_id,
+        policy.slash_uptime_micros,
+        now,
+        f"uptime {measured_ratio:.4f} below the committed {found.uptime_commitment_ratio:.4f}",
+    )
+
+
+ClockNs = Callable[[], int]
+
+
+class HookTarget(Protocol):
+    """What ``LeaseHooks.register`` needs of the lease store."""
+
+    def add_hooks(
+        self,
+        *,
+        on_submitted: Callable[[sqlite3.Connection, LeaseRow], None] | None = None,
+        on_terminal: Callable[[sqlite3.Connection, LeaseRow], None] | None = None,
+        refusals: tuple[type[BaseException], ...] = (),
+    ) -> None: ...
+
+
+class LeaseHooks:
+    """The escrow side of the lease store's transactions (``LeaseStore.add_hooks``)."""
+
+    def __init__(self, policy: LedgerPolicy, clock_ns: ClockNs) -> None:
+        self.policy = policy
+        self.clock_ns = clock_ns
+
+    def on_submitted(self, conn: sqlite3.Connection, lease: LeaseRow) -> None:
+        reserve(conn, lease, self.clock_ns(), self.policy)
+
+    def on_terminal(self, conn: sqlite3.Connection, lease: LeaseRow) -> None:
+        lease_ended(conn, lease, self.clock_ns())
+
+    def register(self, store: HookTarget) -> None:
+        store.add_hooks(
+            on_submitted=self.on_submitted, on_terminal=self.on_terminal, refusals=(LedgerError,)
+        )

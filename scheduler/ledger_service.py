@@ -1,0 +1,338 @@
+"""``Ledger`` gRPC service and the ledger's periodic duties.
+
+The RPCs (``gpu-scheduler deposit|balance|usage|stake``) are operator actions:
+in a real network deposits and stakes come from the payment layer, here they
+are recorded by whoever can reach the scheduler's port, so protect it (mTLS,
+``server.client_ca_file``) like the Nodes service.
+
+``run(stop)`` releases escrow whose final usage record never came and, every
+``ledger.uptime_check_interval``, slashes staked nodes whose measured uptime
+since their commitment fell below it. ``attestation_failed`` is what the
+attestation verifier calls when a node fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from gpuagent.usage import decode_canonical
+from gpuagent.v1 import ledger_pb2, ledger_pb2_grpc
+
+from . import ledger, uptime
+from .config import LedgerConfig
+from .db import Database
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def policy_from_config(config: LedgerConfig) -> ledger.LedgerPolicy:
+    return ledger.LedgerPolicy(
+        min_collateral_micros=config.min_collateral_micros,
+        slash_attestation_micros=config.slash_attestation_micros,
+        slash_uptime_micros=config.slash_uptime_micros,
+        default_credit_micros=config.default_credit_micros,
+        final_record_grace_ns=round(config.final_record_grace * 1e9),
+        clock_skew_allowance_ns=round(config.clock_skew_allowance * 1e9),
+    )
+
+
+def _account_pb(account: ledger.Account) -> ledger_pb2.Account:
+    return ledger_pb2.Account(
+        buyer=account.buyer,
+        balance_micros=account.balance_micros,
+        escrow_micros=account.escrow_micros,
+        spent_micros=account.spent_micros,
+        deposited_micros=account.deposited_micros,
+    )
+
+
+def lease_usage(conn: sqlite3.Connection, lease_id: str) -> ledger_pb2.LeaseUsage:
+    """Totals of one lease's accepted records, and its escrow (summed in Python:
+    counters are u64 and SQL SUM would overflow on a hostile node's values)."""
+    usage = ledger_pb2.LeaseUsage(lease_id=lease_id, escrow_state="none")
+    lease = conn.execute(
+        "SELECT buyer, node_id, state, COALESCE(accepted_price_micros_per_gpu_hour,"
+        " price_micros_per_gpu_hour) FROM leases WHERE lease_id = ?",
+        (lease_id,),
+    ).fetchone()
+    if lease is not None:
+        usage.buyer, usage.node_id, usage.state = lease[0], lease[1] or "", lease[2]
+        usage.price_micros_per_gpu_hour = lease[3]
+    escrow = conn.execute(
+        "SELECT reserved_micros, settled_micros, released_micros, unbilled_micros, state,"
+        " final_seen, buyer FROM escrow WHERE lease_id = ?",
+        (lease_id,),
+    ).fetchone()
+    if escrow is not None:
+        usage.reserved_micros, usage.cost_micros, usage.released_micros = escrow[:3]
+        usage.unbilled_micros, usage.escrow_state, usage.final_seen = escrow[3:6]
+        usage.buyer = usage.buyer or escrow[6]
+    for node_id, status, body in conn.execute(
+        "SELECT node_id, status, canonical FROM usage_records WHERE lease_id = ? ORDER BY start_ns",
+        (lease_id,),
+    ):
+        if status != "accepted":
+            usage.rejected_records += 1
+            continue
+        r = decode_canonical(bytes(body))
+        usage.records += 1
+        usage.node_id = node_id
+        usage.duration_ns += r.duration_ns
+        usage.gpu_ns += r.gpu_ns
+        usage.energy_millijoules += r.energy_mj
+        usage.cpu_usec += r.cpu_usec
+        usage.net_rx_bytes += r.net_rx_bytes
+        usage.net_tx_bytes += r.net_tx_bytes
+        usage.gpu_memory_peak_bytes = max(usage.gpu_memory_peak_bytes, r.peak_gpu_memory_bytes)
+        if not usage.first_start_unix_nanos:
+            usage.first_start_unix_nanos = r.start_unix_ns
+        usage.last_end_unix_nanos = max(usage.last_end_unix_nanos, r.end_unix_ns)
+    return usage
+
+
+def provider(
+    conn: sqlite3.Connection, node_id: str, policy: ledger.LedgerPolicy
+) -> ledger_pb2.Provider:
+    found = ledger.collateral(conn, node_id)
+    counts = dict(
+        conn.execute(
+            "SELECT status, COUNT(*) FROM usage_records WHERE node_id = ? GROUP BY status",
+            (node_id,),
+        ).fetchall()
+    )
+    acked = conn.execute(
+        "SELECT acked_usage_seq FROM nodes WHERE node_id = ?", (node_id,)
+    ).fetchone()
+    return ledger_pb2.Provider(
+        node_id=node_id,
+        earnings_micros=ledger.earnings(conn, node_id),
+        staked_micros=found.staked_micros if found else 0,
+        slashed_micros=found.slashed_micros if found else 0,
+        uptime_commitment_ratio=found.uptime_commitment_ratio if found else 0.0,
+        eligible=ledger.collateral_ok(conn, node_id, policy),
+        records=counts.get("accepted", 0),
+        rejected_records=counts.get("rejected", 0),
+        acked_usage_seq=acked[0] if acked else 0,
+    )
+
+
+class LedgerService(ledger_pb2_grpc.LedgerServicer):
+    def __init__(
+        self,
+        db: Database,
+        registry: Registry,
+        config: LedgerConfig,
+        clock: Clock = time.time,
+    ) -> None:
+        self.db = db
+        self.registry = registry
+        self.config = config
+        self.policy = policy_from_config(config)
+        self.clock = clock
+        # Unslashed stake per node, mirrored from the database so placement's
+        # synchronous filter (node_eligible) never waits on it.
+        self._available: dict[str, int] = {}
+        # Called when a node's eligibility may have changed (e.g. dispatcher.kick).
+        self.on_eligibility_change: Callable[[], None] | None = None
+
+    async def load(self) -> None:
+        """Read every node's collateral; call once at startup, after the database opens."""
+        rows = await self.db.call(
+            lambda conn: conn.execute(
+                "SELECT node_id, staked_micros - slashed_micros FROM collateral"
+            ).fetchall()
+        )
+        self._available = {node_id: int(available) for node_id, available in rows}
+
+    def _collateral_changed(self, node_id: str, found: ledger.Collateral | None) -> None:
+        self._available[node_id] = found.available_micros if found else 0
+        if self.on_eligibility_change is not None:
+            self.on_eligibility_change()
+
+    def node_eligible(self, node_id: str) -> bool:
+        """Placement's collateral rule: unslashed stake >= ``ledger.min_collateral_micros``."""
+        minimum = self.policy.min_collateral_micros
+        return minimum <= 0 or self._available.get(node_id, 0) >= minimum
+
+    def _now(self) -> int:
+        return round(self.clock() * 1e9)
+
+    async def _refuse(self, context: Context, exc: ledger.LedgerError) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    # -- RPCs ------------------------------------------------------------------------
+
+    async def Deposit(
+        self, request: ledger_pb2.DepositRequest, context: Context
+    ) -> ledger_pb2.Account:
+        now = self._now()
+        try:
+            account = await self.db.call(
+                lambda conn: ledger.deposit(
+                    conn,
+                    request.buyer,
+                    request.amount_micros,
+                    now,
+                    self.policy,
+                    request.idempotency_key,
+                )
+            )
+        except ledger.LedgerError as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("abort returned") from None
+        return _account_pb(account)
+
+    async def Balance(
+        self, request: ledger_pb2.BalanceRequest, context: Context
+    ) -> ledger_pb2.BalanceResponse:
+        if request.buyer:
+            found = await self.db.call(lambda conn: ledger.account(conn, request.buyer))
+            return ledger_pb2.BalanceResponse(accounts=[_account_pb(found)])
+        every = await self.db.call(ledger.accounts)
+        return ledger_pb2.BalanceResponse(accounts=[_account_pb(a) for a in every])
+
+    async def Usage(
+        self, request: ledger_pb2.UsageRequest, context: Context
+    ) -> ledger_pb2.UsageResponse:
+        limit = request.limit or 100
+        node_id = request.node_id
+        if node_id:
+            record = self.registry.find(node_id)
+            if record is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"no node with id or unique prefix {node_id!r}"
+                )
+            assert record is not None
+            node_id = record.node_id
+
+        def read(conn: sqlite3.Connection) -> ledger_pb2.UsageResponse:
+            if request.lease_id:
+                lease_ids = [request.lease_id]
+            else:
+                lease_ids = [
+                    lid
+                    for (lid,) in conn.execute(
+                        "SELECT lease_id FROM usage_records WHERE (? = '' OR node_id = ?)"
+                        " GROUP BY lease_id ORDER BY MAX(received_ns) DESC LIMIT ?",
+                        (node_id, node_id, limit),
+                    )
+                ]
+            response = ledger_pb2.UsageResponse(leases=[lease_usage(conn, i) for i in lease_ids])
+            nodes = (
+                [node_id] if node_id else sorted({u.node_id for u in response.leases if u.node_id})
+            )
+            response.providers.extend(provider(conn, n, self.policy) for n in nodes)
+            return response
+
+        return await self.db.call(read)
+
+    async def Stake(
+        self, request: ledger_pb2.StakeRequest, context: Context
+    ) -> ledger_pb2.Provider:
+        record = self.registry.find(request.node_id) if request.node_id else None
+        if record is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no node with id or unique prefix {request.node_id!r} (it must connect once)",
+            )
+        assert record is not None
+        now = self._now()
+        commitment = request.uptime_commitment_ratio or None
+
+        def txn(conn: sqlite3.Connection) -> tuple[ledger.Collateral, ledger_pb2.Provider]:
+            found = ledger.stake(conn, record.node_id, request.amount_micros, now, commitment)
+            return found, provider(conn, record.node_id, self.policy)
+
+        try:
+            found, response = await self.db.call(txn)
+        except ledger.LedgerError as exc:
+            await self._refuse(context, exc)
+            raise AssertionError("abort returned") from None
+        self._collateral_changed(record.node_id, found)
+        return response
+
+    # -- for placement and attestation --------------------------------------------------
+
+    async def attestation_failed(self, node_id: str, reason: str) -> int:
+        """Slash ``ledger.slash_attestation_micros``; returns what was taken."""
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> tuple[int, ledger.Collateral | None]:
+            taken = ledger.slash(
+                conn,
+                node_id,
+                self.policy.slash_attestation_micros,
+                now,
+                f"failed attestation: {reason}",
+            )
+            return taken, ledger.collateral(conn, node_id)
+
+        taken, found = await self.db.call(txn)
+        if taken:
+            self._collateral_changed(node_id, found)
+        return taken
+
+    # -- periodic duties ----------------------------------------------------------------
+
+    async def check_uptime(self) -> dict[str, int]:
+        """Slash each staked node below its uptime commitment; {node_id: slashed}."""
+        now = self.clock()
+        window = self.config.uptime_window
+
+        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+            slashed = {}
+            rows = conn.execute(
+                "SELECT node_id, committed_ns FROM collateral WHERE uptime_commitment_ratio > 0"
+            ).fetchall()
+            for node_id, committed_ns in rows:
+                record = self.registry.nodes.get(node_id)
+                spans = record.spans if record is not None else []
+                # Measured from the commitment (or first sight): no debt for earlier time.
+                since = max(committed_ns / 1e9, record.first_seen if record else 0.0)
+                measured = uptime.ratio(spans, now, window, since)
+                taken = ledger.check_uptime(
+                    conn, node_id, measured, round(now * 1e9), round(window * 1e9), self.policy
+                )
+                if taken:
+                    slashed[node_id] = taken
+            return slashed
+
+        slashed = await self.db.call(txn)
+        if slashed:
+            await self.load()
+            if self.on_eligibility_change is not None:
+                self.on_eligibility_change()
+        return slashed
+
+    async def release_due(self) -> list[str]:
+        now = self._now()
+        return await self.db.call(lambda conn: ledger.release_due(conn, now, self.policy))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tick = min(60.0, self.config.final_record_grace / 2, self.config.uptime_check_interval)
+        last_uptime = self.clock()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), tick)
+            if stop.is_set():
+                return
+            try:
+                await self.release_due()
+                if self.clock() - last_uptime >= self.config.uptime_check_interval:
+                    last_uptime = self.clock()
+                    await self.check_uptime()
+            except Exception:
+                # The ledger's sweeps must not take the server down; the next tick retries.
+                log.exception("ledger sweep failed")

@@ -1,0 +1,113 @@
+"""Placement policy: candidate filters and the documented score (no gRPC, no database)."""
+
+from __future__ import annotations
+
+from scheduler.placement import GpuView, NodeView, Request, choose, take, why_not
+
+GIB = 1024**3
+
+
+def _gpus(
+    node: str, n: int, name: str = "NVIDIA GeForce RTX 4090", mem: int = 24
+) -> tuple[GpuView, ...]:
+    return tuple(GpuView(f"{node}-gpu{i}", name, mem * GIB, i) for i in range(n))
+
+
+def _node(node_id: str, gpus: int = 2, ask: int = 100, **kw: object) -> NodeView:
+    fields: dict[str, object] = {
+        "online": True,
+        "draining": False,
+        "free_gpus": _gpus(node_id, gpus),
+    }
+    fields.update(kw)
+    return NodeView(node_id=node_id, ask_micros=ask, **fields)  # type: ignore[arg-type]
+
+
+def test_cheapest_ask_wins_over_better_fit() -> None:
+    """Price is compared first: a cheaper node wins even when another fits tighter."""
+    nodes = [_node("tight", gpus=1, ask=200), _node("cheap", gpus=8, ask=100)]
+    decision = choose(nodes, Request(gpu_count=1, price_ceiling_micros=500))
+    assert decision.placement is not None
+    assert decision.placement.node_id == "cheap"
+    assert decision.placement.ask_micros == 100
+
+
+def test_best_fit_breaks_price_ties() -> None:
+    """At equal price the node left with the fewest free GPUs wins (bin packing)."""
+    nodes = [_node("big", gpus=8), _node("small", gpus=2), _node("exact", gpus=1)]
+    decision = choose(nodes, Request(gpu_count=1, price_ceiling_micros=100))
+    assert decision.placement is not None
+    assert decision.placement.node_id == "exact"
+    assert decision.placement.leftover_gpus == 0
+    assert decision.candidates == 3
+
+
+def test_node_id_breaks_full_ties_deterministically() -> None:
+    """Identical nodes: the smallest node id, whatever the input order."""
+    for order in (["b", "a", "c"], ["c", "b", "a"]):
+        decision = choose([_node(n) for n in order], Request(gpu_count=1, price_ceiling_micros=100))
+        assert decision.placement is not None and decision.placement.node_id == "a"
+
+
+def test_first_matching_gpus_by_index_are_taken() -> None:
+    """GPUs are taken in NVML index order among those matching model and memory."""
+    gpus = (
+        GpuView("u3", "NVIDIA H100 80GB HBM3", 80 * GIB, 3),
+        GpuView("u0", "NVIDIA GeForce RTX 4090", 24 * GIB, 0),
+        GpuView("u1", "NVIDIA H100 80GB HBM3", 80 * GIB, 1),
+        GpuView("u2", "NVIDIA H100 80GB HBM3", 80 * GIB, 2),
+    )
+    node = NodeView("n", True, False, 0, gpus)
+    decision = choose([node], Request(gpu_count=2, gpu_model="h100", gpu_min_memory_bytes=40 * GIB))
+    assert decision.placement is not None
+    assert decision.placement.gpu_uuids == ("u1", "u2")
+
+
+def test_each_filter_gives_its_reason() -> None:
+    """Offline, draining, over the ceiling, too few (matching) GPUs, pinned elsewhere and
+    already tried each exclude a node, with a reason naming the cause."""
+    request = Request(gpu_count=2, price_ceiling_micros=150, excluded=frozenset({"tried"}))
+    cases = {
+        "off": _node("off", online=False, offline_reason="suspect"),
+        "drain": _node("drain", draining=True),
+        "pricey": _node("pricey", ask=151),
+        "small": _node("small", gpus=1),
+        "tried": _node("tried"),
+    }
+    reasons = {k: why_not(v, request) for k, v in cases.items()}
+    assert reasons["off"] == "unavailable: suspect"
+    assert reasons["drain"] is not None and reasons["drain"].startswith("draining")
+    assert reasons["pricey"] is not None and "ask 151 > ceiling 150" in reasons["pricey"]
+    assert reasons["small"] == "not enough GPUs: 1 free GPUs < 2 wanted"
+    assert reasons["tried"] is not None and reasons["tried"].startswith("already tried")
+    assert why_not(_node("ok"), request) is None
+    pinned = Request(gpu_count=1, price_ceiling_micros=150, pinned_node_id="ok")
+    assert why_not(_node("other"), pinned) == "not pinned: lease is pinned to ok"
+    assert why_not(_node("ok"), pinned) is None
+    wrong_model = Request(gpu_count=1, gpu_model="H100", price_ceiling_micros=150)
+    assert "matching the model/memory" in (why_not(_node("ok"), wrong_model) or "")
+
+
+def test_ask_equal_to_ceiling_is_accepted() -> None:
+    """The ceiling is inclusive: ask <= ceiling."""
+    assert why_not(_node("n", ask=150), Request(gpu_count=1, price_ceiling_micros=150)) is None
+
+
+def test_no_fit_summary_groups_reasons() -> None:
+    """The buyer-facing summary counts nodes per reason instead of listing each node."""
+    nodes = [_node("a", online=False), _node("b", online=False), _node("c", ask=999)]
+    decision = choose(nodes, Request(gpu_count=1, price_ceiling_micros=100))
+    assert decision.placement is None
+    assert decision.summary() == "no node fits: too expensive; 2 unavailable"
+    assert choose([], Request(gpu_count=1)).summary() == "no nodes registered"
+
+
+def test_take_removes_placed_gpus_for_the_next_lease() -> None:
+    """Within one pass, GPUs given to one lease are not offered to the next."""
+    nodes = [_node("a", gpus=2)]
+    request = Request(gpu_count=2, price_ceiling_micros=100)
+    first = choose(nodes, request).placement
+    assert first is not None
+    after = take(nodes, first)
+    assert after[0].free_gpus == ()
+    assert choose(after, request).placement is None
