@@ -190,6 +190,8 @@ def main() -> int:
                 "server": {"listen": f"127.0.0.1:{grpc_port}"},
                 "database": {"path": str(sched_dir / "scheduler.db")},
                 "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+                # Simulated GPUs are checked for exact results, not datasheet speed.
+                "attestation": {"accept_simulated": not use_nvml},
             }
         )
     )

@@ -20,6 +20,9 @@ from typing import Any
 import docker
 from google.protobuf.json_format import MessageToDict
 
+from benchmarks.attest.backends import BackendError, get_backend
+from benchmarks.attest.prover import Prover
+from benchmarks.attest.skus import get_sku
 from gpuagent import sdnotify
 from gpuagent.configload import ConfigError
 from gpuagent.logsetup import setup_logging
@@ -28,6 +31,7 @@ from gpuagent.usage_wire import record_to_pb
 from gpuagent.v1 import coordinator_pb2, leases_pb2, usage_pb2
 
 from . import wire
+from .attestation import AttestationResponder, GpuResult, identity_from_inventory
 from .config import AgentConfig, load_agent_config
 from .daemon import Agent
 from .doctor import CheckResult, fatal_results, run_preflight
@@ -44,6 +48,7 @@ from .leases.spec import GpuDescription
 from .leases.statedb import StateDB
 from .link import CoordinatorLink, NotConnected
 from .link.reporter import HeartbeatState, HelloState, default_node_name
+from .metrics.agent_metrics import Attestation
 from .metrics.gpu_collector import GpuHealth as MetricsGpuHealth
 from .metrics.nvml_source import NvmlGpuSource
 from .metrics.readiness import Readiness, coordinator_check, docker_check, nvml_check
@@ -234,6 +239,7 @@ class AgentNode:
         self.link.on("usage_ack", self._on_usage_ack)
         self.link.on("drain", self._on_drain)
         self.link.on_session(self._on_session)
+        self.attestation = await self._build_attestation()
 
         agent = self.agent
         agent.add_component("watchdog", sdnotify.watchdog_task)
@@ -248,8 +254,49 @@ class AgentNode:
         agent.on_reload = self.reload
         return agent
 
+    async def _build_attestation(self) -> AttestationResponder | None:
+        try:
+            backend = await asyncio.to_thread(get_backend, self.config.attestation.backend)
+        except (BackendError, ValueError) as exc:
+            # The coordinator will see challenges refused and withhold leases: say why here.
+            log.error(
+                "attestation backend unavailable; challenges will be refused",
+                extra={"backend": self.config.attestation.backend, "error": str(exc)},
+            )
+            return None
+        prover = Prover(
+            self.identity.sign, backend, identity_from_inventory(self._inventory_pb.gpus)
+        )
+        responder = AttestationResponder(self.link, prover, on_result=self._on_attestation)
+        responder.register()
+        return responder
+
+    def _on_attestation(self, result: GpuResult) -> None:
+        index = {g.uuid: g.index for g in self._inventory_pb.gpus}.get(result.gpu_uuid, -1)
+        score = 0.0
+        with contextlib.suppress(KeyError, ValueError):
+            peak = get_sku(result.sku.partition("@")[0]).peak_flops("fp16") / 1e12
+            score = min(1.0, result.measured_tflops / peak) if peak else 0.0
+        self.telemetry.agent.set_attestation(
+            index, result.gpu_uuid, Attestation(result.passed, score, time.time())
+        )
+        log.log(
+            logging.INFO if result.passed else logging.WARNING,
+            "attestation %s",
+            "passed" if result.passed else "FAILED",
+            extra={
+                "gpu_uuid": result.gpu_uuid,
+                "reason": result.reason,
+                "message": result.message,
+                "tflops": round(result.measured_tflops, 4),
+            },
+        )
+
     async def close(self) -> None:
         """Release what the parts hold; containers keep running (they are Docker's)."""
+        if getattr(self, "attestation", None) is not None:
+            with contextlib.suppress(Exception):
+                await self.attestation.aclose()  # type: ignore[union-attr]
         with contextlib.suppress(Exception):
             await asyncio.to_thread(self.outbox.close)
         with contextlib.suppress(Exception):
