@@ -46,6 +46,7 @@ from .leases.manager import LeaseManager
 from .leases.records import LeaseUpdate
 from .leases.spec import GpuDescription
 from .leases.statedb import StateDB
+from .leases.states import LeaseState
 from .link import CoordinatorLink, NotConnected
 from .link.reporter import HeartbeatState, HelloState, default_node_name
 from .metrics.agent_metrics import Attestation
@@ -64,7 +65,7 @@ from .metrics.status import (
 )
 from .reload import merge_live, plan_reload
 from .usage.cgroup import CgroupReader, ContainerCounters
-from .usage.outbox import Outbox
+from .usage.outbox import OUTBOX_FILE_NAME, Outbox
 from .usage.sampler import Sampler
 from .usage.sources import MeteredLease, SnapshotGpuUsage
 
@@ -144,6 +145,7 @@ class AgentNode:
         self._inventory_pb: Any = None
         self._gpu_names: dict[str, GpuDescription] = {}
         self._assigned_at: dict[str, float] = {}  # lease id -> monotonic, until it runs
+        self._run_started: dict[str, float] = {}  # lease id -> monotonic start, while it runs
 
     # -- building -------------------------------------------------------------------
 
@@ -209,7 +211,7 @@ class AgentNode:
         await self.leases.reconcile()
 
         self.outbox = await asyncio.to_thread(
-            Outbox, state_dir / "usage.db", alert_records=config.metering.outbox_alert_records
+            Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records
         )
         self.sampler = Sampler(
             self.outbox,
@@ -459,9 +461,17 @@ class AgentNode:
             del self._assigned_at[update.lease_id]
             outcome = "success" if update.state.value == "running" else update.state.value
             self.telemetry.agent.lease_started(outcome, time.monotonic() - assigned)
+        if update.state == LeaseState.RUNNING:
+            started = {r.lease_id: r.started_monotonic for r in self.leases.running_leases()}
+            self._run_started[update.lease_id] = started.get(update.lease_id, time.monotonic())
         if update.state.terminal:
             # The final usage record ends where the lease ended, before it is reported.
-            view = _Metered(update.lease_id, update.container_id, update.gpu_uuids, 0.0)
+            view = _Metered(
+                update.lease_id,
+                update.container_id,
+                update.gpu_uuids,
+                self._run_started.pop(update.lease_id, 0.0),
+            )
             await self.sampler.close_lease(view)
         with contextlib.suppress(NotConnected):
             # Kept in the state DB until acked: a failed send is re-sent on reconnect.

@@ -20,7 +20,11 @@ from pathlib import Path
 
 from .registry import REGISTRY
 
-BENCHMARK_MODULES: tuple[str, ...] = ("benchmarks.attest_bench",)
+BENCHMARK_MODULES: tuple[str, ...] = (
+    "benchmarks.attest_bench",
+    "benchmarks.outbox_bench",
+    "benchmarks.scrape_bench",
+)
 DEFAULT_OUTPUT = Path("bench-results.json")
 
 

@@ -99,7 +99,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE placement_attempts (
         lease_id TEXT NOT NULL REFERENCES leases(lease_id),
         node_id TEXT NOT NULL,
-        outcome TEXT NOT NULL,             -- offered|accepted|rejected|timeout|unreachable|lost|interrupted
+        -- offered | accepted | rejected | timeout | unreachable | lost | interrupted
+        outcome TEXT NOT NULL,
         reason TEXT NOT NULL DEFAULT '',
         ts_ns INTEGER NOT NULL
     );

@@ -105,6 +105,8 @@ class LeaseDispatcher:
         self._bad_price: set[tuple[str, str]] = set()
         # node -> session id whose first heartbeat completes the reconnect reconciliation
         self._reconcile: dict[str, Session] = {}
+        # session id -> leases assigned on it before its reconciliation: not "missing".
+        self._assigned_early: dict[str, set[str]] = {}
 
     # -- the loop ------------------------------------------------------------------
 
@@ -303,6 +305,8 @@ class LeaseDispatcher:
             await session.send(_message(lease_assign=assign))
         except Exception as exc:
             return "unreachable", f"sending the assignment failed: {exc!r}"
+        if self._reconcile.get(offer.node_id) is session:
+            self._assigned_early.setdefault(session.session_id, set()).add(row.lease_id)
         try:
             return await asyncio.wait_for(
                 asyncio.shield(offer.answer), self.settings.assign_timeout
@@ -416,12 +420,10 @@ class LeaseDispatcher:
     async def on_heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
         if self._reconcile.get(session.node_id) is session:
             del self._reconcile[session.node_id]
-            listed = {s.lease_id for s in heartbeat.leases}
+            keep = {s.lease_id for s in heartbeat.leases}
+            keep |= self._assigned_early.pop(session.session_id, set())
             lost = await self.store.node_lost(
-                session.node_id,
-                "the agent no longer runs it (missing after reconnect)",
-                placed_before_ns=round(session.started * 1e9),
-                keep=listed,
+                session.node_id, "the agent no longer runs it (missing after reconnect)", keep=keep
             )
             for row in lost:
                 log.warning(

@@ -726,16 +726,11 @@ class LeaseStore:
         return cancel
 
     async def node_lost(
-        self,
-        node_id: str,
-        reason: str,
-        placed_before_ns: int | None = None,
-        keep: Iterable[str] = (),
+        self, node_id: str, reason: str, keep: Iterable[str] = ()
     ) -> list[LeaseRow]:
         """End (as lost) or re-queue (``replace_on_lost``) the placed leases on ``node_id``.
 
-        Offers still in flight (pending) are left to their own deadline. With
-        ``placed_before_ns`` only leases placed before it are affected; ``keep``
+        Offers still in flight (pending) are left to their own deadline; ``keep``
         lists lease ids the node still reports.
         """
         now = self._now()
@@ -754,8 +749,6 @@ class LeaseStore:
             changed = []
             for row in rows:
                 if row.lease_id in keep_ids:
-                    continue
-                if placed_before_ns is not None and (row.placed_ns or 0) >= placed_before_ns:
                     continue
                 self._attempt(conn, row.lease_id, node_id, "lost", reason, now)
                 if row.cancel_requested_ns is not None:

@@ -8,6 +8,7 @@ the real agent's LeaseManager is wired by the lead separately.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ class Env:
             ).fetchall()
 
 
+@contextlib.asynccontextmanager
 async def make_env(tmp_path: Path, **placement: object) -> AsyncIterator[Env]:
     clock = FakeClock()
     server = await start_server(config_for(tmp_path, **placement), clock)
@@ -251,7 +253,7 @@ async def make_env(tmp_path: Path, **placement: object) -> AsyncIterator[Env]:
 
 @pytest_asyncio.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    async for e in make_env(tmp_path):
+    async with make_env(tmp_path) as e:
         yield e
 
 
@@ -310,7 +312,7 @@ async def test_rejected_offer_goes_to_the_next_node(env: Env) -> None:
 async def test_unanswered_offer_times_out_and_is_cancelled(tmp_path: Path) -> None:
     """A node that does not answer within assign_timeout loses the offer (and is told to
     cancel, in case it acts late); the next node gets the lease."""
-    async for env in make_env(tmp_path, assign_timeout=0.3):
+    async with make_env(tmp_path, assign_timeout=0.3) as env:
         mute = await env.agent("mute", silent, price=100)
         other = await env.agent("other", accept, price=200)
         lease = await env.submit()
@@ -364,9 +366,8 @@ async def test_node_offline_loses_leases_and_replaces_when_asked(env: Env) -> No
 async def test_cancel_pending_lease_ends_it_at_once(env: Env) -> None:
     """With no node able to take it a lease waits with the reason; Cancel ends it directly."""
     lease = await env.submit()
-    await until(lambda: False or True)
-    waiting = await env.get(lease.lease_id)
-    assert waiting.state == S.LEASE_STATE_PENDING
+    await until_reason(env, lease.lease_id, "no nodes registered")
+    assert (await env.get(lease.lease_id)).state == S.LEASE_STATE_PENDING
     cancelled = await env.stub.Cancel(
         leases_pb2.CancelLeaseRequest(lease_id=lease.lease_id, reason="changed my mind"), timeout=5
     )
@@ -512,7 +513,7 @@ async def test_ledger_hooks_run_in_the_lease_transactions(env: Env) -> None:
 async def test_restart_keeps_leases_and_requeues_inflight_offers(tmp_path: Path) -> None:
     """Leases survive a scheduler restart; an offer that was in flight goes back to
     pending (nobody waits for its answer any more)."""
-    async for env in make_env(tmp_path):
+    async with make_env(tmp_path) as env:
         await env.agent("mute", silent)
         lease = await env.submit()
         await until(lambda: env.attempts(lease.lease_id) != [], what="offer")

@@ -12,7 +12,7 @@ import pytest_asyncio
 from gpuagent.signing import node_id_from_public_key
 from gpuagent.v1 import coordinator_pb2
 from scheduler import uptime
-from scheduler.db import Database, DatabaseError, migrate
+from scheduler.db import MIGRATIONS, Database, DatabaseError, migrate
 from scheduler.liveness import Liveness, LivenessPolicy, evaluate
 from scheduler.registry import Registry
 from tests.coordinator_harness import FakeClock
@@ -131,9 +131,10 @@ def test_migrations_run_once_and_refuse_a_newer_schema(tmp_path: Path) -> None:
     """Migrations bring a fresh DB to the latest version, are a no-op the second time,
     and a DB from a newer scheduler is refused with what to do."""
     conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
-    assert migrate(conn) == 1
-    assert migrate(conn) == 1
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    latest = len(MIGRATIONS)
+    assert migrate(conn) == latest
+    assert migrate(conn) == latest
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
     conn.execute("PRAGMA user_version = 99")
     with pytest.raises(DatabaseError, match="upgrade gpu-scheduler"):
         migrate(conn)

@@ -39,7 +39,8 @@ from tests.coordinator_harness import FakeClock, agent_config, scheduler_config,
 
 S = common_pb2.LeaseState
 SEC = 1_000_000_000
-T0 = 1_700_000_000 * SEC
+# A day before the scheduler's (fake) clock: records describe the past, as real ones do.
+T0 = (1_700_000_000 - 86_400) * SEC
 HOUR_NS = 3600 * SEC
 
 
@@ -111,7 +112,9 @@ class ScriptedAgent:
         record = UsageRecord(**values)  # type: ignore[arg-type]
         return SignedUsageRecord(record, sign_record(record, (signer or self.identity).sign))
 
-    async def report(self, *records: SignedUsageRecord | usage_pb2.UsageRecord) -> usage_pb2.UsageAck:
+    async def report(
+        self, *records: SignedUsageRecord | usage_pb2.UsageRecord
+    ) -> usage_pb2.UsageAck:
         """Send one UsageReport and return the coordinator's UsageAck for it."""
         pbs = [r if isinstance(r, usage_pb2.UsageRecord) else record_to_pb(r) for r in records]
         report = usage_pb2.UsageReport(records=pbs)
@@ -167,11 +170,11 @@ class Env:
     agents: list[ScriptedAgent] = field(default_factory=list)
 
     @property
-    def leases(self) -> leases_pb2_grpc.LeasesStub:
+    def leases(self) -> leases_pb2_grpc.LeasesAsyncStub:
         return leases_pb2_grpc.LeasesStub(self.channel)
 
     @property
-    def ledger(self) -> ledger_pb2_grpc.LedgerStub:
+    def ledger(self) -> ledger_pb2_grpc.LedgerAsyncStub:
         return ledger_pb2_grpc.LedgerStub(self.channel)
 
     async def agent(self, name: str, ask: int = 1_000_000) -> ScriptedAgent:
@@ -230,8 +233,8 @@ async def make_env(tmp_path: Path, **ledger: object) -> AsyncIterator[Env]:
         await channel.close()
         # AttestationManager.run sleeps on its own wake event (up to 60 s), not on the
         # stop event server.stop() sets: stop it first and wake it, or teardown waits.
-        server._attest_stop.set()  # noqa: SLF001
-        server.attestation._wake.set()  # noqa: SLF001
+        server._attest_stop.set()
+        server.attestation._wake.set()
         await server.stop(grace=0)
 
 
@@ -362,8 +365,7 @@ async def test_record_for_a_lease_the_node_does_not_hold_is_rejected(
     ack = await other.report(other.record("lease-1", 1, 0, 60), other.record("nope", 2, 0, 60))
     assert (ack.acked_through_seq, ack.rejected) == (2, 2)
     rows = env.rows(
-        "SELECT seq, status, reason, cost_micros FROM usage_records WHERE node_id = ?"
-        " ORDER BY seq",
+        "SELECT seq, status, reason, cost_micros FROM usage_records WHERE node_id = ? ORDER BY seq",
         other.node_id,
     )
     assert [(s, st, c) for s, st, _, c in rows] == [(1, "rejected", 0), (2, "rejected", 0)]
@@ -441,7 +443,9 @@ async def test_final_record_after_the_end_releases_the_escrow(env: Env) -> None:
     assert (lease.escrow_state, lease.final_seen) == ("released", True)
     assert lease.cost_micros == 3_000_000 * 700 // 3600
     assert lease.released_micros == 3_000_000 - lease.cost_micros
-    account = (await env.ledger.Balance(ledger_pb2.BalanceRequest(buyer="alice"), timeout=5)).accounts[0]
+    account = (
+        await env.ledger.Balance(ledger_pb2.BalanceRequest(buyer="alice"), timeout=5)
+    ).accounts[0]
     assert account.escrow_micros == 0
     assert account.balance_micros + account.spent_micros == 10_000_000
 
@@ -484,7 +488,10 @@ async def test_collateral_gates_placement_until_the_node_stakes(tmp_path: Path) 
         await env.deposit("alice", 10_000_000)
         agent = await env.agent("a")
         spec = leases_pb2.LeaseSpec(
-            image="busybox", gpu_count=1, price_micro_per_gpu_hour=1, max_duration_seconds=60
+            image="busybox",
+            gpu_count=1,
+            price_micro_per_gpu_hour=1_000_000,
+            max_duration_seconds=60,
         )
         request = leases_pb2.SubmitLeaseRequest(spec=spec, idempotency_key="l1", buyer="alice")
         await env.leases.Submit(request, timeout=5)
@@ -516,8 +523,9 @@ async def test_records_survive_as_evidence_byte_for_byte(env: Env) -> None:
     sent = agent.record("lease-1", 1, 0, 60, net_rx_bytes=2**40)
     await agent.report(sent)
     [(body, signature)] = env.rows("SELECT canonical, signature FROM usage_records")
-    stored = decode_canonical(bytes(body))  # type: ignore[arg-type]
+    assert isinstance(body, bytes) and isinstance(signature, bytes)
+    stored = decode_canonical(body)
     assert stored == sent.record
     key = Ed25519PublicKey.from_public_bytes(env.server.registry.nodes[agent.node_id].public_key)
-    assert verify_record(stored, bytes(signature), key)  # type: ignore[arg-type]
-    assert dataclasses.replace(stored, net_rx_bytes=0) != sent.record
+    assert verify_record(stored, signature, key)
+    assert not verify_record(dataclasses.replace(stored, net_rx_bytes=0), signature, key)
