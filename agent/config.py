@@ -46,6 +46,11 @@ class NodeConfig(Strict):
     )
     region: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    price_micros_per_gpu_hour: int | None = Field(
+        default=None,
+        ge=0,
+        description="this provider's ask per GPU-hour in micro-units; None = coordinator default",
+    )
 
 
 class LogConfig(Strict):

@@ -44,7 +44,8 @@ DEMO_LEASE: dict[str, Any] = {
     "cpus": 0.5,
     "memory": "64MiB",
     "max_duration": "5m",
-    "price_max_per_gpu_hour": 2.0,
+    "price_max": 2_000_000,  # micro-units per GPU-hour: 2 units, above the node's 1.5 ask
+    "buyer": DEMO_BUYER,
 }
 
 
@@ -200,7 +201,11 @@ def main() -> int:
         yaml.safe_dump(
             {
                 "log": {"level": "info", "format": "text"},
-                "node": {"name": "demo-node", "state_dir": str(agent_dir)},
+                "node": {
+                    "name": "demo-node",
+                    "state_dir": str(agent_dir),
+                    "price_micros_per_gpu_hour": 1_500_000,
+                },
                 "coordinator": {
                     "address": f"127.0.0.1:{grpc_port}",
                     "ca_file": str(sched_dir / "tls" / "ca.pem"),

@@ -231,7 +231,7 @@ class AgentNode:
             self,
             node_name=config.node.name or default_node_name(),
             region=config.node.region or "",
-            labels=config.node.labels,
+            labels=self._labels(),
             observer=self.telemetry.agent,
         )
         status_server = self._build_status_server(client)
@@ -273,6 +273,14 @@ class AgentNode:
         responder.register()
         return responder
 
+    def _labels(self) -> dict[str, str]:
+        labels = dict(self.config.node.labels)
+        price = self.config.node.price_micros_per_gpu_hour
+        if price is not None:
+            # The reference scheduler reads the provider's ask from this Hello label.
+            labels["price_micros_per_gpu_hour"] = str(price)
+        return labels
+
     def _on_attestation(self, result: GpuResult) -> None:
         index = {g.uuid: g.index for g in self._inventory_pb.gpus}.get(result.gpu_uuid, -1)
         score = 0.0
@@ -282,17 +290,7 @@ class AgentNode:
         self.telemetry.agent.set_attestation(
             index, result.gpu_uuid, Attestation(result.passed, score, time.time())
         )
-        log.log(
-            logging.INFO if result.passed else logging.WARNING,
-            "attestation %s",
-            "passed" if result.passed else "FAILED",
-            extra={
-                "gpu_uuid": result.gpu_uuid,
-                "reason": result.reason,
-                "message": result.message,
-                "tflops": round(result.measured_tflops, 4),
-            },
-        )
+        # agent.attestation already logs each verdict with its figures.
 
     async def close(self) -> None:
         """Release what the parts hold; containers keep running (they are Docker's)."""

@@ -213,6 +213,8 @@ class LeaseDispatcher:
         """One placement pass; returns how many offers it sent."""
         async with self._place_lock:
             pending, holding, tried = await self.store.placement_view()
+            waiting = {r.lease_id for r in pending}
+            self._waiting = {k: v for k, v in self._waiting.items() if k in waiting}
             if not pending:
                 return 0
             nodes = self.node_views(holding)

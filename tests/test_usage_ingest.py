@@ -231,10 +231,6 @@ async def make_env(tmp_path: Path, **ledger: object) -> AsyncIterator[Env]:
         for agent in env.agents:
             await agent.close()
         await channel.close()
-        # AttestationManager.run sleeps on its own wake event (up to 60 s), not on the
-        # stop event server.stop() sets: stop it first and wake it, or teardown waits.
-        server._attest_stop.set()
-        server.attestation._wake.set()
         await server.stop(grace=0)
 
 
