@@ -244,7 +244,7 @@ def main() -> int:
 
         def node_online() -> bool:
             nodes = json.loads(cli("gpu-scheduler", sched_cfg, "nodes", "--json"))
-            return any(n.get("liveness") == "online" for n in nodes.get("nodes", nodes))
+            return any(n.get("liveness") == "LIVENESS_ONLINE" for n in nodes)
 
         wait_for("waiting for the node to come online", node_online, 60, list(procs.values()))
         print(cli("gpu-scheduler", sched_cfg, "nodes"), flush=True)  # noqa: T201
@@ -269,7 +269,7 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
     lease_file.write_text(yaml.safe_dump(DEMO_LEASE, sort_keys=False))
     cli("gpu-scheduler", sched_cfg, "deposit", DEMO_BUYER, "100", check=False)
     say("submitting the demo lease and following it")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [
             str(BIN / "gpu-scheduler"),
             "-c",
@@ -280,14 +280,22 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
             DEMO_BUYER,
             "--wait",
         ],
+        stdout=subprocess.PIPE,
         text=True,
-        timeout=300,
-        check=False,
     )
-    if proc.returncode != 0:
+    assert proc.stdout is not None
+    lease_id = ""
+    for line in proc.stdout:
+        print(line.rstrip(), flush=True)  # noqa: T201
+        if not lease_id and line.strip():
+            lease_id = line.split()[0]
+    if proc.wait(timeout=300) != 0:
         say(f"lease did not succeed (exit {proc.returncode}); see .run/agent.log")
+    if lease_id:
+        say("the lease's output (kept by the scheduler)")
+        print(cli("gpu-scheduler", sched_cfg, "logs", lease_id, check=False), flush=True)  # noqa: T201
     say("leases on the agent (local view)")
-    print(cli("gpu-agent", agent_cfg, "leases", check=False), flush=True)  # noqa: T201
+    print(cli("gpu-agent", agent_cfg, "leases", "--all", check=False), flush=True)  # noqa: T201
     say("usage billed at the scheduler")
     print(cli("gpu-scheduler", sched_cfg, "usage", check=False), flush=True)  # noqa: T201
     print(cli("gpu-scheduler", sched_cfg, "balance", DEMO_BUYER, check=False), flush=True)  # noqa: T201
@@ -296,4 +304,12 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
 if __name__ == "__main__":
     if shutil.which("docker") is None:
         sys.exit("the demo needs the Docker Engine (docker not found on PATH)")
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C before the demo settled: `running` has already stopped the children.
+        say("interrupted; stopped cleanly")
+        sys.exit(0)
+    except RuntimeError as exc:
+        say(f"demo failed: {exc} (logs in .run/*.log)")
+        sys.exit(1)

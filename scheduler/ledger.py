@@ -479,8 +479,22 @@ def stake(
     return found
 
 
-def slash(conn: sqlite3.Connection, node_id: str, micros: int, now: int, reason: str) -> int:
-    """Take up to ``micros`` of the node's available stake; returns what was taken."""
+def slash(
+    conn: sqlite3.Connection, node_id: str, micros: int, now: int, reason: str, ref: str = ""
+) -> int:
+    """Take up to ``micros`` of the node's available stake; returns what was taken.
+
+    With ``ref`` (e.g. the failed challenge's id) a repeat for the same ref takes
+    nothing, so a caller told about one failure twice slashes once.
+    """
+    if (
+        ref
+        and conn.execute(
+            "SELECT 1 FROM ledger_entries WHERE kind = 'slash' AND node_id = ? AND ref = ?",
+            (node_id, ref),
+        ).fetchone()
+    ):
+        return 0
     found = collateral(conn, node_id)
     amount = min(max(micros, 0), found.available_micros if found else 0)
     if amount <= 0:
@@ -493,7 +507,7 @@ def slash(conn: sqlite3.Connection, node_id: str, micros: int, now: int, reason:
         "UPDATE collateral SET slashed_micros = slashed_micros + ? WHERE node_id = ?",
         (amount, node_id),
     )
-    _entry(conn, "slash", amount, now, node_id=node_id, reason=reason)
+    _entry(conn, "slash", amount, now, node_id=node_id, reason=reason, ref=ref)
     log.warning(
         "collateral slashed", extra={"node_id": node_id, "micros": amount, "reason": reason}
     )

@@ -265,8 +265,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
 
     # -- for placement and attestation --------------------------------------------------
 
-    async def attestation_failed(self, node_id: str, reason: str) -> int:
-        """Slash ``ledger.slash_attestation_micros``; returns what was taken."""
+    async def attestation_failed(self, node_id: str, reason: str, challenge_id: str = "") -> int:
+        """Slash ``ledger.slash_attestation_micros``, once per ``challenge_id``; returns
+        what was taken."""
         now = self._now()
 
         def txn(conn: sqlite3.Connection) -> tuple[int, ledger.Collateral | None]:
@@ -276,6 +277,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                 self.policy.slash_attestation_micros,
                 now,
                 f"failed attestation: {reason}",
+                ref=challenge_id,
             )
             return taken, ledger.collateral(conn, node_id)
 
@@ -299,8 +301,11 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             for node_id, committed_ns in rows:
                 record = self.registry.nodes.get(node_id)
                 spans = record.spans if record is not None else []
-                # Measured from the commitment (or first sight): no debt for earlier time.
+                # Measured from the commitment (or first sight): no debt for earlier time,
+                # and only over a whole window, so a short sample cannot slash.
                 since = max(committed_ns / 1e9, record.first_seen if record else 0.0)
+                if now - since < window:
+                    continue
                 measured = uptime.ratio(spans, now, window, since)
                 taken = ledger.check_uptime(
                     conn, node_id, measured, round(now * 1e9), round(window * 1e9), self.policy

@@ -148,8 +148,8 @@ class SchedulerServer:
         self.usage = UsageIngest(self.db, self.registry, self.ledger.policy, clock)
         self.coordinator.on("usage_report", self.usage.handle)
         attested = self.dispatcher.gpu_eligible
-        self.dispatcher.gpu_eligible = lambda node, gpu: self.ledger.node_eligible(node) and (
-            attested is None or attested(node, gpu)
+        self.dispatcher.gpu_eligible = lambda node, gpu: (
+            self.ledger.node_eligible(node) and (attested is None or attested(node, gpu))
         )
         self.ledger.on_eligibility_change = self.dispatcher.kick
         self._ledger_stop = asyncio.Event()
