@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+import prometheus_client
+
 from gpuagent.logsetup import setup_logging
 
 from .cli import config_path, load_config_from_args
@@ -30,6 +32,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
+    # `_created` series double every counter's cardinality and no dashboard uses them.
+    prometheus_client.disable_created_metrics()
     try:
         return asyncio.run(_main(config, config_path(args)))
     except PreflightFailed as exc:

@@ -72,6 +72,14 @@ from .usage.sources import MeteredLease, SnapshotGpuUsage
 log = logging.getLogger(__name__)
 
 
+# How a lease's start ended, for gpu_agent_lease_starts_total{outcome}.
+_START_OUTCOMES = {
+    LeaseState.RUNNING: "started",
+    LeaseState.REJECTED: "rejected",
+    LeaseState.CANCELLED: "cancelled",
+}
+
+
 class PreflightFailed(Exception):
     """A fatal preflight problem: the daemon refuses to start (exit code 2)."""
 
@@ -457,7 +465,7 @@ class AgentNode:
         assigned = self._assigned_at.get(update.lease_id)
         if assigned is not None and (update.state.terminal or update.state.value == "running"):
             del self._assigned_at[update.lease_id]
-            outcome = "success" if update.state.value == "running" else update.state.value
+            outcome = _START_OUTCOMES.get(update.state, "start_failed")
             self.telemetry.agent.lease_started(outcome, time.monotonic() - assigned)
         if update.state == LeaseState.RUNNING:
             started = {r.lease_id: r.started_monotonic for r in self.leases.running_leases()}

@@ -7,6 +7,9 @@ import asyncio
 import signal
 import sys
 
+import prometheus_client
+
+from gpuagent import sdnotify
 from gpuagent.logsetup import setup_logging
 
 from .cli import load_config_from_args
@@ -23,6 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
+    # `_created` series double every counter's cardinality and no dashboard uses them.
+    prometheus_client.disable_created_metrics()
     try:
         return asyncio.run(_main(config))
     except (ServerStartError, DatabaseError) as exc:
@@ -35,5 +40,15 @@ async def _main(config: SchedulerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await SchedulerServer(config).run(stop)
+    server = SchedulerServer(config)
+    # Pings come from this loop, so a stuck loop gets the unit restarted.
+    watchdog = asyncio.create_task(sdnotify.watchdog_task(stop), name="watchdog")
+    try:
+        await server.start()
+        sdnotify.ready(status=f"serving on {config.server.listen} (port {server.port})")
+        await server.serve_until(stop)
+    finally:
+        sdnotify.stopping(status="stopping")
+        stop.set()
+        await watchdog
     return 0

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,7 +40,8 @@ from .leases_service import LeasesService
 from .leases_store import LeaseStore
 from .ledger import LeaseHooks
 from .ledger_service import LedgerService
-from .liveness import LivenessPolicy
+from .liveness import Liveness, LivenessPolicy
+from .metrics import MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
 from .registry import Clock, Registry
 from .usage_ingest import UsageIngest
@@ -152,6 +154,11 @@ class SchedulerServer:
             self.ledger.node_eligible(node) and (attested is None or attested(node, gpu))
         )
         self.ledger.on_eligibility_change = self.dispatcher.kick
+        self._wire_metrics()
+        self._verdicts_seen: set[tuple[str, str, str]] = set()
+        self._slash_tasks: set[asyncio.Task[int]] = set()
+        self.attestation.add_listener(self._on_verdicts)
+        self._metrics_server: MetricsServer | None = None
         self._ledger_stop = asyncio.Event()
         self._ledger_task: asyncio.Task[None] | None = None
         self._dispatch_stop = asyncio.Event()
@@ -160,6 +167,40 @@ class SchedulerServer:
         self._attest_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
+
+    def _wire_metrics(self) -> None:
+        def node_states() -> dict[str, int]:
+            counts = {state.value: 0 for state in Liveness}
+            for record in self.registry.nodes.values():
+                counts[self.registry.liveness(record).value] += 1
+            return counts
+
+        self.metrics = SchedulerMetrics(
+            nodes=node_states, leases=lambda: {k: v for k, v in self.leases_store.counts.items()}
+        )
+        self.dispatcher.observe_placement = self.metrics.placement
+        self.usage.on_counts = lambda r: self.metrics.usage_records(r.stored, r.duplicates)
+
+        async def count_heartbeat(_session: Any, _heartbeat: Any) -> None:
+            self.metrics.heartbeat()
+
+        self.coordinator.on_heartbeat(count_heartbeat)
+
+    def _on_verdicts(self, node_id: str) -> None:
+        """Count each new verdict once; a failed one slashes the node's collateral."""
+        for record in self.attestation.latest(node_id):
+            key = (node_id, record.gpu_uuid, record.challenge_id or str(record.created_ns))
+            if key in self._verdicts_seen:
+                continue
+            self._verdicts_seen.add(key)
+            self.metrics.attestation("passed" if record.passed else "failed")
+            if not record.passed and record.challenge_id:
+                # The ledger slashes at most once per challenge (docs/ledger.md).
+                task = asyncio.get_running_loop().create_task(
+                    self.ledger.attestation_failed(node_id, record.reason, record.challenge_id)
+                )
+                self._slash_tasks.add(task)
+                task.add_done_callback(self._slash_tasks.discard)
 
     async def start(self) -> int:
         """Open the database, bind and start serving; returns the bound port."""
@@ -211,6 +252,16 @@ class SchedulerServer:
         self._ledger_task = asyncio.create_task(self.ledger.run(self._ledger_stop), name="ledger")
         self._server = server
         self.port = port
+        if self.config.metrics.listen:
+            try:
+                self._metrics_server = start_metrics_server(
+                    self.config.metrics.listen, self.metrics
+                )
+            except (ValueError, OSError) as exc:
+                await self.stop()
+                raise ServerStartError(
+                    f"metrics.listen: cannot serve on {self.config.metrics.listen}: {exc}"
+                ) from None
         log.info(
             "scheduler serving",
             extra={
@@ -224,6 +275,9 @@ class SchedulerServer:
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
         if self._dispatch_task is not None:
             self._dispatch_stop.set()
             await self._dispatch_task
@@ -259,6 +313,10 @@ class SchedulerServer:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
+        await self.serve_until(stop)
+
+    async def serve_until(self, stop: asyncio.Event) -> None:
+        """After ``start()``: sweep liveness until ``stop``, then stop serving."""
         sweeper = asyncio.create_task(self._sweep_forever(), name="liveness-sweeper")
         try:
             await stop.wait()

@@ -1,0 +1,70 @@
+"""The fleet benchmark's scheduler process: ``gpu-scheduler serve`` plus a latency probe.
+
+``python -m benchmarks.fleet_server CONFIG STATS_FILE`` runs the very same
+``SchedulerServer`` that ``gpu-scheduler serve`` runs, with one addition: an
+``on_heartbeat`` hook that records, per heartbeat, the time from the agent
+stamping it (``sent_at_unix_nanos``; same host, same clock) to the scheduler
+having stored it. That is heartbeat processing latency as the fleet feels it:
+transport, queueing behind other work on the event loop, and the SQLite write.
+On SIGUSR1 the samples so far are written to STATS_FILE (atomically) and reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gpuagent.logsetup import setup_logging
+from gpuagent.v1 import coordinator_pb2
+from scheduler.config import load_scheduler_config
+from scheduler.registry import Session
+from scheduler.server import SchedulerServer
+
+
+class HeartbeatProbe:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.latencies_ms: list[float] = []
+
+    async def on_heartbeat(self, _session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
+        if heartbeat.sent_at_unix_nanos:
+            self.latencies_ms.append((time.time_ns() - heartbeat.sent_at_unix_nanos) / 1e6)
+
+    def dump(self) -> None:
+        samples, self.latencies_ms = self.latencies_ms, []
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"heartbeat_latency_ms": samples}))
+        os.replace(tmp, self.path)
+
+
+async def _main(config_path: Path, stats: Path) -> int:
+    config = load_scheduler_config(config_path)
+    setup_logging(config.log.level, config.log.format)
+    server = SchedulerServer(config)
+    probe = HeartbeatProbe(stats)
+    server.coordinator.on_heartbeat(probe.on_heartbeat)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, probe.dump)
+    await server.run(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args: Any = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: python -m benchmarks.fleet_server CONFIG STATS_FILE", file=sys.stderr)  # noqa: T201
+        return 2
+    return asyncio.run(_main(Path(args[0]), Path(args[1])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
