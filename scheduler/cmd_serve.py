@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
     # `_created` series double every counter's cardinality and no dashboard uses them.
-    prometheus_client.disable_created_metrics()
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         return asyncio.run(_main(config))
     except (ServerStartError, DatabaseError) as exc:
