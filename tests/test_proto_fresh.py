@@ -35,6 +35,7 @@ def test_every_message_and_field_is_documented() -> None:
         coordinator_pb2,
         inventory_pb2,
         leases_pb2,
+        ledger_pb2,
         nodes_pb2,
         usage_pb2,
     )
@@ -47,6 +48,7 @@ def test_every_message_and_field_is_documented() -> None:
         coordinator_pb2,
         inventory_pb2,
         leases_pb2,
+        ledger_pb2,
         nodes_pb2,
         usage_pb2,
     ):
