@@ -31,6 +31,11 @@ class Agent:
         self._signals = 0
         self.on_reload: Callable[[], Coroutine[Any, Any, None]] | None = None
         self._reload_tasks: set[asyncio.Task[None]] = set()
+        # Run before components are told to stop (e.g. flush usage while the link is
+        # still up), bounded by ``drain_timeout`` so a stuck flush never blocks a stop.
+        self.before_stop: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        self.drain_timeout = 5.0
+        self._stopping_task: asyncio.Task[None] | None = None
 
     def add_component(self, name: str, component: Component) -> None:
         self._components.append((name, component))
@@ -40,10 +45,31 @@ class Agent:
         return self._stop.is_set()
 
     def shutdown(self, reason: str = "requested") -> None:
-        """Ask every component to stop; idempotent, safe from any task on the loop."""
-        if not self._stop.is_set():
-            self._stop_reason = reason
-            log.info("agent stopping", extra={"reason": reason})
+        """Stop in phases: run ``before_stop`` hooks (bounded), then stop every component.
+
+        Idempotent and safe from any task on the loop.
+        """
+        if self._stop.is_set() or self._stopping_task is not None:
+            return
+        self._stop_reason = reason
+        log.info("agent stopping", extra={"reason": reason})
+        if not self.before_stop:
+            self._stop.set()
+            return
+        self._stopping_task = asyncio.get_running_loop().create_task(
+            self._drain_then_stop(), name="shutdown"
+        )
+
+    async def _drain_then_stop(self) -> None:
+        try:
+            async with asyncio.timeout(self.drain_timeout):
+                for hook in self.before_stop:
+                    await hook()
+        except TimeoutError:
+            log.warning("shutdown hooks ran out of time", extra={"timeout_s": self.drain_timeout})
+        except Exception:
+            log.exception("shutdown hook failed")
+        finally:
             self._stop.set()
 
     def install_signal_handlers(self) -> None:

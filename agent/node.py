@@ -146,6 +146,7 @@ class AgentNode:
         self.link: CoordinatorLink
         self._started = time.monotonic()
         self._usage_wake = asyncio.Event()
+        self._usage_acked = asyncio.Event()
         self._usage_sent_through = 0
         self._draining = False
         self._drain_deadline: float | None = None  # unix seconds
@@ -215,9 +216,6 @@ class AgentNode:
             simulated_gpus=self.backend.simulated,
             gpu_details_source=lambda: self._gpu_names,
         )
-        # Re-adopt what ran before a restart before telling the coordinator anything.
-        await self.leases.reconcile()
-
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records
         )
@@ -231,6 +229,10 @@ class AgentNode:
             reader_factory=lambda lease: _DockerPidReader(client, lease.container_id),
             on_records=self._on_usage_records,
         )
+        # Re-adopt what ran before a restart before telling the coordinator anything. After
+        # the sampler exists: a lease that ended while the agent was down gets its final
+        # usage record here, and without a sampler it would never get one.
+        await self.leases.reconcile()
 
         self.telemetry = self._build_telemetry()
         self.link = CoordinatorLink(
@@ -262,6 +264,7 @@ class AgentNode:
         agent.add_component("ready", self._announce_ready)
         agent.add_component("disconnect-guard", self._disconnect_guard)
         agent.on_reload = self.reload
+        agent.before_stop.append(self._flush_usage)
         return agent
 
     async def _build_attestation(self) -> AttestationResponder | None:
@@ -470,8 +473,10 @@ class AgentNode:
         if update.state == LeaseState.RUNNING:
             started = {r.lease_id: r.started_monotonic for r in self.leases.running_leases()}
             self._run_started[update.lease_id] = started.get(update.lease_id, time.monotonic())
-        if update.state.terminal:
+        if update.state.terminal and update.state != LeaseState.REJECTED and update.container_id:
             # The final usage record ends where the lease ended, before it is reported.
+            # A lease refused or failed before it had a container never ran: it gets no
+            # usage record (one would be refused by the coordinator as not placed).
             view = _Metered(
                 update.lease_id,
                 update.container_id,
@@ -479,6 +484,10 @@ class AgentNode:
                 self._run_started.pop(update.lease_id, 0.0),
             )
             await self.sampler.close_lease(view)
+        if not hasattr(self, "link"):
+            # Reconcile at start reports before the link exists; the update stays in the
+            # state DB and goes out with the first session's pending updates.
+            return
         with contextlib.suppress(NotConnected):
             # Kept in the state DB until acked: a failed send is re-sent on reconnect.
             await self.link.send(
@@ -495,6 +504,7 @@ class AgentNode:
 
     async def _on_usage_ack(self, msg: usage_pb2.UsageAck) -> None:
         pruned = await asyncio.to_thread(self.outbox.ack, msg.acked_through_seq)
+        self._usage_acked.set()
         log.debug("usage acked", extra={"through_seq": msg.acked_through_seq, "pruned": pruned})
 
     async def _on_session(self, welcome: coordinator_pb2.Welcome) -> None:
@@ -510,6 +520,25 @@ class AgentNode:
             )
         if welcome.draining != self._draining:
             self._set_draining(welcome.draining, "coordinator")
+
+    async def _flush_usage(self) -> None:
+        """At shutdown: close due intervals and deliver what is pending while connected.
+
+        Nothing is lost without this (the outbox is durable and replayed after the
+        restart); it only spares the coordinator a backlog after routine restarts.
+        """
+        await self.sampler.tick()
+        target = (await asyncio.to_thread(self.outbox.stats)).last_seq
+        while self.link.connected:
+            stats = await asyncio.to_thread(self.outbox.stats)
+            if stats.acked_seq >= target:
+                log.info("usage flushed", extra={"acked_through_seq": stats.acked_seq})
+                return
+            self._usage_acked.clear()
+            self._usage_wake.set()
+            # Re-checked on every ack; the agent's drain timeout bounds the whole flush.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._usage_acked.wait(), 1.0)
 
     async def _usage_sender(self, stop: asyncio.Event) -> None:
         """Send outbox records in seq order whenever there are some and a session is open."""

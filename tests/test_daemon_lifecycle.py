@@ -1,0 +1,138 @@
+"""The daemon as systemd runs it: SIGTERM, restart/upgrade re-adoption, SIGHUP, drain.
+
+Real processes (``gpu-scheduler serve``, ``gpu-agent run``), real Docker, real gRPC
+over TLS on loopback, through the fault suite's cluster harness.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.faults.harness import BIN, Cluster, cluster, wait_for
+
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture
+def node(tmp_path: Path, busybox_image: str) -> Iterator[Cluster]:
+    with cluster(tmp_path, gpus=2) as c:
+        c.start()
+        yield c
+
+
+def _sigterm(c: Cluster, timeout: float = 15.0) -> float:
+    assert c.agent is not None
+    started = time.monotonic()
+    c.agent.send_signal(signal.SIGTERM)
+    c.agent.wait(timeout)
+    return time.monotonic() - started
+
+
+def test_sigterm_leaves_containers_flushes_usage_and_restart_readopts(node: Cluster) -> None:
+    """SIGTERM: the agent exits promptly with exit code 0, the lease container keeps
+    running, every usage record is delivered first; a new agent (an upgrade) re-adopts
+    the same container and the lease continues."""
+    lease = node.submit("sleep 300")
+    wait_for("the lease to run", lambda: node.lease_state(lease) == "running", 60)
+    # Let at least one usage record close so there is something to flush.
+    wait_for("a usage record", lambda: node.query("SELECT seq FROM usage_records"), 30)
+    container_id = node.containers()[lease]["Id"]
+
+    took = _sigterm(node)
+    assert node.agent is not None and node.agent.returncode == 0
+    assert took < 10, f"agent took {took:.1f}s to stop"
+    state = node.containers()[lease]["State"]
+    assert state["Running"] is True, "the lease container must outlive the agent"
+    assert node.log_events("usage flushed"), "pending usage was not delivered before exit"
+    outbox = json.loads(
+        subprocess.run(
+            [str(BIN / "gpu-agent"), "-c", str(node.agent_cfg), "usage", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )["outbox"]
+    assert outbox["pending"] == 0
+    assert outbox["acked_seq"] == outbox["last_seq"] > 0
+    stored = node.query("SELECT MAX(seq) FROM usage_records")[0][0]
+    assert stored == outbox["last_seq"]
+
+    node.start_agent()
+    node.wait_online()
+    wait_for(
+        "the lease to be re-adopted",
+        lambda: any(
+            lease_view["lease_id"] == lease and lease_view["state"] == "running"
+            for lease_view in node.agent_status()["leases"].get("leases", [])
+        ),
+        30,
+    )
+    after = node.containers()[lease]
+    assert after["Id"] == container_id
+    assert after["RestartCount"] == 0
+    assert after["State"]["StartedAt"] == state["StartedAt"]
+    assert node.lease_state(lease) == "running"
+
+
+def test_sighup_applies_live_changes_and_keeps_config_on_a_bad_file(node: Cluster) -> None:
+    """SIGHUP with a valid change applies it (and names what needs a restart); with an
+    invalid file it keeps the running config and logs every problem."""
+    assert node.agent is not None
+    config = yaml.safe_load(node.agent_cfg.read_text())
+    config["runtime"]["denied_registries"] = ["evil.example"]
+    config["node"]["name"] = "renamed"  # needs a restart
+    node.agent_cfg.write_text(yaml.safe_dump(config))
+    node.agent.send_signal(signal.SIGHUP)
+    wait_for("the reload", lambda: node.log_events("config reloaded"), 15)
+    event = node.log_events("config reloaded")[-1]
+    assert event["applied"] == ["runtime.denied_registries"]
+    assert event["need_restart"] == ["node.name"]
+
+    node.agent_cfg.write_text("runtime: {max_cpus: lots}\n")
+    node.agent.send_signal(signal.SIGHUP)
+    wait_for("the refusal", lambda: node.log_events("config reload failed"), 15)
+    failed = node.log_events("config reload failed")[-1]
+    assert any(p.startswith("runtime.max_cpus:") for p in failed["problems"])
+    assert node.agent.poll() is None, "a bad config file must not stop the agent"
+    assert node.connected()
+
+
+def test_drain_stops_new_placements_and_undrain_restores_them(node: Cluster) -> None:
+    """`gpu-agent drain` shows in status and heartbeats: the scheduler places nothing
+    on the node until `gpu-agent undrain`."""
+
+    def agent_cli(*args: str) -> str:
+        return subprocess.run(
+            [str(BIN / "gpu-agent"), "-c", str(node.agent_cfg), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    assert "draining: no new leases" in agent_cli("drain")
+    wait_for("status to show the drain", lambda: node.agent_status()["node"]["draining"], 10)
+
+    def scheduler_sees_drain() -> bool:
+        nodes = json.loads(node.scheduler_cli("nodes", "--json"))
+        return bool(nodes[0].get("draining")) and not nodes[0].get("freeGpuUuids")
+
+    wait_for("a heartbeat carrying the drain", scheduler_sees_drain, 10)
+    lease = node.submit("true")
+    # The dispatcher records why a lease waits once it has tried to place it.
+    wait_for(
+        "the placement attempt",
+        lambda: node.query("SELECT reason FROM leases WHERE lease_id = ?", lease)[0][0],
+        10,
+    )
+    assert node.lease_state(lease) == "pending"
+    assert node.containers() == {}
+    assert agent_cli("undrain").startswith("drain lifted")
+    wait_for("the lease to run after undrain", lambda: node.lease_state(lease) == "succeeded", 60)
