@@ -6,8 +6,10 @@ over TLS on loopback, through the fault suite's cluster harness.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -136,3 +138,44 @@ def test_drain_stops_new_placements_and_undrain_restores_them(node: Cluster) -> 
     assert node.containers() == {}
     assert agent_cli("undrain").startswith("drain lifted")
     wait_for("the lease to run after undrain", lambda: node.lease_state(lease) == "succeeded", 60)
+
+
+def test_sd_notify_ready_watchdog_stopping_in_order(
+    tmp_path: Path, busybox_image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd's notify protocol the real agent sends READY once connected, then
+    WATCHDOG pings from its event loop, and STOPPING on SIGTERM, in that order."""
+    sock_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    messages: list[str] = []
+
+    def drain_socket() -> None:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                messages.append(receiver.recv(4096).decode())
+
+    try:
+        with cluster(tmp_path / "c", gpus=1) as c:
+            c.start_scheduler()
+            monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+            monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # pings every 0.5 s
+            c.start_agent()
+            c.wait_online()
+
+            def pinged_after_ready() -> bool:
+                drain_socket()
+                ready = [i for i, m in enumerate(messages) if "READY=1" in m]
+                return bool(ready) and any("WATCHDOG=1" in m for m in messages[ready[0] :])
+
+            wait_for("READY and a watchdog ping", pinged_after_ready, 20)
+            _sigterm(c)
+            drain_socket()
+    finally:
+        receiver.close()
+    ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
+    stopping = next(i for i, m in enumerate(messages) if "STOPPING=1" in m)
+    assert "STATUS=connected to" in messages[ready]
+    assert ready < stopping
+    assert not any("READY=1" in m for m in messages[stopping:])
