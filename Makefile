@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.installed
 APT_PACKAGES := busybox-static prometheus shellcheck
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test lint bench venv dev-venv system-deps test-image proto clean
+.PHONY: run test faults lint bench venv dev-venv system-deps test-image proto clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,12 @@ run: venv
 	$(PY) -m agent.demo
 
 test: system-deps dev-venv test-image
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not faults"
+
+# The fault suite (docs/faults.md): real processes killed, partitioned, starved.
+# About 4 minutes; CI runs it after `make test`. FAULTS_CHURN_SECONDS lengthens scenario 2.
+faults: system-deps dev-venv test-image
+	$(PY) -m pytest -m faults tests/faults
 
 lint: dev-venv
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -40,7 +39,7 @@ class HeartbeatProbe:
         samples, self.latencies_ms = self.latencies_ms, []
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"heartbeat_latency_ms": samples}))
-        os.replace(tmp, self.path)
+        tmp.replace(self.path)
 
 
 async def _main(config_path: Path, stats: Path) -> int:
@@ -61,7 +60,7 @@ async def _main(config_path: Path, stats: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args: Any = argv if argv is not None else sys.argv[1:]
     if len(args) != 2:
-        print("usage: python -m benchmarks.fleet_server CONFIG STATS_FILE", file=sys.stderr)  # noqa: T201
+        print("usage: python -m benchmarks.fleet_server CONFIG STATS_FILE", file=sys.stderr)
         return 2
     return asyncio.run(_main(Path(args[0]), Path(args[1])))
 

@@ -24,6 +24,9 @@ BENCHMARK_MODULES: tuple[str, ...] = (
     "benchmarks.attest_bench",
     "benchmarks.outbox_bench",
     "benchmarks.scrape_bench",
+    "benchmarks.lease_start_bench",
+    "benchmarks.footprint_bench",
+    "benchmarks.fleet",
 )
 DEFAULT_OUTPUT = Path("bench-results.json")
 

@@ -15,7 +15,9 @@ def test_smoke_run_meets_attestation_targets(
 ) -> None:
     """The smoke run prints a table with targets, writes JSON, and the verifier targets hold."""
     out = tmp_path / "bench-results.json"
-    assert main(["--smoke", "--output", str(out)]) == 0
+    # The Docker- and fleet-backed benchmarks have their own test below.
+    only = ["--only", "attestation", "--only", "usage-outbox", "--only", "scrape"]
+    assert main(["--smoke", *only, "--output", str(out)]) == 0
     table = capsys.readouterr().out
     assert "< 100 ms" in table
     data = json.loads(out.read_text())
@@ -29,3 +31,25 @@ def test_unknown_benchmark_name_is_refused(capsys: pytest.CaptureFixture[str]) -
     """--only with a name nobody registered exits 2 and lists the registered ones."""
     assert main(["--only", "nope", "--output", "/dev/null"]) == 2
     assert "attestation" in capsys.readouterr().err
+
+
+def test_smoke_run_reports_agent_and_fleet_figures(
+    tmp_path: Path, busybox_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lease start, footprint and fleet benchmarks run at CI size and report every figure."""
+    out = tmp_path / "bench-results.json"
+    only = ["--only", "lease-start", "--only", "footprint", "--only", "fleet"]
+    assert main(["--smoke", *only, "--output", str(out)]) == 0
+    data = json.loads(out.read_text())["benchmarks"]
+    start = {f["name"]: f for f in data["lease-start"]["figures"]}
+    ratio = next(f for n, f in start.items() if n.startswith("agent / docker CLI"))
+    assert ratio["value"] > 0 and ratio["target"] == "<= 1.2 x"
+    footprint = [f["name"] for f in data["footprint"]["figures"]]
+    assert any(n.startswith("idle, 8 GPUs: CPU") for n in footprint)
+    assert any(n.startswith("8 running leases: CPU") for n in footprint)
+    fleet = {f["name"]: f for f in data["fleet"]["figures"]}
+    assert fleet["100 agents: connected"]["value"] == 100
+    assert fleet["100 agents: heartbeats ingested"]["value"] > 0
+    assert fleet["100 agents: placement latency p99"]["value"] > 0
+    assert fleet["100 agents: usage records ingested"]["value"] > 0
+    assert "placement latency p99" in capsys.readouterr().out

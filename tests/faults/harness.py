@@ -46,9 +46,7 @@ def port_open(port: int) -> bool:
     return False
 
 
-def wait_for(
-    what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1
-) -> T:
+def wait_for(what: str, probe: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
     """Poll ``probe`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -61,7 +59,9 @@ def wait_for(
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})")
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what} (last error: {last_exc})"
+    )
 
 
 # -- the loopback TCP proxy --------------------------------------------------------------
@@ -221,7 +221,15 @@ class Cluster:
                 "health_interval": "1s",
                 "simulated": {"profile": "h100-sxm-80gb", "count": self.gpus},
             },
-            "runtime": {"stop_grace": "1s", "pull_policy": "never"},
+            # A 2-core CI host: small leases, no CPU held back, or only one lease fits.
+            "runtime": {
+                "stop_grace": "1s",
+                "pull_policy": "never",
+                "default_cpus": 0.1,
+                "default_memory": "32MiB",
+                "cpu_reserve": 0,
+                "memory_reserve": "64MiB",
+            },
             "metering": {"sample_interval": "0.5s", "record_interval": "2s"},
             "status": {"listen": f"127.0.0.1:{self.status_port}"},
         }
@@ -279,7 +287,9 @@ class Cluster:
             return
         client = docker.from_env()
         try:
-            for c in client.containers.list(all=True, filters={"label": f"{NODE_LABEL}={self.node_id}"}):
+            for c in client.containers.list(
+                all=True, filters={"label": f"{NODE_LABEL}={self.node_id}"}
+            ):
                 with contextlib.suppress(docker.errors.DockerException):
                     c.remove(force=True)
         finally:
@@ -303,7 +313,9 @@ class Cluster:
         def online() -> bool:
             assert self.agent is not None
             if self.agent.poll() is not None:
-                raise AssertionError(f"agent exited ({self.agent.returncode}); see {self.agent_log}")
+                raise AssertionError(
+                    f"agent exited ({self.agent.returncode}); see {self.agent_log}"
+                )
             rows = self.query("SELECT node_id FROM nodes")
             if rows and self.connected():
                 self.node_id = rows[0][0]
@@ -345,8 +357,7 @@ class Cluster:
             args += ["--idempotency-key", key]
         for flag, value in extra.items():
             args += [f"--{flag.replace('_', '-')}", value]
-        out = json.loads(self.scheduler_cli(*args))
-        return str(out.get("lease_id") or out["lease"]["lease_id"])
+        return str(json.loads(self.scheduler_cli(*args))["leaseId"])
 
     def lease_state(self, lease_id: str) -> str:
         rows = self.query("SELECT state FROM leases WHERE lease_id = ?", lease_id)
@@ -356,7 +367,9 @@ class Cluster:
         """This node's containers by lease id (Docker's view)."""
         client = docker.from_env()
         try:
-            found = client.containers.list(all=True, filters={"label": f"{NODE_LABEL}={self.node_id}"})
+            found = client.containers.list(
+                all=True, filters={"label": f"{NODE_LABEL}={self.node_id}"}
+            )
             return {c.labels.get("io.gpuagent.lease-id", ""): c.attrs for c in found}
         finally:
             client.close()
@@ -373,9 +386,11 @@ class Cluster:
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
 
 def _kill9(proc: subprocess.Popen[bytes] | None) -> None:
@@ -399,3 +414,50 @@ def cluster(root: Path, **kwargs: Any) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+class DockerEvents:
+    """Start and die times (ns, Docker's clock) of this node's containers, from the event stream."""
+
+    def __init__(self, node_label_value: str | None = None) -> None:
+        self.started: dict[str, int] = {}
+        self.died: dict[str, int] = {}
+        self.lease_of: dict[str, str] = {}
+        self._client = docker.from_env()
+        filters = {"type": "container", "event": ["start", "die"]}
+        if node_label_value:
+            filters["label"] = f"{NODE_LABEL}={node_label_value}"
+        self._stream = self._client.events(decode=True, filters=filters)
+        threading.Thread(target=self._run, daemon=True, name="docker-events").start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):  # the stream ends when close() closes the client
+            for event in self._stream:
+                cid = event.get("id", "")
+                attrs = event.get("Actor", {}).get("Attributes", {})
+                self.lease_of[cid] = attrs.get("io.gpuagent.lease-id", "")
+                if event.get("status") == "start":
+                    self.started.setdefault(cid, int(event["timeNano"]))
+                elif event.get("status") == "die":
+                    self.died[cid] = int(event["timeNano"])
+
+    def run_ns(self, container_id: str) -> int:
+        return self.died[container_id] - self.started[container_id]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        self._client.close()
+
+
+def report(
+    record_property: Callable[[str, object], None], scenario: str, **figures: object
+) -> None:
+    """Attach measured figures to the test (junit XML) and, with FAULTS_FIGURES set,
+    append them as one JSON line to that file (how docs/faults.md got its numbers)."""
+    for key, value in figures.items():
+        record_property(key, value)
+    path = os.environ.get("FAULTS_FIGURES")
+    if path:
+        with Path(path).open("a", encoding="utf-8") as out:
+            out.write(json.dumps({"scenario": scenario, **figures}) + "\n")
