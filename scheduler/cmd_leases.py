@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -26,7 +25,8 @@ from gpuagent.units import ByteSize, Duration, format_duration, parse_duration
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
 from .cli import UsageError
-from .cmd_nodes import _channel, format_size
+from .client import RpcFailed, connection_parent, invoke
+from .cmd_nodes import format_size
 from .leases_store import TERMINAL, state_name, state_value
 
 
@@ -110,21 +110,8 @@ class LeaseFile(_Strict):
         )
 
 
-def _connection_parent() -> argparse.ArgumentParser:
-    conn = argparse.ArgumentParser(add_help=False)
-    s = argparse.SUPPRESS  # as in `nodes`: options may come before or after the action
-    conn.add_argument("--address", default=s, help="host:port (default: server.listen)")
-    conn.add_argument("--ca-file", type=Path, default=s, help="CA to verify the server")
-    conn.add_argument("--client-cert", type=Path, default=s, help="mTLS client certificate")
-    conn.add_argument("--client-key", type=Path, default=s, help="mTLS client key")
-    conn.add_argument("--insecure", action="store_true", default=s, help="plaintext gRPC")
-    conn.add_argument("--timeout", type=float, default=s, help="deadline in seconds (default 5)")
-    conn.add_argument("--json", action="store_true", default=s, help="machine-readable output")
-    return conn
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    conn = _connection_parent()
+    conn = connection_parent()
     submit = sub.add_parser(
         "submit", parents=[conn], help="submit a lease from a YAML file and/or flags"
     )
@@ -179,14 +166,10 @@ class _Failed(Exception):
 
 
 def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
-    timeout = getattr(args, "timeout", 5.0)
-    with _channel(args) as channel:
-        stub = leases_pb2_grpc.LeasesStub(channel)
-        try:
-            return getattr(stub, fn)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            raise _Failed from None
+    try:
+        return invoke(args, leases_pb2_grpc.LeasesStub, fn, request)
+    except RpcFailed:
+        raise _Failed from None
 
 
 def _state(state: int) -> str:

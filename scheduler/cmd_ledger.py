@@ -12,16 +12,14 @@ import json
 import sys
 import uuid
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
 from gpuagent.v1 import ledger_pb2, ledger_pb2_grpc
 
 from .cli import UsageError
-from .cmd_nodes import _channel
+from .client import RpcFailed, connection_parent, invoke
 from .ledger import MICROS_PER_UNIT, format_micros
 
 _MAX_MICROS = 2**63 - 1
@@ -48,15 +46,7 @@ def money(micros: int) -> str:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    conn = argparse.ArgumentParser(add_help=False)
-    s = argparse.SUPPRESS
-    conn.add_argument("--address", default=s, help="host:port (default: server.listen)")
-    conn.add_argument("--ca-file", type=Path, default=s, help="CA to verify the server")
-    conn.add_argument("--client-cert", type=Path, default=s, help="mTLS client certificate")
-    conn.add_argument("--client-key", type=Path, default=s, help="mTLS client key")
-    conn.add_argument("--insecure", action="store_true", default=s, help="plaintext gRPC")
-    conn.add_argument("--timeout", type=float, default=s, help="deadline in seconds (default 5)")
-    conn.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    conn = connection_parent()
 
     usage = sub.add_parser("usage", parents=[conn], help="metered usage and cost per lease")
     usage.add_argument("--lease", default="", metavar="ID", help="one lease")
@@ -86,14 +76,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
-    timeout = getattr(args, "timeout", 5.0)
-    with _channel(args) as channel:
-        stub = ledger_pb2_grpc.LedgerStub(channel)
-        try:
-            return getattr(stub, fn)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # noqa: T201
-            return None
+    try:
+        return invoke(args, ledger_pb2_grpc.LedgerStub, fn, request)
+    except RpcFailed:
+        return None
 
 
 def _print_json(message: Any) -> None:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
 from gpuagent.v1 import inventory_pb2, nodes_pb2, nodes_pb2_grpc
 
-from .cli import UsageError, load_config_from_args
-from .server import tls_dir
+from .client import RpcFailed, connection_parent, invoke
 
 _LIVENESS = {
     nodes_pb2.LIVENESS_ONLINE: "online",
@@ -35,16 +31,7 @@ _HEALTH = {
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    conn = argparse.ArgumentParser(add_help=False)
-    # SUPPRESS: options may come before or after `show` without one hiding the other.
-    s = argparse.SUPPRESS
-    conn.add_argument("--address", default=s, help="host:port (default: server.listen)")
-    conn.add_argument("--ca-file", type=Path, default=s, help="CA to verify the server")
-    conn.add_argument("--client-cert", type=Path, default=s, help="mTLS client certificate")
-    conn.add_argument("--client-key", type=Path, default=s, help="mTLS client key")
-    conn.add_argument("--insecure", action="store_true", default=s, help="plaintext gRPC")
-    conn.add_argument("--timeout", type=float, default=s, help="deadline in seconds (default 5)")
-    conn.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    conn = connection_parent()
     nodes = sub.add_parser("nodes", parents=[conn], help="list nodes, or show one")
     nodes.set_defaults(handler=_list)
     nodes_sub = nodes.add_subparsers(dest="nodes_command", metavar="ACTION")
@@ -64,43 +51,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     attest.set_defaults(handler=_attest)
 
 
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    config = load_config_from_args(args)
-    address = getattr(args, "address", None) or config.server.listen
-    host, _, port = address.rpartition(":")
-    if host in ("0.0.0.0", "[::]", ""):  # noqa: S104 - a listen address, not a bind
-        address = f"127.0.0.1:{port}"
-    if getattr(args, "insecure", False) or (
-        config.server.insecure and not hasattr(args, "ca_file")
-    ):
-        return grpc.insecure_channel(address)
-    ca_file: Path | None = getattr(args, "ca_file", None)
-    if ca_file is None and config.server.cert_file is None:
-        generated = tls_dir(config) / "ca.pem"
-        ca_file = generated if generated.exists() else None
-    cert, key = getattr(args, "client_cert", None), getattr(args, "client_key", None)
-    if (cert is None) != (key is None):
-        raise UsageError("--client-cert and --client-key must be given together")
-    try:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=ca_file.read_bytes() if ca_file else None,
-            private_key=key.read_bytes() if key else None,
-            certificate_chain=cert.read_bytes() if cert else None,
-        )
-    except OSError as exc:
-        raise UsageError(f"cannot read {exc.filename}: {exc.strerror}") from None
-    return grpc.secure_channel(address, creds)
-
-
 def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
-    timeout = getattr(args, "timeout", 5.0)
-    with _channel(args) as channel:
-        stub = nodes_pb2_grpc.NodesStub(channel)
-        try:
-            return getattr(stub, fn)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # noqa: T201
-            return None
+    try:
+        return invoke(args, nodes_pb2_grpc.NodesStub, fn, request)
+    except RpcFailed:
+        return None
 
 
 def format_size(size: int) -> str:
