@@ -20,6 +20,7 @@ from gpuagent.v1 import coordinator_pb2, inventory_pb2, nodes_pb2
 
 from . import uptime
 from .db import Database
+from .group_commit import GroupCommit
 from .liveness import Liveness, LivenessPolicy, evaluate
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,10 @@ class Registry:
         self.started_at = clock()
         self.nodes: dict[str, NodeRecord] = {}
         self.sessions: dict[str, Session] = {}  # by node_id
-        # Group commit for heartbeats (docs/performance.md): at 10k nodes one SQLite
-        # transaction per heartbeat saturates the database thread, so heartbeats that
-        # arrive while a write is in flight share the next transaction.
-        self._hb_pending: dict[str, _HeartbeatRow] = {}
-        self._hb_done: asyncio.Future[None] | None = None
-        self._hb_writer: asyncio.Task[None] | None = None
+        # Group commit for Hellos, heartbeats and session ends (docs/performance.md): at
+        # 10k nodes one SQLite transaction each saturates the database thread, so writes
+        # that arrive while a commit is in flight share the next transaction.
+        self.writes = GroupCommit(db)
 
     async def load(self) -> None:
         """Read every known node back; called once at startup."""
@@ -233,7 +232,7 @@ class Registry:
             )
             _write_span(conn, record.node_id, span)
 
-        await self.db.call(write)
+        await self.writes.write(write)
         self.nodes[record.node_id] = record
         old = self.sessions.get(record.node_id)
         if old is not None:
@@ -252,47 +251,24 @@ class Registry:
         span = self._extend_coverage(record, now)
         if record.liveness is not Liveness.ONLINE:
             self.sweep()
-        row = self._hb_pending.setdefault(record.node_id, _HeartbeatRow())
-        row.last_seen_ns = _ns(now)
-        row.heartbeat = heartbeat.SerializeToString()
-        row.spans[span[0]] = span[1]
-        if self._hb_done is None:
-            self._hb_done = asyncio.get_running_loop().create_future()
-        done = self._hb_done
-        if self._hb_writer is None or self._hb_writer.done():
-            self._hb_writer = asyncio.create_task(self._write_heartbeats(), name="heartbeats")
-        # Stored before we return, as before; shielded so a cancelled stream cannot
-        # cancel the write other sessions' heartbeats wait on.
-        await asyncio.shield(done)
+        last_seen_ns = _ns(now)
+        blob = heartbeat.SerializeToString()
 
-    async def _write_heartbeats(self) -> None:
-        while self._hb_pending:
-            batch, self._hb_pending = self._hb_pending, {}
-            done, self._hb_done = self._hb_done, None
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE nodes SET last_seen_ns = ?, last_heartbeat = ? WHERE node_id = ?",
+                (last_seen_ns, blob, record.node_id),
+            )
+            _write_span(conn, record.node_id, span)
 
-            def write(conn: sqlite3.Connection, batch: dict[str, _HeartbeatRow] = batch) -> None:
-                conn.executemany(
-                    "UPDATE nodes SET last_seen_ns = ?, last_heartbeat = ? WHERE node_id = ?",
-                    [(r.last_seen_ns, r.heartbeat, node) for node, r in batch.items()],
-                )
-                for node, r in batch.items():
-                    for start, end in r.spans.items():
-                        _write_span(conn, node, (start, end))
-
-            try:
-                await self.db.call(write)
-            except Exception as exc:
-                if done is not None and not done.done():
-                    done.set_exception(exc)
-            else:
-                if done is not None and not done.done():
-                    done.set_result(None)
+        # Stored before we return, as before, but sharing a commit with other writes.
+        await self.writes.write(write)
 
     async def end_session(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
         now = _ns(self.clock())
-        await self.db.call(
+        await self.writes.write(
             lambda conn: conn.execute(
                 "UPDATE sessions SET ended_ns = ?, end_reason = ? WHERE session_id = ?",
                 (now, reason, session.session_id),
@@ -358,15 +334,6 @@ class Registry:
             region=record.region,
             labels=record.labels,
         )
-
-
-@dataclass
-class _HeartbeatRow:
-    """A node's heartbeat state waiting for the next group commit."""
-
-    last_seen_ns: int = 0
-    heartbeat: bytes = b""
-    spans: dict[int, int] = field(default_factory=dict)  # start_ns -> end_ns
 
 
 def _write_span(conn: sqlite3.Connection, node_id: str, span: tuple[int, int]) -> None:

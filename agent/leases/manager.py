@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -132,7 +133,9 @@ class LeaseManager:
         self._host = host or HostCapacity.detect()
         self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
         self._specs: dict[str, LeaseSpec] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # Weak: a lease's lock lives while a task holds or awaits it, so the map
+        # does not grow with every lease ever seen.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_mono: dict[str, float] = {}
