@@ -14,8 +14,10 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from gpuagent.units import parse_duration
 from gpuagent.v1 import inventory_pb2, nodes_pb2, nodes_pb2_grpc
 
+from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
 
 _LIVENESS = {
@@ -49,6 +51,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     attest.add_argument("--no-wait", action="store_true", help="return once the challenge is sent")
     attest.set_defaults(handler=_attest)
+    drain = nodes_sub.add_parser(
+        "drain", parents=[conn], help="no new leases on a node (--off lifts it)"
+    )
+    drain.add_argument("node_id", metavar="ID", help="node id or a unique prefix")
+    drain.add_argument("--off", action="store_true", help="lift the drain")
+    drain.add_argument("--reason", default="", help="shown to the provider in the agent's log")
+    drain.add_argument(
+        "--deadline",
+        metavar="DURATION",
+        help="stop leases still running after this long (e.g. 30m); default: let them finish",
+    )
+    drain.set_defaults(handler=_drain)
 
 
 def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
@@ -179,6 +193,31 @@ def format_attestation(a: nodes_pb2.GpuAttestation, now: float) -> str:
     figures = f"{a.measured_tflops:.3g} TFLOPS in {a.elapsed_ns / 1e9:.2f}s" if a.elapsed_ns else ""
     parts = [a.gpu_uuid, a.sku or "(no sku)", state, figures, when, a.challenge_id]
     return "  ".join(p for p in parts if p)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    deadline_ns = 0
+    if args.deadline is not None and not args.off:
+        try:
+            deadline_ns = time.time_ns() + round(parse_duration(args.deadline) * 1e9)
+        except ValueError as exc:
+            raise UsageError(f"--deadline: {exc}") from None
+    request = nodes_pb2.DrainNodeRequest(
+        node_id=args.node_id,
+        enabled=not args.off,
+        reason=args.reason,
+        deadline_unix_nanos=deadline_ns,
+    )
+    node = _call(args, "Drain", request)
+    if node is None:
+        return 1
+    if not node.connected:
+        print(f"{node.node_id}: drain recorded; the node is offline and gets it on reconnect")  # noqa: T201
+    elif node.draining:
+        print(f"{node.node_id}: draining (no new leases)")  # noqa: T201
+    else:
+        print(f"{node.node_id}: drain lifted")  # noqa: T201
+    return 0
 
 
 def _attest(args: argparse.Namespace) -> int:

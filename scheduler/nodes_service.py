@@ -62,7 +62,11 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         await self.registry.set_draining(record, request.enabled)
         session = self.registry.sessions.get(record.node_id)
         if session is not None:
-            drain = coordinator_pb2.Drain(enabled=request.enabled, reason=request.reason)
+            drain = coordinator_pb2.Drain(
+                enabled=request.enabled,
+                reason=request.reason,
+                deadline_unix_nanos=request.deadline_unix_nanos if request.enabled else 0,
+            )
             await session.send(coordinator_pb2.CoordinatorMessage(drain=drain))
         return self._view(record)
 

@@ -179,3 +179,37 @@ def test_sd_notify_ready_watchdog_stopping_in_order(
     assert "STATUS=connected to" in messages[ready]
     assert ready < stopping
     assert not any("READY=1" in m for m in messages[stopping:])
+
+
+def test_remote_drain_with_deadline_stops_running_leases(node: Cluster) -> None:
+    """`gpu-scheduler nodes drain ID --deadline` reaches the agent over its stream: no
+    new leases, and leases still running at the deadline are stopped with that reason."""
+    lease = node.submit("sleep 300")
+    wait_for("the lease to run", lambda: node.lease_state(lease) == "running", 60)
+    out = node.scheduler_cli(
+        "nodes", "drain", node.node_id, "--deadline", "2s", "--reason", "maint"
+    )
+    assert "draining" in out
+    wait_for("the lease to be stopped", lambda: node.lease_state(lease) == "cancelled", 30)
+    reason = node.query("SELECT reason FROM leases WHERE lease_id = ?", lease)[0][0]
+    assert "drain deadline" in reason
+    wait_for("the container to be removed", lambda: lease not in node.containers(), 15)
+    assert node.agent_status()["node"]["draining"] is True
+
+
+def test_leases_stop_after_the_configured_disconnect_limit(
+    tmp_path: Path, busybox_image: str
+) -> None:
+    """With coordinator.stop_leases_after_disconnect set, leases are stopped once the
+    coordinator has been gone that long, and the reason reaches it when it returns."""
+    overrides = {"coordinator": {"stop_leases_after_disconnect": "2s"}}
+    with cluster(tmp_path, gpus=1, agent_overrides=overrides) as c:
+        c.start()
+        lease = c.submit("sleep 300")
+        wait_for("the lease to run", lambda: c.lease_state(lease) == "running", 60)
+        c.kill_scheduler()
+        wait_for("the container to be stopped", lambda: lease not in c.containers(), 30)
+        stopped = c.log_events("stopping running leases")
+        assert stopped and "stop_leases_after_disconnect" in stopped[-1]["reason"]
+        c.start_scheduler()
+        wait_for("the update to arrive", lambda: c.lease_state(lease) == "cancelled", 30)

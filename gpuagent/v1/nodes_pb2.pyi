@@ -309,19 +309,23 @@ class DrainNodeRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     enabled: _builtins.bool
     reason: _builtins.str
+    deadline_unix_nanos: _builtins.int
+    """running leases are stopped then; 0 = let them finish"""
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         enabled: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        deadline_unix_nanos: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enabled", b"enabled", "node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_nanos", b"deadline_unix_nanos", "enabled", b"enabled", "node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
