@@ -21,17 +21,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard, cast
 
+from benchmarks.attest.errors import ProverError
 from benchmarks.attest.messages import Challenge, GpuIdentity, MatmulTask
-from benchmarks.attest.prover import Prover, ProverError
 from gpuagent import attestation_wire as wire
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from .link.session import NotConnected
+
+if TYPE_CHECKING:  # numpy comes with it: imported on the first challenge, not at startup
+    from benchmarks.attest.backends import Backend
+    from benchmarks.attest.prover import Prover
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class GpuResult:
     received_unix_s: float  # agent wall clock when the verdict arrived
 
 
-ProverSource = Prover | Callable[[str], Prover]
+ProverSource: TypeAlias = "Prover | Callable[[str], Prover]"
 ResultHook = Callable[[GpuResult], None]
 
 
@@ -111,9 +117,12 @@ class AttestationResponder:
         forget_margin_s: float = FORGET_MARGIN_S,
     ) -> None:
         self._link = link
-        self._prover_for: Callable[[str], Prover] = (
-            (lambda _uuid: prover) if isinstance(prover, Prover) else prover
-        )
+        self._prover_for: Callable[[str], Prover]
+        if _is_prover(prover):
+            single = prover
+            self._prover_for = lambda _uuid: single
+        else:
+            self._prover_for = cast("Callable[[str], Prover]", prover)
         self._on_result = on_result
         self._clock = clock
         self._wall_clock = wall_clock
@@ -206,7 +215,8 @@ class AttestationResponder:
     async def _commit(self, challenge: Challenge, task: MatmulTask, received_at: float) -> None:
         cid, uuid = challenge.challenge_id, task.gpu_uuid
         try:
-            prover = self._prover_for(uuid)
+            # A lazy factory may import a backend (numpy, torch) on first use: off the loop.
+            prover = await asyncio.to_thread(self._prover_for, uuid)
             self._used.setdefault(cid, []).append(prover)
             commitment = await asyncio.to_thread(prover.commit, challenge, task, received_at)
         except ProverError as exc:
@@ -327,3 +337,36 @@ class AttestationResponder:
     async def _protocol_error(self, code: int, text: str, in_reply_to: str) -> None:
         error = Error(code=code, message=text, in_reply_to=in_reply_to)  # type: ignore[arg-type]
         await self._send(error=error)
+
+
+def _is_prover(source: object) -> TypeGuard[Prover]:
+    # No Prover can exist before its module is imported, so a source is a factory
+    # unless the module is loaded and says otherwise; this keeps numpy unloaded.
+    module = sys.modules.get("benchmarks.attest.prover")
+    return module is not None and isinstance(source, module.Prover)
+
+
+def lazy_prover(build: Callable[[], Prover]) -> Callable[[str], Prover]:
+    """A ProverSource that calls ``build`` once, on the first challenge (any thread).
+
+    The daemon's idle footprint is the reason: a Prover pulls in numpy and the
+    attestation backend (docs/performance.md), needed only when a challenge comes.
+    A failing ``build`` fails that challenge and is tried again on the next.
+    """
+    lock = threading.Lock()
+    built: list[Prover] = []
+
+    def get(_uuid: str) -> Prover:
+        with lock:
+            if not built:
+                built.append(build())
+            return built[0]
+
+    return get
+
+
+def load_backend(name: str) -> Backend:
+    """``benchmarks.attest.backends.get_backend``, imported only when called."""
+    from benchmarks.attest.backends import get_backend
+
+    return get_backend(name)

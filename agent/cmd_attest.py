@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.attest.backends import BACKEND_NAMES, BackendError, get_backend
-from benchmarks.attest.selftest import format_report, run_selftest
 from benchmarks.attest.skus import SKUS, get_sku
 
 from .cli import UsageError, load_config_from_args
+
+# benchmarks.attest.backends.BACKEND_NAMES; not imported here because the CLI imports
+# every command module at startup and backends brings numpy into the daemon's RSS.
+BACKEND_NAMES = ("auto", "torch", "cupy", "numpy")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +44,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _attest(args: argparse.Namespace) -> int:
+    from benchmarks.attest.backends import BackendError, get_backend
+    from benchmarks.attest.selftest import format_report, run_selftest
+
     config = load_config_from_args(args)
     backend_name = args.backend or config.attestation.backend
     sku_ids = args.sku or [config.gpu.simulated.profile]

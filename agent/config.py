@@ -154,6 +154,11 @@ class RuntimeConfig(Strict):
         default=1.0, ge=0, description="CPUs kept for the host and the agent, never leased"
     )
     memory_reserve: ByteSize = 4 * 1024**3
+    min_free_state_disk: ByteSize = Field(
+        default=256 * 1024**2,
+        description="free space under node.state_dir below which new leases are refused "
+        "and /readyz fails (the state DB and usage outbox must be writable)",
+    )
     pids_limit: int = Field(default=4096, ge=16)
     read_only_rootfs: bool = False
     stop_grace: Duration = 30.0

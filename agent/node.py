@@ -15,14 +15,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import docker
 from google.protobuf.json_format import MessageToDict
 
-from benchmarks.attest.backends import BackendError, get_backend
-from benchmarks.attest.prover import Prover
-from benchmarks.attest.skus import get_sku
 from gpuagent import sdnotify
 from gpuagent.configload import ConfigError
 from gpuagent.logsetup import setup_logging
@@ -31,7 +28,13 @@ from gpuagent.usage_wire import record_to_pb
 from gpuagent.v1 import coordinator_pb2, leases_pb2, usage_pb2
 
 from . import wire
-from .attestation import AttestationResponder, GpuResult, identity_from_inventory
+from .attestation import (
+    AttestationResponder,
+    GpuResult,
+    identity_from_inventory,
+    lazy_prover,
+    load_backend,
+)
 from .config import AgentConfig, load_agent_config
 from .daemon import Agent
 from .doctor import CheckResult, fatal_results, run_preflight
@@ -52,7 +55,13 @@ from .link.reporter import HeartbeatState, HelloState, default_node_name
 from .metrics.agent_metrics import Attestation
 from .metrics.gpu_collector import GpuHealth as MetricsGpuHealth
 from .metrics.nvml_source import NvmlGpuSource
-from .metrics.readiness import Readiness, coordinator_check, docker_check, nvml_check
+from .metrics.readiness import (
+    Readiness,
+    coordinator_check,
+    disk_check,
+    docker_check,
+    nvml_check,
+)
 from .metrics.registry import Telemetry, build_telemetry
 from .metrics.server import StatusApp, StatusServer
 from .metrics.status import (
@@ -68,6 +77,9 @@ from .usage.cgroup import CgroupReader, ContainerCounters
 from .usage.outbox import OUTBOX_FILE_NAME, Outbox
 from .usage.sampler import Sampler
 from .usage.sources import MeteredLease, SnapshotGpuUsage
+
+if TYPE_CHECKING:  # imported lazily at run time: it brings numpy
+    from benchmarks.attest.prover import Prover
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +244,10 @@ class AgentNode:
         # Re-adopt what ran before a restart before telling the coordinator anything. After
         # the sampler exists: a lease that ended while the agent was down gets its final
         # usage record here, and without a sampler it would never get one.
+        # Telemetry first: a final usage record written by reconcile updates its gauges.
+        self.telemetry = self._build_telemetry()
         await self.leases.reconcile()
 
-        self.telemetry = self._build_telemetry()
         self.link = CoordinatorLink(
             config.coordinator,
             self.identity,
@@ -268,19 +281,31 @@ class AgentNode:
         return agent
 
     async def _build_attestation(self) -> AttestationResponder | None:
-        try:
-            backend = await asyncio.to_thread(get_backend, self.config.attestation.backend)
-        except (BackendError, ValueError) as exc:
-            # The coordinator will see challenges refused and withhold leases: say why here.
-            log.error(
-                "attestation backend unavailable; challenges will be refused",
-                extra={"backend": self.config.attestation.backend, "error": str(exc)},
-            )
-            return None
-        prover = Prover(
-            self.identity.sign, backend, identity_from_inventory(self._inventory_pb.gpus)
+        # The Prover and its backend (numpy, maybe torch) load on the first challenge,
+        # off the event loop: holding them from startup cost the idle daemon ~15 MB
+        # (docs/performance.md). A backend that cannot load fails that challenge.
+        name = self.config.attestation.backend
+        identity = identity_from_inventory(self._inventory_pb.gpus)
+        sign = self.identity.sign
+
+        def build() -> Prover:
+            from benchmarks.attest.prover import Prover
+
+            try:
+                backend = load_backend(name)
+            except Exception as exc:
+                # The coordinator sees the challenge fail and withholds leases: say why.
+                log.error(
+                    "attestation backend unavailable; challenges will be refused",
+                    extra={"backend": name, "error": str(exc)},
+                )
+                raise
+            log.info("attestation backend loaded", extra={"backend": backend.name})
+            return Prover(sign, backend, identity)
+
+        responder = AttestationResponder(
+            self.link, lazy_prover(build), on_result=self._on_attestation
         )
-        responder = AttestationResponder(self.link, prover, on_result=self._on_attestation)
         responder.register()
         return responder
 
@@ -296,6 +321,8 @@ class AgentNode:
         index = {g.uuid: g.index for g in self._inventory_pb.gpus}.get(result.gpu_uuid, -1)
         score = 0.0
         with contextlib.suppress(KeyError, ValueError):
+            from benchmarks.attest.skus import get_sku  # numpy: loaded with the prover
+
             peak = get_sku(result.sku.partition("@")[0]).peak_flops("fp16") / 1e12
             score = min(1.0, result.measured_tflops / peak) if peak else 0.0
         self.telemetry.agent.set_attestation(
@@ -343,6 +370,10 @@ class AgentNode:
         readiness.add("coordinator", coordinator_check(lambda: self.link.connected))
         readiness.add("docker", docker_check(client.ping))
         readiness.add("nvml", nvml_check(self.gpu_source))
+        readiness.add(
+            "disk",
+            disk_check(self.config.node.state_dir, self.config.runtime.min_free_state_disk),
+        )
         doc = StatusDocument()
         doc.add(
             "node",
@@ -481,9 +512,12 @@ class AgentNode:
                 update.lease_id,
                 update.container_id,
                 update.gpu_uuids,
-                self._run_started.pop(update.lease_id, 0.0),
+                # After a restart the start is known only from the lease's record.
+                self._run_started.pop(update.lease_id, 0.0)
+                or _monotonic_at(update.started_at)
+                or 0.0,
             )
-            await self.sampler.close_lease(view)
+            await self.sampler.close_lease(view, end_monotonic=_monotonic_at(update.ended_at))
         if not hasattr(self, "link"):
             # Reconcile at start reports before the link exists; the update stays in the
             # state DB and goes out with the first session's pending updates.
@@ -675,6 +709,18 @@ class AgentNode:
             )
         await stop.wait()
         sdnotify.stopping(status="stopping: running containers are left to Docker")
+
+
+def _monotonic_at(unix_seconds: float | None) -> float | None:
+    """A past wall-clock instant on this process's monotonic clock, or None.
+
+    Converted with the wall/monotonic offset of now: a wall-clock step between
+    that instant and now shifts it by the step, which the sampler bounds anyway
+    (a final record never ends before its lease's last closed point, nor after now).
+    """
+    if unix_seconds is None:
+        return None
+    return time.monotonic() - max(0.0, time.time() - unix_seconds)
 
 
 def _count_states(leases: LeaseManager) -> dict[str, int]:

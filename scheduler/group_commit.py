@@ -54,8 +54,12 @@ class GroupCommit:
             batch = self._queue[: self.max_batch]
             del self._queue[: self.max_batch]
             fns = [fn for fn, _ in batch]
+
+            def run(conn: sqlite3.Connection, fns: list[Write] = fns) -> list[tuple[bool, Any]]:
+                return _run_batch(conn, fns)
+
             try:
-                outcomes = await self.db.call(lambda conn, fns=fns: _run_batch(conn, fns))
+                outcomes = await self.db.call(run)
             except Exception as exc:  # the transaction itself failed: every write did
                 for _, future in batch:
                     if not future.done():

@@ -77,6 +77,24 @@ class _Offer:
 _SETTLED = frozenset({"accepted", "rejected", "settled"})
 
 
+@dataclass
+class _Capacity:
+    """What placement reads from a node's last heartbeat, cached per node."""
+
+    heartbeat: coordinator_pb2.Heartbeat | None
+    gpus: tuple[placement.GpuView, ...]  # free, healthy, not cordoned
+    draining: bool
+    ask_micros: int
+    view: placement.NodeView | None = None  # the last pass's view, reused while it holds
+
+    def same_as(self, other: _Capacity) -> bool:
+        return (
+            self.gpus == other.gpus
+            and self.draining == other.draining
+            and self.ask_micros == other.ask_micros
+        )
+
+
 def _message(**body: object) -> coordinator_pb2.CoordinatorMessage:
     return coordinator_pb2.CoordinatorMessage(**body)  # type: ignore[arg-type]
 
@@ -103,6 +121,8 @@ class LeaseDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
         self._bad_price: set[tuple[str, str]] = set()
+        self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
+        self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> session id whose first heartbeat completes the reconnect reconciliation
         self._reconcile: dict[str, Session] = {}
         # session id -> leases assigned on it before its reconciliation: not "missing".
@@ -171,42 +191,92 @@ class LeaseDispatcher:
             )
         return self.settings.default_ask_micros
 
+    def _capacity(self, record: NodeRecord) -> _Capacity:
+        """The node's free healthy GPUs and price, rebuilt only when its heartbeat changed
+        them: a pass over a 10,000-node fleet must not re-read every heartbeat."""
+        heartbeat = record.last_heartbeat
+        cached = self._capacities.get(record.node_id)
+        # Registry.register (the only place labels and inventory change) and load always
+        # store a new heartbeat object, so its identity is the whole cache key.
+        if cached is not None and cached.heartbeat is heartbeat:
+            return cached
+        hb = heartbeat or coordinator_pb2.Heartbeat()
+        usable = {
+            h.uuid
+            for h in hb.gpu_health
+            if h.state == inventory_pb2.GpuHealth.HEALTHY and not h.cordoned
+        }
+        free = set(hb.free_gpu_uuids) & usable
+        gpus = tuple(
+            placement.GpuView(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index)
+            for gpu in record.inventory.gpus
+            if gpu.uuid in free
+        )
+        capacity = _Capacity(
+            heartbeat=heartbeat,
+            gpus=gpus,
+            draining=hb.draining,
+            ask_micros=self.ask_price(record),
+        )
+        if cached is not None and cached.same_as(capacity):
+            cached.heartbeat = heartbeat  # same capacity, newer heartbeat: keep the entry
+            return cached
+        self._capacities[record.node_id] = capacity
+        return capacity
+
     def node_views(self, holding: Sequence[LeaseRow]) -> list[placement.NodeView]:
         held: dict[str, set[str]] = {}
         for row in holding:
             if row.node_id is not None:
                 held.setdefault(row.node_id, set()).update(row.gpu_uuids)
+        registry = self.registry
+        now = registry.clock()
+        suspect_after = registry.policy.suspect_after
+        eligible = self.gpu_eligible
         views = []
-        for record in self.registry.nodes.values():
-            liveness = self.registry.liveness(record)
-            connected = record.node_id in self.registry.sessions
-            heartbeat = record.last_heartbeat or coordinator_pb2.Heartbeat()
-            health = {h.uuid: h for h in heartbeat.gpu_health}
-            free = set(heartbeat.free_gpu_uuids) - held.get(record.node_id, set())
-            gpus = []
-            for gpu in record.inventory.gpus:
-                h = health.get(gpu.uuid)
-                if gpu.uuid not in free or h is None:
-                    continue
-                if h.state != inventory_pb2.GpuHealth.HEALTHY or h.cordoned:
-                    continue
-                if self.gpu_eligible is not None and not self.gpu_eligible(
-                    record.node_id, gpu.uuid
-                ):
-                    continue
-                gpus.append(
-                    placement.GpuView(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index)
+        capacities = self._capacities
+        for node_id, record in registry.nodes.items():
+            capacity = capacities.get(node_id)
+            if capacity is None or capacity.heartbeat is not record.last_heartbeat:
+                capacity = self._capacity(record)
+            connected = node_id in registry.sessions
+            # Inline liveness: ONLINE exactly when heard from within suspect_after
+            # (liveness.evaluate); the full evaluation only for the reason text.
+            seen = record.last_seen
+            online = connected and seen is not None and now - seen <= suspect_after
+            draining = record.draining or capacity.draining
+            gpus = capacity.gpus
+            if online and not draining and gpus:
+                taken = held.get(node_id)
+                if taken:
+                    gpus = tuple(g for g in gpus if g.uuid not in taken)
+                if eligible is not None:
+                    gpus = tuple(g for g in gpus if eligible(node_id, g.uuid))
+            offline_reason = "online"
+            if not connected:
+                offline_reason = "not connected"
+            elif not online:
+                offline_reason = registry.liveness(record).value
+            view = capacity.view
+            if (
+                view is None
+                or view.online != online
+                or view.draining != draining
+                or view.offline_reason != offline_reason
+                or view.free_gpus != gpus  # same objects: an identity check per GPU
+            ):
+                # Building a frozen dataclass per node per pass is most of a pass's cost;
+                # a node whose view did not change reuses last pass's.
+                view = placement.NodeView(
+                    node_id=node_id,
+                    online=online,
+                    draining=draining,
+                    ask_micros=capacity.ask_micros,
+                    free_gpus=gpus,
+                    offline_reason=offline_reason,
                 )
-            views.append(
-                placement.NodeView(
-                    node_id=record.node_id,
-                    online=connected and liveness is Liveness.ONLINE,
-                    draining=record.draining or heartbeat.draining,
-                    ask_micros=self.ask_price(record),
-                    free_gpus=tuple(gpus),
-                    offline_reason="not connected" if not connected else liveness.value,
-                )
-            )
+                capacity.view = view
+            views.append(view)
         return views
 
     async def place_pending(self) -> int:
@@ -417,7 +487,10 @@ class LeaseDispatcher:
             if why is not None:
                 await self._send_cancel(session.node_id, lease_id, why)
         self._reconcile[session.node_id] = session
-        self.kick()
+        if self.store.counts.get("pending", 0) > 0:
+            # Only a waiting lease can use the new node; with none, a Hello storm
+            # (a whole fleet reconnecting) must not queue a pass per Hello.
+            self.kick()
 
     async def on_heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
         if self._reconcile.get(session.node_id) is session:
@@ -438,7 +511,18 @@ class LeaseDispatcher:
                 )
             if lost:
                 self.kick()
-        if self.store.counts.get("pending", 0) > 0:
+        record = self.registry.nodes.get(session.node_id)
+        if record is None:
+            return
+        # Refreshed here, spread over heartbeats, so a pass finds every node's view ready.
+        before = self._capacities.get(session.node_id)
+        after = self._capacity(record)
+        liveness_changed = self._last_liveness.get(session.node_id) is not record.liveness
+        self._last_liveness[session.node_id] = record.liveness
+        # Kick only when this heartbeat can change a placement: the node's capacity
+        # changed or it just came back online. At 10k nodes a pass per heartbeat
+        # (1,000/s) kept the dispatcher busy re-reading the whole fleet.
+        if self.store.counts.get("pending", 0) > 0 and (before is not after or liveness_changed):
             self.kick()
 
     async def on_liveness(self, changes: Sequence[tuple[str, Liveness, Liveness]]) -> None:

@@ -116,6 +116,19 @@ def matching_gpus(node: NodeView, request: Request) -> list[GpuView]:
     )
 
 
+def _matching_count(node: NodeView, request: Request) -> int:
+    # No sort and, without a model or memory constraint, no per-GPU work: this runs
+    # for every node of the fleet on every placement pass.
+    if not request.gpu_model and request.gpu_min_memory_bytes <= 0:
+        return len(node.free_gpus)
+    model = request.gpu_model.casefold()
+    return sum(
+        1
+        for g in node.free_gpus
+        if model in g.name.casefold() and g.memory_bytes >= request.gpu_min_memory_bytes
+    )
+
+
 def why_not(node: NodeView, request: Request) -> str | None:
     """The reason ``node`` cannot take ``request``, or None when it can."""
     if request.pinned_node_id and node.node_id != request.pinned_node_id:
@@ -131,7 +144,7 @@ def why_not(node: NodeView, request: Request) -> str | None:
             f"too expensive: ask {node.ask_micros} > ceiling {request.price_ceiling_micros} "
             "micro-units per GPU-hour"
         )
-    matching = len(matching_gpus(node, request))
+    matching = _matching_count(node, request)
     if matching < request.gpu_count:
         what = "free GPUs"
         if request.gpu_model or request.gpu_min_memory_bytes:
@@ -143,7 +156,8 @@ def why_not(node: NodeView, request: Request) -> str | None:
 def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
     """The best node and GPUs for ``request``, with the reason every other node was skipped."""
     skipped: dict[str, str] = {}
-    best: Placement | None = None
+    best: NodeView | None = None
+    best_score: tuple[int, int, str] | None = None
     candidates = 0
     for node in nodes:
         reason = why_not(node, request)
@@ -151,16 +165,21 @@ def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
             skipped[node.node_id] = reason
             continue
         candidates += 1
-        gpus = matching_gpus(node, request)[: request.gpu_count]
-        option = Placement(
-            node_id=node.node_id,
-            gpu_uuids=tuple(g.uuid for g in gpus),
-            ask_micros=node.ask_micros,
-            leftover_gpus=len(node.free_gpus) - request.gpu_count,
-        )
-        if best is None or option.score < best.score:
-            best = option
-    return Decision(best, skipped, candidates)
+        score = (node.ask_micros, len(node.free_gpus) - request.gpu_count, node.node_id)
+        if best_score is None or score < best_score:
+            best, best_score = node, score
+    if best is None:
+        return Decision(None, skipped, candidates)
+    # GPUs are picked for the winner only: sorting every candidate's GPUs is what
+    # made a pass over a 10,000-node fleet slow.
+    gpus = matching_gpus(best, request)[: request.gpu_count]
+    chosen = Placement(
+        node_id=best.node_id,
+        gpu_uuids=tuple(g.uuid for g in gpus),
+        ask_micros=best.ask_micros,
+        leftover_gpus=len(best.free_gpus) - request.gpu_count,
+    )
+    return Decision(chosen, skipped, candidates)
 
 
 def take(nodes: Sequence[NodeView], placement: Placement) -> list[NodeView]:

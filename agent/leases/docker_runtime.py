@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,9 @@ class ContainerInfo:
     restart_count: int
     started_at: str
     error: str
+    # Unix seconds the container exited, from State.FinishedAt; None while it has
+    # not (Docker reports year 1 then) or when the engine gave nothing usable.
+    finished_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,25 @@ def _explain(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+def parse_docker_time(text: str) -> float | None:
+    """Unix seconds of a Docker RFC 3339 timestamp (nanosecond precision), or None.
+
+    Docker writes ``0001-01-01T00:00:00Z`` for "never"; that, and anything that
+    does not parse, is None. Python's ``fromisoformat`` takes at most microseconds,
+    so the fraction is cut to six digits first (sub-microsecond is noise here).
+    """
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if match is None or match.group(1).startswith("0001-"):
+        return None
+    fraction = (match.group(2) or "0")[:6]
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    try:
+        moment = datetime.fromisoformat(f"{match.group(1)}.{fraction:0<6}{zone}")
+    except ValueError:
+        return None
+    return moment.timestamp()
+
+
 def _info(container: Container) -> ContainerInfo:
     attrs: dict[str, Any] = container.attrs
     state: dict[str, Any] = attrs.get("State") or {}
@@ -116,6 +139,7 @@ def _info(container: Container) -> ContainerInfo:
         restart_count=int(attrs.get("RestartCount") or 0),
         started_at=str(state.get("StartedAt", "")),
         error=str(state.get("Error", "")),
+        finished_at=parse_docker_time(str(state.get("FinishedAt", ""))),
     )
 
 
@@ -295,6 +319,11 @@ class DockerRuntime:
                 existing = self._client.containers.get(container_name(lease_id))
                 raise ContainerExists(existing.id or "") from exc
             raise RuntimeFailure(f"container create failed: {_explain(exc)}") from exc
+        except OSError as exc:
+            # requests' connection errors and timeouts are OSErrors: the engine hung up
+            # or did not answer within the client timeout. A container it may still have
+            # created carries the lease's name; reconcile removes it.
+            raise RuntimeFailure(f"container create failed: Docker did not answer: {exc}") from exc
         log.info(
             "container created",
             extra={"lease_id": lease_id, "container_id": container.id, "gpus": list(gpu_uuids)},
@@ -307,6 +336,10 @@ class DockerRuntime:
                 self._client.api.start(container_id)
             except docker.errors.APIError as exc:
                 raise RuntimeFailure(f"container start failed: {_explain(exc)}") from exc
+            except OSError as exc:
+                raise RuntimeFailure(
+                    f"container start failed: Docker did not answer: {exc}"
+                ) from exc
 
         await asyncio.to_thread(_start)
 

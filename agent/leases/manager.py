@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
+import sqlite3
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,7 +30,14 @@ import psutil
 
 from ..config import AgentConfig, RuntimeConfig
 from .allocator import AllocationError, GpuAllocator
-from .docker_runtime import RESYNC, ContainerExists, ContainerInfo, DockerRuntime, RuntimeFailure
+from .docker_runtime import (
+    RESYNC,
+    ContainerExists,
+    ContainerInfo,
+    DockerRuntime,
+    RuntimeFailure,
+    parse_docker_time,
+)
 from .records import LeaseRecord, LeaseUpdate, bound_log_tail
 from .spec import (
     FreeCapacity,
@@ -100,6 +109,10 @@ class RunningLease:
     started_monotonic: float
 
 
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
@@ -168,7 +181,16 @@ class LeaseManager:
             if not known:
                 known = await asyncio.to_thread(self._db.get, lease_id) is not None
             if known:
-                log.info("duplicate lease assignment ignored", extra={"lease_id": lease_id})
+                stored_record = self._active.get(lease_id) or await asyncio.to_thread(
+                    self._db.get, lease_id
+                )
+                if stored_record is not None and stored_record.extra.get("tombstone"):
+                    log.warning(
+                        "assignment of a lease cancelled before it arrived ignored",
+                        extra={"lease_id": lease_id},
+                    )
+                else:
+                    log.info("duplicate lease assignment ignored", extra={"lease_id": lease_id})
                 return
             now = self._clock.time()
             stored: dict[str, Any] = {}
@@ -176,6 +198,7 @@ class LeaseManager:
                 validate_lease_id(lease_id)
                 parsed = parse_spec(spec)
                 stored = parsed.stored()
+                await self._check_disk()
                 ref = check_spec(parsed, self._policy, self._free_capacity())
                 try:
                     gpus = self._allocator.allocate(
@@ -372,6 +395,8 @@ class LeaseManager:
         async with self._lock(lease_id):
             record = self._active.get(lease_id)
             if record is None:
+                if state is LeaseState.CANCELLED and await self._tombstone(lease_id, reason):
+                    return
                 log.info("stop for a lease not running ignored", extra={"lease_id": lease_id})
                 return
             if record.stop_state is None:
@@ -433,7 +458,12 @@ class LeaseManager:
             return
         if record.state is LeaseState.STARTING:
             # It ran, however briefly: say so before saying how it ended.
-            record = await self._transition(record, LeaseState.RUNNING, container_id=info.id)
+            record = await self._transition(
+                record,
+                LeaseState.RUNNING,
+                container_id=info.id,
+                started_at=parse_docker_time(info.started_at) or self._clock.time(),
+            )
         tail = bound_log_tail(await self._runtime.logs_tail(info.id))
         exit_code = info.exit_code
         if record.stop_state is not None:
@@ -449,7 +479,14 @@ class LeaseManager:
             reason = f"container exited with code {exit_code}"
             if info.error:
                 reason += f": {info.error}"
-        await self._end(record, state, reason=reason, exit_code=exit_code, log_tail=tail)
+        extra = dict(record.extra)
+        if info.finished_at is not None:
+            # The container's real end: if it exited while the agent was down, the
+            # final usage record must stop there, not when the agent came back.
+            extra["ended_at"] = info.finished_at
+        await self._end(
+            record, state, reason=reason, exit_code=exit_code, log_tail=tail, extra=extra
+        )
 
     async def _finish_stopped(self, record: LeaseRecord) -> None:
         if record.container_id:
@@ -502,7 +539,8 @@ class LeaseManager:
             await self._finalize_locked(record, info)
             return
         self._allocator.restore(lease_id, info.gpu_uuids or record.gpu_uuids)
-        started_at = record.started_at or self._clock.time()
+        # Docker's StartedAt when the agent died before recording the start itself.
+        started_at = record.started_at or parse_docker_time(info.started_at) or self._clock.time()
         self._started_mono[lease_id] = self._clock.monotonic() - max(
             0.0, self._clock.time() - started_at
         )
@@ -636,8 +674,69 @@ class LeaseManager:
             extra={"reject_code": rejection.code.value},
         )
         update = self._update_for(record, now)
-        if await asyncio.to_thread(self._db.insert_new, record, update):
+        try:
+            inserted = await asyncio.to_thread(self._db.insert_new, record, update)
+        except (sqlite3.Error, OSError) as exc:
+            # Disk full, say: the refusal is still worth telling (nothing runs, nothing
+            # is billed), it just will not be re-sent after a restart.
+            log.error(
+                "cannot store a lease rejection; reporting it anyway",
+                extra={"lease_id": lease_id, "error": str(exc)},
+            )
+            inserted = True
+        if inserted:
             await self._notify(update)
+
+    async def _check_disk(self) -> None:
+        """Refuse a lease while the state dir is nearly full: its state changes and
+        usage records could not be stored, so it would run unbilled and untracked."""
+        state_dir = self._config.node.state_dir
+        need = self._policy.min_free_state_disk
+        try:
+            free = (await asyncio.to_thread(shutil.disk_usage, state_dir)).free
+        except OSError as exc:
+            raise LeaseRejected(
+                RejectCode.INSUFFICIENT_DISK, f"cannot read free space under {state_dir}: {exc}"
+            ) from None
+        if free < need:
+            raise LeaseRejected(
+                RejectCode.INSUFFICIENT_DISK,
+                f"only {free} bytes free under the agent's state dir {state_dir} "
+                f"(runtime.min_free_state_disk is {need})",
+            )
+
+    async def _tombstone(self, lease_id: str, reason: str) -> bool:
+        """Remember a cancel that overtook its assignment; False if the lease is known.
+
+        Messages can be reordered across a reconnect (the cancel on a new session, the
+        assign re-sent late): without this, the late assign would start a lease the
+        coordinator already cancelled. The lease ends CANCELLED before it began, the
+        coordinator is told so, and a later assign of the id is ignored.
+        """
+        try:
+            validate_lease_id(lease_id)
+        except LeaseRejected:
+            return False
+        now = self._clock.time()
+        record = LeaseRecord(
+            lease_id=lease_id,
+            state=LeaseState.CANCELLED,
+            spec={},
+            created_at=now,
+            updated_at=now,
+            reason=f"cancelled before it was assigned: {reason}",
+            update_seq=1,
+            extra={"tombstone": True},
+        )
+        update = self._update_for(record, now)
+        if not await asyncio.to_thread(self._db.insert_new, record, update):
+            return False
+        log.warning(
+            "cancel for a lease not yet assigned; a later assignment of it will be ignored",
+            extra={"lease_id": lease_id, "reason": reason},
+        )
+        await self._notify(update)
+        return True
 
     def _update_for(self, record: LeaseRecord, now: float) -> LeaseUpdate:
         return LeaseUpdate(
@@ -650,6 +749,8 @@ class LeaseManager:
             log_tail=record.log_tail if record.state is LeaseState.FAILED else "",
             container_id=record.container_id or "",
             gpu_uuids=record.gpu_uuids,
+            ended_at=_float_or_none(record.extra.get("ended_at")),
+            started_at=record.started_at,
         )
 
     async def _transition(

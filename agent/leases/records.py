@@ -28,6 +28,13 @@ class LeaseUpdate:
     log_tail: str = ""
     container_id: str = ""
     gpu_uuids: tuple[str, ...] = ()
+    # Terminal updates only: unix seconds the container really exited (Docker's
+    # State.FinishedAt), which is earlier than ``at`` when it exited while the
+    # agent was down. The final usage record ends here, not at ``at``.
+    ended_at: float | None = None
+    # Unix seconds the lease started running (None before): lets the final usage
+    # record of a lease that never had one start there after an agent restart.
+    started_at: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

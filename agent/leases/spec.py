@@ -62,6 +62,7 @@ class RejectCode(StrEnum):
     INSUFFICIENT_MEMORY = "insufficient_memory"
     INSUFFICIENT_CPUS = "insufficient_cpus"
     GPU_CONFLICT = "gpu_conflict"
+    INSUFFICIENT_DISK = "insufficient_disk"
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ does not answer in time counts as failed ("timed out"), never as a hung probe.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from .bounded import BoundedCall
@@ -104,5 +106,19 @@ def nvml_check(source: _CountsGpus) -> Check:
     def check() -> CheckResult:
         count = source.device_count()
         return CheckResult(count > 0, f"{count} GPUs" if count else "NVML sees no GPUs")
+
+    return check
+
+
+def disk_check(path: Path, min_free: int) -> Check:
+    """Not ready when ``path``'s filesystem has less than ``min_free`` bytes free:
+    the state DB and usage outbox live there, and a lease whose records cannot be
+    stored must not start."""
+
+    def check() -> CheckResult:
+        free = shutil.disk_usage(path).free
+        if free < min_free:
+            return CheckResult(False, f"only {free} bytes free under {path} (need {min_free})")
+        return CheckResult(True, f"{free} bytes free")
 
     return check

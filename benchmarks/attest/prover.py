@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .backends import Backend
+from .errors import ProverError
 from .generator import check_inner
 from .merkle import MerkleTree, row_bytes
 from .messages import Challenge, Commitment, GpuIdentity, MatmulTask, OpenedRow, Openings, Reveal
@@ -29,10 +30,6 @@ MAX_N = 65536
 DEFAULT_MAX_RESULT_BYTES = 8 * 1024**3  # C kept on the host until opened
 MAX_OPEN_ROWS = 256
 BANDWIDTH_REPEATS = 10
-
-
-class ProverError(ValueError):
-    """A challenge or reveal the prover refuses, with what was wrong."""
 
 
 @dataclass

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .generator import MAX_INNER
-
 MIB = 1024**2
 TERA = 1e12
 
@@ -140,6 +138,9 @@ def task_size(
     inner size carries the work; only a card too fast for the exactness bound gets a
     larger n.
     """
+    # Imported here: generator brings numpy, and the agent reads SKUs without it.
+    from .generator import MAX_INNER
+
     n = DEFAULT_N
     while True:
         inner = int(target_seconds * sku.peak_flops(dtype) / (2.0 * n * n))

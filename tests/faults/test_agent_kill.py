@@ -121,12 +121,6 @@ def test_kill9_agent_ten_times_keeps_containers_and_bills_exactly(
             events.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (docs/faults.md): a lease whose container ends while the agent is "
-    "down gets its final record ending at the restart, not at the container's exit, so "
-    "the agent's downtime is billed",
-)
 def test_random_kill9_under_lease_churn_ledger_matches_docker(
     tmp_path: Path, busybox_image: Any, record_property: Any
 ) -> None:

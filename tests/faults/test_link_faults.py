@@ -130,7 +130,9 @@ def test_short_partition_changes_nothing_long_one_marks_offline_once(
     """A partition shorter than the offline grace leaves the node online-or-suspect
     and its lease running; a longer one marks it offline exactly once, the container
     keeps running through it, and after healing the usage accrued meanwhile is
-    delivered once (no seq missing, no interval billed twice)."""
+    delivered once (no seq missing, no interval billed twice). The lease the
+    coordinator declared lost is then cancelled on the agent: its container stops
+    and its usage gets a final record."""
     sched = {"log": {"level": "debug"}}
     with cluster(tmp_path, via_proxy=True, scheduler_overrides=sched) as c:
         c.start()
@@ -140,7 +142,9 @@ def test_short_partition_changes_nothing_long_one_marks_offline_once(
         cid = c.containers()[lease]["Id"]
 
         c.proxy.set_mode("reset")
-        time.sleep(3.0)  # the partition's length is the thing under test
+        # The partition's length is the thing under test: 2 s keeps the agent's
+        # reconnect (backoff 0.5, 0.8, 1.28 s, +-20 %) well inside the 6 s grace.
+        time.sleep(2.0)
         assert c.liveness() != "LIVENESS_OFFLINE"
         c.proxy.set_mode("pass")
         c.wait_online(30)
@@ -160,6 +164,21 @@ def test_short_partition_changes_nothing_long_one_marks_offline_once(
         c.wait_online(30)
         wait_for("usage from the partition delivered", lambda: stored_through(c, last), 30, 0.3)
         assert max(r[0] for r in records(c)) > seq_at_cut
+        # The coordinator declared the lease lost; the agent still runs it. The Hello
+        # after healing lists it, so the coordinator cancels it (PROTOCOL.md), the
+        # container stops and the lease's usage is closed with a final record.
+        wait_for("the lost lease's container stopped", lambda: lease not in c.containers(), 30)
+        cancels = [e for e in scheduler_events(c, "LeaseCancel sent") if e["lease_id"] == lease]
+        assert len(cancels) == 1, cancels
+        assert "lost" in cancels[0]["reason"]
+        assert c.lease_state(lease) == "lost"
+        wait_for(
+            "the lost lease's final usage record",
+            lambda: any(r[1] == lease and r[5] for r in records(c)),
+            30,
+        )
+        ended = [e for e in c.log_events("lease ended") if e.get("lease_id") == lease]
+        assert [e["state"] for e in ended] == ["cancelled"]
         assert_ledger_consistent(c)
         assert len(scheduler_events(c, "node offline")) == 1
         duplicates = sum(
@@ -171,6 +190,7 @@ def test_short_partition_changes_nothing_long_one_marks_offline_once(
             offline_detected_after_s=round(offline_after, 2),
             offline_transitions=1,
             lease_state_after_heal=c.lease_state(lease),
+            lost_lease_container_stopped=True,
             duplicates_acked_not_stored=duplicates,
         )
 
