@@ -19,7 +19,9 @@ from .test_agent_kill import assert_ledger_consistent, records
 
 pytestmark = pytest.mark.faults
 
-TMPFS_SIZE = "16m"
+# Just over the agent's preflight floor (1 GiB free, fatal below): the agent must
+# start, then the test fills it. tmpfs uses RAM only for what is written.
+TMPFS_SIZE = "1100m"
 
 
 @contextlib.contextmanager
@@ -52,12 +54,11 @@ def _ready(port: int) -> tuple[int, dict[str, Any]]:
 
 def _fill(path: Path) -> None:
     """Write until the filesystem refuses (ENOSPC)."""
-    with path.open("wb") as f:
-        block = b"\0" * 65536
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(block)
-                f.flush()
+    with path.open("wb", buffering=0) as f:
+        for block in (b"\0" * 2**20, b"\0" * 4096, b"\0" * 64):
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(block)
 
 
 def test_full_state_disk_refuses_leases_reports_unready_and_recovers(

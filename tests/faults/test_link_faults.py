@@ -69,7 +69,13 @@ def test_coordinator_killed_with_1000_pending_records_all_stored_once(
     grace even though the node's last heartbeat is older than the offline grace,
     and after it reconnects every pending record is stored exactly once."""
     fast = {"metering": {"sample_interval": "0.1s", "record_interval": "0.1s"}}
-    with cluster(tmp_path, via_proxy=True, gpus=8, agent_overrides=fast) as c:
+    # Restart grace 14 s, not the harness's 8 s: the heal comes after 6 s of watching
+    # (plus one CLI call), and the agent's next attempt can be up to 4 s x 1.2 later.
+    # With 8 s, a loaded host sometimes saw the grace run out before that attempt.
+    grace = {"liveness": {"restart_grace": "14s"}}
+    with cluster(
+        tmp_path, via_proxy=True, gpus=8, agent_overrides=fast, scheduler_overrides=grace
+    ) as c:
         c.start()
         leases = [c.submit("sleep 600") for _ in range(8)]
         for lease in leases:
@@ -80,7 +86,7 @@ def test_coordinator_killed_with_1000_pending_records_all_stored_once(
         wait_for("1,000 records pending at the agent", lambda: pending(c) >= 1000, 60, 0.5)
         assert c.proxy is not None
         # The node's last heartbeat is now far older than offline_grace (6 s): only the
-        # restart grace (8 s) stands between it and "offline" while it cannot reconnect.
+        # restart grace (14 s) stands between it and "offline" while it cannot reconnect.
         c.proxy.set_mode("reset")
         c.start_scheduler()
         restarted = time.monotonic()
