@@ -7,8 +7,14 @@ from collections.abc import Iterator
 
 import docker
 import pytest
+from hypothesis import settings
 
 from tests.images import build_busybox
+
+# Property tests pin behaviour, not speed (benchmarks/ does that): on a loaded 2-core CI
+# host hypothesis's per-example deadline only adds flakes.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
