@@ -53,3 +53,12 @@ def test_smoke_run_reports_agent_and_fleet_figures(
     assert fleet["100 agents: placement latency p99"]["value"] > 0
     assert fleet["100 agents: usage records ingested"]["value"] > 0
     assert "placement latency p99" in capsys.readouterr().out
+
+
+def test_soak_slope_is_per_hour_and_flat_for_constant_samples() -> None:
+    """The soak's leak verdict: a least-squares slope in units per hour."""
+    from benchmarks.soak import slope_per_hour
+
+    assert slope_per_hour([(0.0, 80.0), (60.0, 80.0), (120.0, 80.0)]) == 0.0
+    assert abs(slope_per_hour([(0.0, 80.0), (1800.0, 81.0), (3600.0, 82.0)]) - 2.0) < 1e-9
+    assert slope_per_hour([(0.0, 1.0)]) == 0.0
