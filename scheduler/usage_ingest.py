@@ -83,7 +83,7 @@ CountsHook = Callable[[IngestResult], None]
 
 
 def refusal(
-    conn: sqlite3.Connection, record: UsageRecord, policy: ledger.LedgerPolicy
+    conn: sqlite3.Connection, record: UsageRecord, policy: ledger.LedgerPolicy, now_ns: int
 ) -> tuple[str, LeaseRow | None]:
     """Why an authentic record cannot be billed ("" if it can), and its lease."""
     try:
@@ -105,14 +105,25 @@ def refusal(
             f"gpu_count {record.gpu_count} exceeds the lease's {lease.gpu_count} GPUs",
             lease,
         )
-    if lease.ended_ns is not None and (
-        record.start_unix_ns > lease.ended_ns + policy.clock_skew_allowance_ns
-    ):
-        return (
-            f"interval starts at {record.start_unix_ns}, after the lease ended at "
-            f"{lease.ended_ns} ({lease.state})",
-            lease,
-        )
+    # Billing follows the node's monotonic clock, so "too much" is judged on durations
+    # against this scheduler's own clock, never by comparing two machines' wall clocks:
+    # a node whose wall clock stepped must still be billed exactly. The lease cannot
+    # have run on the node before it was offered there, nor after its end was reported.
+    if lease.placed_ns is not None:
+        until = lease.ended_ns if lease.ended_ns is not None else now_ns
+        window = until - lease.placed_ns + policy.clock_skew_allowance_ns
+        billed = conn.execute(
+            "SELECT COALESCE(SUM(duration_ns), 0) FROM usage_records WHERE lease_id = ?"
+            " AND node_id = ? AND status = 'accepted'",
+            (record.lease_id, record.node_id),
+        ).fetchone()[0]
+        if billed + record.duration_ns > window:
+            state = f"ended at {lease.ended_ns}" if lease.ended_ns else "still running"
+            return (
+                f"bills {billed + record.duration_ns} ns in all, more than the {window} ns "
+                f"the lease can have run here (offered at {lease.placed_ns}, {state})",
+                lease,
+            )
     final = conn.execute(
         "SELECT seq FROM usage_records WHERE lease_id = ? AND node_id = ? AND status = 'accepted'"
         " AND final = 1 AND seq < ? LIMIT 1",
@@ -175,7 +186,7 @@ def store_records(
                     extra={"node_id": node_id, "seq": record.seq, "lease_id": record.lease_id},
                 )
             continue
-        reason, lease = refusal(conn, record, policy)
+        reason, lease = refusal(conn, record, policy, now_ns)
         conn.execute(
             "INSERT INTO usage_records (node_id, seq, lease_id, status, reason, start_ns, end_ns,"
             " duration_ns, gpu_count, gpu_ns, final, canonical, signature, received_ns)"

@@ -56,6 +56,7 @@ class ScriptedAgent:
     update_seq: dict[str, int] = field(default_factory=dict)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    clock: FakeClock | None = None
 
     @property
     def node_id(self) -> str:
@@ -94,8 +95,13 @@ class ScriptedAgent:
         signer: NodeIdentity | None = None,
         **fields: object,
     ) -> SignedUsageRecord:
-        """A record of [start_s, end_s) seconds after T0, signed by this node's key."""
+        """A record of [start_s, end_s) seconds after T0, signed by this node's key.
+
+        The scheduler's clock moves on to the record's end: records describe the past.
+        """
         duration = round((end_s - start_s) * SEC)
+        if self.clock is not None:
+            self.clock.now = max(self.clock.now, (T0 + end_s * SEC) / SEC + 1)
         values: dict[str, object] = {
             "node_id": self.node_id,
             "seq": seq,
@@ -168,6 +174,7 @@ class Env:
     tmp: Path
     channel: grpc.aio.Channel
     agents: list[ScriptedAgent] = field(default_factory=list)
+    clock: FakeClock | None = None
 
     @property
     def leases(self) -> leases_pb2_grpc.LeasesAsyncStub:
@@ -179,6 +186,7 @@ class Env:
 
     async def agent(self, name: str, ask: int = 1_000_000) -> ScriptedAgent:
         agent = make_agent(self.server.port, self.tmp / name, ask)
+        agent.clock = self.clock
         await agent.start()
         self.agents.append(agent)
         return agent
@@ -222,9 +230,13 @@ class Env:
 
 
 async def make_env(tmp_path: Path, **ledger: object) -> AsyncIterator[Env]:
-    server = await start_server(config_for(tmp_path, **ledger), FakeClock())
+    # The scheduler's clock starts just before T0 and follows the records' ends (see
+    # ScriptedAgent.record): a lease cannot bill more time than has passed since it was
+    # offered, on the scheduler's own clock.
+    clock = FakeClock(T0 / SEC - 60)
+    server = await start_server(config_for(tmp_path, **ledger), clock)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    env = Env(server, tmp_path, channel)
+    env = Env(server, tmp_path, channel, clock=clock)
     try:
         yield env
     finally:
@@ -525,3 +537,33 @@ async def test_records_survive_as_evidence_byte_for_byte(env: Env) -> None:
     key = Ed25519PublicKey.from_public_bytes(env.server.registry.nodes[agent.node_id].public_key)
     assert verify_record(stored, signature, key)
     assert not verify_record(dataclasses.replace(stored, net_rx_bytes=0), signature, key)
+
+
+@pytest.mark.asyncio
+async def test_wall_clock_step_is_billed_and_overbilling_is_refused(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Billing is judged on monotonic durations against the scheduler's own clock: a
+    node whose wall clock ran 5 minutes ahead is still billed its records, while a
+    record claiming more time than has passed since the offer is refused."""
+    await env.deposit("alice", 10_000_000)
+    agent = await env.agent("a", ask=1_000_000)
+    await env.run_lease(agent, "lease-1", price=1_000_000)
+    await agent.report(agent.record("lease-1", 1, 0, 60))
+    await agent.update("lease-1", S.LEASE_STATE_SUCCEEDED, exit_code=0)
+    assert env.clock is not None
+    env.clock.advance(1)
+    # The final record's wall times are 300 s in the future (a stepped clock); its
+    # 30 s duration fits the time the lease had, so it is billed.
+    stepped = agent.record("lease-1", 2, 360, 390, final=True)
+    ack = await agent.report(stepped)
+    assert ack.acked_through_seq == 2
+    assert env.usage_rows(agent.node_id)[-1] == (2, "lease-1", "accepted")
+    # A lease that ran about a minute cannot bill an hour.
+    await env.run_lease(agent, "lease-2", price=1_000_000)
+    offered_at = env.clock.now
+    greedy = agent.record("lease-2", 3, 400, 4000)
+    env.clock.now = offered_at + 60  # the scheduler has seen one minute since the offer
+    await agent.report(greedy)
+    assert env.usage_rows(agent.node_id)[-1] == (3, "lease-2", "rejected")
+    assert any("more than the" in d for d in protocol_errors(caplog, "REJECTED"))

@@ -43,6 +43,8 @@ def assert_ledger_consistent(c: Cluster) -> dict[str, list[tuple[int, int]]]:
     assert all_seqs == list(range(1, len(all_seqs) + 1)), (
         "a usage seq is missing at the coordinator"
     )
+    refused = c.query("SELECT seq, lease_id, reason FROM usage_records WHERE status != 'accepted'")
+    assert not refused, f"records an honest agent sent were refused: {refused}"
     by_lease: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for _seq, lease, start, end, _dur, _final in rows:
         by_lease[lease].append((start, end))

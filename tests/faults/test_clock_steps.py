@@ -26,13 +26,6 @@ LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
 STEPS = ["+300", "+0", "-300", "+0"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open bug (docs/faults.md, scenario 8): after a forward step the agent's "
-    "record times run ahead of the coordinator's clock; stepped back, they stay pinned "
-    "at the high-water mark, and the coordinator refuses the final record as starting "
-    "after the lease ended, so its time is not billed",
-)
 def test_wall_clock_steps_leave_intervals_sane_and_billing_unchanged(
     tmp_path: Path, busybox_image: Any, record_property: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
