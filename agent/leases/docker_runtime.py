@@ -330,8 +330,14 @@ class DockerRuntime:
         )
         return container.id or ""
 
-    async def start(self, container_id: str) -> None:
-        def _start() -> None:
+    async def start(self, container_id: str) -> float | None:
+        """Start the container; returns Docker's StartedAt (unix seconds) when known.
+
+        Billing starts at Docker's own start time, as it ends at Docker's FinishedAt:
+        the API call's latency (long on a loaded host) is not the tenant's time.
+        """
+
+        def _start() -> float | None:
             try:
                 self._client.api.start(container_id)
             except docker.errors.APIError as exc:
@@ -340,8 +346,13 @@ class DockerRuntime:
                 raise RuntimeFailure(
                     f"container start failed: Docker did not answer: {exc}"
                 ) from exc
+            try:
+                state = self._client.api.inspect_container(container_id)["State"]
+            except (docker.errors.DockerException, OSError, KeyError):
+                return None  # started; the caller falls back to its own clock
+            return parse_docker_time(str(state.get("StartedAt") or ""))
 
-        await asyncio.to_thread(_start)
+        return await asyncio.to_thread(_start)
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; a gone container is fine."""

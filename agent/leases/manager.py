@@ -347,16 +347,17 @@ class LeaseManager:
                     await self._finish_stopped(record)
                     return
                 try:
-                    await self._runtime.start(container_id)
+                    docker_started = await self._runtime.start(container_id)
                 except RuntimeFailure as exc:
                     await self._end(record, LeaseState.FAILED, reason=str(exc))
                     return
-                self._started_mono[lease_id] = self._clock.monotonic()
+                now_wall, now_mono = self._clock.time(), self._clock.monotonic()
+                started_wall = docker_started if docker_started is not None else now_wall
+                # Docker's start instant on our monotonic clock (never in the future).
+                self._started_mono[lease_id] = now_mono - max(0.0, now_wall - started_wall)
                 record = self._active[lease_id]
                 if record.state is LeaseState.STARTING:
-                    await self._transition(
-                        record, LeaseState.RUNNING, started_at=self._clock.time()
-                    )
+                    await self._transition(record, LeaseState.RUNNING, started_at=started_wall)
                     log.info(
                         "lease running", extra={"lease_id": lease_id, "container_id": container_id}
                     )

@@ -174,7 +174,9 @@ def test_random_kill9_under_lease_churn_ledger_matches_docker(
                 diff = abs(billed - events.run_ns(cid)) / 1e9
                 worst = max(worst, diff)
                 assert diff <= 2 * SAMPLE_NS / 1e9, (
-                    f"{lease} ({states.get(lease)}): off by {diff:.3f}s"
+                    f"{lease} ({states.get(lease)}): off by {diff:.3f}s: billed "
+                    f"{billed / 1e9:.3f}s in {by_lease.get(lease)}, Docker ran "
+                    f"{events.run_ns(cid) / 1e9:.3f}s"
                 )
             assert kills >= duration / 6
             report(
