@@ -502,8 +502,12 @@ class AgentNode:
             outcome = _START_OUTCOMES.get(update.state, "start_failed")
             self.telemetry.agent.lease_started(outcome, time.monotonic() - assigned)
         if update.state == LeaseState.RUNNING:
+            # Docker's StartedAt (carried on the update), not when this update is handled:
+            # a short lease may have finished by now, and it must still be billed in full.
             started = {r.lease_id: r.started_monotonic for r in self.leases.running_leases()}
-            self._run_started[update.lease_id] = started.get(update.lease_id, time.monotonic())
+            self._run_started[update.lease_id] = (
+                started.get(update.lease_id) or _monotonic_at(update.started_at) or time.monotonic()
+            )
         if update.state.terminal and update.state != LeaseState.REJECTED and update.container_id:
             # The final usage record ends where the lease ended, before it is reported.
             # A lease refused or failed before it had a container never ran: it gets no
