@@ -508,20 +508,7 @@ class AgentNode:
             self._run_started[update.lease_id] = (
                 started.get(update.lease_id) or _monotonic_at(update.started_at) or time.monotonic()
             )
-        if update.state.terminal and update.state != LeaseState.REJECTED and update.container_id:
-            # The final usage record ends where the lease ended, before it is reported.
-            # A lease refused or failed before it had a container never ran: it gets no
-            # usage record (one would be refused by the coordinator as not placed).
-            view = _Metered(
-                update.lease_id,
-                update.container_id,
-                update.gpu_uuids,
-                # After a restart the start is known only from the lease's record.
-                self._run_started.pop(update.lease_id, 0.0)
-                or _monotonic_at(update.started_at)
-                or 0.0,
-            )
-            await self.sampler.close_lease(view, end_monotonic=_monotonic_at(update.ended_at))
+        await self._close_usage(update)
         if not hasattr(self, "link"):
             # Reconcile at start reports before the link exists; the update stays in the
             # state DB and goes out with the first session's pending updates.
@@ -531,6 +518,23 @@ class AgentNode:
             await self.link.send(
                 coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update))
             )
+
+    async def _close_usage(self, update: LeaseUpdate) -> None:
+        """Write a terminal lease's final usage record (idempotent: at most one)."""
+        if not (update.state.terminal and update.state != LeaseState.REJECTED):
+            return
+        if not update.container_id:
+            # Refused or failed before it had a container: it never ran and gets no
+            # usage record (the coordinator would refuse one as not placed).
+            return
+        view = _Metered(
+            update.lease_id,
+            update.container_id,
+            update.gpu_uuids,
+            # After a restart the start is known only from the lease's record.
+            self._run_started.pop(update.lease_id, 0.0) or _monotonic_at(update.started_at) or 0.0,
+        )
+        await self.sampler.close_lease(view, end_monotonic=_monotonic_at(update.ended_at))
 
     def _metered_leases(self) -> list[MeteredLease]:
         return [
@@ -553,6 +557,9 @@ class AgentNode:
         self._usage_sent_through = stats.acked_seq
         self._usage_wake.set()
         for update in await self.leases.pending_updates():
+            # The agent may have died between storing a terminal update and writing the
+            # lease's final usage record: write it now (a no-op when it exists).
+            await self._close_usage(update)
             await self.link.send(
                 coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update))
             )
