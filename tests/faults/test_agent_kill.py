@@ -178,7 +178,9 @@ def test_random_kill9_under_lease_churn_ledger_matches_docker(
                     f"{billed / 1e9:.3f}s in {by_lease.get(lease)}, Docker ran "
                     f"{events.run_ns(cid) / 1e9:.3f}s"
                 )
-            assert kills >= duration / 6
+            # Kills come every 2-5 s plus the restart; a loaded host restarts slower, so
+            # the floor only guards against a run that barely killed anything.
+            assert kills >= duration / 10, f"only {kills} kills in {duration:.0f}s"
             report(
                 record_property,
                 "2-random-kill9-churn",
