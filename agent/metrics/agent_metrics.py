@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.leases.states import LeaseState
 from gpuagent import PROTOCOL_VERSION, __version__
 
 from . import names
@@ -30,18 +31,7 @@ log = logging.getLogger(__name__)
 
 # The lease lifecycle (DESIGN.md); all are exported, 0 when empty, so a query
 # for one state finds a series even before the first lease.
-LEASE_STATES = (
-    "assigned",
-    "pulling",
-    "starting",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "expired",
-    "lost",
-    "rejected",
-)
+LEASE_STATES = tuple(state.value for state in LeaseState)
 
 # Outcomes of a lease start, pre-created at 0 so rate() works from the first one.
 START_OUTCOMES = ("started", "rejected", "pull_failed", "start_failed", "cancelled")
