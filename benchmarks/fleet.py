@@ -27,8 +27,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
-import random
 import signal
 import socket
 import statistics
@@ -37,41 +37,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
 import yaml
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from agent.link.backoff import Backoff
-from agent.link.reporter import host_info, simulated_gpus
-from gpuagent import PROTOCOL_VERSION, __version__
-from gpuagent.signing import hello_signing_bytes, node_id_from_public_key
-from gpuagent.usage import SignedUsageRecord, UsageRecord, sign_record
-from gpuagent.usage_wire import record_to_pb
-from gpuagent.v1 import (
-    common_pb2,
-    coordinator_pb2,
-    coordinator_pb2_grpc,
-    inventory_pb2,
-    leases_pb2,
-    leases_pb2_grpc,
-    usage_pb2,
-)
+from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
+from .fleet_worker import WorkerSpec, worker_main
 from .registry import Figure, register
 
 HEARTBEAT_TARGET_MS = 50.0
 PLACEMENT_TARGET_MS = 50.0
 AGENTS_PER_CHANNEL = 500
-GPUS_PER_AGENT = 2
-USAGE_RECORDS_PER_REPORT = 50
-
-State = common_pb2.LeaseState
 
 
 def _free_port() -> int:
@@ -160,7 +143,7 @@ class SchedulerProcess:
         assert self.proc is not None
         return psutil.Process(self.proc.pid)
 
-    async def heartbeat_latencies(self) -> list[float]:
+    async def heartbeat_latencies(self) -> dict[str, list[float]]:
         """Ask the probe for its samples since the last call (and reset them)."""
         assert self.proc is not None
         with contextlib.suppress(FileNotFoundError):
@@ -172,199 +155,127 @@ class SchedulerProcess:
                 raise RuntimeError("the scheduler's probe did not answer SIGUSR1 within 30 s")
             await asyncio.sleep(0.05)
         data: dict[str, list[float]] = json.loads(self.stats.read_text())
-        return data["heartbeat_latency_ms"]
+        return data
 
 
-# --- simulated agents --------------------------------------------------------------
+# --- the simulator's worker processes ----------------------------------------------
 
 
-@dataclass
-class FleetStats:
-    welcomed: int = 0
-    target: int = 0
-    all_welcomed: asyncio.Event = field(default_factory=asyncio.Event)
-    assigned_at: dict[str, float] = field(default_factory=dict)
-    assign_waiters: dict[str, asyncio.Future[str]] = field(default_factory=dict)
-    usage_acked: int = 0
-    usage_expected: int = 0
-    usage_done: asyncio.Event = field(default_factory=asyncio.Event)
-    errors: int = 0
+class Workers:
+    """The simulated fleet, split over ``spawn``ed worker processes (``fleet_worker``)."""
 
-    def welcome(self) -> None:
-        self.welcomed += 1
-        if self.target and self.welcomed >= self.target:
-            self.all_welcomed.set()
+    def __init__(self, agents: int, processes: int, port: int, ca_pem: bytes) -> None:
+        self.agents = agents
+        ctx = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        self.welcomed: list[int] = []
+        self.target = 0
+        self.all_welcomed = asyncio.Event()
+        self.assign_waiters: dict[str, asyncio.Future[tuple[str, float]]] = {}
+        self.replies: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        self.dead = 0
+        self._next_id = 0
+        self._child_ends: list[Connection] = []  # closed here once the workers hold them
+        per = -(-agents // processes)
+        first = 0
+        while first < agents:
+            count = min(per, agents - first)
+            parent, child = ctx.Pipe()
+            spec = WorkerSpec(first, count, port, ca_pem, AGENTS_PER_CHANNEL)
+            proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
+            self.procs.append(proc)
+            self.conns.append(parent)
+            self.welcomed.append(0)
+            self._child_ends.append(child)
+            first += count
 
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for i, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True)):
+            proc.start()
+            loop.add_reader(conn.fileno(), self._readable, i)
+        for child in self._child_ends:
+            child.close()
 
-class SimAgent:
-    def __init__(self, index: int, stats: FleetStats, host: inventory_pb2.HostInfo) -> None:
-        self.key = Ed25519PrivateKey.generate()
-        self.public_key = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        self.node_id = node_id_from_public_key(self.public_key)
-        self.name = f"sim-{index:05d}"
-        self.stats = stats
-        gpus = simulated_gpus("rtx-4090", GPUS_PER_AGENT, self.node_id)
-        self.inventory = inventory_pb2.Inventory(host=host, gpus=gpus)
-        self.health = [
-            inventory_pb2.GpuHealth(uuid=g.uuid, state=inventory_pb2.GpuHealth.HEALTHY)
-            for g in gpus
-        ]
-        self.gpu_uuids = [g.uuid for g in gpus]
-        self.leases: dict[str, list[str]] = {}  # lease id -> GPUs it holds
-        self.usage_seq = 0
-        self.acked_usage_seq = 0
-        self.call: Any = None
-        self.lock = asyncio.Lock()
-        self.interval = 10.0
-        self.hb_seq = 0
-        self.welcomed = False
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
 
-    async def send(self, **body: Any) -> None:
-        async with self.lock:
-            await self.call.write(coordinator_pb2.AgentMessage(**body))
-
-    def _heartbeat(self) -> coordinator_pb2.Heartbeat:
-        held = {u for gpus in self.leases.values() for u in gpus}
-        self.hb_seq += 1
-        return coordinator_pb2.Heartbeat(
-            seq=self.hb_seq,
-            sent_at_unix_nanos=time.time_ns(),
-            gpu_health=self.health,
-            free_gpu_uuids=[u for u in self.gpu_uuids if u not in held],
-            allocated_gpu_uuids=sorted(held),
-            leases=[
-                common_pb2.LeaseStatus(lease_id=lid, state=State.LEASE_STATE_RUNNING)
-                for lid in self.leases
-            ],
-        )
-
-    async def run(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
-        backoff = Backoff(1.0, 120.0)
-        while not stop.is_set():
-            self.welcomed = False
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError):
-                await self._session(channel, stop)
-            if self.welcomed:  # a welcomed session was a healthy one: start at 1 s again
-                backoff.reset()
-            if stop.is_set():
-                return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff.next_delay())
-
-    async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        self.call = stub.Connect()
-        self.hb_seq = 0
-        heartbeats: asyncio.Task[None] | None = None
+    def _readable(self, i: int) -> None:
+        conn = self.conns[i]
         try:
-            first = await self.call.read()
-            if first is grpc.aio.EOF or first.WhichOneof("body") != "hello_challenge":
-                return
-            nonce = first.hello_challenge.nonce
-            signed = hello_signing_bytes(nonce, self.node_id, self.public_key, PROTOCOL_VERSION)
-            await self.send(
-                hello=coordinator_pb2.Hello(
-                    node_id=self.node_id,
-                    public_key=self.public_key,
-                    signature=self.key.sign(signed),
-                    protocol_version=PROTOCOL_VERSION,
-                    agent_version=__version__,
-                    node_name=self.name,
-                    inventory=self.inventory,
-                    gpu_health=self.health,
-                    last_acked_usage_seq=self.acked_usage_seq,
-                )
-            )
-            while not stop.is_set():
-                message = await self.call.read()
-                if message is grpc.aio.EOF:
-                    return
-                kind = message.WhichOneof("body")
-                if kind == "welcome":
-                    interval_ms = message.welcome.params.heartbeat_interval_ms
-                    self.interval = interval_ms / 1000 if interval_ms else 10.0
-                    heartbeats = asyncio.create_task(self._heartbeats())
-                    self.welcomed = True
-                    self.stats.welcome()
-                elif kind == "lease_assign":
-                    await self._on_assign(message.lease_assign)
-                elif kind == "usage_ack":
-                    self._on_usage_ack(message.usage_ack.acked_through_seq)
-                elif kind == "error":
-                    self.stats.errors += 1
-                    if message.error.fatal:
-                        return
-        finally:
-            if heartbeats is not None:
-                heartbeats.cancel()
-            self.call.cancel()
+            while conn.poll():
+                self._on_message(i, conn.recv())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            self.dead += 1
+            for reply in self.replies.values():  # nobody will answer them now
+                if not reply.done():
+                    reply.set_exception(RuntimeError(f"fleet worker {i} died"))
 
-    async def _heartbeats(self) -> None:
-        # Random phase: a real fleet's heartbeats are spread over the interval.
-        await asyncio.sleep(random.uniform(0, self.interval))  # noqa: S311 - not crypto
-        while True:
-            await self.send(heartbeat=self._heartbeat())
-            await asyncio.sleep(self.interval)
+    def _on_message(self, i: int, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "welcomed":
+            self.welcomed[i] = message[1]
+            if self.target and sum(self.welcomed) >= self.target:
+                self.all_welcomed.set()
+        elif kind == "assigned":
+            _, lease_id, node_id, at = message
+            waiter = self.assign_waiters.pop(lease_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result((node_id, at))
+        else:
+            reply = self.replies.pop(message[1], None)
+            if reply is not None and not reply.done():
+                reply.set_result(message)
 
-    async def _on_assign(self, assign: leases_pb2.LeaseAssign) -> None:
-        now = time.monotonic()
-        self.stats.assigned_at[assign.lease_id] = now
-        waiter = self.stats.assign_waiters.pop(assign.lease_id, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(self.node_id)
-        self.leases[assign.lease_id] = list(assign.gpu_uuids)
-        await self.send(
-            lease_update=leases_pb2.LeaseUpdate(
-                lease_id=assign.lease_id,
-                update_seq=1,
-                state=State.LEASE_STATE_RUNNING,
-                gpu_uuids=assign.gpu_uuids,
-                at_unix_nanos=time.time_ns(),
-            )
-        )
+    async def ask(self, kind: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Send one command to every worker; their answers, in worker order."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for conn in self.conns:
+            self._next_id += 1
+            future: asyncio.Future[tuple[Any, ...]] = loop.create_future()
+            self.replies[self._next_id] = future
+            conn.send((kind, self._next_id, *args))
+            waits.append(future)
+        return list(await asyncio.gather(*waits))
 
-    def _on_usage_ack(self, acked: int) -> None:
-        gained = max(0, acked - self.acked_usage_seq)
-        self.acked_usage_seq = max(self.acked_usage_seq, acked)
-        self.stats.usage_acked += gained
-        if self.stats.usage_expected and self.stats.usage_acked >= self.stats.usage_expected:
-            self.stats.usage_done.set()
+    async def wait_welcomed(self, within: float) -> int:
+        self.target = self.agents
+        if sum(self.welcomed) < self.target:
+            self.all_welcomed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_welcomed.wait(), within)
+        return sum(self.welcomed)
 
-    def usage_report(self, lease_id: str, count: int, final: bool) -> usage_pb2.UsageReport:
-        """``count`` consecutive 1 s intervals ending now, signed; the last may be final."""
-        gpus = len(self.leases.get(lease_id, [])) or 1
-        end = time.time_ns()
-        start = end - count * 1_000_000_000
-        records = []
-        for i in range(count):
-            self.usage_seq += 1
-            record = UsageRecord(
-                node_id=self.node_id,
-                seq=self.usage_seq,
-                lease_id=lease_id,
-                start_unix_ns=start + i * 1_000_000_000,
-                end_unix_ns=start + (i + 1) * 1_000_000_000,
-                duration_ns=1_000_000_000,
-                gpu_count=gpus,
-                gpu_ns=gpus * 1_000_000_000,
-                final=final and i == count - 1,
-            )
-            signature = sign_record(record, self.key.sign)
-            records.append(record_to_pb(SignedUsageRecord(record, signature)))
-        return usage_pb2.UsageReport(records=records)
+    async def reset(self) -> None:
+        await self.ask("reset")
+        self.welcomed = [0] * len(self.welcomed)
+        self.all_welcomed.clear()
 
-    async def finish(self, lease_id: str) -> None:
-        gpus = self.leases.pop(lease_id, [])
-        await self.send(
-            lease_update=leases_pb2.LeaseUpdate(
-                lease_id=lease_id,
-                update_seq=2,
-                state=State.LEASE_STATE_SUCCEEDED,
-                exit_code=0,
-                gpu_uuids=gpus,
-                at_unix_nanos=time.time_ns(),
-            )
-        )
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            with contextlib.suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        return total
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ask("stop"), 30)
+        loop = asyncio.get_running_loop()
+        for conn in self.conns:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(conn.fileno())
+            conn.close()
+        for proc in self.procs:
+            await asyncio.to_thread(proc.join, 10)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, 10)
 
 
 # --- one fleet run -----------------------------------------------------------------
@@ -373,30 +284,24 @@ class SimAgent:
 @dataclass
 class FleetResult:
     agents: int
+    processes: int  # simulator processes
     connected: int
     connect_s: float
     rss_mb: float
     rss_per_agent_kb: float
     cpu_percent: float
+    simulator_cpu_percent: float
     heartbeats_per_s: float
-    heartbeat_p50_ms: float
+    heartbeat_p50_ms: float  # agent's stamp -> stored (includes the simulator's own lag)
     heartbeat_p99_ms: float
+    processing_p50_ms: float  # read off the stream by the scheduler -> stored
+    processing_p99_ms: float
     placement_p50_ms: float
     placement_p99_ms: float
     placements: int
     usage_records_per_s: float
     reconnect_s: float
     errors: int
-
-
-async def _gather_connected(stats: FleetStats, target: int, within: float) -> bool:
-    stats.target = target
-    stats.all_welcomed.clear()
-    if stats.welcomed >= target:
-        return True
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stats.all_welcomed.wait(), within)
-    return stats.welcomed >= target
 
 
 async def run_fleet(
@@ -407,49 +312,25 @@ async def run_fleet(
     leases: int,
     workdir: Path,
     profile: Path | None = None,
+    processes: int | None = None,
 ) -> FleetResult:
     sched = SchedulerProcess(workdir, heartbeat_interval)
     sched.start()
-    stop = asyncio.Event()
-    stats = FleetStats()
-    tasks: list[asyncio.Task[None]] = []
-    channels: list[grpc.aio.Channel] = []
+    processes = processes or default_processes(agents)
+    fleet = Workers(agents, processes, sched.port, sched.ca_file.read_bytes())
     try:
         ps = sched.ps
         rss_before = ps.memory_info().rss
-        creds = grpc.ssl_channel_credentials(root_certificates=sched.ca_file.read_bytes())
-        n_channels = max(1, min(32, -(-agents // AGENTS_PER_CHANNEL)))
-        options = [("grpc.keepalive_time_ms", 60_000), ("grpc.max_receive_message_length", 4 << 20)]
-        channels = [
-            # Distinct options keep grpc from folding the channels into one subchannel.
-            grpc.aio.secure_channel(
-                f"localhost:{sched.port}", creds, options=[*options, ("fleet.channel", i)]
-            )
-            for i in range(n_channels)
-        ]
-        host = await asyncio.to_thread(host_info)
-        sims = [SimAgent(i, stats, host) for i in range(agents)]
-        by_node = {s.node_id: s for s in sims}
         started = time.monotonic()
-        stats.target = agents
-        # Connect in waves so the storm is the scheduler's, not our event loop's.
-        wave = 200
-        for i in range(0, agents, wave):
-            for j, sim in enumerate(sims[i : i + wave], start=i):
-                tasks.append(asyncio.create_task(sim.run(channels[j % n_channels], stop)))
-            await asyncio.sleep(0)
-            while stats.welcomed < min(agents, i + wave) - wave // 2:
-                await asyncio.sleep(0.01)
-                if time.monotonic() - started > 600:
-                    break
-        await _gather_connected(stats, agents, 300)
+        fleet.start()
+        connected = await fleet.wait_welcomed(600)
         connect_s = time.monotonic() - started
-        connected = stats.welcomed
 
         # Steady state: heartbeats only.
         await asyncio.sleep(min(heartbeat_interval, 5.0))  # every agent's phase has begun
         await sched.heartbeat_latencies()  # reset the probe
         cpu0 = ps.cpu_times()
+        sim_cpu0 = fleet.cpu_seconds()
         t0 = time.monotonic()
         profiler = None
         if profile is not None:
@@ -472,10 +353,11 @@ async def run_fleet(
                 stderr=subprocess.DEVNULL,
             )
         await asyncio.sleep(steady_window)
-        latencies = await sched.heartbeat_latencies()
+        probe = await sched.heartbeat_latencies()
         elapsed = time.monotonic() - t0
         cpu1 = ps.cpu_times()
         cpu_percent = 100 * ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / elapsed
+        sim_cpu_percent = 100 * (fleet.cpu_seconds() - sim_cpu0) / elapsed
         rss = ps.memory_info().rss
         if profiler is not None:
             await asyncio.to_thread(profiler.wait, 60)
@@ -483,14 +365,14 @@ async def run_fleet(
         # Placement: leases submitted one after another under the heartbeat load.
         lease_creds = grpc.ssl_channel_credentials(root_certificates=sched.ca_file.read_bytes())
         placement_ms: list[float] = []
-        placed: list[tuple[str, str]] = []
+        placed: list[str] = []
         async with grpc.aio.secure_channel(f"localhost:{sched.port}", lease_creds) as buyer:
             stub = leases_pb2_grpc.LeasesStub(buyer)
             loop = asyncio.get_running_loop()
             for n in range(leases):
                 lease_id = f"fleet-{n:05d}"
-                waiter: asyncio.Future[str] = loop.create_future()
-                stats.assign_waiters[lease_id] = waiter
+                waiter: asyncio.Future[tuple[str, float]] = loop.create_future()
+                fleet.assign_waiters[lease_id] = waiter
                 sent = time.monotonic()
                 await stub.Submit(
                     leases_pb2.SubmitLeaseRequest(
@@ -506,58 +388,57 @@ async def run_fleet(
                     timeout=30,
                 )
                 with contextlib.suppress(TimeoutError):
-                    node_id = await asyncio.wait_for(waiter, 30)
-                    placement_ms.append((stats.assigned_at[lease_id] - sent) * 1000)
-                    placed.append((lease_id, node_id))
+                    _node, assigned_at = await asyncio.wait_for(waiter, 30)
+                    placement_ms.append((assigned_at - sent) * 1000)
+                    placed.append(lease_id)
 
         # Usage: every agent holding a lease reports a batch of signed records at once.
-        stats.usage_expected = stats.usage_acked + len(placed) * USAGE_RECORDS_PER_REPORT
-        stats.usage_done.clear()
-        reports = [
-            (by_node[node], by_node[node].usage_report(lid, USAGE_RECORDS_PER_REPORT, True))
-            for lid, node in placed
-        ]
         u0 = time.monotonic()
-        await asyncio.gather(*(sim.send(usage_report=r) for sim, r in reports))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stats.usage_done.wait(), 120)
+        acked = sum(reply[2] for reply in await fleet.ask("usage", placed))
         usage_elapsed = time.monotonic() - u0
-        usage_rate = (len(placed) * USAGE_RECORDS_PER_REPORT) / usage_elapsed if placed else 0.0
-        for lid, node in placed:
-            await by_node[node].finish(lid)
+        usage_rate = acked / usage_elapsed if acked else 0.0
+        await fleet.ask("finish", placed)
 
         # Restart: the fleet notices, backs off, and comes back.
+        await fleet.reset()
         sched.stop()
-        stats.welcomed = 0
-        stats.all_welcomed.clear()
         ready = await asyncio.to_thread(sched.start)
-        await _gather_connected(stats, agents, 300)
+        await fleet.wait_welcomed(600)
         reconnect_s = time.monotonic() - ready
+        stamped, processing = probe["heartbeat_latency_ms"], probe["heartbeat_processing_ms"]
         return FleetResult(
             agents=agents,
+            processes=len(fleet.procs),
             connected=connected,
             connect_s=connect_s,
             rss_mb=rss / 1e6,
             rss_per_agent_kb=(rss - rss_before) / max(connected, 1) / 1024,
             cpu_percent=cpu_percent,
-            heartbeats_per_s=len(latencies) / elapsed,
-            heartbeat_p50_ms=statistics.median(latencies) if latencies else float("nan"),
-            heartbeat_p99_ms=percentile(latencies, 0.99),
-            placement_p50_ms=statistics.median(placement_ms) if placement_ms else float("nan"),
+            simulator_cpu_percent=sim_cpu_percent,
+            heartbeats_per_s=len(stamped) / elapsed,
+            heartbeat_p50_ms=_median(stamped),
+            heartbeat_p99_ms=percentile(stamped, 0.99),
+            processing_p50_ms=_median(processing),
+            processing_p99_ms=percentile(processing, 0.99),
+            placement_p50_ms=_median(placement_ms),
             placement_p99_ms=percentile(placement_ms, 0.99),
             placements=len(placement_ms),
             usage_records_per_s=usage_rate,
             reconnect_s=reconnect_s,
-            errors=stats.errors,
+            errors=fleet.dead,
         )
     finally:
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
+        await fleet.close()
         sched.stop()
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def default_processes(agents: int) -> int:
+    """Simulator processes: one per 2,500 agents, at most one per core."""
+    return max(1, min(os.cpu_count() or 1, -(-agents // 2500)))
 
 
 def profile_summary(path: Path, top: int = 12) -> list[tuple[str, float]]:
@@ -591,6 +472,7 @@ def _figures(r: FleetResult) -> list[Figure]:
     pl_ok = r.placement_p99_ms < PLACEMENT_TARGET_MS
     return [
         Figure(f"{n}: connected", r.connected, "agents", f"= {r.agents}", r.connected == r.agents),
+        Figure(f"{n}: simulator processes", r.processes, ""),
         Figure(f"{n}: time to connect all", r.connect_s, "s"),
         Figure(f"{n}: scheduler RSS", r.rss_mb, "MB"),
         Figure(f"{n}: scheduler RSS per agent", r.rss_per_agent_kb, "KiB"),
@@ -601,9 +483,12 @@ def _figures(r: FleetResult) -> list[Figure]:
             "< 100 (1 core)",
             r.cpu_percent < 100,
         ),
+        Figure(f"{n}: simulator CPU (steady)", r.simulator_cpu_percent, "% core"),
         Figure(f"{n}: heartbeats ingested", r.heartbeats_per_s, "/s"),
         Figure(f"{n}: heartbeat latency p50", r.heartbeat_p50_ms, "ms"),
         Figure(f"{n}: heartbeat latency p99", r.heartbeat_p99_ms, "ms", "< 50 ms", hb_ok),
+        Figure(f"{n}: heartbeat processing p50", r.processing_p50_ms, "ms"),
+        Figure(f"{n}: heartbeat processing p99", r.processing_p99_ms, "ms"),
         Figure(f"{n}: placement latency p50", r.placement_p50_ms, "ms"),
         Figure(f"{n}: placement latency p99", r.placement_p99_ms, "ms", "< 50 ms", pl_ok),
         Figure(f"{n}: usage records ingested", r.usage_records_per_s, "/s"),
@@ -652,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--leases", type=int, default=50)
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of the steady window")
+    parser.add_argument("--processes", type=int, help="simulator processes (default: by size)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         result = asyncio.run(
@@ -662,6 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 leases=args.leases,
                 workdir=Path(tmp),
                 profile=args.profile,
+                processes=args.processes,
             )
         )
     for f in _figures(result):

@@ -2,10 +2,14 @@
 
 ``python -m benchmarks.fleet_server CONFIG STATS_FILE`` runs the very same
 ``SchedulerServer`` that ``gpu-scheduler serve`` runs, with one addition: an
-``on_heartbeat`` hook that records, per heartbeat, the time from the agent
-stamping it (``sent_at_unix_nanos``; same host, same clock) to the scheduler
-having stored it. That is heartbeat processing latency as the fleet feels it:
-transport, queueing behind other work on the event loop, and the SQLite write.
+``on_heartbeat`` hook that records, per heartbeat, two latencies:
+
+- from the agent stamping it (``sent_at_unix_nanos``; same host, same clock) to
+  the scheduler having stored it: latency as the fleet feels it, including the
+  simulator's own lag in sending, transport, and queueing in gRPC and the event loop;
+- from the servicer reading it off the stream (``Session.last_read_mono_ns``) to
+  stored: the scheduler's processing (dispatch, the batched SQLite write, hooks).
+
 On SIGUSR1 the samples so far are written to STATS_FILE (atomically) and reset.
 """
 
@@ -30,15 +34,20 @@ class HeartbeatProbe:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.latencies_ms: list[float] = []
+        self.processing_ms: list[float] = []
 
-    async def on_heartbeat(self, _session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
+    async def on_heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
         if heartbeat.sent_at_unix_nanos:
             self.latencies_ms.append((time.time_ns() - heartbeat.sent_at_unix_nanos) / 1e6)
+        if session.last_read_mono_ns:
+            self.processing_ms.append((time.monotonic_ns() - session.last_read_mono_ns) / 1e6)
 
     def dump(self) -> None:
-        samples, self.latencies_ms = self.latencies_ms, []
+        samples = {"heartbeat_latency_ms": self.latencies_ms}
+        samples["heartbeat_processing_ms"] = self.processing_ms
+        self.latencies_ms, self.processing_ms = [], []
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"heartbeat_latency_ms": samples}))
+        tmp.write_text(json.dumps(samples))
         tmp.replace(self.path)
 
 

@@ -258,6 +258,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 message = read.result()
                 if message is grpc.aio.EOF:
                     return "agent closed the stream"
+                session.last_read_mono_ns = time.monotonic_ns()
                 await self._dispatch(session, message)
         finally:
             closed.cancel()

@@ -70,6 +70,9 @@ class Session:
     started: float
     send: Sender
     last_heartbeat_seq: int = 0
+    # When the servicer last read a message off this stream (time.monotonic_ns): the
+    # start of that message's processing, for latency probes and debugging.
+    last_read_mono_ns: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
 

@@ -175,6 +175,38 @@ async def test_nonzero_exit_fails_with_exit_code_and_log_tail(lease_env: LeaseEn
 
 
 @pytest.mark.asyncio
+async def test_a_dead_container_is_not_metered_while_its_end_is_recorded(
+    lease_env: LeaseEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From Docker's die event on, the lease is out of ``running_leases()`` (what the
+    usage sampler bills) even while the agent is still recording how it ended: a
+    sampler tick in that window (slow disk, loaded host) must not bill dead time."""
+    recording = asyncio.Event()
+    release = asyncio.Event()
+    real_tail = DockerRuntime.logs_tail
+
+    async def slow_tail(self: DockerRuntime, container_id: str, lines: int = 20) -> str:
+        recording.set()
+        await release.wait()
+        return await real_tail(self, container_id, lines)
+
+    monkeypatch.setattr(DockerRuntime, "logs_tail", slow_tail)
+    manager = lease_env.manager()
+    await lease_env.start(manager)
+    await manager.assign("die-1", lease_env.spec("sleep 300"))
+    running = await lease_env.wait_state("die-1", LeaseState.RUNNING)
+    assert [r.lease_id for r in manager.running_leases()] == ["die-1"]
+
+    await asyncio.to_thread(lease_env.client.containers.get(running.container_id).kill)
+    await asyncio.wait_for(recording.wait(), WAIT)  # the end is being recorded
+    assert [v.state for v in manager.snapshot().leases] == [LeaseState.RUNNING]
+    assert manager.running_leases() == []
+    release.set()
+    update = await lease_env.wait_state("die-1", LeaseState.FAILED)
+    assert update.exit_code == 137
+
+
+@pytest.mark.asyncio
 async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) -> None:
     """A running lease runs hardened (caps, no-new-privileges, limits, labels, no device
     request in simulated mode) and a cancel stops and removes it."""

@@ -152,6 +152,10 @@ class LeaseManager:
         self._launches: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_mono: dict[str, float] = {}
+        # Leases whose container Docker reported dead but whose end is still being
+        # recorded (inspect, log tail, state DB): no longer "running" for metering,
+        # so a sampler tick in that window does not bill past the container's death.
+        self._exited: set[str] = set()
         self._deadlines_changed = asyncio.Event()
         self._loaded = False
         self._reconciled = False
@@ -305,7 +309,9 @@ class LeaseManager:
                 r.lease_id, r.container_id or "", r.gpu_uuids, self._started_mono[r.lease_id]
             )
             for r in self._active.values()
-            if r.state is LeaseState.RUNNING and r.lease_id in self._started_mono
+            if r.state is LeaseState.RUNNING
+            and r.lease_id in self._started_mono
+            and r.lease_id not in self._exited
         ]
 
     async def pending_updates(self) -> list[LeaseUpdate]:
@@ -419,6 +425,7 @@ class LeaseManager:
             except RuntimeFailure as exc:
                 log.error("stop failed; removing", extra={"lease_id": lease_id, "error": str(exc)})
                 await self._runtime.remove(container_id)
+            self._exited.add(lease_id)
             await self._finalize(lease_id)
         elif record.state is not LeaseState.STARTING:
             async with self._lock(lease_id):
@@ -437,6 +444,7 @@ class LeaseManager:
                 return
             info = await self._runtime.inspect(record.container_id)
             if info is not None and info.status in ("running", "paused", "restarting"):
+                self._exited.discard(lease_id)  # restarted outside the agent: still running
                 return
             if info is not None and info.status == "created" and not startup:
                 return  # the launch is about to start it
@@ -503,6 +511,7 @@ class LeaseManager:
         self._allocator.release(record.lease_id)
         self._specs.pop(record.lease_id, None)
         self._started_mono.pop(record.lease_id, None)
+        self._exited.discard(record.lease_id)
         try:
             if record.container_id:
                 await self._runtime.remove(record.container_id)
@@ -580,6 +589,7 @@ class LeaseManager:
                     "lease container hit its memory limit", extra={"lease_id": event.lease_id}
                 )
             elif event.action in ("die", "destroy") and event.lease_id in self._active:
+                self._exited.add(event.lease_id)
                 self._spawn(self._finalize(event.lease_id), f"lease-exit-{event.lease_id}")
 
     async def _expiry_loop(self, stop: asyncio.Event) -> None:
