@@ -296,6 +296,9 @@ class FleetResult:
     heartbeat_p99_ms: float
     processing_p50_ms: float  # read off the stream by the scheduler -> stored
     processing_p99_ms: float
+    loop_lag_p99_ms: float  # why, when the above are slow: the scheduler's event loop,
+    gc_pause_max_ms: float  # its oldest-generation garbage collections,
+    db_job_max_ms: float  # and its SQLite thread
     placement_p50_ms: float
     placement_p99_ms: float
     placements: int
@@ -420,6 +423,9 @@ async def run_fleet(
             heartbeat_p99_ms=percentile(stamped, 0.99),
             processing_p50_ms=_median(processing),
             processing_p99_ms=percentile(processing, 0.99),
+            loop_lag_p99_ms=percentile(probe["loop_lag_ms"], 0.99),
+            gc_pause_max_ms=max(probe["gc_pause_ms"], default=0.0),
+            db_job_max_ms=max(probe["db_job_ms"], default=0.0),
             placement_p50_ms=_median(placement_ms),
             placement_p99_ms=percentile(placement_ms, 0.99),
             placements=len(placement_ms),
@@ -489,6 +495,9 @@ def _figures(r: FleetResult) -> list[Figure]:
         Figure(f"{n}: heartbeat latency p99", r.heartbeat_p99_ms, "ms", "< 50 ms", hb_ok),
         Figure(f"{n}: heartbeat processing p50", r.processing_p50_ms, "ms"),
         Figure(f"{n}: heartbeat processing p99", r.processing_p99_ms, "ms"),
+        Figure(f"{n}: scheduler event-loop lag p99", r.loop_lag_p99_ms, "ms"),
+        Figure(f"{n}: scheduler longest full GC", r.gc_pause_max_ms, "ms"),
+        Figure(f"{n}: scheduler slowest SQLite job", r.db_job_max_ms, "ms"),
         Figure(f"{n}: placement latency p50", r.placement_p50_ms, "ms"),
         Figure(f"{n}: placement latency p99", r.placement_p99_ms, "ms", "< 50 ms", pl_ok),
         Figure(f"{n}: usage records ingested", r.usage_records_per_s, "/s"),

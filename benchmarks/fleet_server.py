@@ -10,12 +10,17 @@
 - from the servicer reading it off the stream (``Session.last_read_mono_ns``) to
   stored: the scheduler's processing (dispatch, the batched SQLite write, hooks).
 
+Three more series say *why* when those are slow: how late the event loop wakes
+from a 50 ms sleep (loop lag), how long each garbage collection of the oldest
+generation stops the process, and how long each job on the SQLite thread runs.
+
 On SIGUSR1 the samples so far are written to STATS_FILE (atomically) and reset.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import sys
@@ -26,8 +31,11 @@ from typing import Any
 from gpuagent.logsetup import setup_logging
 from gpuagent.v1 import coordinator_pb2
 from scheduler.config import load_scheduler_config
+from scheduler.db import Database
 from scheduler.registry import Session
 from scheduler.server import SchedulerServer
+
+LAG_TICK = 0.05
 
 
 class HeartbeatProbe:
@@ -35,6 +43,43 @@ class HeartbeatProbe:
         self.path = path
         self.latencies_ms: list[float] = []
         self.processing_ms: list[float] = []
+        self.loop_lag_ms: list[float] = []
+        self.gc_pause_ms: list[float] = []
+        self.db_job_ms: list[float] = []
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+        self._time_database_jobs()
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pause_ms.append((time.perf_counter() - self._gc_started) * 1000)
+
+    def _time_database_jobs(self) -> None:
+        run = Database.run
+        probe = self  # dump() swaps the lists: append to whichever is current
+
+        async def timed_run(db: Database, fn: Any) -> Any:
+            def timed() -> Any:
+                started = time.perf_counter()
+                try:
+                    return fn()
+                finally:
+                    probe.db_job_ms.append((time.perf_counter() - started) * 1000)
+
+            return await run(db, timed)
+
+        Database.run = timed_run  # type: ignore[method-assign,assignment]
+
+    async def watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(LAG_TICK)
+            self.loop_lag_ms.append((loop.time() - before - LAG_TICK) * 1000)
 
     async def on_heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
         if heartbeat.sent_at_unix_nanos:
@@ -43,9 +88,15 @@ class HeartbeatProbe:
             self.processing_ms.append((time.monotonic_ns() - session.last_read_mono_ns) / 1e6)
 
     def dump(self) -> None:
-        samples = {"heartbeat_latency_ms": self.latencies_ms}
-        samples["heartbeat_processing_ms"] = self.processing_ms
-        self.latencies_ms, self.processing_ms = [], []
+        samples = {
+            "heartbeat_latency_ms": self.latencies_ms,
+            "heartbeat_processing_ms": self.processing_ms,
+            "loop_lag_ms": self.loop_lag_ms,
+            "gc_pause_ms": self.gc_pause_ms,
+            "db_job_ms": self.db_job_ms,
+        }
+        self.latencies_ms, self.processing_ms, self.loop_lag_ms = [], [], []
+        self.gc_pause_ms, self.db_job_ms = [], []
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(samples))
         tmp.replace(self.path)
@@ -62,7 +113,11 @@ async def _main(config_path: Path, stats: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, probe.dump)
-    await server.run(stop)
+    lag = asyncio.create_task(probe.watch_loop())
+    try:
+        await server.run(stop)
+    finally:
+        lag.cancel()
     return 0
 
 

@@ -1,9 +1,13 @@
 """The scheduler's SQLite database: one file, WAL, versioned migrations.
 
 sqlite3 blocks, so every statement runs on one dedicated worker thread (which
-also serializes writers without extra locking). ``PRAGMA user_version`` records
-how many migrations have run; new ones are appended to ``MIGRATIONS``, never
-edited, so every database reaches the same schema by the same steps.
+also serializes writers without extra locking). WAL checkpoints run on a thread
+of their own (``Checkpointer``): left to SQLite, every thousandth page written
+makes one commit copy the WAL back into the database and fsync it, a stall of
+tens to hundreds of milliseconds that every heartbeat queued behind it waits out.
+``PRAGMA user_version`` records how many migrations have run; new ones are
+appended to ``MIGRATIONS``, never edited, so every database reaches the same
+schema by the same steps.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -224,11 +229,60 @@ def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) 
     return len(migrations)
 
 
+CHECKPOINT_EVERY = 1.0  # seconds between passive WAL checkpoints
+
+
+class Checkpointer:
+    """Passive WAL checkpoints on their own connection and thread, every ``every`` s.
+
+    PASSIVE never waits for the writer: it copies what it can while commits keep
+    appending to the WAL, and SQLite restarts the WAL from its start once a
+    checkpoint has caught up, so the file stays small.
+    """
+
+    def __init__(self, path: Path, every: float = CHECKPOINT_EVERY) -> None:
+        self.path = path
+        self.every = every
+        self.checkpoints = 0
+        self.ran = threading.Event()  # set after each checkpoint (tests wait on it)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        with self._lock:
+            self._conn.close()
+
+    def checkpoint_now(self) -> tuple[int, int, int]:
+        """One passive checkpoint: (busy, frames in the WAL, frames checkpointed)."""
+        with self._lock:
+            busy, frames, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpoints += 1
+        self.ran.set()
+        return int(busy), int(frames), int(done)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.checkpoint_now()
+            except sqlite3.Error as exc:  # retried next round; the WAL only grows meanwhile
+                log.warning("WAL checkpoint failed", extra={"error": str(exc)})
+
+
 class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
+        self.checkpointer: Checkpointer | None = None
 
     def _open(self) -> None:
         try:
@@ -238,10 +292,14 @@ class Database:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints are the Checkpointer's, off the commit path.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             migrate(conn)
         except (sqlite3.Error, OSError) as exc:
             raise DatabaseError(f"{self.path}: cannot open the database: {exc}") from None
         self._conn = conn
+        self.checkpointer = Checkpointer(self.path)
+        self.checkpointer.start()
 
     async def open(self) -> None:
         await self.run(lambda: self._open())
@@ -270,6 +328,9 @@ class Database:
 
     async def close(self) -> None:
         def _close() -> None:
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
+                self.checkpointer = None
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None

@@ -311,7 +311,10 @@ class LeaseDispatcher:
                         log.info(
                             "lease waiting for a node: %s",
                             summary,
-                            extra={"lease_id": row.lease_id, "skipped": decision.skipped},
+                            extra={
+                                "lease_id": row.lease_id,
+                                "skipped": decision.skipped_counts(),
+                            },
                         )
                         await self.store.set_waiting_reason(row.lease_id, f"waiting: {summary}")
                     continue
@@ -330,7 +333,7 @@ class LeaseDispatcher:
                         "gpu_uuids": list(chosen.gpu_uuids),
                         "ask_micros": chosen.ask_micros,
                         "attempt": offered.attempts,
-                        "skipped": decision.skipped,
+                        "skipped": decision.skipped_counts(),
                     },
                 )
                 nodes = placement.take(nodes, chosen)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,24 @@ class Placement:
 @dataclass(frozen=True)
 class Decision:
     placement: Placement | None
-    # node_id -> why it was not a candidate (only for nodes that were skipped).
-    skipped: dict[str, str] = field(default_factory=dict)
     candidates: int = 0
+    # The nodes that were not candidates, and the request they were judged against:
+    # their reasons are worded only when someone asks (a pass over a big fleet that
+    # finds a node must not format thousands of strings nobody reads).
+    rejected: tuple[NodeView, ...] = ()
+    request: Request | None = None
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """node_id -> why it was not a candidate (only for nodes that were skipped)."""
+        if self.request is None:
+            return {}
+        request = self.request
+        return {n.node_id: why_not(n, request) or "" for n in self.rejected}
+
+    def skipped_counts(self) -> dict[str, int]:
+        """How many nodes were skipped for each kind of reason (for logs)."""
+        return dict(sorted(Counter(_reason_kind(r) for r in self.skipped.values()).items()))
 
     def summary(self) -> str:
         """One line for logs and for the buyer: the choice, or why nothing fits."""
@@ -91,11 +106,11 @@ class Decision:
                 f"placed on {p.node_id} (ask {p.ask_micros}, {p.leftover_gpus} GPUs left; "
                 f"best of {self.candidates} candidates)"
             )
-        if not self.skipped:
+        if not self.rejected:
             return "no nodes registered"
         # Group identical reasons so a big fleet gives a short line.
-        counts = Counter(_reason_kind(r) for r in self.skipped.values())
-        parts = [f"{n} {kind}" if n > 1 else kind for kind, n in sorted(counts.items())]
+        counts = self.skipped_counts()
+        parts = [f"{n} {kind}" if n > 1 else kind for kind, n in counts.items()]
         return "no node fits: " + "; ".join(parts)
 
 
@@ -154,47 +169,60 @@ def why_not(node: NodeView, request: Request) -> str | None:
 
 
 def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
-    """The best node and GPUs for ``request``, with the reason every other node was skipped."""
-    skipped: dict[str, str] = {}
+    """The best node and GPUs for ``request``; ``Decision.skipped`` says why not the others.
+
+    The loop inlines ``why_not``'s tests (same order, same outcome; the reasons are
+    worded later, on demand): it runs for every node of the fleet on every pass.
+    """
+    rejected: list[NodeView] = []
     best: NodeView | None = None
     best_score: tuple[int, int, str] | None = None
     candidates = 0
+    pinned, excluded = request.pinned_node_id, request.excluded
+    ceiling, wanted = request.price_ceiling_micros, request.gpu_count
+    plain = not request.gpu_model and request.gpu_min_memory_bytes <= 0
     for node in nodes:
-        reason = why_not(node, request)
-        if reason is not None:
-            skipped[node.node_id] = reason
+        if (
+            (pinned and node.node_id != pinned)
+            or node.node_id in excluded
+            or not node.online
+            or node.draining
+            or node.ask_micros > ceiling
+            or (len(node.free_gpus) if plain else _matching_count(node, request)) < wanted
+        ):
+            rejected.append(node)
             continue
         candidates += 1
-        score = (node.ask_micros, len(node.free_gpus) - request.gpu_count, node.node_id)
+        score = (node.ask_micros, len(node.free_gpus) - wanted, node.node_id)
         if best_score is None or score < best_score:
             best, best_score = node, score
     if best is None:
-        return Decision(None, skipped, candidates)
+        return Decision(None, candidates, tuple(rejected), request)
     # GPUs are picked for the winner only: sorting every candidate's GPUs is what
     # made a pass over a 10,000-node fleet slow.
-    gpus = matching_gpus(best, request)[: request.gpu_count]
+    gpus = matching_gpus(best, request)[:wanted]
     chosen = Placement(
         node_id=best.node_id,
         gpu_uuids=tuple(g.uuid for g in gpus),
         ask_micros=best.ask_micros,
-        leftover_gpus=len(best.free_gpus) - request.gpu_count,
+        leftover_gpus=len(best.free_gpus) - wanted,
     )
-    return Decision(chosen, skipped, candidates)
+    return Decision(chosen, candidates, tuple(rejected), request)
 
 
 def take(nodes: Sequence[NodeView], placement: Placement) -> list[NodeView]:
     """``nodes`` with the placed GPUs no longer free (several leases per pass)."""
     taken = set(placement.gpu_uuids)
-    return [
-        NodeView(
-            n.node_id,
-            n.online,
-            n.draining,
-            n.ask_micros,
-            tuple(g for g in n.free_gpus if g.uuid not in taken),
-            n.offline_reason,
-        )
-        if n.node_id == placement.node_id
-        else n
-        for n in nodes
-    ]
+    out = list(nodes)
+    for i, n in enumerate(out):
+        if n.node_id == placement.node_id:
+            out[i] = NodeView(
+                n.node_id,
+                n.online,
+                n.draining,
+                n.ask_micros,
+                tuple(g for g in n.free_gpus if g.uuid not in taken),
+                n.offline_reason,
+            )
+            break
+    return out

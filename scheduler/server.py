@@ -35,6 +35,7 @@ from .attestation import AttestationManager
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .gcpolicy import GcPolicy
 from .lease_dispatch import DispatchSettings, LeaseDispatcher
 from .leases_service import LeasesService
 from .leases_store import LeaseStore
@@ -43,7 +44,7 @@ from .ledger_service import LedgerService
 from .liveness import Liveness, LivenessPolicy
 from .metrics import MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
-from .registry import Clock, Registry
+from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
 from .usage_ingest import UsageIngest
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ class SchedulerServer:
         self.attestation.add_listener(self._on_verdicts)
         self._metrics_server: MetricsServer | None = None
         self._ledger_stop = asyncio.Event()
+        self._flush_stop = asyncio.Event()
+        self._flush_task: asyncio.Task[None] | None = None
         self._ledger_task: asyncio.Task[None] | None = None
         self._dispatch_stop = asyncio.Event()
         self._dispatch_task: asyncio.Task[None] | None = None
@@ -250,6 +253,11 @@ class SchedulerServer:
         )
         self._ledger_stop.clear()
         self._ledger_task = asyncio.create_task(self.ledger.run(self._ledger_stop), name="ledger")
+        self._flush_stop.clear()
+        self._flush_task = asyncio.create_task(
+            self.registry.flush_forever(self._flush_stop, HEARTBEAT_FLUSH_EVERY),
+            name="heartbeat-flush",
+        )
         self._server = server
         self.port = port
         if self.config.metrics.listen:
@@ -294,6 +302,11 @@ class SchedulerServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._flush_task is not None:
+            # After the server: no heartbeat arrives any more, the last ones are written.
+            self._flush_stop.set()
+            await self._flush_task
+            self._flush_task = None
         await self.db.close()
 
     async def sweep(self) -> None:
@@ -318,10 +331,12 @@ class SchedulerServer:
     async def serve_until(self, stop: asyncio.Event) -> None:
         """After ``start()``: sweep liveness until ``stop``, then stop serving."""
         sweeper = asyncio.create_task(self._sweep_forever(), name="liveness-sweeper")
+        collector = asyncio.create_task(GcPolicy().run(), name="gc-policy")
         try:
             await stop.wait()
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in (sweeper, collector):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self.stop()

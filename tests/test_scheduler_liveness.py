@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -108,12 +109,41 @@ async def test_uptime_from_heartbeat_coverage_survives_restart(db: Database) -> 
     assert ratios["1h"] == pytest.approx(0.5, abs=0.01)
     # The node is 1 h old: 24h and 30d windows are measured over its life so far.
     assert ratios["24h"] == pytest.approx(ratios["1h"])
+    await registry.flush()  # what the server does every second and on shutdown
     reloaded = Registry(db, POLICY, clock)
     await reloaded.load()
     assert reloaded.uptime(reloaded.nodes[NODE]) == pytest.approx(ratios)
     # One merged coverage row for the whole run, not one per heartbeat.
     rows = await db.call(lambda c: c.execute("SELECT COUNT(*) FROM coverage").fetchone()[0])
     assert rows == 1
+
+
+@pytest.mark.asyncio
+async def test_heartbeats_count_at_once_and_are_written_behind_in_one_flush(db: Database) -> None:
+    """A heartbeat updates liveness in memory at once but waits for the next flush to
+    reach the database; one flush writes every node's latest heartbeat, and a second
+    flush with nothing new writes nothing."""
+    clock = FakeClock()
+    registry = Registry(db, POLICY, clock)
+    await _connect(registry)
+    session = registry.sessions[NODE]
+
+    def stored(conn: sqlite3.Connection) -> tuple[int, int]:
+        last_seen = conn.execute("SELECT last_seen_ns FROM nodes").fetchone()[0]
+        end = conn.execute("SELECT MAX(end_ns) FROM coverage").fetchone()[0]
+        return last_seen, end
+
+    before = await db.call(stored)
+    for seq in (1, 2, 3):
+        clock.advance(10)
+        await registry.heartbeat(session, coordinator_pb2.Heartbeat(seq=seq))
+    assert registry.nodes[NODE].last_seen == clock()
+    assert await db.call(stored) == before, "a heartbeat waited for the database"
+    assert await registry.flush() == 1
+    last_seen, end = await db.call(stored)
+    assert last_seen == round(clock() * 1e9)
+    assert end == round((clock() + POLICY.heartbeat_interval) * 1e9)  # covers one interval on
+    assert await registry.flush() == 0
 
 
 def test_uptime_ratio_counts_overlap_with_window_only() -> None:
@@ -146,3 +176,21 @@ async def test_database_is_wal(db: Database) -> None:
     """The registry DB runs in WAL mode (readers never block the writer)."""
     mode = await db.call(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
     assert mode == "wal"
+
+
+@pytest.mark.asyncio
+async def test_wal_checkpoints_run_off_the_commit_path(db: Database) -> None:
+    """Commits never checkpoint (autocheckpoint off: no commit pays for copying the WAL
+    back); the database's Checkpointer thread does, and catches up completely."""
+    assert await db.call(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    await asyncio.to_thread(checkpointer.ran.wait, 10)  # the background thread runs
+    rows = [(f"k{i}", "x" * 3000) for i in range(1500)]
+    await db.call(lambda c: c.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", rows))
+    busy, frames, done = await asyncio.to_thread(checkpointer.checkpoint_now)
+    assert busy == 0
+    assert frames > 1000, "the commit itself checkpointed the WAL"
+    assert done == frames
+    count = await db.call(lambda c: c.execute("SELECT count(*) FROM meta").fetchone()[0])
+    assert count >= 1500
