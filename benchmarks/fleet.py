@@ -143,7 +143,7 @@ class SchedulerProcess:
         assert self.proc is not None
         return psutil.Process(self.proc.pid)
 
-    async def heartbeat_latencies(self) -> dict[str, list[float]]:
+    async def heartbeat_latencies(self) -> dict[str, Any]:
         """Ask the probe for its samples since the last call (and reset them)."""
         assert self.proc is not None
         with contextlib.suppress(FileNotFoundError):
@@ -154,7 +154,7 @@ class SchedulerProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError("the scheduler's probe did not answer SIGUSR1 within 30 s")
             await asyncio.sleep(0.05)
-        data: dict[str, list[float]] = json.loads(self.stats.read_text())
+        data: dict[str, Any] = json.loads(self.stats.read_text())
         return data
 
 
@@ -298,7 +298,9 @@ class FleetResult:
     processing_p99_ms: float
     loop_lag_p99_ms: float  # why, when the above are slow: the scheduler's event loop,
     gc_pause_max_ms: float  # its oldest-generation garbage collections,
+    young_gc_max_ms: float  # and its young ones,
     db_job_max_ms: float  # and its SQLite thread
+    stalls: list[tuple[str, int]]  # the event loop's stack when it stalled > 50 ms
     placement_p50_ms: float
     placement_p99_ms: float
     placements: int
@@ -425,7 +427,9 @@ async def run_fleet(
             processing_p99_ms=percentile(processing, 0.99),
             loop_lag_p99_ms=percentile(probe["loop_lag_ms"], 0.99),
             gc_pause_max_ms=max(probe["gc_pause_ms"], default=0.0),
+            young_gc_max_ms=float(probe["young_gc_max_ms"]),
             db_job_max_ms=max(probe["db_job_ms"], default=0.0),
+            stalls=[(str(stack), int(n)) for stack, n in probe["stalls"]],
             placement_p50_ms=_median(placement_ms),
             placement_p99_ms=percentile(placement_ms, 0.99),
             placements=len(placement_ms),
@@ -497,6 +501,7 @@ def _figures(r: FleetResult) -> list[Figure]:
         Figure(f"{n}: heartbeat processing p99", r.processing_p99_ms, "ms"),
         Figure(f"{n}: scheduler event-loop lag p99", r.loop_lag_p99_ms, "ms"),
         Figure(f"{n}: scheduler longest full GC", r.gc_pause_max_ms, "ms"),
+        Figure(f"{n}: scheduler longest young GC", r.young_gc_max_ms, "ms"),
         Figure(f"{n}: scheduler slowest SQLite job", r.db_job_max_ms, "ms"),
         Figure(f"{n}: placement latency p50", r.placement_p50_ms, "ms"),
         Figure(f"{n}: placement latency p99", r.placement_p99_ms, "ms", "< 50 ms", pl_ok),
@@ -562,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for f in _figures(result):
         print(f"{f.name:<48} {f.value:>10.4g} {f.unit:<6} {f.target}")
+    for stack, n in result.stalls:
+        print(f"stall x{n}: {stack}")
     if args.profile:
         for name, share in profile_summary(args.profile):
             print(f"{share:6.1f}%  {name}")

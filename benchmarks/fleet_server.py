@@ -20,11 +20,14 @@ On SIGUSR1 the samples so far are written to STATS_FILE (atomically) and reset.
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,38 @@ from scheduler.registry import Session
 from scheduler.server import SchedulerServer
 
 LAG_TICK = 0.05
+STALL_AFTER = 0.05  # the loop silent this long: sample what it is doing
+
+
+class StallSampler:
+    """A thread that looks at the event loop's stack whenever the loop has not ticked
+    for ``STALL_AFTER`` seconds: what the loop is busy with when heartbeats wait."""
+
+    def __init__(self) -> None:
+        self.beat = time.monotonic()
+        self.stacks: collections.Counter[str] = collections.Counter()
+        self._loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, name="stall-sampler", daemon=True).start()
+
+    async def tick(self) -> None:
+        while True:
+            self.beat = time.monotonic()
+            await asyncio.sleep(0.01)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            if time.monotonic() - self.beat < STALL_AFTER:
+                continue
+            frame = sys._current_frames().get(self._loop_thread)
+            if frame is None:
+                continue
+            stack = traceback.extract_stack(frame)[-6:]
+            self.stacks[" < ".join(f"{f.name}:{f.lineno}" for f in reversed(stack))] += 1
+
+    def top(self, n: int = 8) -> list[tuple[str, int]]:
+        top, self.stacks = self.stacks.most_common(n), collections.Counter()
+        return top
 
 
 class HeartbeatProbe:
@@ -47,16 +82,20 @@ class HeartbeatProbe:
         self.gc_pause_ms: list[float] = []
         self.db_job_ms: list[float] = []
         self._gc_started = 0.0
+        self.young_gc_max_ms = 0.0
+        self.stalls = StallSampler()
         gc.callbacks.append(self._on_gc)
         self._time_database_jobs()
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if info.get("generation") != 2:
-            return
         if phase == "start":
             self._gc_started = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._gc_started) * 1000
+        if info.get("generation") == 2:
+            self.gc_pause_ms.append(ms)
         else:
-            self.gc_pause_ms.append((time.perf_counter() - self._gc_started) * 1000)
+            self.young_gc_max_ms = max(self.young_gc_max_ms, ms)
 
     def _time_database_jobs(self) -> None:
         run = Database.run
@@ -94,7 +133,10 @@ class HeartbeatProbe:
             "loop_lag_ms": self.loop_lag_ms,
             "gc_pause_ms": self.gc_pause_ms,
             "db_job_ms": self.db_job_ms,
+            "stalls": self.stalls.top(),
+            "young_gc_max_ms": self.young_gc_max_ms,
         }
+        self.young_gc_max_ms = 0.0
         self.latencies_ms, self.processing_ms, self.loop_lag_ms = [], [], []
         self.gc_pause_ms, self.db_job_ms = [], []
         tmp = self.path.with_suffix(".tmp")
@@ -114,10 +156,12 @@ async def _main(config_path: Path, stats: Path) -> int:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, probe.dump)
     lag = asyncio.create_task(probe.watch_loop())
+    ticks = asyncio.create_task(probe.stalls.tick())
     try:
         await server.run(stop)
     finally:
         lag.cancel()
+        ticks.cancel()
     return 0
 
 

@@ -85,6 +85,7 @@ class _Capacity:
     gpus: tuple[placement.GpuView, ...]  # free, healthy, not cordoned
     draining: bool
     ask_micros: int
+    generation: int = 0  # NodeRecord.generation it was built from
     view: placement.NodeView | None = None  # the last pass's view, reused while it holds
 
     def same_as(self, other: _Capacity) -> bool:
@@ -200,6 +201,20 @@ class LeaseDispatcher:
         # store a new heartbeat object, so its identity is the whole cache key.
         if cached is not None and cached.heartbeat is heartbeat:
             return cached
+        old = cached.heartbeat if cached is not None else None
+        if (
+            cached is not None
+            and old is not None
+            and heartbeat is not None
+            and cached.generation == record.generation
+            and heartbeat.free_gpu_uuids == old.free_gpu_uuids
+            and heartbeat.gpu_health == old.gpu_health
+            and heartbeat.draining == old.draining
+        ):
+            # Nearly every heartbeat: the fields placement reads are as before (compared
+            # in C), so nothing is rebuilt; at 10k nodes this runs 1,000 times a second.
+            cached.heartbeat = heartbeat
+            return cached
         hb = heartbeat or coordinator_pb2.Heartbeat()
         usable = {
             h.uuid
@@ -217,9 +232,11 @@ class LeaseDispatcher:
             gpus=gpus,
             draining=hb.draining,
             ask_micros=self.ask_price(record),
+            generation=record.generation,
         )
         if cached is not None and cached.same_as(capacity):
             cached.heartbeat = heartbeat  # same capacity, newer heartbeat: keep the entry
+            cached.generation = record.generation
             return cached
         self._capacities[record.node_id] = capacity
         return capacity

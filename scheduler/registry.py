@@ -21,7 +21,7 @@ import logging
 import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gpuagent.v1 import coordinator_pb2, inventory_pb2, nodes_pb2
@@ -68,6 +68,9 @@ class NodeRecord:
     # start_ns of the last span exactly as stored: float seconds do not round-trip ns.
     last_span_key: int | None = None
     liveness: Liveness = Liveness.OFFLINE
+    # Bumped by every Hello (the only time inventory and labels change), so caches
+    # of what they imply know when to rebuild.
+    generation: int = 0
 
 
 @dataclass
@@ -211,6 +214,7 @@ class Registry:
         elif record.public_key != hello.public_key:
             # Cannot happen short of a SHA-256 collision; refuse rather than merge.
             raise ValueError("node id already registered with another public key")
+        record.generation += 1
         record.name = hello.node_name
         record.region = hello.region
         record.labels = dict(hello.labels)
@@ -299,10 +303,24 @@ class Registry:
         span_rows = [(node_id, start, end) for (node_id, start), end in spans.items()]
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "UPDATE nodes SET last_seen_ns = ?, last_heartbeat = ? WHERE node_id = ?", rows
-            )
-            conn.executemany(_UPSERT_SPAN, span_rows)
+            # Few statements of many rows, not one per row: between statements the
+            # database thread waits for the GIL, which the busy event loop holds.
+            for chunk in _chunks(rows):
+                values = ", ".join(["(?, ?, ?)"] * len(chunk))
+                conn.execute(
+                    # Only "(?, ?, ?)" placeholders are formatted in; values are bound.
+                    "UPDATE nodes SET last_seen_ns = v.column1, last_heartbeat = v.column2"  # noqa: S608
+                    f" FROM (VALUES {values}) AS v WHERE nodes.node_id = v.column3",
+                    [x for row in chunk for x in row],
+                )
+            for chunk in _chunks(span_rows):
+                values = ", ".join(["(?, ?, ?)"] * len(chunk))
+                conn.execute(
+                    f"INSERT INTO coverage (node_id, start_ns, end_ns) VALUES {values}"  # noqa: S608
+                    " ON CONFLICT(node_id, start_ns)"
+                    " DO UPDATE SET end_ns = MAX(end_ns, excluded.end_ns)",
+                    [x for row in chunk for x in row],
+                )
 
         try:
             await self.writes.write(write)
@@ -395,6 +413,13 @@ class Registry:
             region=record.region,
             labels=record.labels,
         )
+
+
+def _chunks(
+    rows: Sequence[tuple[object, ...]], size: int = 500
+) -> list[Sequence[tuple[object, ...]]]:
+    """Rows in slices that stay under SQLite's bound-parameter limit (3 per row)."""
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 _UPSERT_SPAN = (

@@ -122,6 +122,35 @@ async def test_unchanged_heartbeats_do_not_kick_placement(db: Database) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_new_hello_rebuilds_capacity_even_when_heartbeats_look_the_same(
+    db: Database,
+) -> None:
+    """Heartbeats that repeat what placement reads reuse the cached capacity, but a
+    Hello that changes the price label (same GPUs, same health) is seen at once."""
+    registry = Registry(db, LivenessPolicy())
+    dispatcher = LeaseDispatcher(store=LeaseStore(db), registry=registry)
+    hello = _hello(1)
+    _record, session = await registry.register(hello, "test", _noop)
+    health = list(hello.gpu_health)
+    free = [g.uuid for g in hello.inventory.gpus]
+    first = coordinator_pb2.Heartbeat(seq=1, gpu_health=health, free_gpu_uuids=free)
+    await registry.heartbeat(session, first)
+    await dispatcher.on_heartbeat(session, first)
+    cached = dispatcher._capacities[session.node_id]
+    assert cached.ask_micros == 0
+    same = coordinator_pb2.Heartbeat(seq=2, gpu_health=health, free_gpu_uuids=free)
+    await registry.heartbeat(session, same)
+    await dispatcher.on_heartbeat(session, same)
+    assert dispatcher._capacities[session.node_id] is cached
+    hello.labels["price_micros_per_gpu_hour"] = "7000"
+    _record, session = await registry.register(hello, "test", _noop)
+    again = coordinator_pb2.Heartbeat(seq=1, gpu_health=health, free_gpu_uuids=free)
+    await registry.heartbeat(session, again)
+    await dispatcher.on_heartbeat(session, again)
+    assert dispatcher._capacities[session.node_id].ask_micros == 7000
+
+
+@pytest.mark.asyncio
 async def test_pass_places_on_the_best_fit_among_many_nodes(db: Database) -> None:
     """The cached views still give the documented choice: the tightest fit wins."""
     registry = Registry(db, LivenessPolicy())
@@ -152,3 +181,33 @@ def test_agent_startup_imports_no_numpy() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.asyncio
+async def test_one_flush_writes_every_nodes_latest_heartbeat(db: Database) -> None:
+    """1,200 nodes' heartbeats (more than one multi-row statement holds) reach the
+    database in one flush: every node's last-seen time and coverage end."""
+    registry = Registry(db, LivenessPolicy())
+    sessions = []
+    for start in range(0, 1200, 400):
+        hellos = [_hello(i) for i in range(start, start + 400)]
+        sessions += [
+            s
+            for _r, s in await asyncio.gather(
+                *(registry.register(h, "test", _noop) for h in hellos)
+            )
+        ]
+    for session in sessions:
+        await registry.heartbeat(session, coordinator_pb2.Heartbeat(seq=1))
+    assert await registry.flush() == 1200
+
+    def read(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+        seen = dict(conn.execute("SELECT node_id, last_seen_ns FROM nodes").fetchall())
+        ends = dict(conn.execute("SELECT node_id, MAX(end_ns) FROM coverage GROUP BY node_id"))
+        return seen, ends
+
+    seen, ends = await db.call(read)
+    for record in registry.nodes.values():
+        assert record.last_seen is not None
+        assert seen[record.node_id] == round(record.last_seen * 1e9)
+        assert ends[record.node_id] == round(record.spans[-1][1] * 1e9)

@@ -24,12 +24,6 @@ def _unfreeze() -> Iterator[None]:
     gc.unfreeze()  # the rest of the suite collects normally
 
 
-def _cycle() -> weakref.ref[Node]:
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    return weakref.ref(a)
-
-
 def test_survivors_are_frozen_and_a_cycle_dropped_later_waits_for_the_hourly_collection() -> None:
     """After a freeze step, a cycle that was alive then and is garbage now survives
     ordinary full collections (they no longer walk frozen objects); the hourly step
@@ -51,13 +45,3 @@ def test_survivors_are_frozen_and_a_cycle_dropped_later_waits_for_the_hourly_col
     assert policy.step() == "full"
     assert ref() is None, "the hourly full collection left frozen garbage behind"
     assert gc.get_freeze_count() > 0  # frozen again after collecting
-
-
-def test_young_garbage_is_collected_before_freezing() -> None:
-    """A cycle that is already garbage when the freeze step runs is reclaimed by it,
-    not frozen in with the survivors."""
-    policy = GcPolicy(clock=lambda: 0.0)
-    ref = _cycle()
-    assert ref() is not None  # only the cyclic collector can free it
-    policy.step()
-    assert ref() is None
