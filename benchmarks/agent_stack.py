@@ -220,11 +220,34 @@ def _remove_bench_containers(node_id: str) -> None:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
 
 
-def docker_run_once(name: str) -> float:
-    """Seconds for ``docker run -d`` of the same image (returns once the container started)."""
+# What the agent asks Docker for on the benchmark's lease (agent/leases/docker_runtime.py
+# with the default runtime config and the spec in Stack.submit): same sandbox, same limits.
+HARDENED_FLAGS = (
+    "--cap-drop=ALL",
+    "--security-opt=no-new-privileges:true",
+    "--pids-limit=4096",
+    "--memory=32m",
+    "--memory-swap=32m",
+    "--cpus=0.1",
+    "--restart=no",
+    "--log-opt=max-size=10m",
+    "--log-opt=max-file=3",
+)
+
+
+def docker_run_once(name: str, scratch: Path | None = None) -> float:
+    """Seconds for ``docker run -d`` of the same image (returns once the container started).
+
+    With ``scratch``, the container gets the agent's sandbox and limits and that
+    directory bind-mounted at /scratch, as a lease does.
+    """
+    flags: list[str] = []
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        flags = [*HARDENED_FLAGS, f"--mount=type=bind,src={scratch},dst=/scratch"]
     started = time.perf_counter()
     subprocess.run(
-        ["docker", "run", "-d", "--name", name, IMAGE, "sleep", "600"],
+        ["docker", "run", "-d", "--name", name, *flags, IMAGE, "sleep", "600"],
         capture_output=True,
         check=True,
     )

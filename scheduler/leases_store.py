@@ -449,6 +449,9 @@ class LeaseStore:
         )
 
     async def get_many(self, lease_ids: Sequence[str]) -> dict[str, LeaseRow]:
+        if not lease_ids:
+            return {}  # most Hellos list no leases: no trip to the database thread
+
         def read(conn: sqlite3.Connection) -> dict[str, LeaseRow]:
             found = {}
             for lease_id in lease_ids:
