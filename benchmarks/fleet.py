@@ -301,6 +301,8 @@ class FleetResult:
     young_gc_max_ms: float  # and its young ones,
     db_job_max_ms: float  # and its SQLite thread
     stalls: list[tuple[str, int]]  # the event loop's stack when it stalled > 50 ms
+    # Where placement time went: step -> (p50 ms, max ms) over the leases placed.
+    placement_phases: dict[str, tuple[float, float]]
     placement_p50_ms: float
     placement_p99_ms: float
     placements: int
@@ -397,6 +399,8 @@ async def run_fleet(
                     placement_ms.append((assigned_at - sent) * 1000)
                     placed.append(lease_id)
 
+        phases = (await sched.heartbeat_latencies())["placement_phases_ms"]
+
         # Usage: every agent holding a lease reports a batch of signed records at once.
         u0 = time.monotonic()
         acked = sum(reply[2] for reply in await fleet.ask("usage", placed))
@@ -430,6 +434,10 @@ async def run_fleet(
             young_gc_max_ms=float(probe["young_gc_max_ms"]),
             db_job_max_ms=max(probe["db_job_ms"], default=0.0),
             stalls=[(str(stack), int(n)) for stack, n in probe["stalls"]],
+            placement_phases={
+                name: (_median(values), max(values, default=float("nan")))
+                for name, values in phases.items()
+            },
             placement_p50_ms=_median(placement_ms),
             placement_p99_ms=percentile(placement_ms, 0.99),
             placements=len(placement_ms),
@@ -505,6 +513,14 @@ def _figures(r: FleetResult) -> list[Figure]:
         Figure(f"{n}: scheduler slowest SQLite job", r.db_job_max_ms, "ms"),
         Figure(f"{n}: placement latency p50", r.placement_p50_ms, "ms"),
         Figure(f"{n}: placement latency p99", r.placement_p99_ms, "ms", "< 50 ms", pl_ok),
+        *(
+            figure
+            for step, (p50, worst) in sorted(r.placement_phases.items())
+            for figure in (
+                Figure(f"{n}: placement step {step} p50", p50, "ms"),
+                Figure(f"{n}: placement step {step} max", worst, "ms"),
+            )
+        ),
         Figure(f"{n}: usage records ingested", r.usage_records_per_s, "/s"),
         Figure(f"{n}: fleet reconnect after restart", r.reconnect_s, "s"),
     ]

@@ -33,8 +33,11 @@ from typing import Any
 
 from gpuagent.logsetup import setup_logging
 from gpuagent.v1 import coordinator_pb2
+from scheduler import placement
 from scheduler.config import load_scheduler_config
 from scheduler.db import Database
+from scheduler.lease_dispatch import LeaseDispatcher
+from scheduler.leases_store import LeaseStore
 from scheduler.registry import Session
 from scheduler.server import SchedulerServer
 
@@ -59,7 +62,7 @@ class StallSampler:
             await asyncio.sleep(0.01)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.02):
             if time.monotonic() - self.beat < STALL_AFTER:
                 continue
             frame = sys._current_frames().get(self._loop_thread)
@@ -73,6 +76,50 @@ class StallSampler:
         return top
 
 
+class PhaseTimer:
+    """Times the steps a placement goes through (patched in: this process only)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, list[float]] = collections.defaultdict(list)
+        for cls, name in (
+            (LeaseStore, "submit"),
+            (LeaseStore, "placement_view"),
+            (LeaseStore, "offer"),
+        ):
+            self._time_async(cls, name)
+        self._time_sync(LeaseDispatcher, "node_views")
+        self._time_sync(placement, "choose")
+
+    def _time_async(self, owner: Any, name: str) -> None:
+        real, series = getattr(owner, name), self.ms
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                series[name].append((time.perf_counter() - started) * 1000)
+
+        setattr(owner, name, timed)
+
+    def _time_sync(self, owner: Any, name: str) -> None:
+        real, series = getattr(owner, name), self.ms
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                series[name].append((time.perf_counter() - started) * 1000)
+
+        setattr(owner, name, timed)
+
+    def take(self) -> dict[str, list[float]]:
+        out = {name: list(values) for name, values in self.ms.items()}
+        self.ms.clear()
+        return out
+
+
 class HeartbeatProbe:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -84,6 +131,7 @@ class HeartbeatProbe:
         self._gc_started = 0.0
         self.young_gc_max_ms = 0.0
         self.stalls = StallSampler()
+        self.phases = PhaseTimer()
         gc.callbacks.append(self._on_gc)
         self._time_database_jobs()
 
@@ -135,6 +183,7 @@ class HeartbeatProbe:
             "db_job_ms": self.db_job_ms,
             "stalls": self.stalls.top(),
             "young_gc_max_ms": self.young_gc_max_ms,
+            "placement_phases_ms": self.phases.take(),
         }
         self.young_gc_max_ms = 0.0
         self.latencies_ms, self.processing_ms, self.loop_lag_ms = [], [], []
