@@ -215,7 +215,13 @@ class AgentNode:
         )
         self._docker_client = client
         scratch = config.runtime.scratch_dir or state_dir / "scratch"
-        runtime = DockerRuntime(client, config.runtime, self.identity.node_id, Path(scratch))
+        runtime = DockerRuntime(
+            client,
+            config.runtime,
+            self.identity.node_id,
+            Path(scratch),
+            on_pull=self._on_image_pulled,
+        )
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
         self.leases = LeaseManager(
             config,
@@ -342,6 +348,12 @@ class AgentNode:
         if self._docker_client is not None:
             with contextlib.suppress(Exception):
                 self._docker_client.close()
+
+    def _on_image_pulled(self, seconds: float, size_bytes: int) -> None:
+        # Telemetry is built later in start-up than the runtime; pulls come later still.
+        telemetry: Telemetry | None = getattr(self, "telemetry", None)
+        if telemetry is not None:
+            telemetry.agent.image_pulled(seconds, size_bytes)
 
     def _build_telemetry(self) -> Telemetry:
         def gpu_health() -> dict[str, MetricsGpuHealth]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +25,8 @@ from agent.leases import (
     StateDB,
     container_name,
 )
-from agent.leases.docker_runtime import LABEL_GPUS, LABEL_MANAGED, LABEL_NODE
+from agent.leases.docker_runtime import LABEL_GPUS, LABEL_MANAGED, LABEL_NODE, PullObserver
+from tests import registry as test_registry
 
 pytestmark = pytest.mark.docker
 
@@ -66,9 +68,15 @@ class LeaseEnv:
             self.updates.append(update)
             self._changed.notify_all()
 
-    def manager(self, clock: OffsetClock | None = None) -> LeaseManager:
+    def manager(
+        self, clock: OffsetClock | None = None, on_pull: PullObserver | None = None
+    ) -> LeaseManager:
         runtime = DockerRuntime(
-            self.client, self.config.runtime, self.node_id, self.state_dir / "scratch"
+            self.client,
+            self.config.runtime,
+            self.node_id,
+            self.state_dir / "scratch",
+            on_pull=on_pull,
         )
         return LeaseManager(
             self.config,
@@ -258,6 +266,39 @@ async def test_memory_overrun_is_reported_as_oom(lease_env: LeaseEnv) -> None:
     update = await lease_env.wait_state("oom-1", LeaseState.FAILED)
     assert update.reason.startswith("out of memory")
     assert update.exit_code == 137
+
+
+@pytest.mark.asyncio
+async def test_an_image_is_pulled_from_a_registry_and_the_pull_is_measured(
+    lease_env: LeaseEnv,
+) -> None:
+    """An image the host does not have is pulled from a (loopback) registry before the
+    lease starts: pulling is reported, the lease runs the pulled image, and the pull's
+    duration and the bytes it downloaded (the compressed layer) reach the observer."""
+    pulls: list[tuple[float, int]] = []
+    manager = lease_env.manager(on_pull=lambda seconds, size: pulls.append((seconds, size)))
+    await lease_env.start(manager)
+    with test_registry.serving() as registry:
+        try:
+            spec = {"image": registry.image, "command": ["sh", "-c", "echo ran the pulled image"]}
+            await manager.assign("pulled-1", spec)
+            update = await lease_env.wait_state("pulled-1", LeaseState.SUCCEEDED, 60)
+        finally:
+            with contextlib.suppress(docker.errors.DockerException):
+                lease_env.client.images.remove(registry.image, force=True)
+    assert lease_env.states("pulled-1")[:3] == [
+        LeaseState.ASSIGNED,
+        LeaseState.PULLING,
+        LeaseState.STARTING,
+    ]
+    assert update.exit_code == 0
+    record = StateDB.in_state_dir(lease_env.state_dir).get("pulled-1")
+    assert record is not None and "ran the pulled image" in record.log_tail
+    assert registry.blob_requests, "the engine never fetched a layer"
+    assert len(pulls) == 1
+    seconds, size = pulls[0]
+    assert seconds > 0
+    assert size == registry.layer_bytes
 
 
 @pytest.mark.asyncio

@@ -22,7 +22,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -143,6 +143,35 @@ def _info(container: Container) -> ContainerInfo:
     )
 
 
+class PullBytes:
+    """Bytes a pull downloaded, from the engine's progress events.
+
+    Each layer being fetched reports ``Downloading`` with ``progressDetail.total``
+    (its compressed size) many times; a layer already on the host reports
+    ``Already exists`` and downloads nothing. The sum of each layer's largest
+    total is what came over the network.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[str, int] = {}
+
+    def feed(self, event: dict[str, Any]) -> None:
+        if event.get("status") != "Downloading":
+            return
+        detail = event.get("progressDetail")
+        total = detail.get("total") if isinstance(detail, dict) else None
+        layer = event.get("id")
+        if isinstance(layer, str) and isinstance(total, int) and total > 0:
+            self._layers[layer] = max(total, self._layers.get(layer, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self._layers.values())
+
+
+PullObserver = Callable[[float, int], None]  # (seconds, bytes downloaded) per pull
+
+
 class DockerRuntime:
     def __init__(
         self,
@@ -150,11 +179,13 @@ class DockerRuntime:
         config: RuntimeConfig,
         node_id: str,
         scratch_root: Path,
+        on_pull: PullObserver | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self.node_id = node_id
         self.scratch_root = scratch_root
+        self._on_pull = on_pull
 
     def update_config(self, config: RuntimeConfig) -> None:
         """Limits for containers created from now on (SIGHUP); running ones keep theirs."""
@@ -207,6 +238,7 @@ class DockerRuntime:
                 auth_config["serveraddress"] = auth.server
         started = time.monotonic()
         last_log = 0.0
+        downloaded = PullBytes()
         log.info("pulling image", extra={"image": image})
         try:
             stream = self._client.api.pull(
@@ -217,6 +249,7 @@ class DockerRuntime:
                     return
                 if "error" in event:
                     raise PullError(f"pull of {image} failed: {event['error']}")
+                downloaded.feed(event)
                 now = time.monotonic()
                 # Per-layer progress comes many times a second; a line every 5 s is enough.
                 if now - last_log >= 5.0 or "progress" not in event:
@@ -232,9 +265,13 @@ class DockerRuntime:
                     )
         except docker.errors.DockerException as exc:
             raise PullError(f"pull of {image} failed: {_explain(exc)}") from exc
+        seconds = time.monotonic() - started
         log.info(
-            "image pulled", extra={"image": image, "seconds": round(time.monotonic() - started, 1)}
+            "image pulled",
+            extra={"image": image, "seconds": round(seconds, 1), "bytes": downloaded.total},
         )
+        if self._on_pull is not None:
+            self._on_pull(seconds, downloaded.total)
 
     # -- containers -------------------------------------------------------------
 
