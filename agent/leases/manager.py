@@ -757,7 +757,8 @@ class LeaseManager:
             at=now,
             reason=record.reason if record.state.terminal else "",
             exit_code=record.exit_code,
-            log_tail=record.log_tail if record.state is LeaseState.FAILED else "",
+            # Every ended lease with output: the buyer reads it with `gpu-scheduler logs`.
+            log_tail=record.log_tail if record.state.terminal else "",
             container_id=record.container_id or "",
             gpu_uuids=record.gpu_uuids,
             ended_at=_float_or_none(record.extra.get("ended_at")),
