@@ -189,6 +189,30 @@ async def test_close_lease_writes_one_final_record(h: Harness) -> None:
 
 
 @pytest.mark.asyncio
+async def test_finished_leases_are_remembered_in_a_bounded_set(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent runs leases without end: the sampler remembers only the most recent
+    finished ones, and one it has forgotten still gets no second final record (the
+    outbox's closed cursor says so)."""
+    monkeypatch.setattr("agent.usage.sampler.FINISHED_REMEMBERED", 3)
+    sampler = h.sampler()
+    leases = [
+        StaticLease(f"lease-{i}", f"c{i}", None, ("GPU-a",), started_monotonic=1000.0)
+        for i in range(5)
+    ]
+    h.leases = list(leases)
+    await run_ticks(h, sampler, 10)
+    for lease in leases:
+        assert len(await sampler.close_lease(lease)) == 1
+    h.leases = []
+    assert len(sampler._finished) == 3
+    assert "lease-0" not in sampler._finished
+    assert await sampler.close_lease(leases[0]) == []
+    assert [r.final for r in h.records("lease-0")] == [True]
+
+
+@pytest.mark.asyncio
 async def test_a_lease_closed_right_after_a_record_gets_a_zero_length_final(h: Harness) -> None:
     """Even when nothing is left to bill, the lease's last record says final."""
     sampler = h.sampler()

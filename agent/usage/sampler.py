@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 # A lease missing from the lease source for this many ticks in a row, without a
 # close_lease call, is closed where it was last seen running.
 VANISHED_AFTER_TICKS = 2
+# Leases whose final record was written, remembered so they are not looked up
+# again; the outbox's closed cursor is what guarantees it, this only saves the
+# lookup. Bounded: a long-lived agent runs an unbounded number of leases.
+FINISHED_REMEMBERED = 4096
 
 OnRecords = Callable[[Sequence[SignedUsageRecord]], None]
 
@@ -80,7 +84,7 @@ class Sampler:
         self._on_records = on_records
         self._record_ns = round(config.record_interval * 1e9)
         self._tracked: dict[str, _Tracked] = {}
-        self._finished: set[str] = set()
+        self._finished: dict[str, None] = {}  # insertion-ordered set, oldest first
         # One tick or close at a time: both move the same cursors.
         self._lock = asyncio.Lock()
         self.stats: OutboxStats | None = None
@@ -170,6 +174,11 @@ class Sampler:
                 return []
             return await self._append([(lease.lease_id, *closed)])
 
+    def _finish(self, lease_id: str) -> None:
+        self._finished[lease_id] = None
+        while len(self._finished) > FINISHED_REMEMBERED:
+            del self._finished[next(iter(self._finished))]
+
     async def _track(self, leases: Mapping[str, MeteredLease]) -> None:
         """Start meters for leases seen for the first time, from their stored cursors."""
         new = [lid for lid in leases if lid not in self._tracked and lid not in self._finished]
@@ -185,7 +194,7 @@ class Sampler:
                     "lease already has its final usage record; not metering it again",
                     extra={"lease_id": lease_id},
                 )
-                self._finished.add(lease_id)
+                self._finish(lease_id)
                 continue
             if cursor is None:
                 start_ns = min(round(lease.started_monotonic * 1e9), now.mono_ns)
@@ -264,7 +273,7 @@ class Sampler:
                 tracked.meter.commit(cursor)
                 if cursor.closed:
                     del self._tracked[lease_id]
-                    self._finished.add(lease_id)
+                    self._finish(lease_id)
         if stats.backlog_alert and not self.backlog_alert:
             log.warning(
                 "usage outbox backlog above its alert bound; records are kept, none dropped",
