@@ -170,12 +170,12 @@ class Registry:
         """Re-evaluate every node; log and return the transitions."""
         changes = []
         now = self.clock()
-        recent = now - self.policy.suspect_after
+        suspect_after = self.policy.suspect_after
         online = Liveness.ONLINE
         started = self.started_at
         for record in self.nodes.values():
             seen = record.last_seen
-            if seen is not None and seen >= recent and record.liveness is online:
+            if seen is not None and now - seen <= suspect_after and record.liveness is online:
                 # Most of a fleet, most of the time: no change, so no full evaluation
                 # (10,000 nodes every half heartbeat interval, on the event loop).
                 continue
