@@ -596,6 +596,11 @@ class AttestationManager:
         )  # fmt: skip
         flight.results.append(record)
         await self._store(record)
+        if not flight.gpus:
+            # Bookkeeping before telling the agent: once the last verdict is stored the
+            # node is no longer "in flight" (a manual or periodic attestation right now
+            # must not be refused while the result message is still being written).
+            self._finish(flight)
         result = attestation_pb2.AttestationResult(
             challenge_id=flight.challenge_id,
             gpu_uuid=gpu.uuid,
@@ -610,8 +615,10 @@ class AttestationManager:
         if session is not None:
             with contextlib.suppress(Exception):
                 await session.send(coordinator_pb2.CoordinatorMessage(attestation_result=result))
-        if not flight.gpus:
-            self._finish(flight)
+
+    def in_flight(self, node_id: str) -> bool:
+        """Is a challenge of this node outstanding (some GPU not judged yet)?"""
+        return node_id in self._by_node
 
     def _finish(self, flight: _Flight) -> None:
         self._flights.pop(flight.challenge_id, None)

@@ -193,6 +193,7 @@ async def test_expired_attestation_is_not_eligible_until_reattested(tmp_path: Pa
         agent(server, tmp_path / "a") as a,
     ):
         await until(judged(server, a.node_id, 2), what="two verdicts")
+        await until(lambda: not server.attestation.in_flight(a.node_id), what="the round done")
         assert server.attestation.eligible(a.node_id)
         assert await server.attestation.tick() == []  # not due yet
 
