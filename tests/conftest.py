@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import docker
 import pytest
+import pytest_asyncio
 from hypothesis import settings
 
+from scheduler.db import Database
 from tests.images import build_busybox
 
 # Property tests pin behaviour, not speed (benchmarks/ does that): on a loaded 2-core CI
@@ -53,3 +56,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             "docker_client" in fixtures or "busybox_image" in fixtures
         ) and not item.get_closest_marker("docker"):
             item.add_marker(pytest.mark.docker)
+
+
+@pytest_asyncio.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    """A fresh, open scheduler database (migrated, WAL, checkpointer running)."""
+    database = Database(tmp_path / "s.db")
+    await database.open()
+    yield database
+    await database.close()

@@ -20,8 +20,14 @@ from agent.config import CoordinatorConfig
 from agent.identity import NodeIdentity, load_or_create
 from agent.link import Backoff, CoordinatorLink, StaticReporter
 from agent.link.reporter import build_inventory, simulated_gpus
+from gpuagent.v1 import coordinator_pb2
 from scheduler.config import SchedulerConfig
 from scheduler.server import SchedulerServer
+
+
+async def drop_messages(message: coordinator_pb2.CoordinatorMessage) -> None:
+    """A session sender for registry-level tests: nothing is listening."""
+    return None
 
 
 @dataclass

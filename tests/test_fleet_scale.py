@@ -7,11 +7,9 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from agent.link.reporter import simulated_gpus
 from gpuagent.v1 import coordinator_pb2, inventory_pb2, leases_pb2
@@ -21,20 +19,9 @@ from scheduler.lease_dispatch import LeaseDispatcher
 from scheduler.leases_store import LeaseStore, NewLease
 from scheduler.liveness import LivenessPolicy
 from scheduler.registry import Registry
+from tests.coordinator_harness import drop_messages
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-async def _noop(message: coordinator_pb2.CoordinatorMessage) -> None:
-    return None
-
-
-@pytest_asyncio.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(tmp_path / "s.db")
-    await database.open()
-    yield database
-    await database.close()
 
 
 def _hello(i: int, gpus: int = 2) -> coordinator_pb2.Hello:
@@ -56,7 +43,7 @@ def _hello(i: int, gpus: int = 2) -> coordinator_pb2.Hello:
 async def test_concurrent_hellos_share_commits_and_are_all_stored(db: Database) -> None:
     """200 Hellos at once are durable when register() returns, in far fewer commits."""
     registry = Registry(db, LivenessPolicy())
-    await asyncio.gather(*(registry.register(_hello(i), "test", _noop) for i in range(200)))
+    await asyncio.gather(*(registry.register(_hello(i), "test", drop_messages) for i in range(200)))
     nodes, sessions = await db.call(
         lambda conn: (
             conn.execute("SELECT count(*) FROM nodes").fetchone()[0],
@@ -100,7 +87,7 @@ async def test_unchanged_heartbeats_do_not_kick_placement(db: Database) -> None:
     await store.load()
     dispatcher = LeaseDispatcher(store, registry)
     hello = _hello(1)
-    _record, session = await registry.register(hello, "test", _noop)
+    _record, session = await registry.register(hello, "test", drop_messages)
     await store.submit(
         NewLease("l1", "b", leases_pb2.LeaseSpec(image="x", command=["a"], gpu_count=4))
     )
@@ -130,7 +117,7 @@ async def test_a_new_hello_rebuilds_capacity_even_when_heartbeats_look_the_same(
     registry = Registry(db, LivenessPolicy())
     dispatcher = LeaseDispatcher(store=LeaseStore(db), registry=registry)
     hello = _hello(1)
-    _record, session = await registry.register(hello, "test", _noop)
+    _record, session = await registry.register(hello, "test", drop_messages)
     health = list(hello.gpu_health)
     free = [g.uuid for g in hello.inventory.gpus]
     first = coordinator_pb2.Heartbeat(seq=1, gpu_health=health, free_gpu_uuids=free)
@@ -143,7 +130,7 @@ async def test_a_new_hello_rebuilds_capacity_even_when_heartbeats_look_the_same(
     await dispatcher.on_heartbeat(session, same)
     assert dispatcher._capacities[session.node_id] is cached
     hello.labels["price_micros_per_gpu_hour"] = "7000"
-    _record, session = await registry.register(hello, "test", _noop)
+    _record, session = await registry.register(hello, "test", drop_messages)
     again = coordinator_pb2.Heartbeat(seq=1, gpu_health=health, free_gpu_uuids=free)
     await registry.heartbeat(session, again)
     await dispatcher.on_heartbeat(session, again)
@@ -158,8 +145,8 @@ async def test_pass_places_on_the_best_fit_among_many_nodes(db: Database) -> Non
     await store.load()
     dispatcher = LeaseDispatcher(store, registry)
     for i in range(50):
-        await registry.register(_hello(i, gpus=4), "test", _noop)
-    await registry.register(_hello(99, gpus=1), "test", _noop)
+        await registry.register(_hello(i, gpus=4), "test", drop_messages)
+    await registry.register(_hello(99, gpus=1), "test", drop_messages)
     await store.submit(
         NewLease("l1", "b", leases_pb2.LeaseSpec(image="x", command=["a"], gpu_count=1))
     )
@@ -194,7 +181,7 @@ async def test_one_flush_writes_every_nodes_latest_heartbeat(db: Database) -> No
         sessions += [
             s
             for _r, s in await asyncio.gather(
-                *(registry.register(h, "test", _noop) for h in hellos)
+                *(registry.register(h, "test", drop_messages) for h in hellos)
             )
         ]
     for session in sessions:

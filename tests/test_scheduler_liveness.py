@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from gpuagent.signing import node_id_from_public_key
 from gpuagent.v1 import coordinator_pb2
@@ -16,7 +14,7 @@ from scheduler import uptime
 from scheduler.db import MIGRATIONS, Database, DatabaseError, migrate
 from scheduler.liveness import Liveness, LivenessPolicy, evaluate
 from scheduler.registry import Registry
-from tests.coordinator_harness import FakeClock
+from tests.coordinator_harness import FakeClock, drop_messages
 
 POLICY = LivenessPolicy(
     heartbeat_interval=10, suspect_after_missed=3, offline_grace=45, restart_grace=120
@@ -25,21 +23,9 @@ KEY = bytes(range(32))
 NODE = node_id_from_public_key(KEY)
 
 
-async def _noop(message: coordinator_pb2.CoordinatorMessage) -> None:
-    return None
-
-
-@pytest_asyncio.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(tmp_path / "s.db")
-    await database.open()
-    yield database
-    await database.close()
-
-
 async def _connect(registry: Registry) -> None:
     hello = coordinator_pb2.Hello(node_id=NODE, public_key=KEY, protocol_version="1.0")
-    await registry.register(hello, "test", _noop)
+    await registry.register(hello, "test", drop_messages)
 
 
 @pytest.mark.asyncio
