@@ -274,7 +274,9 @@ class Checkpointer:
             try:
                 self.checkpoint_now()
             except sqlite3.Error as exc:  # retried next round; the WAL only grows meanwhile
-                log.warning("WAL checkpoint failed", extra={"error": str(exc)})
+                log.warning(
+                    "WAL checkpoint failed", extra={"database": str(self.path), "error": str(exc)}
+                )
 
 
 class Database:

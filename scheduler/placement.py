@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Decision:
     rejected: tuple[NodeView, ...] = ()
     request: Request | None = None
 
-    @property
+    @cached_property
     def skipped(self) -> dict[str, str]:
         """node_id -> why it was not a candidate (only for nodes that were skipped)."""
         if self.request is None:
@@ -94,9 +95,17 @@ class Decision:
         request = self.request
         return {n.node_id: why_not(n, request) or "" for n in self.rejected}
 
-    def skipped_counts(self) -> dict[str, int]:
-        """How many nodes were skipped for each kind of reason (for logs)."""
+    @cached_property
+    def _skipped_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(_reason_kind(r) for r in self.skipped.values()).items()))
+
+    def skipped_counts(self) -> dict[str, int]:
+        """How many nodes were skipped for each kind of reason (for logs).
+
+        Worded once per decision: the summary and the log line both ask for it, and
+        on a 10,000-node fleet that is 10,000 reasons each time a lease waits.
+        """
+        return self._skipped_counts
 
     def summary(self) -> str:
         """One line for logs and for the buyer: the choice, or why nothing fits."""

@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pipes import pipe
+
 DOCKER_SOCK = "/var/run/docker.sock"
 
 
@@ -118,21 +120,7 @@ class DockerFaultProxy:
             with upstream:
                 upstream.connect(self.upstream)
                 upstream.sendall("\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + rest)
-                back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
+                back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
                 back.start()
-                _pipe(client, upstream)
+                pipe(client, upstream)
                 back.join()
-
-
-def _pipe(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)

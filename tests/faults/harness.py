@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import docker
 import yaml
 
+from .pipes import pipe
+
 BIN = Path(sys.executable).parent
 IMAGE = "gpu-agent-test/busybox:latest"
 NODE_LABEL = "io.gpuagent.node-id"
@@ -122,26 +124,9 @@ class TcpProxy:
             with self._lock:
                 self._conns += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                # A blackhole swallows bytes: the peer sees no error, just silence.
-                while self.mode == "blackhole":
-                    time.sleep(0.05)
-                    data = b""
-                    break
-                if data:
-                    dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+                threading.Thread(
+                    target=pipe, args=(src, dst, lambda: self.mode == "blackhole"), daemon=True
+                ).start()
 
 
 def _rst(sock: socket.socket) -> None:
