@@ -29,7 +29,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 
 # Keys whose values are masked by ``gpu-agent config show``.
-SECRET_KEYS = frozenset({"password", "token", "client_key_file", "auth"})
+SECRET_KEYS = frozenset({"password", "token", "client_key_file", "auth", "enrollment_token"})
 
 
 class Strict(BaseModel):
@@ -78,9 +78,38 @@ class CoordinatorConfig(Strict):
         default=None,
         description="stop running leases after this long without a coordinator; off by default",
     )
+    enrollment_token: str | None = Field(
+        default=None,
+        description="from 'gpu-scheduler nodes enroll': binds this node to the provider "
+        "account on its first connection",
+    )
+    enrollment_token_file: Path | None = Field(
+        default=None, description="a file holding the enrolment token (instead of the value)"
+    )
+
+    def enrollment(self) -> str:
+        """The enrolment token to present, "" for none; the file is read on each call so a
+        token dropped in place after start is used on the next connection."""
+        if self.enrollment_token:
+            return self.enrollment_token.strip()
+        if self.enrollment_token_file is not None:
+            try:
+                return self.enrollment_token_file.read_text(encoding="utf-8").strip()
+            except OSError:
+                return ""
+        return ""
 
     @model_validator(mode="after")
     def _mtls_pair(self) -> CoordinatorConfig:
+        if self.enrollment_token and self.enrollment_token_file is not None:
+            raise ValueError("set enrollment_token or enrollment_token_file, not both")
+        if self.enrollment_token is not None and not self.enrollment_token.strip().startswith(
+            "gse_"
+        ):
+            raise ValueError(
+                "enrollment_token: not an enrolment token (they start with gse_; "
+                "get one with 'gpu-scheduler nodes enroll')"
+            )
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file must be set together")
         if self.keepalive_timeout <= 0 or self.keepalive_time <= 0:

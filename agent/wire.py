@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from gpuagent import leaserules
 from gpuagent.v1 import common_pb2, inventory_pb2, leases_pb2
 
 from .gpu.model import GpuHealth, GpuInfo, HealthState
@@ -132,7 +133,8 @@ def lease_update(update: LeaseUpdate) -> leases_pb2.LeaseUpdate:
         lease_id=update.lease_id,
         update_seq=update.seq,
         state=LEASE_STATE_TO_PB[update.state],
-        reason=update.reason,
+        # Docker's errors echo the command: a long one must not oversize the update.
+        reason=leaserules.clip(update.reason),
         log_tail=update.log_tail or "",
         container_id=update.container_id or "",
         gpu_uuids=list(update.gpu_uuids),

@@ -14,6 +14,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Literal, TextIO
 
+from .text import escape_controls
+
 LogFormat = Literal["auto", "text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -45,11 +47,17 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Values in messages come from buyers and agents: a newline in an image name
+        # must not start a forged line (tracebacks, appended after this, keep theirs).
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(f"{k}={escape_controls(str(v))}" for k, v in extras.items())
         return line
 
 

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "scheduler.cmd_leases",
     "scheduler.cmd_config",
     "scheduler.cmd_ledger",
+    "scheduler.cmd_acl",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -7,6 +7,8 @@ auto-generated CA), so on the scheduler's host plain commands just work.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,15 @@ from typing import Any
 import grpc
 
 from .cli import UsageError, load_config_from_args
-from .server import tls_dir
+from .tlsfiles import tls_dir
 
 DEFAULT_TIMEOUT = 5.0
+TOKEN_ENV = "GPU_SCHEDULER_TOKEN"  # noqa: S105 - a variable name, not a secret
+HOW_TO_GET_ONE = (
+    "pass --token, set GPU_SCHEDULER_TOKEN or write it to ~/.config/gpu-scheduler/token "
+    "(mode 0600); an admin creates one with 'gpu-scheduler tokens create ACCOUNT', and the "
+    "first admin token comes from 'gpu-scheduler acl bootstrap' on the scheduler's host"
+)
 
 
 class RpcFailed(Exception):
@@ -35,7 +43,50 @@ def connection_parent() -> argparse.ArgumentParser:
     conn.add_argument("--insecure", action="store_true", default=s, help="plaintext gRPC")
     conn.add_argument("--timeout", type=float, default=s, help="deadline in seconds (default 5)")
     conn.add_argument("--json", action="store_true", default=s, help="machine-readable output")
+    conn.add_argument(
+        "--token",
+        default=s,
+        help=f"API token (default: ${TOKEN_ENV}, else ~/.config/gpu-scheduler/token)",
+    )
     return conn
+
+
+def token_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "gpu-scheduler" / "token"
+
+
+class NoToken(Exception):
+    """No usable token; the message says which source failed and how to get one."""
+
+
+def resolve_token(args: argparse.Namespace) -> str:
+    """The caller's token: --token, else $GPU_SCHEDULER_TOKEN, else the token file."""
+    given = getattr(args, "token", None)
+    if given:
+        return str(given).strip()
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env
+    path = token_file()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise NoToken(f"no token: {HOW_TO_GET_ONE}") from None
+    except OSError as exc:
+        raise NoToken(f"cannot read {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise NoToken(
+            f"{path} is readable by others (mode {stat.S_IMODE(mode):04o}); refusing to use it: "
+            f"chmod 600 {path}"
+        )
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise NoToken(f"cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise NoToken(f"{path} is empty: {HOW_TO_GET_ONE}")
+    return text
 
 
 def channel(args: argparse.Namespace) -> grpc.Channel:
@@ -67,12 +118,24 @@ def channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def invoke(args: argparse.Namespace, stub_class: Any, method: str, request: Any) -> Any:
-    """One unary call with the deadline from ``--timeout``; errors print and raise RpcFailed."""
+    """One unary call with the deadline from ``--timeout`` and the caller's token;
+    errors print one line and raise RpcFailed."""
     timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
+    try:
+        token = resolve_token(args)
+    except NoToken as exc:
+        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        raise RpcFailed from None
     with channel(args) as ch:
         stub = stub_class(ch)
         try:
-            return getattr(stub, method)(request, timeout=timeout)
+            return getattr(stub, method)(
+                request, timeout=timeout, metadata=(("authorization", f"Bearer {token}"),)
+            )
         except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)  # noqa: T201
+            code = exc.code()
+            hint = ""
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                hint = f" ({HOW_TO_GET_ONE})"
+            print(f"error: {code.name}: {exc.details()}{hint}", file=sys.stderr)  # noqa: T201
             raise RpcFailed from None

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
 from gpuagent.units import parse_duration
-from gpuagent.v1 import inventory_pb2, nodes_pb2, nodes_pb2_grpc
+from gpuagent.v1 import acl_pb2, acl_pb2_grpc, common_pb2, inventory_pb2, nodes_pb2, nodes_pb2_grpc
 
 from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
@@ -63,6 +64,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="stop leases still running after this long (e.g. 30m); default: let them finish",
     )
     drain.set_defaults(handler=_drain)
+    enroll = nodes_sub.add_parser(
+        "enroll",
+        parents=[conn],
+        help="print an enrolment token: a node presenting it joins bound to a provider account",
+    )
+    enroll.add_argument(
+        "--account", default="", help="provider account (default: the caller's own; admin only)"
+    )
+    enroll.add_argument("--ttl", default="24h", metavar="DURATION", help="valid this long (24h)")
+    enroll.add_argument("--description", default="", help="a note kept with the token")
+    enroll.set_defaults(handler=_enroll)
 
 
 def _call(args: argparse.Namespace, fn: str, request: Any) -> Any:
@@ -157,6 +169,7 @@ def _show(args: argparse.Namespace) -> int:
         f"  30d {_pct(node.uptime.ratio_30d)}",
         f"agent:       {node.agent_version} (protocol {node.protocol_version})",
         f"draining:    {'yes' if node.draining else 'no'}",
+        f"owner:       {node.owner or '-'} (registration: {node.registration or 'open'})",
         f"host:        {host.hostname}, {host.os}, kernel {host.kernel}",
         f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
         f"memory:      {format_size(host.memory_bytes)}",
@@ -173,7 +186,8 @@ def _show(args: argparse.Namespace) -> int:
             + ("  (simulated)" if g.simulated else "")
         )
     for lease in node.leases:
-        lines.append(f"lease:       {lease.lease_id} state={lease.state}")
+        state_text = common_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_").lower()
+        lines.append(f"lease:       {lease.lease_id} state={state_text}")
     lines.append(f"attested:    {'yes' if node.attested else 'no'}")
     index = {g.uuid: g.index for g in node.inventory.gpus}
     for a in node.attestations:
@@ -236,3 +250,33 @@ def _attest(args: argparse.Namespace) -> int:
     for a in response.results:
         print("  " + format_attestation(a, now))  # noqa: T201
     return 0 if all(a.passed for a in response.results) else 1
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        raise UsageError(f"--ttl: {exc}") from None
+    if ttl <= 0 or ttl > 10 * 365 * 86400:
+        raise UsageError("--ttl: must be more than 0 and at most ten years")
+    request = acl_pb2.CreateEnrollmentTokenRequest(
+        account=args.account, ttl_seconds=round(ttl), description=args.description
+    )
+    try:
+        made = invoke(args, acl_pb2_grpc.AclStub, "CreateEnrollmentToken", request)
+    except RpcFailed:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps({"token": made.secret, **MessageToDict(made.token)}, indent=2))  # noqa: T201
+        return 0
+    print(made.secret)  # noqa: T201
+    expires = time.strftime(
+        "%Y-%m-%d %H:%M UTC", time.gmtime(made.token.expires_at_unix_nanos / 1e9)
+    )
+    print(  # noqa: T201
+        f"# enrolment token {made.token.token_id} for provider account {made.token.account!r}, "
+        f"valid until {expires}. Put it in the agent config as coordinator.enrollment_token "
+        "(or a file named by coordinator.enrollment_token_file); shown only once.",
+        file=sys.stderr,
+    )
+    return 0

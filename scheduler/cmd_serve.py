@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 
@@ -26,6 +27,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
+    # Everything the scheduler writes (database, WAL, TLS keys, the secrets key) is its
+    # own: created 0600/0700 whatever the umask it was started with.
+    os.umask(0o077)
     # `_created` series double every counter's cardinality and no dashboard uses them.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:

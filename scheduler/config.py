@@ -90,7 +90,41 @@ class PlacementConfig(Strict):
 
 
 class MetricsConfig(Strict):
-    listen: str | None = "127.0.0.1:9471"
+    listen: str | None = Field(
+        default="127.0.0.1:9471",
+        description="host:port for /metrics; loopback by default, null = off",
+    )
+    cert_file: Path | None = Field(default=None, description="serve /metrics over TLS")
+    key_file: Path | None = None
+    basic_auth_user: str | None = Field(
+        default=None, description="require HTTP basic auth with this user name"
+    )
+    basic_auth_password_file: Path | None = Field(
+        default=None, description="file holding the basic-auth password (one line)"
+    )
+
+    @model_validator(mode="after")
+    def _pairs(self) -> MetricsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if (self.basic_auth_user is None) != (self.basic_auth_password_file is None):
+            raise ValueError("basic_auth_user and basic_auth_password_file must be set together")
+        return self
+
+
+class AuthConfig(Strict):
+    """Who may do what (docs/security.md)."""
+
+    registration: Literal["token", "open"] = Field(
+        default="token",
+        description="token: a node joins only with an enrolment token of a provider account; "
+        "open: any node key joins (permissionless networks where stake is the gate)",
+    )
+    client_cert_accounts: dict[str, str] = Field(
+        default_factory=dict,
+        description="mTLS: a verified client certificate's subject CN or SAN -> account name "
+        "(needs server.client_ca_file)",
+    )
 
 
 class ChallengeSize(Strict):
@@ -214,6 +248,16 @@ class SchedulerConfig(Strict):
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+    @model_validator(mode="after")
+    def _cert_accounts(self) -> SchedulerConfig:
+        if self.auth.client_cert_accounts and self.server.client_ca_file is None:
+            raise ValueError(
+                "auth.client_cert_accounts needs server.client_ca_file: without it client "
+                "certificates are not verified"
+            )
+        return self
 
 
 def load_scheduler_config(path: Path | None) -> SchedulerConfig:

@@ -19,11 +19,12 @@ from typing import Any
 
 import grpc
 
-from gpuagent import PROTOCOL_VERSION, __version__, bounds
+from gpuagent import PROTOCOL_VERSION, __version__, bounds, leaserules
 from gpuagent.signing import hello_signing_bytes, node_id_from_public_key, verify_ed25519
 from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
-from .registry import NodeRecord, Registry, Session
+from .auth.interceptor import Authenticator, Refusal
+from .registry import NameTaken, NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         *,
         hello_timeout: float = 10.0,
         protocol_version: str = PROTOCOL_VERSION,
+        authenticator: Authenticator | None = None,
+        registration: str = "open",
     ) -> None:
         self.registry = registry
+        # registration "token": a node joins only with an enrolment token of a provider
+        # account, to which it is bound; "open": anyone's key joins (stake is the gate).
+        self.authenticator = authenticator
+        self.registration = registration
         self.params = params
         self.hello_timeout = hello_timeout
         self.protocol_version = protocol_version
@@ -193,7 +200,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             return
         try:
             hello = check_hello(first, nonce, self.protocol_version)
-            record, session = await self.registry.register(hello, peer, send)
+            owner = await self._enrolment(hello)
+            record, session = await self.registry.register(hello, peer, send, owner)
+        except NameTaken as exc:
+            await refuse(Error.REJECTED, str(exc))
+            return
         except Refused as exc:
             await refuse(exc.code, str(exc))
             return
@@ -243,6 +254,30 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("node disconnected", extra={"node_id": record.node_id, "reason": reason})
             await asyncio.shield(self.registry.end_session(session, reason))
 
+    async def _enrolment(self, hello: coordinator_pb2.Hello) -> str:
+        """The provider account a verified Hello binds its node to ("" = none), or Refused."""
+        known = self.registry.nodes.get(hello.node_id)
+        if known is not None and known.owner:
+            return known.owner  # bound for good: the key proves it is the same node
+        token = hello.enrollment_token
+        if not token:
+            if self.registration == "open":
+                return ""
+            raise Refused(
+                Error.REJECTED,
+                "this coordinator admits only enrolled nodes: set coordinator.enrollment_token "
+                "(or enrollment_token_file) in the agent config to a token from "
+                "'gpu-scheduler nodes enroll', issued to the node's provider account",
+            )
+        if self.authenticator is None:
+            raise Refused(Error.REJECTED, "this coordinator does not take enrolment tokens")
+        try:
+            owner = await self.authenticator.enrollment_account(token)
+        except Refusal as exc:
+            raise Refused(Error.REJECTED, str(exc)) from None
+        log.info("node enrolled", extra={"node_id": hello.node_id, "account": owner})
+        return owner
+
     async def _serve(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         closed = asyncio.create_task(session.closed.wait())
         try:
@@ -277,6 +312,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         if kind is None:
             await self._error(session, Error.MALFORMED, "empty AgentMessage", "")
             return
+        if kind == "lease_update":
+            # Refusing an update wedges its lease (no ack, so the agent resends the same
+            # one forever): clip what can be clipped, fail the lease on what cannot.
+            salvage_lease_update(message.lease_update)
         try:
             bounds.check(getattr(message, kind), kind)
         except bounds.BoundsError as exc:
@@ -320,3 +359,22 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except Exception:
             log.exception("handler for %s failed", kind, extra={"node_id": session.node_id})
             await self._error(session, Error.INTERNAL, f"coordinator failed handling {kind}", kind)
+
+
+def salvage_lease_update(update: Any) -> None:
+    """Make an oversized LeaseUpdate storable: strings clipped (the log tail keeps its
+    end); an update still out of bounds (say, a million GPU ids) becomes ``failed``
+    with the reason, so the lease ends, its GPUs free up and the agent is cancelled."""
+    update.reason = leaserules.clip(update.reason, bounds.MAX_STRING)
+    update.container_id = leaserules.clip(update.container_id, bounds.MAX_STRING)
+    tail_limit = bounds.LIMITS["gpuagent.v1.LeaseUpdate.log_tail"]
+    if len(update.log_tail) > tail_limit:
+        update.log_tail = update.log_tail[-tail_limit:]
+    try:
+        bounds.check(update, "lease_update")
+    except bounds.BoundsError as exc:
+        del update.gpu_uuids[:]
+        update.state = common_pb2.LEASE_STATE_FAILED
+        update.reason = leaserules.clip(
+            f"the coordinator could not store the agent's update ({exc}); lease ended"
+        )

@@ -13,8 +13,11 @@ schema by the same steps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -205,7 +208,70 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX attestations_gpu ON attestations(node_id, gpu_uuid, created_ns);
     """,
+    # 5: who may do what (scheduler/auth, docs/security.md): accounts with one role,
+    # tokens stored only as SHA-256 hashes, nodes bound to a provider account, the
+    # audit log, and registry credentials encrypted at rest beside the lease.
+    """
+    CREATE TABLE acl_accounts (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'buyer', 'provider')),
+        created_ns INTEGER NOT NULL
+    );
+    CREATE TABLE acl_tokens (
+        token_id TEXT PRIMARY KEY,         -- public half, shown in lists
+        account TEXT NOT NULL REFERENCES acl_accounts(name),
+        kind TEXT NOT NULL CHECK (kind IN ('api', 'enrollment')),
+        hash BLOB NOT NULL UNIQUE,         -- sha256 of the whole token
+        description TEXT NOT NULL DEFAULT '',
+        created_ns INTEGER NOT NULL,
+        expires_ns INTEGER NOT NULL DEFAULT 0,   -- 0 = never
+        revoked_ns INTEGER NOT NULL DEFAULT 0    -- 0 = valid
+    );
+    CREATE INDEX acl_tokens_account ON acl_tokens(account);
+    CREATE TABLE audit_log (
+        entry_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ns INTEGER NOT NULL,
+        account TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '',
+        peer TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_log_account ON audit_log(account, ts_ns);
+    ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE leases ADD COLUMN registry_auth_enc BLOB;
+    """,
 )
+
+
+def protect_state_dir(directory: Path) -> None:
+    """Create the scheduler's state directory 0700, or tighten one we own to 0700.
+
+    A shared directory (sticky, like /tmp) or one owned by someone else is left as
+    it is, with a warning: tightening /tmp would break the host.
+    """
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        return
+    info = directory.stat()
+    if not info.st_mode & 0o077:
+        return
+    if info.st_mode & stat.S_ISVTX or info.st_uid != os.geteuid():
+        log.warning(
+            "the scheduler's state directory is shared or not ours; keep the database in a "
+            "directory of its own (0700)",
+            extra={"directory": str(directory), "mode": f"{stat.S_IMODE(info.st_mode):04o}"},
+        )
+        return
+    directory.chmod(0o700)
+
+
+def protect_files(db_path: Path) -> None:
+    """The database and its WAL files readable by the scheduler's user only (0600)."""
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
 
 
 class DatabaseError(Exception):
@@ -288,9 +354,10 @@ class Database:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            protect_state_dir(self.path.parent)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
+            protect_files(self.path)
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=5000")

@@ -96,6 +96,13 @@ class _Capacity:
         )
 
 
+def _only_tried(decision: placement.Decision) -> bool:
+    """No node is left that could take the lease later: each was offered it before
+    (or is not the node it is pinned to)."""
+    kinds = set(decision.skipped_counts())
+    return bool(kinds) and kinds <= {"already tried", "not pinned"}
+
+
 def _message(**body: object) -> coordinator_pb2.CoordinatorMessage:
     return coordinator_pb2.CoordinatorMessage(**body)  # type: ignore[arg-type]
 
@@ -343,6 +350,20 @@ class LeaseDispatcher:
                     self.observe_placement(time.perf_counter() - started)
                 summary = decision.summary()
                 chosen = decision.placement
+                if chosen is None and request.excluded and _only_tried(decision):
+                    # Every node it could go to was offered it and said no: waiting
+                    # would hold its escrow forever for a node that will not come.
+                    last = row.reason.removeprefix("retrying elsewhere; ")
+                    ended = await self.store.give_up(
+                        row.lease_id, f"rejected by every node it could go to; last: {last}"
+                    )
+                    if ended is not None:
+                        log.warning(
+                            "lease rejected by every eligible node",
+                            extra={"lease_id": row.lease_id, "reason": ended.reason},
+                        )
+                        self._waiting.pop(row.lease_id, None)
+                    continue
                 if chosen is None:
                     if self._waiting.get(row.lease_id) != summary:
                         self._waiting[row.lease_id] = summary
@@ -412,7 +433,7 @@ class LeaseDispatcher:
         if session is None:
             return "unreachable", "node has no open stream"
         assign = leases_pb2.LeaseAssign(
-            lease_id=row.lease_id, spec=row.spec, gpu_uuids=row.gpu_uuids
+            lease_id=row.lease_id, spec=self.store.assign_spec(row), gpu_uuids=row.gpu_uuids
         )
         try:
             await session.send(_message(lease_assign=assign))

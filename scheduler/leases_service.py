@@ -15,11 +15,19 @@ from typing import Any, NoReturn
 
 import grpc
 
-from gpuagent import bounds
+from gpuagent import bounds, leaserules
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
+from .auth.interceptor import Principal, caller
 from .lease_dispatch import LeaseDispatcher
-from .leases_store import IdempotencyConflict, LeaseRefused, LeaseStore, NewLease, state_name
+from .leases_store import (
+    IdempotencyConflict,
+    LeaseRefused,
+    LeaseRow,
+    LeaseStore,
+    NewLease,
+    state_name,
+)
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -31,6 +39,9 @@ LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_GPUS = 64
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+# List answers stop adding leases past this many bytes, well under gRPC's 4 MiB
+# default, so a page of big specs never outgrows what a client accepts.
+MAX_PAGE_BYTES = 2 * 1024 * 1024
 _HOSTILE = ("privileged", "host_network", "volumes", "devices", "cap_add")
 
 
@@ -46,6 +57,21 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
         raise SpecError(str(exc)) from None
     if not spec.image.strip():
         raise SpecError("spec.image: required (an image reference such as busybox:1.36)")
+    at = leaserules.control_char(spec.image)
+    if at is not None:
+        raise SpecError(f"spec.image: control character at position {at}; not an image reference")
+    for name, limit in leaserules.UINT64_FIELDS.items():
+        value = getattr(spec, name)
+        if value > limit:
+            raise SpecError(f"spec.{name}: at most {limit}, got {value}")
+    argv = leaserules.argv_bytes(list(spec.command), list(spec.args))
+    if argv > leaserules.MAX_ARGV_BYTES:
+        raise SpecError(
+            f"spec.command/args: {argv} bytes together, over the {leaserules.MAX_ARGV_BYTES} allowed"
+        )
+    env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())
+    if env > leaserules.MAX_ENV_BYTES:
+        raise SpecError(f"spec.env: {env} bytes, over the {leaserules.MAX_ENV_BYTES} allowed")
     if not 1 <= spec.gpu_count <= MAX_GPUS:
         raise SpecError(f"spec.gpu_count: must be 1..{MAX_GPUS}, got {spec.gpu_count}")
     if not math.isfinite(spec.cpus) or spec.cpus < 0:
@@ -72,15 +98,49 @@ async def _abort(context: Context, code: grpc.StatusCode, text: str) -> NoReturn
     raise AssertionError("abort returned")
 
 
+def _provider_view(lease: leases_pb2.Lease) -> leases_pb2.Lease:
+    """A lease as its node's provider may see it: metadata, not the buyer's secrets."""
+    lease.spec.ClearField("env")
+    return lease
+
+
 class LeasesService(leases_pb2_grpc.LeasesServicer):
     def __init__(self, store: LeaseStore, dispatcher: LeaseDispatcher, registry: Registry) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.registry = registry
 
+    def _provider_nodes(self, who: Principal) -> set[str]:
+        return {r.node_id for r in self.registry.nodes.values() if r.owner == who.account}
+
+    def _visible(self, who: Principal, row: LeaseRow) -> bool:
+        if who.is_admin():
+            return True
+        if who.role == "buyer":
+            return row.buyer == who.account
+        return row.node_id is not None and row.node_id in self._provider_nodes(who)
+
+    async def _row(self, context: Context, lease_id: str, who: Principal) -> LeaseRow:
+        """The lease if the caller may see it; another account's answers as missing."""
+        row = await self.store.get(lease_id)
+        if row is None or not self._visible(who, row):
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {lease_id[:140]!r}")
+        return row
+
     async def Submit(
         self, request: leases_pb2.SubmitLeaseRequest, context: Context
     ) -> leases_pb2.Lease:
+        who = caller()
+        buyer = who.account
+        if request.buyer and request.buyer != who.account:
+            if not who.is_admin():
+                await _abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"buyer: this token is account {who.account!r}; a lease is billed to the "
+                    "account that submits it (leave buyer empty)",
+                )
+            buyer = request.buyer  # an admin submitting on a buyer's behalf
         try:
             validate_spec(request.spec)
         except SpecError as exc:
@@ -93,7 +153,7 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                 "idempotency_key: 1-128 letters, digits, '.', '_' or '-', starting with a "
                 "letter or digit (it becomes the lease id)",
             )
-        if len(request.buyer) > 128:
+        if len(buyer) > 128:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "buyer: at most 128 characters")
         pinned = ""
         if request.node_id:
@@ -102,12 +162,12 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                 await _abort(
                     context,
                     grpc.StatusCode.NOT_FOUND,
-                    f"node_id: no node with id or unique prefix {request.node_id!r}",
+                    f"node_id: no node with id or unique prefix {request.node_id[:80]!r}",
                 )
             pinned = record.node_id
         new = NewLease(
             lease_id=key or f"lease-{uuid.uuid4().hex[:20]}",
-            buyer=request.buyer,
+            buyer=buyer,
             spec=request.spec,
             pinned_node_id=pinned,
             replace_on_lost=request.replace_on_lost,
@@ -134,46 +194,77 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         return row.to_proto()
 
     async def Get(self, request: leases_pb2.GetLeaseRequest, context: Context) -> leases_pb2.Lease:
-        row = await self.store.get(request.lease_id)
-        if row is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
-        return row.to_proto(await self.store.events(row.lease_id))
+        who = caller()
+        row = await self._row(context, request.lease_id, who)
+        lease = row.to_proto(await self.store.events(row.lease_id))
+        return _provider_view(lease) if who.role == "provider" else lease
 
     async def List(
         self, request: leases_pb2.ListLeasesRequest, context: Context
     ) -> leases_pb2.ListLeasesResponse:
+        who = caller()
         after = 0
         if request.page_token:
-            if not request.page_token.isdigit():
+            if not request.page_token.isdigit() or len(request.page_token) > 19:
                 await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "page_token: not a token")
             after = int(request.page_token)
         size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        buyer, node_ids = request.buyer, None
+        if who.role == "buyer":
+            if buyer and buyer != who.account:
+                await _abort(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"buyer: account {who.account!r} may list only its own leases",
+                )
+            buyer = who.account
+        elif who.role == "provider":
+            node_ids = self._provider_nodes(who)
+            if request.node_id:
+                record = self.registry.find(request.node_id)
+                if record is None or record.node_id not in node_ids:
+                    await _abort(
+                        context,
+                        grpc.StatusCode.NOT_FOUND,
+                        f"node_id: no node of account {who.account!r} matches "
+                        f"{request.node_id[:80]!r}",
+                    )
         rows, next_after = await self.store.list_leases(
             states=[state_name(s) for s in request.states],
             node_id=request.node_id,
-            buyer=request.buyer,
+            node_ids=node_ids,
+            buyer=buyer,
             limit=size,
             after_rowid=after,
         )
-        return leases_pb2.ListLeasesResponse(
-            leases=[r.to_proto() for r in rows],
-            next_page_token=str(next_after) if next_after else "",
-        )
+        response = leases_pb2.ListLeasesResponse()
+        used = 0
+        for index, row in enumerate(rows):
+            lease = row.to_proto()
+            if who.role == "provider":
+                _provider_view(lease)
+            used += lease.ByteSize()
+            if used > MAX_PAGE_BYTES and index > 0:
+                # The rest goes to the next page: continue after the last one sent.
+                next_after = rows[index - 1].rowid
+                break
+            response.leases.append(lease)
+        response.next_page_token = str(next_after) if next_after else ""
+        return response
 
     async def Cancel(
         self, request: leases_pb2.CancelLeaseRequest, context: Context
     ) -> leases_pb2.Lease:
+        await self._row(context, request.lease_id, caller())
         result = await self.dispatcher.cancel(request.lease_id, request.reason[:512])
         if result is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id[:140]!r}")
         return result.row.to_proto(await self.store.events(request.lease_id))
 
     async def Logs(
         self, request: leases_pb2.LeaseLogsRequest, context: Context
     ) -> leases_pb2.LeaseLogsResponse:
-        row = await self.store.get(request.lease_id)
-        if row is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
+        row = await self._row(context, request.lease_id, caller())
         text = row.log_tail
         if request.tail_lines:
             lines = text.splitlines(keepends=True)

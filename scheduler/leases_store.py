@@ -26,6 +26,7 @@ from enum import Enum
 from gpuagent.v1 import common_pb2, leases_pb2
 
 from .db import Database
+from .secretbox import SecretBox
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _COLUMNS = (
     " accepted_price_micros_per_gpu_hour, max_duration_s, pinned_node_id, replace_on_lost,"
     " node_id, gpu_uuids_json, state, exit_code, reason, log_tail, container_id,"
     " last_update_seq, created_ns, updated_ns, placed_ns, started_ns, ended_ns,"
-    " cancel_requested_ns, attempts, expires_at_ns"
+    " cancel_requested_ns, attempts, expires_at_ns, registry_auth_enc"
 )
 
 
@@ -93,6 +94,9 @@ class LeaseRow:
     cancel_requested_ns: int | None
     attempts: int
     expires_at_ns: int
+    # The spec's registry_auth, sealed (secretbox); row.spec never holds it.
+    registry_auth_enc: bytes | None = None
+    rowid: int = 0  # set by list_leases, for paging
 
     @property
     def terminal(self) -> bool:
@@ -128,6 +132,7 @@ class LeaseRow:
             cancel_requested_ns=row[22],  # type: ignore[arg-type]
             attempts=int(row[23]),  # type: ignore[call-overload]
             expires_at_ns=int(row[24]),  # type: ignore[call-overload]
+            registry_auth_enc=bytes(row[25]) if row[25] is not None else None,  # type: ignore[call-overload]
         )
 
     def to_proto(self, events: Iterable[leases_pb2.LeaseEvent] = ()) -> leases_pb2.Lease:
@@ -197,12 +202,25 @@ class _Hooks:
 
 
 class LeaseStore:
-    def __init__(self, db: Database, clock: Clock = time.time) -> None:
+    def __init__(
+        self, db: Database, clock: Clock = time.time, secrets: SecretBox | None = None
+    ) -> None:
         self.db = db
         self.clock = clock
+        self.secrets = secrets
         self._hooks = _Hooks()
         # Leases by state, kept current after each commit, for metrics scrapes.
         self.counts: dict[str, int] = {}
+
+    def assign_spec(self, row: LeaseRow) -> leases_pb2.LeaseSpec:
+        """The spec as the placed node gets it: with the registry credential unsealed.
+        Only the LeaseAssign to that node carries it; no read API ever does."""
+        if row.registry_auth_enc is None or self.secrets is None:
+            return row.spec
+        spec = leases_pb2.LeaseSpec()
+        spec.CopyFrom(row.spec)
+        spec.registry_auth.ParseFromString(self.secrets.open(row.registry_auth_enc, row.lease_id))
+        return spec
 
     # -- hooks ---------------------------------------------------------------------
 
@@ -357,6 +375,7 @@ class LeaseStore:
         *,
         states: Sequence[str] = (),
         node_id: str = "",
+        node_ids: set[str] | None = None,
         buyer: str = "",
         limit: int = 100,
         after_rowid: int = 0,
@@ -372,6 +391,10 @@ class LeaseStore:
         if buyer:
             where.append("buyer = ?")
             params.append(buyer)  # type: ignore[arg-type]
+        if node_ids is not None:
+            # A provider's view: leases on its own nodes only (none -> nothing).
+            where.append(f"node_id IN ({', '.join('?' * len(node_ids)) or 'NULL'})")
+            params.extend(sorted(node_ids))  # type: ignore[arg-type]
         sql = (
             f"SELECT rowid, {_COLUMNS} FROM leases WHERE {' AND '.join(where)}"  # noqa: S608
             " ORDER BY rowid LIMIT ?"
@@ -381,7 +404,12 @@ class LeaseStore:
             rows = conn.execute(sql, (*params, limit + 1)).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
-            return [LeaseRow.from_db(r[1:]) for r in rows], (rows[-1][0] if more else 0)
+            found = []
+            for r in rows:
+                row = LeaseRow.from_db(r[1:])
+                row.rowid = int(r[0])
+                found.append(row)
+            return found, (rows[-1][0] if more else 0)
 
         return await self.db.call(read)
 
@@ -467,7 +495,16 @@ class LeaseStore:
     async def submit(self, new: NewLease) -> tuple[LeaseRow, bool]:
         """Store a pending lease; (row, created). A repeat of the same key returns the
         first lease when the request is the same, else raises IdempotencyConflict."""
-        spec_bytes = new.spec.SerializeToString(deterministic=True)
+        spec = leases_pb2.LeaseSpec()
+        spec.CopyFrom(new.spec)
+        sealed: bytes | None = None
+        if spec.HasField("registry_auth"):
+            if self.secrets is None:
+                raise LeaseRefused("this scheduler keeps no secrets: registry_auth is not accepted")
+            auth = spec.registry_auth.SerializeToString(deterministic=True)
+            sealed = self.secrets.seal(auth, new.lease_id)
+            spec.ClearField("registry_auth")
+        spec_bytes = spec.SerializeToString(deterministic=True)
         now = self._now()
 
         def txn(conn: sqlite3.Connection) -> tuple[LeaseRow, bool]:
@@ -487,8 +524,8 @@ class LeaseStore:
                 return existing, False
             conn.execute(
                 "INSERT INTO leases (lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"
-                " max_duration_s, pinned_node_id, replace_on_lost, state, created_ns, updated_ns)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " max_duration_s, pinned_node_id, replace_on_lost, state, created_ns, updated_ns,"
+                " registry_auth_enc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     new.lease_id,
                     new.buyer,
@@ -501,6 +538,7 @@ class LeaseStore:
                     PENDING,
                     now,
                     now,
+                    sealed,
                 ),
             )
             self._event(conn, new.lease_id, PENDING, "submitted", None, now)
@@ -517,6 +555,22 @@ class LeaseStore:
         if created:
             self._count(None, PENDING)
         return row, created
+
+    async def give_up(self, lease_id: str, reason: str) -> LeaseRow | None:
+        """End a pending, unplaced lease as ``rejected`` (its escrow is released by the
+        terminal hooks); None when it was placed or ended meanwhile."""
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+            row = self._get(conn, lease_id)
+            if row is None or row.state != PENDING or row.node_id is not None:
+                return None
+            return self._transition(conn, lease_id, "rejected", reason, now)
+
+        row = await self.db.call(txn)
+        if row is not None:
+            self._count(PENDING, row.state)
+        return row
 
     async def set_waiting_reason(self, lease_id: str, reason: str) -> None:
         """Why a pending lease is not placed yet (shown to the buyer); no history event."""

@@ -23,6 +23,7 @@ a micro however the time is cut into records. A reservation rounds up.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ log = logging.getLogger(__name__)
 MICROS_PER_UNIT = 1_000_000
 NS_PER_HOUR = 3600 * 1_000_000_000
 I64_MAX = 2**63 - 1
+# One credit or stake, and any account's or node's running total, stay far below
+# int64: SQLite turns an overflowing integer sum into a float, which broke every
+# later balance read. 10^15 micros is a billion units.
+MAX_CREDIT_MICROS = 10**15
+MAX_TOTAL_MICROS = 2**62
 
 
 class LedgerError(Exception):
@@ -152,6 +158,8 @@ def deposit(
     if not buyer:
         raise LedgerError("buyer: empty")
     _check_amount("amount", micros)
+    if micros > MAX_CREDIT_MICROS:
+        raise LedgerError(f"amount: at most {MAX_CREDIT_MICROS} micros per deposit, got {micros}")
     _ensure_account(conn, buyer, policy, now)
     if idempotency_key:
         seen = conn.execute(
@@ -165,6 +173,13 @@ def deposit(
                     f"({seen[1]} micros to {seen[0]!r})"
                 )
             return account(conn, buyer)
+    (deposited,) = conn.execute(
+        "SELECT deposited_micros FROM accounts WHERE buyer = ?", (buyer,)
+    ).fetchone()
+    if int(deposited) + micros > MAX_TOTAL_MICROS:
+        raise LedgerError(
+            f"amount: the account's deposits would pass {MAX_TOTAL_MICROS} micros; refused"
+        )
     conn.execute(
         "UPDATE accounts SET balance_micros = balance_micros + ?,"
         " deposited_micros = deposited_micros + ? WHERE buyer = ?",
@@ -457,8 +472,15 @@ def stake(
     uptime it promised from the moment it promised it.
     """
     _check_amount("amount", micros, allow_zero=True)
-    if uptime_commitment is not None and not 0.0 <= uptime_commitment <= 1.0:
+    if micros > MAX_CREDIT_MICROS:
+        raise LedgerError(f"amount: at most {MAX_CREDIT_MICROS} micros per stake, got {micros}")
+    if uptime_commitment is not None and not (
+        math.isfinite(uptime_commitment) and 0.0 <= uptime_commitment <= 1.0
+    ):
         raise LedgerError(f"uptime commitment {uptime_commitment} is not within 0..1")
+    found = collateral(conn, node_id)
+    if found is not None and found.staked_micros + micros > MAX_TOTAL_MICROS:
+        raise LedgerError(f"amount: the node's stake would pass {MAX_TOTAL_MICROS} micros")
     conn.execute(
         "INSERT OR IGNORE INTO collateral (node_id, committed_ns) VALUES (?, ?)", (node_id, now)
     )

@@ -27,6 +27,8 @@ from gpuagent.usage import decode_canonical
 from gpuagent.v1 import ledger_pb2, ledger_pb2_grpc
 
 from . import ledger, uptime
+from .auth import store as acl_store
+from .auth.interceptor import caller
 from .config import LedgerConfig
 from .db import Database
 from .registry import Registry
@@ -178,17 +180,37 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         self, request: ledger_pb2.DepositRequest, context: Context
     ) -> ledger_pb2.Account:
         now = self._now()
-        try:
-            account = await self.db.call(
-                lambda conn: ledger.deposit(
-                    conn,
-                    request.buyer,
-                    request.amount_micros,
-                    now,
-                    self.policy,
-                    request.idempotency_key,
-                )
+        who = caller()
+        if len(request.buyer) > 128 or len(request.idempotency_key) > 128:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "buyer and idempotency_key: at most 128 characters",
             )
+
+        def txn(conn: sqlite3.Connection) -> ledger.Account:
+            before = conn.total_changes
+            account = ledger.deposit(
+                conn,
+                request.buyer,
+                request.amount_micros,
+                now,
+                self.policy,
+                request.idempotency_key,
+            )
+            if conn.total_changes != before:  # a repeat of a key deposits (and audits) once
+                acl_store.audit(
+                    conn,
+                    now,
+                    who.account,
+                    "deposit",
+                    request.buyer,
+                    f"micros={request.amount_micros} key={request.idempotency_key}",
+                    who.peer,
+                )
+            return account
+
+        try:
+            account = await self.db.call(txn)
         except ledger.LedgerError as exc:
             await self._refuse(context, exc)
             raise AssertionError("abort returned") from None
@@ -197,6 +219,16 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
     async def Balance(
         self, request: ledger_pb2.BalanceRequest, context: Context
     ) -> ledger_pb2.BalanceResponse:
+        who = caller()
+        if not who.is_admin():
+            if request.buyer and request.buyer != who.account:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"buyer: account {who.account!r} may read only its own balance",
+                )
+            own = who.account
+            found = await self.db.call(lambda conn: ledger.account(conn, own))
+            return ledger_pb2.BalanceResponse(accounts=[_account_pb(found)])
         if request.buyer:
             found = await self.db.call(lambda conn: ledger.account(conn, request.buyer))
             return ledger_pb2.BalanceResponse(accounts=[_account_pb(found)])
@@ -206,37 +238,64 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
     async def Usage(
         self, request: ledger_pb2.UsageRequest, context: Context
     ) -> ledger_pb2.UsageResponse:
-        limit = request.limit or 100
+        limit = min(request.limit or 100, 1000)
+        who = caller()
         node_id = request.node_id
+        # Scope: a buyer sees its own leases, a provider its own nodes, admin everything.
+        buyer = who.account if who.role == "buyer" else ""
+        own_nodes: set[str] | None = None
+        if who.role == "provider":
+            own_nodes = {r.node_id for r in self.registry.nodes.values() if r.owner == who.account}
         if node_id:
             record = self.registry.find(node_id)
-            if record is None:
+            if record is None or (own_nodes is not None and record.node_id not in own_nodes):
                 await context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"no node with id or unique prefix {node_id!r}"
+                    grpc.StatusCode.NOT_FOUND, f"no node with id or unique prefix {node_id[:80]!r}"
                 )
             assert record is not None
             node_id = record.node_id
 
-        def read(conn: sqlite3.Connection) -> ledger_pb2.UsageResponse:
+        def mine(usage: ledger_pb2.LeaseUsage) -> bool:
+            if buyer:
+                return usage.buyer == buyer
+            if own_nodes is not None:
+                return usage.node_id in own_nodes
+            return True
+
+        def read(conn: sqlite3.Connection) -> ledger_pb2.UsageResponse | None:
             if request.lease_id:
-                lease_ids = [request.lease_id]
+                found = lease_usage(conn, request.lease_id)
+                if not mine(found) or (not found.buyer and not found.records):
+                    return None
+                usages = [found]
             else:
                 lease_ids = [
                     lid
                     for (lid,) in conn.execute(
-                        "SELECT lease_id FROM usage_records WHERE (? = '' OR node_id = ?)"
-                        " GROUP BY lease_id ORDER BY MAX(received_ns) DESC LIMIT ?",
-                        (node_id, node_id, limit),
+                        "SELECT u.lease_id FROM usage_records u LEFT JOIN leases l"
+                        " ON l.lease_id = u.lease_id WHERE (? = '' OR u.node_id = ?)"
+                        " AND (? = '' OR l.buyer = ?)"
+                        " GROUP BY u.lease_id ORDER BY MAX(u.received_ns) DESC LIMIT ?",
+                        (node_id, node_id, buyer, buyer, limit * (4 if own_nodes else 1)),
                     )
                 ]
-            response = ledger_pb2.UsageResponse(leases=[lease_usage(conn, i) for i in lease_ids])
+                usages = [u for u in (lease_usage(conn, i) for i in lease_ids) if mine(u)][:limit]
+            response = ledger_pb2.UsageResponse(leases=usages)
+            if buyer:
+                return response  # providers' earnings and stake are not the buyer's business
             nodes = (
                 [node_id] if node_id else sorted({u.node_id for u in response.leases if u.node_id})
             )
             response.providers.extend(provider(conn, n, self.policy) for n in nodes)
             return response
 
-        return await self.db.call(read)
+        response = await self.db.call(read)
+        if response is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no usage for lease {request.lease_id[:140]!r}"
+            )
+        assert response is not None
+        return response
 
     async def Stake(
         self, request: ledger_pb2.StakeRequest, context: Context
@@ -249,10 +308,20 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             )
         assert record is not None
         now = self._now()
+        who = caller()
         commitment = request.uptime_commitment_ratio or None
 
         def txn(conn: sqlite3.Connection) -> tuple[ledger.Collateral, ledger_pb2.Provider]:
             found = ledger.stake(conn, record.node_id, request.amount_micros, now, commitment)
+            acl_store.audit(
+                conn,
+                now,
+                who.account,
+                "stake",
+                record.node_id,
+                f"micros={request.amount_micros} uptime_commitment={commitment}",
+                who.peer,
+            )
             return found, provider(conn, record.node_id, self.policy)
 
         try:

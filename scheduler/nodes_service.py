@@ -11,6 +11,8 @@ import grpc
 from gpuagent.v1 import coordinator_pb2, nodes_pb2, nodes_pb2_grpc
 
 from .attestation import AttestationManager, AttestError, InFlight, NotConnected
+from .auth import store as acl_store
+from .auth.interceptor import Principal, caller
 from .registry import NodeRecord, Registry
 
 # Nodes.Attest with wait and no deadline waits at most this long.
@@ -22,12 +24,28 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         self.registry = registry
         self.attestation = attestation
 
-    def _view(self, record: NodeRecord) -> nodes_pb2.Node:
+    def _view(self, record: NodeRecord, who: Principal | None = None) -> nodes_pb2.Node:
         node = self.registry.to_proto(record)
         if self.attestation is not None:
             node.attested = self.attestation.attested(record.node_id)
             node.attestations.extend(r.to_proto() for r in self.attestation.latest(record.node_id))
+        if who is not None and not may_operate(who, record):
+            market_view(node)
         return node
+
+    async def _operated(
+        self, node_id: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> NodeRecord:
+        """The node, when the caller is its provider account or admin; else refused."""
+        record = await self._find(node_id, context)
+        who = caller()
+        if not may_operate(who, record):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {record.node_id} belongs to another provider account; only its "
+                "provider or an admin may act on it",
+            )
+        return record
 
     async def _find(self, node_id: str, context: grpc.aio.ServicerContext[Any, Any]) -> NodeRecord:
         record = self.registry.find(node_id) if node_id else None
@@ -42,8 +60,9 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         self, request: nodes_pb2.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.ListNodesResponse:
         wanted = set(request.liveness)
+        who = caller()
         nodes = [
-            self._view(r)
+            self._view(r, who)
             for r in sorted(self.registry.nodes.values(), key=lambda r: (r.name, r.node_id))
         ]
         return nodes_pb2.ListNodesResponse(
@@ -53,13 +72,21 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
     async def Get(
         self, request: nodes_pb2.GetNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.Node:
-        return self._view(await self._find(request.node_id, context))
+        return self._view(await self._find(request.node_id, context), caller())
 
     async def Drain(
         self, request: nodes_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.Node:
-        record = await self._find(request.node_id, context)
+        record = await self._operated(request.node_id, context)
+        who = caller()
         await self.registry.set_draining(record, request.enabled)
+        now = round(self.registry.clock() * 1e9)
+        detail = f"enabled={request.enabled} deadline={request.deadline_unix_nanos}"
+        await self.registry.db.call(
+            lambda conn: acl_store.audit(
+                conn, now, who.account, "node.drain", record.node_id, detail, who.peer
+            )
+        )
         session = self.registry.sessions.get(record.node_id)
         if session is not None:
             drain = coordinator_pb2.Drain(
@@ -73,7 +100,7 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
     async def Attest(
         self, request: nodes_pb2.AttestNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.AttestNodeResponse:
-        record = await self._find(request.node_id, context)
+        record = await self._operated(request.node_id, context)
         if self.attestation is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "attestation is not configured")
         assert self.attestation is not None
@@ -94,3 +121,27 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         return nodes_pb2.AttestNodeResponse(
             challenge_id=attempt.challenge_id, results=[r.to_proto() for r in attempt.results]
         )
+
+
+def may_operate(who: Principal, record: NodeRecord) -> bool:
+    """Admin, or the provider account the node is bound to."""
+    return who.is_admin() or (
+        who.role == "provider" and bool(record.owner) and who.account == record.owner
+    )
+
+
+def market_view(node: nodes_pb2.Node) -> None:
+    """Strip what only the node's provider may see: where it is on the network, host
+    and hardware identifiers, and the leases it runs (other buyers' work)."""
+    node.market_view = True
+    for name in ("peer", "session_id"):
+        node.ClearField(name)
+    node.ClearField("leases")
+    host = node.inventory.host
+    host.ClearField("hostname")
+    host.ClearField("kernel")
+    host.ClearField("disks")
+    for gpu in node.inventory.gpus:
+        gpu.ClearField("serial")
+        gpu.ClearField("pci_bus_id")
+        gpu.ClearField("nvlink_peers")

@@ -49,6 +49,10 @@ def _ns(seconds: float) -> int:
     return round(seconds * 1e9)
 
 
+class NameTaken(ValueError):
+    """Another node of the same provider account already has this name."""
+
+
 @dataclass
 class NodeRecord:
     node_id: str
@@ -71,6 +75,9 @@ class NodeRecord:
     # Bumped by every Hello (the only time inventory and labels change), so caches
     # of what they imply know when to rebuild.
     generation: int = 0
+    # Provider account the node is bound to (first Hello with an enrolment token);
+    # "" for a node that joined under registration: open.
+    owner: str = ""
 
 
 @dataclass
@@ -116,7 +123,7 @@ class Registry:
             for row in conn.execute(
                 "SELECT node_id, public_key, name, region, labels_json, agent_version,"
                 " protocol_version, inventory, last_heartbeat, first_seen_ns, last_seen_ns,"
-                " draining, acked_usage_seq FROM nodes"
+                " draining, acked_usage_seq, owner FROM nodes"
             ):
                 inventory = inventory_pb2.Inventory()
                 if row[7]:
@@ -147,6 +154,7 @@ class Registry:
                         last_seen=row[10] / 1e9 if row[10] is not None else None,
                         draining=bool(row[11]),
                         acked_usage_seq=row[12],
+                        owner=row[13],
                         spans=spans,
                         last_span_key=last_key,
                     )
@@ -203,10 +211,22 @@ class Registry:
             record.last_span_key = _ns(start)
         return record.last_span_key, _ns(end)
 
+    def name_taken(self, node_id: str, owner: str, name: str) -> str | None:
+        """The id of another node of ``owner`` already called ``name``, if any."""
+        if not owner or not name:
+            return None
+        for other in self.nodes.values():
+            if other.owner == owner and other.name == name and other.node_id != node_id:
+                return other.node_id
+        return None
+
     async def register(
-        self, hello: coordinator_pb2.Hello, peer: str, send: Sender
+        self, hello: coordinator_pb2.Hello, peer: str, send: Sender, owner: str = ""
     ) -> tuple[NodeRecord, Session]:
-        """Record a verified Hello and open its session, superseding an older one."""
+        """Record a verified Hello and open its session, superseding an older one.
+
+        ``owner`` binds a new (or unbound) node to a provider account; a bound node
+        keeps its owner whatever it presents later."""
         now = self.clock()
         record = self.nodes.get(hello.node_id)
         if record is None:
@@ -214,6 +234,14 @@ class Registry:
         elif record.public_key != hello.public_key:
             # Cannot happen short of a SHA-256 collision; refuse rather than merge.
             raise ValueError("node id already registered with another public key")
+        bound = record.owner or owner
+        clash = self.name_taken(record.node_id, bound, hello.node_name)
+        if clash is not None:
+            raise NameTaken(
+                f"node name {hello.node_name!r} is already used by node {clash} of account "
+                f"{bound!r}: node names are unique per provider account (set node.name)"
+            )
+        record.owner = bound
         record.generation += 1
         record.name = hello.node_name
         record.region = hello.region
@@ -236,8 +264,8 @@ class Registry:
             conn.execute(
                 "INSERT INTO nodes (node_id, public_key, name, region, labels_json,"
                 " agent_version, protocol_version, inventory, last_heartbeat, first_seen_ns,"
-                " last_seen_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(node_id) DO UPDATE SET name = excluded.name,"
+                " last_seen_ns, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(node_id) DO UPDATE SET name = excluded.name, owner = excluded.owner,"
                 " region = excluded.region, labels_json = excluded.labels_json,"
                 " agent_version = excluded.agent_version,"
                 " protocol_version = excluded.protocol_version, inventory = excluded.inventory,"
@@ -254,6 +282,7 @@ class Registry:
                     record.last_heartbeat.SerializeToString() if record.last_heartbeat else None,
                     _ns(first_seen),
                     _ns(now),
+                    record.owner,
                 ),
             )
             conn.execute(
@@ -412,6 +441,8 @@ class Registry:
             draining=record.draining or heartbeat.draining,
             region=record.region,
             labels=record.labels,
+            owner=record.owner,
+            registration="enrolled" if record.owner else "open",
         )
 
 

@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gpuagent.v1 import (
+    acl_pb2,
+    acl_pb2_grpc,
     common_pb2,
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -30,8 +32,11 @@ from gpuagent.v1 import (
     nodes_pb2_grpc,
 )
 
-from . import tlsgen
+from . import secretbox, tlsgen
 from .attestation import AttestationManager
+from .auth import policy
+from .auth.interceptor import Authenticator, AuthInterceptor
+from .auth.service import AclService
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
@@ -45,6 +50,8 @@ from .liveness import Liveness, LivenessPolicy
 from .metrics import MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
+from .secretbox import SecretBox
+from .tlsfiles import tls_dir
 from .usage_ingest import UsageIngest
 
 log = logging.getLogger(__name__)
@@ -54,16 +61,24 @@ SERVICE_NAMES = (
     nodes_pb2.DESCRIPTOR.services_by_name["Nodes"].full_name,
     leases_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name,
+    acl_pb2.DESCRIPTOR.services_by_name["Acl"].full_name,
 )
+_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2)
+
+
+def served_methods() -> list[str]:
+    """Every method path this server registers (health and reflection included)."""
+    methods = [
+        f"/{service.full_name}/{method.name}"
+        for module in (*_DESCRIPTORS, health_pb2)
+        for service in module.DESCRIPTOR.services_by_name.values()
+        for method in service.methods
+    ]
+    return [*methods, f"/{reflection.SERVICE_NAME}/ServerReflectionInfo"]
 
 
 class ServerStartError(Exception):
     """The server cannot start (port taken, bad certificate); the message says which."""
-
-
-def tls_dir(config: SchedulerConfig) -> Path:
-    """Where the auto-generated CA and certificate live (beside the database)."""
-    return config.database.path.parent / "tls"
 
 
 def server_options(config: SchedulerConfig) -> list[tuple[str, int]]:
@@ -111,9 +126,13 @@ class SchedulerServer:
         )
         self.db = Database(config.database.path)
         self.registry = Registry(self.db, self.policy, clock)
+        self.authenticator = Authenticator(self.db, config.auth.client_cert_accounts, clock)
+        self.acl = AclService(self.db, self.authenticator, clock)
         self.coordinator = CoordinatorService(
             self.registry,
             common_pb2.NodeParams(heartbeat_interval_ms=int(lv.heartbeat_interval * 1000)),
+            authenticator=self.authenticator,
+            registration=config.auth.registration,
         )
         self.attestation = AttestationManager(
             config.attestation, self.registry, self.db, clock=clock
@@ -122,7 +141,9 @@ class SchedulerServer:
         self.coordinator.params.attestation.CopyFrom(self.attestation.policy())
         self.nodes = NodesService(self.registry, self.attestation)
         pc = config.placement
-        self.leases_store = LeaseStore(self.db, clock)
+        self.leases_store = LeaseStore(
+            self.db, clock, SecretBox(config.database.path.parent / secretbox.KEY_FILE)
+        )
         self.dispatcher = LeaseDispatcher(
             self.leases_store,
             self.registry,
@@ -212,8 +233,13 @@ class SchedulerServer:
         await self.attestation.load()
         await self.leases_store.load()
         await self.ledger.load()
-        server = grpc.aio.server(options=server_options(self.config))
+        policy.check_complete(served_methods())
+        server = grpc.aio.server(
+            options=server_options(self.config),
+            interceptors=[AuthInterceptor(self.authenticator)],
+        )
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.coordinator, server)
+        acl_pb2_grpc.add_AclServicer_to_server(self.acl, server)
         nodes_pb2_grpc.add_NodesServicer_to_server(self.nodes, server)
         leases_pb2_grpc.add_LeasesServicer_to_server(self.leases, server)
         ledger_pb2_grpc.add_LedgerServicer_to_server(self.ledger, server)

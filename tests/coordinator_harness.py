@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import trustme
 
 from agent.config import CoordinatorConfig
@@ -21,6 +23,7 @@ from agent.identity import NodeIdentity, load_or_create
 from agent.link import Backoff, CoordinatorLink, StaticReporter
 from agent.link.reporter import build_inventory, simulated_gpus
 from gpuagent.v1 import coordinator_pb2
+from scheduler.auth import store as acl_store
 from scheduler.config import SchedulerConfig
 from scheduler.server import SchedulerServer
 
@@ -72,6 +75,7 @@ def scheduler_config(
     port: int = 0,
     heartbeat: float = 0.2,
     attestation: dict[str, object] | None = None,
+    registration: str = "open",
     **liveness: float,
 ) -> SchedulerConfig:
     server: dict[str, object] = {"listen": f"127.0.0.1:{port}"}
@@ -86,6 +90,9 @@ def scheduler_config(
             "liveness": {"heartbeat_interval": heartbeat, **liveness},
             "metrics": {"listen": None},
             "attestation": NO_ATTESTATION if attestation is None else attestation,
+            # Link and placement tests run anonymous test agents; the enrolment tests
+            # (tests/test_auth_*.py) ask for "token", the production default.
+            "auth": {"registration": registration},
         }
     )
 
@@ -144,3 +151,58 @@ async def start_server(
     server = SchedulerServer(config, clock=clock)
     await server.start()
     return server
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to every unary call of a channel."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        metadata = [*(client_call_details.metadata or ()), ("authorization", f"Bearer {self.token}")]
+        return await continuation(client_call_details._replace(metadata=metadata), request)
+
+
+async def admin_token(server: SchedulerServer) -> str:
+    """``acl bootstrap`` against the server's own database: the first admin token (a
+    further one for the same admin when a test restarts a server on its database)."""
+
+    def txn(conn: Any) -> str:
+        try:
+            return acl_store.bootstrap(conn, time.time_ns())[1]
+        except acl_store.AlreadyBootstrapped:
+            return acl_store.issue(conn, acl_store.BOOTSTRAP_ACCOUNT, "api", time.time_ns())[1]
+
+    return await server.db.call(txn)
+
+
+async def account_token(server: SchedulerServer, name: str, role: str) -> str:
+    """A new account with one API token (what an admin does with accounts/tokens create)."""
+
+    def txn(conn: Any) -> str:
+        now = time.time_ns()
+        if acl_store.account(conn, name) is None:
+            acl_store.create_account(conn, name, role, now)
+        return acl_store.issue(conn, name, "api", now)[1]
+
+    return await server.db.call(txn)
+
+
+async def enrollment_token(server: SchedulerServer, provider: str) -> str:
+    def txn(conn: Any) -> str:
+        now = time.time_ns()
+        if acl_store.account(conn, provider) is None:
+            acl_store.create_account(conn, provider, "provider", now)
+        return acl_store.issue(conn, provider, "enrollment", now, ttl_seconds=3600)[1]
+
+    return await server.db.call(txn)
+
+
+def authed_channel(server: SchedulerServer, token: str) -> grpc.aio.Channel:
+    """A plaintext loopback channel to ``server`` that sends ``token`` on every call."""
+    return grpc.aio.insecure_channel(
+        f"127.0.0.1:{server.port}", interceptors=[BearerToken(token)]
+    )

@@ -23,6 +23,8 @@ from gpuagent.v1 import nodes_pb2, nodes_pb2_grpc
 from scheduler.cli import main
 from scheduler.server import SchedulerServer
 from tests.coordinator_harness import (
+    admin_token,
+    authed_channel,
     FakeClock,
     agent_config,
     make_link,
@@ -121,7 +123,7 @@ def judged(server: SchedulerServer, node_id: str, count: int) -> Callable[[], bo
 
 @pytest.mark.asyncio
 async def test_honest_node_is_attested_on_connect_and_shown(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On Hello the scheduler challenges every GPU; the honest CPU prover passes; each
     verdict is stored with its figures, the agent hears it, placement may use the GPUs,
@@ -154,6 +156,7 @@ async def test_honest_node_is_attested_on_connect_and_shown(
                 }
             )
         )
+        monkeypatch.setenv("GPU_SCHEDULER_TOKEN", await admin_token(server))
         code = await asyncio.to_thread(
             main, ["-c", str(config_file), "nodes", "show", a.node_id[:12]]
         )
@@ -250,7 +253,7 @@ async def test_nodes_attest_on_demand(tmp_path: Path) -> None:
         async with agent(server, tmp_path / "a") as a:
             await until(judged(server, a.node_id, 2), what="verdicts on connect")
             first = {r.challenge_id for r in server.attestation.latest(a.node_id)}
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+            channel = authed_channel(server, await admin_token(server))
             stub = nodes_pb2_grpc.NodesStub(channel)
             gpu = server.registry.nodes[a.node_id].inventory.gpus[1].uuid
             response = await stub.Attest(

@@ -16,17 +16,24 @@ from scheduler.server import SchedulerServer
 from tests.test_usage_ingest import Env, make_env
 
 
+# The admin token of each test's server, for the CLI calls.
+CLI_TOKENS: dict[SchedulerServer, str] = {}
+
+
 @pytest_asyncio.fixture
 async def env(tmp_path: Path) -> AsyncIterator[Env]:
     async for e in make_env(tmp_path):
+        CLI_TOKENS[e.server] = e.token
         yield e
+        CLI_TOKENS.pop(e.server, None)
 
 
 async def cli(
-    server: SchedulerServer, capsys: pytest.CaptureFixture[str], *argv: str
+    server: SchedulerServer, capsys: pytest.CaptureFixture[str], *argv: str, token: str = ""
 ) -> tuple[int, str, str]:
     """Run gpu-scheduler in a thread (it uses blocking gRPC) against ``server``."""
     address = ["--address", f"127.0.0.1:{server.port}", "--insecure"]
+    address += ["--token", token or CLI_TOKENS[server]]
     code = await asyncio.to_thread(main, [argv[0], *address, *argv[1:]])
     out = capsys.readouterr()
     return code, out.out, out.err

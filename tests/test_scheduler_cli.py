@@ -14,7 +14,7 @@ import yaml
 from scheduler.cli import main
 from scheduler.config import SchedulerConfig
 from scheduler.server import SchedulerServer, tls_dir
-from tests.coordinator_harness import agent_config, make_link
+from tests.coordinator_harness import admin_token, agent_config, enrollment_token, make_link
 
 
 def _config(tmp_path: Path, port: int) -> dict[str, object]:
@@ -28,19 +28,24 @@ def _config(tmp_path: Path, port: int) -> dict[str, object]:
 
 @pytest.mark.asyncio
 async def test_nodes_lists_and_shows_a_connected_agent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no cert configured the server generates a CA (key 0600); an agent trusting it
-    connects; `nodes` and `nodes show PREFIX` print it online with its GPUs and uptime."""
+    and holding an enrolment token connects, bound to its provider; `nodes` and
+    `nodes show PREFIX` print it online with its GPUs, uptime and owner."""
     server = SchedulerServer(SchedulerConfig.model_validate(_config(tmp_path, 0)))
     await server.start()
     stop = asyncio.Event()
+    monkeypatch.setenv("GPU_SCHEDULER_TOKEN", await admin_token(server))
+    enroll = await enrollment_token(server, "acme")
     try:
         ca = tls_dir(server.config) / "ca.pem"
         assert stat.S_IMODE((tls_dir(server.config) / "server.key").stat().st_mode) == 0o600
         config_file = tmp_path / "sched.yaml"
         config_file.write_text(yaml.safe_dump(_config(tmp_path, server.port)))
-        coordinator = agent_config(server.port, None, insecure=False, ca_file=str(ca))
+        coordinator = agent_config(
+            server.port, None, insecure=False, ca_file=str(ca), enrollment_token=enroll
+        )
         link, identity = make_link(coordinator, tmp_path / "agent", gpus=3)
         task = asyncio.create_task(link.run(stop))
         await asyncio.wait_for(link.wait_connected(), 5)
@@ -57,6 +62,7 @@ async def test_nodes_lists_and_shows_a_connected_agent(
         assert code == 0
         assert f"node:        {identity.node_id}" in out
         assert out.count("(simulated)") == 3 and "uptime:      1h 100.0%" in out
+        assert "owner:       acme (registration: enrolled)" in out
 
         code = await asyncio.to_thread(main, ["-c", str(config_file), "nodes", "--json"])
         listed = json.loads(capsys.readouterr().out)
@@ -70,12 +76,13 @@ async def test_nodes_lists_and_shows_a_connected_agent(
 
 @pytest.mark.asyncio
 async def test_nodes_show_unknown_id_and_unreachable_server_fail_clearly(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An unknown node id is NOT_FOUND (exit 1); a server that is down fails within the
     deadline with UNAVAILABLE, not a hang or a traceback."""
     server = SchedulerServer(SchedulerConfig.model_validate(_config(tmp_path, 0)))
     await server.start()
+    monkeypatch.setenv("GPU_SCHEDULER_TOKEN", await admin_token(server))
     config_file = tmp_path / "sched.yaml"
     config_file.write_text(yaml.safe_dump(_config(tmp_path, server.port)))
     try:

@@ -25,7 +25,15 @@ from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2, 
 from scheduler.config import SchedulerConfig
 from scheduler.leases_store import LeaseRow
 from scheduler.server import SchedulerServer
-from tests.coordinator_harness import FakeClock, agent_config, scheduler_config, start_server, until
+from tests.coordinator_harness import (
+    FakeClock,
+    admin_token,
+    agent_config,
+    authed_channel,
+    scheduler_config,
+    start_server,
+    until,
+)
 
 S = common_pb2.LeaseState
 Behaviour = Callable[["FakeAgent", leases_pb2.LeaseAssign], Awaitable[None]]
@@ -185,6 +193,7 @@ class Env:
     stub: leases_pb2_grpc.LeasesStub
     tmp: Path
     agents: list[FakeAgent]
+    token: str = ""  # the admin token the stub sends
 
     async def agent(self, name: str, behaviour: Behaviour = accept, **kw: object) -> FakeAgent:
         agent = make_agent(self.server.port, self.tmp / name, behaviour, **kw)  # type: ignore[arg-type]
@@ -240,8 +249,9 @@ class Env:
 async def make_env(tmp_path: Path, **placement: object) -> AsyncIterator[Env]:
     clock = FakeClock()
     server = await start_server(config_for(tmp_path, **placement), clock)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    env = Env(server, clock, leases_pb2_grpc.LeasesStub(channel), tmp_path, [])
+    token = await admin_token(server)
+    channel = authed_channel(server, token)
+    env = Env(server, clock, leases_pb2_grpc.LeasesStub(channel), tmp_path, [], token)
     try:
         yield env
     finally:

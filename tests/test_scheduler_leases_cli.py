@@ -27,7 +27,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
 
 
 async def run_cli(env: Env, *argv: str) -> int:
-    conn = ["--address", f"127.0.0.1:{env.server.port}", "--insecure"]
+    conn = ["--address", f"127.0.0.1:{env.server.port}", "--insecure", "--token", env.token]
     return await asyncio.to_thread(cli.main, [argv[0], *argv[1:], *conn])
 
 

@@ -35,7 +35,14 @@ from gpuagent.v1 import (
 )
 from scheduler.config import SchedulerConfig
 from scheduler.server import SchedulerServer
-from tests.coordinator_harness import FakeClock, agent_config, scheduler_config, start_server
+from tests.coordinator_harness import (
+    FakeClock,
+    admin_token,
+    agent_config,
+    authed_channel,
+    scheduler_config,
+    start_server,
+)
 
 S = common_pb2.LeaseState
 SEC = 1_000_000_000
@@ -175,6 +182,7 @@ class Env:
     channel: grpc.aio.Channel
     agents: list[ScriptedAgent] = field(default_factory=list)
     clock: FakeClock | None = None
+    token: str = ""  # the admin token the channel sends
 
     @property
     def leases(self) -> leases_pb2_grpc.LeasesAsyncStub:
@@ -235,8 +243,9 @@ async def make_env(tmp_path: Path, **ledger: object) -> AsyncIterator[Env]:
     # offered, on the scheduler's own clock.
     clock = FakeClock(T0 / SEC - 60)
     server = await start_server(config_for(tmp_path, **ledger), clock)
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
-    env = Env(server, tmp_path, channel, clock=clock)
+    token = await admin_token(server)
+    channel = authed_channel(server, token)
+    env = Env(server, tmp_path, channel, clock=clock, token=token)
     try:
         yield env
     finally:

@@ -20,8 +20,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from gpuagent import leaserules
 from gpuagent.configload import format_validation_error
 from gpuagent.units import ByteSize, format_size
 
@@ -29,7 +38,7 @@ from ..config import RuntimeConfig
 
 MAX_REASON_CHARS = 1024
 MAX_ENV_VARS = 1024
-MAX_ENV_BYTES = 256 * 1024
+MAX_ENV_BYTES = leaserules.MAX_ENV_BYTES
 MAX_ARGS = 4096
 MAX_GPUS = 1024  # above any real host; larger numbers are garbage, not big asks
 MAX_BYTES = 2**62  # Docker takes int64; anything near it is garbage too
@@ -166,6 +175,15 @@ class LeaseSpec(_Wire):
         for i, value in enumerate(values):
             _no_nul(value, f"item {i}")
         return values
+
+    @model_validator(mode="after")
+    def _argv_size(self) -> LeaseSpec:
+        total = leaserules.argv_bytes(self.command, self.args)
+        if total > leaserules.MAX_ARGV_BYTES:
+            raise ValueError(
+                f"command and args are {total} bytes, over the {leaserules.MAX_ARGV_BYTES} allowed"
+            )
+        return self
 
     @field_validator("env")
     @classmethod

@@ -337,6 +337,7 @@ class CoordinatorLink:
             last_acked_usage_seq=state.last_acked_usage_seq,
             uptime_seconds=int(self._monotonic() - self._started),
             draining=state.draining,
+            enrollment_token=self.config.enrollment(),
         )
 
     def _apply_params(self, update: common_pb2.NodeParams, *, initial: bool) -> None:

@@ -94,6 +94,7 @@ class Hello(_message.Message):
     LAST_ACKED_USAGE_SEQ_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """derived from public_key (PROTOCOL.md)"""
     public_key: _builtins.bytes
@@ -110,6 +111,11 @@ class Hello(_message.Message):
     uptime_seconds: _builtins.int
     """agent process uptime"""
     draining: _builtins.bool
+    enrollment_token: _builtins.str
+    """Issued to a provider account (`gpu-scheduler nodes enroll`); binds a new node to
+    that account on its first Hello. Ignored for a node already bound. Not signed:
+    it travels inside TLS and is useless once the node is bound.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -137,10 +143,11 @@ class Hello(_message.Message):
         last_acked_usage_seq: _builtins.int = ...,
         uptime_seconds: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        enrollment_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "draining", b"draining", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_acked_usage_seq", b"last_acked_usage_seq", "leases", b"leases", "node_id", b"node_id", "node_name", b"node_name", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "signature", b"signature", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "draining", b"draining", "enrollment_token", b"enrollment_token", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_acked_usage_seq", b"last_acked_usage_seq", "leases", b"leases", "node_id", b"node_id", "node_name", b"node_name", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "signature", b"signature", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,6 +119,9 @@ class Node(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ATTESTED_FIELD_NUMBER: _builtins.int
     ATTESTATIONS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REGISTRATION_FIELD_NUMBER: _builtins.int
+    MARKET_VIEW_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     public_key: _builtins.bytes
@@ -135,6 +138,12 @@ class Node(_message.Message):
     region: _builtins.str
     attested: _builtins.bool
     """every GPU holds a passed, unexpired attestation"""
+    owner: _builtins.str
+    """provider account the node is bound to; "" = none"""
+    registration: _builtins.str
+    """"enrolled" (token) | "open" (registration: open)"""
+    market_view: _builtins.bool
+    """true: provider-private detail was left out"""
     @_builtins.property
     def inventory(self) -> _inventory_pb2.Inventory: ...
     @_builtins.property
@@ -178,10 +187,13 @@ class Node(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         attested: _builtins.bool = ...,
         attestations: _abc.Iterable[Global___GpuAttestation] | None = ...,
+        owner: _builtins.str = ...,
+        registration: _builtins.str = ...,
+        market_view: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "name", b"name", "node_id", b"node_id", "peer", b"peer", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "owner", b"owner", "peer", b"peer", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

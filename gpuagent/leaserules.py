@@ -1,0 +1,43 @@
+"""Lease-spec and lease-update limits both sides enforce (one home for each rule).
+
+The scheduler refuses a spec past these at submit, naming the field; the agent
+refuses it again on assign (a coordinator is untrusted input too). Integer
+maxima keep every value an SQLite/PostgreSQL ``BIGINT`` and every derived amount
+(price x GPUs x duration) below 2^63, so no arithmetic downstream overflows.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+MAX_ARGV_BYTES = 64 * 1024  # command + args together, UTF-8
+MAX_ENV_BYTES = 256 * 1024  # names + values + separators
+MAX_SIZE_BYTES = 2**50  # 1 PiB: memory, shm, scratch, GPU memory asks
+MAX_DURATION_S = 366 * 86400 * 10  # ten years
+MAX_PRICE_MICROS = 10**12  # a million units per GPU-hour
+MAX_REASON_CHARS = 1024  # LeaseUpdate.reason as sent
+UINT64_FIELDS: dict[str, int] = {
+    "gpu_min_memory_bytes": MAX_SIZE_BYTES,
+    "memory_bytes": MAX_SIZE_BYTES,
+    "shm_bytes": MAX_SIZE_BYTES,
+    "scratch_bytes": MAX_SIZE_BYTES,
+    "max_duration_seconds": MAX_DURATION_S,
+    "price_micro_per_gpu_hour": MAX_PRICE_MICROS,
+}
+
+
+def argv_bytes(command: list[str] | tuple[str, ...], args: list[str] | tuple[str, ...]) -> int:
+    return sum(len(part.encode("utf-8", errors="replace")) + 1 for part in (*command, *args))
+
+
+def control_char(text: str) -> int | None:
+    """Index of the first control character (newline, escape, NUL...) in ``text``."""
+    for index, char in enumerate(text):
+        if unicodedata.category(char) in ("Cc", "Cf"):
+            return index
+    return None
+
+
+def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, marked as cut."""
+    return text if len(text) <= limit else text[: limit - 15] + " ...[truncated]"
