@@ -45,8 +45,9 @@ DEMO_LEASE: dict[str, Any] = {
     "memory": "64MiB",
     "max_duration": "5m",
     "price_max": 2_000_000,  # micro-units per GPU-hour: 2 units, above the node's 1.5 ask
-    "buyer": DEMO_BUYER,
 }
+DEMO_PROVIDER = "demo-provider"
+TOKENS_DIR = RUN_DIR / "tokens"
 
 
 def say(text: str) -> None:
@@ -124,13 +125,19 @@ def stop(proc: subprocess.Popen[str], name: str, timeout: float = 20.0) -> None:
         proc.wait()
 
 
-def cli(program: str, config: Path, *args: str, check: bool = True) -> str:
+def cli(program: str, config: Path, *args: str, check: bool = True, as_account: str = "") -> str:
+    """Run a CLI with the token of ``as_account`` (.run/tokens/NAME); none when empty."""
+    env = dict(os.environ)
+    env.pop("GPU_SCHEDULER_TOKEN", None)
+    if as_account:
+        env["GPU_SCHEDULER_TOKEN"] = (TOKENS_DIR / as_account).read_text(encoding="utf-8").strip()
     result = subprocess.run(
         [str(BIN / program), "-c", str(config), *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env=env,
     )
     if check and result.returncode != 0:
         raise RuntimeError(
@@ -209,6 +216,8 @@ def main() -> int:
                 "coordinator": {
                     "address": f"127.0.0.1:{grpc_port}",
                     "ca_file": str(sched_dir / "tls" / "ca.pem"),
+                    # Issued to demo-provider by `gpu-scheduler nodes enroll` below.
+                    "enrollment_token_file": str((RUN_DIR / "enrollment.token").resolve()),
                 },
                 "gpu": {
                     "backend": "nvml" if use_nvml else "simulated",
@@ -221,6 +230,7 @@ def main() -> int:
     )
     ensure_demo_image()
 
+    bootstrap_admin(sched_cfg)
     procs: dict[str, subprocess.Popen[str]] = {}
     with running(procs):
         say(f"starting gpu-scheduler on 127.0.0.1:{grpc_port} (TLS, SQLite in {sched_dir})")
@@ -235,6 +245,7 @@ def main() -> int:
             30,
             list(procs.values()),
         )
+        make_accounts(sched_cfg)
         say(f"starting gpu-agent (state in {agent_dir}, status on 127.0.0.1:{status_port})")
         procs["agent"] = start(
             "agent",
@@ -243,13 +254,24 @@ def main() -> int:
         )
 
         def node_online() -> bool:
-            nodes = json.loads(cli("gpu-scheduler", sched_cfg, "nodes", "--json"))
+            nodes = json.loads(
+                cli("gpu-scheduler", sched_cfg, "nodes", "--json", as_account=DEMO_PROVIDER)
+            )
             return any(n.get("liveness") == "LIVENESS_ONLINE" for n in nodes)
 
         wait_for("waiting for the node to come online", node_online, 60, list(procs.values()))
-        print(cli("gpu-scheduler", sched_cfg, "nodes"), flush=True)  # noqa: T201
+        say("the fleet as its provider (demo-provider) sees it")
+        print(cli("gpu-scheduler", sched_cfg, "nodes", as_account=DEMO_PROVIDER), flush=True)  # noqa: T201
 
         run_lease(sched_cfg, agent_cfg)
+        show_refusals(sched_cfg)
+        say("tokens are in .run/tokens (0600); to go on by hand:")
+        print(  # noqa: T201
+            f"  export GPU_SCHEDULER_TOKEN=$(cat {TOKENS_DIR}/{DEMO_BUYER})\n"
+            f"  {BIN / 'gpu-scheduler'} -c {sched_cfg} leases\n"
+            f"  (admin: {TOKENS_DIR}/admin, provider: {TOKENS_DIR}/{DEMO_PROVIDER})",
+            flush=True,
+        )
 
         say("scheduler and agent keep running; Ctrl-C stops them (logs in .run/*.log)")
         try:
@@ -267,21 +289,15 @@ def main() -> int:
 def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
     lease_file = RUN_DIR / "demo-lease.yaml"
     lease_file.write_text(yaml.safe_dump(DEMO_LEASE, sort_keys=False))
-    cli("gpu-scheduler", sched_cfg, "deposit", DEMO_BUYER, "100", check=False)
-    say("submitting the demo lease and following it")
+    say(f"admin credits {DEMO_BUYER} with 100 units (the stand-in for a payment rail)")
+    cli("gpu-scheduler", sched_cfg, "deposit", DEMO_BUYER, "100", check=False, as_account="admin")
+    say(f"submitting the demo lease as {DEMO_BUYER} and following it")
+    buyer_token = (TOKENS_DIR / DEMO_BUYER).read_text(encoding="utf-8").strip()
     proc = subprocess.Popen(
-        [
-            str(BIN / "gpu-scheduler"),
-            "-c",
-            str(sched_cfg),
-            "submit",
-            str(lease_file),
-            "--buyer",
-            DEMO_BUYER,
-            "--wait",
-        ],
+        [str(BIN / "gpu-scheduler"), "-c", str(sched_cfg), "submit", str(lease_file), "--wait"],
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "GPU_SCHEDULER_TOKEN": buyer_token},
     )
     assert proc.stdout is not None
     lease_id = ""
@@ -293,12 +309,86 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
         say(f"lease did not succeed (exit {proc.returncode}); see .run/agent.log")
     if lease_id:
         say("the lease's output (kept by the scheduler)")
-        print(cli("gpu-scheduler", sched_cfg, "logs", lease_id, check=False), flush=True)  # noqa: T201
+        print(  # noqa: T201
+            cli("gpu-scheduler", sched_cfg, "logs", lease_id, check=False, as_account=DEMO_BUYER),
+            flush=True,
+        )
     say("leases on the agent (local view)")
     print(cli("gpu-agent", agent_cfg, "leases", "--all", check=False), flush=True)  # noqa: T201
     say("usage billed at the scheduler")
-    print(cli("gpu-scheduler", sched_cfg, "usage", check=False), flush=True)  # noqa: T201
-    print(cli("gpu-scheduler", sched_cfg, "balance", DEMO_BUYER, check=False), flush=True)  # noqa: T201
+    print(cli("gpu-scheduler", sched_cfg, "usage", check=False, as_account=DEMO_BUYER), flush=True)  # noqa: T201
+    balance = cli("gpu-scheduler", sched_cfg, "balance", check=False, as_account=DEMO_BUYER)
+    print(balance, flush=True)  # noqa: T201
+
+
+def bootstrap_admin(sched_cfg: Path) -> None:
+    """The first admin token, once per database (`acl bootstrap` on the file itself)."""
+    TOKENS_DIR.mkdir(mode=0o700, exist_ok=True)
+    if (TOKENS_DIR / "admin").exists():
+        return
+    say("bootstrapping the ACL: the first admin token (gpu-scheduler acl bootstrap)")
+    cli("gpu-scheduler", sched_cfg, "acl", "bootstrap", "--token-file", str(TOKENS_DIR / "admin"))
+
+
+def make_accounts(sched_cfg: Path) -> None:
+    """demo-buyer and demo-provider with a token each, and the node's enrolment token."""
+    for name, role in ((DEMO_BUYER, "buyer"), (DEMO_PROVIDER, "provider")):
+        path = TOKENS_DIR / name
+        if path.exists():
+            continue
+        say(f"creating account {name} ({role}) and its token")
+        cli(
+            "gpu-scheduler",
+            sched_cfg,
+            "accounts",
+            "create",
+            name,
+            "--role",
+            role,
+            check=False,
+            as_account="admin",
+        )
+        token = cli(
+            "gpu-scheduler", sched_cfg, "tokens", "create", name, as_account="admin"
+        ).strip()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(token + "\n")
+    enrollment = RUN_DIR / "enrollment.token"
+    if not enrollment.exists():
+        say(f"enrolling the node: a token for {DEMO_PROVIDER} from gpu-scheduler nodes enroll")
+        token = cli("gpu-scheduler", sched_cfg, "nodes", "enroll", as_account=DEMO_PROVIDER).strip()
+        fd = os.open(enrollment, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(token + "\n")
+
+
+def show_refusals(sched_cfg: Path) -> None:
+    """What a stranger and a buyer cannot do: each of these calls is refused."""
+    say("tried as a hostile caller: each call below is refused")
+    attempts: list[tuple[str, str, list[str]]] = [
+        ("no token", "", ["leases"]),
+        ("no token", "", ["deposit", DEMO_BUYER, "1000"]),
+        (DEMO_BUYER, DEMO_BUYER, ["deposit", DEMO_BUYER, "1000"]),
+        (DEMO_BUYER, DEMO_BUYER, ["balance", "admin"]),
+        (DEMO_BUYER, DEMO_BUYER, ["audit"]),
+    ]
+    for who, token, args in attempts:
+        env = {k: v for k, v in os.environ.items() if k != "GPU_SCHEDULER_TOKEN"}
+        env["HOME"] = str(RUN_DIR.resolve())  # no ~/.config token file either
+        if token:
+            env["GPU_SCHEDULER_TOKEN"] = (TOKENS_DIR / token).read_text(encoding="utf-8").strip()
+        result = subprocess.run(
+            [str(BIN / "gpu-scheduler"), "-c", str(sched_cfg), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        first = (result.stderr.strip().splitlines() or ["(no message)"])[0]
+        verdict = "refused" if result.returncode != 0 else "ALLOWED (a bug!)"
+        print(f"  [{who}] gpu-scheduler {' '.join(args)}: {verdict}: {first[:150]}", flush=True)  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import httpx
 import psutil
 import yaml
 
+from benchmarks import schedauth
 from gpuagent.v1 import common_pb2, leases_pb2, leases_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 
 IMAGE = "gpu-agent-test/busybox:latest"
@@ -76,9 +77,11 @@ class Stack:
                     "metrics": {"listen": None},
                     "attestation": {"enabled": False, "required": False},
                     "ledger": {"escrow": False},
+                    "auth": schedauth.OPEN_REGISTRATION,
                 }
             )
         )
+        self.token = schedauth.bootstrap_admin(self.sched_cfg, workdir / "admin.token")
         agent_dir = workdir / "agent"
         agent_dir.mkdir(mode=0o700)
         self.agent_cfg = workdir / "agent.yaml"
@@ -112,8 +115,7 @@ class Stack:
         self._start("scheduler", [str(BIN / "gpu-scheduler"), "-c", str(self.sched_cfg), "serve"])
         wait_until("for the scheduler's CA", self.ca_file.exists, 30)
         self._channel = grpc.secure_channel(
-            f"localhost:{self.grpc_port}",
-            grpc.ssl_channel_credentials(root_certificates=self.ca_file.read_bytes()),
+            f"localhost:{self.grpc_port}", schedauth.credentials(self.ca_file, self.token)
         )
         self._start("agent", [str(BIN / "gpu-agent"), "-c", str(self.agent_cfg), "run"])
 

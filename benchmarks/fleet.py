@@ -49,6 +49,7 @@ import yaml
 
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
+from . import schedauth
 from .fleet_worker import WorkerSpec, worker_main
 from .registry import Figure, register
 
@@ -93,9 +94,11 @@ class SchedulerProcess:
                     "metrics": {"listen": None},
                     "attestation": {"enabled": False, "required": False},
                     "ledger": {"escrow": False},
+                    "auth": schedauth.OPEN_REGISTRATION,
                 }
             )
         )
+        self.token = schedauth.bootstrap_admin(self.config, workdir / "admin.token")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -370,7 +373,7 @@ async def run_fleet(
             await asyncio.to_thread(profiler.wait, 60)
 
         # Placement: leases submitted one after another under the heartbeat load.
-        lease_creds = grpc.ssl_channel_credentials(root_certificates=sched.ca_file.read_bytes())
+        lease_creds = schedauth.credentials(sched.ca_file, sched.token)
         placement_ms: list[float] = []
         placed: list[str] = []
         async with grpc.aio.secure_channel(f"localhost:{sched.port}", lease_creds) as buyer:

@@ -20,6 +20,7 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gpuagent import leaserules
 from gpuagent.configload import ConfigError, format_validation_error, read_yaml
 from gpuagent.units import ByteSize, Duration, format_duration, parse_duration
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
@@ -54,14 +55,18 @@ class LeaseFile(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     gpus: int = Field(default=1, ge=1, le=64)
     gpu_model: str = ""
-    gpu_memory: ByteSize = 0
-    cpus: float = Field(default=0.0, ge=0)
-    memory: ByteSize = 0
-    shm: ByteSize = 0
-    scratch: ByteSize = 0
+    # Bounds from gpuagent.leaserules: the scheduler refuses more, so say so here, in
+    # one line naming the key, rather than fail inside protobuf with a traceback.
+    gpu_memory: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
+    cpus: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    memory: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
+    shm: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
+    scratch: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     ports: list[PortFile] = Field(default_factory=list)
-    max_duration: Duration = 0.0
-    price_max: int = Field(default=0, ge=0, description="micro-units per GPU-hour")
+    max_duration: Duration = Field(default=0.0, le=leaserules.MAX_DURATION_S)
+    price_max: int = Field(
+        default=0, ge=0, le=leaserules.MAX_PRICE_MICROS, description="micro-units per GPU-hour"
+    )
     buyer: str = ""
     node: str = ""
     replace_on_lost: bool = False

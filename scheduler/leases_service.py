@@ -67,7 +67,8 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
     argv = leaserules.argv_bytes(list(spec.command), list(spec.args))
     if argv > leaserules.MAX_ARGV_BYTES:
         raise SpecError(
-            f"spec.command/args: {argv} bytes together, over the {leaserules.MAX_ARGV_BYTES} allowed"
+            f"spec.command/args: {argv} bytes together, "
+            f"over the {leaserules.MAX_ARGV_BYTES} allowed"
         )
     env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())
     if env > leaserules.MAX_ENV_BYTES:

@@ -162,7 +162,10 @@ class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
-        metadata = [*(client_call_details.metadata or ()), ("authorization", f"Bearer {self.token}")]
+        metadata = [
+            *(client_call_details.metadata or ()),
+            ("authorization", f"Bearer {self.token}"),
+        ]
         return await continuation(client_call_details._replace(metadata=metadata), request)
 
 
@@ -203,6 +206,4 @@ async def enrollment_token(server: SchedulerServer, provider: str) -> str:
 
 def authed_channel(server: SchedulerServer, token: str) -> grpc.aio.Channel:
     """A plaintext loopback channel to ``server`` that sends ``token`` on every call."""
-    return grpc.aio.insecure_channel(
-        f"127.0.0.1:{server.port}", interceptors=[BearerToken(token)]
-    )
+    return grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[BearerToken(token)])

@@ -23,10 +23,10 @@ from gpuagent.v1 import nodes_pb2, nodes_pb2_grpc
 from scheduler.cli import main
 from scheduler.server import SchedulerServer
 from tests.coordinator_harness import (
-    admin_token,
-    authed_channel,
     FakeClock,
+    admin_token,
     agent_config,
+    authed_channel,
     make_link,
     scheduler_config,
     start_server,

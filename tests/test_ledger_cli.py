@@ -15,7 +15,6 @@ from scheduler.cmd_ledger import parse_amount
 from scheduler.server import SchedulerServer
 from tests.test_usage_ingest import Env, make_env
 
-
 # The admin token of each test's server, for the CLI calls.
 CLI_TOKENS: dict[SchedulerServer, str] = {}
 

@@ -178,6 +178,8 @@ class Cluster:
             "liveness": {"heartbeat_interval": "1s", "offline_grace": "6s", "restart_grace": "8s"},
             "attestation": {"enabled": False, "required": False},
             "ledger": {"default_credit_micros": 10**12},
+            # Anonymous test agent; enrolment has its own tests (tests/test_auth_*.py).
+            "auth": {"registration": "open"},
         }
         _merge(cfg, self.scheduler_overrides)
         self.sched_cfg.write_text(yaml.safe_dump(cfg))
@@ -323,6 +325,26 @@ class Cluster:
             return False
         return bool(status.get("coordinator", {}).get("connected"))
 
+    def admin_token(self) -> str:
+        """The admin token from ``acl bootstrap`` (run once, on the database file)."""
+        token_file = self.root / "admin.token"
+        if not token_file.exists():
+            subprocess.run(
+                [
+                    str(BIN / "gpu-scheduler"),
+                    "-c",
+                    str(self.sched_cfg),
+                    "acl",
+                    "bootstrap",
+                    "--token-file",
+                    str(token_file),
+                ],
+                capture_output=True,
+                timeout=60,
+                check=True,
+            )
+        return token_file.read_text(encoding="utf-8").strip()
+
     def scheduler_cli(self, *args: str, check: bool = True) -> str:
         result = subprocess.run(
             [str(BIN / "gpu-scheduler"), "-c", str(self.sched_cfg), *args],
@@ -330,6 +352,7 @@ class Cluster:
             text=True,
             timeout=60,
             check=False,
+            env={**os.environ, "GPU_SCHEDULER_TOKEN": self.admin_token()},
         )
         if check and result.returncode != 0:
             raise AssertionError(f"gpu-scheduler {' '.join(args)}: {result.stderr.strip()}")
