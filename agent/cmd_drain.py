@@ -15,6 +15,7 @@ import httpx
 
 from gpuagent.units import parse_duration
 
+from . import control_token
 from .cli import UsageError, load_config_from_args
 from .cmd_status import base_url
 
@@ -43,10 +44,24 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def post_action(args: argparse.Namespace, name: str, body: dict[str, Any]) -> dict[str, Any]:
-    listen = args.address or load_config_from_args(args).status.listen
+    config = load_config_from_args(args)
+    listen = args.address or config.status.listen
     url = base_url(listen)
     try:
-        response = httpx.post(f"{url}/{name}", json=body, timeout=args.timeout)
+        token = control_token.read(config.node.state_dir)
+    except OSError as exc:
+        raise RuntimeError(
+            f"cannot read the agent's control token "
+            f"({control_token.token_path(config.node.state_dir)}: {exc.strerror}); run this as "
+            "root or as the agent's user, with the agent's config (-c)"
+        ) from None
+    try:
+        response = httpx.post(
+            f"{url}/{name}",
+            json=body,
+            timeout=args.timeout,
+            headers={"Authorization": f"Bearer {token}"},
+        )
     except httpx.HTTPError as exc:
         raise RuntimeError(
             f"no agent answers at {url} ({exc}); is `gpu-agent run` running?"

@@ -27,7 +27,7 @@ from gpuagent.usage import SignedUsageRecord
 from gpuagent.usage_wire import record_to_pb
 from gpuagent.v1 import coordinator_pb2, leases_pb2, usage_pb2
 
-from . import wire
+from . import control_token, wire
 from .attestation import (
     AttestationResponder,
     GpuResult,
@@ -441,6 +441,7 @@ class AgentNode:
             readiness=readiness,
             status=doc.build,
             actions={"drain": drain, "uncordon": uncordon},
+            control_token=control_token.load_or_create(self.config.node.state_dir),
         )
         return StatusServer(self.config.status.listen, app)
 

@@ -10,10 +10,17 @@ histogram the scheduler updates as they happen. Served by
 
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from wsgiref.simple_server import WSGIServer
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,9 +28,10 @@ from prometheus_client import (
     Histogram,
     Info,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from gpuagent import PROTOCOL_VERSION, __version__
@@ -166,16 +174,73 @@ class MetricsServer:
             self._thread.join(timeout=5)
 
 
-def start_metrics_server(listen: str, metrics: SchedulerMetrics) -> MetricsServer:
+@dataclass(frozen=True)
+class MetricsSecurity:
+    """TLS and basic auth for ``/metrics`` (``metrics.cert_file``/``basic_auth_*``)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    basic_auth_user: str | None = None
+    basic_auth_password: str | None = None
+
+
+def _basic_auth(app: Any, user: str, password: str) -> Any:
+    """WSGI middleware: 401 unless the request carries ``user:password``."""
+    expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def guarded(environ: dict[str, Any], start_response: Any) -> Any:
+        given = str(environ.get("HTTP_AUTHORIZATION", ""))
+        # Constant time: the comparison must not tell a scraper how much was right.
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            start_response(
+                "401 Unauthorized",
+                [("WWW-Authenticate", 'Basic realm="gpu-scheduler"'), ("Content-Length", "0")],
+            )
+            return [b""]
+        return app(environ, start_response)
+
+    return guarded
+
+
+def start_metrics_server(
+    listen: str, metrics: SchedulerMetrics, security: MetricsSecurity | None = None
+) -> MetricsServer:
     """Serve ``/metrics`` on ``host:port`` (port 0 picks a free one) in a daemon thread.
 
     Raises ``ValueError`` naming ``metrics.listen`` when the address is malformed
-    and ``OSError`` when it cannot be bound.
+    and ``OSError`` when it cannot be bound or the TLS files cannot be read.
     """
     host, sep, port_text = listen.strip().rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) > 65535:
         raise ValueError(f"metrics.listen {listen!r}: expected host:port, e.g. 127.0.0.1:9471")
     host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":port" asks for every interface
-    server, thread = start_http_server(int(port_text), addr=host, registry=metrics.registry)
-    log.info("scheduler metrics listening", extra={"address": f"{host}:{server.server_port}"})
+    security = security or MetricsSecurity()
+    app = make_wsgi_app(metrics.registry)
+    if security.basic_auth_user is not None and security.basic_auth_password is not None:
+        app = _basic_auth(app, security.basic_auth_user, security.basic_auth_password)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host, int(port_text), app, Server, handler_class=_QuietHandler)
+    if security.cert_file is not None and security.key_file is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(str(security.cert_file), str(security.key_file))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    log.info(
+        "scheduler metrics listening",
+        extra={
+            "address": f"{host}:{server.server_port}",
+            "tls": security.cert_file is not None,
+            "basic_auth": security.basic_auth_user is not None,
+        },
+    )
     return MetricsServer(server, thread)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return None  # scrapes every few seconds are not worth a log line each

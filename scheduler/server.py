@@ -47,7 +47,7 @@ from .leases_store import LeaseStore
 from .ledger import LeaseHooks
 from .ledger_service import LedgerService
 from .liveness import Liveness, LivenessPolicy
-from .metrics import MetricsServer, SchedulerMetrics, start_metrics_server
+from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
 from .secretbox import SecretBox
@@ -114,6 +114,24 @@ def server_credentials(config: SchedulerConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def metrics_security(config: SchedulerConfig) -> MetricsSecurity:
+    m = config.metrics
+    password = None
+    if m.basic_auth_password_file is not None:
+        try:
+            password = m.basic_auth_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ServerStartError(
+                f"metrics.basic_auth_password_file: cannot read "
+                f"{m.basic_auth_password_file}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise ServerStartError(
+                f"metrics.basic_auth_password_file: {m.basic_auth_password_file} is empty"
+            )
+    return MetricsSecurity(m.cert_file, m.key_file, m.basic_auth_user, password)
 
 
 class SchedulerServer:
@@ -228,12 +246,13 @@ class SchedulerServer:
 
     async def start(self) -> int:
         """Open the database, bind and start serving; returns the bound port."""
+        policy.check_complete(served_methods())
+        security = metrics_security(self.config)  # a bad file fails before anything starts
         await self.db.open()
         await self.registry.load()
         await self.attestation.load()
         await self.leases_store.load()
         await self.ledger.load()
-        policy.check_complete(served_methods())
         server = grpc.aio.server(
             options=server_options(self.config),
             interceptors=[AuthInterceptor(self.authenticator)],
@@ -289,7 +308,7 @@ class SchedulerServer:
         if self.config.metrics.listen:
             try:
                 self._metrics_server = start_metrics_server(
-                    self.config.metrics.listen, self.metrics
+                    self.config.metrics.listen, self.metrics, security
                 )
             except (ValueError, OSError) as exc:
                 await self.stop()

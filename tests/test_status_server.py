@@ -164,9 +164,40 @@ def test_registered_action_receives_the_json_body() -> None:
         ok = httpx.post(url + "/drain", json={"reason": "maintenance"})
         assert ok.json() == {"result": {"draining": True}}
         assert seen == [{"reason": "maintenance"}]
-        bad = httpx.post(url + "/drain", content=b"{nope")
+        bad = httpx.post(
+            url + "/drain", content=b"{nope", headers={"Content-Type": "application/json"}
+        )
         assert bad.status_code == 400
         assert "not JSON" in bad.json()["error"]
+    finally:
+        server.stop()
+
+
+def test_actions_need_the_control_token_json_and_no_browser() -> None:
+    """With a control token, an action without it (or with another) is 401, a form post
+    415, and anything a browser sends (Origin, Sec-Fetch-*) 403 even with the token;
+    reads stay open. Nothing reached the action but the one good request."""
+    seen: list[Any] = []
+    app = StatusApp(
+        populated_telemetry().registry,
+        actions={"drain": lambda body: seen.append(body) or {"draining": True}},
+        control_token="t0ken",
+    )
+    server = StatusServer("127.0.0.1:0", app)
+    server.start()
+    try:
+        url = "http://{}:{}".format(*server.address) + "/drain"
+        good = {"Authorization": "Bearer t0ken"}
+        assert httpx.post(url, json={}).status_code == 401
+        assert httpx.post(url, json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        form = httpx.post(url, data={"a": "b"}, headers=good)
+        assert form.status_code == 415
+        for browser in ({"Origin": "http://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+            assert httpx.post(url, json={}, headers={**good, **browser}).status_code == 403
+        assert seen == []
+        assert httpx.post(url, json={"x": 1}, headers=good).status_code == 200
+        assert seen == [{"x": 1}]
+        assert httpx.get(url.replace("/drain", "/healthz")).status_code == 200
     finally:
         server.stop()
 

@@ -9,14 +9,17 @@ scrape. ``status.listen`` sets the address (default 127.0.0.1:9470).
 - ``GET /healthz``  200 while the process serves requests (liveness).
 - ``GET /readyz``   JSON with each check's state; 503 when any check fails.
 - ``GET /status``   the read-only JSON status document (``gpu-agent status``).
-- ``POST /drain``, ``POST /uncordon``  reserved for operator actions; 501
-  until an action is registered. Accepted from loopback clients only, since
-  the endpoint has no authentication of its own.
+- ``POST /drain``, ``POST /uncordon``  operator actions; 501 until an action is
+  registered. Accepted only from loopback, with ``Content-Type: application/json``
+  and ``Authorization: Bearer <control token>`` (agent/control_token.py), and never
+  from a browser (``Origin`` or ``Sec-Fetch-*`` headers): a web page the operator
+  opens could otherwise post to 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -111,8 +114,10 @@ class StatusApp:
         readiness: Readiness | None = None,
         status: Callable[[], Mapping[str, Any]] | None = None,
         actions: Mapping[str, Action] | None = None,
+        control_token: str | None = None,
     ) -> None:
         self._metrics = make_wsgi_app(registry)
+        self._control = control_token
         self._readiness = readiness
         self._status = status
         self._actions = dict(actions or {})
@@ -159,6 +164,23 @@ class StatusApp:
             return _json(
                 start, "403 Forbidden", {"error": "actions are accepted from loopback only"}
             )
+        if any(k in environ for k in ("HTTP_ORIGIN", "HTTP_SEC_FETCH_SITE", "HTTP_SEC_FETCH_MODE")):
+            return _json(start, "403 Forbidden", {"error": "requests from a browser are refused"})
+        content_type = str(environ.get("CONTENT_TYPE", "")).split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            return _json(
+                start,
+                "415 Unsupported Media Type",
+                {"error": "actions take Content-Type: application/json"},
+            )
+        if self._control is not None:
+            given = str(environ.get("HTTP_AUTHORIZATION", ""))
+            if not hmac.compare_digest(given.encode(), f"Bearer {self._control}".encode()):
+                return _json(
+                    start,
+                    "401 Unauthorized",
+                    {"error": "actions need the control token from the agent's state directory"},
+                )
         action = self._actions.get(name)
         if action is None:
             return _json(start, "501 Not Implemented", {"error": f"{name} is not implemented yet"})
