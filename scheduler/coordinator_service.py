@@ -23,6 +23,7 @@ from gpuagent import PROTOCOL_VERSION, __version__, bounds, leaserules
 from gpuagent.signing import hello_signing_bytes, node_id_from_public_key, verify_ed25519
 from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
+from .auth import store as acl_store
 from .auth.interceptor import Authenticator, Refusal
 from .registry import NameTaken, NodeRecord, Registry, Session
 
@@ -276,6 +277,12 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except Refusal as exc:
             raise Refused(Error.REJECTED, str(exc)) from None
         log.info("node enrolled", extra={"node_id": hello.node_id, "account": owner})
+        now = time.time_ns()
+        await self.registry.db.call(
+            lambda conn: acl_store.audit(
+                conn, now, owner, "node.enroll", hello.node_id, f"name={hello.node_name}"
+            )
+        )
         return owner
 
     async def _serve(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> str:

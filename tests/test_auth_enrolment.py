@@ -139,3 +139,16 @@ async def test_open_registration_admits_any_key_unbound(tmp_path: Path) -> None:
         record = server.registry.nodes[link.identity.node_id]
         assert record.owner == ""
         assert server.registry.to_proto(record).registration == "open"
+
+
+@pytest.mark.asyncio
+async def test_enrolment_is_audited(tmp_path: Path) -> None:
+    """Binding a node is written to the audit log under its provider account."""
+    async with scheduler(tmp_path, "token") as (server, pki):
+        token = await enrollment_token(server, "acme")
+        link, refusal = await connect(server, pki, tmp_path / "a", "gpu-7", enrollment_token=token)
+        assert refusal is None
+        entries = await server.db.call(lambda c: acl_store.audit_entries(c, 10, "acme"))
+        assert [(e.action, e.target, e.detail) for e in entries] == [
+            ("node.enroll", link.identity.node_id, "name=gpu-7")
+        ]

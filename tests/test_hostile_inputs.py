@@ -231,3 +231,30 @@ async def test_nodes_show_prints_lease_states_by_name(
         out = capsys.readouterr().out
         assert code == 0
         assert f"lease:       {lease.lease_id} state=running" in out
+
+
+@pytest.mark.asyncio
+async def test_registry_credentials_are_sealed_at_rest_and_reach_only_the_node(
+    tmp_path: Path,
+) -> None:
+    """A buyer's registry password is not in the database file in any form a reader can
+    use; the LeaseAssign to the placed node carries it; Get never returns it; the state
+    files are 0600 in a 0700 directory."""
+    async with make_env(tmp_path) as env:
+        agent = await env.agent("a", accept)
+        lease = await env.submit(
+            registry_auth=leases_pb2.RegistryAuth(
+                username="bob", password="hunter2-registry-pass", server="registry.example"
+            )
+        )
+        await env.wait_state(lease.lease_id, S.LEASE_STATE_ASSIGNED)
+        assert agent.assigns[0].spec.registry_auth.password == "hunter2-registry-pass"
+        got = await env.get(lease.lease_id)
+        assert not got.spec.HasField("registry_auth")
+        db = env.server.config.database.path
+        stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+        assert b"hunter2-registry-pass" not in stored
+        key = db.parent / "secrets.key"
+        for path in (db, key):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert db.parent.stat().st_mode & 0o777 == 0o700
