@@ -347,7 +347,10 @@ async def test_another_providers_node_cannot_be_drained_or_attested(world: World
         )
     assert node.draining
     entries = await world.server.db.call(lambda c: acl_store.audit_entries(c, 10, "acme"))
-    assert [(e.action, e.target) for e in entries] == [("node.drain", world.node_id)]
+    assert [(e.action, e.target) for e in entries] == [
+        ("node.drain", world.node_id),
+        ("node.enroll", world.node_id),
+    ]
 
 
 @pytest.mark.asyncio

@@ -30,6 +30,7 @@ def test_generated_modules_are_fresh(tmp_path: Path) -> None:
 def test_every_message_and_field_is_documented() -> None:
     """PROTOCOL.md names every message of protocol v1 (the document is the contract)."""
     from gpuagent.v1 import (
+        acl_pb2,
         attestation_pb2,
         common_pb2,
         coordinator_pb2,
@@ -43,6 +44,7 @@ def test_every_message_and_field_is_documented() -> None:
     text = (protogen.ROOT / "PROTOCOL.md").read_text(encoding="utf-8")
     missing = []
     for module in (
+        acl_pb2,
         attestation_pb2,
         common_pb2,
         coordinator_pb2,
