@@ -88,7 +88,17 @@ class CoordinatorConfig(Strict):
         return self
 
 
-SimulatedProfile = Literal["h100-sxm-80gb", "a100-sxm-80gb", "rtx-4090", "rtx-3080"]
+# The keys of agent.gpu.profiles.PROFILES (a test holds the two equal).
+SimulatedProfile = Literal[
+    "h100-sxm-80gb",
+    "h200-sxm-141gb",
+    "b200",
+    "a100-sxm-80gb",
+    "l4",
+    "rtx-5090",
+    "rtx-4090",
+    "rtx-3080",
+]
 
 
 class SimulatedFault(Strict):
