@@ -136,8 +136,10 @@ class SimulatedGpuConfig(Strict):
 
 
 class GpuConfig(Strict):
-    backend: Literal["nvml", "simulated", "auto"] = Field(
-        default="nvml", description="auto = NVML when the library loads, else simulated (loudly)"
+    backend: Literal["nvml", "amd", "simulated", "auto"] = Field(
+        default="nvml",
+        description="amd = AMD Instinct through amdsmi; auto = NVML when the library loads, "
+        "else amdsmi when it finds AMD GPUs, else simulated (loudly)",
     )
     health_interval: Duration = 5.0
     simulated: SimulatedGpuConfig = Field(default_factory=SimulatedGpuConfig)
