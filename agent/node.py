@@ -527,10 +527,11 @@ class AgentNode:
             )
             # Energy counters read now, not at the first tick: the lease's first usage
             # record is then measured, not estimated (metering.md).
-            sampler = getattr(self, "sampler", None)
-            for metered in self._metered_leases() if sampler is not None else ():
-                if metered.lease_id == update.lease_id:
-                    await sampler.lease_started(metered)
+            sampler: Sampler | None = getattr(self, "sampler", None)
+            if sampler is not None:
+                for metered in self._metered_leases():
+                    if metered.lease_id == update.lease_id:
+                        await sampler.lease_started(metered)
         await self._close_usage(update)
         if not hasattr(self, "link"):
             # Reconcile at start reports before the link exists; the update stays in the
