@@ -241,3 +241,17 @@ def test_make_gpu_check_without_a_gpu_exits_2_with_one_line_of_its_own() -> None
     assert done.stdout.splitlines() == [
         "gpu-check: no NVIDIA GPU on this machine (nvidia-smi not found); nothing to check"
     ]
+
+
+@pytest.mark.asyncio
+async def test_idle_loops_run_the_health_monitor_and_scrapes_then_stop(tmp_path: Path) -> None:
+    """What `footprint` measures: the monitor samples and scrapes run, and stop on time."""
+    import asyncio
+
+    from benchmarks.gpucheck.idle import idle
+
+    fake = FakeNvml(["h100-sxm-80gb"])
+    scrapes = await asyncio.wait_for(idle(0.3, tmp_path, fake), 10)
+    assert scrapes == 1  # one at the start; the next would be 15 s later
+    assert fake.calls["nvmlDeviceGetTemperature"] >= 2, "health monitor and scrape both read"
+    assert fake.calls["nvmlEventSetCreate"] == 1 and fake.calls["nvmlEventSetFree"] == 1

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import sys
 from pathlib import Path
+from typing import Any
 
 SCRAPE_INTERVAL_S = 15.0
 
 
-async def _idle(seconds: float, state_dir: Path) -> None:
-    import pynvml
+async def idle(seconds: float, state_dir: Path, nvml: Any) -> int:
+    """Run the loops for ``seconds`` over ``nvml``; returns how many scrapes ran."""
     from prometheus_client import generate_latest
 
     from agent.gpu.cordons import CordonStore
@@ -26,26 +27,32 @@ async def _idle(seconds: float, state_dir: Path) -> None:
     from agent.metrics.nvml_source import NvmlGpuSource
     from agent.metrics.registry import build_telemetry
 
-    backend = NvmlBackend(pynvml)
+    backend = NvmlBackend(nvml)
     backend.open()
     monitor = HealthMonitor(backend, CordonStore(state_dir))
-    telemetry = build_telemetry(gpu_source=NvmlGpuSource(pynvml), scrape_timeout=10.0)
+    telemetry = build_telemetry(gpu_source=NvmlGpuSource(nvml), scrape_timeout=10.0)
     stop = asyncio.Event()
     task = asyncio.create_task(monitor.run(stop))
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+    scrapes = 0
     while loop.time() < deadline:
         await asyncio.to_thread(generate_latest, telemetry.registry)
+        scrapes += 1
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), min(SCRAPE_INTERVAL_S, deadline - loop.time()))
+            remaining = max(0.0, deadline - loop.time())
+            await asyncio.wait_for(stop.wait(), min(SCRAPE_INTERVAL_S, remaining))
     stop.set()
     await task
     backend.close()
+    return scrapes
 
 
 def main() -> int:
-    asyncio.run(_idle(float(sys.argv[1]), Path(sys.argv[2])))
+    import pynvml
+
+    asyncio.run(idle(float(sys.argv[1]), Path(sys.argv[2]), pynvml))
     return 0
 
 
