@@ -211,3 +211,16 @@ def test_torch_backend_runs_on_rocm_through_torch_cuda(monkeypatch: pytest.Monke
     assert backend.platform == "rocm"  # type: ignore[attr-defined]
     assert backend.device_name() == "AMD Instinct MI300X on cuda:3"
     assert SKUS["mi300x"].matches_name(backend.device_name().split(" on ")[0])
+
+
+def test_detect_table_names_rocm_and_the_partition_mode(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The readable table says ROCm (not CUDA) and shows SPX/NPS1 where NVIDIA shows MIG."""
+    monkeypatch.setattr(gpu_pkg, "import_amdsmi", lambda: FakeAmdSmi(["mi300x"]))
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(f"node:\n  state_dir: {tmp_path / 'state'}\ngpu:\n  backend: amd\n")
+    assert main(["-c", str(cfg), "detect"]) == 0
+    out = capsys.readouterr().out
+    assert "Driver     6.8.5, ROCm 6.4.1" in out
+    assert "AMD Instinct MI300X" in out and "SPX/NPS1" in out
