@@ -258,6 +258,11 @@ def _gpu_checks(config: AgentConfig, nvml_module: Any, amdsmi_module: Any) -> li
         return [check_rocm_driver(), amdsmi_result, check_kfd()]
     simulated = config.gpu.backend == "simulated"
     nvml_result, real_gpus = check_nvml(config, nvml_module)
+    if config.gpu.backend == "auto" and not real_gpus:
+        # auto takes AMD GPUs next (open_backend); check what it would run on.
+        amdsmi_result, amd_gpus = check_amdsmi(amdsmi_module)
+        if amd_gpus:
+            return [check_rocm_driver(), amdsmi_result, check_kfd()]
     driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
     return [driver, nvml_result, check_toolkit(toolkit_version(), real_gpus)]
 

@@ -60,3 +60,20 @@ def test_preflight_on_amd_skips_the_nvidia_toolkit(tmp_path: Path) -> None:
     assert names[:4] == ["driver", "amdsmi", "docker", "kfd"]
     assert "container_toolkit" not in names
     assert results[1].severity == Severity.OK
+
+
+def test_preflight_on_auto_checks_amd_when_nvml_is_absent(tmp_path: Path) -> None:
+    """gpu.backend auto without NVML but with AMD GPUs checks what auto will run on: AMD."""
+    from agent.gpu.fakenvml import FakeNvml
+
+    config = AgentConfig.model_validate(
+        {"node": {"state_dir": str(tmp_path)}, "gpu": {"backend": "auto"}}
+    )
+    results = run_preflight(
+        config,
+        nvml_module=FakeNvml(["rtx-4090"], init_error=12),  # NVML library not found
+        amdsmi_module=FakeAmdSmi(["mi300x"]),
+        log_problems=False,
+    )
+    assert [r.name for r in results][:2] == ["driver", "amdsmi"]
+    assert results[1].severity == Severity.OK
