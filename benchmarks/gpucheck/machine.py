@@ -38,8 +38,10 @@ class RealMachine:
         config.write_text(f"node:\n  state_dir: {self._workdir / 'state'}\ngpu:\n  backend: nvml\n")
         done = subprocess.run(
             [sys.executable, "-m", "agent.cli", "-c", str(config), "detect", "--json"],
-            capture_output=True, text=True, timeout=DETECT_TIMEOUT_S, check=True, cwd=REPO,
+            capture_output=True, text=True, timeout=DETECT_TIMEOUT_S, check=False, cwd=REPO,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"gpu-agent detect exited {done.returncode}: {done.stderr[-2000:]}")
         report: dict[str, Any] = json.loads(done.stdout)
         return report
 
