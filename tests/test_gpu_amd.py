@@ -224,3 +224,28 @@ def test_detect_table_names_rocm_and_the_partition_mode(
     out = capsys.readouterr().out
     assert "Driver     6.8.5, ROCm 6.4.1" in out
     assert "AMD Instinct MI300X" in out and "SPX/NPS1" in out
+
+
+def test_gpu_reset_arrives_as_a_degrading_event_and_is_counted(tmp_path: Path) -> None:
+    """A driver reset of GPU 1 is one AMD_GPU_RESET event for GPU 1 only: degraded, counted,
+    still leasable; with no event, a wait times out empty (amdsmi's NO_DATA)."""
+    from agent.gpu.cordons import CordonStore
+    from agent.gpu.health import HealthMonitor
+    from agent.gpu.xid import AMD_GPU_RESET
+
+    fake, backend = _backend("mi300x", "mi300x")
+    monitor = HealthMonitor(backend, CordonStore(tmp_path))
+    monitor.start()
+    assert backend.events_available
+    assert backend.wait_events(0) == []
+    fake.inject_reset(1)
+    events = backend.wait_events(1.0)
+    assert [(e.index, e.code) for e in events] == [(1, AMD_GPU_RESET)]
+    assert events[0].uuid == backend.inventory()[1].uuid
+    assert not monitor.record_events(events), "a reset is not critical"
+    health = {h.index: h for h in monitor.check_once()}
+    assert health[1].state == HealthState.DEGRADED and health[1].leasable
+    assert health[1].xid_counts == {AMD_GPU_RESET: 1}
+    assert health[0].state == HealthState.HEALTHY
+    backend.close()
+    assert fake.calls["amdsmi_stop_gpu_event_notification"] == 2

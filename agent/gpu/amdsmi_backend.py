@@ -14,13 +14,14 @@ Robustness rules, as for NVML (one GPU's quirk never fails the whole probe):
 - amdsmi answers ``"N/A"`` inside its dicts where the board has no value: read as None.
 
 UUIDs are amdsmi's, prefixed ``GPU-`` like NVIDIA's so one naming scheme runs through
-labels, leases and the schema. AMD reports no Xid-like event stream the health monitor
-could use without hardware to check it against, so ``open_events`` says no; health
-comes from the sampled RAS counters (ECC, retired pages) instead. Blocking throughout.
+labels, leases and the schema. AMD has no Xids: health comes from the sampled RAS
+counters (ECC, retired pages), and GPU resets arrive as amdsmi event notifications,
+reported on the Xid path as ``xid.AMD_GPU_RESET`` (degrading, counted). Blocking.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ from typing import Any
 
 from .model import GpuInfo, GpuSample, XidEvent
 from .nvml import NvmlUnavailable
+from .xid import AMD_GPU_RESET
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ _NOT_YET_IMPLEMENTED = 3
 _FAIL_LOAD_MODULE = 4
 _NO_PERM = 10
 _INIT_ERROR = 18
+_TIMEOUT = 8
+_NO_DATA = 40
+_MAX_EVENTS_PER_WAIT = 64
 _NOT_FOUND = 31
 _DRIVER_NOT_LOADED = 34
 
@@ -149,6 +154,7 @@ class AmdSmiBackend:
         self._dropped: dict[int, dict[str, str]] = {}
         self._warned: set[tuple[int, str, int]] = set()
         self._lost: set[int] = set()
+        self._readers: list[Any] = []  # AmdSmiEventReader per GPU
 
     @property
     def nvml(self) -> Any:
@@ -180,6 +186,11 @@ class AmdSmiBackend:
             if not self._opened:
                 return
             self._opened = False
+            for reader in self._readers:
+                # Shutting down: a failure to unsubscribe changes nothing.
+                with contextlib.suppress(self._amd.AmdSmiException):
+                    reader.stop()
+            self._readers.clear()
             try:
                 self._amd.amdsmi_shut_down()
             except self._amd.AmdSmiException as exc:
@@ -428,14 +439,53 @@ class AmdSmiBackend:
 
     @property
     def events_available(self) -> bool:
-        return False
+        return bool(self._readers)
 
     def open_events(self) -> bool:
-        log.info("AMD GPUs: no Xid event stream; health comes from sampled RAS counters")
-        return False
+        """Subscribe every GPU to reset notifications; False when amdsmi cannot."""
+        amd = self._amd
+        kinds = getattr(amd, "AmdSmiEvtNotificationType", None)
+        reader_cls = getattr(amd, "AmdSmiEventReader", None)
+        if kinds is None or reader_cls is None:
+            log.warning("amdsmi has no event reader; GPU resets show only in counters")
+            return False
+        for index, handle in enumerate(self._handles):
+            try:
+                self._readers.append(reader_cls(handle, [kinds.GPU_PRE_RESET]))
+            except amd.AmdSmiException as exc:
+                log.warning("amdsmi events unavailable on this GPU; its resets go unseen",
+                            extra={"gpu": index, "error": str(exc)})  # fmt: skip
+        return bool(self._readers)
 
     def wait_events(self, timeout: float) -> list[XidEvent]:
-        return []
+        """Block up to ``timeout`` s for reset notifications (one read covers every GPU)."""
+        if not self._readers:
+            return []
+        try:
+            raw = self._readers[0].read(max(int(timeout * 1000), 0), _MAX_EVENTS_PER_WAIT)
+        except self._amd.AmdSmiLibraryException as exc:
+            code = int(getattr(exc, "err_code", -1) or -1)
+            if code not in (_NO_DATA, _TIMEOUT) and (-1, "wait", code) not in self._warned:
+                self._warned.add((-1, "wait", code))
+                log.warning("amdsmi event wait failed", extra={"error": str(exc)})
+            return []
+        except self._amd.AmdSmiException as exc:
+            log.warning("amdsmi event wait failed", extra={"error": str(exc)})
+            return []
+        events = []
+        for item in raw:
+            if item.get("event") != "GPU_PRE_RESET":
+                continue
+            index = self._index_of(item.get("processor_handle"))
+            uuid = self._uuids.get(index) if index is not None else None
+            events.append(XidEvent(index=index, uuid=uuid, code=AMD_GPU_RESET,
+                                   timestamp=self._clock()))  # fmt: skip
+        return events
+
+    def _index_of(self, handle: Any) -> int | None:
+        # The event's handle is a new ctypes object: compare the pointer values.
+        key = getattr(handle, "value", handle)
+        return next((i for i, h in enumerate(self._handles) if getattr(h, "value", h) == key), None)
 
 
 class _Lost(Exception):

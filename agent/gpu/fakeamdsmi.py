@@ -9,7 +9,8 @@ amdsmi 7.0.2's ``amdsmi_interface.py``. Units are amdsmi's: power caps in
 microwatts, socket power in watts, the energy accumulator in counts of
 ``counter_resolution`` microjoules, memory in bytes, clocks in MHz.
 
-Fault injection: ``inject_ecc``, ``lose`` (the device answers NOT_FOUND, as amdsmi
+Fault injection: ``inject_ecc``, ``inject_reset`` (GPU_PRE/POST_RESET notifications),
+``lose`` (the device answers NOT_FOUND, as amdsmi
 does once a GPU is gone), ``unsupported`` per function, ``init_error``, and
 ``retry_once`` (the next call of that function raises ``AmdSmiRetryException``).
 """
@@ -108,6 +109,17 @@ class AmdSmiClkType(IntEnum):
     MEM = 4
 
 
+class AmdSmiEvtNotificationType(IntEnum):
+    NONE = 0
+    VMFAULT = 1
+    THERMAL_THROTTLE = 2
+    GPU_PRE_RESET = 3
+    GPU_POST_RESET = 4
+
+
+AMDSMI_STATUS_NO_DATA = 40
+
+
 @dataclass
 class FakeAmdGpu:
     index: int
@@ -132,6 +144,37 @@ class _Handle:
     index: int
 
 
+class _EventReader:
+    """amdsmi's ``AmdSmiEventReader``: per-GPU registration, one global queue read."""
+
+    def __init__(self, fake: FakeAmdSmi, handle: Any, event_types: list[IntEnum]) -> None:
+        gpu = fake._gpu("amdsmi_init_gpu_event_notification", handle)
+        self._fake = fake
+        self._index = gpu.index
+        fake._subscribed[gpu.index] = {int(t) for t in event_types}
+
+    def read(self, timestamp: int, num_elem: int = 10) -> list[dict[str, Any]]:
+        """Events of every subscribed GPU, waiting up to ``timestamp`` ms for the first;
+        ``AMDSMI_STATUS_NO_DATA`` when none came, as the library answers."""
+        fake = self._fake
+        with fake._events_ready:
+            if not fake._events:
+                fake._events_ready.wait(timestamp / 1000)
+            if not fake._events:
+                raise AmdSmiLibraryException(AMDSMI_STATUS_NO_DATA)
+            out: list[dict[str, Any]] = []
+            while fake._events and len(out) < num_elem:
+                index, kind = fake._events.pop(0)
+                out.append({"processor_handle": _Handle(index),
+                            "event": AmdSmiEvtNotificationType(kind).name,
+                            "message": f"fake event on GPU {index}"})  # fmt: skip
+            return out
+
+    def stop(self) -> None:
+        self._fake.calls["amdsmi_stop_gpu_event_notification"] += 1
+        self._fake._subscribed.pop(self._index, None)
+
+
 class FakeAmdSmi:
     """A fake ``amdsmi`` module. Build it from AMD profile keys, one per GPU."""
 
@@ -146,6 +189,7 @@ class FakeAmdSmi:
     AmdSmiTemperatureType = AmdSmiTemperatureType
     AmdSmiTemperatureMetric = AmdSmiTemperatureMetric
     AmdSmiClkType = AmdSmiClkType
+    AmdSmiEvtNotificationType = AmdSmiEvtNotificationType
 
     def __init__(
         self,
@@ -168,6 +212,9 @@ class FakeAmdSmi:
         self.calls: Counter[str] = Counter()
         self.initialized = 0
         self.gpus: list[FakeAmdGpu] = []
+        self._subscribed: dict[int, set[int]] = {}
+        self._events: list[tuple[int, int]] = []
+        self._events_ready = threading.Condition(self._lock)
         for index, item in enumerate(profiles):
             profile = AMD_PROFILES[item] if isinstance(item, str) else item
             ident = uuidlib.uuid5(_UUID_NAMESPACE, f"{uuid_seed}/{profile.key}/{index}")
@@ -196,6 +243,19 @@ class FakeAmdSmi:
                     {"value": len(gpu.bad_pages), "page_address": 0x1000 * len(gpu.bad_pages),
                      "page_size": 4096, "status": 1}  # AMDSMI_MEM_PAGE_STATUS_PENDING
                 )  # fmt: skip
+
+    def inject_reset(self, index: int) -> None:
+        """The driver resets GPU ``index``: pre- and post-reset events for subscribers."""
+        with self._events_ready:
+            for kind in (AmdSmiEvtNotificationType.GPU_PRE_RESET,
+                         AmdSmiEvtNotificationType.GPU_POST_RESET):  # fmt: skip
+                if kind in self._subscribed.get(index, set()):
+                    self._events.append((index, int(kind)))
+            self._events_ready.notify_all()
+
+    def AmdSmiEventReader(self, handle: Any, event_types: list[IntEnum]) -> _EventReader:
+        """amdsmi's class of that name (a method here, so readers reach this fake)."""
+        return _EventReader(self, handle, event_types)
 
     def lose(self, index: int) -> None:
         with self._lock:
