@@ -8,7 +8,7 @@ RUN_STAMP := $(VENV)/.installed
 APT_PACKAGES := busybox-static prometheus shellcheck faketime
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test faults lint bench venv dev-venv system-deps test-image proto clean
+.PHONY: run test faults lint bench gpu-check venv dev-venv system-deps test-image proto clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,8 +58,22 @@ lint: dev-venv
 bench: dev-venv
 	$(PY) -m benchmarks.run
 
+# The hardware check (docs/gpu-check.md): on a machine with an NVIDIA GPU and a system
+# Python with torch and/or CuPy, plus the wheels in ./wheelhouse (benchmarks/gpucheck/wheels.sh).
+# Without a GPU it says so in one line and exits 2. No venv needed: this tree on PYTHONPATH.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_DEPS := .gpucheck-deps
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if [ -d wheelhouse ] && [ ! -f $(GPU_CHECK_DEPS)/.installed ]; then \
+	  $(GPU_CHECK_PYTHON) -m pip install -q --no-index --find-links wheelhouse \
+	    --target $(GPU_CHECK_DEPS) -r benchmarks/gpucheck/requirements.txt && touch $(GPU_CHECK_DEPS)/.installed; \
+	fi
+	@PYTHONPATH=$(CURDIR):$(CURDIR)/$(GPU_CHECK_DEPS)$${PYTHONPATH:+:$$PYTHONPATH} \
+	  $(GPU_CHECK_PYTHON) -m benchmarks.gpucheck --out gpu-check-report $(GPU_CHECK_ARGS)
+
 proto: dev-venv
 	$(PY) -m gpuagent.protogen
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results.json .run
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results.json .run $(GPU_CHECK_DEPS)

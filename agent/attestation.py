@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -365,8 +366,49 @@ def lazy_prover(build: Callable[[], Prover]) -> Callable[[str], Prover]:
     return get
 
 
-def load_backend(name: str) -> Backend:
-    """``benchmarks.attest.backends.get_backend``, imported only when called."""
+def per_gpu_prover(
+    build: Callable[[int], Prover], device_of: Callable[[str], int]
+) -> Callable[[str], Prover]:
+    """A ProverSource with one Prover per GPU, bound to that GPU's device.
+
+    ``device_of`` maps a GPU UUID to its device index (ProverError for a GPU this node
+    does not have); ``build(index)`` makes the Prover whose backend runs on that device,
+    once, on the GPU's first challenge. A multi-GPU challenge runs its tasks at once, so
+    with one shared Prover every GPU's matmul would land on device 0 and a slow GPU
+    would pass on a fast neighbour's time. A failing ``build`` is tried again next time.
+    """
+    lock = threading.Lock()
+    built: dict[int, Prover] = {}
+
+    def get(uuid: str) -> Prover:
+        index = device_of(uuid)
+        with lock:
+            if index not in built:
+                built[index] = build(index)
+            return built[index]
+
+    return get
+
+
+def device_index_from_inventory(gpus: Iterable[inventory_pb2.GpuInfo]) -> Callable[[str], int]:
+    """``device_of`` for ``per_gpu_prover``: the GPU's index in the inventory (NVML or amdsmi
+    order; the daemon sets CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA numbers them the same)."""
+    by_uuid = {g.uuid: g.index for g in gpus}
+
+    def device_of(uuid: str) -> int:
+        try:
+            return by_uuid[uuid]
+        except KeyError:
+            raise ProverError(f"GPU {uuid!r} is not on this node") from None
+
+    return device_of
+
+
+def load_backend(name: str, device: int = 0) -> Backend:
+    """``benchmarks.attest.backends.get_backend`` on ``device``, imported only when called."""
+    # CUDA numbers devices fastest-first unless told otherwise; NVML numbers them by PCI
+    # bus, and the inventory index must name the same GPU in both.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     from benchmarks.attest.backends import get_backend
 
-    return get_backend(name)
+    return get_backend(name, device)

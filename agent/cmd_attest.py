@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.attest.skus import SKUS, get_sku
+from benchmarks.attest.skus import SKUS, SkuSpec, get_sku
 
 from .cli import UsageError, load_config_from_args
+from .config import AgentConfig
 
 # benchmarks.attest.backends.BACKEND_NAMES; not imported here because the CLI imports
 # every command module at startup and backends brings numpy into the daemon's RSS.
@@ -43,15 +44,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler=_attest)
 
 
+def _profile_sku(config: AgentConfig) -> SkuSpec:
+    from agent.gpu.profiles import get_profile
+
+    return get_profile(config.gpu.simulated.profile).sku
+
+
 def _attest(args: argparse.Namespace) -> int:
     from benchmarks.attest.backends import BackendError, get_backend
     from benchmarks.attest.selftest import format_report, run_selftest
 
     config = load_config_from_args(args)
     backend_name = args.backend or config.attestation.backend
-    sku_ids = args.sku or [config.gpu.simulated.profile]
     try:
-        skus = [get_sku(s) for s in sku_ids]
+        skus = [get_sku(s) for s in args.sku] if args.sku else [_profile_sku(config)]
     except KeyError as exc:
         raise UsageError(str(exc.args[0])) from None
     if args.size is not None and args.size < 1:

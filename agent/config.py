@@ -117,7 +117,17 @@ class CoordinatorConfig(Strict):
         return self
 
 
-SimulatedProfile = Literal["h100-sxm-80gb", "a100-sxm-80gb", "rtx-4090", "rtx-3080"]
+# The keys of agent.gpu.profiles.PROFILES (a test holds the two equal).
+SimulatedProfile = Literal[
+    "h100-sxm-80gb",
+    "h200-sxm-141gb",
+    "b200",
+    "a100-sxm-80gb",
+    "l4",
+    "rtx-5090",
+    "rtx-4090",
+    "rtx-3080",
+]
 
 
 class SimulatedFault(Strict):
@@ -155,8 +165,10 @@ class SimulatedGpuConfig(Strict):
 
 
 class GpuConfig(Strict):
-    backend: Literal["nvml", "simulated", "auto"] = Field(
-        default="nvml", description="auto = NVML when the library loads, else simulated (loudly)"
+    backend: Literal["nvml", "amd", "simulated", "auto"] = Field(
+        default="nvml",
+        description="amd = AMD Instinct through amdsmi; auto = NVML when the library loads, "
+        "else amdsmi when it finds AMD GPUs, else simulated (loudly)",
     )
     health_interval: Duration = 5.0
     simulated: SimulatedGpuConfig = Field(default_factory=SimulatedGpuConfig)

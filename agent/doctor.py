@@ -12,12 +12,13 @@ import ctypes
 import ctypes.util
 import enum
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import AgentConfig
+from .config import AgentConfig, GpuConfig
 from .gpu import NvmlUnavailable, open_backend
 from .hostinfo import docker_version, free_bytes_under, parse_version, toolkit_version
 
@@ -29,6 +30,9 @@ MIN_TOOLKIT = (1, 16, 2)
 DISK_FATAL_BYTES = 1024**3
 DISK_WARN_BYTES = 10 * 1024**3
 NVIDIA_DRIVER_PROC = Path("/proc/driver/nvidia/version")
+AMDGPU_INITSTATE = Path("/sys/module/amdgpu/initstate")
+KFD_DEVICE = Path("/dev/kfd")
+DRI_DIR = Path("/dev/dri")
 CGROUP2_MARKER = Path("/sys/fs/cgroup/cgroup.controllers")
 _TIME_ERROR = 5  # adjtimex(2): the kernel clock is not synchronised
 
@@ -91,6 +95,63 @@ def check_nvml(config: AgentConfig, nvml_module: Any = None) -> tuple[CheckResul
         CheckResult("nvml", Severity.OK, f"{count} GPU(s), driver {driver}, CUDA {cuda}"),
         True,
     )
+
+
+def check_rocm_driver(initstate: Path = AMDGPU_INITSTATE) -> CheckResult:
+    """The amdgpu kernel module is loaded and initialised (what ROCm runs on)."""
+    try:
+        state = initstate.read_text(encoding="utf-8").strip()
+    except OSError:
+        return CheckResult(
+            "driver",
+            Severity.FATAL,
+            f"amdgpu kernel driver not loaded ({initstate} missing)",
+            "install the ROCm driver (amdgpu-dkms) and load it (`modprobe amdgpu`), "
+            "then check `amd-smi list`",
+        )
+    if state != "live":
+        return CheckResult(
+            "driver", Severity.FATAL, f"amdgpu kernel driver is {state!r}, not live",
+            "check `dmesg | grep amdgpu` for the firmware or init error, then reload the module",
+        )  # fmt: skip
+    return CheckResult("driver", Severity.OK, "amdgpu kernel driver loaded")
+
+
+def check_amdsmi(amdsmi_module: Any = None) -> tuple[CheckResult, bool]:
+    """amdsmi opens and sees GPUs; the result and whether real GPUs are behind it."""
+    try:
+        backend = open_backend(GpuConfig(backend="amd"), amdsmi_module=amdsmi_module)
+    except NvmlUnavailable as exc:
+        return CheckResult("amdsmi", Severity.FATAL, exc.cause, exc.fix), False
+    try:
+        count = backend.device_count()
+        driver, rocm = backend.driver_versions()
+    finally:
+        backend.close()
+    if count == 0:
+        return CheckResult("amdsmi", Severity.FATAL, "amdsmi sees no AMD GPU",
+                           "check `amd-smi list` and the kernel log"), False  # fmt: skip
+    return CheckResult("amdsmi", Severity.OK, f"{count} GPU(s), driver {driver}, ROCm {rocm}"), True
+
+
+def check_kfd(
+    kfd: Path = KFD_DEVICE,
+    dri: Path = DRI_DIR,
+    access: Callable[[Path, int], bool] = lambda p, m: os.access(p, m),
+) -> CheckResult:
+    """The agent can open /dev/kfd and the render nodes (amdsmi and leases need both)."""
+    fix = (
+        "add the agent's user to the render and video groups (install the systemd drop-in "
+        "deploy/systemd/gpu-agent-amd.conf) and check the udev rules for /dev/kfd"
+    )
+    if not kfd.exists():
+        return CheckResult("kfd", Severity.FATAL, f"{kfd} missing: no ROCm compute driver", fix)
+    wanted = os.R_OK | os.W_OK
+    denied = [p for p in (kfd, *sorted(dri.glob("renderD*"))) if not access(p, wanted)]
+    if denied:
+        names = ", ".join(str(p) for p in denied)
+        return CheckResult("kfd", Severity.FATAL, f"permission denied on {names}", fix)
+    return CheckResult("kfd", Severity.OK, f"{kfd} and the render nodes are readable and writable")
 
 
 def check_docker(docker_host: str, timeout: float = 3.0) -> CheckResult:
@@ -190,22 +251,40 @@ def check_clock(state: Callable[[], int | None] = kernel_clock_state) -> CheckRe
     return CheckResult("clock", Severity.OK, "system clock synchronised")
 
 
+def _gpu_checks(config: AgentConfig, nvml_module: Any, amdsmi_module: Any) -> list[CheckResult]:
+    if config.gpu.backend == "amd":
+        # ROCm needs no container toolkit: leases get /dev/kfd and their render nodes.
+        amdsmi_result, _ = check_amdsmi(amdsmi_module)
+        return [check_rocm_driver(), amdsmi_result, check_kfd()]
+    simulated = config.gpu.backend == "simulated"
+    nvml_result, real_gpus = check_nvml(config, nvml_module)
+    if config.gpu.backend == "auto" and not real_gpus:
+        # auto takes AMD GPUs next (open_backend); check what it would run on.
+        amdsmi_result, amd_gpus = check_amdsmi(amdsmi_module)
+        if amd_gpus:
+            return [check_rocm_driver(), amdsmi_result, check_kfd()]
+    driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
+    return [driver, nvml_result, check_toolkit(toolkit_version(), real_gpus)]
+
+
 def run_preflight(
-    config: AgentConfig, *, nvml_module: Any = None, log_problems: bool = True
+    config: AgentConfig,
+    *,
+    nvml_module: Any = None,
+    amdsmi_module: Any = None,
+    log_problems: bool = True,
 ) -> list[CheckResult]:
     """Every check, in the order an operator would fix them.
 
     The daemon logs warnings and fatal results (``log_problems``); ``doctor``
     prints them itself instead.
     """
-    simulated = config.gpu.backend == "simulated"
-    nvml_result, real_gpus = check_nvml(config, nvml_module)
-    driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
+    driver, gpu_lib, device_access = _gpu_checks(config, nvml_module, amdsmi_module)
     results = [
         driver,
-        nvml_result,
+        gpu_lib,
         check_docker(config.runtime.docker_host),
-        check_toolkit(toolkit_version(), real_gpus),
+        device_access,
         check_cgroup_v2(),
         check_disk(config.node.state_dir),
         check_clock(),

@@ -31,9 +31,10 @@ from . import control_token, wire
 from .attestation import (
     AttestationResponder,
     GpuResult,
+    device_index_from_inventory,
     identity_from_inventory,
-    lazy_prover,
     load_backend,
+    per_gpu_prover,
 )
 from .config import AgentConfig, load_agent_config
 from .daemon import Agent
@@ -53,8 +54,8 @@ from .leases.states import LeaseState
 from .link import CoordinatorLink, NotConnected
 from .link.reporter import HeartbeatState, HelloState, default_node_name
 from .metrics.agent_metrics import Attestation
+from .metrics.backend_source import gpu_source_for
 from .metrics.gpu_collector import GpuHealth as MetricsGpuHealth
-from .metrics.nvml_source import NvmlGpuSource
 from .metrics.readiness import (
     Readiness,
     coordinator_check,
@@ -204,8 +205,8 @@ class AgentNode:
         host = await asyncio.to_thread(collect_host_info, state_dir, config.runtime.docker_host)
         self._inventory_pb = wire.inventory(host, gpus)
 
-        # One NVML reader feeds both the usage sampler and /metrics.
-        self.gpu_source = NvmlGpuSource(self.backend.nvml)
+        # One GPU reader (NVML or amdsmi) feeds both the usage sampler and /metrics.
+        self.gpu_source = gpu_source_for(self.backend)
         cordons = CordonStore(state_dir)
         self.health = HealthMonitor(self.backend, cordons, interval=config.gpu.health_interval)
         await asyncio.to_thread(self.health.check_once)
@@ -221,6 +222,7 @@ class AgentNode:
             self.identity.node_id,
             Path(scratch),
             on_pull=self._on_image_pulled,
+            render_nodes={g.uuid: g.render_node for g in gpus if g.uuid and g.render_node},
         )
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
         self.leases = LeaseManager(
@@ -294,11 +296,11 @@ class AgentNode:
         identity = identity_from_inventory(self._inventory_pb.gpus)
         sign = self.identity.sign
 
-        def build() -> Prover:
+        def build(device: int) -> Prover:
             from benchmarks.attest.prover import Prover
 
             try:
-                backend = load_backend(name)
+                backend = load_backend(name, device)
             except Exception as exc:
                 # The coordinator sees the challenge fail and withholds leases: say why.
                 log.error(
@@ -306,12 +308,15 @@ class AgentNode:
                     extra={"backend": name, "error": str(exc)},
                 )
                 raise
-            log.info("attestation backend loaded", extra={"backend": backend.name})
+            log.info(
+                "attestation backend loaded", extra={"backend": backend.name, "device": device}
+            )
             return Prover(sign, backend, identity)
 
-        responder = AttestationResponder(
-            self.link, lazy_prover(build), on_result=self._on_attestation
-        )
+        # One Prover per GPU, each bound to its own device (built on that GPU's first
+        # challenge), so every GPU is timed on its own work.
+        prover_for = per_gpu_prover(build, device_index_from_inventory(self._inventory_pb.gpus))
+        responder = AttestationResponder(self.link, prover_for, on_result=self._on_attestation)
         responder.register()
         return responder
 
@@ -521,6 +526,13 @@ class AgentNode:
             self._run_started[update.lease_id] = (
                 started.get(update.lease_id) or _monotonic_at(update.started_at) or time.monotonic()
             )
+            # Energy counters read now, not at the first tick: the lease's first usage
+            # record is then measured, not estimated (metering.md).
+            sampler: Sampler | None = getattr(self, "sampler", None)
+            if sampler is not None:
+                for metered in self._metered_leases():
+                    if metered.lease_id == update.lease_id:
+                        await sampler.lease_started(metered)
         await self._close_usage(update)
         if not hasattr(self, "link"):
             # Reconcile at start reports before the link exists; the update stays in the

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from benchmarks.attest.skus import SKUS, AcceptanceBand, SkuSpec
+from benchmarks.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
 from benchmarks.attest.verifier import AttestationRejected, Verifier
 from gpuagent import attestation_wire as wire
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
@@ -75,13 +75,9 @@ class InFlight(AttestError):
     pass
 
 
-def sku_for_gpu(nvml_name: str) -> SkuSpec | None:
-    """The reference-table SKU whose NVML name this is, or None."""
-    key = " ".join(nvml_name.split()).lower()
-    for sku in SKUS.values():
-        if key in {m.lower() for m in sku.nvml_names}:
-            return sku
-    return None
+def sku_for_gpu(reported_name: str) -> SkuSpec | None:
+    """The reference-table SKU whose reported product name this is, or None."""
+    return sku_for_name(reported_name)
 
 
 def simulated_variant(sku: SkuSpec, time_limit_s: float) -> SkuSpec:
@@ -321,8 +317,8 @@ class AttestationManager:
         for gpu in gpus:
             sku = sku_for_gpu(gpu.name)
             if sku is None:
-                known = ", ".join(n for s in SKUS.values() for n in s.nvml_names)
-                fail(gpu, "", UNKNOWN_SKU, f"no SKU has NVML name {gpu.name!r} (known: {known})")
+                known = ", ".join(n for s in SKUS.values() for n in s.reported_names)
+                fail(gpu, "", UNKNOWN_SKU, f"no SKU has the name {gpu.name!r} (known: {known})")
             elif gpu.simulated and not self.config.accept_simulated:
                 fail(
                     gpu, sku.sku_id, SIMULATED,

@@ -228,7 +228,7 @@ def test_the_six_cheats_have_six_distinct_reasons() -> None:
 
 def test_timing_band_uses_the_declared_skus_datasheet_peak() -> None:
     """Against a real SKU row: faster than 1.15x peak is too_fast, slower than 0.6x too_slow."""
-    sku = replace(get_sku("h100-sxm"), nvml_names=("Simulated GPU",), nvml_memory_mib=1024)
+    sku = replace(get_sku("h100-sxm"), reported_names=("Simulated GPU",), reported_memory_mib=1024)
     clock = FakeClock()
     key = Ed25519PrivateKey.generate()
     n, inner = 64, 1 << 20  # 8.6 GFLOP: ~8.7 us at 989 TFLOPS

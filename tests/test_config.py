@@ -131,7 +131,8 @@ def test_literal_choices_are_listed(tmp_path: Path) -> None:
     """A bad enum value says which values are allowed."""
     problems = _problems(_write(tmp_path, "gpu: {backend: cuda}\n"))
     assert len(problems) == 1
-    assert problems[0].startswith("gpu.backend: Input should be 'nvml', 'simulated' or 'auto'")
+    allowed = "'nvml', 'amd', 'simulated' or 'auto'"
+    assert problems[0].startswith(f"gpu.backend: Input should be {allowed}")
 
 
 def test_env_overrides_win_over_file(tmp_path: Path) -> None:

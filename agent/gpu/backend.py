@@ -1,8 +1,9 @@
 """The interface the rest of the agent uses to reach its GPUs.
 
-``NvmlBackend`` is the one implementation: over the real ``pynvml`` in
-production and over ``FakeNvml`` for the ``simulated`` backend, so both run
-the same code. Every method blocks; call them from a worker thread.
+``NvmlBackend`` implements it over the real ``pynvml`` in production and over
+``FakeNvml`` for the ``simulated`` backend, so both run the same code;
+``AmdSmiBackend`` implements it over AMD's ``amdsmi`` (``FakeAmdSmi`` in tests).
+Every method blocks; call them from a worker thread.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from .model import GpuInfo, GpuSample, XidEvent
 
 
 class GpuBackend(Protocol):
-    name: str  # "nvml" or "simulated"
+    name: str  # "nvml", "amd" or "simulated"
     simulated: bool
 
     @property
     def nvml(self) -> Any:
-        """The pynvml-shaped module underneath, for readers such as the metrics collector."""
+        """The library module underneath (pynvml-shaped, or amdsmi), for other readers."""
         ...
 
     def open(self) -> None: ...

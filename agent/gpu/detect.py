@@ -96,10 +96,10 @@ def render_table(report: dict[str, Any]) -> str:
     gpus = report["gpus"]
     if gpus:
         first = gpus[0]
-        lines.append(
-            f"Driver     {_or_dash(first['driver_version'])}, "
-            f"CUDA {_or_dash(first['cuda_driver_version'])}"
-        )
+        # AMD GPUs run ROCm, not CUDA: name the runtime the driver serves.
+        rocm = first.get("rocm_version")
+        runtime = f"ROCm {rocm}" if rocm else f"CUDA {_or_dash(first['cuda_driver_version'])}"
+        lines.append(f"Driver     {_or_dash(first['driver_version'])}, {runtime}")
     lines.append("")
     header = (
         "IDX",
@@ -118,7 +118,8 @@ def render_table(report: dict[str, Any]) -> str:
     for g in gpus:
         health = g["health"]["state"] + (" (cordoned)" if g["health"]["cordoned"] else "")
         mig = (
-            "-"
+            # AMD's counterpart of MIG is its compute/memory partition mode (SPX/NPS1...).
+            "/".join(p for p in (g.get("compute_partition"), g.get("memory_partition")) if p) or "-"
             if g["mig_enabled"] is None
             else (f"on ({len(g['mig_devices'])})" if g["mig_enabled"] else "off")
         )

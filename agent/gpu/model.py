@@ -63,6 +63,12 @@ class GpuInfo:
     simulated: bool = False
     lost: bool = False
     unsupported: tuple[str, ...] = ()
+    # AMD (amdsmi) only; None on NVIDIA. The render node is what a lease container gets
+    # (with /dev/kfd) for this GPU; partitions are AMD's counterpart of MIG (SPX/CPX, NPS1).
+    rocm_version: str | None = None
+    compute_partition: str | None = None
+    memory_partition: str | None = None
+    render_node: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,17 @@ CRITICAL_XIDS: dict[int, str] = {
     140: "unrecovered ECC error",
 }
 
+# AMD has no Xids. Its GPU reset notification (amdsmi GPU_PRE_RESET: amdgpu recovering
+# from a hang) travels the same event path under a code outside NVIDIA's range, so it is
+# counted (gpu_xid_errors_total{xid="1000"}) and judged here like the rest.
+AMD_GPU_RESET = 1000
+
 # Worth flagging but the GPU stays leasable.
 DEGRADING_XIDS: dict[int, str] = {
     63: "ECC page retirement or row remapping recorded (reset to apply)",
     92: "high single-bit ECC error rate",
     94: "contained ECC error",
+    AMD_GPU_RESET: "AMD GPU reset by the driver (recovered from a hang)",
 }
 
 

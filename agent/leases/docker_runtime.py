@@ -22,7 +22,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -31,9 +31,10 @@ from typing import Any
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.types import DeviceRequest, LogConfig, Mount
+from docker.types import LogConfig, Mount
 
 from ..config import RuntimeConfig
+from .gpu_devices import gpu_access
 from .spec import ImageRef, LeaseSpec, RegistryAuth, effective_cpus, effective_memory
 
 log = logging.getLogger(__name__)
@@ -180,12 +181,15 @@ class DockerRuntime:
         node_id: str,
         scratch_root: Path,
         on_pull: PullObserver | None = None,
+        render_nodes: Mapping[str, str] | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self.node_id = node_id
         self.scratch_root = scratch_root
         self._on_pull = on_pull
+        # AMD GPU UUID -> its /dev/dri/renderD* (see gpu_devices); empty on NVIDIA hosts.
+        self._render_nodes = dict(render_nodes or {})
 
     def update_config(self, config: RuntimeConfig) -> None:
         """Limits for containers created from now on (SIGHUP); running ones keep theirs."""
@@ -306,8 +310,10 @@ class DockerRuntime:
         scratch.chmod(0o1777)
         memory = effective_memory(spec, self._config)
         env = dict(spec.env)
-        # Read by the NVIDIA runtime and by CUDA apps; "void" hides every GPU.
-        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_uuids) if gpu_uuids else "void"
+        # Only the allocated GPUs, by vendor (gpu_devices); NVIDIA_VISIBLE_DEVICES="void"
+        # hides every GPU from an NVIDIA runtime.
+        access = gpu_access(gpu_uuids, self._render_nodes, device_request=device_request)
+        env.update(access.env)
         labels = {
             LABEL_MANAGED: "true",
             LABEL_LEASE: lease_id,
@@ -342,10 +348,7 @@ class DockerRuntime:
         ports = [(p.container_port, p.protocol) for p in spec.ports]
         if ports:
             host["port_bindings"] = {f"{port}/{proto}": None for port, proto in ports}
-        if device_request and gpu_uuids:
-            host["device_requests"] = [
-                DeviceRequest(driver="nvidia", device_ids=list(gpu_uuids), capabilities=[["gpu"]])
-            ]
+        host.update(access.host)
         api = self._client.api
         try:
             created = api.create_container(

@@ -115,19 +115,14 @@ def host_info(root_paths: Sequence[str] = ("/",)) -> inventory_pb2.HostInfo:
     )
 
 
-# name, memory GiB, compute capability, architecture, power W, sm/mem MHz, pcie gen/width
-_PROFILES: dict[str, tuple[str, int, tuple[int, int], str, float, int, int, int, int]] = {
-    "h100-sxm-80gb": ("NVIDIA H100 80GB HBM3", 80, (9, 0), "hopper", 700, 1980, 2619, 5, 16),
-    "a100-sxm-80gb": ("NVIDIA A100-SXM4-80GB", 80, (8, 0), "ampere", 400, 1410, 1593, 4, 16),
-    "rtx-4090": ("NVIDIA GeForce RTX 4090", 24, (8, 9), "ada", 450, 2520, 10501, 4, 16),
-    "rtx-3080": ("NVIDIA GeForce RTX 3080", 10, (8, 6), "ampere", 320, 1710, 9501, 4, 16),
-}
-
-
 def simulated_gpus(profile: str, count: int, seed: str) -> list[inventory_pb2.GpuInfo]:
-    """Stable simulated GPUs: UUIDs derive from ``seed`` so they survive restarts."""
+    """Stable simulated GPUs of a device profile: UUIDs derive from ``seed`` so they survive
+    restarts; every figure comes from the profile and its SKU row."""
+    # Imported here: reporter is loaded by processes that never build simulated GPUs.
+    from agent.gpu.nvml import ARCHITECTURES
+    from agent.gpu.profiles import get_profile
 
-    name, mem_gib, (cc_major, cc_minor), arch, power, sm, mem, gen, width = _PROFILES[profile]
+    p = get_profile(profile)
     gpus = []
     for index in range(count):
         digest = hashlib.sha256(f"{seed}/{index}".encode()).digest()[:16]
@@ -135,21 +130,21 @@ def simulated_gpus(profile: str, count: int, seed: str) -> list[inventory_pb2.Gp
             inventory_pb2.GpuInfo(
                 index=index,
                 uuid=f"GPU-{uuid.UUID(bytes=digest)}",
-                name=name,
+                name=p.name,
                 serial=f"SIM{digest.hex()[:10].upper()}",
                 pci_bus_id=f"00000000:{0x18 + index:02X}:00.0",
-                memory_total_bytes=mem_gib * 1024**3,
-                compute_capability_major=cc_major,
-                compute_capability_minor=cc_minor,
-                architecture=arch,
+                memory_total_bytes=p.memory_total_bytes,
+                compute_capability_major=p.compute_capability[0],
+                compute_capability_minor=p.compute_capability[1],
+                architecture=ARCHITECTURES.get(p.architecture, "unknown"),
                 driver_version="550.54.15",
                 cuda_driver_version="12.4",
-                power_limit_watts=power,
-                max_sm_clock_mhz=sm,
-                max_mem_clock_mhz=mem,
-                pcie_gen=gen,
-                pcie_width=width,
-                ecc_mode=True,
+                power_limit_watts=p.power_limit_watts,
+                max_sm_clock_mhz=p.max_sm_clock_mhz,
+                max_mem_clock_mhz=p.max_memory_clock_mhz,
+                pcie_gen=p.pcie_generation,
+                pcie_width=p.pcie_width,
+                ecc_mode=p.ecc,
                 simulated=True,
             )
         )

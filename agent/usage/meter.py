@@ -83,6 +83,14 @@ class LeaseMeter:
             ENERGY: dict(sorted(self._energy.items())),
         }
 
+    def prime_energy(self, readings: Mapping[str, int]) -> None:
+        """Energy counters (mJ) read when the lease started: its first interval is then
+        the counter's delta, not power integrated over it. GPUs already with a baseline
+        keep theirs."""
+        for uuid, energy_mj in readings.items():
+            if uuid in self.gpu_uuids:
+                self._energy.setdefault(uuid, energy_mj)
+
     def add_sample(
         self, mono_ns: int, container: ContainerCounters, gpus: Mapping[str, GpuUsage]
     ) -> None:

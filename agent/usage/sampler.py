@@ -174,16 +174,39 @@ class Sampler:
                 return []
             return await self._append([(lease.lease_id, *closed)])
 
+    async def lease_started(self, lease: MeteredLease) -> None:
+        """Start metering ``lease`` now that it runs, with its GPUs' energy counters read
+        at once: the first tick comes up to ``sample_interval`` later, and without a
+        baseline from the start that first stretch could only be estimated from power.
+        A lease already metered (restart, a second update) is left as it is."""
+        async with self._lock:
+            fresh = await self._track({lease.lease_id: lease})
+            tracked = self._tracked.get(lease.lease_id)
+            if tracked is None or lease.lease_id not in fresh or not lease.gpu_uuids:
+                return
+            try:
+                readings = await asyncio.to_thread(self._gpu_source.read, list(lease.gpu_uuids))
+            except Exception:
+                log.exception("reading GPU energy at lease start failed; the first interval "
+                              "is estimated", extra={"lease_id": lease.lease_id})  # fmt: skip
+                return
+            tracked.meter.prime_energy(
+                {u: r.energy_mj for u, r in readings.items() if r.energy_mj is not None}
+            )
+
     def _finish(self, lease_id: str) -> None:
         self._finished[lease_id] = None
         while len(self._finished) > FINISHED_REMEMBERED:
             del self._finished[next(iter(self._finished))]
 
-    async def _track(self, leases: Mapping[str, MeteredLease]) -> None:
-        """Start meters for leases seen for the first time, from their stored cursors."""
+    async def _track(self, leases: Mapping[str, MeteredLease]) -> set[str]:
+        """Start meters for leases seen for the first time, from their stored cursors.
+
+        Returns the leases whose meter starts fresh (no stored cursor)."""
         new = [lid for lid in leases if lid not in self._tracked and lid not in self._finished]
+        fresh: set[str] = set()
         if not new:
-            return
+            return fresh
         cursors = await asyncio.to_thread(lambda: {lid: self._outbox.cursor(lid) for lid in new})
         now = Point(self._mono(), self._wall())
         for lease_id in new:
@@ -208,6 +231,7 @@ class Sampler:
                     start_ns = now.mono_ns
                 start = Point(start_ns, wall_at(start_ns, now, 0))
                 meter = LeaseMeter.new_lease(lease_id, start, lease.gpu_uuids)
+                fresh.add(lease_id)
             else:
                 if cursor.end_mono_ns > now.mono_ns:
                     # The monotonic clock restarted (host reboot): the time in between
@@ -223,6 +247,7 @@ class Sampler:
                     extra={"lease_id": lease_id, "since_unix_ns": cursor.end_wall_ns},
                 )
             self._tracked[lease_id] = _Tracked(meter, self._reader_factory(lease))
+        return fresh
 
     def _read(
         self, targets: Sequence[tuple[str, _Tracked]]

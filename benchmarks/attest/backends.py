@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -91,7 +92,7 @@ def _check_dtype(dtype: str) -> None:
 
 
 class TorchBackend:
-    """CUDA through torch >= 2.8 (``torch.mm(..., out_dtype=torch.float32)`` for fp16 inputs)."""
+    """CUDA or ROCm through torch >= 2.8 (``torch.addmm(..., out_dtype=torch.float32)``)."""
 
     name = "torch"
     simulated = False
@@ -101,8 +102,11 @@ class TorchBackend:
             torch = importlib.import_module("torch")
         except ImportError as exc:
             raise BackendError("torch is not installed") from exc
+        # A ROCm build of torch answers through torch.cuda too (HIP underneath), so the
+        # same code runs on AMD Instinct; torch.version.hip says which one this is.
+        self.platform = "rocm" if getattr(torch.version, "hip", None) else "cuda"
         if not torch.cuda.is_available():
-            raise BackendError("torch is installed but sees no CUDA device")
+            raise BackendError(f"torch ({self.platform}) is installed but sees no GPU")
         self._torch: Any = torch
         self._device: Any = torch.device(device)
 
@@ -243,17 +247,22 @@ class CupyBackend:
 BACKEND_NAMES = ("auto", "torch", "cupy", "numpy")
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """A ready backend; ``auto`` prefers torch, then CuPy, then numpy (simulated)."""
+def get_backend(name: str = "auto", device: int = 0) -> Backend:
+    """A ready backend on GPU ``device``; ``auto`` prefers torch, then CuPy, then numpy
+    (simulated; ``device`` means nothing there)."""
     if name == "numpy":
         return NumpyBackend()
     if name == "torch":
-        return TorchBackend()
+        return TorchBackend(f"cuda:{device}")
     if name == "cupy":
-        return CupyBackend()
+        return CupyBackend(device)
     if name != "auto":
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    for module, factory in (("torch", TorchBackend), ("cupy", CupyBackend)):
+    factories: tuple[tuple[str, Callable[[], Backend]], ...] = (
+        ("torch", lambda: TorchBackend(f"cuda:{device}")),
+        ("cupy", lambda: CupyBackend(device)),
+    )
+    for module, factory in factories:
         if importlib.util.find_spec(module) is not None:
             try:
                 return factory()

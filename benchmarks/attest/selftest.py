@@ -88,7 +88,7 @@ def run_selftest(
     relaxed = replace(sku, band=AcceptanceBand(low=1e-12, high=float("inf"), fixed_overhead_s=1e9))
     verifier = Verifier(skus={sku.sku_id: relaxed})
     identity = GpuIdentity(
-        SELFTEST_UUID, sku.nvml_names[0], memory_total_bytes=sku.nvml_memory_mib * 1024**2
+        SELFTEST_UUID, sku.reported_names[0], memory_total_bytes=sku.reported_memory_mib * 1024**2
     )
     prover = Prover(key.sign, backend, lambda _uuid: identity)
     started = time.perf_counter()
@@ -111,7 +111,7 @@ def run_selftest(
     if backend.simulated:
         note = "simulated backend: NVML identity not checked"
     else:
-        problem = identity_problem(sku, real_name, sku.nvml_memory_mib * 1024**2)
+        problem = identity_problem(sku, real_name, sku.reported_memory_mib * 1024**2)
         note = "device name matches the SKU" if problem is None else problem
     return SelfTestReport(
         sku, backend.name, real_name, n, k, dtype, result.seconds, result.tflops, result.exact,
