@@ -16,7 +16,6 @@ from gpuagent.logsetup import setup_logging
 from .cli import load_config_from_args
 from .config import SchedulerConfig
 from .db import DatabaseError
-from .server import SchedulerServer, ServerStartError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,6 +24,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # The server (and with it numpy and the verifier) only for `serve`: client
+    # commands build the same parser and must start fast.
+    from .server import ServerStartError
+
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
     # Everything the scheduler writes (database, WAL, TLS keys, the secrets key) is its
@@ -40,6 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _main(config: SchedulerConfig) -> int:
+    from .server import SchedulerServer
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

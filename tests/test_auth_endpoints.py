@@ -89,3 +89,20 @@ async def test_a_missing_or_bad_token_fails_the_cli_in_one_line(
             err = capsys.readouterr().err
             assert code == 1 and expect in err and "tokens create" in err
             assert err.count("\n") == 1
+
+
+def test_client_commands_import_neither_the_server_nor_numpy() -> None:
+    """`gpu-scheduler nodes --help` and every client command build the parser without
+    the server, numpy or the attestation verifier (a fresh interpreter checks)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from scheduler import cli; cli.build_parser(); "
+        "bad = [m for m in ('numpy', 'scheduler.server', 'benchmarks.attest.verifier') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
