@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
 
 import prometheus_client
 
 from gpuagent import sdnotify
-from gpuagent.logsetup import setup_logging
+from gpuagent.logsetup import enable_fault_tracebacks, setup_logging, stderr_error
 
 from .cli import load_config_from_args
 from .config import SchedulerConfig
@@ -26,12 +25,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
+    # A watchdog kill (SIGABRT) then leaves every thread's stack in the journal.
+    enable_fault_tracebacks()
     # `_created` series double every counter's cardinality and no dashboard uses them.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         return asyncio.run(_main(config))
     except (ServerStartError, DatabaseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        stderr_error(f"error: {exc}")
         return 1
 
 
