@@ -258,7 +258,8 @@ install_venv() {
         changed "created venv $VENV"
     fi
     before=$(venv_fingerprint)
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv_path/bin/python" -m pip install --quiet \
+    # No cache: it would go to root's home and outlive an --uninstall --purge.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 "$venv_path/bin/python" -m pip install --quiet \
         --upgrade "${PIP_ARGS[@]}" "$SOURCE" || die "pip install $SOURCE failed (see above)"
     [[ $(venv_fingerprint) == "$before" ]] || changed "installed $SOURCE into $VENV"
 }
