@@ -380,6 +380,10 @@ def booted(image: str, wheelhouse: Path, source: Path) -> Iterator[BootedSystem]
         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
         "--network", "none",
         "--cgroupns", "host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+        # The host's network devices (a lease network's bridge lives there), read-only:
+        # with --network none the system's own sysfs shows only its loopback.
+        "-v", "/sys/class/net:/sys/class/net:ro",
+        "-v", "/sys/devices/virtual/net:/sys/devices/virtual/net:ro",
         "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp",
         "-v", f"{sock.resolve()}:/run/docker.sock",
         "-v", f"{wheelhouse}:/srv/wheels:ro",
