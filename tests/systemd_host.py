@@ -42,6 +42,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "systemd-test"
@@ -92,16 +93,14 @@ class Unavailable(Exception):
     """This machine cannot run the systemd test; the message says what is missing."""
 
 
-def run(cmd: Sequence[str], *, timeout: float = 600, **kwargs: object) -> str:
-    """Run ``cmd`` and return its stdout; a failure raises with its stderr."""
-    proc = subprocess.run(
-        list(cmd), capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )  # type: ignore[call-overload]
+def run(cmd: Sequence[str], *, timeout: float = 600, stdin: BinaryIO | None = None) -> str:
+    """Run ``cmd`` and return its stdout; a failure raises with its output."""
+    proc = subprocess.run(list(cmd), capture_output=True, timeout=timeout, check=False, stdin=stdin)
+    out = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}"
-        )
-    return str(proc.stdout)
+        err = proc.stderr.decode(errors="replace")
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}\n{out[-4000:]}{err[-4000:]}")
+    return out
 
 
 def log(text: str) -> None:

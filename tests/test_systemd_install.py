@@ -348,7 +348,9 @@ def test_lease_succeeds_with_usage_metered(provider: Provider) -> None:
     network_unknown = bool(int(str(usage.get("unmeasured", 0))) & 32)
     assert network_known or network_unknown, usage
     if provider.lease_network:
-        assert network_known and not network_unknown, usage
+        # Its bridge is readable under the sandbox: measured (perhaps 0 for a lease
+        # that sent nothing), never unknown.
+        assert not network_unknown, usage
     sh.log(f"lease network bytes: {'measured' if network_known else 'unknown'} ({usage})")
 
 
