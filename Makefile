@@ -5,10 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
-APT_PACKAGES := busybox-static prometheus shellcheck faketime
+APT_PACKAGES := busybox-static prometheus shellcheck faketime debootstrap
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test faults lint bench gpu-check venv dev-venv system-deps test-image proto clean
+.PHONY: run test test-systemd faults lint bench gpu-check venv dev-venv system-deps test-image proto clean
 
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,8 @@ venv: $(RUN_STAMP)
 dev-venv: $(STAMP)
 
 # Host tools the tests drive for real (busybox for the test image, promtool,
-# systemd-analyze). Installed only when missing; needs root or passwordless sudo.
+# systemd-analyze, debootstrap for test-systemd's root filesystem). Installed only
+# when missing; needs root or passwordless sudo.
 system-deps:
 	@missing=""; \
 	for pkg in $(APT_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
@@ -43,7 +44,14 @@ run: venv
 	$(PY) -m agent.demo
 
 test: system-deps dev-venv test-image
-	$(PY) -m pytest -m "not faults"
+	$(PY) -m pytest -m "not faults and not systemd"
+
+# The provider install under a real systemd (tests/test_systemd_install.py): a
+# debootstrap root filesystem booted in Docker. The first run builds the rootfs and
+# a wheelhouse under build/systemd-test (needs root, debootstrap, the apt mirror and
+# PyPI); later runs reuse them. About 5 minutes cold.
+test-systemd: system-deps dev-venv test-image
+	$(PY) -m pytest -m systemd tests/test_systemd_install.py
 
 # The fault suite (docs/faults.md): real processes killed, partitioned, starved.
 # About 4 minutes; CI runs it after `make test`. FAULTS_CHURN_SECONDS lengthens scenario 2.

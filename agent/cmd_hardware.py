@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     detect.set_defaults(handler=_detect)
 
     doctor = sub.add_parser(
-        "doctor", help="preflight checks (driver, NVML, Docker, toolkit, cgroups, disk, clock)"
+        "doctor",
+        help="preflight checks (driver, NVML, Docker, toolkit, cgroups, disk, clock, coordinator)",
     )
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     doctor.set_defaults(handler=_doctor)
@@ -70,7 +71,7 @@ def _detect(args: argparse.Namespace) -> int:
 
 def _doctor(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
-    results = run_preflight(config, log_problems=False)
+    results = run_preflight(config, log_problems=False, coordinator=True)
     if args.json:
         json.dump(
             [dataclasses.asdict(r) | {"severity": r.severity.value} for r in results],

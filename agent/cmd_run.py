@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 from pathlib import Path
 
 import prometheus_client
 
-from gpuagent.logsetup import setup_logging
+from gpuagent.logsetup import enable_fault_tracebacks, setup_logging, stderr_error
 
 from .cli import config_path, load_config_from_args
 from .config import AgentConfig
@@ -32,21 +31,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = load_config_from_args(args)
     setup_logging(config.log.level, config.log.format)
+    # A watchdog kill (SIGABRT) then leaves every thread's stack in the journal.
+    enable_fault_tracebacks()
     # `_created` series double every counter's cardinality and no dashboard uses them.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         return asyncio.run(_main(config, config_path(args)))
     except PreflightFailed as exc:
         for result in exc.results:
-            print(f"error: preflight: {result.name}: {result.message}", file=sys.stderr)  # noqa: T201
-            if result.fix:
-                print(f"  fix: {result.fix}", file=sys.stderr)  # noqa: T201
+            message = f"error: preflight: {result.name}: {result.message}"
+            stderr_error(message + (f"\n  fix: {result.fix}" if result.fix else ""))
         return 2
     except NvmlUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        stderr_error(f"error: {exc}")
         return 2
     except (IdentityError, StateDBError, OutboxError, ListenError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        stderr_error(f"error: {exc}")
         return 2
 
 

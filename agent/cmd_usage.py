@@ -15,6 +15,8 @@ import json
 import sys
 from dataclasses import asdict
 
+from gpuagent.usage import Unmeasured
+
 from .cli import load_config_from_args
 from .usage.outbox import OUTBOX_FILE_NAME, LeaseTotals, Outbox, OutboxError, OutboxStats
 
@@ -71,6 +73,13 @@ def _human_bytes(size: int) -> str:
     return f"{size}B"  # unreachable: the loop returns at TiB
 
 
+def _network_bytes(size: int, unmeasured: int) -> str:
+    """Bytes, "unknown" when no interval could read them, "?"-marked when some could not."""
+    if not unmeasured & Unmeasured.NETWORK:
+        return _human_bytes(size)
+    return "unknown" if size == 0 else f">={_human_bytes(size)}?"
+
+
 def _print_table(path: str, stats: OutboxStats, totals: list[LeaseTotals], bound: int) -> None:
     age = stats.oldest_pending_age_s()
     oldest = f", oldest {age:.0f}s old" if age is not None else ""
@@ -112,8 +121,8 @@ def _print_table(path: str, stats: OutboxStats, totals: list[LeaseTotals], bound
                 f"{t.gpu_ns / 3.6e12:.3f}",
                 f"{t.cpu_usec / 1e6:.1f}",
                 energy,
-                _human_bytes(t.net_rx_bytes),
-                _human_bytes(t.net_tx_bytes),
+                _network_bytes(t.net_rx_bytes, t.unmeasured),
+                _network_bytes(t.net_tx_bytes, t.unmeasured),
                 _human_bytes(t.peak_memory_bytes),
             )
         )
@@ -121,5 +130,7 @@ def _print_table(path: str, stats: OutboxStats, totals: list[LeaseTotals], bound
     print()
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if any(t.unmeasured & Unmeasured.NETWORK for t in totals):
+        print("? network counters unreadable for some intervals (bytes are a lower bound)")
     if any(t.energy_estimated for t in totals):
         print("~ energy partly estimated from power draw (no NVML energy counter)")

@@ -13,14 +13,18 @@ import ctypes.util
 import enum
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import AgentConfig, GpuConfig
+import grpc
+
+from .config import AgentConfig, CoordinatorConfig, GpuConfig
 from .gpu import NvmlUnavailable, open_backend
 from .hostinfo import docker_version, free_bytes_under, parse_version, toolkit_version
+from .link.channel import ChannelConfigError, channel_options, credentials
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +269,76 @@ def _gpu_checks(config: AgentConfig, nvml_module: Any, amdsmi_module: Any) -> li
             return [check_rocm_driver(), amdsmi_result, check_kfd()]
     driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
     return [driver, nvml_result, check_toolkit(toolkit_version(), real_gpus)]
+def split_address(address: str) -> tuple[str, int] | None:
+    """``host:port`` or ``[v6]:port`` as (host, port); None when it is neither."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_coordinator(config: CoordinatorConfig, timeout: float = 5.0) -> CheckResult:
+    """Can this host reach the coordinator and complete its TLS handshake?
+
+    TCP first, so "nothing listens" and "TLS refused" get different fixes. Not
+    fatal: the daemon starts without its coordinator (degraded) and keeps dialing.
+    """
+    target = split_address(config.address)
+    if target is None:
+        return CheckResult(
+            "coordinator",
+            Severity.FATAL,
+            f"coordinator.address {config.address!r} is not host:port",
+            "set coordinator.address, e.g. coordinator.example.net:7443",
+        )
+    try:
+        with socket.create_connection(target, timeout=timeout):
+            pass
+    except OSError as exc:
+        return CheckResult(
+            "coordinator",
+            Severity.WARNING,
+            f"cannot reach {config.address}: {exc.strerror or exc}",
+            "check coordinator.address, that the coordinator runs, and firewalls between",
+        )
+    if config.insecure:
+        channel = grpc.insecure_channel(config.address, options=channel_options(config))
+        how = "plaintext (coordinator.insecure: true)"
+    else:
+        try:
+            creds = credentials(config)
+        except ChannelConfigError as exc:  # names the key and the file
+            return CheckResult(
+                "coordinator",
+                Severity.FATAL,
+                str(exc),
+                "make the file readable by the service: root:gpu-agent, mode 0640",
+            )
+        channel = grpc.secure_channel(config.address, creds, options=channel_options(config))
+        how = "TLS, certificate verified" + (
+            f" with {config.ca_file}" if config.ca_file else " with the system CAs"
+        )
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        if config.insecure:
+            fix = "the coordinator may expect TLS: set coordinator.insecure: false"
+        else:
+            fix = (
+                "set coordinator.ca_file to the coordinator's CA (for gpu-scheduler: a copy of "
+                "/var/lib/gpu-scheduler/tls/ca.pem), and coordinator.server_name if the "
+                "certificate names another host"
+            )
+        return CheckResult(
+            "coordinator",
+            Severity.WARNING,
+            f"{config.address} accepts TCP but no gRPC connection came up within "
+            f"{timeout:g}s ({how.split(',')[0]})",
+            fix,
+        )
+    finally:
+        channel.close()
+    return CheckResult("coordinator", Severity.OK, f"reached {config.address} ({how})")
 
 
 def run_preflight(
@@ -273,11 +347,13 @@ def run_preflight(
     nvml_module: Any = None,
     amdsmi_module: Any = None,
     log_problems: bool = True,
+    coordinator: bool = False,
 ) -> list[CheckResult]:
     """Every check, in the order an operator would fix them.
 
     The daemon logs warnings and fatal results (``log_problems``); ``doctor``
-    prints them itself instead.
+    prints them itself instead, and also checks the coordinator (``coordinator``),
+    which the daemon's own link reports on as it dials.
     """
     driver, gpu_lib, device_access = _gpu_checks(config, nvml_module, amdsmi_module)
     results = [
@@ -289,6 +365,8 @@ def run_preflight(
         check_disk(config.node.state_dir),
         check_clock(),
     ]
+    if coordinator:
+        results.append(check_coordinator(config.coordinator))
     for result in results if log_problems else ():
         if result.severity in (Severity.WARNING, Severity.FATAL):
             log.log(

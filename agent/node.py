@@ -74,7 +74,7 @@ from .metrics.status import (
     usage_section,
 )
 from .reload import merge_live, plan_reload
-from .usage.cgroup import CgroupReader, ContainerCounters
+from .usage.cgroup import CgroupReader, ContainerCounters, lease_bridge
 from .usage.outbox import OUTBOX_FILE_NAME, Outbox
 from .usage.sampler import Sampler
 from .usage.sources import MeteredLease, SnapshotGpuUsage
@@ -113,24 +113,29 @@ class _Metered:
 
 
 class _DockerPidReader:
-    """Cgroup counters of a container whose init pid is looked up on first read.
+    """Cgroup counters of a container whose init pid and lease network are looked
+    up on first read.
 
-    The sampler calls ``read`` in a worker thread, so the one Docker inspect it
-    costs never runs on the event loop.
+    The sampler calls ``read`` in a worker thread, so the Docker inspects it costs
+    (the container, and each network it is attached to, once) never run on the
+    event loop.
     """
 
-    def __init__(self, client: docker.DockerClient, container_id: str) -> None:
+    def __init__(self, client: docker.DockerClient, container_id: str, lease_id: str) -> None:
         self._client = client
         self._container_id = container_id
+        self._lease_id = lease_id
         self._reader: CgroupReader | None = None
 
     def read(self) -> ContainerCounters:
         if self._reader is None:
             pid: int | None = None
+            bridge: str | None = None
             with contextlib.suppress(docker.errors.DockerException):
-                state = self._client.api.inspect_container(self._container_id)["State"]
-                pid = int(state.get("Pid") or 0) or None
-            self._reader = CgroupReader(self._container_id, pid)
+                attrs = self._client.api.inspect_container(self._container_id)
+                pid = int(attrs["State"].get("Pid") or 0) or None
+                bridge = lease_bridge(attrs, self._client.api.inspect_network, self._lease_id)
+            self._reader = CgroupReader(self._container_id, pid, bridge=bridge)
         return self._reader.read()
 
 
@@ -246,7 +251,9 @@ class AgentNode:
             self.identity.sign,
             self.identity.node_id,
             config.metering,
-            reader_factory=lambda lease: _DockerPidReader(client, lease.container_id),
+            reader_factory=lambda lease: _DockerPidReader(
+                client, lease.container_id, lease.lease_id
+            ),
             on_records=self._on_usage_records,
         )
         # Re-adopt what ran before a restart before telling the coordinator anything. After

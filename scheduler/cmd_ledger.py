@@ -16,6 +16,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from gpuagent.usage import Unmeasured
 from gpuagent.v1 import ledger_pb2, ledger_pb2_grpc
 
 from .cli import UsageError
@@ -108,6 +109,15 @@ def _print_provider(p: ledger_pb2.Provider) -> None:
     )
 
 
+def network_text(u: ledger_pb2.LeaseUsage) -> str:
+    """Network bytes as the records support them: an unread counter is unknown, not 0."""
+    if not u.unmeasured & Unmeasured.NETWORK:
+        return f"rx {u.net_rx_bytes} B, tx {u.net_tx_bytes} B"
+    if u.net_rx_bytes == 0 and u.net_tx_bytes == 0:
+        return "unknown (the node could not read the lease's counters)"
+    return f"rx >= {u.net_rx_bytes} B, tx >= {u.net_tx_bytes} B (some intervals unmeasured)"
+
+
 def _usage(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
@@ -132,6 +142,7 @@ def _usage(args: argparse.Namespace) -> int:
             f"{u.duration_ns / 1e9:.3f} s, energy {u.energy_millijoules / 1000:.3f} J, "
             f"cpu {u.cpu_usec / 1e6:.3f} s"
         )
+        print(f"  network {network_text(u)}")  # noqa: T201
         print(  # noqa: T201
             f"  price {money(u.price_micros_per_gpu_hour)}/GPU-hour; cost {money(u.cost_micros)}"
         )

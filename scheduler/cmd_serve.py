@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import os
 import signal
-import sys
 
 import prometheus_client
 
 from gpuagent import sdnotify
-from gpuagent.logsetup import setup_logging
+from gpuagent.logsetup import enable_fault_tracebacks, setup_logging, stderr_error
 
 from .cli import load_config_from_args
 from .config import SchedulerConfig
@@ -33,12 +32,14 @@ def _serve(args: argparse.Namespace) -> int:
     # Everything the scheduler writes (database, WAL, TLS keys, the secrets key) is its
     # own: created 0600/0700 whatever the umask it was started with.
     os.umask(0o077)
+    # A watchdog kill (SIGABRT) then leaves every thread's stack in the journal.
+    enable_fault_tracebacks()
     # `_created` series double every counter's cardinality and no dashboard uses them.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         return asyncio.run(_main(config))
     except (ServerStartError, DatabaseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        stderr_error(f"error: {exc}")
         return 1
 
 

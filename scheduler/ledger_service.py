@@ -97,6 +97,7 @@ def lease_usage(conn: sqlite3.Connection, lease_id: str) -> ledger_pb2.LeaseUsag
         usage.cpu_usec += r.cpu_usec
         usage.net_rx_bytes += r.net_rx_bytes
         usage.net_tx_bytes += r.net_tx_bytes
+        usage.unmeasured |= r.unmeasured
         usage.gpu_memory_peak_bytes = max(usage.gpu_memory_peak_bytes, r.peak_gpu_memory_bytes)
         if not usage.first_start_unix_nanos:
             usage.first_start_unix_nanos = r.start_unix_ns

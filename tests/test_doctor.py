@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
+import grpc
 import pynvml
+import pytest
+import trustme
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, CoordinatorConfig
 from agent.doctor import (
     Severity,
     check_clock,
+    check_coordinator,
     check_disk,
     check_driver,
     check_nvml,
@@ -103,3 +113,85 @@ def test_preflight_unreachable_docker_is_fatal(tmp_path: Path) -> None:
     fatal = fatal_results(run_preflight(config))
     assert [r.name for r in fatal] == ["docker"]
     assert fatal[0].fix is not None and "systemctl start docker" in fatal[0].fix
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A real gRPC server with a certificate for localhost from a test CA; (port, CA file)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    creds = grpc.ssl_server_credentials(
+        [(cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes())]
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    try:
+        yield port, ca_file
+    finally:
+        server.stop(None)
+
+
+def _coordinator(address: str, **kwargs: object) -> CoordinatorConfig:
+    return CoordinatorConfig.model_validate({"address": address, **kwargs})
+
+
+def test_coordinator_reached_over_verified_tls(tls_server: tuple[int, Path]) -> None:
+    """With the coordinator's CA the handshake completes and doctor says so."""
+    port, ca_file = tls_server
+    result = check_coordinator(_coordinator(f"localhost:{port}", ca_file=str(ca_file)))
+    assert result.severity == Severity.OK, result
+    assert "certificate verified" in result.message
+
+
+def test_coordinator_with_the_wrong_ca_is_a_tls_problem(
+    tls_server: tuple[int, Path], tmp_path: Path
+) -> None:
+    """TCP connects but the certificate does not verify: the fix points at ca_file."""
+    port, _ = tls_server
+    other = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other))
+    config = _coordinator(f"localhost:{port}", ca_file=str(other))
+    result = check_coordinator(config, timeout=2)
+    assert result.severity == Severity.WARNING, result
+    assert "accepts TCP" in result.message
+    assert result.fix is not None and "ca_file" in result.fix
+
+
+def test_unreachable_coordinator_and_unreadable_ca(tmp_path: Path) -> None:
+    """Nothing listening is a reachability warning; a CA the agent cannot read is fatal
+    with the ownership the service needs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = check_coordinator(_coordinator(f"127.0.0.1:{port}"), timeout=2)
+    assert result.severity == Severity.WARNING and "cannot reach" in result.message, result
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        config = _coordinator(f"127.0.0.1:{port}", ca_file=str(tmp_path / "missing.pem"))
+        result = check_coordinator(config, timeout=2)
+    assert result.severity == Severity.FATAL, result
+    assert "coordinator.ca_file" in result.message
+    assert result.fix is not None and "0640" in result.fix
+
+
+def test_doctor_cli_includes_the_coordinator(tmp_path: Path) -> None:
+    """`gpu-agent doctor` lists the coordinator check (the README promises it)."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "gpu:\n  backend: simulated\nnode:\n  state_dir: " + str(tmp_path) + "\n"
+        "coordinator:\n  address: 127.0.0.1:1\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    names = [r["name"] for r in json.loads(proc.stdout)]
+    assert "coordinator" in names, proc.stderr

@@ -209,7 +209,12 @@ def test_first_run_lays_out_venv_config_state_and_units(installed: Installed) ->
     )
     assert version.stdout.startswith("gpu-agent ")
     config = root / "etc/gpu-agent/config.yaml"
-    assert config.read_text() == (REPO / "config.example.yaml").read_text()
+    # With --with-scheduler the one change: verify the local scheduler with its CA.
+    example = (REPO / "config.example.yaml").read_text()
+    assert example.count("  ca_file: null\n") == 1
+    ca_line = "  ca_file: /etc/gpu-agent/coordinator-ca.pem\n"
+    expected = example.replace("  ca_file: null\n", ca_line)
+    assert config.read_text() == expected
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
     state = root / "var/lib/gpu-agent"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
@@ -312,9 +317,16 @@ def test_uninstall_keeps_data_and_purge_removes_it(installed: Installed, copy: P
     again = install(copy, installed.wheel, "--uninstall")
     assert again.returncode == 0, again.stderr
 
+    # `systemctl edit` drop-ins are the provider's, like the config: kept until --purge.
+    for unit in ("gpu-agent", "gpu-scheduler"):
+        dropin = copy / f"etc/systemd/system/{unit}.service.d"
+        dropin.mkdir(exist_ok=True)
+        (dropin / "override.conf").write_text("[Service]\nReadWritePaths=/data\n")
     purge = install(copy, installed.wheel, "--uninstall", "--purge")
     assert purge.returncode == 0, purge.stderr
     for gone in (
+        "etc/systemd/system/gpu-agent.service.d",
+        "etc/systemd/system/gpu-scheduler.service.d",
         "etc/gpu-agent",
         "var/lib/gpu-agent",
         "etc/gpu-scheduler",
@@ -325,6 +337,41 @@ def test_uninstall_keeps_data_and_purge_removes_it(installed: Installed, copy: P
         assert passwd_field(copy, "passwd", "gpu-agent", 0) is None
         assert passwd_field(copy, "group", "gpu-agent", 0) is None
         assert passwd_field(copy, "group", "docker", 3) == ""
+
+
+def test_uninstall_without_purge_keeps_drop_ins(installed: Installed, copy: Path) -> None:
+    """A plain --uninstall keeps the provider's drop-ins, so a reinstall behaves as before."""
+    dropin = copy / "etc/systemd/system/gpu-agent.service.d/override.conf"
+    dropin.parent.mkdir()
+    dropin.write_text("[Service]\nReadWritePaths=/data\n")
+    run = install(copy, installed.wheel, "--uninstall")
+    assert run.returncode == 0, run.stderr
+    assert dropin.read_text() == "[Service]\nReadWritePaths=/data\n"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="ownership is only managed as root")
+def test_scheduler_ca_is_copied_for_the_agent(installed: Installed, copy: Path) -> None:
+    """Once the scheduler has written its CA (in its 0700 state dir), the installer
+    gives the agent a copy it can read: root:gpu-agent, 0640, where the config
+    it wrote points; a changed CA is copied again."""
+    ca = copy / "var/lib/gpu-scheduler/tls/ca.pem"
+    ca.parent.mkdir(mode=0o700)
+    ca.write_text("-----BEGIN CERTIFICATE-----\nfirst\n")
+    run = install(copy, installed.wheel, "--with-scheduler")
+    assert run.returncode == 0, run.stderr
+    copied = copy / "etc/gpu-agent/coordinator-ca.pem"
+    assert copied.read_text() == ca.read_text()
+    st = copied.stat()
+    gid = int(passwd_field(copy, "group", "gpu-agent", 2) or -1)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, gid)
+    assert (
+        "ca_file: /etc/gpu-agent/coordinator-ca.pem"
+        in (copy / "etc/gpu-agent/config.yaml").read_text()
+    )
+    ca.write_text("-----BEGIN CERTIFICATE-----\nrotated\n")
+    again = install(copy, installed.wheel, "--with-scheduler")
+    assert again.returncode == 0, again.stderr
+    assert copied.read_text() == ca.read_text()
 
 
 def test_no_systemctl_leaves_units_disabled(installed: Installed, copy: Path) -> None:

@@ -6,6 +6,7 @@ slashing; plus a hypothesis property: money is neither created nor lost.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 
@@ -13,11 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpuagent.usage import Unmeasured, UsageRecord, canonical_bytes
 from gpuagent.v1 import leases_pb2
 from scheduler import ledger
+from scheduler.cmd_ledger import network_text
 from scheduler.db import migrate
 from scheduler.leases_store import LeaseRow
 from scheduler.ledger import LedgerError, LedgerPolicy
+from scheduler.ledger_service import lease_usage
 
 NOW = 1_700_000_000 * 10**9
 HOUR_NS = 3600 * 10**9
@@ -359,3 +363,50 @@ def test_balance_escrow_and_spent_are_conserved(ops: list[tuple[object, ...]]) -
         check_conservation(conn, deposited)
     finally:
         conn.close()
+
+
+def _store_record(conn: sqlite3.Connection, record: UsageRecord) -> None:
+    conn.execute(
+        "INSERT INTO usage_records (node_id, seq, lease_id, status, start_ns, end_ns,"
+        " duration_ns, gpu_count, gpu_ns, final, canonical, signature, received_ns)"
+        " VALUES (?, ?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, x'', ?)",
+        (
+            record.node_id,
+            record.seq,
+            record.lease_id,
+            record.start_unix_ns,
+            record.end_unix_ns,
+            record.duration_ns,
+            record.gpu_count,
+            record.gpu_ns,
+            int(record.final),
+            canonical_bytes(record),
+            NOW,
+        ),
+    )
+
+
+def test_lease_usage_keeps_unmeasured_network_unknown(conn: sqlite3.Connection) -> None:
+    """Totals carry the records' unmeasured bits: a lease whose node could not read
+    its network counters shows network unknown, not 0 bytes; one measured record
+    among them makes the bytes a lower bound, still flagged."""
+    base = UsageRecord(
+        node_id="n1", seq=1, lease_id="L1", start_unix_ns=NOW, end_unix_ns=NOW + 10**9,
+        duration_ns=10**9, gpu_count=1, gpu_ns=10**9, unmeasured=int(Unmeasured.NETWORK),
+    )  # fmt: skip
+    _store_record(conn, base)
+    usage = lease_usage(conn, "L1")
+    assert usage.unmeasured & Unmeasured.NETWORK
+    assert network_text(usage).startswith("unknown")
+    measured = dataclasses.replace(
+        base, seq=2, start_unix_ns=NOW + 10**9, end_unix_ns=NOW + 2 * 10**9,
+        net_rx_bytes=500, net_tx_bytes=70, unmeasured=0,
+    )  # fmt: skip
+    _store_record(conn, measured)
+    usage = lease_usage(conn, "L1")
+    assert (usage.net_rx_bytes, usage.net_tx_bytes) == (500, 70)
+    assert network_text(usage) == "rx >= 500 B, tx >= 70 B (some intervals unmeasured)"
+    conn.execute("DELETE FROM usage_records WHERE seq = 1")
+    usage = lease_usage(conn, "L1")
+    assert usage.unmeasured == 0
+    assert network_text(usage) == "rx 500 B, tx 70 B"

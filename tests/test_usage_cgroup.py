@@ -12,7 +12,14 @@ import docker
 import pytest
 from docker.models.containers import Container
 
-from agent.usage.cgroup import CgroupReader, ContainerCounters, parse_net_dev, parse_proc_cgroup
+from agent.usage.cgroup import (
+    LEASE_NETWORK_LABEL,
+    CgroupReader,
+    ContainerCounters,
+    lease_bridge,
+    parse_net_dev,
+    parse_proc_cgroup,
+)
 
 # /proc/<pid>/net/dev: two header lines, then rx bytes in field 1, tx bytes in field 9.
 NET_DEV = """\
@@ -158,3 +165,106 @@ def test_parse_proc_cgroup_handles_v1_and_v2_lines() -> None:
     text = "4:memory:/docker/a\n2:cpu,cpuacct:/docker/a\n1:name=systemd:/x\n0::/docker/a\n"
     paths = parse_proc_cgroup(text)
     assert paths["memory"] == paths["cpuacct"] == paths["cpu"] == paths[""] == "/docker/a"
+
+
+def _bridge_stats(sys_class_net: Path, bridge: str, rx: int, tx: int) -> None:
+    _write(sys_class_net / bridge / "statistics" / "rx_bytes", f"{rx}\n")
+    _write(sys_class_net / bridge / "statistics" / "tx_bytes", f"{tx}\n")
+
+
+def test_lease_bridge_counters_are_the_leases_traffic(tmp_path: Path) -> None:
+    """With a lease network, bytes come from its bridge, swapped to the lease's point of
+    view (the bridge receives what the container sends); /proc is not consulted, even
+    when readable, and a bridge that cannot be read is unknown, not 0."""
+    cid = "abc123"
+    root, proc, net = tmp_path / "cgroup", tmp_path / "proc", tmp_path / "net"
+    _write(root / "cgroup.controllers", "cpu\n")
+    _write(root / "docker" / cid / "cpu.stat", "usage_usec 10\n")
+    _write(proc / "77" / "cgroup", f"0::/docker/{cid}\n")
+    _write(proc / "77" / "net" / "dev", NET_DEV)
+    _bridge_stats(net, "br-0123456789ab", rx=300, tx=4000)
+    reader = CgroupReader(
+        cid, 77, bridge="br-0123456789ab", cgroup_root=root, proc=proc, sys_class_net=net
+    )
+    counters = reader.read()
+    assert (counters.net_rx_bytes, counters.net_tx_bytes) == (4000, 300)
+    (net / "br-0123456789ab" / "statistics" / "tx_bytes").unlink()
+    counters = reader.read()
+    assert (counters.net_rx_bytes, counters.net_tx_bytes) == (None, None)
+    assert counters.cpu_usec == 10
+
+
+def test_hidden_proc_without_a_lease_network_is_unknown(tmp_path: Path) -> None:
+    """ProtectProc=invisible hides the lease's /proc/<pid>: with no lease network
+    either, network bytes are unknown (None), never 0."""
+    cid = "abc123"
+    root = tmp_path / "cgroup"
+    _write(root / "cgroup.controllers", "cpu\n")
+    _write(root / "docker" / cid / "cpu.stat", "usage_usec 10\n")
+    reader = CgroupReader(
+        cid, 77, cgroup_root=root, proc=tmp_path / "proc", sys_class_net=tmp_path / "net"
+    )
+    counters = reader.read()
+    assert (counters.net_rx_bytes, counters.net_tx_bytes) == (None, None)
+
+
+def _network(network_id: str, labels: dict[str, str], driver: str = "bridge") -> dict[str, object]:
+    return {"Id": network_id, "Labels": labels, "Driver": driver, "Options": {}}
+
+
+def test_lease_bridge_picks_only_the_network_labelled_with_the_lease() -> None:
+    """The default bridge, another lease's network or a non-bridge network never
+    count as this lease's traffic; an explicit bridge name is honoured."""
+    own = "f" * 64
+    networks = {
+        "d" * 64: _network("d" * 64, {}),
+        "e" * 64: _network("e" * 64, {LEASE_NETWORK_LABEL: "other-lease"}),
+        "c" * 64: _network("c" * 64, {LEASE_NETWORK_LABEL: "L1"}, driver="macvlan"),
+        own: _network(own, {LEASE_NETWORK_LABEL: "L1"}),
+    }
+    container = {
+        "NetworkSettings": {"Networks": {n: {"NetworkID": n} for n in networks if n != own}}
+    }
+    assert lease_bridge(container, networks.__getitem__, "L1") is None
+    container["NetworkSettings"]["Networks"]["lease-L1"] = {"NetworkID": own}
+    assert lease_bridge(container, networks.__getitem__, "L1") == "br-ffffffffffff"
+    networks[own]["Options"] = {"com.docker.network.bridge.name": "gpuL1"}
+    assert lease_bridge(container, networks.__getitem__, "L1") == "gpuL1"
+
+
+def test_a_real_lease_network_is_metered_from_its_bridge(
+    docker_client: docker.DockerClient, busybox_image: str
+) -> None:
+    """A container on a bridge network labelled with its lease: the bridge is found
+    through Docker and its counters grow with the container's own traffic, in both
+    directions, while the container's /proc is never needed (pid None)."""
+    lease_id = f"test-net-{os.getpid()}"
+    network = docker_client.networks.create(
+        f"gpu-agent-test-{lease_id}", driver="bridge", labels={LEASE_NETWORK_LABEL: lease_id}
+    )
+    try:
+        network.reload()
+        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+        container = docker_client.containers.run(
+            busybox_image,
+            ["sh", "-c", f"ping -c 20 -i 0.2 -s 1000 {gateway}; sleep 30"],
+            detach=True,
+            network=network.name,
+            labels={"gpu-agent.test": "usage-cgroup"},
+        )
+        try:
+            container_id, network_id = str(container.id), str(network.id)
+            attrs = docker_client.api.inspect_container(container_id)
+            bridge = lease_bridge(attrs, docker_client.api.inspect_network, lease_id)
+            assert bridge == f"br-{network_id[:12]}"
+            reader = CgroupReader(container_id, None, bridge=bridge)
+            counters = _poll(
+                reader.read,
+                lambda c: (c.net_rx_bytes or 0) > 10_000 and (c.net_tx_bytes or 0) > 10_000,
+            )
+            assert (counters.net_rx_bytes or 0) > 10_000, counters
+            assert (counters.net_tx_bytes or 0) > 10_000, counters
+        finally:
+            container.remove(force=True)
+    finally:
+        network.remove()

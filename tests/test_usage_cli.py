@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.cli import main
 from agent.usage.outbox import OUTBOX_FILE_NAME, Outbox
-from gpuagent.usage import UsageRecord
+from gpuagent.usage import Unmeasured, UsageRecord
 
 S = 10**9
 KEY = Ed25519PrivateKey.generate()
@@ -80,3 +81,24 @@ def test_unknown_lease_and_missing_outbox_are_errors(
     assert main(["-c", str(empty), "usage"]) == 1
     assert "no usage outbox at" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()  # looking must not create a state dir
+
+
+def test_unreadable_network_shows_unknown_not_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lease whose network counters could not be read shows NET-RX/NET-TX as
+    unknown; one with some intervals unread shows a flagged lower bound."""
+    state = tmp_path / "state"
+    blind = dataclasses.replace(_record("lease-blind", 0), unmeasured=int(Unmeasured.NETWORK))
+    part = dataclasses.replace(_record("lease-part", 0), net_rx_bytes=2048, net_tx_bytes=1024)
+    with Outbox(state / OUTBOX_FILE_NAME) as box:
+        box.append_many([blind, part, dataclasses.replace(blind, lease_id="lease-part")], KEY.sign)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"node:\n  state_dir: {state}\n")
+    assert main(["-c", str(path), "usage"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("lease-")]
+    lines = {row[0]: row for row in rows}
+    assert lines["lease-blind"][9:11] == ["unknown", "unknown"]
+    assert lines["lease-part"][9:11] == [">=2.0KiB?", ">=1.0KiB?"]
+    assert "network counters unreadable" in out

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.usage.outbox import LeaseCursor, Outbox, OutboxError
-from gpuagent.usage import UsageRecord, verify_record
+from agent.usage.outbox import SCHEMA_VERSION, LeaseCursor, Outbox, OutboxError
+from gpuagent.usage import Unmeasured, UsageRecord, verify_record
 
 KEY = Ed25519PrivateKey.generate()
 S = 10**9
@@ -214,3 +214,33 @@ def test_schema_from_another_version_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(OutboxError, match="schema 99"):
         Outbox(path)
+
+
+def test_schema_1_outbox_is_upgraded_in_place(tmp_path: Path) -> None:
+    """An outbox from before the totals kept unmeasured bits opens, keeps its
+    totals, and records the bits from then on."""
+    path = tmp_path / "o.sqlite3"
+    first = UsageRecord(
+        node_id="n", seq=0, lease_id="L", start_unix_ns=0, end_unix_ns=S, duration_ns=S,
+        gpu_count=1, gpu_ns=S, net_rx_bytes=10,
+    )  # fmt: skip
+    with Outbox(path) as box:
+        box.append_many([first], KEY.sign)
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE lease_totals DROP COLUMN unmeasured")
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    later = UsageRecord(
+        node_id="n", seq=0, lease_id="L", start_unix_ns=S, end_unix_ns=2 * S, duration_ns=S,
+        gpu_count=1, gpu_ns=S, unmeasured=int(Unmeasured.NETWORK),
+    )  # fmt: skip
+    with Outbox(path) as box:
+        [totals] = box.totals()
+        assert (totals.records, totals.net_rx_bytes, totals.unmeasured) == (1, 10, 0)
+        box.append_many([later], KEY.sign)
+        [totals] = box.totals()
+        assert (totals.records, totals.unmeasured) == (2, int(Unmeasured.NETWORK))
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (SCHEMA_VERSION,)
+    db.close()

@@ -4,8 +4,19 @@
 small file reads away. The container's cgroup is found from its init process
 (``/proc/<pid>/cgroup``), which works for both Docker cgroup drivers and for
 cgroup v2, v1 and the hybrid layout; without a pid, the usual paths for the
-container id are tried. Network bytes come from ``/proc/<pid>/net/dev``, which
-shows the counters of the process's network namespace (the container's).
+container id are tried.
+
+Network bytes, from the first source that exists for the lease, chosen once so
+one lease's counter never switches between sources mid-life:
+
+1. the lease's own Docker network (a bridge network labelled
+   ``io.gpuagent.lease-id=<lease>``): the Linux bridge's counters under
+   ``/sys/class/net/<bridge>/statistics``. With one container per network all of
+   the lease's traffic crosses the bridge, and sysfs stays readable under the
+   unit's sandbox (``ProtectProc=invisible`` hides only /proc);
+2. ``/proc/<pid>/net/dev`` of the container's init process, which shows its
+   network namespace's counters (readable when the agent may see the process);
+3. neither: unknown (``None``), never 0.
 
 Every field is ``None`` when its file is missing or unreadable: the sampler
 flags it as unmeasured instead of failing. Blocking: call from a worker thread.
@@ -14,13 +25,20 @@ flags it as unmeasured instead of failing. Blocking: call from a worker thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 SYS_FS_CGROUP = Path("/sys/fs/cgroup")
+SYS_CLASS_NET = Path("/sys/class/net")
 PROC = Path("/proc")
+# The label the lease's network carries (the container carries the same one).
+LEASE_NETWORK_LABEL = "io.gpuagent.lease-id"
+# Set when a network was created with an explicit bridge name instead of br-<id[:12]>.
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 
 
 @dataclass(frozen=True)
@@ -98,21 +116,68 @@ def parse_net_dev(text: str) -> tuple[int, int]:
     return rx, tx
 
 
+def lease_bridge(
+    container: Mapping[str, Any],
+    inspect_network: Callable[[str], Mapping[str, Any]],
+    lease_id: str,
+) -> str | None:
+    """The Linux bridge of the container's per-lease network, or None.
+
+    ``container`` is Docker's container inspect; ``inspect_network`` Docker's
+    network inspect by id. Only a bridge network labelled with this lease's id
+    counts: a shared network's counters would bill other leases' traffic.
+    """
+    networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
+    for endpoint in networks.values():
+        network_id = (endpoint or {}).get("NetworkID") or ""
+        if not network_id:
+            continue
+        info = inspect_network(network_id)
+        labels = info.get("Labels") or {}
+        if labels.get(LEASE_NETWORK_LABEL) != lease_id or info.get("Driver") != "bridge":
+            continue
+        named = (info.get("Options") or {}).get(BRIDGE_NAME_OPTION)
+        return str(named) if named else f"br-{str(info.get('Id') or network_id)[:12]}"
+    return None
+
+
+def read_bridge(sys_class_net: Path, bridge: str) -> tuple[int, int] | None:
+    """(rx, tx) bytes of the lease behind ``bridge``, or None when unreadable.
+
+    Seen from the bridge, what it receives is what the lease's container sent and
+    what it transmits is what the container received, so the two are swapped.
+    """
+    stats = sys_class_net / bridge / "statistics"
+    bridge_rx = _read_int(stats / "rx_bytes")
+    bridge_tx = _read_int(stats / "tx_bytes")
+    if bridge_rx is None or bridge_tx is None:
+        return None
+    return bridge_tx, bridge_rx
+
+
 class CgroupReader:
-    """Counters of one container, located by container id and/or init pid."""
+    """Counters of one container, located by container id and/or init pid.
+
+    ``bridge``: the Linux bridge of the lease's own network (``lease_bridge``);
+    when given, network bytes come from it alone, else from ``/proc/<pid>``.
+    """
 
     def __init__(
         self,
         container_id: str,
         pid: int | None,
         *,
+        bridge: str | None = None,
         cgroup_root: Path = SYS_FS_CGROUP,
         proc: Path = PROC,
+        sys_class_net: Path = SYS_CLASS_NET,
     ) -> None:
         self.container_id = container_id
         self.pid = pid
+        self.bridge = bridge
         self._root = cgroup_root
         self._proc = proc
+        self._sys_class_net = sys_class_net
         self._dirs: CgroupDirs | None = None
         self._pid_valid = False
 
@@ -185,13 +250,21 @@ class CgroupReader:
         if current is None and dirs.memory is not None:
             current = _read_int(dirs.memory / "memory.usage_in_bytes")
             peak = _read_int(dirs.memory / "memory.max_usage_in_bytes")
-        rx = tx = None
-        if self._pid_valid:
-            try:
-                rx, tx = parse_net_dev((self._proc / str(self.pid) / "net" / "dev").read_text())
-            except (OSError, ValueError):
-                rx = tx = None
+        rx, tx = self._network()
         if cpu is None and current is None:
             # Gone or moved (container restarted): look it up again next time.
             self._dirs = None
         return ContainerCounters(cpu, current, peak, rx, tx)
+
+    def _network(self) -> tuple[int | None, int | None]:
+        if self.bridge is not None:
+            # No fallback to /proc once the lease has a bridge: the two count
+            # different things, and a switch would look like a counter reset.
+            counters = read_bridge(self._sys_class_net, self.bridge)
+            return counters if counters is not None else (None, None)
+        if not self._pid_valid:
+            return None, None
+        try:
+            return parse_net_dev((self._proc / str(self.pid) / "net" / "dev").read_text())
+        except (OSError, ValueError):
+            return None, None

@@ -102,10 +102,14 @@ class LeaseMeter:
             self._cpu = container.cpu_usec
             acc.seen |= Unmeasured.CPU
         if container.net_rx_bytes is not None and container.net_tx_bytes is not None:
-            acc.net_rx += _delta(container.net_rx_bytes, self._rx)
-            acc.net_tx += _delta(container.net_tx_bytes, self._tx)
+            if self._rx is not None and self._tx is not None:
+                acc.net_rx += _delta(container.net_rx_bytes, self._rx)
+                acc.net_tx += _delta(container.net_tx_bytes, self._tx)
+                acc.seen |= Unmeasured.NETWORK
+            # Else the first reading after the counters were unknown (e.g. carried
+            # across a restart as unknown) is only a baseline: the traffic before it
+            # is unknown, so the interval stays unmeasured rather than "0 bytes".
             self._rx, self._tx = container.net_rx_bytes, container.net_tx_bytes
-            acc.seen |= Unmeasured.NETWORK
         self._add_memory(container)
         self._add_gpus(dt, gpus)
 

@@ -39,7 +39,8 @@ from gpuagent.usage import (
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE_NAME = "usage.db"  # in the node's state_dir
-SCHEMA_VERSION = 1
+# 2: lease_totals.unmeasured (schema 1 outboxes are upgraded in place when opened).
+SCHEMA_VERSION = 2
 
 # Test hook: called with a step name ("appended": rows written, not committed;
 # "committed"; "acked") so crash tests can kill the process at that point.
@@ -80,7 +81,8 @@ CREATE TABLE IF NOT EXISTS lease_totals (
     peak_gpu_memory_bytes INTEGER NOT NULL,
     net_rx_bytes INTEGER NOT NULL,
     net_tx_bytes INTEGER NOT NULL,
-    final INTEGER NOT NULL
+    final INTEGER NOT NULL,
+    unmeasured INTEGER NOT NULL DEFAULT 0  -- OR of the records' Unmeasured bits
 );
 """
 
@@ -137,6 +139,7 @@ class LeaseTotals:
     net_rx_bytes: int
     net_tx_bytes: int
     final: bool
+    unmeasured: int = 0  # OR of the records' Unmeasured bits: a set bit = some interval unread
 
     @property
     def acked(self) -> int:
@@ -186,6 +189,14 @@ class Outbox:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', 0)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('acked_seq', 0)")
+        elif row[0] == 1:
+            # Schema 1 had no unmeasured bits in the totals; its records' bits are
+            # still in their bodies, but a lease's pruned records are gone, so the
+            # upgraded totals only know about records from now on.
+            self._db.execute(
+                "ALTER TABLE lease_totals ADD COLUMN unmeasured INTEGER NOT NULL DEFAULT 0"
+            )
+            self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
             raise OutboxError(
                 f"{self.path}: outbox schema {row[0]} is not {SCHEMA_VERSION}; "
@@ -262,7 +273,7 @@ class Outbox:
     def _add_to_totals(self, r: UsageRecord) -> None:
         self._db.execute(
             """
-            INSERT INTO lease_totals VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT INTO lease_totals VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (lease_id) DO UPDATE SET
                 records = records + 1,
                 last_seq = excluded.last_seq,
@@ -277,7 +288,8 @@ class Outbox:
                 peak_gpu_memory_bytes = max(peak_gpu_memory_bytes, excluded.peak_gpu_memory_bytes),
                 net_rx_bytes = net_rx_bytes + excluded.net_rx_bytes,
                 net_tx_bytes = net_tx_bytes + excluded.net_tx_bytes,
-                final = max(final, excluded.final)
+                final = max(final, excluded.final),
+                unmeasured = unmeasured | excluded.unmeasured
             """,
             (
                 r.lease_id,
@@ -294,6 +306,7 @@ class Outbox:
                 r.net_rx_bytes,
                 r.net_tx_bytes,
                 int(r.final),
+                r.unmeasured,
             ),
         )
 
@@ -377,7 +390,7 @@ class Outbox:
                    t.last_seq, t.first_start_unix_ns, t.last_end_unix_ns, t.duration_ns,
                    t.gpu_ns, t.energy_mj, t.energy_estimated, t.cpu_usec,
                    t.peak_memory_bytes, t.peak_gpu_memory_bytes, t.net_rx_bytes,
-                   t.net_tx_bytes, t.final
+                   t.net_tx_bytes, t.final, t.unmeasured
             FROM lease_totals t
         """
         params: tuple[str, ...] = ()
@@ -415,6 +428,7 @@ def _totals(row: tuple[Any, ...]) -> LeaseTotals:
         net_rx_bytes=row[13],
         net_tx_bytes=row[14],
         final=bool(row[15]),
+        unmeasured=row[16],
     )
 
 

@@ -258,7 +258,8 @@ install_venv() {
         changed "created venv $VENV"
     fi
     before=$(venv_fingerprint)
-    PIP_DISABLE_PIP_VERSION_CHECK=1 "$venv_path/bin/python" -m pip install --quiet \
+    # No cache: it would go to root's home and outlive an --uninstall --purge.
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 "$venv_path/bin/python" -m pip install --quiet \
         --upgrade "${PIP_ARGS[@]}" "$SOURCE" || die "pip install $SOURCE failed (see above)"
     [[ $(venv_fingerprint) == "$before" ]] || changed "installed $SOURCE into $VENV"
 }
@@ -273,22 +274,51 @@ validate() {
     return 1
 }
 
-enable_and_start() { # enable_and_start UNIT
+# enable_and_start UNIT: returns non-zero (never exits) when the unit fails to
+# start, so the caller decides what else still gets installed and started.
+enable_and_start() {
     if [[ $USE_SYSTEMCTL == 0 ]]; then
         return 0
     fi
     if ! systemctl_run is-enabled --quiet "$1" 2>/dev/null; then
-        systemctl_run enable --quiet "$1"
+        systemctl_run enable --quiet "$1" || return 1
         say "enabled $1"
     fi
     host_systemd || return 0
     if [[ $CHANGED == 1 ]] && systemctl is-active --quiet "$1"; then
         # Lease containers are Docker's and keep running; the agent re-adopts them.
-        systemctl restart "$1"
+        systemctl restart "$1" || return 1
         say "restarted $1"
     else
-        systemctl start "$1"
+        systemctl start "$1" || return 1
         say "started $1 (systemctl status $1)"
+    fi
+}
+
+# The coordinator's generated CA (scheduler/tlsgen.py), beside its database.
+SCHED_CA=/var/lib/gpu-scheduler/tls/ca.pem
+AGENT_CA=/etc/gpu-agent/coordinator-ca.pem
+
+# install_scheduler_ca: the scheduler writes its CA on first start, into a 0700
+# directory the agent cannot read; the agent gets a copy it may read.
+install_scheduler_ca() {
+    if [[ ! -f $(r "$SCHED_CA") ]]; then
+        # Under --root or --no-systemctl nothing started the scheduler yet.
+        warn "no $SCHED_CA yet (the scheduler writes it on first start); run this" \
+            "installer again after starting gpu-scheduler to give the agent a copy"
+        return 0
+    fi
+    install_file "$(r "$SCHED_CA")" "$AGENT_CA" 0640 "$(owner_ids root "$AGENT_USER")"
+}
+
+# agent_config_example OUT: the example config; with --with-scheduler it
+# verifies the local scheduler with the copied CA. Only ever used for a config
+# this run creates: an existing one is the provider's (so is its ca_file).
+agent_config_example() {
+    if [[ $WITH_SCHEDULER == 1 ]]; then
+        sed -E "0,/^  ca_file: null/s||  ca_file: $AGENT_CA|" "$REPO_DIR/config.example.yaml" >"$1"
+    else
+        cp "$REPO_DIR/config.example.yaml" "$1"
     fi
 }
 
@@ -316,7 +346,11 @@ do_install() {
     install_file "$SCRIPT_DIR/README.md" "$OPT_DIR/share/README.md" 0644 "$root_ids"
 
     ensure_dir /etc/gpu-agent 0755 "$root_ids"
-    install_config "$REPO_DIR/config.example.yaml" /etc/gpu-agent/config.yaml "$AGENT_USER"
+    local example
+    example=$(mktemp)
+    agent_config_example "$example"
+    install_config "$example" /etc/gpu-agent/config.yaml "$AGENT_USER"
+    rm -f "$example"
     ensure_dir /var/lib/gpu-agent 0700 "$(owner_ids "$AGENT_USER" "$AGENT_USER")"
 
     local units_before=$CHANGED
@@ -351,8 +385,25 @@ do_install() {
     fi
     [[ $valid == 1 ]] || exit 1
 
-    enable_and_start gpu-agent.service
-    [[ $WITH_SCHEDULER == 0 ]] || enable_and_start gpu-scheduler.service
+    # The scheduler first: the agent dials it, and its CA only exists once it
+    # has started. A unit that fails to start does not stop the other one from
+    # being installed and started; the exit status still reports it.
+    local failed=()
+    if [[ $WITH_SCHEDULER == 1 ]]; then
+        if enable_and_start gpu-scheduler.service; then
+            install_scheduler_ca
+        else
+            failed+=(gpu-scheduler.service)
+        fi
+    fi
+    enable_and_start gpu-agent.service || failed+=(gpu-agent.service)
+    if [[ ${#failed[@]} -gt 0 ]]; then
+        local unit
+        for unit in "${failed[@]}"; do
+            warn "$unit did not start: journalctl -u $unit -b; systemctl status $unit"
+        done
+        exit 1
+    fi
     if [[ $CHANGED == 0 ]]; then
         say "already up to date"
     fi
@@ -387,7 +438,10 @@ do_uninstall() {
         return 0
     fi
     local dir
-    for dir in /etc/gpu-agent /var/lib/gpu-agent /etc/gpu-scheduler /var/lib/gpu-scheduler; do
+    # Drop-ins (`systemctl edit`) are the provider's settings for the units:
+    # kept by --uninstall, like the config, and gone with --purge.
+    for dir in /etc/gpu-agent /var/lib/gpu-agent /etc/gpu-scheduler /var/lib/gpu-scheduler \
+        "$UNIT_DIR/gpu-agent.service.d" "$UNIT_DIR/gpu-scheduler.service.d"; do
         if [[ -e $(r "$dir") ]]; then
             rm -rf "$(r "$dir")"
             say "removed $dir"

@@ -178,6 +178,7 @@ class LeaseUsage(_message.Message):
     FIRST_START_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     LAST_END_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     UNBILLED_MICROS_FIELD_NUMBER: _builtins.int
+    UNMEASURED_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     buyer: _builtins.str
     node_id: _builtins.str
@@ -210,6 +211,11 @@ class LeaseUsage(_message.Message):
     last_end_unix_nanos: _builtins.int
     unbilled_micros: _builtins.int
     """metered cost beyond the reservation, not charged"""
+    unmeasured: _builtins.int
+    """OR of the accepted records' `unmeasured` bits (UsageRecord.unmeasured): a set
+    bit means some record could not measure that field, so its total above is a
+    lower bound, and with no record measuring it (e.g. 32 and net bytes 0) unknown.
+    """
     def __init__(
         self,
         *,
@@ -235,10 +241,11 @@ class LeaseUsage(_message.Message):
         first_start_unix_nanos: _builtins.int = ...,
         last_end_unix_nanos: _builtins.int = ...,
         unbilled_micros: _builtins.int = ...,
+        unmeasured: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer", b"buyer", "cost_micros", b"cost_micros", "cpu_usec", b"cpu_usec", "duration_ns", b"duration_ns", "energy_millijoules", b"energy_millijoules", "escrow_state", b"escrow_state", "final_seen", b"final_seen", "first_start_unix_nanos", b"first_start_unix_nanos", "gpu_memory_peak_bytes", b"gpu_memory_peak_bytes", "gpu_ns", b"gpu_ns", "last_end_unix_nanos", b"last_end_unix_nanos", "lease_id", b"lease_id", "net_rx_bytes", b"net_rx_bytes", "net_tx_bytes", b"net_tx_bytes", "node_id", b"node_id", "price_micros_per_gpu_hour", b"price_micros_per_gpu_hour", "records", b"records", "rejected_records", b"rejected_records", "released_micros", b"released_micros", "reserved_micros", b"reserved_micros", "state", b"state", "unbilled_micros", b"unbilled_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buyer", b"buyer", "cost_micros", b"cost_micros", "cpu_usec", b"cpu_usec", "duration_ns", b"duration_ns", "energy_millijoules", b"energy_millijoules", "escrow_state", b"escrow_state", "final_seen", b"final_seen", "first_start_unix_nanos", b"first_start_unix_nanos", "gpu_memory_peak_bytes", b"gpu_memory_peak_bytes", "gpu_ns", b"gpu_ns", "last_end_unix_nanos", b"last_end_unix_nanos", "lease_id", b"lease_id", "net_rx_bytes", b"net_rx_bytes", "net_tx_bytes", b"net_tx_bytes", "node_id", b"node_id", "price_micros_per_gpu_hour", b"price_micros_per_gpu_hour", "records", b"records", "rejected_records", b"rejected_records", "released_micros", b"released_micros", "reserved_micros", b"reserved_micros", "state", b"state", "unbilled_micros", b"unbilled_micros", "unmeasured", b"unmeasured"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
