@@ -269,6 +269,8 @@ def _gpu_checks(config: AgentConfig, nvml_module: Any, amdsmi_module: Any) -> li
             return [check_rocm_driver(), amdsmi_result, check_kfd()]
     driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
     return [driver, nvml_result, check_toolkit(toolkit_version(), real_gpus)]
+
+
 def split_address(address: str) -> tuple[str, int] | None:
     """``host:port`` or ``[v6]:port`` as (host, port); None when it is neither."""
     host, sep, port = address.rpartition(":")

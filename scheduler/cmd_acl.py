@@ -105,6 +105,20 @@ def _open_db(args: argparse.Namespace) -> sqlite3.Connection:
     return conn
 
 
+def keep_owner(db_path: Path) -> None:
+    """Root running this on the scheduler's database (the usual way on its host) must
+    leave the files the scheduler's: a root-owned WAL or database would stop the
+    service (it runs as its own user) from opening them on its next start."""
+    if os.geteuid() != 0:
+        return
+    owner = db_path.parent.stat()
+    if owner.st_uid == 0:
+        return
+    for path in (db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+        if path.exists() and path.stat().st_uid != owner.st_uid:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
 def _in_txn(conn: sqlite3.Connection, fn: Any) -> Any:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -125,6 +139,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         return 1
     finally:
         conn.close()
+        keep_owner(load_config_from_args(args).database.path)
     if args.token_file is not None:
         write_token_file(args.token_file, secret)
         print(f"admin token {found.token_id} written to {args.token_file}", file=sys.stderr)  # noqa: T201
@@ -146,6 +161,7 @@ def _reset(args: argparse.Namespace) -> int:
         revoked = _in_txn(conn, lambda c: store.reset_bootstrap(c, time.time_ns()))
     finally:
         conn.close()
+        keep_owner(load_config_from_args(args).database.path)
     print(f"{revoked} admin tokens revoked; run 'gpu-scheduler acl bootstrap' for a new one")  # noqa: T201
     return 0
 

@@ -51,11 +51,17 @@ class Provider:
     lease_network: bool = False
 
 
+ADMIN_TOKEN = "/root/.config/gpu-scheduler/token"  # the CLI's default token file
+ENROLLMENT_TOKEN = "/etc/gpu-agent/enrollment.token"
+PROVIDER_ACCOUNT = "acme-gpus"
+
+
 def scheduler_cli(system: sh.BootedSystem, *args: str, check: bool = True) -> sh.Result:
     """The scheduler's CLI as an operator on the host runs it (root, its config, the
-    generated CA it finds beside the database). The one place to add credentials."""
+    generated CA it finds beside the database, the admin token from its default file
+    once `acl bootstrap` wrote it there)."""
     command = [f"{VENV_BIN}/gpu-scheduler", "-c", "/etc/gpu-scheduler/config.yaml", *args]
-    return system.sh(shlex.join(command), check=check)
+    return system.sh("HOME=/root " + shlex.join(command), check=check)
 
 
 def scheduler_json(system: sh.BootedSystem, *args: str) -> object:
@@ -175,6 +181,8 @@ def test_configured_for_simulated_gpus_both_units_reach_ready(provider: Provider
             "gpu": {"backend": "simulated", "simulated": {"profile": "rtx-4090", "count": 2}},
             "metering": {"sample_interval": "1s", "record_interval": "5s"},
             "runtime": {"scratch_dir": scratch},
+            # Written below by `nodes enroll`, as deploy/systemd/README.md tells providers.
+            "coordinator": {"enrollment_token_file": ENROLLMENT_TOKEN},
         },
     )
     edit_config(
@@ -187,7 +195,21 @@ def test_configured_for_simulated_gpus_both_units_reach_ready(provider: Provider
         " && mkdir -p /etc/systemd/system/gpu-agent.service.d"
         " && printf '[Service]\\nReadWritePaths=%s\\nWatchdogSec=%ss\\n' "
         f"{scratch} {WATCHDOG_SEC} > /etc/systemd/system/gpu-agent.service.d/test.conf"
-        " && systemctl daemon-reload && systemctl restart gpu-scheduler"
+        " && systemctl daemon-reload && systemctl restart gpu-scheduler",
+        timeout=180,
+    )
+    # The provider's first steps with the ACL: the admin token (on the database file,
+    # as root: the files must stay the scheduler's), a provider account, and an
+    # enrolment token for the agent, readable by its group only.
+    scheduler_cli(system, "acl", "bootstrap", "--token-file", ADMIN_TOKEN)
+    assert system.sh("stat -c %U /var/lib/gpu-scheduler/scheduler.db").stdout.strip() == (
+        "gpu-scheduler"
+    )
+    scheduler_cli(system, "accounts", "create", PROVIDER_ACCOUNT, "--role", "provider")
+    enrolled = scheduler_cli(system, "nodes", "enroll", "--account", PROVIDER_ACCOUNT)
+    system.sh(
+        f"umask 077 && printf '%s\\n' {shlex.quote(enrolled.stdout.strip())} > {ENROLLMENT_TOKEN}"
+        f" && chown root:gpu-agent {ENROLLMENT_TOKEN} && chmod 0640 {ENROLLMENT_TOKEN}"
         " && systemctl reset-failed gpu-agent && systemctl start gpu-agent",
         timeout=180,
     )
@@ -198,6 +220,7 @@ def test_configured_for_simulated_gpus_both_units_reach_ready(provider: Provider
     assert "degraded" not in status, status
     nodes = scheduler_json(system, "nodes")
     assert isinstance(nodes, list) and len(nodes) == 1, nodes
+    assert nodes[0].get("owner") == PROVIDER_ACCOUNT, nodes
     provider.node_id = str(nodes[0]["nodeId"])
 
 
