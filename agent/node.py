@@ -221,7 +221,9 @@ class AgentNode:
             self.identity.node_id,
             Path(scratch),
             on_pull=self._on_image_pulled,
+            isolation=config.isolation,
         )
+        self.runtime = runtime
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
         self.leases = LeaseManager(
             config,
@@ -275,6 +277,7 @@ class AgentNode:
         agent = self.agent
         agent.add_component("watchdog", sdnotify.watchdog_task)
         agent.add_component("gpu-health", self.health.run)
+        agent.add_component("egress-policy", runtime.watch_firewall)
         agent.add_component("leases", self.leases.run)
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self._usage_sender)

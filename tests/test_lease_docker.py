@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,8 +26,15 @@ from agent.leases import (
     StateDB,
     container_name,
 )
-from agent.leases.docker_runtime import LABEL_GPUS, LABEL_MANAGED, LABEL_NODE, PullObserver
+from agent.leases.docker_runtime import (
+    LABEL_GPUS,
+    LABEL_LEASE,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    PullObserver,
+)
 from tests import registry as test_registry
+from tests.isolation_helpers import cleanup_isolation, isolation_for_test
 
 pytestmark = pytest.mark.docker
 
@@ -59,7 +67,11 @@ class LeaseEnv:
         self.updates: list[LeaseUpdate] = []
         self._changed = asyncio.Condition()
         self.config = AgentConfig.model_validate(
-            {"node": {"state_dir": str(state_dir)}, "runtime": {"stop_grace": "1s"}}
+            {
+                "node": {"state_dir": str(state_dir)},
+                "runtime": {"stop_grace": "1s"},
+                "isolation": isolation_for_test(),
+            }
         )
         self.runs: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
@@ -77,6 +89,7 @@ class LeaseEnv:
             self.node_id,
             self.state_dir / "scratch",
             on_pull=on_pull,
+            isolation=self.config.isolation,
         )
         return LeaseManager(
             self.config,
@@ -117,6 +130,9 @@ class LeaseEnv:
         labels = [f"{LABEL_NODE}={self.node_id}", *(f"{k}={v}" for k, v in extra_labels.items())]
         return self.client.containers.list(all=True, filters={"label": labels})
 
+    def networks(self) -> list[Any]:
+        return self.client.networks.list(filters={"label": f"{LABEL_NODE}={self.node_id}"})
+
     def spec(self, script: str, **fields: Any) -> dict[str, Any]:
         return {"image": self.image, "command": ["sh", "-c", script], **fields}
 
@@ -136,6 +152,7 @@ def lease_env_factory(
     for env in envs:
         for container in env.containers():
             container.remove(force=True)
+        cleanup_isolation(env.client, env.node_id, env.config.isolation)
 
 
 @pytest_asyncio.fixture
@@ -219,7 +236,8 @@ async def test_a_dead_container_is_not_metered_while_its_end_is_recorded(
 @pytest.mark.asyncio
 async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) -> None:
     """A running lease runs hardened (caps, no-new-privileges, limits, labels, no device
-    request in simulated mode) and a cancel stops and removes it."""
+    request in simulated mode) on a network of its own (labelled, ICC off, subnet from the
+    pool, not the default bridge), and a cancel stops and removes both."""
     manager = lease_env.manager()
     await lease_env.start(manager)
     await manager.assign("c-1", lease_env.spec("sleep 300", gpu_count=1, memory_bytes="64MiB"))
@@ -233,7 +251,14 @@ async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) ->
     assert host["Memory"] == 64 * 1024**2
     assert host["NanoCpus"] == 1_000_000_000
     assert not host.get("DeviceRequests")
-    assert host["NetworkMode"] in ("default", "bridge")
+    assert host["NetworkMode"] == "gpuagent-c-1"
+    assert list(attrs["NetworkSettings"]["Networks"]) == ["gpuagent-c-1"]
+    network = lease_env.client.networks.get("gpuagent-c-1").attrs
+    assert network["Labels"][LABEL_LEASE] == "c-1"
+    assert network["Labels"][LABEL_NODE] == lease_env.node_id
+    assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+    subnet = ipaddress.ip_network(network["IPAM"]["Config"][0]["Subnet"])
+    assert subnet.subnet_of(lease_env.config.isolation.subnet_pool)  # type: ignore[arg-type]
     assert [m["Destination"] for m in attrs["Mounts"]] == ["/scratch"]
     assert attrs["Config"]["Labels"][LABEL_GPUS] == "GPU-aaaa"
     assert "NVIDIA_VISIBLE_DEVICES=GPU-aaaa" in attrs["Config"]["Env"]
@@ -243,6 +268,7 @@ async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) ->
     update = await lease_env.wait_state("c-1", LeaseState.CANCELLED)
     assert update.reason == "buyer asked"
     assert lease_env.containers() == []
+    assert lease_env.networks() == []
     assert manager.snapshot().allocations == {}
 
 

@@ -11,6 +11,13 @@ allow-list, no-new-privileges, Docker's default seccomp profile, pids, memory
 and CPU limits, no swap, no restart policy, and the only host path a per-lease
 scratch dir. Every container carries the labels below; nothing without
 ``io.gpuagent.managed=true`` and this node's id is ever touched.
+
+Each lease gets a bridge network of its own (``isolation.networks``), or none at
+all when the spec asks for ``network_mode: none``; it never joins another lease's
+network or the default bridge. Its ports are published on
+``isolation.publish_address`` only, and before each network lease starts the
+egress policy (``isolation.firewall``) is verified, restored if Docker or a
+firewall reload dropped it.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import docker.errors
 from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount
 
-from ..config import RuntimeConfig
+from ..config import IsolationConfig, RuntimeConfig
+from ..isolation.firewall import Firewall, FirewallError
+from ..isolation.networks import LeaseNetwork, LeaseNetworks, NetworkError
 from .spec import ImageRef, LeaseSpec, RegistryAuth, effective_cpus, effective_memory
 
 log = logging.getLogger(__name__)
@@ -180,12 +189,23 @@ class DockerRuntime:
         node_id: str,
         scratch_root: Path,
         on_pull: PullObserver | None = None,
+        isolation: IsolationConfig | None = None,
     ) -> None:
         self._client = client
         self._config = config
         self.node_id = node_id
         self.scratch_root = scratch_root
         self._on_pull = on_pull
+        self.isolation = isolation or IsolationConfig()
+        self.networks = LeaseNetworks(
+            client,
+            self.isolation,
+            node_id,
+            {LABEL_MANAGED: "true", LABEL_NODE: node_id},
+            LABEL_LEASE,
+        )
+        self.firewall = Firewall(self.isolation)
+        self._firewall_recheck = asyncio.Event()
 
     def update_config(self, config: RuntimeConfig) -> None:
         """Limits for containers created from now on (SIGHUP); running ones keep theirs."""
@@ -286,10 +306,73 @@ class DockerRuntime:
         expires_at: float | None,
         device_request: bool,
     ) -> str:
-        """Create (not start) the lease's container; returns its id."""
+        """Create (not start) the lease's container on its own network; returns its id."""
+        network: str | None = None
+        if spec.network_mode != "none":
+            # Independent round trips (iptables-save, Docker), so side by side: the
+            # lease start pays for the slower one only.
+            _, made = await asyncio.gather(
+                self.ensure_firewall(), self.ensure_network(lease_id)
+            )
+            network = made.name
         return await asyncio.to_thread(
-            self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request
+            self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request, network
         )
+
+    async def ensure_network(self, lease_id: str) -> LeaseNetwork:
+        try:
+            return await asyncio.to_thread(
+                self.networks.ensure, container_name(lease_id), lease_id
+            )
+        except NetworkError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    async def ensure_firewall(self) -> bool:
+        """Verify (and restore) the egress policy; raises ``RuntimeFailure`` if it cannot.
+
+        Fails closed: a lease does not start while the rules that keep it off the
+        LAN cannot be installed.
+        """
+        try:
+            return await asyncio.to_thread(self.firewall.ensure)
+        except FirewallError as exc:
+            raise RuntimeFailure(f"egress policy could not be installed: {exc}") from exc
+
+    def recheck_firewall(self) -> None:
+        """Ask ``watch_firewall`` to verify now (the events stream reconnected)."""
+        self._firewall_recheck.set()
+
+    async def watch_firewall(self, stop: asyncio.Event) -> None:
+        """Keep the egress policy in place: every ``recheck_interval`` and on request."""
+        while not stop.is_set():
+            self._firewall_recheck.clear()
+            try:
+                await self.ensure_firewall()
+            except RuntimeFailure as exc:
+                log.error("egress policy check failed", extra={"error": str(exc)})
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._firewall_recheck.wait()),
+            ]
+            await asyncio.wait(
+                waiters,
+                timeout=self.isolation.recheck_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def remove_network(self, lease_id: str) -> None:
+        try:
+            await asyncio.to_thread(self.networks.remove_lease, lease_id)
+        except NetworkError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    async def list_networks(self) -> list[LeaseNetwork]:
+        try:
+            return await asyncio.to_thread(self.networks.list_managed)
+        except NetworkError as exc:
+            raise RuntimeFailure(str(exc)) from exc
 
     def _create(
         self,
@@ -298,6 +381,7 @@ class DockerRuntime:
         gpu_uuids: tuple[str, ...],
         expires_at: float | None,
         device_request: bool,
+        network: str | None,
     ) -> str:
         scratch = self.scratch_dir(lease_id)
         scratch.mkdir(parents=True, exist_ok=True)
@@ -330,6 +414,8 @@ class DockerRuntime:
             "read_only": self._config.read_only_rootfs,
             "mounts": [Mount(SCRATCH_MOUNT, str(scratch), type="bind")],
             "restart_policy": {"Name": "no"},
+            # Its own network, or none: never the default bridge, never another lease's.
+            "network_mode": network or "none",
             # Bounded logs: a chatty lease must not fill the host's disk.
             "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         }
@@ -341,7 +427,9 @@ class DockerRuntime:
             host["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108 - in the container
         ports = [(p.container_port, p.protocol) for p in spec.ports]
         if ports:
-            host["port_bindings"] = {f"{port}/{proto}": None for port, proto in ports}
+            # Never 0.0.0.0 / [::]: only the configured address (loopback by default).
+            address = str(self.isolation.publish_address)
+            host["port_bindings"] = {f"{port}/{proto}": (address,) for port, proto in ports}
         if device_request and gpu_uuids:
             host["device_requests"] = [
                 DeviceRequest(driver="nvidia", device_ids=list(gpu_uuids), capabilities=[["gpu"]])
@@ -358,6 +446,11 @@ class DockerRuntime:
                 detach=True,
                 ports=ports or None,
                 host_config=api.create_host_config(**host),
+                networking_config=(
+                    api.create_networking_config({network: api.create_endpoint_config()})
+                    if network
+                    else None
+                ),
             )
         except docker.errors.APIError as exc:
             if exc.status_code == 409:

@@ -273,8 +273,27 @@ class LeaseManager:
         for lease_id, record in list(self._active.items()):
             async with self._lock(lease_id):
                 await self._reconcile_one(record, by_lease.get(lease_id))
+        await self._remove_orphan_networks()
         self._reconciled = True
         self._deadlines_changed.set()
+
+    async def _remove_orphan_networks(self) -> None:
+        """Lease networks no active lease owns: left by a crash between container and
+        network removal, or by a lease that ended while the agent was down."""
+        try:
+            networks = await self._runtime.list_networks()
+        except RuntimeFailure as exc:
+            log.warning("cannot list lease networks", extra={"error": str(exc)})
+            return
+        for network in networks:
+            if network.lease_id in self._active:
+                continue  # re-adopted with its container, or about to be (re)started
+            log.warning(
+                "removing lease network no active lease claims",
+                extra={"lease_id": network.lease_id, "network": network.name},
+            )
+            with contextlib.suppress(RuntimeFailure):
+                await self._runtime.remove_network(network.lease_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch Docker events and expiry deadlines until ``stop``. Leases keep running."""
@@ -515,6 +534,7 @@ class LeaseManager:
         try:
             if record.container_id:
                 await self._runtime.remove(record.container_id)
+            await self._runtime.remove_network(record.lease_id)
             await self._runtime.remove_scratch(record.lease_id)
         except RuntimeFailure as exc:
             log.warning(
@@ -581,6 +601,9 @@ class LeaseManager:
     async def _watch_events(self, stop: asyncio.Event) -> None:
         async for event in self._runtime.events(stop):
             if event.action == RESYNC:
+                # A reconnect is how a Docker restart shows here, and a restarting
+                # Docker rewrites the filter table: check the egress policy now.
+                self._runtime.recheck_firewall()
                 for lease_id, record in list(self._active.items()):
                     if record.container_id and record.state is LeaseState.RUNNING:
                         self._spawn(self._finalize(lease_id), f"lease-check-{lease_id}")

@@ -355,6 +355,11 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
             RejectCode.HOST_NAMESPACE,
             f"network_mode {spec.network_mode[:64]!r} is not allowed (only bridge or none)",
         )
+    if spec.network_mode == "none" and spec.ports:
+        raise LeaseRejected(
+            RejectCode.INVALID_SPEC,
+            "ports cannot be published by a lease with network_mode none (it has no network)",
+        )
     for field, allowed in (
         ("pid_mode", ("",)),
         ("ipc_mode", ("", "private", "none")),

@@ -1,0 +1,41 @@
+"""Isolation settings private to one test, and their cleanup.
+
+Other engineers' tests share this Docker Engine and its iptables: each test gets its
+own firewall chain name, bridge prefix and subnet pool, so its rules match only its
+own lease bridges and its cleanup removes nothing of anyone else's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import uuid
+from typing import Any
+
+import docker
+
+from agent.config import IsolationConfig
+from agent.isolation.firewall import Firewall
+from agent.leases.docker_runtime import LABEL_NODE
+
+
+def isolation_for_test(**overrides: Any) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:5]
+    settings: dict[str, Any] = {
+        "firewall_chain": f"GAT{tag.upper()}",
+        "bridge_prefix": f"t{tag}-",
+        # A random /22 of 10.213/16: /28 subnets for a dozen leases; Docker refuses an
+        # overlap with another test's network and the allocator moves on.
+        "subnet_pool": f"10.213.{random.randrange(0, 256, 4)}.0/22",
+    }
+    settings.update(overrides)
+    return settings
+
+
+def cleanup_isolation(client: docker.DockerClient, node_id: str, config: IsolationConfig) -> None:
+    """Remove the test node's lease networks and its firewall chains."""
+    for network in client.networks.list(filters={"label": f"{LABEL_NODE}={node_id}"}):
+        with contextlib.suppress(docker.errors.APIError):
+            network.remove()
+    with contextlib.suppress(Exception):
+        Firewall(config).uninstall()
