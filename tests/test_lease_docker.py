@@ -58,7 +58,13 @@ class OffsetClock:
 class LeaseEnv:
     """A node id, state dir and update log shared by the managers of one test."""
 
-    def __init__(self, client: docker.DockerClient, state_dir: Path, image: str) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        state_dir: Path,
+        image: str,
+        isolation: dict[str, Any] | None = None,
+    ) -> None:
         self.client = client
         self.image = image
         self.node_id = f"test-{uuid.uuid4().hex[:10]}"
@@ -70,7 +76,7 @@ class LeaseEnv:
             {
                 "node": {"state_dir": str(state_dir)},
                 "runtime": {"stop_grace": "1s"},
-                "isolation": isolation_for_test(),
+                "isolation": isolation_for_test(**(isolation or {})),
             }
         )
         self.runs: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
@@ -140,11 +146,11 @@ class LeaseEnv:
 @pytest.fixture
 def lease_env_factory(
     docker_client: docker.DockerClient, busybox_image: str, tmp_path: Path
-) -> Iterator[Callable[[], LeaseEnv]]:
+) -> Iterator[Callable[..., LeaseEnv]]:
     envs: list[LeaseEnv] = []
 
-    def make() -> LeaseEnv:
-        env = LeaseEnv(docker_client, tmp_path / f"state{len(envs)}", busybox_image)
+    def make(**isolation: Any) -> LeaseEnv:
+        env = LeaseEnv(docker_client, tmp_path / f"state{len(envs)}", busybox_image, isolation)
         envs.append(env)
         return env
 
@@ -156,7 +162,7 @@ def lease_env_factory(
 
 
 @pytest_asyncio.fixture
-async def lease_env(lease_env_factory: Callable[[], LeaseEnv]) -> AsyncIterator[LeaseEnv]:
+async def lease_env(lease_env_factory: Callable[..., LeaseEnv]) -> AsyncIterator[LeaseEnv]:
     env = lease_env_factory()
     yield env
     for stop, task in env.runs:
