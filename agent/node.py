@@ -43,6 +43,7 @@ from .gpu.cordons import CordonStore
 from .gpu.health import HealthMonitor
 from .hostinfo import collect_host_info
 from .identity import NodeIdentity, load_or_create
+from .isolation.toolkit import ToolkitGate
 from .leases.allocator import GpuAllocator
 from .leases.docker_runtime import DockerRuntime
 from .leases.manager import LeaseManager
@@ -225,6 +226,10 @@ class AgentNode:
         )
         self.runtime = runtime
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
+        # Real GPUs only: with simulated ones no container reaches a GPU.
+        toolkit_gate = None if self.backend.simulated else ToolkitGate()
+        if toolkit_gate is not None:
+            await asyncio.to_thread(toolkit_gate.refresh)
         self.leases = LeaseManager(
             config,
             runtime,
@@ -235,6 +240,7 @@ class AgentNode:
             on_update=self._on_lease_update,
             simulated_gpus=self.backend.simulated,
             gpu_details_source=lambda: self._gpu_names,
+            gpu_gate=toolkit_gate.refusal if toolkit_gate is not None else None,
         )
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,6 +34,7 @@ from agent.leases.docker_runtime import (
     LABEL_NODE,
     PullObserver,
 )
+from agent.isolation.toolkit import ToolkitGate
 from tests import registry as test_registry
 from tests.isolation_helpers import cleanup_isolation, isolation_for_test
 
@@ -87,7 +89,10 @@ class LeaseEnv:
             self._changed.notify_all()
 
     def manager(
-        self, clock: OffsetClock | None = None, on_pull: PullObserver | None = None
+        self,
+        clock: OffsetClock | None = None,
+        on_pull: PullObserver | None = None,
+        gpu_gate: Callable[[], str | None] | None = None,
     ) -> LeaseManager:
         runtime = DockerRuntime(
             self.client,
@@ -108,6 +113,7 @@ class LeaseEnv:
             simulated_gpus=True,
             clock=clock or OffsetClock(),
             host=HostCapacity(memory_bytes=64 * 1024**3, cpus=64),
+            gpu_gate=gpu_gate,
         )
 
     async def start(self, manager: LeaseManager) -> asyncio.Task[None]:
@@ -426,3 +432,38 @@ async def test_same_lease_assigned_twice_runs_once(lease_env: LeaseEnv) -> None:
     await manager.assign("d-1", spec)
     assert len(lease_env.containers()) == 1
     assert lease_env.states("d-1").count(LeaseState.ASSIGNED) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("version", "accepted"), [("1.17.7", False), ("1.17.8", True)])
+async def test_toolkit_floor_decides_whether_gpu_leases_are_accepted(
+    lease_env: LeaseEnv,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    version: str,
+    accepted: bool,
+) -> None:
+    """A fake `nvidia-ctk --version` on PATH: below 1.17.8 a GPU lease is rejected with
+    toolkit_vulnerable and the upgrade as the fix, at 1.17.8 it runs; a CPU-only lease
+    runs either way."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-ctk"
+    fake.write_text(
+        f"#!/bin/sh\necho 'NVIDIA Container Toolkit CLI version {version}'\necho 'commit: 0f0f'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    gate = ToolkitGate(features_source=dict)
+    await asyncio.to_thread(gate.refresh)
+    manager = lease_env.manager(gpu_gate=gate.refusal)
+    await lease_env.start(manager)
+    await manager.assign("gpu", lease_env.spec("true", gpu_count=1))
+    await manager.assign("cpu", lease_env.spec("true"))
+    await lease_env.wait_state("cpu", LeaseState.SUCCEEDED)
+    if accepted:
+        await lease_env.wait_state("gpu", LeaseState.SUCCEEDED)
+    else:
+        update = await lease_env.wait_state("gpu", LeaseState.REJECTED)
+        assert update.reason.startswith("toolkit_vulnerable: ")
+        assert version in update.reason and "1.17.8" in update.reason

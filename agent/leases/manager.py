@@ -131,6 +131,7 @@ class LeaseManager:
         clock: Clock | None = None,
         gpu_details_source: Callable[[], Mapping[str, GpuDescription]] | None = None,
         host: HostCapacity | None = None,
+        gpu_gate: Callable[[], str | None] | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -144,6 +145,8 @@ class LeaseManager:
         self._simulated = simulated_gpus
         self._clock: Clock = clock or SystemClock()
         self._host = host or HostCapacity.detect()
+        # Why GPU leases are refused on this host now (isolation.toolkit), or None.
+        self._gpu_gate = gpu_gate
         self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
         self._specs: dict[str, LeaseSpec] = {}
         # Weak: a lease's lock lives while a task holds or awaits it, so the map
@@ -204,6 +207,9 @@ class LeaseManager:
                 stored = parsed.stored()
                 await self._check_disk()
                 ref = check_spec(parsed, self._policy, self._free_capacity())
+                refusal = self._gpu_gate() if parsed.gpu_count and self._gpu_gate else None
+                if refusal:
+                    raise LeaseRejected(RejectCode.TOOLKIT_VULNERABLE, refusal)
                 try:
                     gpus = self._allocator.allocate(
                         lease_id, parsed.gpu_count, self._gpu_source(), gpu_uuids

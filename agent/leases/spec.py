@@ -63,6 +63,7 @@ class RejectCode(StrEnum):
     INSUFFICIENT_CPUS = "insufficient_cpus"
     GPU_CONFLICT = "gpu_conflict"
     INSUFFICIENT_DISK = "insufficient_disk"
+    TOOLKIT_VULNERABLE = "toolkit_vulnerable"
 
 
 @dataclass(frozen=True)
