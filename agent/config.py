@@ -174,6 +174,22 @@ class RuntimeConfig(Strict):
     scratch_dir: Path | None = Field(
         default=None, description="per-lease scratch dirs; default <state_dir>/scratch"
     )
+    scratch_mode: Literal["auto", "loop", "measured"] = Field(
+        default="auto",
+        description="loop: a nosuid,nodev ext4 image per lease, hard quota (needs root); "
+        "measured: a directory, stopped when over quota; auto: loop where it works",
+    )
+    default_scratch: ByteSize = Field(
+        default=10 * 1024**3, description="scratch quota of leases that do not ask for one"
+    )
+    scratch_check_interval: Duration = Field(
+        default=10.0, description="how often scratch use is measured in measured mode"
+    )
+    writable_layer_size: ByteSize | None = Field(
+        default=50 * 1024**3,
+        description="bound on a container's writable layer (Docker storage-opt size), "
+        "where the storage driver supports it (overlay2 on xfs with pquota); null = none",
+    )
 
     @field_validator("allowed_capabilities")
     @classmethod

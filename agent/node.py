@@ -225,6 +225,7 @@ class AgentNode:
             isolation=config.isolation,
         )
         self.runtime = runtime
+        log.info("container storage", extra={"mode": await runtime.detect_storage()})
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
         # Real GPUs only: with simulated ones no container reaches a GPU.
         toolkit_gate = None if self.backend.simulated else ToolkitGate()

@@ -8,8 +8,11 @@ own lease bridges and its cleanup removes nothing of anyone else's.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -39,3 +42,12 @@ def cleanup_isolation(client: docker.DockerClient, node_id: str, config: Isolati
             network.remove()
     with contextlib.suppress(Exception):
         Firewall(config).uninstall()
+
+
+def cleanup_scratch(root: Path) -> None:
+    """Unmount loop scratch a failed test left mounted (else tmp_path cannot be removed)."""
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if os.path.ismount(entry):
+            subprocess.run(["umount", "-l", str(entry)], check=False, capture_output=True)

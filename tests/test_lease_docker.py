@@ -36,7 +36,7 @@ from agent.leases.docker_runtime import (
 )
 from agent.isolation.toolkit import ToolkitGate
 from tests import registry as test_registry
-from tests.isolation_helpers import cleanup_isolation, isolation_for_test
+from tests.isolation_helpers import cleanup_isolation, cleanup_scratch, isolation_for_test
 
 pytestmark = pytest.mark.docker
 
@@ -165,6 +165,7 @@ def lease_env_factory(
         for container in env.containers():
             container.remove(force=True)
         cleanup_isolation(env.client, env.node_id, env.config.isolation)
+        cleanup_scratch(env.state_dir / "scratch")
 
 
 @pytest_asyncio.fixture

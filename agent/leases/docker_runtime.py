@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -43,7 +42,15 @@ from docker.types import DeviceRequest, LogConfig, Mount
 from ..config import IsolationConfig, RuntimeConfig
 from ..isolation.firewall import Firewall, FirewallError
 from ..isolation.networks import LeaseNetwork, LeaseNetworks, NetworkError
-from .spec import ImageRef, LeaseSpec, RegistryAuth, effective_cpus, effective_memory
+from .scratch import ScratchError, ScratchSpace, resolve_mode
+from .spec import (
+    ImageRef,
+    LeaseSpec,
+    RegistryAuth,
+    effective_cpus,
+    effective_memory,
+    effective_scratch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,10 @@ RESYNC = "resync"  # synthetic event: the stream (re)connected, look at everythi
 
 class RuntimeFailure(Exception):
     """A Docker operation failed; the message is fit for a lease's reason."""
+
+
+class _StorageOptRefused(Exception):
+    """The engine cannot bound the writable layer (storage-opt size) after all."""
 
 
 class PullError(RuntimeFailure):
@@ -206,6 +217,12 @@ class DockerRuntime:
         )
         self.firewall = Firewall(self.isolation)
         self._firewall_recheck = asyncio.Event()
+        mode, why = resolve_mode(config.scratch_mode)
+        self.scratch = ScratchSpace(scratch_root, mode)
+        log.info("scratch mode", extra={"mode": mode, "why": why})
+        # Docker's storage-opt size works only on overlay2 over xfs with pquota; set
+        # by ``detect_storage`` (None: unknown yet, so not used).
+        self.writable_layer_bounded: bool | None = None
 
     def update_config(self, config: RuntimeConfig) -> None:
         """Limits for containers created from now on (SIGHUP); running ones keep theirs."""
@@ -384,10 +401,10 @@ class DockerRuntime:
         network: str | None,
     ) -> str:
         scratch = self.scratch_dir(lease_id)
-        scratch.mkdir(parents=True, exist_ok=True)
-        # World-writable (sticky) so images running as a non-root user can use it;
-        # the state dir above it (0700) keeps host users out.
-        scratch.chmod(0o1777)
+        try:
+            self.scratch.prepare(scratch, effective_scratch(spec, self._config))
+        except (ScratchError, OSError) as exc:
+            raise RuntimeFailure(f"scratch space could not be made: {exc}") from exc
         memory = effective_memory(spec, self._config)
         env = dict(spec.env)
         # Read by the NVIDIA runtime and by CUDA apps; "void" hides every GPU.
@@ -421,6 +438,8 @@ class DockerRuntime:
         }
         if spec.shm_bytes:
             host["shm_size"] = spec.shm_bytes
+        if self.writable_layer_bounded and self._config.writable_layer_size:
+            host["storage_opt"] = {"size": str(self._config.writable_layer_size)}
         if self._config.runtime:
             host["runtime"] = self._config.runtime
         if self._config.read_only_rootfs:
@@ -436,7 +455,34 @@ class DockerRuntime:
             ]
         api = self._client.api
         try:
-            created = api.create_container(
+            created = self._create_container(api, host, network, spec, lease_id, env, labels, ports)
+        except _StorageOptRefused:
+            # overlay2 on xfs without pquota: the engine says so only now. Bound nothing
+            # from here on (doctor reports it) rather than fail every lease.
+            log.warning("storage-opt size refused by the engine; writable layers unbounded")
+            self.writable_layer_bounded = False
+            host.pop("storage_opt", None)
+            created = self._create_container(api, host, network, spec, lease_id, env, labels, ports)
+        container_id = str(created.get("Id", ""))
+        log.info(
+            "container created",
+            extra={"lease_id": lease_id, "container_id": container_id, "gpus": list(gpu_uuids)},
+        )
+        return container_id
+
+    def _create_container(
+        self,
+        api: Any,
+        host: dict[str, Any],
+        network: str | None,
+        spec: LeaseSpec,
+        lease_id: str,
+        env: dict[str, str],
+        labels: dict[str, str],
+        ports: list[tuple[int, str]],
+    ) -> dict[str, Any]:
+        try:
+            created: dict[str, Any] = api.create_container(
                 spec.image,
                 command=list(spec.args) or None,
                 name=container_name(lease_id),
@@ -456,18 +502,15 @@ class DockerRuntime:
             if exc.status_code == 409:
                 existing = self._client.containers.get(container_name(lease_id))
                 raise ContainerExists(existing.id or "") from exc
+            if "storage_opt" in host and "storage-opt" in _explain(exc):
+                raise _StorageOptRefused from exc
             raise RuntimeFailure(f"container create failed: {_explain(exc)}") from exc
         except OSError as exc:
             # requests' connection errors and timeouts are OSErrors: the engine hung up
             # or did not answer within the client timeout. A container it may still have
             # created carries the lease's name; reconcile removes it.
             raise RuntimeFailure(f"container create failed: Docker did not answer: {exc}") from exc
-        container_id = str(created.get("Id", ""))
-        log.info(
-            "container created",
-            extra={"lease_id": lease_id, "container_id": container_id, "gpus": list(gpu_uuids)},
-        )
-        return container_id
+        return created
 
     async def start(self, container_id: str) -> float | None:
         """Start the container; returns Docker's StartedAt (unix seconds) when known.
@@ -545,7 +588,36 @@ class DockerRuntime:
         await asyncio.to_thread(_remove)
 
     async def remove_scratch(self, lease_id: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.scratch_dir(lease_id), True)
+        try:
+            await asyncio.to_thread(self.scratch.remove, self.scratch_dir(lease_id))
+        except ScratchError as exc:
+            raise RuntimeFailure(f"scratch removal failed: {exc}") from exc
+
+    async def scratch_used(self, lease_id: str) -> int:
+        return await asyncio.to_thread(self.scratch.used_bytes, self.scratch_dir(lease_id))
+
+    async def detect_storage(self) -> str:
+        """Whether the writable layer can be bounded here; returns the mode's description."""
+
+        def _detect() -> str:
+            info = self._client.api.info()
+            driver = str(info.get("Driver", ""))
+            status = {str(k): str(v) for k, v in info.get("DriverStatus") or []}
+            backing = status.get("Backing Filesystem", "")
+            bounded = driver == "overlay2" and backing == "xfs"
+            self.writable_layer_bounded = bounded
+            if bounded:
+                return f"writable layer bounded (storage-opt size) on {driver} over {backing}"
+            return (
+                f"writable layer unbounded: storage driver {driver}"
+                + (f" over {backing}" if backing else "")
+                + " (storage-opt size needs overlay2 on xfs with pquota)"
+            )
+
+        try:
+            return await asyncio.to_thread(_detect)
+        except (docker.errors.DockerException, OSError) as exc:
+            return f"writable layer mode unknown: {_explain(exc)}"
 
     async def list_managed(self) -> list[ContainerInfo]:
         """Every container with our managed label and this node's id, any status."""

@@ -342,6 +342,10 @@ def effective_cpus(spec: LeaseSpec, policy: RuntimeConfig) -> float:
     return spec.cpus or policy.default_cpus
 
 
+def effective_scratch(spec: LeaseSpec, policy: RuntimeConfig) -> int:
+    return spec.scratch_bytes or policy.default_scratch
+
+
 def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
     if spec.privileged:
         raise LeaseRejected(
