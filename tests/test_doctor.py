@@ -6,6 +6,7 @@ from pathlib import Path
 
 import docker
 import pynvml
+import pytest
 
 from agent.config import AgentConfig
 from agent.doctor import (
@@ -23,9 +24,12 @@ from agent.isolation.host_checks import (
     check_engine_isolation,
     check_firewall_tools,
     check_ipv6_filter,
+    check_scratch,
     check_userland_proxy,
     check_userns,
+    check_writable_layer,
 )
+from agent.leases import scratch
 from agent.isolation.toolkit import judge, read_features
 
 
@@ -177,3 +181,20 @@ def test_preflight_unreachable_docker_is_fatal(tmp_path: Path) -> None:
     fatal = fatal_results(run_preflight(config))
     assert [r.name for r in fatal] == ["docker"]
     assert fatal[0].fix is not None and "systemctl start docker" in fatal[0].fix
+
+
+def test_scratch_and_writable_layer_modes_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor says which scratch mode the host gets (measured when it cannot mount, fatal
+    when loop is demanded there) and whether the writable layer can be bounded."""
+    monkeypatch.setattr(scratch, "loop_supported", lambda: "the agent is not root")
+    assert check_scratch("auto").severity == Severity.INFO
+    assert "measured" in check_scratch("auto").message
+    assert check_scratch("loop").severity == Severity.FATAL
+    monkeypatch.setattr(scratch, "loop_supported", lambda: None)
+    assert check_scratch("auto").severity == Severity.OK
+    assert "loop" in check_scratch("auto").message
+    xfs = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "xfs"]]}
+    assert check_writable_layer(xfs, 10**9).severity == Severity.OK
+    ext4 = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]}
+    assert check_writable_layer(ext4, 10**9).severity == Severity.WARNING
+    assert check_writable_layer(ext4, None).severity == Severity.INFO

@@ -10,13 +10,14 @@ import json
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import docker
 
 from ..checks import CheckResult, Severity
 from ..config import AgentConfig
 from ..hostinfo import parse_version
+from ..leases.scratch import ScratchError, resolve_mode
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 IF_INET6 = Path("/proc/net/if_inet6")
@@ -125,30 +126,82 @@ def check_userns(security_options: Sequence[str] | None) -> CheckResult:
     )
 
 
-def engine_facts(docker_host: str, timeout: float = 3.0) -> tuple[str | None, list[str] | None]:
-    """Docker's version and security options, or (None, None) when unreachable."""
+def check_scratch(setting: Literal["auto", "loop", "measured"]) -> CheckResult:
+    try:
+        mode, why = resolve_mode(setting)
+    except ScratchError as exc:
+        return CheckResult(
+            "scratch",
+            Severity.FATAL,
+            str(exc),
+            "run the agent as root in the host's mount namespace, or set "
+            "runtime.scratch_mode: auto",
+        )
+    if mode == "loop":
+        return CheckResult("scratch", Severity.OK, f"scratch mode loop: {why}")
+    return CheckResult(
+        "scratch",
+        Severity.INFO,
+        f"scratch mode measured: {why}; a lease over its quota is stopped "
+        "(scratch_quota_exceeded), /scratch is not mounted nosuid",
+        "for hard quotas and nosuid,nodev run the agent as root (docs/leases.md \"Scratch\")",
+    )
+
+
+def check_writable_layer(info: dict[str, Any], size: int | None) -> CheckResult:
+    driver = str(info.get("Driver", ""))
+    status = {str(k): str(v) for k, v in info.get("DriverStatus") or []}
+    backing = status.get("Backing Filesystem", "")
+    if size is None:
+        return CheckResult(
+            "writable_layer", Severity.INFO, "runtime.writable_layer_size is null: unbounded"
+        )
+    if driver == "overlay2" and backing == "xfs":
+        return CheckResult(
+            "writable_layer",
+            Severity.OK,
+            f"writable layer bounded to {size} bytes (overlay2 on xfs; needs pquota, "
+            "checked at the first lease)",
+        )
+    return CheckResult(
+        "writable_layer",
+        Severity.WARNING,
+        f"writable layer unbounded: storage driver {driver or 'unknown'}"
+        + (f" on {backing}" if backing else "")
+        + " cannot take storage-opt size; a lease can fill Docker's disk",
+        "put /var/lib/docker on xfs mounted with pquota and use the overlay2 driver",
+    )
+
+
+def engine_facts(docker_host: str, timeout: float = 3.0) -> dict[str, Any] | None:
+    """``docker info``, or None when the engine is unreachable."""
     if docker_host.startswith("unix://") and not Path(docker_host[7:]).exists():
-        return None, None  # the SDK leaks its socket when connect() finds no file
+        return None  # the SDK leaks its socket when connect() finds no file
     try:
         # Pinned, as in hostinfo.docker_version: "auto" connects in the constructor.
         client = docker.APIClient(base_url=docker_host, timeout=max(int(timeout), 1), version="1.24")
     except Exception:  # the docker SDK raises several unrelated types here
-        return None, None
+        return None
     try:
         info: dict[str, Any] = client.info()
     except Exception:  # check_docker reports the engine being unreachable
-        return None, None
+        return None
     finally:
         client.close()
-    return str(info.get("ServerVersion") or "") or None, list(info.get("SecurityOptions") or [])
+    return info
 
 
 def isolation_checks(config: AgentConfig) -> list[CheckResult]:
-    version, security = engine_facts(config.runtime.docker_host)
+    info = engine_facts(config.runtime.docker_host)
     results = [check_firewall_tools(config.isolation.egress_policy)]
     if config.isolation.egress_policy:
         results.append(check_ipv6_filter())
     results.append(check_userland_proxy())
-    if version is not None:
-        results += [check_engine_isolation(version), check_userns(security)]
+    results.append(check_scratch(config.runtime.scratch_mode))
+    if info is not None:
+        results += [
+            check_engine_isolation(str(info.get("ServerVersion") or "") or None),
+            check_userns(list(info.get("SecurityOptions") or [])),
+            check_writable_layer(info, config.runtime.writable_layer_size),
+        ]
     return results
