@@ -240,6 +240,11 @@ class IsolationConfig(Strict):
     self_test: bool = Field(
         default=True, description="probe the isolation with two containers at start"
     )
+    self_test_image: str = Field(
+        default="busybox:1.36",
+        min_length=1,
+        description="image of the probe containers (sh, httpd, nc); never pulled by the agent",
+    )
 
     @field_validator("publish_address")
     @classmethod

@@ -43,6 +43,7 @@ from .gpu.cordons import CordonStore
 from .gpu.health import HealthMonitor
 from .hostinfo import collect_host_info
 from .identity import NodeIdentity, load_or_create
+from .isolation.selftest import SelfTest, SelfTestResult
 from .isolation.toolkit import ToolkitGate
 from .leases.allocator import GpuAllocator
 from .leases.docker_runtime import DockerRuntime
@@ -262,6 +263,8 @@ class AgentNode:
         # Telemetry first: a final usage record written by reconcile updates its gauges.
         self.telemetry = self._build_telemetry()
         await self.leases.reconcile()
+        # Before the link: the first Hello carries the result.
+        await self._check_isolation()
 
         self.link = CoordinatorLink(
             config.coordinator,
@@ -285,6 +288,7 @@ class AgentNode:
         agent.add_component("watchdog", sdnotify.watchdog_task)
         agent.add_component("gpu-health", self.health.run)
         agent.add_component("egress-policy", runtime.watch_firewall)
+        agent.add_component("isolation-self-test", self._recheck_isolation)
         agent.add_component("leases", self.leases.run)
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self._usage_sender)
@@ -324,6 +328,36 @@ class AgentNode:
         )
         responder.register()
         return responder
+
+    async def _check_isolation(self) -> SelfTestResult:
+        iso = self.config.isolation
+        if iso.self_test:
+            result = await SelfTest(self.runtime, iso.self_test_image).run()
+        else:
+            result = SelfTestResult("disabled", "isolation.self_test is off", time.time())
+        level = logging.INFO if result.status in ("verified", "disabled") else logging.ERROR
+        log.log(level, "isolation: %s", result, extra={"status": result.status})
+        self.isolation_result = result
+        self._inventory_pb.isolation.CopyFrom(
+            wire.isolation(result, iso.egress_policy, self.runtime.scratch.mode)
+        )
+        self.telemetry.agent.set_isolation(result.status == "verified")
+        return result
+
+    async def _recheck_isolation(self, stop: asyncio.Event) -> None:
+        """After Docker restarts: run the self-test again (the next Hello carries it)."""
+        reconnected = self.runtime.engine_reconnected
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reconnected.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if stop.is_set():
+                return
+            reconnected.clear()
+            # The firewall watcher was poked by the same reconnect; the self-test's own
+            # ensure_firewall waits for nothing more than that check.
+            await self._check_isolation()
 
     def _labels(self) -> dict[str, str]:
         labels = dict(self.config.node.labels)

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import pytest_asyncio
 
-from agent.leases import LeaseManager, LeaseState
+from agent.isolation.selftest import SelfTest
+from agent.leases import DockerRuntime, LeaseManager, LeaseState
 from tests.netns import PORT, Lan, make_lan
 from tests.test_lease_docker import LeaseEnv, lease_env_factory
 
@@ -230,3 +231,50 @@ async def test_network_none_lease_has_no_network(
         assert update.log_tail.split() == ["lo"]
         assert env.networks() == []
 
+
+
+def _runtime(env: LeaseEnv) -> DockerRuntime:
+    return DockerRuntime(
+        env.client,
+        env.config.runtime,
+        env.node_id,
+        env.state_dir / "scratch",
+        isolation=env.config.isolation,
+    )
+
+
+@pytest.mark.asyncio
+async def test_self_test_verifies_isolation_with_the_policy_on(
+    lease_env_factory: Callable[..., LeaseEnv],
+) -> None:
+    """Two probes on two lease networks reach neither each other nor the host listener:
+    verified. The probes and their networks are gone afterwards."""
+    env = lease_env_factory()
+    result = await SelfTest(_runtime(env), env.image).run()
+    assert (result.status, result.detail) == ("verified", "")
+    assert env.containers() == [] and env.networks() == []
+
+
+@pytest.mark.asyncio
+async def test_self_test_fails_with_the_policy_off_and_says_what_leaked(
+    lease_env_factory: Callable[..., LeaseEnv],
+) -> None:
+    """With the policy off the probes reach the host: failed, naming the path. (They
+    still do not reach each other: separate bridges.)"""
+    env = lease_env_factory(egress_policy=False)
+    result = await SelfTest(_runtime(env), env.image).run()
+    assert result.status == "failed"
+    assert "lease network a reached the host" in result.detail
+    assert "reached lease network" not in result.detail
+    assert env.containers() == [] and env.networks() == []
+
+
+@pytest.mark.asyncio
+async def test_self_test_without_its_image_is_unverified_and_pulls_nothing(
+    lease_env_factory: Callable[..., LeaseEnv],
+) -> None:
+    """An absent probe image gives unverified with the docker pull to run."""
+    env = lease_env_factory()
+    result = await SelfTest(_runtime(env), "gpu-agent-test/absent:never").run()
+    assert result.status == "unverified"
+    assert "docker pull gpu-agent-test/absent:never" in result.detail

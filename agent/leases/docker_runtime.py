@@ -217,6 +217,10 @@ class DockerRuntime:
         )
         self.firewall = Firewall(self.isolation)
         self._firewall_recheck = asyncio.Event()
+        # Set when the events stream reconnects after the first time: Docker restarted
+        # (or its socket blipped), so what it rewrote is checked again.
+        self.engine_reconnected = asyncio.Event()
+        self._resyncs = 0
         mode, why = resolve_mode(config.scratch_mode)
         self.scratch = ScratchSpace(scratch_root, mode)
         log.info("scratch mode", extra={"mode": mode, "why": why})
@@ -358,6 +362,9 @@ class DockerRuntime:
     def recheck_firewall(self) -> None:
         """Ask ``watch_firewall`` to verify now (the events stream reconnected)."""
         self._firewall_recheck.set()
+        self._resyncs += 1
+        if self._resyncs > 1:
+            self.engine_reconnected.set()
 
     async def watch_firewall(self, stop: asyncio.Event) -> None:
         """Keep the egress policy in place: every ``recheck_interval`` and on request."""
