@@ -17,6 +17,8 @@ from google.protobuf.json_format import MessageToDict
 from gpuagent.units import parse_duration
 from gpuagent.v1 import inventory_pb2, nodes_pb2, nodes_pb2_grpc
 
+from .placement import isolation_text
+
 from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
 
@@ -157,6 +159,13 @@ def _show(args: argparse.Namespace) -> int:
         f"  30d {_pct(node.uptime.ratio_30d)}",
         f"agent:       {node.agent_version} (protocol {node.protocol_version})",
         f"draining:    {'yes' if node.draining else 'no'}",
+        f"isolation:   {isolation_text(node.inventory.isolation)}"
+        + (
+            f" (egress policy {'on' if node.inventory.isolation.egress_policy else 'off'}, "
+            f"scratch {node.inventory.isolation.scratch_mode})"
+            if node.inventory.isolation.scratch_mode
+            else ""
+        ),
         f"host:        {host.hostname}, {host.os}, kernel {host.kernel}",
         f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
         f"memory:      {format_size(host.memory_bytes)}",
