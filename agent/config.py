@@ -262,8 +262,7 @@ class IsolationConfig(Strict):
     def _pool_fits(self) -> IsolationConfig:
         if self.subnet_prefix < self.subnet_pool.prefixlen:
             raise ValueError(
-                f"subnet_prefix /{self.subnet_prefix} is larger than subnet_pool "
-                f"{self.subnet_pool}"
+                f"subnet_prefix /{self.subnet_prefix} is larger than subnet_pool {self.subnet_pool}"
             )
         if self.recheck_interval <= 0:
             raise ValueError("recheck_interval must be positive")

@@ -348,7 +348,10 @@ class AgentNode:
         """After Docker restarts: run the self-test again (the next Hello carries it)."""
         reconnected = self.runtime.engine_reconnected
         while not stop.is_set():
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(reconnected.wait())]
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(reconnected.wait()),
+            ]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()

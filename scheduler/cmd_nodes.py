@@ -17,10 +17,9 @@ from google.protobuf.json_format import MessageToDict
 from gpuagent.units import parse_duration
 from gpuagent.v1 import inventory_pb2, nodes_pb2, nodes_pb2_grpc
 
-from .placement import isolation_text
-
 from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
+from .placement import isolation_text
 
 _LIVENESS = {
     nodes_pb2.LIVENESS_ONLINE: "online",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
+import secrets
 import subprocess
 import uuid
 from pathlib import Path
@@ -29,7 +29,7 @@ def isolation_for_test(**overrides: Any) -> dict[str, Any]:
         "bridge_prefix": f"t{tag}-",
         # A random /22 of 10.213/16: /28 subnets for a dozen leases; Docker refuses an
         # overlap with another test's network and the allocator moves on.
-        "subnet_pool": f"10.213.{random.randrange(0, 256, 4)}.0/22",
+        "subnet_pool": f"10.213.{secrets.randbelow(64) * 4}.0/22",
     }
     settings.update(overrides)
     return settings

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import random
+import secrets
 import subprocess
 import sys
 import uuid
@@ -80,8 +80,8 @@ class Lan:
 
 def make_lan() -> Lan:
     tag = uuid.uuid4().hex[:6]
-    third = random.randrange(256)
-    fourth = random.randrange(0, 256, 4)
+    third = secrets.randbelow(256)
+    fourth = secrets.randbelow(64) * 4
     name = f"gat-lan-{tag}"
     host_if, ns_if = f"vh{tag}", f"vn{tag}"
     ip("netns", "add", name)
@@ -103,7 +103,7 @@ def make_lan() -> Lan:
         ip("link", "set", host_if, "up")
         ip("-n", name, "link", "set", ns_if, "up")
         ip("-n", name, "link", "set", "lo", "up")
-        lan._listener = subprocess.Popen(  # noqa: S603 - fixed argv
+        lan._listener = subprocess.Popen(
             [
                 "ip",
                 "netns",

@@ -29,8 +29,8 @@ from agent.isolation.host_checks import (
     check_userns,
     check_writable_layer,
 )
-from agent.leases import scratch
 from agent.isolation.toolkit import judge, read_features
+from agent.leases import scratch
 
 
 def test_vulnerable_toolkit_is_fatal_with_real_gpus() -> None:
@@ -52,9 +52,7 @@ def test_toolkit_workaround_is_honoured_only_from_1_17_4() -> None:
     assert check_toolkit("1.17.7", real_gpus=True, features=workaround).severity == (
         Severity.WARNING
     )
-    assert check_toolkit("1.17.3", real_gpus=True, features=workaround).severity == (
-        Severity.FATAL
-    )
+    assert check_toolkit("1.17.3", real_gpus=True, features=workaround).severity == (Severity.FATAL)
     fix = check_toolkit("1.17.5", real_gpus=True).fix
     assert fix is not None and "disable-cuda-compat-lib-hook" in fix
 

@@ -13,8 +13,8 @@ import contextlib
 import os
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+
 import pytest
-import pytest_asyncio
 
 from agent.isolation.selftest import SelfTest
 from agent.leases import DockerRuntime, LeaseManager, LeaseState
@@ -81,17 +81,13 @@ def results(env: LeaseEnv, lease_id: str) -> dict[str, str]:
     return dict(zip(lines[::2], lines[1::2], strict=True))
 
 
-async def probe_two_leases(
-    env: LeaseEnv, lan: Lan
-) -> tuple[dict[str, str], dict[str, str], bool]:
+async def probe_two_leases(env: LeaseEnv, lan: Lan) -> tuple[dict[str, str], dict[str, str], bool]:
     """Leases a and b probe each other, the LAN, the host and "the internet".
 
     Also returns whether the host itself reaches b's listener: it proves the peer
     listener was up, so "peer closed" means blocked, not absent.
     """
-    host_server = await asyncio.start_server(
-        lambda _r, w: w.close(), host=lan.host_ip, port=PORT
-    )
+    host_server = await asyncio.start_server(lambda _r, w: w.close(), host=lan.host_ip, port=PORT)
     try:
         async with running(env) as manager:
             for lease_id in ("a", "b"):
@@ -99,9 +95,7 @@ async def probe_two_leases(
             for lease_id in ("a", "b"):
                 await env.wait_state(lease_id, LeaseState.RUNNING)
             ips = {lease_id: container_ip(env, lease_id) for lease_id in ("a", "b")}
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(ips["b"], LISTEN_PORT), 5
-            )
+            _, writer = await asyncio.wait_for(asyncio.open_connection(ips["b"], LISTEN_PORT), 5)
             writer.close()
             host_reaches_peer = True
             common = [
@@ -186,6 +180,13 @@ def chain_rules(env: LeaseEnv) -> list[str]:
     return [line for line in saved.splitlines() if chain in line]
 
 
+def flush_our_rules(env: LeaseEnv) -> None:
+    chain = env.config.isolation.firewall_chain
+    interfaces = env.config.isolation.bridge_prefix + "+"
+    subprocess.run(["iptables", "-F", f"{chain}-FWD"], check=True)
+    subprocess.run(["iptables", "-D", "INPUT", "-i", interfaces, "-j", f"{chain}-IN"], check=True)
+
+
 @pytest.mark.asyncio
 async def test_restart_readopts_the_network_and_rules_without_duplicates(
     lease_env_factory: Callable[..., LeaseEnv],
@@ -205,10 +206,8 @@ async def test_restart_readopts_the_network_and_rules_without_duplicates(
         assert [n.name for n in env.networks()] == ["gpuagent-keep"]
         assert chain_rules(env) == rules
 
-        chain = env.config.isolation.firewall_chain
-        subprocess.run(["iptables", "-F", f"{chain}-FWD"], check=True)
-        subprocess.run(["iptables", "-D", "INPUT", "-i", env.config.isolation.bridge_prefix + "+",
-                        "-j", f"{chain}-IN"], check=True)
+        # What a Docker restart or a firewalld reload does to the agent's rules.
+        await asyncio.to_thread(flush_our_rules, env)
         assert chain_rules(env) != rules
         await manager.assign("next", env.spec("true"))
         await env.wait_state("next", LeaseState.RUNNING)
@@ -230,7 +229,6 @@ async def test_network_none_lease_has_no_network(
         update = await env.wait_state("offline", LeaseState.SUCCEEDED)
         assert update.log_tail.split() == ["lo"]
         assert env.networks() == []
-
 
 
 def _runtime(env: LeaseEnv) -> DockerRuntime:

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from agent.config import AgentConfig
+from agent.isolation.toolkit import ToolkitGate
 from agent.leases import (
     DockerRuntime,
     GpuAllocator,
@@ -34,7 +35,6 @@ from agent.leases.docker_runtime import (
     LABEL_NODE,
     PullObserver,
 )
-from agent.isolation.toolkit import ToolkitGate
 from tests import registry as test_registry
 from tests.isolation_helpers import cleanup_isolation, cleanup_scratch, isolation_for_test
 

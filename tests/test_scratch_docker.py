@@ -37,7 +37,7 @@ def _env(factory: Callable[..., LeaseEnv], **runtime: object) -> LeaseEnv:
 async def _wait_for_file(path: Path, limit: float = 20.0) -> None:
     # The lease writes it; nothing on the host can be awaited for that but the file.
     deadline = time.monotonic() + limit
-    while not path.exists():
+    while not await asyncio.to_thread(path.exists):
         assert time.monotonic() < deadline, f"{path} never appeared"
         await asyncio.sleep(0.05)
 

@@ -60,7 +60,7 @@ class FirewallError(Exception):
 
 def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
     try:
-        done = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        done = subprocess.run(
             list(argv), input=stdin, capture_output=True, text=True, timeout=20, check=False
         )
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -144,7 +144,7 @@ def check_scratch(setting: Literal["auto", "loop", "measured"]) -> CheckResult:
         Severity.INFO,
         f"scratch mode measured: {why}; a lease over its quota is stopped "
         "(scratch_quota_exceeded), /scratch is not mounted nosuid",
-        "for hard quotas and nosuid,nodev run the agent as root (docs/leases.md \"Scratch\")",
+        'for hard quotas and nosuid,nodev run the agent as root (docs/leases.md "Scratch")',
     )
 
 
@@ -179,7 +179,9 @@ def engine_facts(docker_host: str, timeout: float = 3.0) -> dict[str, Any] | Non
         return None  # the SDK leaks its socket when connect() finds no file
     try:
         # Pinned, as in hostinfo.docker_version: "auto" connects in the constructor.
-        client = docker.APIClient(base_url=docker_host, timeout=max(int(timeout), 1), version="1.24")
+        client = docker.APIClient(
+            base_url=docker_host, timeout=max(int(timeout), 1), version="1.24"
+        )
     except Exception:  # the docker SDK raises several unrelated types here
         return None
     try:

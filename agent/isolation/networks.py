@@ -197,6 +197,4 @@ class LeaseNetworks:
     def remove_lease(self, lease_id: str) -> None:
         for network in self.find(lease_id):
             self.remove(network.id)
-            log.info(
-                "lease network removed", extra={"lease_id": lease_id, "network": network.name}
-            )
+            log.info("lease network removed", extra={"lease_id": lease_id, "network": network.name})

@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import docker
 import docker.errors
@@ -92,7 +92,9 @@ class SelfTest:
         }
 
     def _start_probe(self, name: str, network: str) -> tuple[str, str]:
-        api = self._client.api
+        # Any: the SDK's stubs type create_networking_config's argument as one
+        # EndpointConfig, its docs and code as a mapping of network name to one.
+        api: Any = self._client.api
         container_name = f"gpuagent-{probe_lease_id(name)}"
         with contextlib.suppress(docker.errors.NotFound):
             api.remove_container(container_name, force=True)  # left by a crash
@@ -110,9 +112,7 @@ class SelfTest:
                 network_mode=network,
                 restart_policy={"Name": "no"},
             ),
-            networking_config=api.create_networking_config(
-                {network: api.create_endpoint_config()}
-            ),
+            networking_config=api.create_networking_config({network: api.create_endpoint_config()}),
         )
         container_id = str(created["Id"])
         api.start(container_id)
@@ -208,4 +208,3 @@ class SelfTest:
         if leaks:
             return SelfTestResult("failed", "; ".join(leaks), now)
         return SelfTestResult("verified", "", now)
-

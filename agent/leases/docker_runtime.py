@@ -332,9 +332,7 @@ class DockerRuntime:
         if spec.network_mode != "none":
             # Independent round trips (iptables-save, Docker), so side by side: the
             # lease start pays for the slower one only.
-            _, made = await asyncio.gather(
-                self.ensure_firewall(), self.ensure_network(lease_id)
-            )
+            _, made = await asyncio.gather(self.ensure_firewall(), self.ensure_network(lease_id))
             network = made.name
         return await asyncio.to_thread(
             self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request, network
@@ -342,9 +340,7 @@ class DockerRuntime:
 
     async def ensure_network(self, lease_id: str) -> LeaseNetwork:
         try:
-            return await asyncio.to_thread(
-                self.networks.ensure, container_name(lease_id), lease_id
-            )
+            return await asyncio.to_thread(self.networks.ensure, container_name(lease_id), lease_id)
         except NetworkError as exc:
             raise RuntimeFailure(str(exc)) from exc
 
@@ -486,7 +482,7 @@ class DockerRuntime:
         lease_id: str,
         env: dict[str, str],
         labels: dict[str, str],
-        ports: list[tuple[int, str]],
+        ports: Sequence[tuple[int, str]],
     ) -> dict[str, Any]:
         try:
             created: dict[str, Any] = api.create_container(

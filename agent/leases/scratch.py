@@ -67,7 +67,7 @@ def resolve_mode(setting: Literal["auto", "loop", "measured"]) -> tuple[ScratchM
 
 def _run(*argv: str) -> None:
     try:
-        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)  # noqa: S603
+        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
     except subprocess.CalledProcessError as exc:
         raise ScratchError(f"{argv[0]} failed: {exc.stderr.strip()[:300]}") from exc
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -81,7 +81,7 @@ def directory_bytes(path: Path) -> int:
     for root, dirs, files in os.walk(path, onerror=lambda _e: None):
         for name in [*files, *dirs]:
             with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(root, name))
+                st = (Path(root) / name).lstat()
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
