@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker
 import grpc
 import httpx
 import psutil
 import yaml
 
+from agent.leases.leftovers import remove_node_leftovers
 from gpuagent.v1 import common_pb2, leases_pb2, leases_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 
 IMAGE = "gpu-agent-test/busybox:latest"
@@ -203,21 +205,17 @@ def running_stack() -> Iterator[Stack]:
             raise
         finally:
             stack.stop()
-            _remove_bench_containers(stack.node_id)
+            _remove_bench_containers(stack.node_id, Path(tmp) / "agent" / "scratch")
 
 
-def _remove_bench_containers(node_id: str) -> None:
-    """Leases the agent was stopped with stay (re-adoption); the benchmark removes them."""
-    if not node_id:
-        return
-    ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=io.gpuagent.node-id={node_id}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+def _remove_bench_containers(node_id: str, scratch_root: Path) -> None:
+    """Leases the agent was stopped with stay (re-adoption); the benchmark removes them,
+    with their networks and mounted scratch (else the temp dir cannot be deleted)."""
+    client = docker.from_env()
+    try:
+        remove_node_leftovers(client, node_id, scratch_root)
+    finally:
+        client.close()
 
 
 # What the agent asks Docker for on the benchmark's lease (agent/leases/docker_runtime.py

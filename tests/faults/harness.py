@@ -28,6 +28,8 @@ from typing import Any, TypeVar
 import docker
 import yaml
 
+from agent.leases.leftovers import remove_node_leftovers
+
 from .pipes import pipe
 
 BIN = Path(sys.executable).parent
@@ -268,15 +270,12 @@ class Cluster:
         self.remove_containers()
 
     def remove_containers(self) -> None:
+        """Lease containers, their networks and mounted scratch: what the agent leaves."""
         if not self.node_id:
             return
         client = docker.from_env()
         try:
-            for c in client.containers.list(
-                all=True, filters={"label": f"{NODE_LABEL}={self.node_id}"}
-            ):
-                with contextlib.suppress(docker.errors.DockerException):
-                    c.remove(force=True)
+            remove_node_leftovers(client, self.node_id, self.state_dir / "scratch")
         finally:
             client.close()
 
