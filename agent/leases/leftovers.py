@@ -28,11 +28,11 @@ def remove_node_leftovers(
 ) -> None:
     if not node_id:
         return
-    label = {"label": f"{LABEL_NODE}={node_id}"}
-    for container in client.containers.list(all=True, filters=label):
+    label = f"{LABEL_NODE}={node_id}"
+    for container in client.containers.list(all=True, filters={"label": label}):
         with contextlib.suppress(docker.errors.APIError):
             container.remove(force=True)
-    for network in client.networks.list(filters=label):
+    for network in client.networks.list(filters={"label": label}):
         with contextlib.suppress(docker.errors.APIError):
             network.remove()
     if scratch_root is None or not scratch_root.is_dir():
