@@ -217,6 +217,12 @@ class IsolationConfig(Strict):
         pattern=r"^[a-z][a-z0-9-]{0,6}$",
         description="lease bridges are named <prefix><hash>; the firewall matches <prefix>+",
     )
+    spare_networks: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="lease networks made ahead so a lease start does not wait for one; 0 = none",
+    )
     publish_address: ipaddress.IPv4Address | ipaddress.IPv6Address = Field(
         default=ipaddress.IPv4Address("127.0.0.1"),
         description="host address a lease's ports are published on; never 0.0.0.0 or ::",

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 
 from agent.config import AgentConfig
+from agent.isolation.networks import LABEL_SPARE
 from agent.isolation.toolkit import ToolkitGate
 from agent.leases import (
     DockerRuntime,
@@ -32,6 +33,7 @@ from agent.leases.docker_runtime import (
     LABEL_GPUS,
     LABEL_LEASE,
     LABEL_MANAGED,
+    LABEL_NETWORK,
     LABEL_NODE,
     PullObserver,
 )
@@ -142,8 +144,11 @@ class LeaseEnv:
         labels = [f"{LABEL_NODE}={self.node_id}", *(f"{k}={v}" for k, v in extra_labels.items())]
         return self.client.containers.list(all=True, filters={"label": labels})
 
-    def networks(self) -> list[Any]:
-        return self.client.networks.list(filters={"label": f"{LABEL_NODE}={self.node_id}"})
+    def networks(self, spares: bool = True) -> list[Any]:
+        found = self.client.networks.list(filters={"label": f"{LABEL_NODE}={self.node_id}"})
+        if spares:
+            return list(found)
+        return [n for n in found if LABEL_SPARE not in (n.attrs.get("Labels") or {})]
 
     def spec(self, script: str, **fields: Any) -> dict[str, Any]:
         return {"image": self.image, "command": ["sh", "-c", script], **fields}
@@ -264,11 +269,13 @@ async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) ->
     assert host["Memory"] == 64 * 1024**2
     assert host["NanoCpus"] == 1_000_000_000
     assert not host.get("DeviceRequests")
-    assert host["NetworkMode"] == "gpuagent-c-1"
-    assert list(attrs["NetworkSettings"]["Networks"]) == ["gpuagent-c-1"]
-    network = lease_env.client.networks.get("gpuagent-c-1").attrs
-    assert network["Labels"][LABEL_LEASE] == "c-1"
+    # A spare made ahead, or one made for this lease: its container names it.
+    name = attrs["Config"]["Labels"][LABEL_NETWORK]
+    assert host["NetworkMode"] == name
+    assert list(attrs["NetworkSettings"]["Networks"]) == [name]
+    network = lease_env.client.networks.get(name).attrs
     assert network["Labels"][LABEL_NODE] == lease_env.node_id
+    assert network["Labels"].get(LABEL_LEASE, "c-1") == "c-1"
     assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     subnet = ipaddress.ip_network(network["IPAM"]["Config"][0]["Subnet"])
     assert subnet.subnet_of(lease_env.config.isolation.subnet_pool)  # type: ignore[arg-type]
@@ -281,7 +288,8 @@ async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) ->
     update = await lease_env.wait_state("c-1", LeaseState.CANCELLED)
     assert update.reason == "buyer asked"
     assert lease_env.containers() == []
-    assert lease_env.networks() == []
+    assert lease_env.networks(spares=False) == []
+    assert name not in [n.name for n in lease_env.networks()]  # never handed out again
     assert manager.snapshot().allocations == {}
 
 

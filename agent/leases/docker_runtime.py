@@ -59,6 +59,7 @@ LABEL_LEASE = "io.gpuagent.lease-id"
 LABEL_NODE = "io.gpuagent.node-id"
 LABEL_GPUS = "io.gpuagent.gpus"
 LABEL_EXPIRES = "io.gpuagent.expires-at"
+LABEL_NETWORK = "io.gpuagent.network"  # the lease's network (a spare has no lease label)
 SCRATCH_MOUNT = "/scratch"
 LOG_TAIL_LINES = 100
 # Events the manager acts on; the engine sends many more (exec, attach, ...).
@@ -102,6 +103,7 @@ class ContainerInfo:
     # Unix seconds the container exited, from State.FinishedAt; None while it has
     # not (Docker reports year 1 then) or when the engine gave nothing usable.
     finished_at: float | None = None
+    network: str = ""  # name of the lease network it was created on; "" = none
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,7 @@ def _info(container: Container) -> ContainerInfo:
         started_at=str(state.get("StartedAt", "")),
         error=str(state.get("Error", "")),
         finished_at=parse_docker_time(str(state.get("FinishedAt", ""))),
+        network=labels.get(LABEL_NETWORK, ""),
     )
 
 
@@ -221,6 +224,11 @@ class DockerRuntime:
         # (or its socket blipped), so what it rewrote is checked again.
         self.engine_reconnected = asyncio.Event()
         self._resyncs = 0
+        # Lease id -> name of the spare network it took (its own networks carry the
+        # lease id as a label; a spare cannot). Rebuilt from container labels at start.
+        self._claimed: dict[str, str] = {}
+        self._refill = asyncio.Event()
+        self._refill_due = False
         mode, why = resolve_mode(config.scratch_mode)
         self.scratch = ScratchSpace(scratch_root, mode)
         log.info("scratch mode", extra={"mode": mode, "why": why})
@@ -328,21 +336,107 @@ class DockerRuntime:
         device_request: bool,
     ) -> str:
         """Create (not start) the lease's container on its own network; returns its id."""
+        # Independent steps (mkfs and mount, iptables-save, Docker), so side by side:
+        # the lease start pays for the slowest only.
+        scratch = asyncio.to_thread(self._prepare_scratch, lease_id, spec)
         network: str | None = None
-        if spec.network_mode != "none":
-            # Independent round trips (iptables-save, Docker), so side by side: the
-            # lease start pays for the slower one only.
-            _, made = await asyncio.gather(self.ensure_firewall(), self.ensure_network(lease_id))
+        if spec.network_mode == "none":
+            await scratch
+        else:
+            _, _, made = await asyncio.gather(
+                scratch, self.ensure_firewall(), self.lease_network(lease_id)
+            )
             network = made.name
         return await asyncio.to_thread(
             self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request, network
         )
 
+    def _prepare_scratch(self, lease_id: str, spec: LeaseSpec) -> None:
+        try:
+            self.scratch.prepare(self.scratch_dir(lease_id), effective_scratch(spec, self._config))
+        except (ScratchError, OSError) as exc:
+            raise RuntimeFailure(f"scratch space could not be made: {exc}") from exc
+
     async def ensure_network(self, lease_id: str) -> LeaseNetwork:
+        """The lease's own network, made now (used by the self-test's probes)."""
         try:
             return await asyncio.to_thread(self.networks.ensure, container_name(lease_id), lease_id)
         except NetworkError as exc:
             raise RuntimeFailure(str(exc)) from exc
+
+    async def lease_network(self, lease_id: str) -> LeaseNetwork:
+        """A network for the lease: the one it has (a retry), a spare, or a new one."""
+        claimed = self._claimed.get(lease_id)
+        if claimed is not None:
+            return LeaseNetwork("", claimed, lease_id, "", "", spare=True)
+        spare = self.networks.claim()
+        if spare is None:
+            return await self.ensure_network(lease_id)
+        self._claimed[lease_id] = spare.name
+        # Refilled once this lease has started (``start``): a network create running
+        # beside the start would slow it down in dockerd.
+        self._refill_due = True
+        log.debug("lease took a spare network", extra={"lease_id": lease_id, "network": spare.name})
+        return spare
+
+    async def keep_spares(self, stop: asyncio.Event) -> None:
+        """Keep ``isolation.spare_networks`` made ahead, so lease starts do not wait."""
+        want = self.isolation.spare_networks
+        while not stop.is_set():
+            self._refill.clear()
+            try:
+                while self.networks.spare_count() < want and not stop.is_set():
+                    await asyncio.to_thread(self.networks.make_spare)
+            except NetworkError as exc:
+                log.warning("cannot make a spare lease network", extra={"error": str(exc)})
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._refill.wait()),
+            ]
+            # Retried at the firewall's pace after a failure; woken by every claim.
+            await asyncio.wait(
+                waiters,
+                timeout=self.isolation.recheck_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    def note_networks(self, containers: Sequence[ContainerInfo]) -> None:
+        """At start, before any lease is finished: which spare each lease container took."""
+        self._claimed = {c.lease_id: c.network for c in containers if c.network}
+
+    async def sweep_networks(self, active: set[str], containers: Sequence[ContainerInfo]) -> None:
+        """At start: keep live leases' networks and unused spares, remove the rest.
+
+        A spare any container ever named is not unused: it served a lease and is never
+        handed to another.
+        """
+
+        def _sweep() -> None:
+            in_use = {c.network for c in containers if c.lease_id in active and c.network}
+            named = {c.network for c in containers if c.network}
+            spares = []
+            for network in self.networks.list_managed():
+                if network.name in in_use or (network.lease_id and network.lease_id in active):
+                    continue  # a live lease's: re-adopted with its container
+                if network.spare and network.name not in named:
+                    spares.append(network)
+                    continue
+                log.warning(
+                    "removing lease network no active lease claims",
+                    extra={"lease_id": network.lease_id, "network": network.name},
+                )
+                with contextlib.suppress(NetworkError):
+                    self.networks.remove(network.id)
+            for extra in self.networks.adopt_spares(spares, self.isolation.spare_networks):
+                with contextlib.suppress(NetworkError):
+                    self.networks.remove(extra.id)
+
+        try:
+            await asyncio.to_thread(_sweep)
+        except NetworkError as exc:
+            log.warning("cannot sweep lease networks", extra={"error": str(exc)})
 
     async def ensure_firewall(self) -> bool:
         """Verify (and restore) the egress policy; raises ``RuntimeFailure`` if it cannot.
@@ -383,7 +477,11 @@ class DockerRuntime:
                 waiter.cancel()
 
     async def remove_network(self, lease_id: str) -> None:
+        """Remove the lease's network (a spare it took, or its own); a gone one is fine."""
+        claimed = self._claimed.pop(lease_id, None)
         try:
+            if claimed is not None:
+                await asyncio.to_thread(self.networks.remove, claimed)
             await asyncio.to_thread(self.networks.remove_lease, lease_id)
         except NetworkError as exc:
             raise RuntimeFailure(str(exc)) from exc
@@ -404,10 +502,6 @@ class DockerRuntime:
         network: str | None,
     ) -> str:
         scratch = self.scratch_dir(lease_id)
-        try:
-            self.scratch.prepare(scratch, effective_scratch(spec, self._config))
-        except (ScratchError, OSError) as exc:
-            raise RuntimeFailure(f"scratch space could not be made: {exc}") from exc
         memory = effective_memory(spec, self._config)
         env = dict(spec.env)
         # Read by the NVIDIA runtime and by CUDA apps; "void" hides every GPU.
@@ -418,6 +512,8 @@ class DockerRuntime:
             LABEL_NODE: self.node_id,
             LABEL_GPUS: ",".join(gpu_uuids),
         }
+        if network:
+            labels[LABEL_NETWORK] = network
         if expires_at is not None:
             labels[LABEL_EXPIRES] = f"{expires_at:.3f}"
         # Host settings and the create call are built by hand, not via
@@ -537,7 +633,12 @@ class DockerRuntime:
                 return None  # started; the caller falls back to its own clock
             return parse_docker_time(str(state.get("StartedAt") or ""))
 
-        return await asyncio.to_thread(_start)
+        try:
+            return await asyncio.to_thread(_start)
+        finally:
+            if self._refill_due:
+                self._refill_due = False
+                self._refill.set()
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; a gone container is fine."""

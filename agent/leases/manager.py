@@ -273,6 +273,7 @@ class LeaseManager:
         """Make Docker and the state DB agree; run once at start, before new work."""
         await self._load()
         containers = await self._runtime.list_managed()
+        self._runtime.note_networks(containers)
         by_lease: dict[str, ContainerInfo] = {}
         for info in containers:
             record = self._active.get(info.lease_id)
@@ -294,27 +295,9 @@ class LeaseManager:
         for lease_id, record in list(self._active.items()):
             async with self._lock(lease_id):
                 await self._reconcile_one(record, by_lease.get(lease_id))
-        await self._remove_orphan_networks()
+        await self._runtime.sweep_networks(set(self._active), containers)
         self._reconciled = True
         self._deadlines_changed.set()
-
-    async def _remove_orphan_networks(self) -> None:
-        """Lease networks no active lease owns: left by a crash between container and
-        network removal, or by a lease that ended while the agent was down."""
-        try:
-            networks = await self._runtime.list_networks()
-        except RuntimeFailure as exc:
-            log.warning("cannot list lease networks", extra={"error": str(exc)})
-            return
-        for network in networks:
-            if network.lease_id in self._active:
-                continue  # re-adopted with its container, or about to be (re)started
-            log.warning(
-                "removing lease network no active lease claims",
-                extra={"lease_id": network.lease_id, "network": network.name},
-            )
-            with contextlib.suppress(RuntimeFailure):
-                await self._runtime.remove_network(network.lease_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watch Docker events and expiry deadlines until ``stop``. Leases keep running."""
@@ -324,6 +307,7 @@ class LeaseManager:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_events(stop), name="lease-events")
                 tg.create_task(self._expiry_loop(stop), name="lease-expiry")
+                tg.create_task(self._runtime.keep_spares(stop), name="lease-networks")
                 if self._runtime.scratch.mode == "measured":
                     tg.create_task(self._scratch_watch(stop), name="lease-scratch")
         finally:
