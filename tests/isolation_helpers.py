@@ -25,6 +25,9 @@ from agent.leases.docker_runtime import LABEL_NODE
 def isolation_for_test(**overrides: Any) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:5]
     settings: dict[str, Any] = {
+        # Without root no iptables rule can be written and every lease would fail
+        # closed; the isolation tests themselves skip then.
+        "egress_policy": os.geteuid() == 0,
         "firewall_chain": f"GAT{tag.upper()}",
         "bridge_prefix": f"t{tag}-",
         # A random /22 of 10.213/16: /28 subnets for a dozen leases; Docker refuses an

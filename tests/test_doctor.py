@@ -28,6 +28,7 @@ from agent.isolation.host_checks import (
     check_userland_proxy,
     check_userns,
     check_writable_layer,
+    has_net_admin,
 )
 from agent.isolation.toolkit import judge, read_features
 from agent.leases import scratch
@@ -90,7 +91,15 @@ def test_isolation_host_checks_say_what_to_fix(tmp_path: Path) -> None:
     """Missing iptables is fatal with the policy on; IPv6 without ip6tables, the userland
     proxy off, userns-remap off are reported; userns-remap on is ok."""
     assert check_firewall_tools(True, which=lambda _: None).severity == Severity.FATAL
-    assert check_firewall_tools(True, which=lambda t: t).severity == Severity.OK
+    ok = check_firewall_tools(True, which=lambda t: t, net_admin=lambda: True)
+    assert ok.severity == Severity.OK
+    no_cap = check_firewall_tools(True, which=lambda t: t, net_admin=lambda: False)
+    assert no_cap.severity == Severity.WARNING and "CAP_NET_ADMIN" in no_cap.message
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t0000000000001000\n")
+    assert has_net_admin(status)
+    status.write_text("CapEff:\t0000000000000000\n")
+    assert not has_net_admin(status)
     assert check_firewall_tools(False).severity == Severity.WARNING
     if_inet6 = tmp_path / "if_inet6"
     if_inet6.write_text("00000000000000000000000000000001 01 80 10 80       lo\n")

@@ -21,13 +21,28 @@ from ..leases.scratch import ScratchError, resolve_mode
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 IF_INET6 = Path("/proc/net/if_inet6")
+PROC_STATUS = Path("/proc/self/status")
+CAP_NET_ADMIN = 12
 # Docker Engine fixes that isolation depends on.
 ENGINE_FIREWALL_FIX = (28, 3, 3)  # rules lost on a firewalld reload (moby #50566)
 ENGINE_RUNC_FIX = (28, 5, 2)  # runc CVE-2025-31133, CVE-2025-52565, CVE-2025-52881
 
 
+def has_net_admin(status: Path = PROC_STATUS) -> bool:
+    """Whether this process may change iptables rules (CAP_NET_ADMIN effective)."""
+    try:
+        for line in status.read_text(encoding="ascii").splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def check_firewall_tools(
-    policy_on: bool, which: Callable[[str], str | None] = shutil.which
+    policy_on: bool,
+    which: Callable[[str], str | None] = shutil.which,
+    net_admin: Callable[[], bool] = has_net_admin,
 ) -> CheckResult:
     if not policy_on:
         return CheckResult(
@@ -45,6 +60,15 @@ def check_firewall_tools(
             f"{', '.join(missing)} not found: the egress policy cannot be installed, so "
             "every lease would be refused",
             "apt-get install iptables (the nft-backed iptables Docker also uses)",
+        )
+    if not net_admin():
+        return CheckResult(
+            "egress_policy",
+            Severity.WARNING,
+            "the agent lacks CAP_NET_ADMIN: the egress policy cannot be installed, so "
+            "every lease will fail to start",
+            "run it as root or with CAP_NET_ADMIN and CAP_NET_RAW (the shipped systemd "
+            "unit grants both), or set isolation.egress_policy: false",
         )
     return CheckResult("egress_policy", Severity.OK, "iptables present for the egress policy")
 
