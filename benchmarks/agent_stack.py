@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import httpx
 import psutil
 import yaml
 
+from agent.config import IsolationConfig
 from agent.leases.leftovers import remove_node_leftovers
 from gpuagent.v1 import common_pb2, leases_pb2, leases_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 
@@ -83,6 +85,10 @@ class Stack:
         )
         agent_dir = workdir / "agent"
         agent_dir.mkdir(mode=0o700)
+        tag = uuid.uuid4().hex[:5]
+        self.isolation = IsolationConfig(
+            firewall_chain=f"GAB{tag.upper()}", bridge_prefix=f"b{tag}-"
+        )
         self.agent_cfg = workdir / "agent.yaml"
         self.agent_cfg.write_text(
             yaml.safe_dump(
@@ -98,6 +104,8 @@ class Stack:
                         "simulated": {"profile": "h100-sxm-80gb", "count": GPUS},
                     },
                     "status": {"listen": f"127.0.0.1:{self.status_port}"},
+                    # Rules of its own, matched to its own bridges, removed at the end.
+                    "isolation": self.isolation.model_dump(mode="json"),
                 }
             )
         )
@@ -205,15 +213,17 @@ def running_stack() -> Iterator[Stack]:
             raise
         finally:
             stack.stop()
-            _remove_bench_containers(stack.node_id, Path(tmp) / "agent" / "scratch")
+            _remove_bench_containers(stack)
 
 
-def _remove_bench_containers(node_id: str, scratch_root: Path) -> None:
+def _remove_bench_containers(stack: Stack) -> None:
     """Leases the agent was stopped with stay (re-adoption); the benchmark removes them,
-    with their networks and mounted scratch (else the temp dir cannot be deleted)."""
+    with their networks, mounted scratch (else the temp dir cannot be deleted) and the
+    agent's firewall rules."""
     client = docker.from_env()
     try:
-        remove_node_leftovers(client, node_id, scratch_root)
+        scratch = stack.workdir / "agent" / "scratch"
+        remove_node_leftovers(client, stack.node_id, scratch, stack.isolation)
     finally:
         client.close()
 

@@ -5,7 +5,8 @@ whoever tears a node down for good (a test, a benchmark, a provider decommission
 a host) must remove them, and with them what the lease manager would have removed
 at each lease's end: its network and, in loop scratch mode, its mounted scratch
 filesystem (a directory tree cannot be deleted while it is mounted, and each mount
-holds a loop device). Blocking: call from a worker thread.
+holds a loop device), and the egress policy's rules when the caller names them.
+Blocking: call from a worker thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from ..config import IsolationConfig
+from ..isolation.firewall import Firewall, FirewallError
 from .docker_runtime import LABEL_NODE
 from .scratch import ScratchError, ScratchSpace
 
@@ -24,8 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def remove_node_leftovers(
-    client: docker.DockerClient, node_id: str, scratch_root: Path | None = None
+    client: docker.DockerClient,
+    node_id: str,
+    scratch_root: Path | None = None,
+    isolation: IsolationConfig | None = None,
 ) -> None:
+    """``isolation``: also remove that config's egress-policy rules (the node is gone)."""
+    if isolation is not None:
+        with contextlib.suppress(FirewallError):
+            Firewall(isolation).uninstall()
     if not node_id:
         return
     label = f"{LABEL_NODE}={node_id}"
