@@ -26,12 +26,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
-import subprocess
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import IsolationConfig
+from ..hosttools import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,8 @@ class FirewallError(Exception):
 
 def run_command(argv: Sequence[str], stdin: str | None = None) -> str:
     try:
-        done = subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True, timeout=20, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = run_tool(argv, stdin, timeout=20)
+    except OSError as exc:
         raise FirewallError(f"{argv[0]} failed: {exc}") from exc
     if done.returncode != 0:
         raise FirewallError(

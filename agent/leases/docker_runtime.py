@@ -343,9 +343,19 @@ class DockerRuntime:
         if spec.network_mode == "none":
             await scratch
         else:
-            _, _, made = await asyncio.gather(
-                scratch, self.ensure_firewall(), self.lease_network(lease_id)
+            # Every step finishes before a failure is raised: the lease's cleanup must
+            # not race a mount still being made.
+            results = await asyncio.gather(
+                scratch,
+                self.ensure_firewall(),
+                self.lease_network(lease_id),
+                return_exceptions=True,
             )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            made = results[2]
+            assert isinstance(made, LeaseNetwork)
             network = made.name
         return await asyncio.to_thread(
             self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request, network

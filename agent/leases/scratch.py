@@ -26,9 +26,10 @@ import contextlib
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Literal
+
+from ..hosttools import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ def resolve_mode(setting: Literal["auto", "loop", "measured"]) -> tuple[ScratchM
 
 def _run(*argv: str) -> None:
     try:
-        subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60)
-    except subprocess.CalledProcessError as exc:
-        raise ScratchError(f"{argv[0]} failed: {exc.stderr.strip()[:300]}") from exc
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        done = run_tool(argv, timeout=60)
+    except OSError as exc:
         raise ScratchError(f"{argv[0]} failed: {exc}") from exc
+    if done.returncode != 0:
+        raise ScratchError(f"{argv[0]} failed: {done.stderr.strip()[:300]}")
 
 
 def directory_bytes(path: Path) -> int:
@@ -137,6 +138,7 @@ class ScratchSpace:
                 _run("umount", str(directory))
             except ScratchError:
                 # Still busy (a container being torn down): detach now, freed when idle.
-                _run("umount", "-l", str(directory))
+                if os.path.ismount(directory):
+                    _run("umount", "-l", str(directory))
         shutil.rmtree(directory, ignore_errors=True)
         self._image(directory).unlink(missing_ok=True)
