@@ -221,6 +221,9 @@ class Cluster:
                 "pull_policy": "never",
                 "default_cpus": 0.1,
                 "default_memory": "32MiB",
+                # Small too: the disk-full scenario's state dir is a 1.1 GB tmpfs, and a
+                # scratch quota that does not fit the free disk is refused.
+                "default_scratch": "64MiB",
                 "cpu_reserve": 0,
                 "memory_reserve": "64MiB",
             },
