@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "agent.cmd_hardware",
     "agent.cmd_attest",
     "agent.cmd_usage",
+    "agent.cmd_firewall",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -6,6 +6,7 @@ Every model forbids unknown keys so a typo fails at load with its key path.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -214,11 +215,105 @@ class RuntimeConfig(Strict):
     scratch_dir: Path | None = Field(
         default=None, description="per-lease scratch dirs; default <state_dir>/scratch"
     )
+    scratch_mode: Literal["auto", "loop", "measured"] = Field(
+        default="auto",
+        description="loop: a nosuid,nodev ext4 image per lease, hard quota (needs root); "
+        "measured: a directory, stopped when over quota; auto: loop where it works",
+    )
+    default_scratch: ByteSize = Field(
+        default=10 * 1024**3, description="scratch quota of leases that do not ask for one"
+    )
+    scratch_check_interval: Duration = Field(
+        default=10.0, description="how often scratch use is measured in measured mode"
+    )
+    writable_layer_size: ByteSize | None = Field(
+        default=50 * 1024**3,
+        description="bound on a container's writable layer (Docker storage-opt size), "
+        "where the storage driver supports it (overlay2 on xfs with pquota); null = none",
+    )
 
     @field_validator("allowed_capabilities")
     @classmethod
     def _caps_upper(cls, caps: list[str]) -> list[str]:
         return [c.upper().removeprefix("CAP_") for c in caps]
+
+
+class IsolationConfig(Strict):
+    """Tenant isolation on the host: one network per lease, egress policy, published ports.
+
+    docs/leases.md ("Isolation") describes the model; the firewall rules live in
+    ``agent.isolation.firewall``.
+    """
+
+    subnet_pool: ipaddress.IPv4Network = Field(
+        default=ipaddress.IPv4Network("10.213.0.0/16"),
+        description="lease networks' subnets are carved from this; keep it off the LAN",
+    )
+    subnet_prefix: int = Field(
+        default=28, ge=8, le=29, description="prefix length of each lease's subnet"
+    )
+    # Linux interface names are at most 15 characters; the rest is a hash of the lease.
+    bridge_prefix: str = Field(
+        default="gpua-",
+        pattern=r"^[a-z][a-z0-9-]{0,6}$",
+        description="lease bridges are named <prefix><hash>; the firewall matches <prefix>+",
+    )
+    spare_networks: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="lease networks made ahead so a lease start does not wait for one; 0 = none",
+    )
+    publish_address: ipaddress.IPv4Address | ipaddress.IPv6Address = Field(
+        default=ipaddress.IPv4Address("127.0.0.1"),
+        description="host address a lease's ports are published on; never 0.0.0.0 or ::",
+    )
+    egress_policy: bool = Field(
+        default=True,
+        description="block lease traffic to private, shared, link-local and multicast "
+        "ranges and to the host itself",
+    )
+    egress_allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list, description="destinations leases may reach despite the policy"
+    )
+    firewall_chain: str = Field(
+        default="GPU-AGENT",
+        pattern=r"^[A-Z][A-Z0-9-]{0,19}$",
+        description="prefix of the agent's own iptables chains (<name>-FWD, <name>-IN)",
+    )
+    recheck_interval: Duration = Field(
+        default=30.0, description="how often the firewall rules are verified (and restored)"
+    )
+    self_test: bool = Field(
+        default=True, description="probe the isolation with two containers at start"
+    )
+    self_test_image: str = Field(
+        default="busybox:1.36",
+        min_length=1,
+        description="image of the probe containers (sh, httpd, nc); never pulled by the agent",
+    )
+
+    @field_validator("publish_address")
+    @classmethod
+    def _not_unspecified(
+        cls, value: ipaddress.IPv4Address | ipaddress.IPv6Address
+    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        if value.is_unspecified:
+            raise ValueError(
+                f"{value} would publish lease ports on every address of the host; "
+                "name one address (127.0.0.1 when services go through the relay)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _pool_fits(self) -> IsolationConfig:
+        if self.subnet_prefix < self.subnet_pool.prefixlen:
+            raise ValueError(
+                f"subnet_prefix /{self.subnet_prefix} is larger than subnet_pool {self.subnet_pool}"
+            )
+        if self.recheck_interval <= 0:
+            raise ValueError("recheck_interval must be positive")
+        return self
 
 
 class MeteringConfig(Strict):
@@ -256,6 +351,7 @@ class AgentConfig(Strict):
     coordinator: CoordinatorConfig = Field(default_factory=CoordinatorConfig)
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    isolation: IsolationConfig = Field(default_factory=IsolationConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)

@@ -203,6 +203,11 @@ def main() -> int:
             }
         )
     )
+    # The egress policy is iptables rules: root only. A demo run as a user shows the
+    # rest and says plainly that this part is off.
+    as_root = os.geteuid() == 0
+    if not as_root:
+        banner("not root: the egress policy (iptables) is OFF for this demo; run as root for it")
     agent_cfg = RUN_DIR / "agent.yaml"
     agent_cfg.write_text(
         yaml.safe_dump(
@@ -225,6 +230,11 @@ def main() -> int:
                 },
                 "metering": {"sample_interval": "1s", "record_interval": "5s"},
                 "status": {"listen": f"127.0.0.1:{status_port}"},
+                "isolation": {
+                    "egress_policy": as_root,
+                    # The local image: nothing is pulled (the agent never pulls it).
+                    "self_test_image": DEMO_IMAGE,
+                },
             }
         )
     )
@@ -262,6 +272,7 @@ def main() -> int:
         wait_for("waiting for the node to come online", node_online, 60, list(procs.values()))
         say("the fleet as its provider (demo-provider) sees it")
         print(cli("gpu-scheduler", sched_cfg, "nodes", as_account=DEMO_PROVIDER), flush=True)  # noqa: T201
+        show_isolation(sched_cfg)
 
         run_lease(sched_cfg, agent_cfg)
         show_refusals(sched_cfg)
@@ -284,6 +295,24 @@ def main() -> int:
             say("Ctrl-C: stopping agent and scheduler")
     say("stopped cleanly")
     return 0
+
+
+def show_isolation(sched_cfg: Path) -> None:
+    """The node's isolation self-test result, as the coordinator has it."""
+    nodes = json.loads(cli("gpu-scheduler", sched_cfg, "nodes", "--json", as_account=DEMO_PROVIDER))
+    for node in nodes:
+        shown = cli(
+            "gpu-scheduler",
+            sched_cfg,
+            "nodes",
+            "show",
+            node["nodeId"],
+            check=False,
+            as_account=DEMO_PROVIDER,
+        )
+        for line in shown.splitlines():
+            if line.startswith("isolation:"):
+                say(f"node {node.get('name', node['nodeId'])} " + " ".join(line.split()))
 
 
 def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:

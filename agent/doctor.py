@@ -10,27 +10,28 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import enum
 import logging
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from .checks import CheckResult, Severity
 from .config import AgentConfig, CoordinatorConfig, GpuConfig
 from .gpu import NvmlUnavailable, open_backend
-from .hostinfo import docker_version, free_bytes_under, parse_version, toolkit_version
+from .hostinfo import docker_version, free_bytes_under, toolkit_version
+from .isolation import toolkit
+from .isolation.host_checks import isolation_checks
 from .link.channel import ChannelConfigError, channel_options, credentials
+
+__all__ = ["CheckResult", "Severity", "fatal_results", "run_preflight"]
 
 log = logging.getLogger(__name__)
 
-# CVE-2024-0132: a crafted image escapes to the host through the toolkit's
-# mount handling; fixed in 1.16.2 (NVIDIA security bulletin 5582).
-MIN_TOOLKIT = (1, 16, 2)
+MIN_TOOLKIT = toolkit.MIN_TOOLKIT  # the rule itself lives in isolation.toolkit
 DISK_FATAL_BYTES = 1024**3
 DISK_WARN_BYTES = 10 * 1024**3
 NVIDIA_DRIVER_PROC = Path("/proc/driver/nvidia/version")
@@ -39,21 +40,6 @@ KFD_DEVICE = Path("/dev/kfd")
 DRI_DIR = Path("/dev/dri")
 CGROUP2_MARKER = Path("/sys/fs/cgroup/cgroup.controllers")
 _TIME_ERROR = 5  # adjtimex(2): the kernel clock is not synchronised
-
-
-class Severity(enum.StrEnum):
-    OK = "ok"
-    INFO = "info"
-    WARNING = "warning"
-    FATAL = "fatal"
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    severity: Severity
-    message: str
-    fix: str | None = None
 
 
 def fatal_results(results: list[CheckResult]) -> list[CheckResult]:
@@ -172,30 +158,25 @@ def check_docker(docker_host: str, timeout: float = 3.0) -> CheckResult:
     return CheckResult("docker", Severity.OK, f"Docker Engine {version} at {docker_host}")
 
 
-def check_toolkit(version: str | None, real_gpus: bool) -> CheckResult:
-    if version is None:
-        if not real_gpus:
-            return CheckResult(
-                "container_toolkit",
-                Severity.INFO,
-                "NVIDIA Container Toolkit not found (not needed without real GPUs)",
-            )
+def check_toolkit(
+    version: str | None, real_gpus: bool, features: dict[str, Any] | None = None
+) -> CheckResult:
+    verdict = toolkit.judge(version, features or {})
+    if version is None and not real_gpus:
         return CheckResult(
             "container_toolkit",
-            Severity.FATAL,
-            "NVIDIA Container Toolkit not installed: containers cannot reach the GPUs",
-            "install nvidia-container-toolkit >= 1.16.2 and run "
-            "`nvidia-ctk runtime configure --runtime=docker && systemctl restart docker`",
+            Severity.INFO,
+            "NVIDIA Container Toolkit not found (not needed without real GPUs)",
         )
-    parsed = parse_version(version)
-    if parsed is not None and parsed < MIN_TOOLKIT:
+    if not verdict.gpu_leases:
         return CheckResult(
             "container_toolkit",
             Severity.FATAL if real_gpus else Severity.WARNING,
-            f"NVIDIA Container Toolkit {version} is vulnerable to CVE-2024-0132 "
-            "(container escape to the host)",
-            "upgrade nvidia-container-toolkit to 1.16.2 or newer",
+            verdict.problem,
+            verdict.fix,
         )
+    if verdict.warning:
+        return CheckResult("container_toolkit", Severity.WARNING, verdict.warning, verdict.fix)
     return CheckResult("container_toolkit", Severity.OK, f"NVIDIA Container Toolkit {version}")
 
 
@@ -268,7 +249,11 @@ def _gpu_checks(config: AgentConfig, nvml_module: Any, amdsmi_module: Any) -> li
         if amd_gpus:
             return [check_rocm_driver(), amdsmi_result, check_kfd()]
     driver = check_driver(simulated or (config.gpu.backend == "auto" and not real_gpus))
-    return [driver, nvml_result, check_toolkit(toolkit_version(), real_gpus)]
+    return [
+        driver,
+        nvml_result,
+        check_toolkit(toolkit_version(), real_gpus, toolkit.read_features()),
+    ]
 
 
 def split_address(address: str) -> tuple[str, int] | None:
@@ -363,6 +348,7 @@ def run_preflight(
         gpu_lib,
         check_docker(config.runtime.docker_host),
         device_access,
+        *isolation_checks(config),
         check_cgroup_v2(),
         check_disk(config.node.state_dir),
         check_clock(),

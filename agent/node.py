@@ -44,6 +44,8 @@ from .gpu.cordons import CordonStore
 from .gpu.health import HealthMonitor
 from .hostinfo import collect_host_info
 from .identity import NodeIdentity, load_or_create
+from .isolation.selftest import SelfTest, SelfTestResult
+from .isolation.toolkit import ToolkitGate
 from .leases.allocator import GpuAllocator
 from .leases.docker_runtime import DockerRuntime
 from .leases.manager import LeaseManager
@@ -228,8 +230,15 @@ class AgentNode:
             Path(scratch),
             on_pull=self._on_image_pulled,
             render_nodes={g.uuid: g.render_node for g in gpus if g.uuid and g.render_node},
+            isolation=config.isolation,
         )
+        self.runtime = runtime
+        log.info("container storage", extra={"mode": await runtime.detect_storage()})
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
+        # Real GPUs only: with simulated ones no container reaches a GPU.
+        toolkit_gate = None if self.backend.simulated else ToolkitGate()
+        if toolkit_gate is not None:
+            await asyncio.to_thread(toolkit_gate.refresh)
         self.leases = LeaseManager(
             config,
             runtime,
@@ -240,6 +249,7 @@ class AgentNode:
             on_update=self._on_lease_update,
             simulated_gpus=self.backend.simulated,
             gpu_details_source=lambda: self._gpu_names,
+            gpu_gate=toolkit_gate.refusal if toolkit_gate is not None else None,
         )
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records
@@ -262,6 +272,8 @@ class AgentNode:
         # Telemetry first: a final usage record written by reconcile updates its gauges.
         self.telemetry = self._build_telemetry()
         await self.leases.reconcile()
+        # Before the link: the first Hello carries the result.
+        await self._check_isolation()
 
         self.link = CoordinatorLink(
             config.coordinator,
@@ -284,6 +296,8 @@ class AgentNode:
         agent = self.agent
         agent.add_component("watchdog", sdnotify.watchdog_task)
         agent.add_component("gpu-health", self.health.run)
+        agent.add_component("egress-policy", runtime.watch_firewall)
+        agent.add_component("isolation-self-test", self._recheck_isolation)
         agent.add_component("leases", self.leases.run)
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self._usage_sender)
@@ -326,6 +340,39 @@ class AgentNode:
         responder = AttestationResponder(self.link, prover_for, on_result=self._on_attestation)
         responder.register()
         return responder
+
+    async def _check_isolation(self) -> SelfTestResult:
+        iso = self.config.isolation
+        if iso.self_test:
+            result = await SelfTest(self.runtime, iso.self_test_image).run()
+        else:
+            result = SelfTestResult("disabled", "isolation.self_test is off", time.time())
+        level = logging.INFO if result.status in ("verified", "disabled") else logging.ERROR
+        log.log(level, "isolation: %s", result, extra={"status": result.status})
+        self.isolation_result = result
+        self._inventory_pb.isolation.CopyFrom(
+            wire.isolation(result, iso.egress_policy, self.runtime.scratch.mode)
+        )
+        self.telemetry.agent.set_isolation(result.status == "verified")
+        return result
+
+    async def _recheck_isolation(self, stop: asyncio.Event) -> None:
+        """After Docker restarts: run the self-test again (the next Hello carries it)."""
+        reconnected = self.runtime.engine_reconnected
+        while not stop.is_set():
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(reconnected.wait()),
+            ]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if stop.is_set():
+                return
+            reconnected.clear()
+            # The firewall watcher was poked by the same reconnect; the self-test's own
+            # ensure_firewall waits for nothing more than that check.
+            await self._check_isolation()
 
     def _labels(self) -> dict[str, str]:
         labels = dict(self.config.node.labels)

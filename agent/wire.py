@@ -14,6 +14,7 @@ from gpuagent.v1 import common_pb2, inventory_pb2, leases_pb2
 
 from .gpu.model import GpuHealth, GpuInfo, HealthState
 from .hostinfo import HostInfo
+from .isolation.selftest import SelfTestResult
 from .leases.manager import LeaseView
 from .leases.records import LeaseUpdate
 from .leases.states import LeaseState
@@ -120,6 +121,26 @@ def gpu_health(health: GpuHealth) -> inventory_pb2.GpuHealth:
         if sample.memory_used_bytes is not None:
             msg.memory_used_bytes = sample.memory_used_bytes
     return msg
+
+
+_ISOLATION = {
+    "verified": inventory_pb2.Isolation.VERIFIED,
+    "failed": inventory_pb2.Isolation.FAILED,
+    "unverified": inventory_pb2.Isolation.UNVERIFIED,
+    "disabled": inventory_pb2.Isolation.DISABLED,
+}
+
+
+def isolation(
+    result: SelfTestResult, egress_policy: bool, scratch_mode: str
+) -> inventory_pb2.Isolation:
+    return inventory_pb2.Isolation(
+        status=_ISOLATION[result.status],
+        detail=result.detail[:1024],
+        egress_policy=egress_policy,
+        scratch_mode=scratch_mode,
+        checked_at_unix_nanos=int(result.checked_at * 1e9),
+    )
 
 
 def lease_status(view: LeaseView) -> common_pb2.LeaseStatus:

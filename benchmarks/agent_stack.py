@@ -18,14 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import docker
 import grpc
 import httpx
 import psutil
 import yaml
 
+from agent.config import IsolationConfig
+from agent.leases.leftovers import remove_node_leftovers
 from benchmarks import schedauth
 from gpuagent.v1 import common_pb2, leases_pb2, leases_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 
@@ -84,6 +88,10 @@ class Stack:
         self.token = schedauth.bootstrap_admin(self.sched_cfg, workdir / "admin.token")
         agent_dir = workdir / "agent"
         agent_dir.mkdir(mode=0o700)
+        tag = uuid.uuid4().hex[:5]
+        self.isolation = IsolationConfig(
+            firewall_chain=f"GAB{tag.upper()}", bridge_prefix=f"b{tag}-"
+        )
         self.agent_cfg = workdir / "agent.yaml"
         self.agent_cfg.write_text(
             yaml.safe_dump(
@@ -99,6 +107,8 @@ class Stack:
                         "simulated": {"profile": "h100-sxm-80gb", "count": GPUS},
                     },
                     "status": {"listen": f"127.0.0.1:{self.status_port}"},
+                    # Rules of its own, matched to its own bridges, removed at the end.
+                    "isolation": self.isolation.model_dump(mode="json"),
                 }
             )
         )
@@ -205,21 +215,19 @@ def running_stack() -> Iterator[Stack]:
             raise
         finally:
             stack.stop()
-            _remove_bench_containers(stack.node_id)
+            _remove_bench_containers(stack)
 
 
-def _remove_bench_containers(node_id: str) -> None:
-    """Leases the agent was stopped with stay (re-adoption); the benchmark removes them."""
-    if not node_id:
-        return
-    ids = subprocess.run(
-        ["docker", "ps", "-aq", "--filter", f"label=io.gpuagent.node-id={node_id}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+def _remove_bench_containers(stack: Stack) -> None:
+    """Leases the agent was stopped with stay (re-adoption); the benchmark removes them,
+    with their networks, mounted scratch (else the temp dir cannot be deleted) and the
+    agent's firewall rules."""
+    client = docker.from_env()
+    try:
+        scratch = stack.workdir / "agent" / "scratch"
+        remove_node_leftovers(client, stack.node_id, scratch, stack.isolation)
+    finally:
+        client.close()
 
 
 # What the agent asks Docker for on the benchmark's lease (agent/leases/docker_runtime.py

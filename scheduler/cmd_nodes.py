@@ -20,6 +20,7 @@ from gpuagent.v1 import acl_pb2, acl_pb2_grpc, common_pb2, inventory_pb2, nodes_
 
 from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
+from .placement import isolation_text
 
 _LIVENESS = {
     nodes_pb2.LIVENESS_ONLINE: "online",
@@ -170,6 +171,13 @@ def _show(args: argparse.Namespace) -> int:
         f"agent:       {node.agent_version} (protocol {node.protocol_version})",
         f"draining:    {'yes' if node.draining else 'no'}",
         f"owner:       {node.owner or '-'} (registration: {node.registration or 'open'})",
+        f"isolation:   {isolation_text(node.inventory.isolation)}"
+        + (
+            f" (egress policy {'on' if node.inventory.isolation.egress_policy else 'off'}, "
+            f"scratch {node.inventory.isolation.scratch_mode})"
+            if node.inventory.isolation.scratch_mode
+            else ""
+        ),
         f"host:        {host.hostname}, {host.os}, kernel {host.kernel}",
         f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
         f"memory:      {format_size(host.memory_bytes)}",

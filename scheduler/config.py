@@ -87,6 +87,11 @@ class PlacementConfig(Strict):
         min_length=1,
         description="Hello label holding a node's ask (micro-units per GPU-hour)",
     )
+    require_isolation: bool | None = Field(
+        default=None,
+        description="place only on nodes whose isolation self-test verified; null = "
+        "required from nodes with the egress policy on and real GPUs",
+    )
 
 
 class MetricsConfig(Strict):

@@ -57,6 +57,7 @@ class DispatchSettings:
     default_ask_micros: int = 0
     price_label: str = "price_micros_per_gpu_hour"
     cancel_grace_seconds: int = 0
+    require_isolation: bool | None = None  # placement.isolation_block
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _Capacity:
     draining: bool
     ask_micros: int
     generation: int = 0  # NodeRecord.generation it was built from
+    isolation_block: str = ""  # placement.isolation_block of the node's inventory
     view: placement.NodeView | None = None  # the last pass's view, reused while it holds
 
     def same_as(self, other: _Capacity) -> bool:
@@ -93,6 +95,7 @@ class _Capacity:
             self.gpus == other.gpus
             and self.draining == other.draining
             and self.ask_micros == other.ask_micros
+            and self.isolation_block == other.isolation_block
         )
 
 
@@ -240,6 +243,10 @@ class LeaseDispatcher:
             draining=hb.draining,
             ask_micros=self.ask_price(record),
             generation=record.generation,
+            # Inventory changes only with a Hello, which bumps the generation.
+            isolation_block=placement.isolation_block(
+                record.inventory, self.settings.require_isolation
+            ),
         )
         if cached is not None and cached.same_as(capacity):
             cached.heartbeat = heartbeat  # same capacity, newer heartbeat: keep the entry
@@ -309,6 +316,7 @@ class LeaseDispatcher:
                 or view.draining != draining
                 or view.offline_reason != offline_reason
                 or view.free_gpus != gpus  # same objects: an identity check per GPU
+                or view.isolation_block != capacity.isolation_block
             ):
                 # Building a frozen dataclass per node per pass is most of a pass's cost;
                 # a node whose view did not change reuses last pass's.
@@ -319,6 +327,7 @@ class LeaseDispatcher:
                     ask_micros=capacity.ask_micros,
                     free_gpus=gpus,
                     offline_reason=offline_reason,
+                    isolation_block=capacity.isolation_block,
                 )
                 capacity.view = view
             append(view)

@@ -11,7 +11,8 @@ A node is a candidate when all of these hold:
    this lease before (LeaseAssign is idempotent by lease id on the agent, so a
    node sees each lease id at most once; a re-placement goes elsewhere);
 3. its ask price per GPU-hour is at most the lease's ceiling;
-4. it has at least ``gpu_count`` free GPUs that match: healthy, not cordoned,
+4. its tenant isolation meets ``placement.require_isolation`` (``isolation_block``);
+5. it has at least ``gpu_count`` free GPUs that match: healthy, not cordoned,
    not held by any lease the scheduler placed there, name containing
    ``gpu_model`` (case-insensitive) and memory at least ``gpu_min_memory_bytes``.
 
@@ -31,6 +32,38 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+
+from gpuagent.v1 import inventory_pb2
+
+_ISOLATION_STATUS = {
+    inventory_pb2.Isolation.VERIFIED: "verified",
+    inventory_pb2.Isolation.FAILED: "failed",
+    inventory_pb2.Isolation.UNVERIFIED: "unverified",
+    inventory_pb2.Isolation.DISABLED: "disabled",
+}
+
+
+def isolation_text(isolation: inventory_pb2.Isolation) -> str:
+    """``verified``, ``failed: <what>``...: as the agent's log and ``nodes show`` say it."""
+    status = _ISOLATION_STATUS.get(isolation.status, "not reported")
+    return f"{status}: {isolation.detail}" if isolation.detail else status
+
+
+def isolation_block(inventory: inventory_pb2.Inventory, require: bool | None) -> str:
+    """Why a node's isolation keeps leases off it, or "" when it does not.
+
+    ``require`` None (the default) requires a verified self-test from nodes that run
+    the egress policy on real GPUs. Nodes whose GPUs are all simulated (demos, tests)
+    protect nothing real and are exempt unless ``require`` is True; nodes without the
+    policy (or too old to report it) are placed unless ``require`` is True.
+    """
+    isolation = inventory.isolation
+    if require is None:
+        simulated = bool(inventory.gpus) and all(g.simulated for g in inventory.gpus)
+        require = isolation.egress_policy and not simulated
+    if not require or isolation.status == inventory_pb2.Isolation.VERIFIED:
+        return ""
+    return f"isolation {isolation_text(isolation)}"
 
 
 @dataclass(frozen=True)
@@ -53,6 +86,8 @@ class NodeView:
     free_gpus: tuple[GpuView, ...] = ()
     # Why the node is not online (e.g. "suspect", "not connected"), for the log.
     offline_reason: str = "offline"
+    # Why its isolation keeps leases off it ("" = it does not): isolation_block.
+    isolation_block: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +198,8 @@ def why_not(node: NodeView, request: Request) -> str | None:
         return f"unavailable: {node.offline_reason}"
     if node.draining:
         return "draining: node accepts no new leases"
+    if node.isolation_block:
+        return f"not isolated: {node.isolation_block} (placement.require_isolation)"
     if node.ask_micros > request.price_ceiling_micros:
         return (
             f"too expensive: ask {node.ask_micros} > ceiling {request.price_ceiling_micros} "

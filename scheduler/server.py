@@ -171,6 +171,7 @@ class SchedulerServer:
                 retry_interval=pc.retry_interval,
                 default_ask_micros=pc.default_price_micros_per_gpu_hour,
                 price_label=pc.price_label,
+                require_isolation=pc.require_isolation,
             ),
             gpu_eligible=self.attestation.gpu_eligible,
         )

@@ -84,7 +84,7 @@ def test_unknown_section_lists_allowed_keys(tmp_path: Path) -> None:
     """An unknown key with no close match lists what is allowed at that level."""
     problems = _problems(_write(tmp_path, "zzz: 1\n"))
     assert problems == [
-        "zzz: unknown key; allowed keys here: attestation, coordinator, gpu, log, "
+        "zzz: unknown key; allowed keys here: attestation, coordinator, gpu, isolation, log, "
         "metering, node, runtime, status"
     ]
 

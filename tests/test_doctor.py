@@ -29,15 +29,99 @@ from agent.doctor import (
     run_preflight,
 )
 from agent.gpu.fakenvml import FakeNvml
+from agent.isolation.host_checks import (
+    check_engine_isolation,
+    check_firewall_tools,
+    check_ipv6_filter,
+    check_scratch,
+    check_userland_proxy,
+    check_userns,
+    check_writable_layer,
+    has_net_admin,
+)
+from agent.isolation.toolkit import judge, read_features
+from agent.leases import scratch
 
 
 def test_vulnerable_toolkit_is_fatal_with_real_gpus() -> None:
-    """Toolkit 1.16.1 (CVE-2024-0132) is fatal on a GPU host; 1.16.2 and later pass."""
-    bad = check_toolkit("1.16.1", real_gpus=True)
-    assert bad.severity == Severity.FATAL and "CVE-2024-0132" in bad.message
-    assert bad.fix is not None and "1.16.2" in bad.fix
-    assert check_toolkit("1.16.2", real_gpus=True).severity == Severity.OK
-    assert check_toolkit("1.17.0", real_gpus=True).severity == Severity.OK
+    """Toolkit below 1.17.8 (CVE-2025-23266 "NVIDIAScape", CVE-2025-23267) is fatal on a
+    GPU host, with the upgrade as the fix; 1.17.8 and later pass."""
+    for old in ("1.16.2", "1.17.3", "1.17.7"):
+        bad = check_toolkit(old, real_gpus=True)
+        assert bad.severity == Severity.FATAL and "CVE-2025-23266" in bad.message, old
+        assert bad.fix is not None and "1.17.8" in bad.fix
+    assert "CVE-2025-23359" in check_toolkit("1.17.3", real_gpus=True).message
+    assert check_toolkit("1.17.8", real_gpus=True).severity == Severity.OK
+    assert check_toolkit("1.18.0", real_gpus=True).severity == Severity.OK
+
+
+def test_toolkit_workaround_is_honoured_only_from_1_17_4() -> None:
+    """features.disable-cuda-compat-lib-hook (NVIDIA's workaround) lets 1.17.4-1.17.7 run
+    GPU leases with a warning; below 1.17.4 it does not help, and the fix names it."""
+    workaround = {"disable-cuda-compat-lib-hook": True}
+    assert check_toolkit("1.17.7", real_gpus=True, features=workaround).severity == (
+        Severity.WARNING
+    )
+    assert check_toolkit("1.17.3", real_gpus=True, features=workaround).severity == (Severity.FATAL)
+    fix = check_toolkit("1.17.5", real_gpus=True).fix
+    assert fix is not None and "disable-cuda-compat-lib-hook" in fix
+
+
+def test_toolkit_features_that_reopen_the_escapes_are_problems() -> None:
+    """allow-ldconfig-from-container / allow-cuda-compat-libs-from-container on is fatal
+    with real GPUs, whatever the version; the fix says which key to remove."""
+    for key in ("allow-ldconfig-from-container", "allow-cuda-compat-libs-from-container"):
+        result = check_toolkit("1.18.0", real_gpus=True, features={key: True})
+        assert result.severity == Severity.FATAL and key in result.message
+        assert result.fix is not None and key in result.fix
+    assert judge("1.18.0", {"allow-ldconfig-from-container": False}).gpu_leases
+
+
+def test_features_are_read_from_the_toolkit_config(tmp_path: Path) -> None:
+    """The [features] table of config.toml is read; a missing or broken file is empty."""
+    config = tmp_path / "config.toml"
+    config.write_text("[features]\ndisable-cuda-compat-lib-hook = true\n")
+    assert read_features(config) == {"disable-cuda-compat-lib-hook": True}
+    config.write_text("[features\n")
+    assert read_features(config) == {}
+    assert read_features(tmp_path / "absent.toml") == {}
+
+
+def test_engine_versions_with_isolation_bugs_are_flagged() -> None:
+    """Docker < 28.3.3 (firewall rules lost on reload) and < 28.5.2 (runc escapes) warn."""
+    old = check_engine_isolation("20.10.24+dfsg1")
+    assert old.severity == Severity.WARNING and "28.3.3" in old.message
+    runc = check_engine_isolation("28.4.0")
+    assert runc.severity == Severity.WARNING and "CVE-2025-31133" in runc.message
+    assert check_engine_isolation("28.5.2").severity == Severity.OK
+
+
+def test_isolation_host_checks_say_what_to_fix(tmp_path: Path) -> None:
+    """Missing iptables is fatal with the policy on; IPv6 without ip6tables, the userland
+    proxy off, userns-remap off are reported; userns-remap on is ok."""
+    assert check_firewall_tools(True, which=lambda _: None).severity == Severity.FATAL
+    ok = check_firewall_tools(True, which=lambda t: t, net_admin=lambda: True)
+    assert ok.severity == Severity.OK
+    no_cap = check_firewall_tools(True, which=lambda t: t, net_admin=lambda: False)
+    assert no_cap.severity == Severity.WARNING and "CAP_NET_ADMIN" in no_cap.message
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapEff:\t0000000000001000\n")
+    assert has_net_admin(status)
+    status.write_text("CapEff:\t0000000000000000\n")
+    assert not has_net_admin(status)
+    assert check_firewall_tools(False).severity == Severity.WARNING
+    if_inet6 = tmp_path / "if_inet6"
+    if_inet6.write_text("00000000000000000000000000000001 01 80 10 80       lo\n")
+    assert check_ipv6_filter(lambda _: None, if_inet6).severity == Severity.WARNING
+    assert check_ipv6_filter(lambda t: t, if_inet6).severity == Severity.OK
+    if_inet6.write_text("")
+    assert check_ipv6_filter(lambda _: None, if_inet6).severity == Severity.OK
+    daemon_json = tmp_path / "daemon.json"
+    daemon_json.write_text('{"userland-proxy": false}')
+    assert check_userland_proxy(daemon_json).severity == Severity.WARNING
+    assert check_userland_proxy(tmp_path / "absent.json").severity == Severity.OK
+    assert check_userns(["name=seccomp,profile=default"]).fix is not None
+    assert check_userns(["name=userns"]).severity == Severity.OK
 
 
 def test_missing_toolkit_fatal_only_with_real_gpus() -> None:
@@ -195,3 +279,20 @@ def test_doctor_cli_includes_the_coordinator(tmp_path: Path) -> None:
     )
     names = [r["name"] for r in json.loads(proc.stdout)]
     assert "coordinator" in names, proc.stderr
+
+
+def test_scratch_and_writable_layer_modes_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """doctor says which scratch mode the host gets (measured when it cannot mount, fatal
+    when loop is demanded there) and whether the writable layer can be bounded."""
+    monkeypatch.setattr(scratch, "loop_supported", lambda: "the agent is not root")
+    assert check_scratch("auto").severity == Severity.INFO
+    assert "measured" in check_scratch("auto").message
+    assert check_scratch("loop").severity == Severity.FATAL
+    monkeypatch.setattr(scratch, "loop_supported", lambda: None)
+    assert check_scratch("auto").severity == Severity.OK
+    assert "loop" in check_scratch("auto").message
+    xfs = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "xfs"]]}
+    assert check_writable_layer(xfs, 10**9).severity == Severity.OK
+    ext4 = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]}
+    assert check_writable_layer(ext4, 10**9).severity == Severity.WARNING
+    assert check_writable_layer(ext4, None).severity == Severity.INFO

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -15,6 +17,8 @@ import pytest
 import pytest_asyncio
 
 from agent.config import AgentConfig
+from agent.isolation.networks import LABEL_SPARE
+from agent.isolation.toolkit import ToolkitGate
 from agent.leases import (
     DockerRuntime,
     GpuAllocator,
@@ -25,8 +29,16 @@ from agent.leases import (
     StateDB,
     container_name,
 )
-from agent.leases.docker_runtime import LABEL_GPUS, LABEL_MANAGED, LABEL_NODE, PullObserver
+from agent.leases.docker_runtime import (
+    LABEL_GPUS,
+    LABEL_LEASE,
+    LABEL_MANAGED,
+    LABEL_NETWORK,
+    LABEL_NODE,
+    PullObserver,
+)
 from tests import registry as test_registry
+from tests.isolation_helpers import cleanup_isolation, cleanup_scratch, isolation_for_test
 
 pytestmark = pytest.mark.docker
 
@@ -50,7 +62,13 @@ class OffsetClock:
 class LeaseEnv:
     """A node id, state dir and update log shared by the managers of one test."""
 
-    def __init__(self, client: docker.DockerClient, state_dir: Path, image: str) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        state_dir: Path,
+        image: str,
+        isolation: dict[str, Any] | None = None,
+    ) -> None:
         self.client = client
         self.image = image
         self.node_id = f"test-{uuid.uuid4().hex[:10]}"
@@ -59,7 +77,11 @@ class LeaseEnv:
         self.updates: list[LeaseUpdate] = []
         self._changed = asyncio.Condition()
         self.config = AgentConfig.model_validate(
-            {"node": {"state_dir": str(state_dir)}, "runtime": {"stop_grace": "1s"}}
+            {
+                "node": {"state_dir": str(state_dir)},
+                "runtime": {"stop_grace": "1s"},
+                "isolation": isolation_for_test(**(isolation or {})),
+            }
         )
         self.runs: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
@@ -69,7 +91,10 @@ class LeaseEnv:
             self._changed.notify_all()
 
     def manager(
-        self, clock: OffsetClock | None = None, on_pull: PullObserver | None = None
+        self,
+        clock: OffsetClock | None = None,
+        on_pull: PullObserver | None = None,
+        gpu_gate: Callable[[], str | None] | None = None,
     ) -> LeaseManager:
         runtime = DockerRuntime(
             self.client,
@@ -77,6 +102,7 @@ class LeaseEnv:
             self.node_id,
             self.state_dir / "scratch",
             on_pull=on_pull,
+            isolation=self.config.isolation,
         )
         return LeaseManager(
             self.config,
@@ -89,6 +115,7 @@ class LeaseEnv:
             simulated_gpus=True,
             clock=clock or OffsetClock(),
             host=HostCapacity(memory_bytes=64 * 1024**3, cpus=64),
+            gpu_gate=gpu_gate,
         )
 
     async def start(self, manager: LeaseManager) -> asyncio.Task[None]:
@@ -117,6 +144,12 @@ class LeaseEnv:
         labels = [f"{LABEL_NODE}={self.node_id}", *(f"{k}={v}" for k, v in extra_labels.items())]
         return self.client.containers.list(all=True, filters={"label": labels})
 
+    def networks(self, spares: bool = True) -> list[Any]:
+        found = self.client.networks.list(filters={"label": f"{LABEL_NODE}={self.node_id}"})
+        if spares:
+            return list(found)
+        return [n for n in found if LABEL_SPARE not in (n.attrs.get("Labels") or {})]
+
     def spec(self, script: str, **fields: Any) -> dict[str, Any]:
         return {"image": self.image, "command": ["sh", "-c", script], **fields}
 
@@ -124,11 +157,11 @@ class LeaseEnv:
 @pytest.fixture
 def lease_env_factory(
     docker_client: docker.DockerClient, busybox_image: str, tmp_path: Path
-) -> Iterator[Callable[[], LeaseEnv]]:
+) -> Iterator[Callable[..., LeaseEnv]]:
     envs: list[LeaseEnv] = []
 
-    def make() -> LeaseEnv:
-        env = LeaseEnv(docker_client, tmp_path / f"state{len(envs)}", busybox_image)
+    def make(**isolation: Any) -> LeaseEnv:
+        env = LeaseEnv(docker_client, tmp_path / f"state{len(envs)}", busybox_image, isolation)
         envs.append(env)
         return env
 
@@ -136,10 +169,12 @@ def lease_env_factory(
     for env in envs:
         for container in env.containers():
             container.remove(force=True)
+        cleanup_isolation(env.client, env.node_id, env.config.isolation)
+        cleanup_scratch(env.state_dir / "scratch")
 
 
 @pytest_asyncio.fixture
-async def lease_env(lease_env_factory: Callable[[], LeaseEnv]) -> AsyncIterator[LeaseEnv]:
+async def lease_env(lease_env_factory: Callable[..., LeaseEnv]) -> AsyncIterator[LeaseEnv]:
     env = lease_env_factory()
     yield env
     for stop, task in env.runs:
@@ -219,7 +254,8 @@ async def test_a_dead_container_is_not_metered_while_its_end_is_recorded(
 @pytest.mark.asyncio
 async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) -> None:
     """A running lease runs hardened (caps, no-new-privileges, limits, labels, no device
-    request in simulated mode) and a cancel stops and removes it."""
+    request in simulated mode) on a network of its own (labelled, ICC off, subnet from the
+    pool, not the default bridge), and a cancel stops and removes both."""
     manager = lease_env.manager()
     await lease_env.start(manager)
     await manager.assign("c-1", lease_env.spec("sleep 300", gpu_count=1, memory_bytes="64MiB"))
@@ -233,7 +269,16 @@ async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) ->
     assert host["Memory"] == 64 * 1024**2
     assert host["NanoCpus"] == 1_000_000_000
     assert not host.get("DeviceRequests")
-    assert host["NetworkMode"] in ("default", "bridge")
+    # A spare made ahead, or one made for this lease: its container names it.
+    name = attrs["Config"]["Labels"][LABEL_NETWORK]
+    assert host["NetworkMode"] == name
+    assert list(attrs["NetworkSettings"]["Networks"]) == [name]
+    network = lease_env.client.networks.get(name).attrs
+    assert network["Labels"][LABEL_NODE] == lease_env.node_id
+    assert network["Labels"].get(LABEL_LEASE, "c-1") == "c-1"
+    assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+    subnet = ipaddress.ip_network(network["IPAM"]["Config"][0]["Subnet"])
+    assert subnet.subnet_of(lease_env.config.isolation.subnet_pool)  # type: ignore[arg-type]
     assert [m["Destination"] for m in attrs["Mounts"]] == ["/scratch"]
     assert attrs["Config"]["Labels"][LABEL_GPUS] == "GPU-aaaa"
     assert "NVIDIA_VISIBLE_DEVICES=GPU-aaaa" in attrs["Config"]["Env"]
@@ -243,6 +288,8 @@ async def test_cancel_stops_a_hardened_running_container(lease_env: LeaseEnv) ->
     update = await lease_env.wait_state("c-1", LeaseState.CANCELLED)
     assert update.reason == "buyer asked"
     assert lease_env.containers() == []
+    assert lease_env.networks(spares=False) == []
+    assert name not in [n.name for n in lease_env.networks()]  # never handed out again
     assert manager.snapshot().allocations == {}
 
 
@@ -394,3 +441,38 @@ async def test_same_lease_assigned_twice_runs_once(lease_env: LeaseEnv) -> None:
     await manager.assign("d-1", spec)
     assert len(lease_env.containers()) == 1
     assert lease_env.states("d-1").count(LeaseState.ASSIGNED) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("version", "accepted"), [("1.17.7", False), ("1.17.8", True)])
+async def test_toolkit_floor_decides_whether_gpu_leases_are_accepted(
+    lease_env: LeaseEnv,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    version: str,
+    accepted: bool,
+) -> None:
+    """A fake `nvidia-ctk --version` on PATH: below 1.17.8 a GPU lease is rejected with
+    toolkit_vulnerable and the upgrade as the fix, at 1.17.8 it runs; a CPU-only lease
+    runs either way."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-ctk"
+    fake.write_text(
+        f"#!/bin/sh\necho 'NVIDIA Container Toolkit CLI version {version}'\necho 'commit: 0f0f'\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    gate = ToolkitGate(features_source=dict)
+    await asyncio.to_thread(gate.refresh)
+    manager = lease_env.manager(gpu_gate=gate.refusal)
+    await lease_env.start(manager)
+    await manager.assign("gpu", lease_env.spec("true", gpu_count=1))
+    await manager.assign("cpu", lease_env.spec("true"))
+    await lease_env.wait_state("cpu", LeaseState.SUCCEEDED)
+    if accepted:
+        await lease_env.wait_state("gpu", LeaseState.SUCCEEDED)
+    else:
+        update = await lease_env.wait_state("gpu", LeaseState.REJECTED)
+        assert update.reason.startswith("toolkit_vulnerable: ")
+        assert version in update.reason and "1.17.8" in update.reason

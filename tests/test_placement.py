@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from scheduler.placement import GpuView, NodeView, Request, choose, take, why_not
 
 GIB = 1024**3
@@ -111,3 +113,35 @@ def test_take_removes_placed_gpus_for_the_next_lease() -> None:
     after = take(nodes, first)
     assert after[0].free_gpus == ()
     assert choose(after, request).placement is None
+
+
+def _inventory(status: int, policy: bool = True, simulated: bool = False) -> Any:
+    from gpuagent.v1 import inventory_pb2
+
+    return inventory_pb2.Inventory(
+        gpus=[inventory_pb2.GpuInfo(uuid="GPU-1", simulated=simulated)],
+        isolation=inventory_pb2.Isolation(
+            status=status, detail="lease network a reached the host", egress_policy=policy
+        ),
+    )
+
+
+def test_isolation_requirement_defaults_to_real_gpus_with_the_policy_on() -> None:
+    """By default a real-GPU node with the egress policy on needs a verified self-test;
+    simulated nodes and nodes without the policy are exempt; require_isolation true
+    requires it of every node and false of none. why_not names the cause."""
+    from gpuagent.v1 import inventory_pb2
+    from scheduler.placement import isolation_block
+
+    verified, failed = inventory_pb2.Isolation.VERIFIED, inventory_pb2.Isolation.FAILED
+    assert isolation_block(_inventory(verified), None) == ""
+    block = isolation_block(_inventory(failed), None)
+    assert block == "isolation failed: lease network a reached the host"
+    assert isolation_block(_inventory(failed, simulated=True), None) == ""
+    assert isolation_block(_inventory(failed, policy=False), None) == ""
+    assert isolation_block(_inventory(failed, simulated=True), True) != ""
+    assert isolation_block(inventory_pb2.Inventory(), True) == "isolation not reported"
+    assert isolation_block(_inventory(failed), False) == ""
+    node = NodeView("n1", online=True, draining=False, ask_micros=0, isolation_block=block)
+    reason = why_not(node, Request(gpu_count=0))
+    assert reason is not None and reason.startswith("not isolated: isolation failed")

@@ -166,7 +166,10 @@ def test_service_lifecycle_settings(unit: str) -> None:
     assert value(unit, "Service", "KillMode") == "mixed"
     user = value(unit, "Service", "User")
     assert user not in ("", "root", "0")
-    assert value(unit, "Service", "CapabilityBoundingSet") == ""
+    # The agent keeps its egress policy's iptables rules (CAP_NET_ADMIN, CAP_NET_RAW
+    # for iptables-save/restore); nothing else, and the scheduler nothing at all.
+    caps = "CAP_NET_ADMIN CAP_NET_RAW" if unit == "gpu-agent.service" else ""
+    assert value(unit, "Service", "CapabilityBoundingSet") == caps
     assert value(unit, "Service", "NoNewPrivileges") == "yes"
     assert value(unit, "Service", "ProtectSystem") == "strict"
 

@@ -11,6 +11,13 @@ allow-list, no-new-privileges, Docker's default seccomp profile, pids, memory
 and CPU limits, no swap, no restart policy, and the only host path a per-lease
 scratch dir. Every container carries the labels below; nothing without
 ``io.gpuagent.managed=true`` and this node's id is ever touched.
+
+Each lease gets a bridge network of its own (``isolation.networks``), or none at
+all when the spec asks for ``network_mode: none``; it never joins another lease's
+network or the default bridge. Its ports are published on
+``isolation.publish_address`` only, and before each network lease starts the
+egress policy (``isolation.firewall``) is verified, restored if Docker or a
+firewall reload dropped it.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -33,9 +39,19 @@ import docker.errors
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 
-from ..config import RuntimeConfig
+from ..config import IsolationConfig, RuntimeConfig
+from ..isolation.firewall import Firewall, FirewallError
+from ..isolation.networks import LeaseNetwork, LeaseNetworks, NetworkError
 from .gpu_devices import gpu_access
-from .spec import ImageRef, LeaseSpec, RegistryAuth, effective_cpus, effective_memory
+from .scratch import ScratchError, ScratchSpace, resolve_mode
+from .spec import (
+    ImageRef,
+    LeaseSpec,
+    RegistryAuth,
+    effective_cpus,
+    effective_memory,
+    effective_scratch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +60,7 @@ LABEL_LEASE = "io.gpuagent.lease-id"
 LABEL_NODE = "io.gpuagent.node-id"
 LABEL_GPUS = "io.gpuagent.gpus"
 LABEL_EXPIRES = "io.gpuagent.expires-at"
+LABEL_NETWORK = "io.gpuagent.network"  # the lease's network (a spare has no lease label)
 SCRATCH_MOUNT = "/scratch"
 LOG_TAIL_LINES = 100
 # Events the manager acts on; the engine sends many more (exec, attach, ...).
@@ -53,6 +70,10 @@ RESYNC = "resync"  # synthetic event: the stream (re)connected, look at everythi
 
 class RuntimeFailure(Exception):
     """A Docker operation failed; the message is fit for a lease's reason."""
+
+
+class _StorageOptRefused(Exception):
+    """The engine cannot bound the writable layer (storage-opt size) after all."""
 
 
 class PullError(RuntimeFailure):
@@ -83,6 +104,7 @@ class ContainerInfo:
     # Unix seconds the container exited, from State.FinishedAt; None while it has
     # not (Docker reports year 1 then) or when the engine gave nothing usable.
     finished_at: float | None = None
+    network: str = ""  # name of the lease network it was created on; "" = none
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,7 @@ def _info(container: Container) -> ContainerInfo:
         started_at=str(state.get("StartedAt", "")),
         error=str(state.get("Error", "")),
         finished_at=parse_docker_time(str(state.get("FinishedAt", ""))),
+        network=labels.get(LABEL_NETWORK, ""),
     )
 
 
@@ -182,6 +205,7 @@ class DockerRuntime:
         scratch_root: Path,
         on_pull: PullObserver | None = None,
         render_nodes: Mapping[str, str] | None = None,
+        isolation: IsolationConfig | None = None,
     ) -> None:
         self._client = client
         self._config = config
@@ -190,6 +214,31 @@ class DockerRuntime:
         self._on_pull = on_pull
         # AMD GPU UUID -> its /dev/dri/renderD* (see gpu_devices); empty on NVIDIA hosts.
         self._render_nodes = dict(render_nodes or {})
+        self.isolation = isolation or IsolationConfig()
+        self.networks = LeaseNetworks(
+            client,
+            self.isolation,
+            node_id,
+            {LABEL_MANAGED: "true", LABEL_NODE: node_id},
+            LABEL_LEASE,
+        )
+        self.firewall = Firewall(self.isolation)
+        self._firewall_recheck = asyncio.Event()
+        # Set when the events stream reconnects after the first time: Docker restarted
+        # (or its socket blipped), so what it rewrote is checked again.
+        self.engine_reconnected = asyncio.Event()
+        self._resyncs = 0
+        # Lease id -> name of the spare network it took (its own networks carry the
+        # lease id as a label; a spare cannot). Rebuilt from container labels at start.
+        self._claimed: dict[str, str] = {}
+        self._refill = asyncio.Event()
+        self._refill_due = False
+        mode, why = resolve_mode(config.scratch_mode)
+        self.scratch = ScratchSpace(scratch_root, mode)
+        log.info("scratch mode", extra={"mode": mode, "why": why})
+        # Docker's storage-opt size works only on overlay2 over xfs with pquota; set
+        # by ``detect_storage`` (None: unknown yet, so not used).
+        self.writable_layer_bounded: bool | None = None
 
     def update_config(self, config: RuntimeConfig) -> None:
         """Limits for containers created from now on (SIGHUP); running ones keep theirs."""
@@ -290,10 +339,172 @@ class DockerRuntime:
         expires_at: float | None,
         device_request: bool,
     ) -> str:
-        """Create (not start) the lease's container; returns its id."""
+        """Create (not start) the lease's container on its own network; returns its id."""
+        # Independent steps (mkfs and mount, iptables-save, Docker), so side by side:
+        # the lease start pays for the slowest only.
+        scratch = asyncio.to_thread(self._prepare_scratch, lease_id, spec)
+        network: str | None = None
+        if spec.network_mode == "none":
+            await scratch
+        else:
+            # Every step finishes before a failure is raised: the lease's cleanup must
+            # not race a mount still being made.
+            results = await asyncio.gather(
+                scratch,
+                self.ensure_firewall(),
+                self.lease_network(lease_id),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            made = results[2]
+            assert isinstance(made, LeaseNetwork)
+            network = made.name
         return await asyncio.to_thread(
-            self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request
+            self._create, lease_id, spec, tuple(gpu_uuids), expires_at, device_request, network
         )
+
+    def _prepare_scratch(self, lease_id: str, spec: LeaseSpec) -> None:
+        try:
+            self.scratch.prepare(self.scratch_dir(lease_id), effective_scratch(spec, self._config))
+        except (ScratchError, OSError) as exc:
+            raise RuntimeFailure(f"scratch space could not be made: {exc}") from exc
+
+    async def ensure_network(self, lease_id: str) -> LeaseNetwork:
+        """The lease's own network, made now (used by the self-test's probes)."""
+        try:
+            return await asyncio.to_thread(self.networks.ensure, container_name(lease_id), lease_id)
+        except NetworkError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    async def lease_network(self, lease_id: str) -> LeaseNetwork:
+        """A network for the lease: the one it has (a retry), a spare, or a new one."""
+        claimed = self._claimed.get(lease_id)
+        if claimed is not None:
+            return LeaseNetwork("", claimed, lease_id, "", "", spare=True)
+        spare = self.networks.claim()
+        if spare is None:
+            return await self.ensure_network(lease_id)
+        self._claimed[lease_id] = spare.name
+        # Refilled once this lease has started (``start``): a network create running
+        # beside the start would slow it down in dockerd.
+        self._refill_due = True
+        log.debug("lease took a spare network", extra={"lease_id": lease_id, "network": spare.name})
+        return spare
+
+    async def keep_spares(self, stop: asyncio.Event) -> None:
+        """Keep ``isolation.spare_networks`` made ahead, so lease starts do not wait."""
+        want = self.isolation.spare_networks
+        while not stop.is_set():
+            self._refill.clear()
+            try:
+                while self.networks.spare_count() < want and not stop.is_set():
+                    await asyncio.to_thread(self.networks.make_spare)
+            except NetworkError as exc:
+                log.warning("cannot make a spare lease network", extra={"error": str(exc)})
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._refill.wait()),
+            ]
+            # Retried at the firewall's pace after a failure; woken by every claim.
+            await asyncio.wait(
+                waiters,
+                timeout=self.isolation.recheck_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    def note_networks(self, containers: Sequence[ContainerInfo]) -> None:
+        """At start, before any lease is finished: which spare each lease container took."""
+        self._claimed = {c.lease_id: c.network for c in containers if c.network}
+
+    async def sweep_networks(self, active: set[str], containers: Sequence[ContainerInfo]) -> None:
+        """At start: keep live leases' networks and unused spares, remove the rest.
+
+        A spare any container ever named is not unused: it served a lease and is never
+        handed to another.
+        """
+
+        def _sweep() -> None:
+            in_use = {c.network for c in containers if c.lease_id in active and c.network}
+            named = {c.network for c in containers if c.network}
+            spares = []
+            for network in self.networks.list_managed():
+                if network.name in in_use or (network.lease_id and network.lease_id in active):
+                    continue  # a live lease's: re-adopted with its container
+                if network.spare and network.name not in named:
+                    spares.append(network)
+                    continue
+                log.warning(
+                    "removing lease network no active lease claims",
+                    extra={"lease_id": network.lease_id, "network": network.name},
+                )
+                with contextlib.suppress(NetworkError):
+                    self.networks.remove(network.id)
+            for extra in self.networks.adopt_spares(spares, self.isolation.spare_networks):
+                with contextlib.suppress(NetworkError):
+                    self.networks.remove(extra.id)
+
+        try:
+            await asyncio.to_thread(_sweep)
+        except NetworkError as exc:
+            log.warning("cannot sweep lease networks", extra={"error": str(exc)})
+
+    async def ensure_firewall(self) -> bool:
+        """Verify (and restore) the egress policy; raises ``RuntimeFailure`` if it cannot.
+
+        Fails closed: a lease does not start while the rules that keep it off the
+        LAN cannot be installed.
+        """
+        try:
+            return await asyncio.to_thread(self.firewall.ensure)
+        except FirewallError as exc:
+            raise RuntimeFailure(f"egress policy could not be installed: {exc}") from exc
+
+    def recheck_firewall(self) -> None:
+        """Ask ``watch_firewall`` to verify now (the events stream reconnected)."""
+        self._firewall_recheck.set()
+        self._resyncs += 1
+        if self._resyncs > 1:
+            self.engine_reconnected.set()
+
+    async def watch_firewall(self, stop: asyncio.Event) -> None:
+        """Keep the egress policy in place: every ``recheck_interval`` and on request."""
+        while not stop.is_set():
+            self._firewall_recheck.clear()
+            try:
+                await self.ensure_firewall()
+            except RuntimeFailure as exc:
+                log.error("egress policy check failed", extra={"error": str(exc)})
+            waiters = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self._firewall_recheck.wait()),
+            ]
+            await asyncio.wait(
+                waiters,
+                timeout=self.isolation.recheck_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def remove_network(self, lease_id: str) -> None:
+        """Remove the lease's network (a spare it took, or its own); a gone one is fine."""
+        claimed = self._claimed.pop(lease_id, None)
+        try:
+            if claimed is not None:
+                await asyncio.to_thread(self.networks.remove, claimed)
+            await asyncio.to_thread(self.networks.remove_lease, lease_id)
+        except NetworkError as exc:
+            raise RuntimeFailure(str(exc)) from exc
+
+    async def list_networks(self) -> list[LeaseNetwork]:
+        try:
+            return await asyncio.to_thread(self.networks.list_managed)
+        except NetworkError as exc:
+            raise RuntimeFailure(str(exc)) from exc
 
     def _create(
         self,
@@ -302,12 +513,9 @@ class DockerRuntime:
         gpu_uuids: tuple[str, ...],
         expires_at: float | None,
         device_request: bool,
+        network: str | None,
     ) -> str:
         scratch = self.scratch_dir(lease_id)
-        scratch.mkdir(parents=True, exist_ok=True)
-        # World-writable (sticky) so images running as a non-root user can use it;
-        # the state dir above it (0700) keeps host users out.
-        scratch.chmod(0o1777)
         memory = effective_memory(spec, self._config)
         env = dict(spec.env)
         # Only the allocated GPUs, by vendor (gpu_devices); NVIDIA_VISIBLE_DEVICES="void"
@@ -320,6 +528,8 @@ class DockerRuntime:
             LABEL_NODE: self.node_id,
             LABEL_GPUS: ",".join(gpu_uuids),
         }
+        if network:
+            labels[LABEL_NETWORK] = network
         if expires_at is not None:
             labels[LABEL_EXPIRES] = f"{expires_at:.3f}"
         # Host settings and the create call are built by hand, not via
@@ -336,22 +546,55 @@ class DockerRuntime:
             "read_only": self._config.read_only_rootfs,
             "mounts": [Mount(SCRATCH_MOUNT, str(scratch), type="bind")],
             "restart_policy": {"Name": "no"},
+            # Its own network, or none: never the default bridge, never another lease's.
+            "network_mode": network or "none",
             # Bounded logs: a chatty lease must not fill the host's disk.
             "log_config": LogConfig(type="json-file", config={"max-size": "10m", "max-file": "3"}),
         }
         if spec.shm_bytes:
             host["shm_size"] = spec.shm_bytes
+        if self.writable_layer_bounded and self._config.writable_layer_size:
+            host["storage_opt"] = {"size": str(self._config.writable_layer_size)}
         if self._config.runtime:
             host["runtime"] = self._config.runtime
         if self._config.read_only_rootfs:
             host["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108 - in the container
         ports = [(p.container_port, p.protocol) for p in spec.ports]
         if ports:
-            host["port_bindings"] = {f"{port}/{proto}": None for port, proto in ports}
+            # Never 0.0.0.0 / [::]: only the configured address (loopback by default).
+            address = str(self.isolation.publish_address)
+            host["port_bindings"] = {f"{port}/{proto}": (address,) for port, proto in ports}
         host.update(access.host)
         api = self._client.api
         try:
-            created = api.create_container(
+            created = self._create_container(api, host, network, spec, lease_id, env, labels, ports)
+        except _StorageOptRefused:
+            # overlay2 on xfs without pquota: the engine says so only now. Bound nothing
+            # from here on (doctor reports it) rather than fail every lease.
+            log.warning("storage-opt size refused by the engine; writable layers unbounded")
+            self.writable_layer_bounded = False
+            host.pop("storage_opt", None)
+            created = self._create_container(api, host, network, spec, lease_id, env, labels, ports)
+        container_id = str(created.get("Id", ""))
+        log.info(
+            "container created",
+            extra={"lease_id": lease_id, "container_id": container_id, "gpus": list(gpu_uuids)},
+        )
+        return container_id
+
+    def _create_container(
+        self,
+        api: Any,
+        host: dict[str, Any],
+        network: str | None,
+        spec: LeaseSpec,
+        lease_id: str,
+        env: dict[str, str],
+        labels: dict[str, str],
+        ports: Sequence[tuple[int, str]],
+    ) -> dict[str, Any]:
+        try:
+            created: dict[str, Any] = api.create_container(
                 spec.image,
                 command=list(spec.args) or None,
                 name=container_name(lease_id),
@@ -361,23 +604,25 @@ class DockerRuntime:
                 detach=True,
                 ports=ports or None,
                 host_config=api.create_host_config(**host),
+                networking_config=(
+                    api.create_networking_config({network: api.create_endpoint_config()})
+                    if network
+                    else None
+                ),
             )
         except docker.errors.APIError as exc:
             if exc.status_code == 409:
                 existing = self._client.containers.get(container_name(lease_id))
                 raise ContainerExists(existing.id or "") from exc
+            if "storage_opt" in host and "storage-opt" in _explain(exc):
+                raise _StorageOptRefused from exc
             raise RuntimeFailure(f"container create failed: {_explain(exc)}") from exc
         except OSError as exc:
             # requests' connection errors and timeouts are OSErrors: the engine hung up
             # or did not answer within the client timeout. A container it may still have
             # created carries the lease's name; reconcile removes it.
             raise RuntimeFailure(f"container create failed: Docker did not answer: {exc}") from exc
-        container_id = str(created.get("Id", ""))
-        log.info(
-            "container created",
-            extra={"lease_id": lease_id, "container_id": container_id, "gpus": list(gpu_uuids)},
-        )
-        return container_id
+        return created
 
     async def start(self, container_id: str) -> float | None:
         """Start the container; returns Docker's StartedAt (unix seconds) when known.
@@ -401,7 +646,12 @@ class DockerRuntime:
                 return None  # started; the caller falls back to its own clock
             return parse_docker_time(str(state.get("StartedAt") or ""))
 
-        return await asyncio.to_thread(_start)
+        try:
+            return await asyncio.to_thread(_start)
+        finally:
+            if self._refill_due:
+                self._refill_due = False
+                self._refill.set()
 
     async def stop(self, container_id: str, grace: float) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; a gone container is fine."""
@@ -455,7 +705,36 @@ class DockerRuntime:
         await asyncio.to_thread(_remove)
 
     async def remove_scratch(self, lease_id: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.scratch_dir(lease_id), True)
+        try:
+            await asyncio.to_thread(self.scratch.remove, self.scratch_dir(lease_id))
+        except ScratchError as exc:
+            raise RuntimeFailure(f"scratch removal failed: {exc}") from exc
+
+    async def scratch_used(self, lease_id: str) -> int:
+        return await asyncio.to_thread(self.scratch.used_bytes, self.scratch_dir(lease_id))
+
+    async def detect_storage(self) -> str:
+        """Whether the writable layer can be bounded here; returns the mode's description."""
+
+        def _detect() -> str:
+            info = self._client.api.info()
+            driver = str(info.get("Driver", ""))
+            status = {str(k): str(v) for k, v in info.get("DriverStatus") or []}
+            backing = status.get("Backing Filesystem", "")
+            bounded = driver == "overlay2" and backing == "xfs"
+            self.writable_layer_bounded = bounded
+            if bounded:
+                return f"writable layer bounded (storage-opt size) on {driver} over {backing}"
+            return (
+                f"writable layer unbounded: storage driver {driver}"
+                + (f" over {backing}" if backing else "")
+                + " (storage-opt size needs overlay2 on xfs with pquota)"
+            )
+
+        try:
+            return await asyncio.to_thread(_detect)
+        except (docker.errors.DockerException, OSError) as exc:
+            return f"writable layer mode unknown: {_explain(exc)}"
 
     async def list_managed(self) -> list[ContainerInfo]:
         """Every container with our managed label and this node's id, any status."""

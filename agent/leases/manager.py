@@ -24,9 +24,12 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
+
+from gpuagent.units import format_size
 
 from ..config import AgentConfig, RuntimeConfig
 from .allocator import AllocationError, GpuAllocator
@@ -49,6 +52,7 @@ from .spec import (
     check_spec,
     effective_cpus,
     effective_memory,
+    effective_scratch,
     parse_spec,
     validate_lease_id,
 )
@@ -109,6 +113,17 @@ class RunningLease:
     started_monotonic: float
 
 
+def _free_under(path: Path) -> int | None:
+    """Free bytes on the filesystem that holds (or will hold) ``path``."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
 def _float_or_none(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
@@ -131,6 +146,7 @@ class LeaseManager:
         clock: Clock | None = None,
         gpu_details_source: Callable[[], Mapping[str, GpuDescription]] | None = None,
         host: HostCapacity | None = None,
+        gpu_gate: Callable[[], str | None] | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -144,6 +160,8 @@ class LeaseManager:
         self._simulated = simulated_gpus
         self._clock: Clock = clock or SystemClock()
         self._host = host or HostCapacity.detect()
+        # Why GPU leases are refused on this host now (isolation.toolkit), or None.
+        self._gpu_gate = gpu_gate
         self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
         self._specs: dict[str, LeaseSpec] = {}
         # Weak: a lease's lock lives while a task holds or awaits it, so the map
@@ -202,8 +220,11 @@ class LeaseManager:
                 validate_lease_id(lease_id)
                 parsed = parse_spec(spec)
                 stored = parsed.stored()
-                await self._check_disk()
+                await self._check_disk(effective_scratch(parsed, self._policy))
                 ref = check_spec(parsed, self._policy, self._free_capacity())
+                refusal = self._gpu_gate() if parsed.gpu_count and self._gpu_gate else None
+                if refusal:
+                    raise LeaseRejected(RejectCode.TOOLKIT_VULNERABLE, refusal)
                 try:
                     gpus = self._allocator.allocate(
                         lease_id, parsed.gpu_count, self._gpu_source(), gpu_uuids
@@ -252,6 +273,7 @@ class LeaseManager:
         """Make Docker and the state DB agree; run once at start, before new work."""
         await self._load()
         containers = await self._runtime.list_managed()
+        self._runtime.note_networks(containers)
         by_lease: dict[str, ContainerInfo] = {}
         for info in containers:
             record = self._active.get(info.lease_id)
@@ -273,6 +295,7 @@ class LeaseManager:
         for lease_id, record in list(self._active.items()):
             async with self._lock(lease_id):
                 await self._reconcile_one(record, by_lease.get(lease_id))
+        await self._runtime.sweep_networks(set(self._active), containers)
         self._reconciled = True
         self._deadlines_changed.set()
 
@@ -284,6 +307,9 @@ class LeaseManager:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_events(stop), name="lease-events")
                 tg.create_task(self._expiry_loop(stop), name="lease-expiry")
+                tg.create_task(self._runtime.keep_spares(stop), name="lease-networks")
+                if self._runtime.scratch.mode == "measured":
+                    tg.create_task(self._scratch_watch(stop), name="lease-scratch")
         finally:
             # Launches and stops in flight end here; what they left half done is
             # in the state DB and the next reconcile finishes it.
@@ -515,6 +541,7 @@ class LeaseManager:
         try:
             if record.container_id:
                 await self._runtime.remove(record.container_id)
+            await self._runtime.remove_network(record.lease_id)
             await self._runtime.remove_scratch(record.lease_id)
         except RuntimeFailure as exc:
             log.warning(
@@ -581,6 +608,9 @@ class LeaseManager:
     async def _watch_events(self, stop: asyncio.Event) -> None:
         async for event in self._runtime.events(stop):
             if event.action == RESYNC:
+                # A reconnect is how a Docker restart shows here, and a restarting
+                # Docker rewrites the filter table: check the egress policy now.
+                self._runtime.recheck_firewall()
                 for lease_id, record in list(self._active.items()):
                     if record.container_id and record.state is LeaseState.RUNNING:
                         self._spawn(self._finalize(lease_id), f"lease-check-{lease_id}")
@@ -591,6 +621,34 @@ class LeaseManager:
             elif event.action in ("die", "destroy") and event.lease_id in self._active:
                 self._exited.add(event.lease_id)
                 self._spawn(self._finalize(event.lease_id), f"lease-exit-{event.lease_id}")
+
+    async def _scratch_watch(self, stop: asyncio.Event) -> None:
+        """Measured scratch mode: stop a lease that wrote more than its quota.
+
+        Loop mode needs none of this: the filesystem is the quota.
+        """
+        while not stop.is_set():
+            for lease_id, record in list(self._active.items()):
+                if record.state is not LeaseState.RUNNING or record.stop_state is not None:
+                    continue
+                spec = self._specs.get(lease_id) or LeaseSpec.model_validate(record.spec)
+                quota = effective_scratch(spec, self._policy)
+                try:
+                    used = await self._runtime.scratch_used(lease_id)
+                except OSError:
+                    continue
+                if used > quota:
+                    reason = (
+                        f"scratch_quota_exceeded: /scratch holds {format_size(used)}, over "
+                        f"the lease's {format_size(quota)} quota"
+                    )
+                    log.warning("lease over its scratch quota", extra={"lease_id": lease_id})
+                    self._spawn(
+                        self._stop_lease(lease_id, LeaseState.FAILED, reason, None),
+                        f"lease-scratch-{lease_id}",
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._policy.scratch_check_interval)
 
     async def _expiry_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -698,9 +756,10 @@ class LeaseManager:
         if inserted:
             await self._notify(update)
 
-    async def _check_disk(self) -> None:
+    async def _check_disk(self, scratch_quota: int) -> None:
         """Refuse a lease while the state dir is nearly full: its state changes and
-        usage records could not be stored, so it would run unbilled and untracked."""
+        usage records could not be stored, so it would run unbilled and untracked; and
+        one whose scratch quota, filled, would take the host below that floor."""
         state_dir = self._config.node.state_dir
         need = self._policy.min_free_state_disk
         try:
@@ -714,6 +773,13 @@ class LeaseManager:
                 RejectCode.INSUFFICIENT_DISK,
                 f"only {free} bytes free under the agent's state dir {state_dir} "
                 f"(runtime.min_free_state_disk is {need})",
+            )
+        scratch_free = await asyncio.to_thread(_free_under, self._runtime.scratch_root)
+        if scratch_free is not None and scratch_quota > scratch_free - need:
+            raise LeaseRejected(
+                RejectCode.INSUFFICIENT_DISK,
+                f"scratch quota {format_size(scratch_quota)} does not fit: "
+                f"{format_size(max(scratch_free - need, 0))} free for scratch on this host",
             )
 
     async def _tombstone(self, lease_id: str, reason: str) -> bool:

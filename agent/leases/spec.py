@@ -72,6 +72,7 @@ class RejectCode(StrEnum):
     INSUFFICIENT_CPUS = "insufficient_cpus"
     GPU_CONFLICT = "gpu_conflict"
     INSUFFICIENT_DISK = "insufficient_disk"
+    TOOLKIT_VULNERABLE = "toolkit_vulnerable"
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,10 @@ def effective_cpus(spec: LeaseSpec, policy: RuntimeConfig) -> float:
     return spec.cpus or policy.default_cpus
 
 
+def effective_scratch(spec: LeaseSpec, policy: RuntimeConfig) -> int:
+    return spec.scratch_bytes or policy.default_scratch
+
+
 def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
     if spec.privileged:
         raise LeaseRejected(
@@ -372,6 +377,11 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
         raise LeaseRejected(
             RejectCode.HOST_NAMESPACE,
             f"network_mode {spec.network_mode[:64]!r} is not allowed (only bridge or none)",
+        )
+    if spec.network_mode == "none" and spec.ports:
+        raise LeaseRejected(
+            RejectCode.INVALID_SPEC,
+            "ports cannot be published by a lease with network_mode none (it has no network)",
         )
     for field, allowed in (
         ("pid_mode", ("",)),

@@ -126,6 +126,11 @@ class AgentMetrics:
             "1 while the stream to the coordinator is up and welcomed",
             registry=registry,
         )
+        self.isolation_verified = Gauge(
+            names.ISOLATION_VERIFIED,
+            "1 when the last isolation self-test found every probe blocked, else 0",
+            registry=registry,
+        )
         self.reconnects = Counter(
             names.COORDINATOR_RECONNECTS,
             "Times the agent re-dialled the coordinator after losing the stream",
@@ -162,6 +167,9 @@ class AgentMetrics:
     def image_pulled(self, duration: float, size_bytes: int) -> None:
         self.image_pull_duration.observe(duration)
         self.image_pull_bytes.inc(max(size_bytes, 0))
+
+    def set_isolation(self, verified: bool) -> None:
+        self.isolation_verified.set(1.0 if verified else 0.0)
 
     # --- coordinator link -------------------------------------------------------
     def set_connected(self, connected: bool) -> None:

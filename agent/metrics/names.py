@@ -54,6 +54,7 @@ LEASE_START_DURATION: Final = "gpu_agent_lease_start_duration_seconds"
 IMAGE_PULL_DURATION: Final = "gpu_agent_image_pull_duration_seconds"
 IMAGE_PULL_BYTES: Final = "gpu_agent_image_pull_bytes"  # counter
 COORDINATOR_CONNECTED: Final = "gpu_agent_coordinator_connected"
+ISOLATION_VERIFIED: Final = "gpu_agent_isolation_verified"
 COORDINATOR_RECONNECTS: Final = "gpu_agent_coordinator_reconnects"  # counter
 HEARTBEATS_SENT: Final = "gpu_agent_heartbeats_sent"  # counter
 HEARTBEATS_FAILED: Final = "gpu_agent_heartbeats_failed"  # counter

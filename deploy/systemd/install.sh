@@ -428,6 +428,13 @@ do_uninstall() {
     if host_systemd; then
         systemctl daemon-reload
     fi
+    # The egress policy's iptables rules outlive agent restarts on purpose (leases
+    # keep running); on uninstall they go, while the agent's venv is still here.
+    if [[ $ROOT == / && -x $VENV/bin/gpu-agent ]]; then
+        local config=()
+        [[ -f /etc/gpu-agent/config.yaml ]] && config=(--config /etc/gpu-agent/config.yaml)
+        "$VENV/bin/gpu-agent" "${config[@]}" firewall remove || warn "could not remove the firewall rules"
+    fi
     if [[ -e $(r "$OPT_DIR") ]]; then
         rm -rf "$(r "$OPT_DIR")"
         say "removed $OPT_DIR"

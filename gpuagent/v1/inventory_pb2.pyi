@@ -251,27 +251,97 @@ class GpuInfo(_message.Message):
 Global___GpuInfo: _TypeAlias = GpuInfo  # noqa: Y015
 
 @_typing.final
+class Isolation(_message.Message):
+    """Tenant isolation on the node, from the agent's self-test: two probe containers on
+    two lease networks try to reach each other and a listener on the host.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Status:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Isolation._Status.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATUS_UNSPECIFIED: Isolation._Status.ValueType  # 0
+        """an agent that predates the self-test"""
+        VERIFIED: Isolation._Status.ValueType  # 1
+        """every probe was blocked"""
+        FAILED: Isolation._Status.ValueType  # 2
+        """a probe got through (detail says which)"""
+        UNVERIFIED: Isolation._Status.ValueType  # 3
+        """the self-test could not run (detail says why)"""
+        DISABLED: Isolation._Status.ValueType  # 4
+        """isolation.self_test is off"""
+
+    class Status(_Status, metaclass=_StatusEnumTypeWrapper): ...
+    STATUS_UNSPECIFIED: Isolation.Status.ValueType  # 0
+    """an agent that predates the self-test"""
+    VERIFIED: Isolation.Status.ValueType  # 1
+    """every probe was blocked"""
+    FAILED: Isolation.Status.ValueType  # 2
+    """a probe got through (detail says which)"""
+    UNVERIFIED: Isolation.Status.ValueType  # 3
+    """the self-test could not run (detail says why)"""
+    DISABLED: Isolation.Status.ValueType  # 4
+    """isolation.self_test is off"""
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    EGRESS_POLICY_FIELD_NUMBER: _builtins.int
+    SCRATCH_MODE_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    status: Global___Isolation.Status.ValueType
+    detail: _builtins.str
+    egress_policy: _builtins.bool
+    """isolation.egress_policy on the node"""
+    scratch_mode: _builtins.str
+    """"loop" (hard quota, nosuid) or "measured" """
+    checked_at_unix_nanos: _builtins.int
+    def __init__(
+        self,
+        *,
+        status: Global___Isolation.Status.ValueType = ...,
+        detail: _builtins.str = ...,
+        egress_policy: _builtins.bool = ...,
+        scratch_mode: _builtins.str = ...,
+        checked_at_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at_unix_nanos", b"checked_at_unix_nanos", "detail", b"detail", "egress_policy", b"egress_policy", "scratch_mode", b"scratch_mode", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Isolation: _TypeAlias = Isolation  # noqa: Y015
+
+@_typing.final
 class Inventory(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOST_FIELD_NUMBER: _builtins.int
     GPUS_FIELD_NUMBER: _builtins.int
     COLLECTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     collected_at_unix_nanos: _builtins.int
     @_builtins.property
     def host(self) -> Global___HostInfo: ...
     @_builtins.property
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuInfo]: ...
+    @_builtins.property
+    def isolation(self) -> Global___Isolation: ...
     def __init__(
         self,
         *,
         host: Global___HostInfo | None = ...,
         gpus: _abc.Iterable[Global___GpuInfo] | None = ...,
         collected_at_unix_nanos: _builtins.int = ...,
+        isolation: Global___Isolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at_unix_nanos", b"collected_at_unix_nanos", "gpus", b"gpus", "host", b"host"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at_unix_nanos", b"collected_at_unix_nanos", "gpus", b"gpus", "host", b"host", "isolation", b"isolation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any, TypeVar
 
 import docker
 import yaml
+
+from agent.config import IsolationConfig
+from agent.leases.leftovers import remove_node_leftovers
 
 from .pipes import pipe
 
@@ -158,6 +162,11 @@ class Cluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.sched_dir = self.root / "scheduler"
         self.state_dir = self.root / "agent"
+        tag = uuid.uuid4().hex[:5]
+        self.isolation: dict[str, Any] = {
+            "firewall_chain": f"GAF{tag.upper()}",
+            "bridge_prefix": f"f{tag}-",
+        }
         self.sched_dir.mkdir(exist_ok=True)
         self.state_dir.mkdir(exist_ok=True, mode=0o700)
         self.sched_cfg = self.root / "scheduler.yaml"
@@ -214,11 +223,16 @@ class Cluster:
                 "pull_policy": "never",
                 "default_cpus": 0.1,
                 "default_memory": "32MiB",
+                # Small too: the disk-full scenario's state dir is a 1.1 GB tmpfs, and a
+                # scratch quota that does not fit the free disk is refused.
+                "default_scratch": "64MiB",
                 "cpu_reserve": 0,
                 "memory_reserve": "64MiB",
             },
             "metering": {"sample_interval": "0.5s", "record_interval": "2s"},
             "status": {"listen": f"127.0.0.1:{self.status_port}"},
+            # Rules of its own, matched to its own bridges, removed at close.
+            "isolation": self.isolation,
         }
         _merge(cfg, self.agent_overrides)
         self.agent_cfg.write_text(yaml.safe_dump(cfg))
@@ -270,15 +284,15 @@ class Cluster:
         self.remove_containers()
 
     def remove_containers(self) -> None:
-        if not self.node_id:
-            return
+        """Lease containers, their networks and mounted scratch, its firewall rules."""
         client = docker.from_env()
         try:
-            for c in client.containers.list(
-                all=True, filters={"label": f"{NODE_LABEL}={self.node_id}"}
-            ):
-                with contextlib.suppress(docker.errors.DockerException):
-                    c.remove(force=True)
+            remove_node_leftovers(
+                client,
+                self.node_id,
+                self.state_dir / "scratch",
+                IsolationConfig.model_validate(self.isolation),
+            )
         finally:
             client.close()
 
