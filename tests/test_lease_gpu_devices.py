@@ -87,7 +87,7 @@ def test_runtime_hands_an_amd_lease_its_devices_with_the_usual_hardening(tmp_pat
         render_nodes={"GPU-a": "/dev/dri/renderD128", "GPU-b": "/dev/dri/renderD129"},
     )
     spec = parse_spec({"image": "busybox", "gpu_count": 1})
-    assert runtime._create("lease-1", spec, ("GPU-b",), None, True) == "c0ffee"
+    assert runtime._create("lease-1", spec, ("GPU-b",), None, True, None) == "c0ffee"
     host = client.api.host
     assert [d.split(":")[0] for d in host["devices"]] == [KFD, "/dev/dri/renderD129"]
     assert host["cap_drop"] == ["ALL"] and host["security_opt"] == ["no-new-privileges:true"]
