@@ -7,6 +7,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -230,6 +231,24 @@ def test_lease_bridge_picks_only_the_network_labelled_with_the_lease() -> None:
     assert lease_bridge(container, networks.__getitem__, "L1") == "br-ffffffffffff"
     networks[own]["Options"] = {"com.docker.network.bridge.name": "gpuL1"}
     assert lease_bridge(container, networks.__getitem__, "L1") == "gpuL1"
+
+
+def test_a_spare_network_the_container_names_is_its_leases_alone() -> None:
+    """A spare network (made ahead, so without the lease label) counts when the
+    container's io.gpuagent.network label names it and it is the agent's; an
+    unmanaged network of that name does not."""
+    spare = "a" * 64
+    networks = {spare: {**_network(spare, {"io.gpuagent.managed": "true"}), "Name": "gpuspare1"}}
+    container: dict[str, Any] = {
+        "Config": {"Labels": {"io.gpuagent.network": "gpuspare1"}},
+        "NetworkSettings": {"Networks": {"gpuspare1": {"NetworkID": spare}}},
+    }
+    assert lease_bridge(container, networks.__getitem__, "L1") == "br-aaaaaaaaaaaa"
+    networks[spare]["Labels"] = {}
+    assert lease_bridge(container, networks.__getitem__, "L1") is None
+    container["Config"]["Labels"] = {}
+    networks[spare]["Labels"] = {"io.gpuagent.managed": "true"}
+    assert lease_bridge(container, networks.__getitem__, "L1") is None
 
 
 def test_a_real_lease_network_is_metered_from_its_bridge(

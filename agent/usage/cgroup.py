@@ -37,6 +37,9 @@ SYS_CLASS_NET = Path("/sys/class/net")
 PROC = Path("/proc")
 # The label the lease's network carries (the container carries the same one).
 LEASE_NETWORK_LABEL = "io.gpuagent.lease-id"
+# Set on the container by the runtime: the (spare) network it took; isolation/networks.
+CONTAINER_NETWORK_LABEL = "io.gpuagent.network"
+MANAGED_LABEL = "io.gpuagent.managed"
 # Set when a network was created with an explicit bridge name instead of br-<id[:12]>.
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 
@@ -124,9 +127,13 @@ def lease_bridge(
     """The Linux bridge of the container's per-lease network, or None.
 
     ``container`` is Docker's container inspect; ``inspect_network`` Docker's
-    network inspect by id. Only a bridge network labelled with this lease's id
-    counts: a shared network's counters would bill other leases' traffic.
+    network inspect by id. Only a bridge network of this lease alone counts: one
+    labelled with its id, or the agent's spare network that the container's
+    ``io.gpuagent.network`` label names (a spare serves exactly one lease and
+    cannot be relabelled). A shared network's counters would bill other leases'
+    traffic.
     """
+    own = ((container.get("Config") or {}).get("Labels") or {}).get(CONTAINER_NETWORK_LABEL)
     networks = (container.get("NetworkSettings") or {}).get("Networks") or {}
     for endpoint in networks.values():
         network_id = (endpoint or {}).get("NetworkID") or ""
@@ -134,7 +141,10 @@ def lease_bridge(
             continue
         info = inspect_network(network_id)
         labels = info.get("Labels") or {}
-        if labels.get(LEASE_NETWORK_LABEL) != lease_id or info.get("Driver") != "bridge":
+        spare = bool(own) and info.get("Name") == own and labels.get(MANAGED_LABEL) == "true"
+        if info.get("Driver") != "bridge" or not (
+            labels.get(LEASE_NETWORK_LABEL) == lease_id or spare
+        ):
             continue
         named = (info.get("Options") or {}).get(BRIDGE_NAME_OPTION)
         return str(named) if named else f"br-{str(info.get('Id') or network_id)[:12]}"
