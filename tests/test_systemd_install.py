@@ -266,7 +266,13 @@ def test_a_lease_from_the_scheduler_cli_runs(provider: Provider) -> None:
     )  # fmt: skip
     assert isinstance(lease, dict)
     provider.lease_id = str(lease["leaseId"])
-    sh.wait_until("the lease to run", lambda: _lease_state(provider) == "LEASE_STATE_RUNNING", 120)
+    try:
+        sh.wait_until(
+            "the lease to run", lambda: _lease_state(provider) == "LEASE_STATE_RUNNING", 120
+        )
+    except AssertionError:
+        shown = scheduler_cli(system, "lease", "show", provider.lease_id, check=False).stdout
+        raise AssertionError(f"lease did not run:\n{shown}\n{system.journal(AGENT)[-3000:]}")
     container = _container(provider)
     assert container is not None
     # A per-lease network (io.gpuagent.lease-id on the network) makes the lease's

@@ -212,6 +212,8 @@ class Firewall:
         removed = False
         with self._lock:
             for family in self.families():
+                if shutil.which(family.save) is None:
+                    continue  # no iptables here: no rules of ours can exist to remove
                 table = self._table(family)
                 lines = ["*filter"]
                 for hook in ("DOCKER-USER", "FORWARD", "INPUT"):
