@@ -272,7 +272,8 @@ def test_a_lease_from_the_scheduler_cli_runs(provider: Provider) -> None:
         )
     except AssertionError:
         shown = scheduler_cli(system, "lease", "show", provider.lease_id, check=False).stdout
-        raise AssertionError(f"lease did not run:\n{shown}\n{system.journal(AGENT)[-3000:]}")
+        journal = system.journal(AGENT)[-3000:]
+        raise AssertionError(f"lease did not run:\n{shown}\n{journal}") from None
     container = _container(provider)
     assert container is not None
     # A per-lease network (io.gpuagent.lease-id on the network) makes the lease's
