@@ -164,7 +164,11 @@ def _show(args: argparse.Namespace) -> int:
         f"node:        {node.node_id}",
         f"name:        {node.name}",
         f"state:       {_LIVENESS.get(node.liveness, 'unknown')}"
-        + (f" (connected from {node.peer})" if node.connected else " (not connected)"),
+        + (
+            (f" (connected from {node.peer})" if node.peer else " (connected)")
+            if node.connected
+            else " (not connected)"
+        ),
         f"last seen:   {_ago(node.last_heartbeat_unix_nanos, now)}",
         f"uptime:      1h {_pct(node.uptime.ratio_1h)}  24h {_pct(node.uptime.ratio_24h)}"
         f"  30d {_pct(node.uptime.ratio_30d)}",
@@ -178,7 +182,11 @@ def _show(args: argparse.Namespace) -> int:
             if node.inventory.isolation.scratch_mode
             else ""
         ),
-        f"host:        {host.hostname}, {host.os}, kernel {host.kernel}",
+        (
+            f"host:        {host.hostname}, {host.os}, kernel {host.kernel}"
+            if not node.market_view
+            else f"host:        {host.os} (market view: the provider's host detail is withheld)"
+        ),
         f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
         f"memory:      {format_size(host.memory_bytes)}",
         "gpus:",
