@@ -28,7 +28,7 @@ from .auth import store
 from .auth.service import ROLE_PB
 from .cli import UsageError, load_config_from_args
 from .client import RpcFailed, connection_parent, invoke
-from .db import DatabaseError, migrate
+from .db import DatabaseError, in_transaction, migrate
 
 ROLE_TEXT = {v: k for k, v in ROLE_PB.items()}
 
@@ -91,9 +91,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     whoami.set_defaults(handler=_whoami)
 
 
-def _open_db(args: argparse.Namespace) -> sqlite3.Connection:
-    config = load_config_from_args(args)
-    path = config.database.path
+def _open_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:
+    path = load_config_from_args(args).database.path
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
@@ -102,7 +101,7 @@ def _open_db(args: argparse.Namespace) -> sqlite3.Connection:
         path.chmod(0o600)
     except (sqlite3.Error, OSError, DatabaseError) as exc:
         raise UsageError(f"{path}: cannot open the scheduler database: {exc}") from None
-    return conn
+    return conn, path
 
 
 def keep_owner(db_path: Path) -> None:
@@ -119,27 +118,16 @@ def keep_owner(db_path: Path) -> None:
             os.chown(path, owner.st_uid, owner.st_gid)
 
 
-def _in_txn(conn: sqlite3.Connection, fn: Any) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return result
-
-
 def _bootstrap(args: argparse.Namespace) -> int:
-    conn = _open_db(args)
+    conn, path = _open_db(args)
     try:
-        found, secret = _in_txn(conn, lambda c: store.bootstrap(c, time.time_ns()))
+        found, secret = in_transaction(conn, lambda c: store.bootstrap(c, time.time_ns()))
     except store.AlreadyBootstrapped as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 1
     finally:
         conn.close()
-        keep_owner(load_config_from_args(args).database.path)
+        keep_owner(path)
     if args.token_file is not None:
         write_token_file(args.token_file, secret)
         print(f"admin token {found.token_id} written to {args.token_file}", file=sys.stderr)  # noqa: T201
@@ -156,12 +144,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
 def _reset(args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError("acl reset revokes every admin token; run it with --yes")
-    conn = _open_db(args)
+    conn, path = _open_db(args)
     try:
-        revoked = _in_txn(conn, lambda c: store.reset_bootstrap(c, time.time_ns()))
+        revoked = in_transaction(conn, lambda c: store.reset_bootstrap(c, time.time_ns()))
     finally:
         conn.close()
-        keep_owner(load_config_from_args(args).database.path)
+        keep_owner(path)
     print(f"{revoked} admin tokens revoked; run 'gpu-scheduler acl bootstrap' for a new one")  # noqa: T201
     return 0
 

@@ -277,7 +277,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except Refusal as exc:
             raise Refused(Error.REJECTED, str(exc)) from None
         log.info("node enrolled", extra={"node_id": hello.node_id, "account": owner})
-        now = time.time_ns()
+        now = round(self.registry.clock() * 1e9)
         await self.registry.db.call(
             lambda conn: acl_store.audit(
                 conn, now, owner, "node.enroll", hello.node_id, f"name={hello.node_name}"

@@ -274,6 +274,18 @@ def protect_files(db_path: Path) -> None:
                 path.chmod(0o600)
 
 
+def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """``fn(conn)`` inside one immediate transaction: committed, or rolled back on error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
 class DatabaseError(Exception):
     """The database file cannot be opened or migrated; the message names it."""
 
@@ -384,14 +396,7 @@ class Database:
             conn = self._conn
             if conn is None:
                 raise DatabaseError(f"{self.path}: database is not open")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+            return in_transaction(conn, fn)
 
         return await self.run(txn)
 

@@ -270,17 +270,30 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                     return None
                 usages = [found]
             else:
+                # The scope is in the query (buyer, or the provider's nodes), so LIMIT
+                # counts only what the caller may see.
+                where, params = (
+                    ["(? = '' OR u.node_id = ?)", "(? = '' OR l.buyer = ?)"],
+                    [
+                        node_id,
+                        node_id,
+                        buyer,
+                        buyer,
+                    ],
+                )
+                if own_nodes is not None:
+                    where.append(f"u.node_id IN ({', '.join('?' * len(own_nodes)) or 'NULL'})")
+                    params.extend(sorted(own_nodes))
                 lease_ids = [
                     lid
                     for (lid,) in conn.execute(
-                        "SELECT u.lease_id FROM usage_records u LEFT JOIN leases l"
-                        " ON l.lease_id = u.lease_id WHERE (? = '' OR u.node_id = ?)"
-                        " AND (? = '' OR l.buyer = ?)"
+                        "SELECT u.lease_id FROM usage_records u LEFT JOIN leases l"  # noqa: S608
+                        f" ON l.lease_id = u.lease_id WHERE {' AND '.join(where)}"
                         " GROUP BY u.lease_id ORDER BY MAX(u.received_ns) DESC LIMIT ?",
-                        (node_id, node_id, buyer, buyer, limit * (4 if own_nodes else 1)),
+                        (*params, limit),
                     )
                 ]
-                usages = [u for u in (lease_usage(conn, i) for i in lease_ids) if mine(u)][:limit]
+                usages = [u for u in (lease_usage(conn, i) for i in lease_ids) if mine(u)]
             response = ledger_pb2.UsageResponse(leases=usages)
             if buyer:
                 return response  # providers' earnings and stake are not the buyer's business

@@ -386,3 +386,46 @@ async def test_buyers_see_the_market_view_and_providers_their_own_detail(world: 
             leases_pb2.ListLeasesRequest(), metadata=admin, timeout=5
         )
         assert [x.spec.env["SECRET"] for x in everything.leases] == ["s3cret"]
+
+
+@pytest.mark.asyncio
+async def test_out_of_range_and_oversized_acl_and_ledger_values_are_refused(world: World) -> None:
+    """Even an admin's malformed requests are refused with a message naming the field,
+    and nothing is written: bad or huge account names, unknown roles and accounts,
+    ttls past ten years or at the uint64 limit, long descriptions and ids, an
+    enrolment token for a buyer, a huge buyer name in a deposit. Audit's limit is
+    clamped, not trusted."""
+    before = world.snapshot()
+    meta = (("authorization", f"Bearer {world.tokens['admin']}"),)
+    async with world.channel() as ch:
+        acl = acl_pb2_grpc.AclStub(ch)
+        ledger = ledger_pb2_grpc.LedgerStub(ch)
+        account, token, enroll = (
+            acl_pb2.CreateAccountRequest,
+            acl_pb2.CreateTokenRequest,
+            (acl_pb2.CreateEnrollmentTokenRequest),
+        )
+        bad: list[tuple[Any, Any, str]] = [
+            (acl.CreateAccount, account(name="Bad Name", role=2), "account name"),
+            (acl.CreateAccount, account(name="a" * 5000, role=2), "name"),
+            (acl.CreateAccount, account(name="fine", role=0), "role"),
+            (acl.CreateAccount, account(name="alice", role=2), "exists"),
+            (acl.CreateToken, token(account="nobody"), "does not exist"),
+            (acl.CreateToken, token(account="alice", ttl_seconds=2**64 - 1), "ttl"),
+            (acl.CreateToken, token(account="alice", ttl_seconds=10**9), "ttl"),
+            (acl.CreateToken, token(account="alice", description="d" * 300), "description"),
+            (acl.CreateEnrollmentToken, enroll(account="alice"), "provider"),
+            (ledger.Deposit, ledger_pb2.DepositRequest(buyer="b" * 5000, amount_micros=1), "buyer"),
+            (ledger.Deposit, ledger_pb2.DepositRequest(buyer="alice", amount_micros=-1), "amount"),
+        ]  # fmt: skip
+        for method, request, named in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await method(request, metadata=meta, timeout=5)
+            assert err.value.code() == Code.INVALID_ARGUMENT, (request, err.value.details())
+            assert named in err.value.details(), err.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await acl.RevokeToken(acl_pb2.RevokeTokenRequest(token_id="x" * 5000), metadata=meta)
+        assert err.value.code() == Code.NOT_FOUND and len(err.value.details()) < 100
+        entries = await acl.Audit(acl_pb2.AuditRequest(limit=2**32 - 1), metadata=meta, timeout=5)
+        assert 0 < len(entries.entries) <= 1000
+    assert world.snapshot() == before

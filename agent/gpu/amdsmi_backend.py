@@ -293,7 +293,7 @@ class AmdSmiBackend:
                 infos.append(self._info(index, driver, rocm))
             except _Lost:
                 self._log_lost(index)
-                infos.append(_lost_info(index, self._uuids.get(index)))
+                infos.append(GpuInfo.lost_gpu(index, self._uuids.get(index)))
         return infos
 
     def _info(self, index: int, driver: str | None, rocm: str | None) -> GpuInfo:
@@ -499,25 +499,3 @@ def _int(mapping: Any, key: str) -> int | None:
         return None
     value = _value(mapping.get(key))
     return int(value) if isinstance(value, int | float) else None
-
-
-def _lost_info(index: int, uuid: str | None) -> GpuInfo:
-    return GpuInfo(
-        index=index,
-        uuid=uuid,
-        name=None,
-        serial=None,
-        pci_bus_id=None,
-        memory_total_bytes=None,
-        compute_capability=None,
-        architecture=None,
-        driver_version=None,
-        cuda_driver_version=None,
-        power_limit_watts=None,
-        max_sm_clock_mhz=None,
-        max_memory_clock_mhz=None,
-        pcie_max_generation=None,
-        pcie_max_width=None,
-        mig_enabled=None,
-        lost=True,
-    )

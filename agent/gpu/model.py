@@ -70,6 +70,30 @@ class GpuInfo:
     memory_partition: str | None = None
     render_node: str | None = None
 
+    @classmethod
+    def lost_gpu(cls, index: int, uuid: str | None, *, simulated: bool = False) -> GpuInfo:
+        """A GPU the library can no longer read: only where it was and who it was."""
+        return cls(
+            index=index,
+            uuid=uuid,
+            name=None,
+            serial=None,
+            pci_bus_id=None,
+            memory_total_bytes=None,
+            compute_capability=None,
+            architecture=None,
+            driver_version=None,
+            cuda_driver_version=None,
+            power_limit_watts=None,
+            max_sm_clock_mhz=None,
+            max_memory_clock_mhz=None,
+            pcie_max_generation=None,
+            pcie_max_width=None,
+            mig_enabled=None,
+            simulated=simulated,
+            lost=True,
+        )
+
 
 @dataclass(frozen=True)
 class GpuSample:

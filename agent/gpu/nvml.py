@@ -277,7 +277,9 @@ class NvmlBackend:
                 infos.append(self._info(index, driver, cuda))
             except GpuLost:
                 self._log_lost(index)
-                infos.append(_lost_info(index, self._uuids.get(index), self.simulated))
+                infos.append(
+                    GpuInfo.lost_gpu(index, self._uuids.get(index), simulated=self.simulated)
+                )
         bus_to_uuid = {i.pci_bus_id: i.uuid for i in infos if i.pci_bus_id and i.uuid}
         # NVLink peers can only be named once every GPU's bus id is known.
         return [
@@ -572,29 +574,6 @@ class NvmlBackend:
 
 def _throttle_names(mask: int) -> tuple[str, ...]:
     return tuple(name for bit, name in THROTTLE_BITS.items() if mask & bit)
-
-
-def _lost_info(index: int, uuid: str | None, simulated: bool) -> GpuInfo:
-    return GpuInfo(
-        index=index,
-        uuid=uuid,
-        name=None,
-        serial=None,
-        pci_bus_id=None,
-        memory_total_bytes=None,
-        compute_capability=None,
-        architecture=None,
-        driver_version=None,
-        cuda_driver_version=None,
-        power_limit_watts=None,
-        max_sm_clock_mhz=None,
-        max_memory_clock_mhz=None,
-        pcie_max_generation=None,
-        pcie_max_width=None,
-        mig_enabled=None,
-        simulated=simulated,
-        lost=True,
-    )
 
 
 def _with_peer_uuids(info: GpuInfo, bus_to_uuid: Mapping[str, str | None]) -> GpuInfo:

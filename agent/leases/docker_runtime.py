@@ -39,6 +39,8 @@ import docker.errors
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 
+from gpuagent.aio import wait_any
+
 from ..config import IsolationConfig, RuntimeConfig
 from ..isolation.firewall import Firewall, FirewallError
 from ..isolation.networks import LeaseNetwork, LeaseNetworks, NetworkError
@@ -403,18 +405,8 @@ class DockerRuntime:
                     await asyncio.to_thread(self.networks.make_spare)
             except NetworkError as exc:
                 log.warning("cannot make a spare lease network", extra={"error": str(exc)})
-            waiters = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._refill.wait()),
-            ]
             # Retried at the firewall's pace after a failure; woken by every claim.
-            await asyncio.wait(
-                waiters,
-                timeout=self.isolation.recheck_interval,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for waiter in waiters:
-                waiter.cancel()
+            await wait_any(stop, self._refill, within=self.isolation.recheck_interval)
 
     def note_networks(self, containers: Sequence[ContainerInfo]) -> None:
         """At start, before any lease is finished: which spare each lease container took."""
@@ -478,17 +470,7 @@ class DockerRuntime:
                 await self.ensure_firewall()
             except RuntimeFailure as exc:
                 log.error("egress policy check failed", extra={"error": str(exc)})
-            waiters = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._firewall_recheck.wait()),
-            ]
-            await asyncio.wait(
-                waiters,
-                timeout=self.isolation.recheck_interval,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            for waiter in waiters:
-                waiter.cancel()
+            await wait_any(stop, self._firewall_recheck, within=self.isolation.recheck_interval)
 
     async def remove_network(self, lease_id: str) -> None:
         """Remove the lease's network (a spare it took, or its own); a gone one is fine."""

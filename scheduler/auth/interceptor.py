@@ -98,52 +98,51 @@ class Authenticator:
             self._cache.popitem(last=False)
         return found
 
-    async def token_principal(self, token: str, peer: str = "") -> Principal:
-        """The account an API token belongs to, or Refusal(UNAUTHENTICATED)."""
+    async def _valid(
+        self, token: str, kind: tokens.Kind, what: str, wrong_kind: str
+    ) -> store.Token:
+        """The stored row of a well-formed, known, unrevoked, unexpired ``kind`` token,
+        or Refusal(UNAUTHENTICATED) saying which of those it is not."""
         try:
-            kind, _ = tokens.parse(token)
+            found_kind, _ = tokens.parse(token)
         except tokens.MalformedToken as exc:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"bad token: {exc}") from None
-        if kind != "api":
-            raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "bad token: this is an enrolment token (gse_...), which only enrols a node; "
-                "API calls need an API token (gst_...)",
-            )
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"bad {what}: {exc}") from None
+        if found_kind != kind:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, wrong_kind)
         found = await self._lookup(tokens.token_hash(token))
         if found is None:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "bad token: unknown to this scheduler")
-        now_ns = round(self.clock() * 1e9)
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"bad {what}: unknown to this scheduler")
         if found.revoked_ns:
             raise Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"token {found.token_id} was revoked; get a new one",
+                f"{what} {found.token_id} was revoked; get a new one",
             )
-        if found.expires_ns and now_ns >= found.expires_ns:
+        if not found.valid_at(round(self.clock() * 1e9)):
             raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED, f"token {found.token_id} expired; get a new one"
+                grpc.StatusCode.UNAUTHENTICATED, f"{what} {found.token_id} expired; get a new one"
             )
+        return found
+
+    async def token_principal(self, token: str, peer: str = "") -> Principal:
+        """The account an API token belongs to, or Refusal(UNAUTHENTICATED)."""
+        found = await self._valid(
+            token,
+            "api",
+            "token",
+            "bad token: this is an enrolment token (gse_...), which only enrols a node; "
+            "API calls need an API token (gst_...)",
+        )
         return Principal(found.account, found.role, found.token_id, peer)
 
     async def enrollment_account(self, token: str) -> str:
         """The provider account an enrolment token is valid for, or Refusal."""
-        try:
-            kind, _ = tokens.parse(token)
-        except tokens.MalformedToken as exc:
-            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"bad enrolment token: {exc}") from None
-        if kind != "enrollment":
-            raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "an API token (gst_...) is not an enrolment token: get one with "
-                "'gpu-scheduler nodes enroll'",
-            )
-        found = await self._lookup(tokens.token_hash(token))
-        if found is None or not found.valid_at(round(self.clock() * 1e9)):
-            raise Refusal(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "enrolment token unknown, revoked or expired: get a new one with "
-                "'gpu-scheduler nodes enroll'",
-            )
+        found = await self._valid(
+            token,
+            "enrollment",
+            "enrolment token",
+            "an API token (gst_...) is not an enrolment token: get one with "
+            "'gpu-scheduler nodes enroll'",
+        )
         return found.account
 
     async def _cert_principal(

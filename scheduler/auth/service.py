@@ -17,7 +17,7 @@ import grpc
 from gpuagent.v1 import acl_pb2, acl_pb2_grpc
 
 from ..db import Database
-from . import store
+from . import store, tokens
 from .interceptor import Authenticator, Principal, caller
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -121,26 +121,33 @@ class AclService(acl_pb2_grpc.AclServicer):
         found = await self.db.call(lambda conn: store.accounts(conn, now))
         return acl_pb2.ListAccountsResponse(accounts=[account_pb(a) for a in found])
 
-    async def CreateToken(
-        self, request: acl_pb2.CreateTokenRequest, context: Context
+    async def _issue(
+        self, context: Context, account: str, kind: tokens.Kind, ttl: int, description: str
     ) -> acl_pb2.CreateTokenResponse:
+        """Mint a token for ``account`` (the caller's own unless admin) and audit it;
+        store.issue refuses a bad ttl, description or account."""
         who, now = caller(), self._now()
-        target = await self._own_account(context, who, request.account)
-        ttl = request.ttl_seconds
+        target = await self._own_account(context, who, account)
+        action = "token.create" if kind == "api" else "enrollment.create"
 
         def txn(conn: sqlite3.Connection) -> tuple[store.Token, str]:
-            if ttl > store.MAX_TTL_S:
-                raise store.AclError(f"ttl: at most {store.MAX_TTL_S} seconds, or 0 for none")
             made, secret = store.issue(
-                conn, target, "api", now, ttl_seconds=ttl, description=request.description
+                conn, target, kind, now, ttl_seconds=ttl, description=description
             )
             store.audit(
-                conn, now, who.account, "token.create", made.token_id, f"account={target}", who.peer
+                conn, now, who.account, action, made.token_id, f"account={target}", who.peer
             )
             return made, secret
 
         made, secret = await self._txn(context, txn)
         return acl_pb2.CreateTokenResponse(token=token_pb(made), secret=secret)
+
+    async def CreateToken(
+        self, request: acl_pb2.CreateTokenRequest, context: Context
+    ) -> acl_pb2.CreateTokenResponse:
+        return await self._issue(
+            context, request.account, "api", request.ttl_seconds, request.description
+        )
 
     async def ListTokens(
         self, request: acl_pb2.ListTokensRequest, context: Context
@@ -184,29 +191,8 @@ class AclService(acl_pb2_grpc.AclServicer):
     async def CreateEnrollmentToken(
         self, request: acl_pb2.CreateEnrollmentTokenRequest, context: Context
     ) -> acl_pb2.CreateTokenResponse:
-        who, now = caller(), self._now()
-        target = await self._own_account(context, who, request.account)
         ttl = request.ttl_seconds or store.ENROLLMENT_TTL_S
-
-        def txn(conn: sqlite3.Connection) -> tuple[store.Token, str]:
-            if ttl > store.MAX_TTL_S:
-                raise store.AclError(f"ttl: at most {store.MAX_TTL_S} seconds")
-            made, secret = store.issue(
-                conn, target, "enrollment", now, ttl_seconds=ttl, description=request.description
-            )
-            store.audit(
-                conn,
-                now,
-                who.account,
-                "enrollment.create",
-                made.token_id,
-                f"account={target}",
-                who.peer,
-            )
-            return made, secret
-
-        made, secret = await self._txn(context, txn)
-        return acl_pb2.CreateTokenResponse(token=token_pb(made), secret=secret)
+        return await self._issue(context, request.account, "enrollment", ttl, request.description)
 
     async def Audit(self, request: acl_pb2.AuditRequest, context: Context) -> acl_pb2.AuditResponse:
         limit = min(request.limit or 100, MAX_AUDIT)
