@@ -47,6 +47,7 @@ from typing import BinaryIO
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build" / "systemd-test"
+SCRATCH_ROOT = Path("/srv/gpu-agent-systemd-test")
 PACKAGES = ("systemd", "systemd-sysv", "python3", "python3-venv", "dbus")
 IMAGE_REPO = "gpu-agent-test/systemd"
 LABEL = "io.gpuagent.test"
@@ -368,7 +369,9 @@ def booted(image: str, wheelhouse: Path, source: Path) -> Iterator[BootedSystem]
     name = f"gpu-agent-systemd-{run_id}"
     # The agent's lease scratch dirs are bind-mounted by the host's Docker, so the
     # path must mean the same on both sides: one host dir, bound at its own path.
-    scratch = BUILD / f"scratch-{run_id}"
+    # Never under /tmp or /var/tmp (a checkout may be there): the unit's PrivateTmp
+    # hides both from the service, which then cannot even start (status 226/NAMESPACE).
+    scratch = SCRATCH_ROOT / f"scratch-{run_id}"
     scratch.mkdir(parents=True)
     scratch.chmod(0o755)
     sock = Path("/var/run/docker.sock")
