@@ -55,6 +55,7 @@ from .leases.statedb import StateDB
 from .leases.states import LeaseState
 from .link import CoordinatorLink, NotConnected
 from .link.reporter import HeartbeatState, HelloState, default_node_name
+from .market import MarketReporter, scratch_storage
 from .metrics.agent_metrics import Attestation
 from .metrics.backend_source import gpu_source_for
 from .metrics.gpu_collector import GpuHealth as MetricsGpuHealth
@@ -233,6 +234,7 @@ class AgentNode:
             isolation=config.isolation,
         )
         self.runtime = runtime
+        self._inventory_pb.scratch.CopyFrom(scratch_storage(Path(scratch)))
         log.info("container storage", extra={"mode": await runtime.detect_storage()})
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
         # Real GPUs only: with simulated ones no container reaches a GPU.
@@ -280,8 +282,8 @@ class AgentNode:
             self.identity,
             self,
             node_name=config.node.name or default_node_name(),
-            region=config.node.region or "",
-            labels=self._labels(),
+            region=config.node.where().region,
+            labels=dict(config.node.labels),
             observer=self.telemetry.agent,
         )
         status_server = self._build_status_server(client)
@@ -291,6 +293,10 @@ class AgentNode:
         self.link.on("usage_ack", self._on_usage_ack)
         self.link.on("drain", self._on_drain)
         self.link.on_session(self._on_session)
+        self.market = MarketReporter(
+            config, self.link, [g.name for g in self._inventory_pb.gpus], self.identity.sign
+        )
+        self.link.on_session(self.market.on_session)
         self.attestation = await self._build_attestation()
 
         agent = self.agent
@@ -302,6 +308,7 @@ class AgentNode:
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self._usage_sender)
         agent.add_component("coordinator-link", self.link.run)
+        agent.add_component("bandwidth-probe", self.market.run)
         agent.add_component("status-server", status_server.run)
         agent.add_component("ready", self._announce_ready)
         agent.add_component("disconnect-guard", self._disconnect_guard)
@@ -373,14 +380,6 @@ class AgentNode:
             # The firewall watcher was poked by the same reconnect; the self-test's own
             # ensure_firewall waits for nothing more than that check.
             await self._check_isolation()
-
-    def _labels(self) -> dict[str, str]:
-        labels = dict(self.config.node.labels)
-        price = self.config.node.price_micros_per_gpu_hour
-        if price is not None:
-            # The reference scheduler reads the provider's ask from this Hello label.
-            labels["price_micros_per_gpu_hour"] = str(price)
-        return labels
 
     def _on_attestation(self, result: GpuResult) -> None:
         index = {g.uuid: g.index for g in self._inventory_pb.gpus}.get(result.gpu_uuid, -1)
@@ -534,6 +533,7 @@ class AgentNode:
             leases=self._lease_statuses(),
             last_acked_usage_seq=stats.acked_seq,
             draining=self._draining,
+            offer=self.market.offer(),
         )
 
     async def heartbeat_state(self) -> HeartbeatState:
@@ -762,6 +762,7 @@ class AgentNode:
             self.config = merge_live(self.config, new, plan)
             setup_logging(self.config.log.level, self.config.log.format)
             self.leases.update_policy(self.config.runtime)
+            await self.market.reload(self.config)
         if plan.restart:
             log.warning(
                 "config changes need a restart to apply", extra={"keys": list(plan.restart)}

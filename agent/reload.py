@@ -1,9 +1,9 @@
 """SIGHUP: which config changes apply live, and which need a restart.
 
 Live: what only affects *new* decisions (log level, admission limits, allow-lists,
-grace periods). Everything that shapes an open resource (identity, state dir,
-coordinator connection, GPU backend, listen address) needs a restart, and the
-agent says so rather than half-applying it.
+grace periods, the node's prices and location). Everything that shapes an open
+resource (identity, state dir, coordinator connection, GPU backend, listen address)
+needs a restart, and the agent says so rather than half-applying it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,14 @@ LIVE_KEYS = frozenset(
         "runtime.default_memory",
         "runtime.default_cpus",
         "coordinator.stop_leases_after_disconnect",
+        # The market (docs/market.md): sent at once in an OfferUpdate, no reconnect;
+        # they price and place new leases only.
+        "node.pricing",
+        "node.price_micros_per_gpu_hour",
+        "node.region",
+        "node.location.region",
+        "node.location.country",
+        "node.location.zone",
     }
 )
 
@@ -77,6 +85,9 @@ def merge_live(old: AgentConfig, new: AgentConfig, plan: ReloadPlan) -> AgentCon
     data = old.model_dump()
     fresh = new.model_dump()
     for key in plan.live:
-        section, _, name = key.partition(".")
-        data[section][name] = fresh[section][name]
+        *path, name = key.split(".")
+        target, source = data, fresh
+        for part in path:  # nested sections (node.location.country)
+            target, source = target[part], source[part]
+        target[name] = source[name]
     return AgentConfig.model_validate(data)

@@ -18,6 +18,7 @@ from .isolation.selftest import SelfTestResult
 from .leases.manager import LeaseView
 from .leases.records import LeaseUpdate
 from .leases.states import LeaseState
+from .market import declared_interfaces
 
 _HEALTH = {
     HealthState.HEALTHY: inventory_pb2.GpuHealth.HEALTHY,
@@ -93,6 +94,7 @@ def host_info(host: HostInfo) -> inventory_pb2.HostInfo:
         docker_version=host.docker_version or "",
         nvidia_container_toolkit_version=host.nvidia_container_toolkit_version or "",
         arch=host.arch,
+        interfaces=declared_interfaces(host.interfaces),
     )
 
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
@@ -42,11 +42,38 @@ from .leases_store import (
     state_name,
 )
 from .liveness import Liveness
+from .market import Asks, node_asks
 from .registry import NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
 
 GpuEligible = Callable[[str, str], bool]  # (node_id, gpu_uuid) -> may take leases
+Placed = Callable[[str, int], None]  # (gpu model, ask per GPU-hour) of each lease placed
+
+# How often placement re-reads nodes' 30-day uptime: it moves slowly, and reading it
+# for every node on every pass is work a 1,000-node pass cannot spare.
+UPTIME_REFRESH_S = 60.0
+
+
+def request_for(
+    spec: leases_pb2.LeaseSpec, pinned: str = "", excluded: frozenset[str] = frozenset()
+) -> placement.Request:
+    """What placement is asked for a lease spec (one home: passes and quotes)."""
+    c = spec.constraints
+    return placement.Request(
+        gpu_count=spec.gpu_count,
+        gpu_model=spec.gpu_model,
+        gpu_min_memory_bytes=spec.gpu_min_memory_bytes,
+        price_ceiling_micros=spec.price_micro_per_gpu_hour,
+        pinned_node_id=pinned,
+        excluded=excluded,
+        region=c.region,
+        countries=frozenset(x.upper() for x in c.countries),
+        min_uptime=c.min_uptime_ratio,
+        node_selector=tuple(sorted(c.node_selector.items())),
+        min_bandwidth_bps=c.min_bandwidth_bits_per_second,
+        scratch_bytes=spec.scratch_bytes,
+    )
 
 
 @dataclass(frozen=True)
@@ -85,10 +112,12 @@ class _Capacity:
     heartbeat: coordinator_pb2.Heartbeat | None
     gpus: tuple[placement.GpuView, ...]  # free, healthy, not cordoned
     draining: bool
-    ask_micros: int
+    ask_micros: int  # the lowest ask of its free GPUs
     generation: int = 0  # NodeRecord.generation it was built from
     isolation_block: str = ""  # placement.isolation_block of the node's inventory
     view: placement.NodeView | None = None  # the last pass's view, reused while it holds
+    uniform_price: bool = True
+    market: placement.NodeMarket = placement.NO_MARKET
 
     def same_as(self, other: _Capacity) -> bool:
         return (
@@ -96,6 +125,7 @@ class _Capacity:
             and self.draining == other.draining
             and self.ask_micros == other.ask_micros
             and self.isolation_block == other.isolation_block
+            and self.market == other.market
         )
 
 
@@ -119,6 +149,7 @@ class LeaseDispatcher:
         *,
         observe_placement: Callable[[float], None] | None = None,
         gpu_eligible: GpuEligible | None = None,
+        on_placed: Placed | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -131,7 +162,9 @@ class LeaseDispatcher:
         self._offers: dict[str, _Offer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
-        self._bad_price: set[tuple[str, str]] = set()
+        self.on_placed = on_placed
+        self._uptimes: dict[str, float] = {}  # node -> 30-day uptime, refreshed slowly
+        self._uptimes_at = float("-inf")
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> session id whose first heartbeat completes the reconnect reconciliation
@@ -182,25 +215,51 @@ class LeaseDispatcher:
 
     # -- placement -----------------------------------------------------------------
 
+    def asks(self, record: NodeRecord) -> Asks:
+        """The node's ask per GPU model: its offer, else its old label, else the default."""
+        return node_asks(
+            record.offer, record.labels, self.settings.default_ask_micros, self.settings.price_label
+        )
+
     def ask_price(self, record: NodeRecord) -> int:
-        raw = record.labels.get(self.settings.price_label)
-        if raw is None:
-            return self.settings.default_ask_micros
-        text = raw.strip()
-        if text.isdigit():
-            return int(text)
-        if (record.node_id, raw) not in self._bad_price:
-            self._bad_price.add((record.node_id, raw))
-            log.warning(
-                "node price label is not a whole number of micro-units; using the default ask",
-                extra={
-                    "node_id": record.node_id,
-                    "label": self.settings.price_label,
-                    "value": raw[:64],
-                    "default_ask": self.settings.default_ask_micros,
-                },
-            )
-        return self.settings.default_ask_micros
+        """The node's lowest ask over its GPU models (what a node of one model asks)."""
+        asks = self.asks(record)
+        models = {g.name for g in record.inventory.gpus}
+        return min((asks.for_model(m) for m in models), default=asks.default)
+
+    def _market(self, record: NodeRecord) -> placement.NodeMarket:
+        offer = record.offer
+        scratch = record.inventory.scratch if record.inventory.HasField("scratch") else None
+        return placement.NodeMarket(
+            region=offer.location.region,
+            country=offer.location.country,
+            labels=record.labels,
+            uptime_30d=self._uptimes.get(record.node_id, 0.0),
+            bandwidth_bps=offer.bandwidth.bits_per_second,
+            scratch_free_bytes=scratch.free_bytes if scratch is not None else None,
+        )
+
+    def _refresh_uptimes(self) -> None:
+        """Every UPTIME_REFRESH_S: re-read 30-day uptimes; a changed one updates its
+        node's cached market view (and so its placement view)."""
+        now = self.registry.clock()
+        if now - self._uptimes_at < UPTIME_REFRESH_S:
+            return
+        self._uptimes_at = now
+        for node_id, record in self.registry.nodes.items():
+            ratio = self.registry.uptime(record)["30d"]
+            old = self._uptimes.get(node_id)
+            self._uptimes[node_id] = ratio
+            capacity = self._capacities.get(node_id)
+            if capacity is not None and (old is None or abs(old - ratio) >= 1e-4):
+                capacity.market = replace(capacity.market, uptime_30d=ratio)
+
+    def offer_changed(self, node_id: str) -> None:
+        """After an OfferUpdate: the node's prices and market view rebuild at the next
+        pass (new leases pay the new ask; placed ones keep theirs)."""
+        self._capacities.pop(node_id, None)
+        if self.store.counts.get("pending", 0) > 0:
+            self.kick()
 
     def _capacity(self, record: NodeRecord) -> _Capacity:
         """The node's free healthy GPUs and price, rebuilt only when its heartbeat changed
@@ -232,16 +291,22 @@ class LeaseDispatcher:
             if h.state == inventory_pb2.GpuHealth.HEALTHY and not h.cordoned
         }
         free = set(hb.free_gpu_uuids) & usable
+        asks = self.asks(record)
         gpus = tuple(
-            placement.GpuView(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index)
+            placement.GpuView(
+                gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index, asks.for_model(gpu.name)
+            )
             for gpu in record.inventory.gpus
             if gpu.uuid in free
         )
+        prices = {g.ask_micros for g in gpus}
         capacity = _Capacity(
             heartbeat=heartbeat,
             gpus=gpus,
             draining=hb.draining,
-            ask_micros=self.ask_price(record),
+            ask_micros=min(prices) if prices else self.ask_price(record),
+            uniform_price=len(prices) <= 1,
+            market=self._market(record),
             generation=record.generation,
             # Inventory changes only with a Hello, which bumps the generation.
             isolation_block=placement.isolation_block(
@@ -268,6 +333,7 @@ class LeaseDispatcher:
         append = views.append
         capacities = self._capacities
         sessions = registry.sessions
+        self._refresh_uptimes()
         for node_id, record in registry.nodes.items():
             capacity = capacities.get(node_id)
             if capacity is None or capacity.heartbeat is not record.last_heartbeat:
@@ -317,6 +383,7 @@ class LeaseDispatcher:
                 or view.offline_reason != offline_reason
                 or view.free_gpus != gpus  # same objects: an identity check per GPU
                 or view.isolation_block != capacity.isolation_block
+                or view.market is not capacity.market
             ):
                 # Building a frozen dataclass per node per pass is most of a pass's cost;
                 # a node whose view did not change reuses last pass's.
@@ -328,6 +395,8 @@ class LeaseDispatcher:
                     free_gpus=gpus,
                     offline_reason=offline_reason,
                     isolation_block=capacity.isolation_block,
+                    market=capacity.market,
+                    uniform_price=capacity.uniform_price,
                 )
                 capacity.view = view
             append(view)
@@ -344,14 +413,8 @@ class LeaseDispatcher:
             nodes = self.node_views(holding)
             offers = 0
             for row in pending:
-                spec = row.spec
-                request = placement.Request(
-                    gpu_count=spec.gpu_count,
-                    gpu_model=spec.gpu_model,
-                    gpu_min_memory_bytes=spec.gpu_min_memory_bytes,
-                    price_ceiling_micros=spec.price_micro_per_gpu_hour,
-                    pinned_node_id=row.pinned_node_id,
-                    excluded=frozenset(tried.get(row.lease_id, ())),
+                request = request_for(
+                    row.spec, row.pinned_node_id, frozenset(tried.get(row.lease_id, ()))
                 )
                 started = time.perf_counter()
                 decision = placement.choose(nodes, request)
@@ -405,10 +468,20 @@ class LeaseDispatcher:
                     },
                 )
                 nodes = placement.take(nodes, chosen)
+                if self.on_placed is not None:
+                    self.on_placed(chosen.gpu_model, chosen.ask_micros)
                 self._offers[row.lease_id] = _Offer(chosen.node_id)
                 self._spawn(self._offer(offered), f"offer-{row.lease_id}")
                 offers += 1
             return offers
+
+    async def quote(self, spec: leases_pb2.LeaseSpec, pinned: str = "") -> placement.Decision:
+        """What a pass would decide for ``spec`` now, reserving nothing (Leases.Quote).
+
+        Read-only: the same views and the same ``choose`` as a pass; leases already
+        waiting ahead of it are not counted against the nodes it finds."""
+        _pending, holding, _tried = await self.store.placement_view()
+        return placement.choose(self.node_views(holding), request_for(spec, pinned))
 
     async def _offer(self, row: LeaseRow) -> None:
         assert row.node_id is not None

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from gpuagent import bounds, leaserules
+from gpuagent import bounds, leaserules, market
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
 from .auth.interceptor import Principal, caller
@@ -28,6 +28,7 @@ from .leases_store import (
     NewLease,
     state_name,
 )
+from .ledger import format_micros, reservation_micros
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,23 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
             raise SpecError(f"spec.ports[{index}].container_port: must be 1..65535")
         if port.protocol not in ("", "tcp", "udp"):
             raise SpecError(f"spec.ports[{index}].protocol: must be tcp or udp")
+    validate_constraints(spec.constraints)
+
+
+def validate_constraints(c: leases_pb2.Constraints) -> None:
+    """Market constraints (docs/leases-buyer.md): a region with no nodes is fine (the
+    lease waits); a malformed one is refused here, naming the key."""
+    where = "spec.constraints"
+    try:
+        market.check_name(c.region, f"{where}.region")
+        market.check_countries(c.countries, f"{where}.countries")
+        market.check_ratio(c.min_uptime_ratio, f"{where}.min_uptime_ratio")
+        market.check_selector(c.node_selector, f"{where}.node_selector")
+        market.check_bandwidth(
+            c.min_bandwidth_bits_per_second, f"{where}.min_bandwidth_bits_per_second"
+        )
+    except market.MarketError as exc:
+        raise SpecError(str(exc)) from None
 
 
 async def _abort(context: Context, code: grpc.StatusCode, text: str) -> NoReturn:
@@ -106,10 +124,18 @@ def _provider_view(lease: leases_pb2.Lease) -> leases_pb2.Lease:
 
 
 class LeasesService(leases_pb2_grpc.LeasesServicer):
-    def __init__(self, store: LeaseStore, dispatcher: LeaseDispatcher, registry: Registry) -> None:
+    def __init__(
+        self,
+        store: LeaseStore,
+        dispatcher: LeaseDispatcher,
+        registry: Registry,
+        *,
+        escrow: bool = False,
+    ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.registry = registry
+        self.escrow = escrow  # ledger.escrow: Submit reserves the lease's maximum cost
 
     def _provider_nodes(self, who: Principal) -> set[str]:
         return {r.node_id for r in self.registry.nodes.values() if r.owner == who.account}
@@ -128,9 +154,10 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {lease_id[:140]!r}")
         return row
 
-    async def Submit(
+    async def _checked(
         self, request: leases_pb2.SubmitLeaseRequest, context: Context
-    ) -> leases_pb2.Lease:
+    ) -> tuple[str, str]:
+        """(buyer, pinned node id) of a request Submit would take; else the call aborts."""
         who = caller()
         buyer = who.account
         if request.buyer and request.buyer != who.account:
@@ -166,8 +193,47 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                     f"node_id: no node with id or unique prefix {request.node_id[:80]!r}",
                 )
             pinned = record.node_id
+        return buyer, pinned
+
+    async def Quote(
+        self, request: leases_pb2.SubmitLeaseRequest, context: Context
+    ) -> leases_pb2.LeaseQuote:
+        """What Submit would do now: the node, its price, the escrow; nothing reserved."""
+        _buyer, pinned = await self._checked(request, context)
+        spec = request.spec
+        decision = await self.dispatcher.quote(spec, pinned)
+        escrow = 0
+        if self.escrow:
+            escrow = reservation_micros(
+                spec.price_micro_per_gpu_hour, spec.gpu_count, spec.max_duration_seconds
+            )
+        quote = leases_pb2.LeaseQuote(
+            placeable=decision.placement is not None,
+            escrow_micros=escrow,
+            reason=decision.summary(),
+            excluded=decision.skipped_counts(),
+            candidates=decision.candidates,
+        )
+        chosen = decision.placement
+        if chosen is not None:
+            quote.node_id = chosen.node_id
+            quote.gpu_uuids.extend(chosen.gpu_uuids)
+            quote.ask_micros_per_gpu_hour = chosen.ask_micros
+            quote.gpu_model = chosen.gpu_model
+        if escrow:
+            quote.reason += (
+                f"; submit reserves {format_micros(escrow)} (the ceiling "
+                f"{format_micros(spec.price_micro_per_gpu_hour)}/GPU-hour x {spec.gpu_count} "
+                f"GPU x {spec.max_duration_seconds}s); usage is charged at the node's ask"
+            )
+        return quote
+
+    async def Submit(
+        self, request: leases_pb2.SubmitLeaseRequest, context: Context
+    ) -> leases_pb2.Lease:
+        buyer, pinned = await self._checked(request, context)
         new = NewLease(
-            lease_id=key or f"lease-{uuid.uuid4().hex[:20]}",
+            lease_id=request.idempotency_key or f"lease-{uuid.uuid4().hex[:20]}",
             buyer=buyer,
             spec=request.spec,
             pinned_node_id=pinned,

@@ -10,9 +10,13 @@ A node is a candidate when all of these hold:
 2. the lease is not pinned to another node, and this node has not been offered
    this lease before (LeaseAssign is idempotent by lease id on the agent, so a
    node sees each lease id at most once; a re-placement goes elsewhere);
-3. its ask price per GPU-hour is at most the lease's ceiling;
-4. its tenant isolation meets ``placement.require_isolation`` (``isolation_block``);
-5. it has at least ``gpu_count`` free GPUs that match: healthy, not cordoned,
+3. its tenant isolation meets ``placement.require_isolation`` (``isolation_block``);
+4. it meets the lease's market constraints (``market_block``): its location's region
+   and country, its uptime over 30 days, the labels the provider set
+   (``node_selector``), its *measured* bandwidth (a declared NIC speed never counts)
+   and its free scratch storage;
+5. its ask per GPU-hour for the GPUs it would give is at most the lease's ceiling;
+6. it has at least ``gpu_count`` free GPUs that match: healthy, not cordoned,
    not held by any lease the scheduler placed there, name containing
    ``gpu_model`` (case-insensitive) and memory at least ``gpu_min_memory_bytes``.
 
@@ -21,16 +25,20 @@ Among candidates the lowest score wins, compared in order:
 1. **ask price** (cheapest first: the buyer pays the node's ask, not the ceiling);
 2. **best fit**: free GPUs the node would have left afterwards (fewest first, so
    small leases fill partly used nodes and whole nodes stay free for big ones);
-3. **node id**, so equal nodes are chosen deterministically.
+3. **uptime** over 30 days (highest first);
+4. **measured bandwidth** (highest first);
+5. **node id**, so equal nodes are chosen deterministically.
 
-The GPUs taken are the first matching ones by NVML index.
+A node asks a price per GPU model (docs/market.md). The GPUs taken are the cheapest
+matching ones, then the first by NVML index; the lease's price is the highest ask
+among them (one price per lease; on a node of one model, that model's ask).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from gpuagent.v1 import inventory_pb2
@@ -72,6 +80,22 @@ class GpuView:
     name: str
     memory_bytes: int
     index: int = 0
+    ask_micros: int = 0  # the node's ask for this GPU's model, per GPU-hour
+
+
+@dataclass(frozen=True)
+class NodeMarket:
+    """What a buyer's constraints read about a node: its offer and its record."""
+
+    region: str = ""
+    country: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    uptime_30d: float = 0.0
+    bandwidth_bps: int = 0  # measured; 0 = never (or the last probe failed)
+    scratch_free_bytes: int | None = None  # None = the node does not say
+
+
+NO_MARKET = NodeMarket()
 
 
 @dataclass(frozen=True)
@@ -88,6 +112,10 @@ class NodeView:
     offline_reason: str = "offline"
     # Why its isolation keeps leases off it ("" = it does not): isolation_block.
     isolation_block: str = ""
+    market: NodeMarket = NO_MARKET
+    # Every free GPU asks ask_micros (one model, or models at one price): placement
+    # needs no per-GPU price work. False: asks differ, ask_micros is the lowest.
+    uniform_price: bool = True
 
 
 @dataclass(frozen=True)
@@ -98,6 +126,25 @@ class Request:
     price_ceiling_micros: int = 0
     pinned_node_id: str = ""
     excluded: frozenset[str] = frozenset()
+    # Market constraints (LeaseSpec.constraints); empty = any.
+    region: str = ""
+    countries: frozenset[str] = frozenset()
+    min_uptime: float = 0.0
+    node_selector: tuple[tuple[str, str], ...] = ()
+    min_bandwidth_bps: int = 0
+    scratch_bytes: int = 0
+
+    @cached_property
+    def constrained(self) -> bool:
+        """Any market constraint set: placement checks them (else it skips the work)."""
+        return bool(
+            self.region
+            or self.countries
+            or self.min_uptime > 0
+            or self.node_selector
+            or self.min_bandwidth_bps
+            or self.scratch_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -107,9 +154,19 @@ class Placement:
     ask_micros: int
     leftover_gpus: int
 
+    uptime_30d: float = 0.0
+    bandwidth_bps: int = 0
+    gpu_model: str = ""
+
     @property
-    def score(self) -> tuple[int, int, str]:
-        return (self.ask_micros, self.leftover_gpus, self.node_id)
+    def score(self) -> tuple[int, int, float, int, str]:
+        return (
+            self.ask_micros,
+            self.leftover_gpus,
+            -self.uptime_30d,
+            -self.bandwidth_bps,
+            self.node_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -147,8 +204,10 @@ class Decision:
         if self.placement is not None:
             p = self.placement
             return (
-                f"placed on {p.node_id} (ask {p.ask_micros}, {p.leftover_gpus} GPUs left; "
-                f"best of {self.candidates} candidates)"
+                f"placed on {p.node_id} (ask {p.ask_micros}, {p.leftover_gpus} GPUs left, "
+                f"uptime {p.uptime_30d:.1%}, {format_bps(p.bandwidth_bps)}; "
+                f"best of {self.candidates} candidates: cheapest, then best fit, "
+                "then uptime, then bandwidth)"
             )
         if not self.rejected:
             return "no nodes registered"
@@ -158,12 +217,64 @@ class Decision:
         return "no node fits: " + "; ".join(parts)
 
 
+def format_bps(bps: int) -> str:
+    """1.2 Gbit/s, 850 Mbit/s; "bandwidth not measured" for 0."""
+    if bps <= 0:
+        return "bandwidth not measured"
+    for unit, scale in (("Tbit/s", 10**12), ("Gbit/s", 10**9), ("Mbit/s", 10**6)):
+        if bps >= scale:
+            return f"{bps / scale:.3g} {unit}"
+    return f"{bps / 1e3:.3g} kbit/s"
+
+
+def market_block(node: NodeView, request: Request) -> str | None:
+    """Why ``node`` fails the lease's market constraints, or None when it meets them.
+
+    The kind (before the colon) names the constraint, so ``waiting:`` counts read
+    "3 outside region eu"; the detail names the node's value.
+    """
+    m = node.market
+    if request.region and m.region != request.region:
+        return f"outside region {request.region}: node is in {m.region or 'no region'}"
+    if request.countries and m.country not in request.countries:
+        return (
+            f"outside countries {','.join(sorted(request.countries))}: "
+            f"node is in {m.country or 'no country'}"
+        )
+    if request.min_uptime > 0 and m.uptime_30d < request.min_uptime:
+        return f"uptime below {request.min_uptime:.2%}: node has {m.uptime_30d:.2%} over 30 days"
+    for key, value in request.node_selector:
+        if m.labels.get(key) != value:
+            have = m.labels.get(key)
+            return (
+                f"labels do not match: node has {key}={have}"
+                if have is not None
+                else f"labels do not match: node has no label {key}"
+            )
+    if request.min_bandwidth_bps and m.bandwidth_bps < request.min_bandwidth_bps:
+        return (
+            f"bandwidth below {format_bps(request.min_bandwidth_bps)}: "
+            f"node measured {format_bps(m.bandwidth_bps)}"
+        )
+    if (
+        request.scratch_bytes
+        and m.scratch_free_bytes is not None
+        and m.scratch_free_bytes < request.scratch_bytes
+    ):
+        return (
+            f"not enough scratch: {m.scratch_free_bytes} bytes free < "
+            f"{request.scratch_bytes} wanted"
+        )
+    return None
+
+
 def _reason_kind(reason: str) -> str:
     # Reasons are "<kind>: <detail>"; the detail is node-specific noise in a summary.
     return reason.split(":", 1)[0]
 
 
 def matching_gpus(node: NodeView, request: Request) -> list[GpuView]:
+    """The free GPUs that match, cheapest first, then by NVML index."""
     model = request.gpu_model.casefold()
     return sorted(
         (
@@ -171,8 +282,18 @@ def matching_gpus(node: NodeView, request: Request) -> list[GpuView]:
             for g in node.free_gpus
             if model in g.name.casefold() and g.memory_bytes >= request.gpu_min_memory_bytes
         ),
-        key=lambda g: (g.index, g.uuid),
+        key=lambda g: (g.ask_micros, g.index, g.uuid),
     )
+
+
+def lease_ask(node: NodeView, request: Request) -> int:
+    """The price per GPU-hour ``request`` would pay on ``node``: its ask, or on a node
+    whose models ask differently, the highest ask of the cheapest matching GPUs (the
+    node's lowest ask when too few match: the count check refuses it then)."""
+    if node.uniform_price:
+        return node.ask_micros
+    gpus = matching_gpus(node, request)[: request.gpu_count]
+    return max((g.ask_micros for g in gpus), default=node.ask_micros)
 
 
 def _matching_count(node: NodeView, request: Request) -> int:
@@ -200,9 +321,14 @@ def why_not(node: NodeView, request: Request) -> str | None:
         return "draining: node accepts no new leases"
     if node.isolation_block:
         return f"not isolated: {node.isolation_block} (placement.require_isolation)"
-    if node.ask_micros > request.price_ceiling_micros:
+    if request.constrained:
+        blocked = market_block(node, request)
+        if blocked is not None:
+            return blocked
+    ask = lease_ask(node, request)
+    if ask > request.price_ceiling_micros:
         return (
-            f"too expensive: ask {node.ask_micros} > ceiling {request.price_ceiling_micros} "
+            f"too expensive: ask {ask} > ceiling {request.price_ceiling_micros} "
             "micro-units per GPU-hour"
         )
     matching = _matching_count(node, request)
@@ -222,26 +348,41 @@ def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
     """
     rejected: list[NodeView] = []
     best: NodeView | None = None
-    best_score: tuple[int, int, str] | None = None
+    best_score: tuple[int, int, float, int, str] | None = None
+    best_ask = 0
     candidates = 0
     pinned, excluded = request.pinned_node_id, request.excluded
     ceiling, wanted = request.price_ceiling_micros, request.gpu_count
     plain = not request.gpu_model and request.gpu_min_memory_bytes <= 0
+    constrained = request.constrained
     for node in nodes:
         if (
             (pinned and node.node_id != pinned)
             or node.node_id in excluded
             or not node.online
             or node.draining
+            or node.isolation_block
+            or (constrained and market_block(node, request) is not None)
             or node.ask_micros > ceiling
             or (len(node.free_gpus) if plain else _matching_count(node, request)) < wanted
         ):
             rejected.append(node)
             continue
+        ask = node.ask_micros if node.uniform_price else lease_ask(node, request)
+        if ask > ceiling:
+            rejected.append(node)
+            continue
         candidates += 1
-        score = (node.ask_micros, len(node.free_gpus) - wanted, node.node_id)
+        m = node.market
+        score = (
+            ask,
+            len(node.free_gpus) - wanted,
+            -m.uptime_30d,
+            -m.bandwidth_bps,
+            node.node_id,
+        )
         if best_score is None or score < best_score:
-            best, best_score = node, score
+            best, best_score, best_ask = node, score, ask
     if best is None:
         return Decision(None, candidates, tuple(rejected), request)
     # GPUs are picked for the winner only: sorting every candidate's GPUs is what
@@ -250,8 +391,11 @@ def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
     chosen = Placement(
         node_id=best.node_id,
         gpu_uuids=tuple(g.uuid for g in gpus),
-        ask_micros=best.ask_micros,
+        ask_micros=best_ask,
         leftover_gpus=len(best.free_gpus) - wanted,
+        uptime_30d=best.market.uptime_30d,
+        bandwidth_bps=best.market.bandwidth_bps,
+        gpu_model=gpus[0].name if gpus else "",
     )
     return Decision(chosen, candidates, tuple(rejected), request)
 
@@ -262,13 +406,7 @@ def take(nodes: Sequence[NodeView], placement: Placement) -> list[NodeView]:
     out = list(nodes)
     for i, n in enumerate(out):
         if n.node_id == placement.node_id:
-            out[i] = NodeView(
-                n.node_id,
-                n.online,
-                n.draining,
-                n.ask_micros,
-                tuple(g for g in n.free_gpus if g.uuid not in taken),
-                n.offline_reason,
-            )
+            # replace(): every other field (isolation, market, prices) stays as it was.
+            out[i] = replace(n, free_gpus=tuple(g for g in n.free_gpus if g.uuid not in taken))
             break
     return out

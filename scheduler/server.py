@@ -28,6 +28,8 @@ from gpuagent.v1 import (
     leases_pb2_grpc,
     ledger_pb2,
     ledger_pb2_grpc,
+    market_pb2,
+    market_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
 )
@@ -47,8 +49,10 @@ from .leases_store import LeaseStore
 from .ledger import LeaseHooks
 from .ledger_service import LedgerService
 from .liveness import Liveness, LivenessPolicy
+from .market_service import MarketService
 from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
+from .price_history import PriceHistory
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
 from .secretbox import SecretBox
 from .tlsfiles import tls_dir
@@ -62,8 +66,9 @@ SERVICE_NAMES = (
     leases_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name,
     acl_pb2.DESCRIPTOR.services_by_name["Acl"].full_name,
+    market_pb2.DESCRIPTOR.services_by_name["Market"].full_name,
 )
-_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2)
+_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2, market_pb2)
 
 
 def served_methods() -> list[str]:
@@ -181,7 +186,16 @@ class SchedulerServer:
         self.coordinator.on_connect(self.dispatcher.on_connect)
         self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)
         self.coordinator.known_leases = self.dispatcher.known_lease_ids
-        self.leases = LeasesService(self.leases_store, self.dispatcher, self.registry)
+        self.leases = LeasesService(
+            self.leases_store, self.dispatcher, self.registry, escrow=config.ledger.escrow
+        )
+        # The market (docs/market.md): offers, the bandwidth probe, nodes' OfferUpdates.
+        self.market = MarketService(
+            self.registry, self.dispatcher, PriceHistory(self.db, clock), self.attestation, clock
+        )
+        self.market.install(self.coordinator)
+        self.dispatcher.on_placed = self.market.history.placed
+        self.nodes.asks = self.dispatcher.asks
         # Ledger (docs/ledger.md): escrow rides the lease store's transactions, usage
         # reports settle it, and placement skips nodes without enough collateral.
         self.ledger = LedgerService(self.db, self.registry, config.ledger, clock)
@@ -208,6 +222,8 @@ class SchedulerServer:
         self._dispatch_task: asyncio.Task[None] | None = None
         self._attest_stop = asyncio.Event()
         self._attest_task: asyncio.Task[None] | None = None
+        self._market_stop = asyncio.Event()
+        self._market_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
@@ -222,6 +238,7 @@ class SchedulerServer:
             nodes=node_states, leases=lambda: {k: v for k, v in self.leases_store.counts.items()}
         )
         self.dispatcher.observe_placement = self.metrics.placement
+        self.metrics.prices = self.market.prices
         self.usage.on_counts = lambda r: self.metrics.usage_records(r.stored, r.duplicates)
 
         async def count_heartbeat(_session: Any, _heartbeat: Any) -> None:
@@ -263,6 +280,7 @@ class SchedulerServer:
         nodes_pb2_grpc.add_NodesServicer_to_server(self.nodes, server)
         leases_pb2_grpc.add_LeasesServicer_to_server(self.leases, server)
         ledger_pb2_grpc.add_LedgerServicer_to_server(self.ledger, server)
+        market_pb2_grpc.add_MarketServicer_to_server(self.market, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
@@ -299,6 +317,10 @@ class SchedulerServer:
         )
         self._ledger_stop.clear()
         self._ledger_task = asyncio.create_task(self.ledger.run(self._ledger_stop), name="ledger")
+        self._market_stop.clear()
+        self._market_task = asyncio.create_task(
+            self.market.run(self._market_stop), name="price-history"
+        )
         self._flush_stop.clear()
         self._flush_task = asyncio.create_task(
             self.registry.flush_forever(self._flush_stop, HEARTBEAT_FLUSH_EVERY),
@@ -344,6 +366,10 @@ class SchedulerServer:
             self._ledger_stop.set()
             await self._ledger_task
             self._ledger_task = None
+        if self._market_task is not None:
+            self._market_stop.set()
+            await self._market_task
+            self._market_task = None
         await self.attestation.close()
         if self._server is not None:
             await self._server.stop(grace)

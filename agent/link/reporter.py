@@ -20,7 +20,7 @@ from typing import Protocol
 
 import psutil
 
-from gpuagent.v1 import common_pb2, inventory_pb2
+from gpuagent.v1 import common_pb2, inventory_pb2, market_pb2
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class HelloState:
     leases: Sequence[common_pb2.LeaseStatus] = ()
     last_acked_usage_seq: int = 0
     draining: bool = False
+    offer: market_pb2.NodeOffer | None = None  # prices, location, bandwidth
 
 
 @dataclass(frozen=True)

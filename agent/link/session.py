@@ -138,6 +138,8 @@ class CoordinatorLink:
         self._listener_tasks: set[asyncio.Task[None]] = set()
         self.welcome: coordinator_pb2.Welcome | None = None
         self._call: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        # The open session's channel, for calls beside the stream (the bandwidth probe).
+        self.channel: grpc.aio.Channel | None = None
         self._write_lock = asyncio.Lock()
         self._params_changed = asyncio.Event()
         self._connected = asyncio.Event()
@@ -250,6 +252,7 @@ class CoordinatorLink:
             try:
                 await self._handshake(call)
                 self._call = call
+                self.channel = channel
                 self._connected.set()
                 if self.observer is not None:
                     self.observer.set_connected(True)
@@ -265,6 +268,7 @@ class CoordinatorLink:
                 await self._serve(call, stop)
             finally:
                 self._call = None
+                self.channel = None
                 self._connected.clear()
                 if self.observer is not None:
                     self.observer.set_connected(False)
@@ -338,6 +342,7 @@ class CoordinatorLink:
             uptime_seconds=int(self._monotonic() - self._started),
             draining=state.draining,
             enrollment_token=self.config.enrollment(),
+            offer=state.offer,
         )
 
     def _apply_params(self, update: common_pb2.NodeParams, *, initial: bool) -> None:

@@ -122,6 +122,70 @@ class DeviceMapping(_message.Message):
 Global___DeviceMapping: _TypeAlias = DeviceMapping  # noqa: Y015
 
 @_typing.final
+class Constraints(_message.Message):
+    """Where a lease may be placed, besides model, memory, price and a node pin.
+    Refused at submit with the key named when malformed (docs/leases-buyer.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REGION_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    MIN_UPTIME_RATIO_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    MIN_BANDWIDTH_BITS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """the node's location.region, exactly; "" = any"""
+    min_uptime_ratio: _builtins.float
+    """node uptime over 30 days, 0..1"""
+    min_bandwidth_bits_per_second: _builtins.int
+    """measured, not declared"""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """allow-list of ISO 3166-1 alpha-2 codes; empty = any"""
+
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """labels the provider set, all must match"""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        min_uptime_ratio: _builtins.float = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        min_bandwidth_bits_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "min_bandwidth_bits_per_second", b"min_bandwidth_bits_per_second", "min_uptime_ratio", b"min_uptime_ratio", "node_selector", b"node_selector", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Constraints: _TypeAlias = Constraints  # noqa: Y015
+
+@_typing.final
 class LeaseSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -160,6 +224,7 @@ class LeaseSpec(_message.Message):
     MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     PRICE_MICRO_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     REGISTRY_AUTH_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
     VOLUMES_FIELD_NUMBER: _builtins.int
@@ -194,6 +259,10 @@ class LeaseSpec(_message.Message):
     @_builtins.property
     def registry_auth(self) -> Global___RegistryAuth: ...
     @_builtins.property
+    def constraints(self) -> Global___Constraints:
+        """where the lease may go (the coordinator's placement)"""
+
+    @_builtins.property
     def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeMount]: ...
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeviceMapping]: ...
@@ -217,15 +286,16 @@ class LeaseSpec(_message.Message):
         max_duration_seconds: _builtins.int = ...,
         price_micro_per_gpu_hour: _builtins.int = ...,
         registry_auth: Global___RegistryAuth | None = ...,
+        constraints: Global___Constraints | None = ...,
         privileged: _builtins.bool = ...,
         host_network: _builtins.bool = ...,
         volumes: _abc.Iterable[Global___VolumeMount] | None = ...,
         devices: _abc.Iterable[Global___DeviceMapping] | None = ...,
         cap_add: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["registry_auth", b"registry_auth"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "registry_auth", b"registry_auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "memory_bytes", b"memory_bytes", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "registry_auth", b"registry_auth", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "constraints", b"constraints", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "memory_bytes", b"memory_bytes", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "registry_auth", b"registry_auth", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,3 +731,79 @@ class LeaseLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseLogsResponse: _TypeAlias = LeaseLogsResponse  # noqa: Y015
+
+@_typing.final
+class LeaseQuote(_message.Message):
+    """Leases.Quote: what Submit would do now, without reserving anything."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ExcludedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PLACEABLE_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    ASK_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    ESCROW_MICROS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    GPU_MODEL_FIELD_NUMBER: _builtins.int
+    placeable: _builtins.bool
+    """a node would take it now"""
+    node_id: _builtins.str
+    """the node it would go to"""
+    ask_micros_per_gpu_hour: _builtins.int
+    """the price it would be placed at"""
+    escrow_micros: _builtins.int
+    """what Submit would reserve from the balance"""
+    reason: _builtins.str
+    """why that node, or why it would wait"""
+    candidates: _builtins.int
+    """nodes that could take it"""
+    gpu_model: _builtins.str
+    """model of the GPUs it would get"""
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def excluded(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """nodes left out, by reason ("outside region eu": 3)"""
+
+    def __init__(
+        self,
+        *,
+        placeable: _builtins.bool = ...,
+        node_id: _builtins.str = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+        ask_micros_per_gpu_hour: _builtins.int = ...,
+        escrow_micros: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        excluded: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        candidates: _builtins.int = ...,
+        gpu_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ask_micros_per_gpu_hour", b"ask_micros_per_gpu_hour", "candidates", b"candidates", "escrow_micros", b"escrow_micros", "excluded", b"excluded", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "node_id", b"node_id", "placeable", b"placeable", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseQuote: _TypeAlias = LeaseQuote  # noqa: Y015
