@@ -140,3 +140,34 @@ def legacy_price(labels: Mapping[str, str], label: str = LEGACY_PRICE_LABEL) -> 
     if not text.isdigit() or int(text) > MAX_PRICE_MICROS:
         return None
     return int(text)
+
+
+_BANDWIDTH_RE = re.compile(
+    r"^\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([kMGT]?)(?:bit/s|bps|b/s)?\s*$", re.IGNORECASE
+)
+_BANDWIDTH_SCALE = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_bandwidth(value: object, where: str) -> int:
+    """Bits per second from 1000000000, "1Gbit/s", "500 Mbps", "2.5G"; MarketError else."""
+    if isinstance(value, bool):
+        raise MarketError(f"{where}: expected a bandwidth such as 1Gbit/s, got {value!r}")
+    if isinstance(value, int | float):
+        return check_bandwidth(value, where)
+    match = _BANDWIDTH_RE.match(str(value))
+    if match is None:
+        raise MarketError(
+            f"{where}: {str(value)[:40]!r} is not a bandwidth (e.g. 1Gbit/s, 500Mbps, 10G)"
+        )
+    number = float(match[1]) * _BANDWIDTH_SCALE[match[2].lower()]
+    return check_bandwidth(number, where)
+
+
+def format_bps(bps: int) -> str:
+    """1.2 Gbit/s, 850 Mbit/s; "-" for 0 (never measured)."""
+    if bps <= 0:
+        return "-"
+    for unit, scale in (("Tbit/s", 10**12), ("Gbit/s", 10**9), ("Mbit/s", 10**6)):
+        if bps >= scale:
+            return f"{bps / scale:.3g} {unit}"
+    return f"{bps / 1e3:.3g} kbit/s"

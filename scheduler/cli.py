@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "scheduler.cmd_serve",
     "scheduler.cmd_nodes",
     "scheduler.cmd_leases",
+    "scheduler.cmd_market",
     "scheduler.cmd_config",
     "scheduler.cmd_ledger",
     "scheduler.cmd_acl",

@@ -51,8 +51,11 @@ GpuEligible = Callable[[str, str], bool]  # (node_id, gpu_uuid) -> may take leas
 Placed = Callable[[str, int], None]  # (gpu model, ask per GPU-hour) of each lease placed
 
 # How often placement re-reads nodes' 30-day uptime: it moves slowly, and reading it
-# for every node on every pass is work a 1,000-node pass cannot spare.
+# for every node on every pass is work a 1,000-node pass cannot spare. At most five
+# heartbeat intervals, so a node that just joined (uptime 0 at its first Hello, near
+# 1.0 a few heartbeats later: scheduler/uptime.py) is not held at 0 for long.
 UPTIME_REFRESH_S = 60.0
+UPTIME_REFRESH_HEARTBEATS = 5
 
 
 def request_for(
@@ -243,7 +246,10 @@ class LeaseDispatcher:
         """Every UPTIME_REFRESH_S: re-read 30-day uptimes; a changed one updates its
         node's cached market view (and so its placement view)."""
         now = self.registry.clock()
-        if now - self._uptimes_at < UPTIME_REFRESH_S:
+        every = min(
+            UPTIME_REFRESH_S, UPTIME_REFRESH_HEARTBEATS * self.registry.policy.heartbeat_interval
+        )
+        if now - self._uptimes_at < every:
             return
         self._uptimes_at = now
         for node_id, record in self.registry.nodes.items():

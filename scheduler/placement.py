@@ -41,6 +41,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
+from gpuagent import market
 from gpuagent.v1 import inventory_pb2
 
 _ISOLATION_STATUS = {
@@ -219,12 +220,7 @@ class Decision:
 
 def format_bps(bps: int) -> str:
     """1.2 Gbit/s, 850 Mbit/s; "bandwidth not measured" for 0."""
-    if bps <= 0:
-        return "bandwidth not measured"
-    for unit, scale in (("Tbit/s", 10**12), ("Gbit/s", 10**9), ("Mbit/s", 10**6)):
-        if bps >= scale:
-            return f"{bps / scale:.3g} {unit}"
-    return f"{bps / 1e3:.3g} kbit/s"
+    return market.format_bps(bps) if bps > 0 else "bandwidth not measured"
 
 
 def market_block(node: NodeView, request: Request) -> str | None:
