@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
-from . import placement
+from . import placement, uptime
 from .leases_store import (
     TERMINAL,
     CancelResult,
@@ -56,6 +56,7 @@ Placed = Callable[[str, int], None]  # (gpu model, ask per GPU-hour) of each lea
 # 1.0 a few heartbeats later: scheduler/uptime.py) is not held at 0 for long.
 UPTIME_REFRESH_S = 60.0
 UPTIME_REFRESH_HEARTBEATS = 5
+MONTH = dict(uptime.WINDOWS)["30d"]
 
 
 def request_for(
@@ -231,6 +232,7 @@ class LeaseDispatcher:
         return min((asks.for_model(m) for m in models), default=asks.default)
 
     def _market(self, record: NodeRecord) -> placement.NodeMarket:
+        """Built with the node's capacity (each Hello, OfferUpdate, capacity change)."""
         offer = record.offer
         scratch = record.inventory.scratch if record.inventory.HasField("scratch") else None
         return placement.NodeMarket(
@@ -253,7 +255,7 @@ class LeaseDispatcher:
             return
         self._uptimes_at = now
         for node_id, record in self.registry.nodes.items():
-            ratio = self.registry.uptime(record)["30d"]
+            ratio = uptime.ratio(record.spans, now, MONTH, record.first_seen)
             old = self._uptimes.get(node_id)
             self._uptimes[node_id] = ratio
             capacity = self._capacities.get(node_id)

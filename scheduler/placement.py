@@ -264,6 +264,13 @@ def market_block(node: NodeView, request: Request) -> str | None:
     return None
 
 
+def _selected(labels: Mapping[str, str], selector: tuple[tuple[str, str], ...]) -> bool:
+    for key, value in selector:  # noqa: SIM110 - cheaper than all(genexpr), per node per pass
+        if labels.get(key) != value:
+            return False
+    return True
+
+
 def _reason_kind(reason: str) -> str:
     # Reasons are "<kind>: <detail>"; the detail is node-specific noise in a summary.
     return reason.split(":", 1)[0]
@@ -339,8 +346,9 @@ def why_not(node: NodeView, request: Request) -> str | None:
 def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
     """The best node and GPUs for ``request``; ``Decision.skipped`` says why not the others.
 
-    The loop inlines ``why_not``'s tests (same order, same outcome; the reasons are
-    worded later, on demand): it runs for every node of the fleet on every pass.
+    The loop inlines ``why_not``'s tests (same outcome; the reasons are worded later,
+    on demand, by ``why_not`` in its order): it runs for every node of the fleet on
+    every pass.
     """
     rejected: list[NodeView] = []
     best: NodeView | None = None
@@ -351,6 +359,12 @@ def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
     ceiling, wanted = request.price_ceiling_micros, request.gpu_count
     plain = not request.gpu_model and request.gpu_min_memory_bytes <= 0
     constrained = request.constrained
+    region, countries, min_uptime = request.region, request.countries, request.min_uptime
+    selector, min_bps, scratch = (
+        request.node_selector,
+        request.min_bandwidth_bps,
+        request.scratch_bytes,
+    )
     for node in nodes:
         if (
             (pinned and node.node_id != pinned)
@@ -358,17 +372,32 @@ def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
             or not node.online
             or node.draining
             or node.isolation_block
-            or (constrained and market_block(node, request) is not None)
             or node.ask_micros > ceiling
             or (len(node.free_gpus) if plain else _matching_count(node, request)) < wanted
         ):
             rejected.append(node)
             continue
+        if constrained:
+            # market_block's tests inlined (the outcome, not the order, is what counts
+            # here: reasons are worded by why_not, on demand); cheapest first.
+            m = node.market
+            if (
+                (region and m.region != region)
+                or (countries and m.country not in countries)
+                or (min_uptime > 0 and m.uptime_30d < min_uptime)
+                or (min_bps and m.bandwidth_bps < min_bps)
+                or (scratch and m.scratch_free_bytes is not None and m.scratch_free_bytes < scratch)
+                or (selector and not _selected(m.labels, selector))
+            ):
+                rejected.append(node)
+                continue
         ask = node.ask_micros if node.uniform_price else lease_ask(node, request)
         if ask > ceiling:
             rejected.append(node)
             continue
         candidates += 1
+        if best_score is not None and ask > best_score[0]:
+            continue  # dearer than the best so far: the rest of the score cannot matter
         m = node.market
         score = (
             ask,

@@ -188,4 +188,8 @@ def populated_scheduler_metrics() -> Any:
     metrics.usage_records(5, 1)
     metrics.heartbeat()
     metrics.attestation("passed")
+    from scheduler.price_history import ModelPrices
+
+    prices = {"NVIDIA GeForce RTX 4090": ModelPrices(1_500_000, 1_250_000)}
+    metrics.prices = lambda: prices
     return metrics
