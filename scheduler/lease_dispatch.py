@@ -133,6 +133,18 @@ class _Capacity:
         )
 
 
+def agent_spec(spec: leases_pb2.LeaseSpec) -> leases_pb2.LeaseSpec:
+    """The spec without its placement constraints: they are the coordinator's, already
+    applied, and an agent rejects a spec with fields it does not know (unknown_field),
+    as every agent before the market did."""
+    if not spec.HasField("constraints"):
+        return spec
+    out = leases_pb2.LeaseSpec()
+    out.CopyFrom(spec)
+    out.ClearField("constraints")
+    return out
+
+
 def _only_tried(decision: placement.Decision) -> bool:
     """No node is left that could take the lease later: each was offered it before
     (or is not the node it is pinned to)."""
@@ -523,7 +535,9 @@ class LeaseDispatcher:
         if session is None:
             return "unreachable", "node has no open stream"
         assign = leases_pb2.LeaseAssign(
-            lease_id=row.lease_id, spec=self.store.assign_spec(row), gpu_uuids=row.gpu_uuids
+            lease_id=row.lease_id,
+            spec=agent_spec(self.store.assign_spec(row)),
+            gpu_uuids=row.gpu_uuids,
         )
         try:
             await session.send(_message(lease_assign=assign))

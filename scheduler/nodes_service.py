@@ -153,6 +153,8 @@ def market_view(node: nodes_pb2.Node) -> None:
     host.ClearField("hostname")
     host.ClearField("kernel")
     host.ClearField("disks")
+    for nic in host.interfaces:
+        nic.ClearField("name")
     for gpu in node.inventory.gpus:
         gpu.ClearField("serial")
         gpu.ClearField("pci_bus_id")

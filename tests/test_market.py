@@ -293,6 +293,9 @@ async def test_quote_predicts_submit_and_constraints_keep_leases_in_place(
     assert placed.node_id == quote.node_id
     assert placed.accepted_price_micro_per_gpu_hour == quote.ask_micros_per_gpu_hour
     assert list(placed.gpu_uuids) == list(quote.gpu_uuids)
+    # Constraints are the coordinator's: the agent gets the spec without them (an agent
+    # refuses fields it does not know).
+    assert not world.us.assigns[-1].spec.HasField("constraints")
     assert len(_escrow_rows(world)) == len(escrow_before) + 1
 
     # Unconstrained, the cheapest node wins.
