@@ -154,6 +154,16 @@ class MarketReporter:
         self.sign = sign
         self.bandwidth: market_pb2.BandwidthMeasurement | None = None
         self._session = asyncio.Event()  # set by each new session: probe now
+        self._warn_unmatched()
+
+    def _warn_unmatched(self) -> None:
+        # A key that names no GPU here prices nothing: most likely a typo.
+        unmatched = market.unmatched_price_keys(self.config.node.pricing, self.gpu_models)
+        if unmatched:
+            log.warning(
+                "node.pricing keys match no GPU of this node; they price nothing",
+                extra={"keys": unmatched, "gpu_models": self.gpu_models},
+            )
 
     def offer(self) -> market_pb2.NodeOffer:
         return build_offer(self.config.node, self.gpu_models, self.bandwidth)
@@ -165,6 +175,7 @@ class MarketReporter:
         """After SIGHUP: send the new offer when prices or location changed."""
         before = self.offer()
         self.config = config
+        self._warn_unmatched()
         after = self.offer()
         if after != before:
             log.info(

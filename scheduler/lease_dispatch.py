@@ -179,6 +179,7 @@ class LeaseDispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
         self.on_placed = on_placed
+        self._bad_price: set[tuple[str, str]] = set()
         self._uptimes: dict[str, float] = {}  # node -> 30-day uptime, refreshed slowly
         self._uptimes_at = float("-inf")
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
@@ -233,9 +234,27 @@ class LeaseDispatcher:
 
     def asks(self, record: NodeRecord) -> Asks:
         """The node's ask per GPU model: its offer, else its old label, else the default."""
-        return node_asks(
+        asks = node_asks(
             record.offer, record.labels, self.settings.default_ask_micros, self.settings.price_label
         )
+        raw = record.labels.get(self.settings.price_label)
+        if (
+            asks.source == "default"
+            and raw is not None
+            and (record.node_id, raw) not in self._bad_price
+        ):
+            # An old agent's label that is not a whole number would silently ask the default.
+            self._bad_price.add((record.node_id, raw))
+            log.warning(
+                "node price label is not a whole number of micro-units; using the default ask",
+                extra={
+                    "node_id": record.node_id,
+                    "label": self.settings.price_label,
+                    "value": raw[:64],
+                    "default_ask": self.settings.default_ask_micros,
+                },
+            )
+        return asks
 
     def ask_price(self, record: NodeRecord) -> int:
         """The node's lowest ask over its GPU models (what a node of one model asks)."""

@@ -37,7 +37,7 @@ among them (one price per lease; on a node of one model, that model's ask).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -136,6 +136,16 @@ class Request:
     scratch_bytes: int = 0
 
     @cached_property
+    def kinds(self) -> dict[str, str]:
+        """The reason kinds of the market constraints, worded once per request."""
+        return {
+            "region": f"outside region {self.region}",
+            "countries": f"outside countries {','.join(sorted(self.countries))}",
+            "uptime": f"uptime below {self.min_uptime:.2%}",
+            "bandwidth": f"bandwidth below {format_bps(self.min_bandwidth_bps)}",
+        }
+
+    @cached_property
     def constrained(self) -> bool:
         """Any market constraint set: placement checks them (else it skips the work)."""
         return bool(
@@ -190,7 +200,12 @@ class Decision:
 
     @cached_property
     def _skipped_counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(_reason_kind(r) for r in self.skipped.values()).items()))
+        request = self.request
+        if request is None:
+            return {}
+        # Kinds only: the details are not worded for a count.
+        kinds = Counter((_why(n, request) or ("", str))[0] for n in self.rejected)
+        return dict(sorted(kinds.items()))
 
     def skipped_counts(self) -> dict[str, int]:
         """How many nodes were skipped for each kind of reason (for logs).
@@ -223,43 +238,49 @@ def format_bps(bps: int) -> str:
     return market.format_bps(bps) if bps > 0 else "bandwidth not measured"
 
 
+# A reason: its kind ("outside region eu", what waiting: lines count) and its detail,
+# worded only when asked for (counting 10,000 skipped nodes must not format 10,000
+# strings).
+Why = tuple[str, Callable[[], str]]
+
+
 def market_block(node: NodeView, request: Request) -> str | None:
     """Why ``node`` fails the lease's market constraints, or None when it meets them.
 
     The kind (before the colon) names the constraint, so ``waiting:`` counts read
     "3 outside region eu"; the detail names the node's value.
     """
+    why = _market_why(node, request)
+    return None if why is None else f"{why[0]}: {why[1]()}"
+
+
+def _market_why(node: NodeView, request: Request) -> Why | None:
     m = node.market
     if request.region and m.region != request.region:
-        return f"outside region {request.region}: node is in {m.region or 'no region'}"
+        return request.kinds["region"], lambda: f"node is in {m.region or 'no region'}"
     if request.countries and m.country not in request.countries:
-        return (
-            f"outside countries {','.join(sorted(request.countries))}: "
-            f"node is in {m.country or 'no country'}"
-        )
+        return request.kinds["countries"], lambda: f"node is in {m.country or 'no country'}"
     if request.min_uptime > 0 and m.uptime_30d < request.min_uptime:
-        return f"uptime below {request.min_uptime:.2%}: node has {m.uptime_30d:.2%} over 30 days"
+        return request.kinds["uptime"], lambda: f"node has {m.uptime_30d:.2%} over 30 days"
     for key, value in request.node_selector:
-        if m.labels.get(key) != value:
-            have = m.labels.get(key)
+        have = m.labels.get(key)
+        if have != value:
             return (
-                f"labels do not match: node has {key}={have}"
-                if have is not None
-                else f"labels do not match: node has no label {key}"
+                "labels do not match",
+                lambda key=key, have=have: (
+                    f"node has {key}={have}" if have is not None else f"node has no label {key}"
+                ),
             )
     if request.min_bandwidth_bps and m.bandwidth_bps < request.min_bandwidth_bps:
-        return (
-            f"bandwidth below {format_bps(request.min_bandwidth_bps)}: "
-            f"node measured {format_bps(m.bandwidth_bps)}"
-        )
+        return request.kinds["bandwidth"], lambda: f"node measured {format_bps(m.bandwidth_bps)}"
     if (
         request.scratch_bytes
         and m.scratch_free_bytes is not None
         and m.scratch_free_bytes < request.scratch_bytes
     ):
         return (
-            f"not enough scratch: {m.scratch_free_bytes} bytes free < "
-            f"{request.scratch_bytes} wanted"
+            "not enough scratch",
+            lambda: f"{m.scratch_free_bytes} bytes free < {request.scratch_bytes} wanted",
         )
     return None
 
@@ -269,11 +290,6 @@ def _selected(labels: Mapping[str, str], selector: tuple[tuple[str, str], ...]) 
         if labels.get(key) != value:
             return False
     return True
-
-
-def _reason_kind(reason: str) -> str:
-    # Reasons are "<kind>: <detail>"; the detail is node-specific noise in a summary.
-    return reason.split(":", 1)[0]
 
 
 def matching_gpus(node: NodeView, request: Request) -> list[GpuView]:
@@ -314,32 +330,38 @@ def _matching_count(node: NodeView, request: Request) -> int:
 
 def why_not(node: NodeView, request: Request) -> str | None:
     """The reason ``node`` cannot take ``request``, or None when it can."""
+    why = _why(node, request)
+    return None if why is None else f"{why[0]}: {why[1]()}"
+
+
+def _why(node: NodeView, request: Request) -> Why | None:
+    """The one order of the candidate tests (module docstring), as (kind, detail)."""
     if request.pinned_node_id and node.node_id != request.pinned_node_id:
-        return f"not pinned: lease is pinned to {request.pinned_node_id}"
+        return "not pinned", lambda: f"lease is pinned to {request.pinned_node_id}"
     if node.node_id in request.excluded:
-        return "already tried: this node was offered the lease before"
+        return "already tried", lambda: "this node was offered the lease before"
     if not node.online:
-        return f"unavailable: {node.offline_reason}"
+        return "unavailable", lambda: node.offline_reason
     if node.draining:
-        return "draining: node accepts no new leases"
+        return "draining", lambda: "node accepts no new leases"
     if node.isolation_block:
-        return f"not isolated: {node.isolation_block} (placement.require_isolation)"
+        return "not isolated", lambda: f"{node.isolation_block} (placement.require_isolation)"
     if request.constrained:
-        blocked = market_block(node, request)
+        blocked = _market_why(node, request)
         if blocked is not None:
             return blocked
     ask = lease_ask(node, request)
     if ask > request.price_ceiling_micros:
         return (
-            f"too expensive: ask {ask} > ceiling {request.price_ceiling_micros} "
-            "micro-units per GPU-hour"
+            "too expensive",
+            lambda: f"ask {ask} > ceiling {request.price_ceiling_micros} micro-units per GPU-hour",
         )
     matching = _matching_count(node, request)
     if matching < request.gpu_count:
         what = "free GPUs"
         if request.gpu_model or request.gpu_min_memory_bytes:
             what = "free GPUs matching the model/memory"
-        return f"not enough GPUs: {matching} {what} < {request.gpu_count} wanted"
+        return "not enough GPUs", lambda: f"{matching} {what} < {request.gpu_count} wanted"
     return None
 
 

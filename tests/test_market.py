@@ -618,3 +618,24 @@ def _loopback_tcp_bps(size: int) -> float:
     sender.join()
     server.close()
     return received * 8 / elapsed
+
+
+@pytest.mark.asyncio
+async def test_offers_watch_redraws_until_interrupted(
+    world: World, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`offers --watch` asks again every interval and redraws; Ctrl-C ends it (130)."""
+    from scheduler import cmd_market
+
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmd_market.time, "sleep", sleep)
+    assert await world.cli("offers", "--watch", "250ms") == 130
+    out = capsys.readouterr().out
+    assert out.count("offers at ") == 2 and out.count("NVIDIA H100 80GB HBM3") == 2
+    assert sleeps == [0.25, 0.25]
