@@ -639,3 +639,39 @@ async def test_offers_watch_redraws_until_interrupted(
     out = capsys.readouterr().out
     assert out.count("offers at ") == 2 and out.count("NVIDIA H100 80GB HBM3") == 2
     assert sleeps == [0.25, 0.25]
+
+
+@pytest.mark.asyncio
+async def test_a_bad_offer_update_is_partly_refused_and_the_node_told(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node's OfferUpdate with a price for a GPU it does not have, a price past the
+    bound and a country that does not exist: those parts are dropped and named, the
+    valid price and region are taken, the session stays open."""
+    from gpuagent.v1 import coordinator_pb2
+
+    offer = market_pb2.NodeOffer(
+        pricing=[
+            market_pb2.GpuPrice(gpu_model="NVIDIA H100 80GB HBM3", micros_per_gpu_hour=1),
+            market_pb2.GpuPrice(gpu_model="NVIDIA GeForce RTX 4090", micros_per_gpu_hour=10**13),
+            market_pb2.GpuPrice(gpu_model="NVIDIA GeForce RTX 4090", micros_per_gpu_hour=1_700_000),
+        ],
+        location=market_pb2.Location(region="eu-central", country="QQ"),
+    )
+    await world.eu.link.send(
+        coordinator_pb2.AgentMessage(offer_update=market_pb2.OfferUpdate(offer=offer))
+    )
+    record = world.server.registry.nodes[world.eu.node_id]
+    await until(lambda: record.offer.location.region == "eu-central", what="the new region")
+    assert [(p.gpu_model, p.micros_per_gpu_hour) for p in record.offer.pricing] == [
+        ("NVIDIA GeForce RTX 4090", 1_700_000)
+    ]
+    assert record.offer.location.country == ""
+    refused = [r for r in caplog.records if r.getMessage() == "node offer partly refused"]
+    problems = refused[-1].problems  # type: ignore[attr-defined]
+    assert any("no GPU of model 'NVIDIA H100 80GB HBM3'" in p for p in problems)
+    assert any("offer.location.country" in p for p in problems)
+    assert any("pricing[1]" in p for p in problems)
+    assert world.eu.link.connected
+    quote = await world.stub.Quote(world.lease(gpu_model="4090"), timeout=5)
+    assert quote.ask_micros_per_gpu_hour == 1_700_000
