@@ -203,6 +203,17 @@ class MarketReporter:
         )
         if measured.error:
             log.warning("bandwidth probe failed", extra={"error": measured.error})
+            last = self.bandwidth
+            if last is not None and last.bits_per_second:
+                # The last good figure stands, with when it was measured; the error
+                # says the newer probe failed.
+                measured = market_pb2.BandwidthMeasurement(
+                    bits_per_second=last.bits_per_second,
+                    bytes=last.bytes,
+                    elapsed_ns=last.elapsed_ns,
+                    measured_at_unix_nanos=last.measured_at_unix_nanos,
+                    error=measured.error,
+                )
         else:
             log.info(
                 "bandwidth measured",

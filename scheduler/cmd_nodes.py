@@ -156,8 +156,8 @@ def market_lines(node: nodes_pb2.Node) -> list[str]:
             f"({format_size(bw.bytes)} in {bw.elapsed_ns / 1e6:.0f} ms, "
             f"{_ago(bw.measured_at_unix_nanos, time.time())})"
         )
-    elif bw.error:
-        measured = f"last probe failed: {bw.error}"
+    if bw.error:
+        measured += f"; the newest probe failed: {bw.error}"
     declared = node.declared_bits_per_second
     line = f"bandwidth:   {measured}"
     if declared:

@@ -407,6 +407,12 @@ async def test_bandwidth_probe_is_bounded_and_near_loopback_throughput(world: Wo
     assert not quote.placeable
     assert any(k.startswith("bandwidth below 100 Gbit/s") for k in quote.excluded), quote
 
+    # A probe refused (again within 10 s) keeps the last good figure and says why.
+    again = await reporter.probe_once()
+    assert again is not None and "RESOURCE_EXHAUSTED" in again.error
+    assert again.bits_per_second == measured.bits_per_second
+    assert again.measured_at_unix_nanos == measured.measured_at_unix_nanos
+
 
 @pytest.mark.asyncio
 async def test_bandwidth_probe_refusals(world: World, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,7 +88,7 @@ class BandwidthMeasurement(_message.Message):
     MEASURED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     bits_per_second: _builtins.int
-    """0 = never measured (or the last probe failed)"""
+    """0 = never measured; a failed probe keeps the last good one"""
     bytes: _builtins.int
     """bytes the probe read"""
     elapsed_ns: _builtins.int
@@ -96,7 +96,7 @@ class BandwidthMeasurement(_message.Message):
     measured_at_unix_nanos: _builtins.int
     """when it finished; 0 = never"""
     error: _builtins.str
-    """why the last probe failed; "" = it did not"""
+    """why the newest probe failed; "" = it did not"""
     def __init__(
         self,
         *,
