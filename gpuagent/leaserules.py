@@ -26,6 +26,15 @@ UINT64_FIELDS: dict[str, int] = {
 }
 
 
+# What a buyer may ask for in LeaseSpec.network_mode: "" (the lease's own network:
+# bridge, ICC off, egress policy) or "none" (loopback only). The agent also takes
+# "bridge"/"default" as spellings of "" from older coordinators; nothing else.
+BUYER_NETWORK_MODES = ("", "none")
+PORTS_WITHOUT_NETWORK = (
+    "ports cannot be published by a lease with network_mode none (it has no network)"
+)
+
+
 def argv_bytes(command: list[str] | tuple[str, ...], args: list[str] | tuple[str, ...]) -> int:
     return sum(len(part.encode("utf-8", errors="replace")) + 1 for part in (*command, *args))
 
