@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "agent.cmd_attest",
     "agent.cmd_usage",
     "agent.cmd_firewall",
+    "agent.cmd_scratch",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -222,7 +222,7 @@ class AgentNode:
             base_url=config.runtime.docker_host, timeout=60
         )
         self._docker_client = client
-        scratch = config.runtime.scratch_dir or state_dir / "scratch"
+        scratch = config.scratch_root()
         runtime = DockerRuntime(
             client,
             config.runtime,

@@ -239,6 +239,13 @@ def test_doctor_as_the_service_user_reaches_the_coordinator(provider: Provider) 
     results = {r["name"]: r for r in json.loads(doctor.stdout)}
     assert results["coordinator"]["severity"] == "ok", results["coordinator"]
     assert "certificate verified" in results["coordinator"]["message"]
+    # The unit's privileged pre-start (`gpu-agent scratch-mount`) made the scratch root
+    # a nosuid,nodev mount although the agent itself cannot mount (measured mode).
+    scratch = provider.system.scratch
+    options = provider.system.sh(f"findmnt -n -o OPTIONS --mountpoint {scratch}").stdout
+    assert {"nosuid", "nodev"} <= set(options.strip().split(",")), options
+    assert results["scratch"]["severity"] == "info", results["scratch"]
+    assert f"{scratch} is mounted nosuid,nodev" in results["scratch"]["message"]
     assert doctor.rc == 0, doctor
 
 

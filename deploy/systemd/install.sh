@@ -434,6 +434,9 @@ do_uninstall() {
         local config=()
         [[ -f /etc/gpu-agent/config.yaml ]] && config=(--config /etc/gpu-agent/config.yaml)
         "$VENV/bin/gpu-agent" "${config[@]}" firewall remove || warn "could not remove the firewall rules"
+        # The unit's pre-start bind of the scratch root onto itself (nosuid,nodev).
+        "$VENV/bin/gpu-agent" "${config[@]}" scratch-mount --remove \
+            || warn "could not unmount the scratch root"
     fi
     if [[ -e $(r "$OPT_DIR") ]]; then
         rm -rf "$(r "$OPT_DIR")"
