@@ -29,16 +29,16 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard, cast
 
-from benchmarks.attest.errors import ProverError
-from benchmarks.attest.messages import Challenge, GpuIdentity, MatmulTask
 from gpuagent import attestation_wire as wire
+from gpuagent.attest.errors import ProverError
+from gpuagent.attest.messages import Challenge, GpuIdentity, MatmulTask
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from .link.session import NotConnected
 
 if TYPE_CHECKING:  # numpy comes with it: imported on the first challenge, not at startup
     from benchmarks.attest.backends import Backend
-    from benchmarks.attest.prover import Prover
+    from gpuagent.attest.prover import Prover
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ class AttestationResponder:
 def _is_prover(source: object) -> TypeGuard[Prover]:
     # No Prover can exist before its module is imported, so a source is a factory
     # unless the module is loaded and says otherwise; this keeps numpy unloaded.
-    module = sys.modules.get("benchmarks.attest.prover")
+    module = sys.modules.get("gpuagent.attest.prover")
     return module is not None and isinstance(source, module.Prover)
 
 

@@ -82,7 +82,7 @@ from .usage.sampler import Sampler
 from .usage.sources import MeteredLease, SnapshotGpuUsage
 
 if TYPE_CHECKING:  # imported lazily at run time: it brings numpy
-    from benchmarks.attest.prover import Prover
+    from gpuagent.attest.prover import Prover
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ class AgentNode:
         sign = self.identity.sign
 
         def build(device: int) -> Prover:
-            from benchmarks.attest.prover import Prover
+            from gpuagent.attest.prover import Prover
 
             try:
                 backend = load_backend(name, device)
@@ -386,7 +386,7 @@ class AgentNode:
         index = {g.uuid: g.index for g in self._inventory_pb.gpus}.get(result.gpu_uuid, -1)
         score = 0.0
         with contextlib.suppress(KeyError, ValueError):
-            from benchmarks.attest.skus import get_sku  # numpy: loaded with the prover
+            from gpuagent.attest.skus import get_sku  # numpy: loaded with the prover
 
             peak = get_sku(result.sku.partition("@")[0]).peak_flops("fp16") / 1e12
             score = min(1.0, result.measured_tflops / peak) if peak else 0.0

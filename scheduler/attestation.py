@@ -34,9 +34,9 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from benchmarks.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
-from benchmarks.attest.verifier import AttestationRejected, Verifier
 from gpuagent import attestation_wire as wire
+from gpuagent.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
+from gpuagent.attest.verifier import AttestationRejected, Verifier
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from . import attestation_store as store

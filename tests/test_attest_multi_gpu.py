@@ -16,8 +16,8 @@ from agent.attestation import (
 )
 from agent.link import StaticReporter
 from benchmarks.attest.backends import MatmulOutput, NumpyBackend
-from benchmarks.attest.errors import ProverError
-from benchmarks.attest.prover import Prover
+from gpuagent.attest.errors import ProverError
+from gpuagent.attest.prover import Prover
 from tests.coordinator_harness import agent_config, make_link, until
 from tests.test_attest_e2e import judged, scheduler, stored
 

@@ -99,7 +99,7 @@ def test_client_commands_import_neither_the_server_nor_numpy() -> None:
 
     code = (
         "import sys; from scheduler import cli; cli.build_parser(); "
-        "bad = [m for m in ('numpy', 'scheduler.server', 'benchmarks.attest.verifier') "
+        "bad = [m for m in ('numpy', 'scheduler.server', 'gpuagent.attest.verifier') "
         "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run(

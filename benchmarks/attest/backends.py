@@ -20,7 +20,13 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from .generator import ENTRIES_PER_WORD, check_inner, lines, lines_generic, matrix_key
+from gpuagent.attest.generator import (
+    ENTRIES_PER_WORD,
+    check_inner,
+    lines,
+    lines_generic,
+    matrix_key,
+)
 
 # Entries per K-chunk on a GPU: large enough that each GEMM saturates the tensor cores,
 # small enough that the int64 generator temporaries (n x chunk/4 words) stay modest.
