@@ -37,7 +37,7 @@ from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_
 from .link.session import NotConnected
 
 if TYPE_CHECKING:  # numpy comes with it: imported on the first challenge, not at startup
-    from benchmarks.attest.backends import Backend
+    from gpuagent.attest.backend import Backend
     from gpuagent.attest.prover import Prover
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ import pytest_asyncio
 
 from agent.identity import load_or_create
 from agent.link import Backoff, CoordinatorLink
-from agent.link.reporter import HeartbeatState, HelloState, build_inventory, simulated_gpus
+from agent.link.reporter import HeartbeatState, HelloState
+from benchmarks.node_fixtures import build_inventory, simulated_gpus
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2, leases_pb2_grpc
 from scheduler.config import SchedulerConfig
 from scheduler.leases_store import LeaseRow
