@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard, cast
 
 from gpuagent import attestation_wire as wire
+from gpuagent.aio import TaskSet
 from gpuagent.attest.errors import ProverError
 from gpuagent.attest.messages import Challenge, GpuIdentity, MatmulTask
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
@@ -131,7 +132,7 @@ class AttestationResponder:
         self._forget_margin_s = forget_margin_s
         self._busy = asyncio.Lock()
         self._waiting = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._committed: dict[tuple[str, str], Prover] = {}  # awaiting a reveal
         self._used: dict[str, list[Prover]] = {}  # per challenge, to forget its results
@@ -154,10 +155,7 @@ class AttestationResponder:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel()
         for cid in list(self._used):
             self._forget(cid)
 
@@ -187,11 +185,9 @@ class AttestationResponder:
             },
         )
         self._waiting += 1
-        task = asyncio.create_task(
+        self._tasks.spawn(
             self._run(challenge, received_at), name=f"attest-{challenge.challenge_id}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, challenge: Challenge, received_at: float) -> None:
         try:

@@ -21,6 +21,7 @@ import docker
 from google.protobuf.json_format import MessageToDict
 
 from gpuagent import sdnotify
+from gpuagent.aio import wait_any
 from gpuagent.configload import ConfigError
 from gpuagent.logsetup import setup_logging
 from gpuagent.usage import SignedUsageRecord
@@ -360,13 +361,7 @@ class AgentNode:
         """After Docker restarts: run the self-test again (the next Hello carries it)."""
         reconnected = self.runtime.engine_reconnected
         while not stop.is_set():
-            waiters = [
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(reconnected.wait()),
-            ]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+            await wait_any(stop, reconnected)
             if stop.is_set():
                 return
             reconnected.clear()
@@ -681,13 +676,7 @@ class AgentNode:
                     self._usage_sent_through = batch[-1].record.seq
                     continue
             self._usage_wake.clear()
-            waiters = [
-                asyncio.ensure_future(self._usage_wake.wait()),
-                asyncio.ensure_future(stop.wait()),
-            ]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+            await wait_any(self._usage_wake, stop)
 
     # -- drain and readiness ------------------------------------------------------------
 

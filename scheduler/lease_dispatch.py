@@ -24,12 +24,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
 from . import placement
@@ -41,7 +42,7 @@ from .leases_store import (
     UpdateOutcome,
     state_name,
 )
-from .liveness import Liveness
+from .liveness import Liveness, is_online
 from .registry import NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class LeaseDispatcher:
         self._wake = asyncio.Event()
         self._place_lock = asyncio.Lock()
         self._offers: dict[str, _Offer] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
         self._bad_price: set[tuple[str, str]] = set()
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
@@ -147,7 +148,6 @@ class LeaseDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Placement passes until ``stop``: when kicked, and every ``retry_interval``."""
-        stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -155,30 +155,16 @@ class LeaseDispatcher:
                     await self.place_pending()
                 except Exception:  # one bad pass must not stop placement for good
                     log.exception("placement pass failed")
-                woken = asyncio.create_task(self._wake.wait())
-                await asyncio.wait(
-                    {woken, stopping},
-                    timeout=self.settings.retry_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                woken.cancel()
+                await wait_any(self._wake, stop, within=self.settings.retry_interval)
         finally:
-            stopping.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop waiting for offers; the store recovers in-flight offers on next start."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(coro, name=name)
 
     # -- placement -----------------------------------------------------------------
 
@@ -262,7 +248,7 @@ class LeaseDispatcher:
                 held.setdefault(row.node_id, set()).update(row.gpu_uuids)
         registry = self.registry
         now = registry.clock()
-        suspect_after = registry.policy.suspect_after
+        policy = registry.policy
         eligible = self.gpu_eligible
         views: list[placement.NodeView] = []
         append = views.append
@@ -279,8 +265,7 @@ class LeaseDispatcher:
                 and view.online
                 and not view.draining
                 and view.free_gpus is capacity.gpus
-                and seen is not None
-                and now - seen <= suspect_after
+                and is_online(policy, seen, now)
                 and eligible is None
                 and node_id in sessions
                 and not record.draining
@@ -293,10 +278,8 @@ class LeaseDispatcher:
                 append(view)
                 continue
             connected = node_id in sessions
-            # Inline liveness: ONLINE exactly when heard from within suspect_after
-            # (liveness.evaluate); the full evaluation only for the reason text.
-            seen = record.last_seen
-            online = connected and seen is not None and now - seen <= suspect_after
+            # The full evaluation only for the reason text.
+            online = connected and is_online(policy, seen, now)
             draining = record.draining or capacity.draining
             gpus = capacity.gpus
             if online and not draining and gpus:

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gpuagent.aio import TaskSet
 from gpuagent.v1 import (
     acl_pb2,
     acl_pb2_grpc,
@@ -197,7 +198,7 @@ class SchedulerServer:
         self.ledger.on_eligibility_change = self.dispatcher.kick
         self._wire_metrics()
         self._verdicts_seen: set[tuple[str, str, str]] = set()
-        self._slash_tasks: set[asyncio.Task[int]] = set()
+        self._slash_tasks = TaskSet()
         self.attestation.add_listener(self._on_verdicts)
         self._metrics_server: MetricsServer | None = None
         self._ledger_stop = asyncio.Event()
@@ -239,11 +240,9 @@ class SchedulerServer:
             self.metrics.attestation("passed" if record.passed else "failed")
             if not record.passed and record.challenge_id:
                 # The ledger slashes at most once per challenge (docs/ledger.md).
-                task = asyncio.get_running_loop().create_task(
+                self._slash_tasks.spawn(
                     self.ledger.attestation_failed(node_id, record.reason, record.challenge_id)
                 )
-                self._slash_tasks.add(task)
-                task.add_done_callback(self._slash_tasks.discard)
 
     async def start(self) -> int:
         """Open the database, bind and start serving; returns the bound port."""

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.units import format_size
 
 from ..config import AgentConfig, RuntimeConfig
@@ -168,7 +169,7 @@ class LeaseManager:
         # does not grow with every lease ever seen.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._launches: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._started_mono: dict[str, float] = {}
         # Leases whose container Docker reported dead but whose end is still being
         # recorded (inspect, log tail, state DB): no longer "running" for metering,
@@ -669,15 +670,7 @@ class LeaseManager:
             # at least once a minute so a wall-clock jump is noticed.
             timeout = min([60.0, *(t - now for t in upcoming)])
             self._deadlines_changed.clear()
-            waiters = {
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._deadlines_changed.wait()),
-            }
-            _, pending = await asyncio.wait(
-                waiters, timeout=max(timeout, 0.01), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
+            await wait_any(stop, self._deadlines_changed, within=max(timeout, 0.01))
 
     # -- helpers ----------------------------------------------------------------
 
@@ -706,9 +699,7 @@ class LeaseManager:
             except Exception:
                 log.exception("lease task failed", extra={"task": name})
 
-        task = asyncio.create_task(guarded(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(guarded(), name=name)
 
     def _free_capacity(self) -> FreeCapacity:
         used_memory = 0

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from gpuagent import PROTOCOL_VERSION, __version__
+from gpuagent.aio import TaskSet
 from gpuagent.signing import hello_signing_bytes
 from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -135,7 +136,7 @@ class CoordinatorLink:
         self._handlers: dict[str, Handler] = {}
         self._params_listeners: list[ParamsListener] = []
         self._session_listeners: list[SessionListener] = []
-        self._listener_tasks: set[asyncio.Task[None]] = set()
+        self._listener_tasks = TaskSet()
         self.welcome: coordinator_pb2.Welcome | None = None
         self._call: grpc.aio.StreamStreamCall[Any, Any] | None = None
         self._write_lock = asyncio.Lock()
@@ -257,11 +258,9 @@ class CoordinatorLink:
                         self.observer.reconnected()
                 if self.welcome is not None:
                     for listener in self._session_listeners:
-                        task = asyncio.create_task(
+                        self._listener_tasks.spawn(
                             self._run_session_listener(listener, self.welcome)
                         )
-                        self._listener_tasks.add(task)
-                        task.add_done_callback(self._listener_tasks.discard)
                 await self._serve(call, stop)
             finally:
                 self._call = None
