@@ -25,8 +25,7 @@ from gpuagent.aio import wait_any
 from gpuagent.configload import ConfigError
 from gpuagent.logsetup import setup_logging
 from gpuagent.usage import SignedUsageRecord
-from gpuagent.usage_wire import record_to_pb
-from gpuagent.v1 import coordinator_pb2, leases_pb2, usage_pb2
+from gpuagent.v1 import coordinator_pb2, leases_pb2
 
 from . import control_token, wire
 from .attestation import (
@@ -56,6 +55,7 @@ from .leases.statedb import StateDB
 from .leases.states import LeaseState
 from .link import CoordinatorLink, NotConnected
 from .link.reporter import HeartbeatState, HelloState, default_node_name
+from .link.session import LinkParams
 from .metrics.agent_metrics import Attestation
 from .metrics.backend_source import gpu_source_for
 from .metrics.gpu_collector import GpuHealth as MetricsGpuHealth
@@ -80,6 +80,7 @@ from .reload import merge_live, plan_reload
 from .usage.cgroup import CgroupReader, ContainerCounters, lease_bridge
 from .usage.outbox import OUTBOX_FILE_NAME, Outbox
 from .usage.sampler import Sampler
+from .usage.sender import UsageSender
 from .usage.sources import MeteredLease, SnapshotGpuUsage
 
 if TYPE_CHECKING:  # imported lazily at run time: it brings numpy
@@ -166,9 +167,7 @@ class AgentNode:
         self.sampler: Sampler
         self.link: CoordinatorLink
         self._started = time.monotonic()
-        self._usage_wake = asyncio.Event()
-        self._usage_acked = asyncio.Event()
-        self._usage_sent_through = 0
+        self.usage: UsageSender
         self._draining = False
         self._drain_deadline: float | None = None  # unix seconds
         self._drain_task: asyncio.Task[None] | None = None
@@ -284,12 +283,15 @@ class AgentNode:
             region=config.node.region or "",
             labels=self._labels(),
             observer=self.telemetry.agent,
+            params=LinkParams(metering_interval=config.metering.record_interval),
         )
+        self.usage = UsageSender(self.outbox, self.link, config.metering.batch_size)
+        self.link.on_params(self._on_params)
         status_server = self._build_status_server(client)
         self.link.on("lease_assign", self._on_lease_assign)
         self.link.on("lease_cancel", self._on_lease_cancel)
         self.link.on("lease_update_ack", self._on_lease_update_ack)
-        self.link.on("usage_ack", self._on_usage_ack)
+        self.link.on("usage_ack", self.usage.on_ack)
         self.link.on("drain", self._on_drain)
         self.link.on_session(self._on_session)
         self.attestation = await self._build_attestation()
@@ -301,7 +303,7 @@ class AgentNode:
         agent.add_component("isolation-self-test", self._recheck_isolation)
         agent.add_component("leases", self.leases.run)
         agent.add_component("usage-sampler", self.sampler.run)
-        agent.add_component("usage-sender", self._usage_sender)
+        agent.add_component("usage-sender", self.usage.run)
         agent.add_component("coordinator-link", self.link.run)
         agent.add_component("status-server", status_server.run)
         agent.add_component("ready", self._announce_ready)
@@ -499,9 +501,18 @@ class AgentNode:
         )
         return StatusServer(self.config.status.listen, app)
 
-    def _on_usage_records(self, _records: Sequence[SignedUsageRecord]) -> None:
-        self._usage_wake.set()
+    def _on_usage_records(self, records: Sequence[SignedUsageRecord]) -> None:
+        # Written during reconcile too, before the sender exists; its first session
+        # sends everything unacked anyway.
+        usage: UsageSender | None = getattr(self, "usage", None)
+        if usage is not None:
+            usage.wake(records)
         self._refresh_usage_metrics()
+
+    def _on_params(self, params: LinkParams) -> None:
+        """Coordinator-set parameters apply at once (each already clamped by the link)."""
+        self.sampler.set_record_interval(params.metering_interval)
+        self.usage.batch_max = params.usage_batch_max
 
     def _refresh_usage_metrics(self) -> None:
         stats = self.sampler.stats
@@ -618,18 +629,9 @@ class AgentNode:
 
     # -- usage ------------------------------------------------------------------------
 
-    async def _on_usage_ack(self, msg: usage_pb2.UsageAck) -> None:
-        pruned = await asyncio.to_thread(self.outbox.ack, msg.acked_through_seq)
-        self._usage_acked.set()
-        log.debug("usage acked", extra={"through_seq": msg.acked_through_seq, "pruned": pruned})
-
     async def _on_session(self, welcome: coordinator_pb2.Welcome) -> None:
         # What the coordinator stored is safe to prune; everything after it is re-sent.
-        if welcome.acked_usage_seq:
-            await asyncio.to_thread(self.outbox.ack, welcome.acked_usage_seq)
-        stats = await asyncio.to_thread(self.outbox.stats)
-        self._usage_sent_through = stats.acked_seq
-        self._usage_wake.set()
+        await self.usage.on_session(welcome.acked_usage_seq)
         for update in await self.leases.pending_updates():
             # The agent may have died between storing a terminal update and writing the
             # lease's final usage record: write it now (a no-op when it exists).
@@ -641,42 +643,9 @@ class AgentNode:
             self._set_draining(welcome.draining, "coordinator")
 
     async def _flush_usage(self) -> None:
-        """At shutdown: close due intervals and deliver what is pending while connected.
-
-        Nothing is lost without this (the outbox is durable and replayed after the
-        restart); it only spares the coordinator a backlog after routine restarts.
-        """
+        """At shutdown: close due intervals, then deliver what is pending."""
         await self.sampler.tick()
-        target = (await asyncio.to_thread(self.outbox.stats)).last_seq
-        while self.link.connected:
-            stats = await asyncio.to_thread(self.outbox.stats)
-            if stats.acked_seq >= target:
-                log.info("usage flushed", extra={"acked_through_seq": stats.acked_seq})
-                return
-            self._usage_acked.clear()
-            self._usage_wake.set()
-            # Re-checked on every ack; the agent's drain timeout bounds the whole flush.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._usage_acked.wait(), 1.0)
-
-    async def _usage_sender(self, stop: asyncio.Event) -> None:
-        """Send outbox records in seq order whenever there are some and a session is open."""
-        batch_size = self.config.metering.batch_size
-        while not stop.is_set():
-            if self.link.connected:
-                batch: list[SignedUsageRecord] = await asyncio.to_thread(
-                    self.outbox.pending, batch_size, self._usage_sent_through
-                )
-                if batch:
-                    report = usage_pb2.UsageReport(records=[record_to_pb(r) for r in batch])
-                    try:
-                        await self.link.send(coordinator_pb2.AgentMessage(usage_report=report))
-                    except NotConnected:
-                        continue
-                    self._usage_sent_through = batch[-1].record.seq
-                    continue
-            self._usage_wake.clear()
-            await wait_any(self._usage_wake, stop)
+        await self.usage.flush()
 
     # -- drain and readiness ------------------------------------------------------------
 

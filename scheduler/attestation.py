@@ -187,14 +187,6 @@ class AttestationManager:
         coordinator.on_connect(self._on_connect)
         coordinator.on_agent_error(self._on_agent_error)
 
-    def policy(self) -> common_pb2.AttestationPolicy:
-        """What NodeParams tell agents about this policy."""
-        return common_pb2.AttestationPolicy(
-            required=self.config.required,
-            interval_seconds=int(self.config.interval) if self.config.enabled else 0,
-            spot_check_rows=self.config.open_rows,
-        )
-
     def add_listener(self, listener: Listener) -> None:
         """Called with a node id whenever one of its verdicts is stored (e.g. to re-place)."""
         self._listeners.append(listener)

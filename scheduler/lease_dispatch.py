@@ -516,10 +516,6 @@ class LeaseDispatcher:
 
     # -- sessions, heartbeats, liveness -----------------------------------------------
 
-    async def known_lease_ids(self, node_id: str) -> list[str]:
-        """For Welcome: leases the coordinator believes run on ``node_id``."""
-        return [r.lease_id for r in await self.store.on_node(node_id) if r.state != "pending"]
-
     async def on_connect(self, session: Session, record: NodeRecord) -> None:
         """After Welcome: cancel what the node should not run; reconcile the rest at the
         first heartbeat."""

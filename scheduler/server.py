@@ -157,7 +157,6 @@ class SchedulerServer:
             config.attestation, self.registry, self.db, clock=clock
         )
         self.attestation.install(self.coordinator)
-        self.coordinator.params.attestation.CopyFrom(self.attestation.policy())
         self.nodes = NodesService(self.registry, self.attestation)
         pc = config.placement
         self.leases_store = LeaseStore(
@@ -181,7 +180,6 @@ class SchedulerServer:
         self.coordinator.on("lease_update", self.dispatcher.on_update)
         self.coordinator.on_connect(self.dispatcher.on_connect)
         self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)
-        self.coordinator.known_leases = self.dispatcher.known_lease_ids
         self.leases = LeasesService(self.leases_store, self.dispatcher, self.registry)
         # Ledger (docs/ledger.md): escrow rides the lease store's transactions, usage
         # reports settle it, and placement skips nodes without enough collateral.
