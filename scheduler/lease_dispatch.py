@@ -34,6 +34,7 @@ from gpuagent.aio import TaskSet, wait_any
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
 from . import placement
+from .eligibility import Eligibility
 from .leases_store import (
     TERMINAL,
     CancelResult,
@@ -46,8 +47,6 @@ from .liveness import Liveness, is_online
 from .registry import NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
-
-GpuEligible = Callable[[str, str], bool]  # (node_id, gpu_uuid) -> may take leases
 
 
 @dataclass(frozen=True)
@@ -119,14 +118,14 @@ class LeaseDispatcher:
         settings: DispatchSettings = DispatchSettings(),
         *,
         observe_placement: Callable[[float], None] | None = None,
-        gpu_eligible: GpuEligible | None = None,
+        eligibility: Eligibility | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
         self.observe_placement = observe_placement
-        # Set by attestation once it exists: a GPU that fails it takes no lease.
-        self.gpu_eligible = gpu_eligible
+        # Attestation and collateral: a GPU that fails either takes no lease.
+        self.eligibility = eligibility
         self._wake = asyncio.Event()
         self._place_lock = asyncio.Lock()
         self._offers: dict[str, _Offer] = {}
@@ -249,7 +248,13 @@ class LeaseDispatcher:
         registry = self.registry
         now = registry.clock()
         policy = registry.policy
-        eligible = self.gpu_eligible
+        # None when no rule can refuse a GPU: then the fast path below serves every
+        # unchanged node (before #19 the server always installed a filter).
+        eligible = (
+            self.eligibility.gpu
+            if self.eligibility is not None and self.eligibility.restricts
+            else None
+        )
         views: list[placement.NodeView] = []
         append = views.append
         capacities = self._capacities
