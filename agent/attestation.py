@@ -33,6 +33,7 @@ from gpuagent import attestation_wire as wire
 from gpuagent.aio import TaskSet
 from gpuagent.attest.errors import ProverError
 from gpuagent.attest.messages import Challenge, GpuIdentity, MatmulTask
+from gpuagent.attest.skus import get_sku
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from .link.session import NotConnected
@@ -71,6 +72,16 @@ class GpuResult:
     sku: str
     elapsed_seconds: float  # challenge sent -> commit received, coordinator clock
     received_unix_s: float  # agent wall clock when the verdict arrived
+
+
+def throughput_score(result: GpuResult) -> float:
+    """Measured fp16 throughput as a share of the SKU's datasheet peak, 0..1 (0 when the
+    SKU is unknown), for the ``gpu_agent_attestation_score`` gauge."""
+    try:
+        peak = get_sku(result.sku.partition("@")[0]).peak_flops("fp16") / 1e12
+    except (KeyError, ValueError):
+        return 0.0
+    return min(1.0, result.measured_tflops / peak) if peak else 0.0
 
 
 ProverSource: TypeAlias = "Prover | Callable[[str], Prover]"
