@@ -26,8 +26,9 @@ import pytest_asyncio
 from agent.config import AgentConfig
 from agent.identity import load_or_create
 from agent.link import Backoff, CoordinatorLink
-from agent.link.reporter import HelloState, build_inventory, simulated_gpus
+from agent.link.reporter import HelloState
 from agent.market import MarketReporter, probe_bandwidth
+from benchmarks.node_fixtures import build_inventory, simulated_gpus
 from gpuagent import market
 from gpuagent.signing import bandwidth_probe_signing_bytes
 from gpuagent.v1 import (

@@ -3,8 +3,11 @@
 The link calls ``assign``/``cancel``; ``run`` watches Docker events and expiry
 deadlines; ``reconcile`` (run once at start) makes Docker and the state DB agree
 after a restart. Every state change is stored in the state DB together with the
-``LeaseUpdate`` reporting it, then handed to ``on_update``: if that fails, the
-update stays in the DB (``pending_updates``) until ``ack_update``.
+``LeaseUpdate`` reporting it, then published: updates queue in order and one
+delivery task hands each to ``on_update`` outside every lease lock, so a slow
+consumer (a gRPC write, an outbox write) never stalls a lease transition, and a
+consumer may call back into the manager. If delivery fails, the update stays in
+the DB (``pending_updates``) until ``ack_update``.
 
 Work on one lease is serialised by a per-lease lock; different leases proceed
 concurrently. Nothing a lease does may crash the manager: unexpected errors fail
@@ -14,6 +17,7 @@ that lease with a reason and are logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -29,6 +33,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.units import format_size
 
 from ..config import AgentConfig, RuntimeConfig
@@ -168,13 +173,16 @@ class LeaseManager:
         # does not grow with every lease ever seen.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._launches: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._started_mono: dict[str, float] = {}
         # Leases whose container Docker reported dead but whose end is still being
         # recorded (inspect, log tail, state DB): no longer "running" for metering,
         # so a sampler tick in that window does not bill past the container's death.
         self._exited: set[str] = set()
         self._deadlines_changed = asyncio.Event()
+        # Published updates not yet handed to on_update, oldest first (see _notify).
+        self._published: collections.deque[LeaseUpdate] = collections.deque()
+        self._delivery: asyncio.Task[None] | None = None
         self._loaded = False
         self._reconciled = False
 
@@ -313,9 +321,13 @@ class LeaseManager:
         finally:
             # Launches and stops in flight end here; what they left half done is
             # in the state DB and the next reconcile finishes it.
-            for task in [*self._launches.values(), *self._tasks]:
+            # Updates not yet delivered are in the state DB and go out after the restart.
+            delivery = [self._delivery] if self._delivery is not None else []
+            for task in [*self._launches.values(), *self._tasks, *delivery]:
                 task.cancel()
-            await asyncio.gather(*self._launches.values(), *self._tasks, return_exceptions=True)
+            await asyncio.gather(
+                *self._launches.values(), *self._tasks, *delivery, return_exceptions=True
+            )
 
     def update_policy(self, runtime: RuntimeConfig) -> None:
         """New admission limits and allow-lists (SIGHUP); running leases keep theirs."""
@@ -669,15 +681,7 @@ class LeaseManager:
             # at least once a minute so a wall-clock jump is noticed.
             timeout = min([60.0, *(t - now for t in upcoming)])
             self._deadlines_changed.clear()
-            waiters = {
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._deadlines_changed.wait()),
-            }
-            _, pending = await asyncio.wait(
-                waiters, timeout=max(timeout, 0.01), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
+            await wait_any(stop, self._deadlines_changed, within=max(timeout, 0.01))
 
     # -- helpers ----------------------------------------------------------------
 
@@ -706,9 +710,7 @@ class LeaseManager:
             except Exception:
                 log.exception("lease task failed", extra={"task": name})
 
-        task = asyncio.create_task(guarded(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(guarded(), name=name)
 
     def _free_capacity(self) -> FreeCapacity:
         used_memory = 0
@@ -856,11 +858,22 @@ class LeaseManager:
             self._active[record.lease_id] = record
 
     async def _notify(self, update: LeaseUpdate) -> None:
-        try:
-            await self._on_update(update)
-        except Exception:
-            # The update is in the state DB; the link re-sends it from there.
-            log.exception(
-                "lease update callback failed",
-                extra={"lease_id": update.lease_id, "seq": update.seq},
+        """Publish ``update`` (called under the lease's lock: it only queues)."""
+        self._published.append(update)
+        if self._delivery is None or self._delivery.done():
+            self._delivery = asyncio.get_running_loop().create_task(
+                self._deliver(), name="lease-updates"
             )
+
+    async def _deliver(self) -> None:
+        """Hand published updates to ``on_update`` one at a time, in order, holding no lock."""
+        while self._published:
+            update = self._published.popleft()
+            try:
+                await self._on_update(update)
+            except Exception:
+                # The update is in the state DB; the link re-sends it from there.
+                log.exception(
+                    "lease update callback failed",
+                    extra={"lease_id": update.lease_id, "seq": update.seq},
+                )
