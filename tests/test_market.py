@@ -261,11 +261,19 @@ async def test_offers_group_by_model_and_filter(
     assert await world.cli("offers", "--sort", "uptime") == 0
     table = capsys.readouterr().out
     assert "NVIDIA H100 80GB HBM3" in table and "not measured" in table
-    # A bad country is refused by the server too, naming the field.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await world.offers(countries=["XX"])
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "countries[0]" in err.value.details()
+    # Bad filters are refused by the server too, naming the field.
+    for request, field_name in (
+        ({"countries": ["XX"]}, "countries[0]"),
+        ({"countries": ["DE"] * 65}, "countries"),
+        ({"min_uptime_ratio": float("nan")}, "min_uptime_ratio"),
+        ({"sort": "cheapest"}, "sort"),
+        ({"gpu_model": "x" * 10_000}, "gpu_model"),
+        ({"region": "eu west"}, "region"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await world.offers(**request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert err.value.details().startswith(field_name), err.value.details()
 
 
 @pytest.mark.asyncio
@@ -682,3 +690,29 @@ async def test_a_bad_offer_update_is_partly_refused_and_the_node_told(
     assert world.eu.link.connected
     quote = await world.stub.Quote(world.lease(gpu_model="4090"), timeout=5)
     assert quote.ask_micros_per_gpu_hour == 1_700_000
+
+
+@pytest.mark.asyncio
+async def test_a_buyer_sees_the_market_view_of_a_node(world: World) -> None:
+    """A buyer's `nodes` keeps the asks, location and both bandwidth figures and drops
+    the host's name and its NIC names (the market view); the offers it gets are the
+    same as an admin's."""
+    from tests.coordinator_harness import account_token
+
+    token = await account_token(world.server, "carol", "buyer")
+    async with authed_channel(world.server, token) as channel:
+        node = await nodes_pb2_grpc.NodesStub(channel).Get(
+            nodes_pb2.GetNodeRequest(node_id=world.eu.node_id), timeout=5
+        )
+        offers = await market_pb2_grpc.MarketStub(channel).Offers(
+            market_pb2.OffersRequest(nodes=True), timeout=5
+        )
+    assert node.market_view
+    assert node.inventory.host.hostname == ""
+    assert [(i.name, i.speed_bits_per_second) for i in node.inventory.host.interfaces] == [
+        ("", 100 * GBIT)
+    ]
+    assert node.declared_bits_per_second == 100 * GBIT
+    assert node.offer.location.country == "DE"
+    assert [p.micros_per_gpu_hour for p in node.offer.pricing] == [1_500_000]
+    assert offers.groups == (await world.offers(nodes=True)).groups
