@@ -271,6 +271,7 @@ class AgentNode:
         # usage record here, and without a sampler it would never get one.
         # Telemetry first: a final usage record written by reconcile updates its gauges.
         self.telemetry = self._build_telemetry()
+        self.leases.service_observer = self.telemetry.agent  # health checks, restarts
         await self.leases.reconcile()
         # Before the link: the first Hello carries the result.
         await self._check_isolation()

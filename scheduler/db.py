@@ -241,6 +241,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE leases ADD COLUMN registry_auth_enc BLOB;
     """,
+    # 6: service leases (issue #16): the latest endpoints an agent reported for a lease
+    # (serialized gpuagent.v1.Lease holding only its endpoints) and its restart count.
+    """
+    ALTER TABLE leases ADD COLUMN endpoints_pb BLOB;
+    ALTER TABLE leases ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 
