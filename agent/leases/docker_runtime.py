@@ -541,7 +541,8 @@ class DockerRuntime:
             host["runtime"] = self._config.runtime
         if self._config.read_only_rootfs:
             host["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108 - in the container
-        ports = [(p.container_port, p.protocol) for p in spec.ports]
+        # Docker knows transports only: an http port is a tcp one to it.
+        ports = [(p.container_port, "udp" if p.protocol == "udp" else "tcp") for p in spec.ports]
         if ports:
             # Never 0.0.0.0 / [::]: only the configured address (loopback by default).
             address = str(self.isolation.publish_address)
