@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -107,7 +107,9 @@ def _no_nul(value: str, what: str) -> str:
 
 class PortSpec(_Wire):
     container_port: int = Field(ge=1, le=65535)
-    protocol: Literal["http", "tcp", "udp"] = "tcp"
+    # Checked by the shared rules (leaserules.check_ports), so the refusal names the key
+    # as the scheduler does.
+    protocol: str = Field(default="tcp", max_length=64)
     name: str = Field(default="", max_length=64, description="'' = the port number")
 
     @field_validator("protocol", mode="before")
