@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from agent import cli
 from agent.leases import LeaseManager, LeaseState, LeaseUpdate, StateDB
 from agent.leases.endpoints import ServiceTarget
 from tests.test_lease_docker import LeaseEnv, lease_env, lease_env_factory
@@ -174,11 +176,12 @@ async def test_restart_never_fails_on_liveness_and_succeeds_on_exit_zero(
 
 @pytest.mark.asyncio
 async def test_agent_death_keeps_the_restart_count_and_readopts_the_service(
-    lease_env: LeaseEnv,
+    lease_env: LeaseEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A server that crashes on its first start is restarted (restarts 1); the agent then
     dies without stopping anything; the next agent re-adopts the same running container,
-    reports restarts 1 again, checks it to ready, and keeps billing from the first start."""
+    reports restarts 1 again, checks it to ready, and keeps billing from the first start;
+    `gpu-agent leases` shows the endpoint and the count."""
     first = lease_env.manager()
     first_task = await lease_env.start(first)
     await first.assign(
@@ -218,5 +221,25 @@ async def test_agent_death_keeps_the_restart_count_and_readopts_the_service(
     assert again.started_at == started_at and again.extra["restarts"] == 1
     assert lease_env.client.containers.get(container_id).attrs["RestartCount"] == 0
     assert [r.lease_id for r in second.running_leases()] == ["keep-1"]
+
+    # `gpu-agent leases` shows the endpoint and the count from the state DB.
+    config = lease_env.state_dir / "agent.yaml"
+    config.write_text(json.dumps({"node": {"state_dir": str(lease_env.state_dir)}}))
+    await until(
+        lease_env,
+        "the endpoint stored as ready",
+        lambda: (
+            (r := StateDB.in_state_dir(lease_env.state_dir).get("keep-1")) is not None
+            and r.extra["endpoints"][0]["ready"]
+        ),
+    )
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["-c", str(config), "leases", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["restarts"] == 1
+    assert [(e["name"], e["ready"]) for e in row["endpoints"]] == [("web", True)]
+    assert await asyncio.to_thread(cli.main, ["-c", str(config), "leases"]) == 0
+    table = capsys.readouterr().out
+    assert "endpoints (restarts 1):" in table and "web" in table and "http/8080  ready" in table
     await second.cancel("keep-1")
     await lease_env.wait_state("keep-1", LeaseState.CANCELLED)

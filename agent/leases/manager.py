@@ -341,9 +341,10 @@ class LeaseManager:
         finally:
             # Launches and stops in flight end here; what they left half done is
             # in the state DB and the next reconcile finishes it.
-            for task in [*self._launches.values(), *self._tasks]:
+            pending = [*self._launches.values(), *self._tasks, *self._restart_tasks.values()]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._launches.values(), *self._tasks, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def update_policy(self, runtime: RuntimeConfig) -> None:
         """New admission limits and allow-lists (SIGHUP); running leases keep theirs."""
@@ -959,9 +960,13 @@ class LeaseManager:
         if spec is not None or not record.spec:
             return spec
         try:
-            return LeaseSpec.model_validate(record.spec)
+            spec = LeaseSpec.model_validate(record.spec)
         except ValidationError:
             return None  # a rejected lease's spec: nothing of it runs
+        if record.lease_id in self._active:
+            # Re-adopted after a restart: parsed once, not on every tunnel lookup.
+            self._specs[record.lease_id] = spec
+        return spec
 
     def _endpoint_statuses(self, record: LeaseRecord) -> tuple[EndpointStatus, ...]:
         spec = self._spec_of(record)
