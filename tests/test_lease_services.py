@@ -243,3 +243,35 @@ async def test_agent_death_keeps_the_restart_count_and_readopts_the_service(
     assert "endpoints (restarts 1):" in table and "web" in table and "http/8080  ready" in table
     await second.cancel("keep-1")
     await lease_env.wait_state("keep-1", LeaseState.CANCELLED)
+
+
+@pytest.mark.asyncio
+async def test_agent_death_during_a_backoff_does_not_count_the_restart_twice(
+    lease_env: LeaseEnv,
+) -> None:
+    """A server that always crashes, max_restarts 3: the agent dies while the second
+    restart waits out its backoff (counted, not yet started); the next agent finds the
+    exited container, starts it without counting again, and the lease fails after the
+    third restart with restarts 3, not 4."""
+    first = lease_env.manager()
+    first_task = await lease_env.start(first)
+    await first.assign(
+        "pend-1", service(lease_env, before="exit 4;", restart="on-failure", max_restarts=3)
+    )
+    await until(
+        lease_env, "the second restart counted", lambda: lease_env.last("pend-1").restarts == 2
+    )
+    record = StateDB.in_state_dir(lease_env.state_dir).get("pend-1")
+    assert record is not None and record.extra["restart_pending"] is True
+    first_task.cancel()  # mid-backoff (2 s): the container is exited, the start not done
+    with contextlib.suppress(asyncio.CancelledError):
+        await first_task
+    lease_env.runs.clear()
+    container = lease_env.client.containers.get(record.container_id or "")
+    assert container.status == "exited"
+
+    second = lease_env.manager()
+    await lease_env.start(second)
+    failed = await lease_env.wait_state("pend-1", LeaseState.FAILED)
+    assert failed.restarts == 3
+    assert "restarted 3 times in a row (max_restarts 3)" in failed.reason

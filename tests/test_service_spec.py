@@ -295,3 +295,23 @@ def test_lease_file_refuses_bad_service_keys() -> None:
         LeaseFile.model_validate({"image": "x", "restart": "sometimes"})
     with pytest.raises(ValueError, match="ports"):
         LeaseFile.model_validate({"image": "x", "ports": [{"container_port": 1}] * 17})
+
+
+@pytest.mark.asyncio
+async def test_an_agent_sending_too_many_endpoints_is_clipped_not_stored_whole(env: Env) -> None:
+    """An agent (buggy or hostile) reporting 100 endpoints with 4 KiB results: the lease
+    keeps running with the first 16 (one per possible port), results clipped to 256."""
+    agent = await env.agent("a", accept)
+    lease = await env.submit()
+    await env.wait_state(lease.lease_id, S.LEASE_STATE_ASSIGNED)
+    flood = [
+        leases_pb2.Endpoint(
+            name=f"p{i}", protocol="tcp", container_port=i + 1, last_result="x" * 4000
+        )
+        for i in range(100)
+    ]
+    await agent.update(lease.lease_id, S.LEASE_STATE_RUNNING, endpoints=flood, restarts=1)
+    shown = await env.wait_state(lease.lease_id, S.LEASE_STATE_RUNNING)
+    assert len(shown.endpoints) == leaserules.MAX_PORTS
+    assert [e.name for e in shown.endpoints][:2] == ["p0", "p1"]
+    assert all(len(e.last_result) <= 256 for e in shown.endpoints)
