@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -175,6 +176,22 @@ async def test_restart_never_fails_on_liveness_and_succeeds_on_exit_zero(
 
 
 @pytest.mark.asyncio
+async def test_always_restarts_a_clean_exit_too(lease_env: LeaseEnv) -> None:
+    """restart: always, max_restarts 1: a server that exits 0 is started again once, then
+    the lease fails saying so (a service that keeps exiting is not a success)."""
+    manager = lease_env.manager()
+    await lease_env.start(manager)
+    await manager.assign(
+        "always-1", service(lease_env, before="exit 0;", restart="always", max_restarts=1)
+    )
+    failed = await lease_env.wait_state("always-1", LeaseState.FAILED)
+    assert failed.restarts == 1 and failed.exit_code == 0
+    assert failed.reason == (
+        "restarted 1 times in a row (max_restarts 1); last exit: container exited with code 0"
+    )
+
+
+@pytest.mark.asyncio
 async def test_agent_death_keeps_the_restart_count_and_readopts_the_service(
     lease_env: LeaseEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -249,14 +266,20 @@ async def test_agent_death_keeps_the_restart_count_and_readopts_the_service(
 async def test_agent_death_during_a_backoff_does_not_count_the_restart_twice(
     lease_env: LeaseEnv,
 ) -> None:
-    """A server that always crashes, max_restarts 3: the agent dies while the second
+    """A server that crashes on its first three starts: the agent dies while the second
     restart waits out its backoff (counted, not yet started); the next agent finds the
-    exited container, starts it without counting again, and the lease fails after the
-    third restart with restarts 3, not 4."""
+    exited container, starts it without counting again, counts the third crash, and the
+    fourth start serves: restarts 3 (not 4), the lease running and metered from its
+    first start."""
     first = lease_env.manager()
     first_task = await lease_env.start(first)
     await first.assign(
-        "pend-1", service(lease_env, before="exit 4;", restart="on-failure", max_restarts=3)
+        "pend-1",
+        service(
+            lease_env,
+            before='[ "$n" -le 3 ] && exit 4; touch /scratch/www/health;',
+            restart="on-failure",
+        ),
     )
     await until(
         lease_env, "the second restart counted", lambda: lease_env.last("pend-1").restarts == 2
@@ -272,6 +295,21 @@ async def test_agent_death_during_a_backoff_does_not_count_the_restart_twice(
 
     second = lease_env.manager()
     await lease_env.start(second)
-    failed = await lease_env.wait_state("pend-1", LeaseState.FAILED)
-    assert failed.restarts == 3
-    assert "restarted 3 times in a row (max_restarts 3)" in failed.reason
+    await until(
+        lease_env,
+        "ready on the fourth start",
+        lambda: (t := second.service_target("pend-1", "web")) is not None and t.ready,
+    )
+    assert lease_env.last("pend-1").restarts == 3
+    assert container.exec_run(["cat", "/scratch/n"]).output.strip() == b"4"
+    again = StateDB.in_state_dir(lease_env.state_dir).get("pend-1")
+    assert again is not None and again.started_at == record.started_at
+    assert again.extra["restarts"] == 3 and "restart_pending" not in again.extra
+    metered = second.running_leases()
+    assert [r.lease_id for r in metered] == ["pend-1"]
+    # Its metering start is the lease's first start, not the re-adoption.
+    assert record.started_at is not None
+    since_start = time.time() - record.started_at
+    assert abs((time.monotonic() - metered[0].started_monotonic) - since_start) < 1.0
+    await second.cancel("pend-1")
+    await lease_env.wait_state("pend-1", LeaseState.CANCELLED)

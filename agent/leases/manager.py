@@ -1134,6 +1134,12 @@ class LeaseManager:
         # buyer's server, down for a moment, not a finished lease.
         self._allocator.restore(lease_id, record.gpu_uuids)
         self._exited.discard(lease_id)
+        if lease_id not in self._started_mono and record.started_at is not None:
+            # Found exited at reconcile (the agent died mid-backoff): metered from the
+            # lease's first start, as a re-adopted running one is.
+            self._started_mono[lease_id] = self._clock.monotonic() - max(
+                0.0, self._clock.time() - record.started_at
+            )
         if record.container_id:
             self._restart_tasks[lease_id] = asyncio.create_task(
                 self._restart_later(lease_id, record.container_id, decision.delay),
