@@ -99,8 +99,11 @@ def _leases(args: argparse.Namespace) -> int:
                 else "",
                 "reason": record.reason,
                 "restarts": int(record.extra.get("restarts", 0) or 0),
-                # As last reported by the daemon (it stores each report in the record).
-                "endpoints": list(record.extra.get("endpoints") or []),
+                # As last reported by the daemon (it stores each report in the record);
+                # an ended lease has none.
+                "endpoints": []
+                if record.state.terminal
+                else list(record.extra.get("endpoints") or []),
             }
         )
     if args.json:

@@ -1093,9 +1093,16 @@ class LeaseManager:
             record = record.evolve(extra=extra)
             await self._save(record)
             container_id = record.container_id or ""
-        self._spawn(
-            self._runtime.stop(container_id, self._policy.stop_grace), f"lease-liveness-{lease_id}"
-        )
+        self._spawn(self._stop_for_liveness(lease_id, container_id), f"lease-liveness-{lease_id}")
+
+    async def _stop_for_liveness(self, lease_id: str, container_id: str) -> None:
+        try:
+            await self._runtime.stop(container_id, self._policy.stop_grace)
+        except RuntimeFailure as exc:
+            # As for a cancel: a container that cannot be stopped is removed; the lease
+            # then ends (its container is gone) rather than run on unchecked.
+            log.error("stop failed; removing", extra={"lease_id": lease_id, "error": str(exc)})
+            await self._runtime.remove(container_id)
 
     def _restart_decision(
         self, record: LeaseRecord, info: ContainerInfo, reason: str
