@@ -87,7 +87,8 @@ class LeaseFile(_Strict):
     shm: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     scratch: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     ports: list[PortFile] = Field(default_factory=list, max_length=leaserules.MAX_PORTS)
-    restart: str = Field(default="never", pattern="^(never|on-failure|always)$")
+    # "" (unset) rather than "never" by default: a batch lease's spec stays as it was.
+    restart: str = Field(default="", pattern="^(|never|on-failure|always)$")
     max_restarts: int = Field(default=0, ge=0, le=leaserules.MAX_RESTARTS)
     health: HealthFile | None = None
     max_duration: Duration = Field(default=0.0, le=leaserules.MAX_DURATION_S)
