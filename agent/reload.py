@@ -8,12 +8,22 @@ agent says so rather than half-applying it.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from .config import AgentConfig
+from gpuagent import sdnotify
+from gpuagent.configload import ConfigError
+from gpuagent.logsetup import setup_logging
+
+from .config import AgentConfig, load_agent_config
+
+log = logging.getLogger(__name__)
 
 # Sections (or section.key) that apply without a restart.
 LIVE_KEYS = frozenset(
@@ -80,3 +90,37 @@ def merge_live(old: AgentConfig, new: AgentConfig, plan: ReloadPlan) -> AgentCon
         section, _, name = key.partition(".")
         data[section][name] = fresh[section][name]
     return AgentConfig.model_validate(data)
+
+
+async def reload_config(
+    path: Path | None, running: AgentConfig, apply: Callable[[AgentConfig], None]
+) -> AgentConfig:
+    """SIGHUP: apply the live-safe changes of the config file; report the rest.
+
+    Returns the config now in effect (``running`` when the file is bad or nothing
+    live changed); ``apply`` hands a changed one to the parts that read it.
+    """
+    sdnotify.reloading(status="reloading configuration")
+    try:
+        new = await asyncio.to_thread(load_agent_config, path)
+    except ConfigError as exc:
+        log.error(
+            "config reload failed; keeping the running config",
+            extra={"file": exc.source, "problems": exc.problems},
+        )
+        sdnotify.ready(status="reload failed: kept the running config")
+        return running
+    plan = plan_reload(running, new)
+    config = running
+    if plan.live:
+        config = merge_live(running, new, plan)
+        setup_logging(config.log.level, config.log.format)
+        apply(config)
+    if plan.restart:
+        log.warning("config changes need a restart to apply", extra={"keys": list(plan.restart)})
+    log.info(
+        "config reloaded",
+        extra={"applied": list(plan.live), "need_restart": list(plan.restart)},
+    )
+    sdnotify.ready(status="running (config reloaded)")
+    return config

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.link.backoff import Backoff
-from agent.link.reporter import simulated_gpus
+from benchmarks.node_fixtures import simulated_gpus
 from gpuagent import PROTOCOL_VERSION, __version__
 from gpuagent.signing import hello_signing_bytes, node_id_from_public_key
 from gpuagent.usage import SignedUsageRecord, UsageRecord, sign_record

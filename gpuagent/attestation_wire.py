@@ -9,7 +9,7 @@ signatures), and the few shapes that cannot map raise ``WireError`` naming the f
 
 from __future__ import annotations
 
-from benchmarks.attest.messages import (
+from gpuagent.attest.messages import (
     Challenge,
     Commitment,
     GpuIdentity,

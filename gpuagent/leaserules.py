@@ -14,6 +14,31 @@ import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Lease ids name the agent's container and scratch dir: path-safe.
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LEASE_ID_RULE = (
+    "1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+# Above any real host (an 8-GPU board is the common maximum); a larger count is
+# garbage, not a big ask, and is refused by both sides as such.
+MAX_GPUS_PER_LEASE = 64
+# LeaseSpec fields every agent refuses whatever its configuration (PROTOCOL.md
+# "Hostile specs"): the scheduler refuses them at submit so the buyer learns at once.
+REFUSED_FIELDS = ("privileged", "host_network", "volumes", "devices")
+# Capabilities are granted only where an agent's runtime.allowed_capabilities lists
+# them; the reference scheduler does not place by capability, so it refuses them too.
+SCHEDULER_REFUSED_FIELDS = (*REFUSED_FIELDS, "cap_add")
+# Namespace modes a lease may ask for (the agent's spec format; the wire spec has
+# host_network and network_mode, see BUYER_NETWORK_MODES): anything else would
+# share a host namespace.
+NAMESPACE_MODES: dict[str, tuple[str, ...]] = {
+    "network_mode": ("", "bridge", "default", "none"),
+    "pid_mode": ("",),
+    "ipc_mode": ("", "private", "none"),
+    "uts_mode": ("",),
+    "userns_mode": ("",),
+}
+
 MAX_ARGV_BYTES = 64 * 1024  # command + args together, UTF-8
 MAX_ENV_BYTES = 256 * 1024  # names + values + separators
 MAX_SIZE_BYTES = 2**50  # 1 PiB: memory, shm, scratch, GPU memory asks
@@ -28,6 +53,15 @@ UINT64_FIELDS: dict[str, int] = {
     "max_duration_seconds": MAX_DURATION_S,
     "price_micro_per_gpu_hour": MAX_PRICE_MICROS,
 }
+
+
+# What a buyer may ask for in LeaseSpec.network_mode: "" (the lease's own network:
+# bridge, ICC off, egress policy) or "none" (loopback only). The agent also takes
+# "bridge"/"default" as spellings of "" from older coordinators; nothing else.
+BUYER_NETWORK_MODES = ("", "none")
+PORTS_WITHOUT_NETWORK = (
+    "ports cannot be published by a lease with network_mode none (it has no network)"
+)
 
 
 def argv_bytes(command: list[str] | tuple[str, ...], args: list[str] | tuple[str, ...]) -> int:

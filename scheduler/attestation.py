@@ -31,12 +31,14 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from benchmarks.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
-from benchmarks.attest.verifier import AttestationRejected, Verifier
 from gpuagent import attestation_wire as wire
+from gpuagent.aio import TaskSet, wait_any
+from gpuagent.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
+from gpuagent.attest.verifier import AttestationRejected, Verifier
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from . import attestation_store as store
@@ -163,7 +165,7 @@ class AttestationManager:
         self._next_due: dict[str, float] = {}  # node_id -> wall clock
         self._rtt: dict[str, float] = {}  # node_id -> last reveal -> openings round trip
         self._listeners: list[Listener] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._wake = asyncio.Event()
         if config.accept_simulated:
             log.warning(
@@ -185,24 +187,16 @@ class AttestationManager:
         coordinator.on_connect(self._on_connect)
         coordinator.on_agent_error(self._on_agent_error)
 
-    def policy(self) -> common_pb2.AttestationPolicy:
-        """What NodeParams tell agents about this policy."""
-        return common_pb2.AttestationPolicy(
-            required=self.config.required,
-            interval_seconds=int(self.config.interval) if self.config.enabled else 0,
-            spot_check_rows=self.config.open_rows,
-        )
-
     def add_listener(self, listener: Listener) -> None:
         """Called with a node id whenever one of its verdicts is stored (e.g. to re-place)."""
         self._listeners.append(listener)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
+        tasks: list[asyncio.Future[Any]] = list(self._tasks)
         for flight in self._flights.values():
             if flight.watchdog is not None:
                 tasks.append(flight.watchdog)
-            tasks.append(flight.prepared)  # type: ignore[arg-type]
+            tasks.append(flight.prepared)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -452,22 +446,14 @@ class AttestationManager:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Periodic attestation until ``stop``."""
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            while not stop.is_set():
-                try:
-                    await self.tick()
-                except Exception:
-                    log.exception("attestation round failed")
-                self._wake.clear()
-                woken = asyncio.ensure_future(self._wake.wait())
-                wait = min(60.0, self.config.retry_after, self.config.interval / 4)
-                await asyncio.wait(
-                    {woken, stopping}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-                woken.cancel()
-        finally:
-            stopping.cancel()
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("attestation round failed")
+            self._wake.clear()
+            wait = min(60.0, self.config.retry_after, self.config.interval / 4)
+            await wait_any(self._wake, stop, within=wait)
 
     # -- agent messages --------------------------------------------------------------
 
@@ -477,9 +463,7 @@ class AttestationManager:
         if not self._due(record.node_id, self.clock()):
             return
         # The hook must return at once: the session's reader starts after it.
-        task = asyncio.create_task(self._attest_quietly(record.node_id), name="attest-connect")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._attest_quietly(record.node_id), name="attest-connect")
 
     async def _attest_quietly(self, node_id: str) -> None:
         try:

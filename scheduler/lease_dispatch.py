@@ -24,15 +24,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
 from . import placement
+from .eligibility import Eligibility
 from .leases_store import (
     TERMINAL,
     CancelResult,
@@ -41,12 +43,10 @@ from .leases_store import (
     UpdateOutcome,
     state_name,
 )
-from .liveness import Liveness
+from .liveness import Liveness, is_online
 from .registry import NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
-
-GpuEligible = Callable[[str, str], bool]  # (node_id, gpu_uuid) -> may take leases
 
 
 @dataclass(frozen=True)
@@ -118,18 +118,18 @@ class LeaseDispatcher:
         settings: DispatchSettings = DispatchSettings(),
         *,
         observe_placement: Callable[[float], None] | None = None,
-        gpu_eligible: GpuEligible | None = None,
+        eligibility: Eligibility | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
         self.observe_placement = observe_placement
-        # Set by attestation once it exists: a GPU that fails it takes no lease.
-        self.gpu_eligible = gpu_eligible
+        # Attestation and collateral: a GPU that fails either takes no lease.
+        self.eligibility = eligibility
         self._wake = asyncio.Event()
         self._place_lock = asyncio.Lock()
         self._offers: dict[str, _Offer] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
         self._bad_price: set[tuple[str, str]] = set()
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
@@ -147,7 +147,6 @@ class LeaseDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Placement passes until ``stop``: when kicked, and every ``retry_interval``."""
-        stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -155,30 +154,16 @@ class LeaseDispatcher:
                     await self.place_pending()
                 except Exception:  # one bad pass must not stop placement for good
                     log.exception("placement pass failed")
-                woken = asyncio.create_task(self._wake.wait())
-                await asyncio.wait(
-                    {woken, stopping},
-                    timeout=self.settings.retry_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                woken.cancel()
+                await wait_any(self._wake, stop, within=self.settings.retry_interval)
         finally:
-            stopping.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop waiting for offers; the store recovers in-flight offers on next start."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(coro, name=name)
 
     # -- placement -----------------------------------------------------------------
 
@@ -262,8 +247,14 @@ class LeaseDispatcher:
                 held.setdefault(row.node_id, set()).update(row.gpu_uuids)
         registry = self.registry
         now = registry.clock()
-        suspect_after = registry.policy.suspect_after
-        eligible = self.gpu_eligible
+        policy = registry.policy
+        # None when no rule can refuse a GPU: then the fast path below serves every
+        # unchanged node (before #19 the server always installed a filter).
+        eligible = (
+            self.eligibility.gpu
+            if self.eligibility is not None and self.eligibility.restricts
+            else None
+        )
         views: list[placement.NodeView] = []
         append = views.append
         capacities = self._capacities
@@ -279,8 +270,7 @@ class LeaseDispatcher:
                 and view.online
                 and not view.draining
                 and view.free_gpus is capacity.gpus
-                and seen is not None
-                and now - seen <= suspect_after
+                and is_online(policy, seen, now)
                 and eligible is None
                 and node_id in sessions
                 and not record.draining
@@ -293,10 +283,8 @@ class LeaseDispatcher:
                 append(view)
                 continue
             connected = node_id in sessions
-            # Inline liveness: ONLINE exactly when heard from within suspect_after
-            # (liveness.evaluate); the full evaluation only for the reason text.
-            seen = record.last_seen
-            online = connected and seen is not None and now - seen <= suspect_after
+            # The full evaluation only for the reason text.
+            online = connected and is_online(policy, seen, now)
             draining = record.draining or capacity.draining
             gpus = capacity.gpus
             if online and not draining and gpus:
@@ -532,10 +520,6 @@ class LeaseDispatcher:
         await session.send(_message(lease_update_ack=ack))
 
     # -- sessions, heartbeats, liveness -----------------------------------------------
-
-    async def known_lease_ids(self, node_id: str) -> list[str]:
-        """For Welcome: leases the coordinator believes run on ``node_id``."""
-        return [r.lease_id for r in await self.store.on_node(node_id) if r.state != "pending"]
 
     async def on_connect(self, session: Session, record: NodeRecord) -> None:
         """After Welcome: cancel what the node should not run; reconcile the rest at the

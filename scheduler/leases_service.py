@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import uuid
 from typing import Any, NoReturn
 
@@ -34,15 +33,11 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Lease ids name the agent's container and scratch dir: path-safe, like the agent checks.
-LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MAX_GPUS = 64
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 # List answers stop adding leases past this many bytes, well under gRPC's 4 MiB
 # default, so a page of big specs never outgrows what a client accepts.
 MAX_PAGE_BYTES = 2 * 1024 * 1024
-_HOSTILE = ("privileged", "host_network", "volumes", "devices", "cap_add")
 
 
 class SpecError(ValueError):
@@ -73,17 +68,26 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
     env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())
     if env > leaserules.MAX_ENV_BYTES:
         raise SpecError(f"spec.env: {env} bytes, over the {leaserules.MAX_ENV_BYTES} allowed")
-    if not 1 <= spec.gpu_count <= MAX_GPUS:
-        raise SpecError(f"spec.gpu_count: must be 1..{MAX_GPUS}, got {spec.gpu_count}")
+    if not 1 <= spec.gpu_count <= leaserules.MAX_GPUS_PER_LEASE:
+        raise SpecError(
+            f"spec.gpu_count: must be 1..{leaserules.MAX_GPUS_PER_LEASE}, got {spec.gpu_count}"
+        )
     if not math.isfinite(spec.cpus) or spec.cpus < 0:
         raise SpecError(f"spec.cpus: must be a finite number >= 0, got {spec.cpus}")
-    for name in _HOSTILE:
+    for name in leaserules.SCHEDULER_REFUSED_FIELDS:
         field = spec.DESCRIPTOR.fields_by_name[name]
         value = getattr(spec, name)
         if (field.is_repeated and len(value)) or (not field.is_repeated and value):
             raise SpecError(
                 f"spec.{name}: not allowed; agents never grant it and would reject the lease"
             )
+    if spec.network_mode not in leaserules.BUYER_NETWORK_MODES:
+        raise SpecError(
+            f"spec.network_mode: {spec.network_mode[:64]!r} is not allowed "
+            "(empty for the lease's own network, or none)"
+        )
+    if spec.network_mode == "none" and spec.ports:
+        raise SpecError(f"spec.network_mode: {leaserules.PORTS_WITHOUT_NETWORK}")
     for key in spec.env:
         if not key or "=" in key or "\0" in key:
             raise SpecError(f"spec.env[{key!r}]: names must be non-empty without '=' or NUL")
@@ -163,12 +167,11 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         except SpecError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         key = request.idempotency_key
-        if key and not LEASE_ID_RE.match(key):
+        if key and not leaserules.LEASE_ID_RE.match(key):
             await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "idempotency_key: 1-128 letters, digits, '.', '_' or '-', starting with a "
-                "letter or digit (it becomes the lease id)",
+                f"idempotency_key: {leaserules.LEASE_ID_RULE} (it becomes the lease id)",
             )
         if len(buyer) > 128:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "buyer: at most 128 characters")

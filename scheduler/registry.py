@@ -29,7 +29,7 @@ from gpuagent.v1 import coordinator_pb2, inventory_pb2, nodes_pb2
 from . import uptime
 from .db import Database
 from .group_commit import GroupCommit
-from .liveness import Liveness, LivenessPolicy, evaluate
+from .liveness import Liveness, LivenessPolicy, evaluate, is_online
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,12 @@ class Registry:
         """Re-evaluate every node; log and return the transitions."""
         changes = []
         now = self.clock()
-        suspect_after = self.policy.suspect_after
+        policy = self.policy
         online = Liveness.ONLINE
         started = self.started_at
         for record in self.nodes.values():
             seen = record.last_seen
-            if seen is not None and now - seen <= suspect_after and record.liveness is online:
+            if record.liveness is online and is_online(policy, seen, now):
                 # Most of a fleet, most of the time: no change, so no full evaluation
                 # (10,000 nodes every half heartbeat interval, on the event loop).
                 continue

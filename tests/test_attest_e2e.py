@@ -16,9 +16,10 @@ import yaml
 
 from agent.attestation import AttestationResponder, identity_from_inventory
 from agent.identity import NodeIdentity
-from agent.link import CoordinatorLink, StaticReporter
+from agent.link import CoordinatorLink
 from benchmarks.attest.backends import MatmulOutput, NumpyBackend
-from benchmarks.attest.prover import Prover
+from benchmarks.node_fixtures import StaticReporter
+from gpuagent.attest.prover import Prover
 from gpuagent.v1 import nodes_pb2, nodes_pb2_grpc
 from scheduler.cli import main
 from scheduler.server import SchedulerServer

@@ -65,6 +65,11 @@ def web(env: LeaseEnv, lease_id: str) -> list[Any]:
     ]
 
 
+def restarted(env: LeaseEnv, lease_id: str, count: int) -> bool:
+    """Whether an update reported ``count`` restarts (updates arrive after ``assign``)."""
+    return any(u.restarts == count for u in env.updates if u.lease_id == lease_id)
+
+
 def target(manager: LeaseManager, lease_id: str) -> ServiceTarget:
     found = manager.service_target(lease_id, "web")
     assert found is not None
@@ -110,7 +115,7 @@ async def test_endpoint_not_ready_until_health_passes_then_liveness_restart(
     assert started is not None and started.started_at is not None
 
     exec_in(lease_env, running, "rm /scratch/www/health")
-    await until(lease_env, "a restart", lambda: lease_env.last("svc-1").restarts == 1)
+    await until(lease_env, "a restart", lambda: restarted(lease_env, "svc-1", 1))
     assert lease_env.last("svc-1").state is LeaseState.RUNNING
     await until(
         lease_env,
@@ -281,9 +286,7 @@ async def test_agent_death_during_a_backoff_does_not_count_the_restart_twice(
             restart="on-failure",
         ),
     )
-    await until(
-        lease_env, "the second restart counted", lambda: lease_env.last("pend-1").restarts == 2
-    )
+    await until(lease_env, "the second restart counted", lambda: restarted(lease_env, "pend-1", 2))
     record = StateDB.in_state_dir(lease_env.state_dir).get("pend-1")
     assert record is not None and record.extra["restart_pending"] is True
     first_task.cancel()  # mid-backoff (2 s): the container is exited, the start not done

@@ -3,8 +3,11 @@
 The link calls ``assign``/``cancel``; ``run`` watches Docker events and expiry
 deadlines; ``reconcile`` (run once at start) makes Docker and the state DB agree
 after a restart. Every state change is stored in the state DB together with the
-``LeaseUpdate`` reporting it, then handed to ``on_update``: if that fails, the
-update stays in the DB (``pending_updates``) until ``ack_update``.
+``LeaseUpdate`` reporting it, then published: updates queue in order and one
+delivery task hands each to ``on_update`` outside every lease lock, so a slow
+consumer (a gRPC write, an outbox write) never stalls a lease transition, and a
+consumer may call back into the manager. If delivery fails, the update stays in
+the DB (``pending_updates``) until ``ack_update``.
 
 Work on one lease is serialised by a per-lease lock; different leases proceed
 concurrently. Nothing a lease does may crash the manager: unexpected errors fail
@@ -14,6 +17,7 @@ that lease with a reason and are logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -32,6 +36,7 @@ import psutil
 from pydantic import ValidationError
 
 from gpuagent import leaserules
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.units import format_size
 
 from ..config import AgentConfig, RuntimeConfig
@@ -166,6 +171,7 @@ class LeaseManager:
         gpu_details_source: Callable[[], Mapping[str, GpuDescription]] | None = None,
         host: HostCapacity | None = None,
         gpu_gate: Callable[[], str | None] | None = None,
+        service_observer: ServiceObserver | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -187,7 +193,7 @@ class LeaseManager:
         # does not grow with every lease ever seen.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._launches: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._started_mono: dict[str, float] = {}
         # Leases whose container Docker reported dead but whose end is still being
         # recorded (inspect, log tail, state DB): no longer "running" for metering,
@@ -201,8 +207,11 @@ class LeaseManager:
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._report_due: set[str] = set()
         self._last_report: dict[str, float] = {}
-        self.service_observer: ServiceObserver | None = None
+        self.service_observer = service_observer
         self._deadlines_changed = asyncio.Event()
+        # Published updates not yet handed to on_update, oldest first (see _notify).
+        self._published: collections.deque[LeaseUpdate] = collections.deque()
+        self._delivery: asyncio.Task[None] | None = None
         self._loaded = False
         self._reconciled = False
 
@@ -341,7 +350,14 @@ class LeaseManager:
         finally:
             # Launches and stops in flight end here; what they left half done is
             # in the state DB and the next reconcile finishes it.
-            pending = [*self._launches.values(), *self._tasks, *self._restart_tasks.values()]
+            # Updates not yet delivered are in the state DB and go out after the restart.
+            delivery = [self._delivery] if self._delivery is not None else []
+            pending = [
+                *self._launches.values(),
+                *self._tasks,
+                *self._restart_tasks.values(),
+                *delivery,
+            ]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -755,15 +771,7 @@ class LeaseManager:
             # at least once a minute so a wall-clock jump is noticed.
             timeout = min([60.0, *(t - now for t in upcoming)])
             self._deadlines_changed.clear()
-            waiters = {
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._deadlines_changed.wait()),
-            }
-            _, pending = await asyncio.wait(
-                waiters, timeout=max(timeout, 0.01), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
+            await wait_any(stop, self._deadlines_changed, within=max(timeout, 0.01))
 
     # -- helpers ----------------------------------------------------------------
 
@@ -792,9 +800,7 @@ class LeaseManager:
             except Exception:
                 log.exception("lease task failed", extra={"task": name})
 
-        task = asyncio.create_task(guarded(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(guarded(), name=name)
 
     def _free_capacity(self) -> FreeCapacity:
         used_memory = 0
@@ -944,14 +950,25 @@ class LeaseManager:
             self._active[record.lease_id] = record
 
     async def _notify(self, update: LeaseUpdate) -> None:
-        try:
-            await self._on_update(update)
-        except Exception:
-            # The update is in the state DB; the link re-sends it from there.
-            log.exception(
-                "lease update callback failed",
-                extra={"lease_id": update.lease_id, "seq": update.seq},
+        """Publish ``update`` (called under the lease's lock: it only queues)."""
+        self._published.append(update)
+        if self._delivery is None or self._delivery.done():
+            self._delivery = asyncio.get_running_loop().create_task(
+                self._deliver(), name="lease-updates"
             )
+
+    async def _deliver(self) -> None:
+        """Hand published updates to ``on_update`` one at a time, in order, holding no lock."""
+        while self._published:
+            update = self._published.popleft()
+            try:
+                await self._on_update(update)
+            except Exception:
+                # The update is in the state DB; the link re-sends it from there.
+                log.exception(
+                    "lease update callback failed",
+                    extra={"lease_id": update.lease_id, "seq": update.seq},
+                )
 
     # -- service leases: health, restarts, endpoints ------------------------------------
 
@@ -1031,9 +1048,7 @@ class LeaseManager:
             except Exception:
                 log.exception("lease health monitor failed", extra={"lease_id": lease_id})
 
-        task = asyncio.create_task(guarded(), name=f"lease-health-{lease_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._tasks.spawn(guarded(), name=f"lease-health-{lease_id}")
         self._monitors[lease_id] = (monitor, task)
 
     def _stop_monitor(self, lease_id: str) -> None:

@@ -40,9 +40,9 @@ MAX_REASON_CHARS = 1024
 MAX_ENV_VARS = 1024
 MAX_ENV_BYTES = leaserules.MAX_ENV_BYTES
 MAX_ARGS = 4096
-MAX_GPUS = 1024  # above any real host; larger numbers are garbage, not big asks
+MAX_GPUS = leaserules.MAX_GPUS_PER_LEASE
 MAX_BYTES = 2**62  # Docker takes int64; anything near it is garbage too
-LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LEASE_ID_RE = leaserules.LEASE_ID_RE
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The NVIDIA container runtime reads these from the environment: a lease that
 # sets NVIDIA_VISIBLE_DEVICES=all would see every GPU on the host.
@@ -343,8 +343,7 @@ def validate_lease_id(lease_id: object) -> str:
         shown = repr(lease_id)[:80]
         raise LeaseRejected(
             RejectCode.INVALID_LEASE_ID,
-            f"lease id {shown} must be 1-128 characters of letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
+            f"lease id {shown} must be {leaserules.LEASE_ID_RULE}",
         )
     return lease_id
 
@@ -429,7 +428,7 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
         raise LeaseRejected(
             RejectCode.HOST_NAMESPACE, "the host network namespace is not available to leases"
         )
-    if spec.network_mode not in ("", "bridge", "default", "none"):
+    if spec.network_mode not in leaserules.NAMESPACE_MODES["network_mode"]:
         raise LeaseRejected(
             RejectCode.HOST_NAMESPACE,
             f"network_mode {spec.network_mode[:64]!r} is not allowed (only bridge or none)",
@@ -437,14 +436,11 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
     if spec.network_mode == "none" and spec.ports:
         raise LeaseRejected(
             RejectCode.INVALID_SPEC,
-            "ports cannot be published by a lease with network_mode none (it has no network)",
+            leaserules.PORTS_WITHOUT_NETWORK,
         )
-    for field, allowed in (
-        ("pid_mode", ("",)),
-        ("ipc_mode", ("", "private", "none")),
-        ("uts_mode", ("",)),
-        ("userns_mode", ("",)),
-    ):
+    for field, allowed in leaserules.NAMESPACE_MODES.items():
+        if field == "network_mode":
+            continue  # checked above, with its own messages
         value: str = getattr(spec, field)
         if value not in allowed:
             raise LeaseRejected(

@@ -90,6 +90,23 @@ class Sampler:
         self.stats: OutboxStats | None = None
 
     @property
+    def record_interval(self) -> float:
+        return self._record_ns / 1e9
+
+    def set_record_interval(self, seconds: float) -> float:
+        """A new record length (the coordinator's ``metering_interval``), from the next
+        record on; never below ``sample_interval`` (a record holds at least one sample).
+        Returns the length applied."""
+        applied = max(seconds, self._config.sample_interval)
+        if applied != seconds:
+            log.warning(
+                "record interval below the sample interval; using the sample interval",
+                extra={"requested": seconds, "applied": applied},
+            )
+        self._record_ns = round(applied * 1e9)
+        return applied
+
+    @property
     def backlog_alert(self) -> bool:
         """Pending records passed ``outbox_alert_records``; metering carries on."""
         return self.stats is not None and self.stats.backlog_alert

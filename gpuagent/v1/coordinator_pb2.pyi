@@ -164,7 +164,6 @@ class Welcome(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     ACKED_USAGE_SEQ_FIELD_NUMBER: _builtins.int
     SERVER_TIME_UNIX_NANOS_FIELD_NUMBER: _builtins.int
-    KNOWN_LEASE_IDS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     node_id: _builtins.str
@@ -176,10 +175,6 @@ class Welcome(_message.Message):
     """the coordinator's drain flag for this node"""
     @_builtins.property
     def params(self) -> _common_pb2.NodeParams: ...
-    @_builtins.property
-    def known_lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """leases the coordinator believes run here"""
-
     def __init__(
         self,
         *,
@@ -188,12 +183,11 @@ class Welcome(_message.Message):
         params: _common_pb2.NodeParams | None = ...,
         acked_usage_seq: _builtins.int = ...,
         server_time_unix_nanos: _builtins.int = ...,
-        known_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
         draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_usage_seq", b"acked_usage_seq", "draining", b"draining", "known_lease_ids", b"known_lease_ids", "node_id", b"node_id", "params", b"params", "server_time_unix_nanos", b"server_time_unix_nanos", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_usage_seq", b"acked_usage_seq", "draining", b"draining", "node_id", b"node_id", "params", b"params", "server_time_unix_nanos", b"server_time_unix_nanos", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
