@@ -193,6 +193,7 @@ class AgentNode:
             simulated_gpus=self.backend.simulated,
             gpu_details_source=lambda: self._gpu_names,
             gpu_gate=toolkit_gate.refusal if toolkit_gate is not None else None,
+            service_observer=self.telemetry.agent,  # health checks and restarts
         )
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records

@@ -42,7 +42,31 @@ class _Strict(BaseModel):
 
 class PortFile(_Strict):
     container_port: int = Field(ge=1, le=65535)
-    protocol: str = Field(default="tcp", pattern="^(tcp|udp)$")
+    protocol: str = Field(default="tcp", pattern="^(http|tcp|udp)$")
+    name: str = Field(default="", max_length=leaserules.MAX_PORT_NAME)
+
+
+class HealthFile(_Strict):
+    """``health:`` (docs/leases-buyer.md); the scheduler checks the values at submit."""
+
+    path: str = Field(default="/", max_length=leaserules.MAX_HEALTH_PATH)
+    port: str | int = ""
+    initial_delay: Duration = Field(default=0.0, ge=0)
+    period: Duration = Field(default=0.0, ge=0)
+    timeout: Duration = Field(default=0.0, ge=0)
+    failure_threshold: int = Field(default=0, ge=0, le=leaserules.MAX_RESTARTS)
+    startup_grace: Duration = Field(default=0.0, ge=0)
+
+    def to_proto(self) -> leases_pb2.HealthCheck:
+        return leases_pb2.HealthCheck(
+            path=self.path,
+            port=str(self.port),
+            initial_delay=self.initial_delay,
+            period=self.period,
+            timeout=self.timeout,
+            failure_threshold=self.failure_threshold,
+            startup_grace=self.startup_grace,
+        )
 
 
 class RegistryAuthFile(_Strict):
@@ -134,7 +158,11 @@ class LeaseFile(_Strict):
     memory: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     shm: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     scratch: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
-    ports: list[PortFile] = Field(default_factory=list)
+    ports: list[PortFile] = Field(default_factory=list, max_length=leaserules.MAX_PORTS)
+    # "" (unset) rather than "never" by default: a batch lease's spec stays as it was.
+    restart: str = Field(default="", pattern="^(|never|on-failure|always)$")
+    max_restarts: int = Field(default=0, ge=0, le=leaserules.MAX_RESTARTS)
+    health: HealthFile | None = None
     # "lease": the lease's own network (internet yes, LAN/host no); "none": loopback only.
     network: Literal["lease", "none"] = "lease"
     max_duration: Duration = Field(default=0.0, le=leaserules.MAX_DURATION_S)
@@ -173,14 +201,20 @@ class LeaseFile(_Strict):
             shm_bytes=self.shm,
             scratch_bytes=self.scratch,
             ports=[
-                leases_pb2.PortSpec(container_port=p.container_port, protocol=p.protocol)
+                leases_pb2.PortSpec(
+                    container_port=p.container_port, protocol=p.protocol, name=p.name
+                )
                 for p in self.ports
             ],
             max_duration_seconds=round(self.max_duration),
             network_mode="none" if self.network == "none" else "",
             price_micro_per_gpu_hour=self.price_max,
+            restart=self.restart,
+            max_restarts=self.max_restarts,
             constraints=self.constraints.to_proto(),
         )
+        if self.health is not None:
+            spec.health.CopyFrom(self.health.to_proto())
         if self.registry_auth is not None:
             spec.registry_auth.CopyFrom(leases_pb2.RegistryAuth(**self.registry_auth.model_dump()))
         return leases_pb2.SubmitLeaseRequest(
@@ -285,6 +319,21 @@ def _when(unix_nanos: int) -> str:
     if not unix_nanos:
         return "-"
     return datetime.fromtimestamp(unix_nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def endpoint_lines(endpoints: Any) -> list[str]:
+    """One line per endpoint: name, protocol and port, url, readiness, last check, restarts."""
+    lines = []
+    for e in endpoints:
+        state = "ready" if e.ready else "not ready"
+        check = f"last check {_when(e.last_check_unix_nanos)}"
+        if e.last_result:
+            check += f" ({leaserules.clip(e.last_result, 120)})"
+        lines.append(
+            f"{e.name:<15} {e.protocol}/{e.container_port}  {e.url or '-'}  {state}  "
+            f"{check}  restarts {e.restarts}"
+        )
+    return lines
 
 
 def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
@@ -503,6 +552,11 @@ def _show(args: argparse.Namespace) -> int:
     ]
     if lease.HasField("exit_code"):
         lines.append(f"exit code:   {lease.exit_code}")
+    if spec.restart and spec.restart != "never":
+        lines.append(f"restart:     {spec.restart}, {lease.restarts} restart(s) so far")
+    if lease.endpoints:
+        lines.append("endpoints:")
+        lines.extend(f"  {line}" for line in endpoint_lines(lease.endpoints))
     lines.append("history:")
     for event in lease.events:
         where = f" on {event.node_id}" if event.node_id else ""

@@ -370,6 +370,10 @@ def salvage_lease_update(update: Any) -> None:
     tail_limit = bounds.LIMITS["gpuagent.v1.LeaseUpdate.log_tail"]
     if len(update.log_tail) > tail_limit:
         update.log_tail = update.log_tail[-tail_limit:]
+    # A lease declares at most MAX_PORTS ports: more endpoints are an agent's bug.
+    del update.endpoints[leaserules.MAX_PORTS :]
+    for endpoint in update.endpoints:
+        endpoint.last_result = leaserules.clip(endpoint.last_result, 256)
     try:
         bounds.check(update, "lease_update")
     except bounds.BoundsError as exc:

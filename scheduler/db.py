@@ -241,7 +241,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE leases ADD COLUMN registry_auth_enc BLOB;
     """,
-    # 6: the market (docs/market.md): each node's offer (market.proto NodeOffer: prices
+    # 6: service leases (issue #16): the latest endpoints an agent reported for a lease
+    # (serialized gpuagent.v1.Lease holding only its endpoints) and its restart count.
+    """
+    ALTER TABLE leases ADD COLUMN endpoints_pb BLOB;
+    ALTER TABLE leases ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 7: the market (docs/market.md): each node's offer (market.proto NodeOffer: prices
     # per GPU model, location, measured bandwidth), and price history per GPU model,
     # kept 30 days: kind 'ask' is the median ask of the online nodes at a sample,
     # 'accepted' one row per lease placed, at the price it was placed at.

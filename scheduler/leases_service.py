@@ -92,11 +92,27 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
     for key in spec.env:
         if not key or "=" in key or "\0" in key:
             raise SpecError(f"spec.env[{key!r}]: names must be non-empty without '=' or NUL")
-    for index, port in enumerate(spec.ports):
-        if not 1 <= port.container_port <= 65535:
-            raise SpecError(f"spec.ports[{index}].container_port: must be 1..65535")
-        if port.protocol not in ("", "tcp", "udp"):
-            raise SpecError(f"spec.ports[{index}].protocol: must be tcp or udp")
+    # Ports, restart policy and health check: the agent's own rules (gpuagent.leaserules).
+    ports = [leaserules.Port(p.name, p.container_port, p.protocol) for p in spec.ports]
+    try:
+        leaserules.check_ports(ports)
+        leaserules.check_restart(spec.restart, spec.max_restarts)
+        if spec.HasField("health"):
+            h = spec.health
+            leaserules.check_health(
+                leaserules.Health(
+                    h.path,
+                    h.port,
+                    h.initial_delay,
+                    h.period,
+                    h.timeout,
+                    h.failure_threshold,
+                    h.startup_grace,
+                ),
+                ports,
+            )
+    except leaserules.RuleError as exc:
+        raise SpecError(f"spec.{exc}") from None
     validate_constraints(spec.constraints)
 
 

@@ -168,6 +168,8 @@ def populated_telemetry(nvml: FakeNvml | None = None, timeout: float = 2.0) -> A
     agent = telemetry.agent
     agent.lease_started("started", 3.5)
     agent.image_pulled(2.0, 1_000_000)
+    agent.health_check("lease-a", "http", False)
+    agent.restarted("lease-a", "liveness")
     agent.set_connected(True)
     agent.reconnected()
     agent.heartbeat_sent()
