@@ -232,10 +232,6 @@ class AttestationManager:
             for g in record.inventory.gpus
         )
 
-    def eligible(self, node_id: str) -> bool:
-        """May the node get new leases at all, as far as attestation goes?"""
-        return not self.config.required or self.attested(node_id)
-
     def attested_nodes(self) -> set[str]:
         return {node_id for node_id in self.registry.nodes if self.attested(node_id)}
 
@@ -379,7 +375,7 @@ class AttestationManager:
                 "sizes": sorted({(t.n, t.inner) for t in challenge.tasks}),
             },
         )
-        ttl = max(0.0, challenge.expires_unix_s - time.time())
+        ttl = max(0.0, challenge.expires_unix_s - self.clock())
         flight.watchdog = asyncio.create_task(
             self._watch(flight, ttl + self.config.open_timeout), name=f"attest-watch-{cid}"
         )
