@@ -46,6 +46,7 @@ from .attestation_store import AttestationRecord
 from .config import AttestationConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .eligibility import FOREVER
 from .registry import Clock, NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,16 @@ class AttestationManager:
             return True
         record = self._latest.get((node_id, gpu_uuid))
         return record is not None and record.valid(self._now_ns())
+
+    def valid_until(self, node_id: str, gpu_uuid: str, now_ns: int) -> int | None:
+        """Until when (ns) a new lease may use this GPU without a new verdict; None when
+        it may not now. ``FOREVER`` unless ``required``."""
+        if not self.config.required:
+            return FOREVER
+        record = self._latest.get((node_id, gpu_uuid))
+        if record is None or not record.valid(now_ns):
+            return None
+        return record.expires_ns
 
     def attested(self, node_id: str) -> bool:
         """Every GPU of the node holds a passed, unexpired verdict (policy aside)."""
