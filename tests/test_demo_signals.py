@@ -39,14 +39,18 @@ def _children_of_this_demo(workdir: Path) -> list[psutil.Process]:
     return found
 
 
-def _remove_spare_networks(state_dir: Path) -> None:
-    """The agent keeps spare lease networks across restarts; this demo's are ours."""
+def _remove_demo_leftovers(state_dir: Path) -> None:
+    """The agent leaves containers to Docker and keeps spare lease networks across
+    restarts; those of this test's node are ours to remove (the egress chain is the
+    demo's default one, shared with any other demo on this host: left alone)."""
     if not (state_dir / "node.key").exists():
         return
-    node_id = load_or_create(state_dir).node_id
+    label = f"{LABEL_NODE}={load_or_create(state_dir).node_id}"
     client = docker.from_env()
     try:
-        for network in client.networks.list(filters={"label": f"{LABEL_NODE}={node_id}"}):
+        for container in client.containers.list(all=True, filters={"label": label}):
+            container.remove(force=True)
+        for network in client.networks.list(filters={"label": label}):
             network.remove()
     finally:
         client.close()
@@ -87,4 +91,4 @@ def test_sigterm_stops_the_demos_scheduler_and_agent(tmp_path: Path) -> None:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
-        _remove_spare_networks(tmp_path / ".run" / "agent")
+        _remove_demo_leftovers(tmp_path / ".run" / "agent")
