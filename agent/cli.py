@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "agent.cmd_attest",
     "agent.cmd_usage",
     "agent.cmd_firewall",
+    "agent.cmd_scratch",
 )
 
 PROGRAM = skeleton.Program[AgentConfig](

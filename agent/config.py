@@ -356,6 +356,10 @@ class AgentConfig(Strict):
     status: StatusConfig = Field(default_factory=StatusConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
 
+    def scratch_root(self) -> Path:
+        """Where lease scratch dirs live: runtime.scratch_dir, else <state_dir>/scratch."""
+        return Path(self.runtime.scratch_dir or self.node.state_dir / "scratch")
+
 
 def load_agent_config(path: Path | None) -> AgentConfig:
     """Load and validate; raises ``ConfigError`` with one line per problem."""

@@ -169,7 +169,7 @@ class AgentNode:
             client,
             config.runtime,
             self.identity.node_id,
-            Path(config.runtime.scratch_dir or state_dir / "scratch"),
+            config.scratch_root(),
             on_pull=self.telemetry.agent.image_pulled,
             render_nodes={g.uuid: g.render_node for g in self._gpus if g.uuid and g.render_node},
             isolation=config.isolation,

@@ -26,7 +26,8 @@ REFUSED_FIELDS = ("privileged", "host_network", "volumes", "devices")
 # them; the reference scheduler does not place by capability, so it refuses them too.
 SCHEDULER_REFUSED_FIELDS = (*REFUSED_FIELDS, "cap_add")
 # Namespace modes a lease may ask for (the agent's spec format; the wire spec has
-# only host_network): anything else would share a host namespace.
+# host_network and network_mode, see BUYER_NETWORK_MODES): anything else would
+# share a host namespace.
 NAMESPACE_MODES: dict[str, tuple[str, ...]] = {
     "network_mode": ("", "bridge", "default", "none"),
     "pid_mode": ("",),
@@ -49,6 +50,15 @@ UINT64_FIELDS: dict[str, int] = {
     "max_duration_seconds": MAX_DURATION_S,
     "price_micro_per_gpu_hour": MAX_PRICE_MICROS,
 }
+
+
+# What a buyer may ask for in LeaseSpec.network_mode: "" (the lease's own network:
+# bridge, ICC off, egress policy) or "none" (loopback only). The agent also takes
+# "bridge"/"default" as spellings of "" from older coordinators; nothing else.
+BUYER_NETWORK_MODES = ("", "none")
+PORTS_WITHOUT_NETWORK = (
+    "ports cannot be published by a lease with network_mode none (it has no network)"
+)
 
 
 def argv_bytes(command: list[str] | tuple[str, ...], args: list[str] | tuple[str, ...]) -> int:

@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -63,6 +63,8 @@ class LeaseFile(_Strict):
     shm: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     scratch: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     ports: list[PortFile] = Field(default_factory=list)
+    # "lease": the lease's own network (internet yes, LAN/host no); "none": loopback only.
+    network: Literal["lease", "none"] = "lease"
     max_duration: Duration = Field(default=0.0, le=leaserules.MAX_DURATION_S)
     price_max: int = Field(
         default=0, ge=0, le=leaserules.MAX_PRICE_MICROS, description="micro-units per GPU-hour"
@@ -102,6 +104,7 @@ class LeaseFile(_Strict):
                 for p in self.ports
             ],
             max_duration_seconds=round(self.max_duration),
+            network_mode="none" if self.network == "none" else "",
             price_micro_per_gpu_hour=self.price_max,
         )
         if self.registry_auth is not None:
@@ -129,6 +132,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     submit.add_argument("--env", action="append", metavar="K=V", help="environment (repeatable)")
     submit.add_argument("--price-max", type=int, help="ceiling, micro-units per GPU-hour")
     submit.add_argument("--max-duration", help="hard stop after this long, e.g. 10m")
+    submit.add_argument(
+        "--network",
+        choices=("lease", "none"),
+        help="lease: its own network (default); none: no network at all, only loopback",
+    )
     submit.add_argument("--buyer", help="account billed")
     submit.add_argument("--node", help="pin to this node (id or unique prefix)")
     submit.add_argument(
@@ -199,6 +207,7 @@ def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
         "command": args.cmd,
         "price_max": args.price_max,
         "max_duration": args.max_duration,
+        "network": args.network,
         "buyer": args.buyer,
         "node": args.node,
         "replace_on_lost": args.replace_on_lost,
@@ -330,6 +339,8 @@ def _show(args: argparse.Namespace) -> int:
         f"image:       {spec.image}",
         f"command:     {command}",
         f"gpus:        {gpus}",
+        "network:     "
+        + ("none (loopback only)" if spec.network_mode == "none" else "its own (egress policy)"),
         f"price:       ceiling {spec.price_micro_per_gpu_hour}, accepted "
         f"{lease.accepted_price_micro_per_gpu_hour} micro-units per GPU-hour",
         "max runtime: "

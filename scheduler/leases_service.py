@@ -81,6 +81,13 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
             raise SpecError(
                 f"spec.{name}: not allowed; agents never grant it and would reject the lease"
             )
+    if spec.network_mode not in leaserules.BUYER_NETWORK_MODES:
+        raise SpecError(
+            f"spec.network_mode: {spec.network_mode[:64]!r} is not allowed "
+            "(empty for the lease's own network, or none)"
+        )
+    if spec.network_mode == "none" and spec.ports:
+        raise SpecError(f"spec.network_mode: {leaserules.PORTS_WITHOUT_NETWORK}")
     for key in spec.env:
         if not key or "=" in key or "\0" in key:
             raise SpecError(f"spec.env[{key!r}]: names must be non-empty without '=' or NUL")

@@ -458,6 +458,12 @@ async def test_bad_specs_are_refused_with_the_field(env: Env) -> None:
         ({"gpu_count": 0}, "spec.gpu_count"),
         ({"image": ""}, "spec.image"),
         ({"idempotency_key": "../etc"}, "idempotency_key"),
+        ({"network_mode": "host"}, "spec.network_mode"),
+        ({"network_mode": "container:other-lease"}, "spec.network_mode"),
+        (
+            {"network_mode": "none", "ports": [leases_pb2.PortSpec(container_port=80)]},
+            "spec.network_mode",
+        ),
     ]
     for spec, field_name in cases:
         with pytest.raises(grpc.aio.AioRpcError) as info:

@@ -380,7 +380,7 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
     if spec.network_mode == "none" and spec.ports:
         raise LeaseRejected(
             RejectCode.INVALID_SPEC,
-            "ports cannot be published by a lease with network_mode none (it has no network)",
+            leaserules.PORTS_WITHOUT_NETWORK,
         )
     for field, allowed in leaserules.NAMESPACE_MODES.items():
         if field == "network_mode":

@@ -160,6 +160,7 @@ class LeaseSpec(_message.Message):
     MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     PRICE_MICRO_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     REGISTRY_AUTH_FIELD_NUMBER: _builtins.int
+    NETWORK_MODE_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
     VOLUMES_FIELD_NUMBER: _builtins.int
@@ -178,6 +179,10 @@ class LeaseSpec(_message.Message):
     max_duration_seconds: _builtins.int
     price_micro_per_gpu_hour: _builtins.int
     """micro-units of the settlement currency"""
+    network_mode: _builtins.str
+    """"" = the lease's own network (bridge, ICC off, egress policy); "none" = no
+    network at all, only loopback. Anything else is refused (docs/security.md).
+    """
     privileged: _builtins.bool
     """Always rejected by the agent (see PROTOCOL.md "Hostile specs")."""
     host_network: _builtins.bool
@@ -217,6 +222,7 @@ class LeaseSpec(_message.Message):
         max_duration_seconds: _builtins.int = ...,
         price_micro_per_gpu_hour: _builtins.int = ...,
         registry_auth: Global___RegistryAuth | None = ...,
+        network_mode: _builtins.str = ...,
         privileged: _builtins.bool = ...,
         host_network: _builtins.bool = ...,
         volumes: _abc.Iterable[Global___VolumeMount] | None = ...,
@@ -225,7 +231,7 @@ class LeaseSpec(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registry_auth", b"registry_auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "memory_bytes", b"memory_bytes", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "registry_auth", b"registry_auth", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "memory_bytes", b"memory_bytes", "network_mode", b"network_mode", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "registry_auth", b"registry_auth", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
