@@ -7,10 +7,7 @@ exit codes: 0 success, 1 failure at run time, 2 bad usage or configuration.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
 from gpuagent import cli as skeleton
 from gpuagent.cli import Handler as Handler  # re-exported for the command modules
@@ -32,30 +29,20 @@ COMMAND_MODULES = (
     "agent.cmd_scratch",
 )
 
-PROGRAM = skeleton.Program(
+PROGRAM = skeleton.Program[AgentConfig](
     prog="gpu-agent",
     description="Provider-side GPU agent: detects and attests GPUs, runs leased "
     "containers from a coordinator, meters their usage.",
     default_config=DEFAULT_CONFIG_PATH,
+    load=load_agent_config,
     command_modules=COMMAND_MODULES,
 )
 
-
-def config_path(args: argparse.Namespace) -> Path | None:
-    """The --config file; the default path only if it exists, else built-in defaults."""
-    return skeleton.config_path(args, DEFAULT_CONFIG_PATH)
-
-
-def load_config_from_args(args: argparse.Namespace) -> AgentConfig:
-    return load_agent_config(config_path(args))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return skeleton.build_parser(PROGRAM)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return skeleton.run(build_parser(), argv)
+# The names the command modules use.
+config_path = PROGRAM.config_path
+load_config_from_args = PROGRAM.load_config
+build_parser = PROGRAM.build_parser
+main = PROGRAM.main
 
 
 if __name__ == "__main__":

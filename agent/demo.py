@@ -161,8 +161,26 @@ def wait_for(what: str, predicate: Any, timeout: float, procs: list[subprocess.P
     raise RuntimeError(f"timed out after {timeout:.0f}s {what}")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (`kill`, a closed terminal): stop the children like Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt: the demo's ``suppress(Exception)`` polls
+    must not swallow it."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Once: a second signal must not interrupt the children's shutdown below.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
 def running(procs: dict[str, subprocess.Popen[str]]) -> Iterator[None]:
+    # The children run in sessions of their own (Ctrl-C reaches only us), so Python's
+    # default SIGTERM, which exits without unwinding, would leave them as orphans.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         yield
     finally:
@@ -452,6 +470,9 @@ if __name__ == "__main__":
         # Ctrl-C before the demo settled: `running` has already stopped the children.
         say("interrupted; stopped cleanly")
         sys.exit(0)
+    except Terminated as exc:
+        say(f"{exc}: stopped agent and scheduler")
+        sys.exit(143)
     except RuntimeError as exc:
         say(f"demo failed: {exc} (logs in .run/*.log)")
         sys.exit(1)

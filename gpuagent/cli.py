@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import yaml
 from pydantic import BaseModel
@@ -22,6 +23,7 @@ from gpuagent import __version__
 from gpuagent.configload import ConfigError, masked_dump
 
 Handler = Callable[[argparse.Namespace], int]
+ConfigT = TypeVar("ConfigT")
 
 
 class UsageError(Exception):
@@ -29,37 +31,45 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
-class Program:
+class Program(Generic[ConfigT]):
+    """One program: its name, its config file and loader, its subcommand modules."""
+
     prog: str
     description: str
     default_config: Path
+    load: Callable[[Path | None], ConfigT]
     command_modules: Sequence[str]  # in --help order
 
+    def config_path(self, args: argparse.Namespace) -> Path | None:
+        """The --config file; the default path only if it exists, else built-in defaults."""
+        if args.config is not None:
+            return Path(args.config)
+        return self.default_config if self.default_config.exists() else None
 
-def config_path(args: argparse.Namespace, default: Path) -> Path | None:
-    """The --config file; the default path only if it exists, else built-in defaults."""
-    if args.config is not None:
-        return Path(args.config)
-    return default if default.exists() else None
+    def load_config(self, args: argparse.Namespace) -> ConfigT:
+        return self.load(self.config_path(args))
 
+    def build_parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=self.prog, description=self.description)
+        parser.add_argument("--version", action="version", version=f"{self.prog} {__version__}")
+        parser.add_argument(
+            "-c",
+            "--config",
+            metavar="FILE",
+            help=f"config file (default: {self.default_config} if it exists, "
+            "else built-in defaults)",
+        )
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+        for name in self.command_modules:
+            importlib.import_module(name).register(sub)
+        return parser
 
-def build_parser(program: Program) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=program.prog, description=program.description)
-    parser.add_argument("--version", action="version", version=f"{program.prog} {__version__}")
-    parser.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help=f"config file (default: {program.default_config} if it exists, "
-        "else built-in defaults)",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in program.command_modules:
-        importlib.import_module(name).register(sub)
-    return parser
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        return run(self.build_parser(), argv)
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the chosen handler, mapping errors to exit codes."""
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     try:

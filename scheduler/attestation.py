@@ -46,6 +46,7 @@ from .attestation_store import AttestationRecord
 from .config import AttestationConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .eligibility import FOREVER
 from .registry import Clock, NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,16 @@ class AttestationManager:
         record = self._latest.get((node_id, gpu_uuid))
         return record is not None and record.valid(self._now_ns())
 
+    def valid_until(self, node_id: str, gpu_uuid: str, now_ns: int) -> int | None:
+        """Until when (ns) a new lease may use this GPU without a new verdict; None when
+        it may not now. ``FOREVER`` unless ``required``."""
+        if not self.config.required:
+            return FOREVER
+        record = self._latest.get((node_id, gpu_uuid))
+        if record is None or not record.valid(now_ns):
+            return None
+        return record.expires_ns
+
     def attested(self, node_id: str) -> bool:
         """Every GPU of the node holds a passed, unexpired verdict (policy aside)."""
         record = self.registry.nodes.get(node_id)
@@ -231,10 +242,6 @@ class AttestationManager:
             (r := self._latest.get((node_id, g.uuid))) is not None and r.valid(now)
             for g in record.inventory.gpus
         )
-
-    def eligible(self, node_id: str) -> bool:
-        """May the node get new leases at all, as far as attestation goes?"""
-        return not self.config.required or self.attested(node_id)
 
     def attested_nodes(self) -> set[str]:
         return {node_id for node_id in self.registry.nodes if self.attested(node_id)}
@@ -379,7 +386,7 @@ class AttestationManager:
                 "sizes": sorted({(t.n, t.inner) for t in challenge.tasks}),
             },
         )
-        ttl = max(0.0, challenge.expires_unix_s - time.time())
+        ttl = max(0.0, challenge.expires_unix_s - self.clock())
         flight.watchdog = asyncio.create_task(
             self._watch(flight, ttl + self.config.open_timeout), name=f"attest-watch-{cid}"
         )

@@ -6,10 +6,7 @@ Subcommand groups live in ``scheduler/cmd_*.py`` modules exposing
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 
 from gpuagent import cli as skeleton
 from gpuagent.cli import Handler as Handler  # re-exported for the command modules
@@ -27,29 +24,20 @@ COMMAND_MODULES = (
     "scheduler.cmd_acl",
 )
 
-PROGRAM = skeleton.Program(
+PROGRAM = skeleton.Program[SchedulerConfig](
     prog="gpu-scheduler",
     description="Reference coordinator: accepts agents over gRPC, places leases, "
     "verifies attestations, keeps the usage ledger.",
     default_config=DEFAULT_CONFIG_PATH,
+    load=load_scheduler_config,
     command_modules=COMMAND_MODULES,
 )
 
-
-def config_path(args: argparse.Namespace) -> Path | None:
-    return skeleton.config_path(args, DEFAULT_CONFIG_PATH)
-
-
-def load_config_from_args(args: argparse.Namespace) -> SchedulerConfig:
-    return load_scheduler_config(config_path(args))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return skeleton.build_parser(PROGRAM)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return skeleton.run(build_parser(), argv)
+# The names the command modules use.
+config_path = PROGRAM.config_path
+load_config_from_args = PROGRAM.load_config
+build_parser = PROGRAM.build_parser
+main = PROGRAM.main
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ class DatabaseConfig(Strict):
 
 
 class LivenessConfig(Strict):
-    heartbeat_interval: Duration = 10.0
+    # The range every agent clamps a coordinator's interval to (agent/link/session.py,
+    # PROTOCOL.md): outside it, agents would beat at another pace than liveness assumes.
+    heartbeat_interval: Duration = Field(default=10.0, ge=0.1, le=300.0)
     suspect_after_missed: int = Field(default=3, ge=1)
     offline_grace: Duration = Field(
         default=45.0, description="no heartbeat for this long -> offline (must exceed keepalive)"

@@ -123,6 +123,9 @@ class _Capacity:
     view: placement.NodeView | None = None  # the last pass's view, reused while it holds
     uniform_price: bool = True
     market: placement.NodeMarket = placement.NO_MARKET
+    # The view's eligibility answer: built at this Eligibility.generation, good until then.
+    eligible_generation: int = -1
+    eligible_until_ns: int = 0
 
     def same_as(self, other: _Capacity) -> bool:
         return (
@@ -353,13 +356,16 @@ class LeaseDispatcher:
         registry = self.registry
         now = registry.clock()
         policy = registry.policy
-        # None when no rule can refuse a GPU: then the fast path below serves every
-        # unchanged node (before #19 the server always installed a filter).
-        eligible = (
-            self.eligibility.gpu
+        # None when no rule can refuse a GPU. Otherwise a node's last answer is reused
+        # while no verdict or collateral changed and none of its verdicts expired, so
+        # the fast path below still serves every unchanged node.
+        eligibility = (
+            self.eligibility
             if self.eligibility is not None and self.eligibility.restricts
             else None
         )
+        generation = eligibility.generation if eligibility is not None else 0
+        now_ns = round(now * 1e9)
         views: list[placement.NodeView] = []
         append = views.append
         capacities = self._capacities
@@ -378,7 +384,13 @@ class LeaseDispatcher:
                 and view.free_gpus is capacity.gpus
                 and view.market is capacity.market  # uptime refreshes replace it
                 and is_online(policy, seen, now)
-                and eligible is None
+                and (
+                    eligibility is None
+                    or (
+                        capacity.eligible_generation == generation
+                        and now_ns < capacity.eligible_until_ns
+                    )
+                )
                 and node_id in sessions
                 and not record.draining
                 and not capacity.draining
@@ -398,8 +410,11 @@ class LeaseDispatcher:
                 taken = held.get(node_id)
                 if taken:
                     gpus = tuple(g for g in gpus if g.uuid not in taken)
-                if eligible is not None:
-                    gpus = tuple(g for g in gpus if eligible(node_id, g.uuid))
+                if eligibility is not None:
+                    kept, until = eligibility.filter(node_id, gpus, now_ns)
+                    gpus = tuple(kept) if kept is not gpus else gpus
+                    capacity.eligible_generation = generation
+                    capacity.eligible_until_ns = until
             offline_reason = "online"
             if not connected:
                 offline_reason = "not connected"

@@ -179,6 +179,7 @@ class SchedulerServer:
         if config.ledger.escrow:
             hooks = LeaseHooks(self.ledger.policy, lambda: round(clock() * 1e9))
             hooks.register(self.leases_store)
+        eligibility = Eligibility(self.attestation, self.ledger)
         self.dispatcher = LeaseDispatcher(
             self.leases_store,
             self.registry,
@@ -191,13 +192,16 @@ class SchedulerServer:
                 require_isolation=pc.require_isolation,
             ),
             observe_placement=self.metrics.placement,
-            eligibility=Eligibility(self.attestation, self.ledger),
+            eligibility=eligibility,
             on_placed=self.prices.placed,
         )
         # A GPU that just passed, or collateral that now suffices, may be what a
         # pending lease waits for.
         self.attestation.add_listener(lambda _node_id: self.dispatcher.kick())
         self.ledger.on_eligibility_change(self.dispatcher.kick)
+        # Verdicts and collateral invalidate the dispatcher's cached answers.
+        self.attestation.add_listener(eligibility.changed)
+        self.ledger.on_eligibility_change(eligibility.changed)
         self.coordinator.on("lease_update", self.dispatcher.on_update)
         self.coordinator.on_connect(self.dispatcher.on_connect)
         self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)

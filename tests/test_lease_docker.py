@@ -397,8 +397,8 @@ async def test_hostile_spec_is_rejected_before_docker(
     """Each forbidden field or absurd value is rejected with its reason; no container exists."""
     manager = lease_env.manager()
     await manager.assign(f"h-{name}", lease_env.spec("true", **fields))
-    update = lease_env.last(f"h-{name}")
-    assert update.state is LeaseState.REJECTED
+    # Updates are delivered after assign() returns, outside the lease lock.
+    update = await lease_env.wait_state(f"h-{name}", LeaseState.REJECTED)
     assert update.reason.startswith(f"{code}: ")
     assert lease_env.containers() == []
     with pytest.raises(docker.errors.NotFound):
@@ -422,8 +422,8 @@ async def test_leases_never_share_a_gpu_and_cordoned_gpus_are_skipped(lease_env:
     labels = {c.labels[LABEL_GPUS] for c in lease_env.containers(**{LABEL_MANAGED: "true"})}
     assert labels == {"GPU-aaaa", "GPU-cccc"}
     await manager.assign("g-3", lease_env.spec("sleep 300", gpu_count=1))
-    assert lease_env.last("g-3").state is LeaseState.REJECTED
-    assert lease_env.last("g-3").reason.startswith("insufficient_gpus")
+    rejected = await lease_env.wait_state("g-3", LeaseState.REJECTED)
+    assert rejected.reason.startswith("insufficient_gpus")
     # Which lease got which GPU depends on the order the two starts ran in.
     assert manager.snapshot().allocations == {
         **dict.fromkeys(first.gpu_uuids, "g-1"),
