@@ -194,6 +194,7 @@ class AgentNode:
             gpu_details_source=lambda: self._gpu_names,
             gpu_gate=toolkit_gate.refusal if toolkit_gate is not None else None,
             service_observer=self.telemetry.agent,  # health checks and restarts
+            before_cleanup=self._last_usage_reading,
         )
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records
@@ -520,22 +521,30 @@ class AgentNode:
                 coordinator_pb2.AgentMessage(lease_update=wire.lease_update(update))
             )
 
+    async def _last_usage_reading(self, update: LeaseUpdate) -> None:
+        """The manager's call while an ended lease's container and network still exist:
+        the sampler reads the network's counters before they go with it."""
+        if _gets_final_usage(update):
+            await self.sampler.last_reading(
+                self._metered_view(update), end_monotonic=_monotonic_at(update.ended_at)
+            )
+
     async def _close_usage(self, update: LeaseUpdate) -> None:
         """Write a terminal lease's final usage record (idempotent: at most one)."""
-        if not (update.state.terminal and update.state != LeaseState.REJECTED):
+        if not _gets_final_usage(update):
             return
-        if not update.container_id:
-            # Refused or failed before it had a container: it never ran and gets no
-            # usage record (the coordinator would refuse one as not placed).
-            return
-        view = _Metered(
+        view = self._metered_view(update)
+        self._run_started.pop(update.lease_id, None)
+        await self.sampler.close_lease(view, end_monotonic=_monotonic_at(update.ended_at))
+
+    def _metered_view(self, update: LeaseUpdate) -> _Metered:
+        return _Metered(
             update.lease_id,
             update.container_id,
             update.gpu_uuids,
             # After a restart the start is known only from the lease's record.
-            self._run_started.pop(update.lease_id, 0.0) or _monotonic_at(update.started_at) or 0.0,
+            self._run_started.get(update.lease_id, 0.0) or _monotonic_at(update.started_at) or 0.0,
         )
-        await self.sampler.close_lease(view, end_monotonic=_monotonic_at(update.ended_at))
 
     def _metered_leases(self) -> list[MeteredLease]:
         return [
@@ -575,6 +584,15 @@ class AgentNode:
         self.config = await reload_config(self.config_path, self.config, apply)
         # A changed price or location goes to the coordinator now, on the open session.
         await self.market.reload(self.config)
+
+
+def _gets_final_usage(update: LeaseUpdate) -> bool:
+    """A terminal lease that had a container gets a final usage record; one refused or
+    failed before it had a container never ran and gets none (the coordinator would
+    refuse one as not placed)."""
+    return (
+        update.state.terminal and update.state != LeaseState.REJECTED and bool(update.container_id)
+    )
 
 
 def _monotonic_at(unix_seconds: float | None) -> float | None:

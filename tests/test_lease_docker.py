@@ -8,7 +8,7 @@ import ipaddress
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,7 @@ class LeaseEnv:
         clock: OffsetClock | None = None,
         on_pull: PullObserver | None = None,
         gpu_gate: Callable[[], str | None] | None = None,
+        before_cleanup: Callable[[LeaseUpdate], Awaitable[None]] | None = None,
     ) -> LeaseManager:
         runtime = DockerRuntime(
             self.client,
@@ -117,6 +118,7 @@ class LeaseEnv:
             clock=clock or OffsetClock(),
             host=HostCapacity(memory_bytes=64 * 1024**3, cpus=64),
             gpu_gate=gpu_gate,
+            before_cleanup=before_cleanup,
         )
 
     async def start(self, manager: LeaseManager) -> asyncio.Task[None]:

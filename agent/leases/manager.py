@@ -172,6 +172,7 @@ class LeaseManager:
         host: HostCapacity | None = None,
         gpu_gate: Callable[[], str | None] | None = None,
         service_observer: ServiceObserver | None = None,
+        before_cleanup: UpdateCallback | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -187,6 +188,10 @@ class LeaseManager:
         self._host = host or HostCapacity.detect()
         # Why GPU leases are refused on this host now (isolation.toolkit), or None.
         self._gpu_gate = gpu_gate
+        # Awaited with an ended lease's terminal update while its container and network
+        # still exist: the usage sampler's last reading of the network's counters, which
+        # go with the network (see _end).
+        self._before_cleanup = before_cleanup
         self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
         self._specs: dict[str, LeaseSpec] = {}
         # Weak: a lease's lock lives while a task holds or awaits it, so the map
@@ -634,10 +639,22 @@ class LeaseManager:
         if self.service_observer is not None:
             self.service_observer.lease_ended(record.lease_id)
         ended = await self._transition(record, state, notify=False, stop_state=None, **changes)
+        update = self._update_for(ended, ended.updated_at)
         self._allocator.release(record.lease_id)
         self._specs.pop(record.lease_id, None)
         self._started_mono.pop(record.lease_id, None)
         self._exited.discard(record.lease_id)
+        if self._before_cleanup is not None and update.container_id:
+            # The sampler stopped reading the lease at its container's death and its final
+            # reading (on the published update) comes after the removal below: without
+            # this one, a lease that ended within a sample interval of its last closed
+            # record would have a final record with its network flagged unmeasured.
+            try:
+                await self._before_cleanup(update)
+            except Exception:
+                log.exception(
+                    "reading an ended lease's usage failed", extra={"lease_id": record.lease_id}
+                )
         try:
             if record.container_id:
                 await self._runtime.remove(record.container_id)
@@ -656,7 +673,7 @@ class LeaseManager:
             },
         )
         # Reported only now, so a coordinator that sees the end can reuse the GPUs.
-        await self._notify(self._update_for(ended, ended.updated_at))
+        await self._notify(update)
 
     async def _reconcile_one(self, record: LeaseRecord, info: ContainerInfo | None) -> None:
         lease_id = record.lease_id

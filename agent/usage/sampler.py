@@ -191,6 +191,28 @@ class Sampler:
                 return []
             return await self._append([(lease.lease_id, *closed)])
 
+    async def last_reading(self, lease: MeteredLease, end_monotonic: float | None = None) -> None:
+        """Read an ended lease's counters once more, before its container and network are
+        removed, without closing an interval (``close_lease`` does that).
+
+        Ticks stop reading a lease when its container dies, and the reading in
+        ``close_lease`` comes after the cleanup, when the network's bridge (with its
+        counters) is gone: a final interval without a tick in it would have its network
+        bytes unmeasured although they were readable all along. Counters do not move
+        after the death, so a reading now is the reading at the end (``end_monotonic``).
+        """
+        async with self._lock:
+            await self._track({lease.lease_id: lease})
+            tracked = self._tracked.get(lease.lease_id)
+            if tracked is None:
+                return
+            meter = tracked.meter
+            at_ns = self._mono()
+            if end_monotonic is not None:
+                at_ns = min(at_ns, round(end_monotonic * 1e9))
+            samples = await asyncio.to_thread(self._read, [(lease.lease_id, tracked)])
+            meter.add_sample(max(at_ns, meter.last_sample_mono_ns), *samples[lease.lease_id])
+
     async def lease_started(self, lease: MeteredLease) -> None:
         """Start metering ``lease`` now that it runs, with its GPUs' energy counters read
         at once: the first tick comes up to ``sample_interval`` later, and without a
