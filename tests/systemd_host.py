@@ -417,10 +417,15 @@ def booted(image: str, wheelhouse: Path, source: Path) -> Iterator[BootedSystem]
 
 
 def remove_lease_containers(node_id: str) -> None:
-    """Lease containers run in the host's Docker, outside the system: remove them."""
-    ids = run(["docker", "ps", "-aq", "--filter", f"label=io.gpuagent.node-id={node_id}"]).split()
+    """Lease containers and networks (spares included) live in the host's Docker,
+    outside the system: remove them, or every run leaves its spare networks behind."""
+    label = f"label=io.gpuagent.node-id={node_id}"
+    ids = run(["docker", "ps", "-aq", "--filter", label]).split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+    networks = run(["docker", "network", "ls", "-q", "--filter", label]).split()
+    if networks:
+        subprocess.run(["docker", "network", "rm", *networks], capture_output=True, check=False)
 
 
 def container_running(container_id: str) -> bool:
