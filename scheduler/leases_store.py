@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +26,12 @@ from gpuagent.v1 import common_pb2, leases_pb2
 
 from .db import Database
 from .secretbox import SecretBox
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-Hook = Callable[[sqlite3.Connection, "LeaseRow"], None]
+Hook = Callable[[Conn, "LeaseRow"], None]
 
 PENDING = "pending"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "lost", "rejected"})
@@ -248,7 +248,7 @@ class LeaseStore:
         return round(self.clock() * 1e9)
 
     @staticmethod
-    def _get(conn: sqlite3.Connection, lease_id: str) -> LeaseRow | None:
+    def _get(conn: Conn, lease_id: str) -> LeaseRow | None:
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM leases WHERE lease_id = ?",  # noqa: S608 - constant columns
             (lease_id,),
@@ -257,7 +257,7 @@ class LeaseStore:
 
     @staticmethod
     def _event(
-        conn: sqlite3.Connection, lease_id: str, state: str, reason: str, node: str | None, ts: int
+        conn: Conn, lease_id: str, state: str, reason: str, node: str | None, ts: int
     ) -> None:
         conn.execute(
             "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"
@@ -267,9 +267,7 @@ class LeaseStore:
         )
 
     @staticmethod
-    def _attempt(
-        conn: sqlite3.Connection, lease_id: str, node: str, outcome: str, reason: str, ts: int
-    ) -> None:
+    def _attempt(conn: Conn, lease_id: str, node: str, outcome: str, reason: str, ts: int) -> None:
         conn.execute(
             "INSERT INTO placement_attempts (lease_id, node_id, outcome, reason, ts_ns)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -278,7 +276,7 @@ class LeaseStore:
 
     def _transition(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         lease_id: str,
         state: str,
         reason: str,
@@ -324,7 +322,7 @@ class LeaseStore:
         """
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+        def txn(conn: Conn) -> dict[str, int]:
             for lease_id, node_id in conn.execute(
                 "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL",
                 (PENDING,),
@@ -346,7 +344,7 @@ class LeaseStore:
         return await self.db.call(lambda conn: self._get(conn, lease_id))
 
     async def events(self, lease_id: str) -> list[leases_pb2.LeaseEvent]:
-        def read(conn: sqlite3.Connection) -> list[leases_pb2.LeaseEvent]:
+        def read(conn: Conn) -> list[leases_pb2.LeaseEvent]:
             return [
                 leases_pb2.LeaseEvent(
                     state=state_value(s), reason=r, node_id=n or "", at_unix_nanos=ts
@@ -400,7 +398,7 @@ class LeaseStore:
             " ORDER BY rowid LIMIT ?"
         )
 
-        def read(conn: sqlite3.Connection) -> tuple[list[LeaseRow], int]:
+        def read(conn: Conn) -> tuple[list[LeaseRow], int]:
             rows = conn.execute(sql, (*params, limit + 1)).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
@@ -417,7 +415,7 @@ class LeaseStore:
         """(pending leases to place, leases holding GPUs, nodes tried per pending lease)."""
 
         def read(
-            conn: sqlite3.Connection,
+            conn: Conn,
         ) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
             pending = [
                 LeaseRow.from_db(r)
@@ -480,7 +478,7 @@ class LeaseStore:
         if not lease_ids:
             return {}  # most Hellos list no leases: no trip to the database thread
 
-        def read(conn: sqlite3.Connection) -> dict[str, LeaseRow]:
+        def read(conn: Conn) -> dict[str, LeaseRow]:
             found = {}
             for lease_id in lease_ids:
                 row = self._get(conn, lease_id)
@@ -507,7 +505,7 @@ class LeaseStore:
         spec_bytes = spec.SerializeToString(deterministic=True)
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> tuple[LeaseRow, bool]:
+        def txn(conn: Conn) -> tuple[LeaseRow, bool]:
             existing = self._get(conn, new.lease_id)
             if existing is not None:
                 same = (
@@ -561,7 +559,7 @@ class LeaseStore:
         terminal hooks); None when it was placed or ended meanwhile."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+        def txn(conn: Conn) -> LeaseRow | None:
             row = self._get(conn, lease_id)
             if row is None or row.state != PENDING or row.node_id is not None:
                 return None
@@ -588,7 +586,7 @@ class LeaseStore:
         (cancelled meanwhile)."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+        def txn(conn: Conn) -> LeaseRow | None:
             cur = conn.execute(
                 "UPDATE leases SET node_id = ?, gpu_uuids_json = ?,"
                 " accepted_price_micros_per_gpu_hour = ?, placed_ns = ?, updated_ns = ?,"
@@ -619,7 +617,7 @@ class LeaseStore:
         used up (or the lease is pinned). None when the offer was already settled."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+        def txn(conn: Conn) -> LeaseRow | None:
             row = self._get(conn, lease_id)
             if row is None or row.state != PENDING or row.node_id != node_id:
                 return None
@@ -632,7 +630,7 @@ class LeaseStore:
 
     def _fail_offer(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         row: LeaseRow,
         outcome: str,
         reason: str,
@@ -693,7 +691,7 @@ class LeaseStore:
         now = self._now()
         state = state_name(update.state)
 
-        def txn(conn: sqlite3.Connection) -> UpdateResult:
+        def txn(conn: Conn) -> UpdateResult:
             row = self._get(conn, update.lease_id)
             if row is None:
                 return UpdateResult(UpdateOutcome.UNKNOWN)
@@ -750,7 +748,7 @@ class LeaseStore:
         now = self._now()
         reason = reason or "cancelled by the buyer"
 
-        def txn(conn: sqlite3.Connection) -> tuple[CancelResult, str] | None:
+        def txn(conn: Conn) -> tuple[CancelResult, str] | None:
             row = self._get(conn, lease_id)
             if row is None:
                 return None
@@ -794,7 +792,7 @@ class LeaseStore:
         keep_ids = set(keep)
         terminal = tuple(TERMINAL)
 
-        def txn(conn: sqlite3.Connection) -> list[tuple[str, LeaseRow]]:
+        def txn(conn: Conn) -> list[tuple[str, LeaseRow]]:
             rows = [
                 LeaseRow.from_db(r)
                 for r in conn.execute(

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,6 +29,7 @@ from . import uptime
 from .db import Database
 from .group_commit import GroupCommit
 from .liveness import Liveness, LivenessPolicy, evaluate
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class Registry:
         """Read every known node back; called once at startup."""
         horizon = _ns(self.clock() - uptime.RETENTION)
 
-        def read(conn: sqlite3.Connection) -> list[NodeRecord]:
+        def read(conn: Conn) -> list[NodeRecord]:
             records = []
             for row in conn.execute(
                 "SELECT node_id, public_key, name, region, labels_json, agent_version,"
@@ -260,7 +260,7 @@ class Registry:
         session = Session(uuid.uuid4().hex, record.node_id, peer, now, send)
         first_seen = record.first_seen
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             conn.execute(
                 "INSERT INTO nodes (node_id, public_key, name, region, labels_json,"
                 " agent_version, protocol_version, inventory, last_heartbeat, first_seen_ns,"
@@ -331,7 +331,7 @@ class Registry:
         ]
         span_rows = [(node_id, start, end) for (node_id, start), end in spans.items()]
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             # Few statements of many rows, not one per row: between statements the
             # database thread waits for the GIL, which the busy event loop holds.
             for chunk in _chunks(rows):
@@ -347,7 +347,8 @@ class Registry:
                 conn.execute(
                     f"INSERT INTO coverage (node_id, start_ns, end_ns) VALUES {values}"  # noqa: S608
                     " ON CONFLICT(node_id, start_ns)"
-                    " DO UPDATE SET end_ns = MAX(end_ns, excluded.end_ns)",
+                    " DO UPDATE SET end_ns = CASE WHEN excluded.end_ns > coverage.end_ns"
+                    " THEN excluded.end_ns ELSE coverage.end_ns END",
                     [x for row in chunk for x in row],
                 )
 
@@ -455,9 +456,10 @@ def _chunks(
 
 _UPSERT_SPAN = (
     "INSERT INTO coverage (node_id, start_ns, end_ns) VALUES (?, ?, ?)"
-    " ON CONFLICT(node_id, start_ns) DO UPDATE SET end_ns = MAX(end_ns, excluded.end_ns)"
+    " ON CONFLICT(node_id, start_ns) DO UPDATE SET end_ns ="
+    " CASE WHEN excluded.end_ns > coverage.end_ns THEN excluded.end_ns ELSE coverage.end_ns END"
 )
 
 
-def _write_span(conn: sqlite3.Connection, node_id: str, span: tuple[int, int]) -> None:
+def _write_span(conn: Conn, node_id: str, span: tuple[int, int]) -> None:
     conn.execute(_UPSERT_SPAN, (node_id, span[0], span[1]))

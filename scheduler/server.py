@@ -39,7 +39,7 @@ from .auth.interceptor import Authenticator, AuthInterceptor
 from .auth.service import AclService
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
-from .db import Database
+from .db import open_database
 from .gcpolicy import GcPolicy
 from .lease_dispatch import DispatchSettings, LeaseDispatcher
 from .leases_service import LeasesService
@@ -142,7 +142,7 @@ class SchedulerServer:
         self.policy = LivenessPolicy(
             lv.heartbeat_interval, lv.suspect_after_missed, lv.offline_grace, lv.restart_grace
         )
-        self.db = Database(config.database.path)
+        self.db = open_database(config.database.target(), pool_size=config.database.pool_size)
         self.registry = Registry(self.db, self.policy, clock)
         self.authenticator = Authenticator(self.db, config.auth.client_cert_accounts, clock)
         self.acl = AclService(self.db, self.authenticator, clock)
@@ -322,7 +322,7 @@ class SchedulerServer:
                 "listen": listen,
                 "port": port,
                 "tls": not self.config.server.insecure,
-                "database": str(self.config.database.path),
+                "database": self.db.display,
                 "nodes": len(self.registry.nodes),
             },
         )

@@ -68,6 +68,11 @@ def make_pki(tmp: Path, *, expired: bool = False) -> Pki:
 NO_ATTESTATION: dict[str, object] = {"enabled": False, "required": False}
 
 
+# Set by the ``storage_backend`` fixture (tests/conftest.py) while a test runs on
+# PostgreSQL: every scheduler the test builds uses this database.
+DATABASE_URL: str | None = None
+
+
 def scheduler_config(
     tmp: Path,
     pki: Pki | None,
@@ -86,7 +91,10 @@ def scheduler_config(
     return SchedulerConfig.model_validate(
         {
             "server": server,
-            "database": {"path": str(tmp / "sched" / "scheduler.db")},
+            "database": {
+                "path": str(tmp / "sched" / "scheduler.db"),
+                **({"url": DATABASE_URL} if DATABASE_URL else {}),
+            },
             "liveness": {"heartbeat_interval": heartbeat, **liveness},
             "metrics": {"listen": None},
             "attestation": NO_ATTESTATION if attestation is None else attestation,
