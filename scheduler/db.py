@@ -330,28 +330,33 @@ def _check_version(version: int, migrations: tuple[str, ...]) -> None:
         )
 
 
-# Any replica may start first: migrations take this transaction-scoped advisory lock,
-# so two starting together run each step once.
+# Any replica may start first: migrations hold this advisory lock, so two starting
+# together run each step once (the second waits, then finds nothing to do).
 MIGRATION_LOCK = 0x6770_7573_6368_0001
 
 
 def migrate_postgres(raw: Any, migrations: tuple[str, ...] = MIGRATIONS) -> int:
-    """The same steps as ``migrate``, in PostgreSQL's types (storage.postgres_ddl)."""
-    with raw.transaction():
-        raw.execute(f"CREATE TABLE IF NOT EXISTS {PG_VERSION_TABLE} (version BIGINT NOT NULL)")
-    for number in range(1, len(migrations) + 1):
+    """The same steps as ``migrate``, in PostgreSQL's types (storage.postgres_ddl),
+    each in its own transaction, under one advisory lock held for the whole run."""
+    raw.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
         with raw.transaction():
-            raw.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            raw.execute(
+                f"CREATE TABLE IF NOT EXISTS {PG_VERSION_TABLE} (version BIGINT NOT NULL)"
+            )
             row = raw.execute(f"SELECT version FROM {PG_VERSION_TABLE}").fetchone()  # noqa: S608
+            if row is None:
+                raw.execute(f"INSERT INTO {PG_VERSION_TABLE} VALUES (0)")  # noqa: S608
             version = int(row[0]) if row else 0
-            _check_version(version, migrations)
-            if version >= number:
-                continue
-            for statement in split_script(migrations[number - 1]):
-                raw.execute(postgres_ddl(statement))
-            raw.execute(f"DELETE FROM {PG_VERSION_TABLE}")  # noqa: S608
-            raw.execute(f"INSERT INTO {PG_VERSION_TABLE} VALUES (%s)", (number,))  # noqa: S608
-        log.info("database migrated", extra={"schema_version": number})
+        _check_version(version, migrations)
+        for number in range(version + 1, len(migrations) + 1):
+            with raw.transaction():
+                for statement in split_script(migrations[number - 1]):
+                    raw.execute(postgres_ddl(statement))
+                raw.execute(f"UPDATE {PG_VERSION_TABLE} SET version = %s", (number,))  # noqa: S608
+            log.info("database migrated", extra={"schema_version": number})
+    finally:
+        raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     return len(migrations)
 
 

@@ -391,7 +391,7 @@ class LeaseDispatcher:
                     row.lease_id, chosen.node_id, chosen.gpu_uuids, chosen.ask_micros, summary
                 )
                 if offered is None:
-                    continue  # cancelled while we were choosing
+                    continue  # cancelled, or its GPUs taken (another replica), meanwhile
                 log.info(
                     "lease offered to node: %s",
                     summary,

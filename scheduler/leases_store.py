@@ -583,10 +583,22 @@ class LeaseStore:
         self, lease_id: str, node_id: str, gpu_uuids: Sequence[str], ask_micros: int, reason: str
     ) -> LeaseRow | None:
         """Reserve the node's GPUs for an offer; None when the lease is no longer placeable
-        (cancelled meanwhile)."""
+        (cancelled or placed meanwhile) or one of the GPUs was taken meanwhile."""
         now = self._now()
 
         def txn(conn: Conn) -> LeaseRow | None:
+            # The node's row lock orders offers to one node across replicas; under it,
+            # GPUs another offer or lease holds now (placed by another replica since
+            # our placement view was read) refuse this one: it waits for the next pass.
+            conn.execute("SELECT node_id FROM nodes WHERE node_id = ? FOR UPDATE", (node_id,))
+            wanted = set(gpu_uuids)
+            for (held,) in conn.execute(
+                f"SELECT gpu_uuids_json FROM leases WHERE node_id = ? AND lease_id != ?"  # noqa: S608
+                f" AND state NOT IN ({', '.join('?' * len(TERMINAL))})",
+                (node_id, lease_id, *TERMINAL),
+            ).fetchall():
+                if wanted & set(json.loads(str(held))):
+                    return None
             cur = conn.execute(
                 "UPDATE leases SET node_id = ?, gpu_uuids_json = ?,"
                 " accepted_price_micros_per_gpu_hour = ?, placed_ns = ?, updated_ns = ?,"

@@ -65,7 +65,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # coordinator_harness.scheduler_config. Tests elsewhere run on SQLite only.
 BOTH_BACKENDS = frozenset(
     {
-        "test_storage",
         "test_scheduler_leases",
         "test_usage_ingest",
         "test_auth_refusals",

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from scheduler.storage import postgres_url
 
@@ -34,6 +35,10 @@ def find_bin_dir() -> Path | None:
         return Path(os.path.realpath(found)).parent
     versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), reverse=True)
     return Path(versions[0]).parent if versions else None
+
+
+def dbname(url: str) -> str:
+    return unquote(urlsplit(url).path.lstrip("/"))
 
 
 def _free_port() -> int:
@@ -148,7 +153,7 @@ class Cluster:
     def drop_database(self, url: str) -> None:
         import psycopg
 
-        name = url.split("/")[-1].split("?")[0]
+        name = dbname(url)
         with psycopg.connect(self._admin_conninfo(), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
