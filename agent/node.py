@@ -459,7 +459,8 @@ class AgentNode:
         if telemetry.gpu is not None:
             doc.add("gpus", gpus_section(telemetry.gpu, lambda: self.leases.snapshot().allocations))
         doc.add(
-            "coordinator", coordinator_section(telemetry.agent, self.config.coordinator.address)
+            "coordinator",
+            coordinator_section(telemetry.agent, ",".join(self.config.coordinator.targets)),
         )
         doc.add(
             "leases",

@@ -93,6 +93,23 @@ class DatabaseConfig(Strict):
         return self.url is not None and parse_target(self.url, environ={}).dialect == "postgresql"
 
 
+class ReplicaConfig(Strict):
+    """One of several `gpu-scheduler serve` on one PostgreSQL (docs/scaling.md)."""
+
+    id: str = Field(
+        default="", max_length=128, description="this replica's name; '' = hostname-pid"
+    )
+    advertise: str = Field(
+        default="", max_length=256, description="host:port agents reach this replica at"
+    )
+    heartbeat_interval: Duration = Field(
+        default=1.0, gt=0, description="replica row heartbeat; leadership moves within it"
+    )
+    dead_after: Duration = Field(
+        default=5.0, gt=0, description="a replica (or this one's database) silent this long"
+    )
+
+
 class LivenessConfig(Strict):
     heartbeat_interval: Duration = 10.0
     suspect_after_missed: int = Field(default=3, ge=1)
@@ -283,6 +300,7 @@ class SchedulerConfig(Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)

@@ -256,6 +256,17 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE leases ADD COLUMN registry_auth_enc BLOB;
     """,
+    # 6: scheduler replicas on one PostgreSQL (scheduler/replicas.py, docs/scaling.md):
+    # who is alive, and which replica holds each node's stream. Unused on SQLite.
+    """
+    CREATE TABLE replicas (
+        replica_id TEXT PRIMARY KEY,
+        address TEXT NOT NULL DEFAULT '',
+        started_ns INTEGER NOT NULL,
+        heartbeat_ns INTEGER NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN replica_id TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -341,9 +352,7 @@ def migrate_postgres(raw: Any, migrations: tuple[str, ...] = MIGRATIONS) -> int:
     raw.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
     try:
         with raw.transaction():
-            raw.execute(
-                f"CREATE TABLE IF NOT EXISTS {PG_VERSION_TABLE} (version BIGINT NOT NULL)"
-            )
+            raw.execute(f"CREATE TABLE IF NOT EXISTS {PG_VERSION_TABLE} (version BIGINT NOT NULL)")
             row = raw.execute(f"SELECT version FROM {PG_VERSION_TABLE}").fetchone()  # noqa: S608
             if row is None:
                 raw.execute(f"INSERT INTO {PG_VERSION_TABLE} VALUES (0)")  # noqa: S608
@@ -459,6 +468,9 @@ class Database:
         return await self.run(txn)
 
     async def close(self) -> None:
+        if self._executor._shutdown:  # closed already (a server stopped twice)
+            return
+
         def _close() -> None:
             if self.checkpointer is not None:
                 self.checkpointer.stop()
@@ -567,6 +579,9 @@ class PostgresDatabase(Database):
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        if self._executor._shutdown:
+            return
+
         def _close() -> None:
             if self._pool is not None:
                 self._pool.close()

@@ -406,6 +406,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         now = self._now()
         return await self.db.call(lambda conn: ledger.release_due(conn, now, self.policy))
 
+    # Replicas: only the leader sweeps (set by the server; one scheduler always leads).
+    is_leader: Callable[[], bool] = staticmethod(lambda: True)
+
     async def run(self, stop: asyncio.Event) -> None:
         tick = min(60.0, self.config.final_record_grace / 2, self.config.uptime_check_interval)
         last_uptime = self.clock()
@@ -414,6 +417,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                 await asyncio.wait_for(stop.wait(), tick)
             if stop.is_set():
                 return
+            if not self.is_leader():
+                continue  # another replica runs the ledger's sweeps (scheduler/replicas.py)
             try:
                 await self.release_due()
                 if self.clock() - last_uptime >= self.config.uptime_check_interval:

@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from gpuagent.v1 import coordinator_pb2, inventory_pb2, nodes_pb2
+from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, nodes_pb2
 
 from . import uptime
 from .db import Database
@@ -95,6 +95,8 @@ class Session:
     last_read_mono_ns: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    # The ProtocolError code the agent gets when ``closed`` ends the stream.
+    close_code: int = common_pb2.ProtocolError.SUPERSEDED
 
 
 class Registry:
@@ -116,15 +118,61 @@ class Registry:
 
     async def load(self) -> None:
         """Read every known node back; called once at startup."""
-        horizon = _ns(self.clock() - uptime.RETENTION)
 
         def read(conn: Conn) -> list[NodeRecord]:
-            records = []
-            for row in conn.execute(
-                "SELECT node_id, public_key, name, region, labels_json, agent_version,"
-                " protocol_version, inventory, last_heartbeat, first_seen_ns, last_seen_ns,"
-                " draining, acked_usage_seq, owner FROM nodes"
-            ):
+            records = self._read_nodes(conn, None)
+            # Sessions that were open when the scheduler died ended then, not now.
+            conn.execute(
+                "UPDATE sessions SET ended_ns = started_ns, end_reason = 'scheduler restart'"
+                " WHERE ended_ns IS NULL"
+            )
+            return records
+
+        for record in await self.db.call(read):
+            self.nodes[record.node_id] = record
+            record.liveness = self.liveness(record)
+        log.info("node registry loaded", extra={"nodes": len(self.nodes)})
+
+    async def refresh_remote(self) -> int:
+        """Several replicas: take in what the others wrote. Nodes first seen elsewhere
+        are read in, and the last-seen time of every node whose stream is not here
+        comes from the database (its replica's heartbeat flush), so a sweep on this
+        replica judges the whole fleet. Returns how many nodes were new here."""
+
+        def read(conn: Conn) -> tuple[list[tuple[str, int | None]], list[NodeRecord]]:
+            seen = [
+                (str(r[0]), r[1])
+                for r in conn.execute("SELECT node_id, last_seen_ns FROM nodes").fetchall()
+            ]
+            unknown = [n for n, _ in seen if n not in self.nodes]
+            return seen, self._read_nodes(conn, unknown) if unknown else []
+
+        seen, new = await self.db.call(read)
+        for record in new:
+            self.nodes.setdefault(record.node_id, record)
+        for node_id, seen_ns in seen:
+            known = self.nodes.get(node_id)
+            if known is None or node_id in self.sessions or seen_ns is None:
+                continue
+            last = seen_ns / 1e9
+            if known.last_seen is None or last > known.last_seen:
+                known.last_seen = last
+        return len(new)
+
+    def _read_nodes(self, conn: Conn, only: list[str] | None) -> list[NodeRecord]:
+        horizon = _ns(self.clock() - uptime.RETENTION)
+        sql = (
+            "SELECT node_id, public_key, name, region, labels_json, agent_version,"
+            " protocol_version, inventory, last_heartbeat, first_seen_ns, last_seen_ns,"
+            " draining, acked_usage_seq, owner FROM nodes"
+        )
+        batches: list[list[str]] = (
+            [[]] if only is None else [only[i : i + 500] for i in range(0, len(only), 500)]
+        )
+        records = []
+        for batch in batches:
+            where = f" WHERE node_id IN ({', '.join('?' * len(batch))})" if batch else ""
+            for row in conn.execute(sql + where, batch).fetchall():
                 inventory = inventory_pb2.Inventory()
                 if row[7]:
                     inventory.ParseFromString(row[7])
@@ -159,17 +207,7 @@ class Registry:
                         last_span_key=last_key,
                     )
                 )
-            # Sessions that were open when the scheduler died ended then, not now.
-            conn.execute(
-                "UPDATE sessions SET ended_ns = started_ns, end_reason = 'scheduler restart'"
-                " WHERE ended_ns IS NULL"
-            )
-            return records
-
-        for record in await self.db.call(read):
-            self.nodes[record.node_id] = record
-            record.liveness = self.liveness(record)
-        log.info("node registry loaded", extra={"nodes": len(self.nodes)})
+        return records
 
     def liveness(self, record: NodeRecord) -> Liveness:
         return evaluate(self.policy, record.last_seen, self.clock(), self.started_at)

@@ -49,7 +49,8 @@ from .ledger_service import LedgerService
 from .liveness import Liveness, LivenessPolicy
 from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
-from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
+from .registry import HEARTBEAT_FLUSH_EVERY, Clock, NodeRecord, Registry, Session
+from .replicas import Replicas
 from .secretbox import SecretBox
 from .tlsfiles import tls_dir
 from .usage_ingest import UsageIngest
@@ -195,6 +196,7 @@ class SchedulerServer:
             self.ledger.node_eligible(node) and (attested is None or attested(node, gpu))
         )
         self.ledger.on_eligibility_change = self.dispatcher.kick
+        self._wire_replicas()
         self._wire_metrics()
         self._verdicts_seen: set[tuple[str, str, str]] = set()
         self._slash_tasks: set[asyncio.Task[int]] = set()
@@ -210,6 +212,62 @@ class SchedulerServer:
         self._attest_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
+
+    def _wire_replicas(self) -> None:
+        """Several replicas on one PostgreSQL (scheduler/replicas.py); inert on SQLite."""
+        rc = self.config.replica
+        self._replica_tasks: set[asyncio.Task[bool]] = set()
+        self.replicas = Replicas(
+            self.db,
+            replica_id=rc.id,
+            address=rc.advertise or self.config.server.listen,
+            heartbeat_interval=rc.heartbeat_interval,
+            dead_after=rc.dead_after,
+            clock=self.clock,
+        )
+        if not self.replicas.distributed:
+            return
+        replicas = self.replicas
+
+        async def claim(_session: Session, record: NodeRecord) -> None:
+            await self.registry.writes.write(lambda c: replicas.claim_in(c, record.node_id))
+
+        self.coordinator.on_connect(claim)
+        # Submitted on any replica: every replica places it on the nodes it holds
+        # (the node's row lock and the offer's guard make one of them win).
+        self.leases_store.add_hooks(
+            on_submitted=lambda c, row: replicas.notify_in(c, "pending", row.lease_id)
+        )
+        replicas.on("pending", lambda _: self.dispatcher.kick())
+        replicas.on("resync", lambda _: self.dispatcher.kick())
+        replicas.on("cancel", self._remote_cancel)
+        self.dispatcher.remote_nodes = replicas.nodes_held_elsewhere
+
+        async def forward_cancel(node_id: str, lease_id: str, reason: str) -> None:
+            await replicas.notify("cancel", f"{node_id}|{lease_id}|{reason}")
+
+        self.dispatcher.forward_cancel = forward_cancel
+        self.ledger.is_leader = lambda: replicas.leader
+        replicas.on_cut_off(self._move_agents)
+
+    def _remote_cancel(self, payload: str) -> None:
+        node_id, lease_id, reason = [*payload.split("|", 2), "", ""][:3]
+        if node_id in self.registry.sessions:
+            task = asyncio.get_running_loop().create_task(
+                self.dispatcher._send_cancel(node_id, lease_id, reason)
+            )
+            self._replica_tasks.add(task)
+            task.add_done_callback(self._replica_tasks.discard)
+
+    def _move_agents(self) -> None:
+        """Cut off from the database: nothing an agent sends can be stored here, so every
+        stream is closed with a retryable error and the agents reconnect elsewhere."""
+        for session in list(self.registry.sessions.values()):
+            session.close_code = common_pb2.ProtocolError.INTERNAL
+            session.close_reason = (
+                "this scheduler replica lost its database; reconnect to another replica"
+            )
+            session.closed.set()
 
     def _wire_metrics(self) -> None:
         def node_states() -> dict[str, int]:
@@ -254,6 +312,7 @@ class SchedulerServer:
         await self.attestation.load()
         await self.leases_store.load()
         await self.ledger.load()
+        await self.replicas.start()
         server = grpc.aio.server(
             options=server_options(self.config),
             interceptors=[AuthInterceptor(self.authenticator)],
@@ -348,6 +407,7 @@ class SchedulerServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self.replicas.stop()
         if self._flush_task is not None:
             # After the server: no heartbeat arrives any more, the last ones are written.
             self._flush_stop.set()
@@ -356,7 +416,14 @@ class SchedulerServer:
         await self.db.close()
 
     async def sweep(self) -> None:
-        """Re-evaluate liveness; leases on offline nodes are lost (or re-placed)."""
+        """Re-evaluate liveness; leases on offline nodes are lost (or re-placed).
+
+        Several replicas: only the leader sweeps, after reading what the others wrote
+        (nodes first seen there, their heartbeats), so it judges the whole fleet."""
+        if not self.replicas.leader:
+            return
+        if self.replicas.distributed:
+            await self.registry.refresh_remote()
         changes = self.registry.sweep()
         await self.dispatcher.on_liveness(changes)
 
@@ -366,7 +433,7 @@ class SchedulerServer:
         while True:
             await asyncio.sleep(max(1.0, self.policy.heartbeat_interval / 2))
             await self.sweep()
-            if self.clock() - last_prune >= prune_every:
+            if self.clock() - last_prune >= prune_every and self.replicas.leader:
                 last_prune = self.clock()
                 await self.registry.prune_coverage()
 

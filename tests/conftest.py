@@ -72,7 +72,6 @@ BOTH_BACKENDS = frozenset(
         "test_auth_endpoints",
         "test_link_session",
         "test_scheduler_liveness",
-        "test_replicas",
     }
 )
 
