@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .db import Database
-from .storage import Conn
+from .storage import Conn, RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def _run_batch(conn: Conn, fns: list[Write]) -> list[tuple[bool, Any]]:
         conn.execute("SAVEPOINT w")
         try:
             value = fn(conn)
+        except RetryableError:
+            raise  # the whole transaction lost a race (PostgreSQL): Database.call reruns it
         except Exception as exc:
             conn.execute("ROLLBACK TO w")
             conn.execute("RELEASE w")

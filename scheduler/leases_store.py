@@ -323,22 +323,39 @@ class LeaseStore:
         now = self._now()
 
         def txn(conn: Conn) -> dict[str, int]:
-            for lease_id, node_id in conn.execute(
-                "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL",
-                (PENDING,),
-            ).fetchall():
-                self._attempt(conn, lease_id, node_id, "interrupted", "scheduler restarted", now)
-                conn.execute(
-                    "UPDATE leases SET node_id = NULL, gpu_uuids_json = '[]',"
-                    " accepted_price_micros_per_gpu_hour = NULL, updated_ns = ?"
-                    " WHERE lease_id = ?",
-                    (now, lease_id),
-                )
+            if conn.dialect == "sqlite":  # several replicas: others' offers are live
+                self._interrupt_offers(conn, now, now + 1, "scheduler restarted")
             return dict(
                 conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall()
             )
 
         self.counts = await self.db.call(txn)
+
+    async def interrupt_stale_offers(self, older_than_s: float) -> list[str]:
+        """Offers made more than ``older_than_s`` ago and never answered go back to
+        pending: their replica died before the deadline task could settle them (the
+        leader runs this; a live replica settles its own within assign_timeout)."""
+        now = self._now()
+        before = now - round(older_than_s * 1e9)
+        return await self.db.call(
+            lambda c: self._interrupt_offers(c, now, before, "its scheduler replica went away")
+        )
+
+    def _interrupt_offers(self, conn: Conn, now: int, placed_before: int, why: str) -> list[str]:
+        stale = conn.execute(
+            "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL"
+            " AND COALESCE(placed_ns, 0) < ? FOR UPDATE",
+            (PENDING, placed_before),
+        ).fetchall()
+        for lease_id, node_id in stale:
+            self._attempt(conn, lease_id, node_id, "interrupted", why, now)
+            conn.execute(
+                "UPDATE leases SET node_id = NULL, gpu_uuids_json = '[]',"
+                " accepted_price_micros_per_gpu_hour = NULL, updated_ns = ?"
+                " WHERE lease_id = ?",
+                (now, lease_id),
+            )
+        return [str(r[0]) for r in stale]
 
     async def get(self, lease_id: str) -> LeaseRow | None:
         return await self.db.call(lambda conn: self._get(conn, lease_id))

@@ -424,6 +424,10 @@ class SchedulerServer:
             return
         if self.replicas.distributed:
             await self.registry.refresh_remote()
+            # Offers a dead replica left unanswered (a live one settles its own).
+            stale = 2 * self.config.placement.assign_timeout + self.config.replica.dead_after
+            if await self.leases_store.interrupt_stale_offers(stale):
+                self.dispatcher.kick()
         changes = self.registry.sweep()
         await self.dispatcher.on_liveness(changes)
 
