@@ -312,8 +312,9 @@ class LeaseStore:
 
     # -- reads ---------------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Count leases by state and fail offers a previous run left in flight.
+    async def load(self, *, interrupt_offers: bool = True) -> None:
+        """Count leases by state and fail offers a previous run left in flight
+        (``interrupt_offers``: false when other replicas run, whose offers are live).
 
         An offer is in memory only (its deadline task); after a restart nobody
         waits for the answer, so the lease goes back to pending. The node, if it
@@ -323,7 +324,7 @@ class LeaseStore:
         now = self._now()
 
         def txn(conn: Conn) -> dict[str, int]:
-            if conn.dialect == "sqlite":  # several replicas: others' offers are live
+            if interrupt_offers:
                 self._interrupt_offers(conn, now, now + 1, "scheduler restarted")
             return dict(
                 conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall()

@@ -310,7 +310,8 @@ class SchedulerServer:
         await self.db.open()
         await self.registry.load()
         await self.attestation.load()
-        await self.leases_store.load()
+        others = set(await self.replicas.live()) - {self.replicas.replica_id}
+        await self.leases_store.load(interrupt_offers=not others)
         await self.ledger.load()
         await self.replicas.start()
         server = grpc.aio.server(
