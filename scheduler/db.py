@@ -488,6 +488,19 @@ class Database:
 MAX_RETRIES = 30
 
 
+# libpq socket settings for every connection: a PostgreSQL that stops answering (a
+# partition, a blackholed route) fails calls within seconds instead of hanging them,
+# so a cut-off replica notices and moves its agents (replicas.py). A URL's own
+# ?tcp_user_timeout=... etc. wins.
+PG_SOCKET_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 6000,
+}
+
+
 class PostgresDatabase(Database):
     """PostgreSQL through a psycopg pool: ``pool_size`` connections, as many threads.
 
@@ -507,6 +520,10 @@ class PostgresDatabase(Database):
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="pg")
+        given = target.conninfo
+        self._socket: dict[str, Any] = {
+            k: v for k, v in PG_SOCKET_DEFAULTS.items() if f"{k}=" not in given
+        }
         self._pool: Any = None
         self.checkpointer = None
         self.retries = 0  # serialization failures retried, for tests and benchmarks
@@ -523,9 +540,7 @@ class PostgresDatabase(Database):
         from psycopg_pool import ConnectionPool, PoolTimeout
 
         try:
-            with psycopg.connect(
-                self.target.conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
-            ) as raw:
+            with self.connect() as raw:
                 migrate_postgres(raw)
         except psycopg.Error as exc:
             raise DatabaseError(f"{self.display}: cannot open the database: {exc}") from None
@@ -536,6 +551,7 @@ class PostgresDatabase(Database):
             kwargs={
                 "autocommit": True,
                 "connect_timeout": int(self.connect_timeout),
+                **self._socket,
             },
             configure=self._configure,
             timeout=self.connect_timeout,
@@ -552,7 +568,10 @@ class PostgresDatabase(Database):
         import psycopg
 
         return psycopg.connect(
-            self.target.conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
+            self.target.conninfo,
+            autocommit=True,
+            connect_timeout=int(self.connect_timeout),
+            **self._socket,
         )
 
     async def call(self, fn: Callable[[Conn], T]) -> T:

@@ -71,6 +71,8 @@ class Replicas:
         self._on_leader: list[Callable[[bool], None]] = []
         self._on_cut_off: list[Callable[[], None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_ok = time.monotonic()  # the lead thread's last good round trip
+        self._watch: asyncio.Task[None] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -99,6 +101,7 @@ class Replicas:
                 (self.replica_id, self.address, now, now),
             )
         )
+        self._last_ok = time.monotonic()
         for target, name in (
             (self._lead_loop, "replica-lead"),
             (self._listen_loop, "replica-listen"),
@@ -106,10 +109,15 @@ class Replicas:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._watch = asyncio.create_task(self._watchdog(), name="replica-watchdog")
         log.info("replica started", extra={"replica_id": self.replica_id, "address": self.address})
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         for thread in self._threads:
             await asyncio.to_thread(thread.join, 5.0)
         self._threads.clear()
@@ -212,11 +220,20 @@ class Replicas:
         else:
             log.warning("replica reached its database again", extra={"replica_id": self.replica_id})
 
+    async def _watchdog(self) -> None:
+        """From the event loop, so a heartbeat stuck on a silent network counts too: no
+        good round trip for ``dead_after`` means cut off, and no longer leading (the
+        lock may be gone with a connection we cannot see)."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval / 2)
+            if time.monotonic() - self._last_ok >= self.dead_after:
+                self._set_leader(False)
+                self._set_cut_off(True)
+
     def _lead_loop(self) -> None:
         """Heartbeat the replica row and hold (or try for) the leader lock."""
         assert isinstance(self.db, PostgresDatabase)
         conn: Any = None
-        last_ok = time.monotonic()
         while not self._stop.is_set():
             try:
                 if conn is None:
@@ -230,7 +247,7 @@ class Replicas:
                     got = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
                     if got.fetchone()[0]:
                         self._call_soon(self._set_leader, True)
-                last_ok = time.monotonic()
+                self._last_ok = time.monotonic()
                 self._call_soon(self._set_cut_off, False)
             except Exception as exc:
                 log.warning("replica heartbeat failed", extra={"error": str(exc)[:200]})
@@ -240,8 +257,6 @@ class Replicas:
                 conn = None
                 # The lock went with the connection: whoever takes it next leads.
                 self._call_soon(self._set_leader, False)
-                if time.monotonic() - last_ok >= self.dead_after:
-                    self._call_soon(self._set_cut_off, True)
             self._stop.wait(self.heartbeat_interval)
         if conn is not None:
             with contextlib.suppress(Exception):
