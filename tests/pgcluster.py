@@ -61,8 +61,10 @@ def _ensure_user() -> str:
 class Cluster:
     """One PostgreSQL server for a test session; ``stop`` removes everything."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, durable: bool = False) -> None:
+        """``durable``: fsync and synchronous_commit on, as in production (benchmarks)."""
         self.bin_dir = bin_dir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="gpu-sched-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root
@@ -108,9 +110,10 @@ class Cluster:
     def pg_ctl_start(self) -> None:
         options = (
             f"-k {self.socket_dir} -c listen_addresses=127.0.0.1 -p {self.port}"
-            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            " -c max_connections=400 -c shared_buffers=64MB"
+            " -c max_connections=400 -c shared_buffers=128MB"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         done = self._run(
             "pg_ctl",
             "-D",
@@ -129,6 +132,9 @@ class Cluster:
 
     def pg_ctl_stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def postmaster_pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().splitlines()[0])
 
     def stop(self) -> None:
         self.pg_ctl_stop("immediate")
