@@ -7,7 +7,7 @@ synchronous_commit on, as in production). Per fleet size: heartbeat p99 (both
 replicas' probes merged), placement p99 (Submit to replica a, LeaseAssign at the
 agent, whichever replica holds it), usage records/s, and the time until every agent
 is welcomed again after replica a is killed with SIGKILL (half the fleet moves).
-CPU and RSS of each replica and of PostgreSQL (postmaster and backends) over the
+CPU and memory (PSS) of each replica and of PostgreSQL (postmaster and backends) over the
 steady window.
 
 Needs PostgreSQL's server binaries (Debian ``postgresql``); without them it reports
@@ -82,10 +82,15 @@ def _cpu(procs: Sequence[psutil.Process]) -> float:
 
 
 def _rss(procs: Sequence[psutil.Process]) -> float:
+    """Proportional set size (MB) where readable: PostgreSQL's backends share its
+    buffers, and summing their RSS would count those once per backend."""
     total = 0
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.AccessDenied, AttributeError):
+                total += proc.memory_info().rss
     return total / 1e6
 
 
@@ -241,7 +246,7 @@ def _figures(r: ReplicaResult) -> list[Figure]:
     for name, value in r.cpu_percent.items():
         figures.append(Figure(f"{tag} CPU {name}", value, "%"))
     for name, value in r.rss_mb.items():
-        figures.append(Figure(f"{tag} RSS {name}", value, "MB"))
+        figures.append(Figure(f"{tag} memory (PSS) {name}", value, "MB"))
     return figures
 
 

@@ -378,3 +378,22 @@ async def test_usage_is_stored_and_settled_once_when_both_replicas_ingest_it(
 
     cost = ledger.cost_micros(1_000_000, 20 * 60 * SEC)  # billed on the cumulative GPU-ns
     assert await replicas[1].call(totals) == (20, 20, cost, cost, 20)
+
+
+def test_the_shipped_replica_configs_are_valid() -> None:
+    """deploy/replicas: both replica configs load, name PostgreSQL and a password file
+    (never a password), and the agent example lists both replicas."""
+    import yaml
+
+    from agent.config import CoordinatorConfig
+    from scheduler.config import SchedulerConfig
+
+    root = Path(__file__).resolve().parent.parent / "deploy" / "replicas"
+    ids = set()
+    for name in ("replica-a.yaml", "replica-b.yaml"):
+        config = SchedulerConfig.model_validate(yaml.safe_load((root / name).read_text()))
+        assert config.database.is_postgres and config.database.password_file is not None
+        ids.add(config.replica.id)
+    assert ids == {"sched-a", "sched-b"}
+    agent = yaml.safe_load((root / "agent-two-replicas.yaml").read_text())
+    assert len(CoordinatorConfig.model_validate(agent["coordinator"]).targets) == 2
