@@ -116,16 +116,18 @@ class Registry:
         self._dirty_nodes: dict[str, NodeRecord] = {}
         self._dirty_spans: dict[tuple[str, int], int] = {}
 
-    async def load(self) -> None:
-        """Read every known node back; called once at startup."""
+    async def load(self, *, end_open_sessions: bool = True) -> None:
+        """Read every known node back; called once at startup. ``end_open_sessions``:
+        false when other replicas run (the open sessions are theirs, and live)."""
 
         def read(conn: Conn) -> list[NodeRecord]:
             records = self._read_nodes(conn, None)
-            # Sessions that were open when the scheduler died ended then, not now.
-            conn.execute(
-                "UPDATE sessions SET ended_ns = started_ns, end_reason = 'scheduler restart'"
-                " WHERE ended_ns IS NULL"
-            )
+            if end_open_sessions:
+                # Sessions that were open when the scheduler died ended then, not now.
+                conn.execute(
+                    "UPDATE sessions SET ended_ns = started_ns,"
+                    " end_reason = 'scheduler restart' WHERE ended_ns IS NULL"
+                )
             return records
 
         for record in await self.db.call(read):

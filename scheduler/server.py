@@ -308,9 +308,10 @@ class SchedulerServer:
         policy.check_complete(served_methods())
         security = metrics_security(self.config)  # a bad file fails before anything starts
         await self.db.open()
-        await self.registry.load()
-        await self.attestation.load()
+        # Other live replicas own the open sessions and offers in flight.
         others = set(await self.replicas.live()) - {self.replicas.replica_id}
+        await self.registry.load(end_open_sessions=not others)
+        await self.attestation.load()
         await self.leases_store.load(interrupt_offers=not others)
         await self.ledger.load()
         await self.replicas.start()
