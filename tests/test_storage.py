@@ -397,3 +397,41 @@ def test_the_shipped_replica_configs_are_valid() -> None:
     assert ids == {"sched-a", "sched-b"}
     agent = yaml.safe_load((root / "agent-two-replicas.yaml").read_text())
     assert len(CoordinatorConfig.model_validate(agent["coordinator"]).targets) == 2
+
+
+@pytest.mark.parametrize(
+    ("database", "says"),
+    [
+        ({"url": "postgresql://u:hunter2@db/x"}, "a password in the URL is refused"),
+        (
+            {"url": "postgresql://u@127.0.0.1:1/x", "password_file": "/nonexistent/pw"},
+            "database.password_file /nonexistent/pw: cannot read a password",
+        ),
+        ({"url": "postgresql://u@127.0.0.1:1/x"}, "cannot open the database"),
+    ],
+)
+def test_serve_refuses_a_bad_database_by_name(
+    tmp_path: Path, database: dict[str, str], says: str
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"path": str(tmp_path / "s.db"), **database},
+                "server": {"listen": "127.0.0.1:0", "insecure": True},
+                "metrics": {"listen": None},
+            }
+        )
+    )
+    scheduler = Path(sys.executable).parent / "gpu-scheduler"
+    done = subprocess.run(
+        [str(scheduler), "-c", str(config), "serve"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0
+    assert says in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
