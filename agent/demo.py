@@ -45,6 +45,8 @@ DEMO_LEASE: dict[str, Any] = {
     "memory": "64MiB",
     "max_duration": "5m",
     "price_max": 2_000_000,  # micro-units per GPU-hour: 2 units, above the node's 1.5 ask
+    # Where it may go (docs/leases-buyer.md): the demo node is in eu-west, Germany.
+    "constraints": {"region": "eu-west", "countries": ["DE", "FR"]},
 }
 DEMO_PROVIDER = "demo-provider"
 TOKENS_DIR = RUN_DIR / "tokens"
@@ -159,8 +161,26 @@ def wait_for(what: str, predicate: Any, timeout: float, procs: list[subprocess.P
     raise RuntimeError(f"timed out after {timeout:.0f}s {what}")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (`kill`, a closed terminal): stop the children like Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt: the demo's ``suppress(Exception)`` polls
+    must not swallow it."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Once: a second signal must not interrupt the children's shutdown below.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
 def running(procs: dict[str, subprocess.Popen[str]]) -> Iterator[None]:
+    # The children run in sessions of their own (Ctrl-C reaches only us), so Python's
+    # default SIGTERM, which exits without unwinding, would leave them as orphans.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         yield
     finally:
@@ -216,7 +236,10 @@ def main() -> int:
                 "node": {
                     "name": "demo-node",
                     "state_dir": str(agent_dir),
-                    "price_micros_per_gpu_hour": 1_500_000,
+                    # The ask per GPU-hour for every model ("*"), and where the node
+                    # is: the market shows both (docs/market.md).
+                    "pricing": {"*": 1_500_000},
+                    "location": {"region": "eu-west", "country": "DE", "zone": "demo-1"},
                 },
                 "coordinator": {
                     "address": f"127.0.0.1:{grpc_port}",
@@ -320,6 +343,24 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
     lease_file.write_text(yaml.safe_dump(DEMO_LEASE, sort_keys=False))
     say(f"admin credits {DEMO_BUYER} with 100 units (the stand-in for a payment rail)")
     cli("gpu-scheduler", sched_cfg, "deposit", DEMO_BUYER, "100", check=False, as_account="admin")
+    say(f"the market as {DEMO_BUYER} sees it: gpu-scheduler offers --nodes")
+    print(  # noqa: T201
+        cli("gpu-scheduler", sched_cfg, "offers", "--nodes", check=False, as_account=DEMO_BUYER),
+        flush=True,
+    )
+    say("the quote: gpu-scheduler submit --dry-run (reserves nothing)")
+    quote = subprocess.run(
+        [str(BIN / "gpu-scheduler"), "-c", str(sched_cfg), "submit", str(lease_file), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            **os.environ,
+            "GPU_SCHEDULER_TOKEN": (TOKENS_DIR / DEMO_BUYER).read_text(encoding="utf-8").strip(),
+        },
+    )
+    print((quote.stdout + quote.stderr).rstrip(), flush=True)  # noqa: T201
     say(f"submitting the demo lease as {DEMO_BUYER} and following it")
     buyer_token = (TOKENS_DIR / DEMO_BUYER).read_text(encoding="utf-8").strip()
     proc = subprocess.Popen(
@@ -429,6 +470,9 @@ if __name__ == "__main__":
         # Ctrl-C before the demo settled: `running` has already stopped the children.
         say("interrupted; stopped cleanly")
         sys.exit(0)
+    except Terminated as exc:
+        say(f"{exc}: stopped agent and scheduler")
+        sys.exit(143)
     except RuntimeError as exc:
         say(f"demo failed: {exc} (logs in .run/*.log)")
         sys.exit(1)

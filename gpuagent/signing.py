@@ -57,3 +57,13 @@ def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+BANDWIDTH_PROBE_DOMAIN = b"gpuagent.v1.bandwidth-probe\x00"
+
+
+def bandwidth_probe_signing_bytes(node_id: str, at_unix_nanos: int, wanted_bytes: int) -> bytes:
+    """What the agent signs in a BandwidthProbeRequest: tag || node id, time, size."""
+    return BANDWIDTH_PROBE_DOMAIN + b"".join(
+        (_field(node_id.encode()), struct.pack(">qQ", at_unix_nanos, wanted_bytes))
+    )
