@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -120,9 +120,29 @@ class LogConfig(Strict):
 
 
 class CoordinatorConfig(Strict):
-    address: str = Field(
-        default="localhost:7443", description="host:port of the coordinator's gRPC endpoint"
+    address: str | tuple[str, ...] = Field(
+        default="localhost:7443",
+        description="host:port of the coordinator's gRPC endpoint; a list of them for "
+        "several scheduler replicas (tried in turn on each reconnect)",
     )
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _address_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:  # the environment's spelling: a,b
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            given = tuple(str(a).strip() for a in value)
+            if not given or not all(given):
+                raise ValueError("a list of host:port, none empty")
+            return given[0] if len(given) == 1 else given
+        return value
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The coordinator addresses to try, in order (docs/scaling.md)."""
+        return self.address if isinstance(self.address, tuple) else (self.address,)
+
     insecure: bool = Field(default=False, description="plaintext gRPC; only for loopback demos")
     ca_file: Path | None = None
     client_cert_file: Path | None = None

@@ -111,7 +111,7 @@ class Agent:
             "agent starting",
             extra={
                 "node_name": self.config.node.name,
-                "coordinator": self.config.coordinator.address,
+                "coordinator": ",".join(self.config.coordinator.targets),
                 "gpu_backend": self.config.gpu.backend,
             },
         )

@@ -269,7 +269,15 @@ def check_coordinator(config: CoordinatorConfig, timeout: float = 5.0) -> CheckR
 
     TCP first, so "nothing listens" and "TLS refused" get different fixes. Not
     fatal: the daemon starts without its coordinator (degraded) and keeps dialing.
+    Several replicas: each is checked; the first that fails is the result.
     """
+    if isinstance(config.address, tuple):
+        results = [
+            check_coordinator(config.model_copy(update={"address": one}), timeout)
+            for one in config.address
+        ]
+        failed = [r for r in results if r.severity is not Severity.OK]
+        return failed[0] if failed else results[0]
     target = split_address(config.address)
     if target is None:
         return CheckResult(

@@ -74,7 +74,10 @@ def build_status_server(
     )
     if telemetry.gpu is not None:
         doc.add("gpus", gpus_section(telemetry.gpu, lambda: leases.snapshot().allocations))
-    doc.add("coordinator", coordinator_section(telemetry.agent, config.coordinator.address))
+    doc.add(
+        "coordinator",
+        coordinator_section(telemetry.agent, ",".join(config.coordinator.targets)),
+    )
     doc.add(
         "leases",
         leases_section(

@@ -78,27 +78,37 @@ def percentile(values: Sequence[float], q: float) -> float:
 class SchedulerProcess:
     """``benchmarks.fleet_server`` on a fixed port and database, restartable."""
 
-    def __init__(self, workdir: Path, heartbeat_interval: float) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        heartbeat_interval: float,
+        *,
+        database: dict[str, Any] | None = None,
+        replica: dict[str, Any] | None = None,
+        token: str | None = None,
+    ) -> None:
+        """``database``/``replica``: config sections for a replica on PostgreSQL
+        (benchmarks/fleet_replicas.py); ``token``: an admin token bootstrapped already
+        (one bootstrap per database)."""
         self.workdir = workdir
         self.port = _free_port()
         self.stats = workdir / "stats.json"
         self.config = workdir / "scheduler.yaml"
         self.log = workdir / "scheduler.log"
-        self.config.write_text(
-            yaml.safe_dump(
-                {
-                    "log": {"level": "warning", "format": "text"},
-                    "server": {"listen": f"127.0.0.1:{self.port}"},
-                    "database": {"path": str(workdir / "db" / "scheduler.db")},
-                    "liveness": {"heartbeat_interval": heartbeat_interval},
-                    "metrics": {"listen": None},
-                    "attestation": {"enabled": False, "required": False},
-                    "ledger": {"escrow": False},
-                    "auth": schedauth.OPEN_REGISTRATION,
-                }
-            )
-        )
-        self.token = schedauth.bootstrap_admin(self.config, workdir / "admin.token")
+        config: dict[str, Any] = {
+            "log": {"level": "warning", "format": "text"},
+            "server": {"listen": f"127.0.0.1:{self.port}"},
+            "database": {"path": str(workdir / "db" / "scheduler.db"), **(database or {})},
+            "liveness": {"heartbeat_interval": heartbeat_interval},
+            "metrics": {"listen": None},
+            "attestation": {"enabled": False, "required": False},
+            "ledger": {"escrow": False},
+            "auth": schedauth.OPEN_REGISTRATION,
+        }
+        if replica:
+            config["replica"] = replica
+        self.config.write_text(yaml.safe_dump(config))
+        self.token = token or schedauth.bootstrap_admin(self.config, workdir / "admin.token")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -167,7 +177,12 @@ class SchedulerProcess:
 class Workers:
     """The simulated fleet, split over ``spawn``ed worker processes (``fleet_worker``)."""
 
-    def __init__(self, agents: int, processes: int, port: int, ca_pem: bytes) -> None:
+    def __init__(
+        self, agents: int, processes: int, port: int | Sequence[int], ca_pem: bytes
+    ) -> None:
+        """``port``: one scheduler, or several replicas (each agent starts on the one
+        its index picks and moves to the next after each lost session)."""
+        ports = (port,) if isinstance(port, int) else tuple(port)
         self.agents = agents
         ctx = multiprocessing.get_context("spawn")
         self.procs: list[BaseProcess] = []
@@ -185,7 +200,7 @@ class Workers:
         while first < agents:
             count = min(per, agents - first)
             parent, child = ctx.Pipe()
-            spec = WorkerSpec(first, count, port, ca_pem, AGENTS_PER_CHANNEL)
+            spec = WorkerSpec(first, count, ports[0], ca_pem, AGENTS_PER_CHANNEL, ports)
             proc = ctx.Process(target=worker_main, args=(child, spec), daemon=True)
             self.procs.append(proc)
             self.conns.append(parent)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,12 +129,19 @@ class SimAgent:
             ],
         )
 
-    async def run(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+    async def run(
+        self, channel: grpc.aio.Channel | Sequence[grpc.aio.Channel], stop: asyncio.Event
+    ) -> None:
+        """Sessions until ``stop``; with several channels (replicas), the next session
+        after each one ends goes to the next, as the agent's link does."""
         backoff = Backoff(1.0, 120.0)
+        targets = [channel] if isinstance(channel, grpc.aio.Channel) else list(channel)
+        attempt = 0
         while not stop.is_set():
             self.welcomed = False
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError, ConnectionError):
-                await self._session(channel, stop)
+                await self._session(targets[attempt % len(targets)], stop)
+            attempt += 1
             if self.welcomed:  # a welcomed session was a healthy one: start at 1 s again
                 backoff.reset()
             if stop.is_set():

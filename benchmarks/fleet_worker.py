@@ -41,6 +41,7 @@ class WorkerSpec:
     port: int
     ca_pem: bytes
     agents_per_channel: int
+    ports: tuple[int, ...] = ()  # several replicas (benchmarks/fleet_replicas.py)
 
 
 def worker_main(conn: Connection, spec: WorkerSpec) -> None:
@@ -78,12 +79,17 @@ class _Worker:
         creds = grpc.ssl_channel_credentials(root_certificates=spec.ca_pem)
         n_channels = max(1, -(-spec.count // spec.agents_per_channel))
         options = [("grpc.keepalive_time_ms", 60_000), ("grpc.max_receive_message_length", 4 << 20)]
+        ports = spec.ports or (spec.port,)
+        # channels[p][i]: the i-th shared channel to replica p.
         channels = [
-            # Distinct options keep grpc from folding the channels into one subchannel.
-            grpc.aio.secure_channel(
-                f"localhost:{spec.port}", creds, options=[*options, ("fleet.channel", i)]
-            )
-            for i in range(n_channels)
+            [
+                # Distinct options keep grpc from folding the channels into one subchannel.
+                grpc.aio.secure_channel(
+                    f"localhost:{port}", creds, options=[*options, ("fleet.channel", i)]
+                )
+                for i in range(n_channels)
+            ]
+            for port in ports
         ]
         host = await asyncio.to_thread(host_info)
         sims = [SimAgent(spec.first + i, self.stats, host) for i in range(spec.count)]
@@ -95,11 +101,12 @@ class _Worker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for channel in channels:
-                await channel.close()
+            for per_port in channels:
+                for channel in per_port:
+                    await channel.close()
             loop.remove_reader(self.conn.fileno())
 
-    async def _connect(self, sims: list[SimAgent], channels: list[grpc.aio.Channel]) -> None:
+    async def _connect(self, sims: list[SimAgent], channels: list[list[grpc.aio.Channel]]) -> None:
         """Start the agents in waves, so the connect storm is the scheduler's, not ours."""
         runs: list[asyncio.Task[None]] = []
         try:
@@ -107,8 +114,13 @@ class _Worker:
             for i in range(0, len(sims), CONNECT_WAVE):
                 wave = sims[i : i + CONNECT_WAVE]
                 for j, sim in enumerate(wave, start=i):
-                    channel = channels[j % len(channels)]
-                    runs.append(asyncio.create_task(sim.run(channel, self.stop)))
+                    # Agent n starts on replica n % replicas, then moves on after each loss.
+                    n = self.spec.first + j
+                    mine = [
+                        channels[(n + k) % len(channels)][j % len(channels[0])]
+                        for k in range(len(channels))
+                    ]
+                    runs.append(asyncio.create_task(sim.run(mine, self.stop)))
                 stats.target = i + len(wave) - CONNECT_WAVE // 2
                 stats.all_welcomed.clear()
                 if stats.welcomed < stats.target:

@@ -27,6 +27,7 @@ BENCHMARK_MODULES: tuple[str, ...] = (
     "benchmarks.lease_start_bench",
     "benchmarks.footprint_bench",
     "benchmarks.fleet",
+    "benchmarks.fleet_replicas",
     "benchmarks.soak",
 )
 DEFAULT_OUTPUT = Path("bench-results.json")

@@ -6,12 +6,12 @@ trail); placement reads only the latest per GPU, which is also kept in memory.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 from gpuagent.v1 import nodes_pb2
 
 from .db import Database
+from .storage import Conn
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _record(row: tuple[object, ...]) -> AttestationRecord:
 
 
 async def insert(db: Database, record: AttestationRecord) -> None:
-    def write(conn: sqlite3.Connection) -> None:
+    def write(conn: Conn) -> None:
         conn.execute(
             f"INSERT INTO attestations ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 - constant column list
             (
@@ -93,7 +93,7 @@ async def insert(db: Database, record: AttestationRecord) -> None:
 async def latest(db: Database) -> list[AttestationRecord]:
     """The newest record per (node, GPU)."""
 
-    def read(conn: sqlite3.Connection) -> list[AttestationRecord]:
+    def read(conn: Conn) -> list[AttestationRecord]:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM attestations AS a WHERE id = ("  # noqa: S608 - constant
             " SELECT b.id FROM attestations AS b WHERE b.node_id = a.node_id"
@@ -107,7 +107,7 @@ async def latest(db: Database) -> list[AttestationRecord]:
 async def history(db: Database, node_id: str, limit: int = 100) -> list[AttestationRecord]:
     """A node's records, newest first."""
 
-    def read(conn: sqlite3.Connection) -> list[AttestationRecord]:
+    def read(conn: Conn) -> list[AttestationRecord]:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM attestations WHERE node_id = ?"  # noqa: S608 - constant
             " ORDER BY created_ns DESC, id DESC LIMIT ?",

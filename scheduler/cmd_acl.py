@@ -14,9 +14,9 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.json_format import MessageToDict
 
@@ -28,9 +28,13 @@ from .auth import store
 from .auth.service import ROLE_PB
 from .cli import UsageError, load_config_from_args
 from .client import RpcFailed, connection_parent, invoke
-from .db import DatabaseError, in_transaction, migrate
+from .db import DatabaseError, PostgresDatabase, in_transaction, migrate
+from .storage import Conn, StorageError, Target
 
 ROLE_TEXT = {v: k for k, v in ROLE_PB.items()}
+
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,8 +95,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     whoami.set_defaults(handler=_whoami)
 
 
-def _open_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:
-    path = load_config_from_args(args).database.path
+def _txn(args: argparse.Namespace, fn: Callable[[Conn], T]) -> T:
+    """``fn(conn)`` in one transaction on the configured database (SQLite or PostgreSQL),
+    migrated first: the scheduler need not run."""
+    config = load_config_from_args(args).database
+    try:
+        target = config.target()
+    except StorageError as exc:
+        raise UsageError(str(exc)) from None
+    if target.dialect == "postgresql":
+        return _pg_txn(target, fn)
+    path = target.path
+    assert path is not None
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
@@ -101,7 +115,23 @@ def _open_db(args: argparse.Namespace) -> tuple[sqlite3.Connection, Path]:
         path.chmod(0o600)
     except (sqlite3.Error, OSError, DatabaseError) as exc:
         raise UsageError(f"{path}: cannot open the scheduler database: {exc}") from None
-    return conn, path
+    try:
+        return in_transaction(conn, fn)
+    finally:
+        conn.close()
+        keep_owner(path)
+
+
+def _pg_txn(target: Target, fn: Callable[[Conn], T]) -> T:
+    db = PostgresDatabase(target, pool_size=1)
+    try:
+        db._open()
+        return db.call_sync(fn)
+    except DatabaseError as exc:
+        raise UsageError(f"cannot open the scheduler database: {exc}") from None
+    finally:
+        if db._pool is not None:
+            db._pool.close()
 
 
 def keep_owner(db_path: Path) -> None:
@@ -119,15 +149,11 @@ def keep_owner(db_path: Path) -> None:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    conn, path = _open_db(args)
     try:
-        found, secret = in_transaction(conn, lambda c: store.bootstrap(c, time.time_ns()))
+        found, secret = _txn(args, lambda c: store.bootstrap(c, time.time_ns()))
     except store.AlreadyBootstrapped as exc:
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201
         return 1
-    finally:
-        conn.close()
-        keep_owner(path)
     if args.token_file is not None:
         write_token_file(args.token_file, secret)
         print(f"admin token {found.token_id} written to {args.token_file}", file=sys.stderr)  # noqa: T201
@@ -144,12 +170,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 def _reset(args: argparse.Namespace) -> int:
     if not args.yes:
         raise UsageError("acl reset revokes every admin token; run it with --yes")
-    conn, path = _open_db(args)
-    try:
-        revoked = in_transaction(conn, lambda c: store.reset_bootstrap(c, time.time_ns()))
-    finally:
-        conn.close()
-        keep_owner(path)
+    revoked = _txn(args, lambda c: store.reset_bootstrap(c, time.time_ns()))
     print(f"{revoked} admin tokens revoked; run 'gpu-scheduler acl bootstrap' for a new one")  # noqa: T201
     return 0
 

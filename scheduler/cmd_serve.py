@@ -15,6 +15,7 @@ from gpuagent.logsetup import enable_fault_tracebacks, setup_logging, stderr_err
 from .cli import load_config_from_args
 from .config import SchedulerConfig
 from .db import DatabaseError
+from .storage import StorageError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         return asyncio.run(_main(config))
-    except (ServerStartError, DatabaseError) as exc:
+    except (ServerStartError, DatabaseError, StorageError) as exc:
         stderr_error(f"error: {exc}")
         return 1
 

@@ -11,11 +11,14 @@ from gpuagent.configload import load_config
 from gpuagent.logsetup import LogFormat, LogLevel
 from gpuagent.units import Duration
 
+from .storage import Target, parse_target
+
 DEFAULT_CONFIG_PATH = Path("/etc/gpu-scheduler/config.yaml")
 
 ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "GPU_SCHEDULER_LISTEN": ("server", "listen"),
     "GPU_SCHEDULER_DB": ("database", "path"),
+    "GPU_SCHEDULER_DB_URL": ("database", "url"),
     "GPU_SCHEDULER_LOG_LEVEL": ("log", "level"),
 }
 
@@ -55,7 +58,56 @@ class ServerConfig(Strict):
 
 
 class DatabaseConfig(Strict):
-    path: Path = Path("/var/lib/gpu-scheduler/scheduler.db")
+    path: Path = Field(
+        default=Path("/var/lib/gpu-scheduler/scheduler.db"),
+        description="the SQLite file when no url is set; its directory holds the TLS files "
+        "and secrets.key either way",
+    )
+    url: str | None = Field(
+        default=None,
+        description="sqlite:///path (= path) or postgresql://user@host:5432/db "
+        "(docs/scaling.md); the password never goes here",
+    )
+    password_file: Path | None = Field(
+        default=None,
+        description="first line: the PostgreSQL password (else $GPU_SCHEDULER_DB_PASSWORD)",
+    )
+    pool_size: int = Field(
+        default=4, ge=1, le=64, description="PostgreSQL connections (and threads) per replica"
+    )
+
+    @model_validator(mode="after")
+    def _url(self) -> DatabaseConfig:
+        if self.url is not None:
+            parse_target(self.url, environ={})  # shape only; the password is read at open
+        return self
+
+    def target(self) -> Target:
+        """Where the database is, the password read (never log ``conninfo``)."""
+        if self.url is None:
+            return parse_target(self.path)
+        return parse_target(self.url, password_file=self.password_file)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url is not None and parse_target(self.url, environ={}).dialect == "postgresql"
+
+
+class ReplicaConfig(Strict):
+    """One of several `gpu-scheduler serve` on one PostgreSQL (docs/scaling.md)."""
+
+    id: str = Field(
+        default="", max_length=128, description="this replica's name; '' = hostname-pid"
+    )
+    advertise: str = Field(
+        default="", max_length=256, description="host:port agents reach this replica at"
+    )
+    heartbeat_interval: Duration = Field(
+        default=1.0, gt=0, description="replica row heartbeat; leadership moves within it"
+    )
+    dead_after: Duration = Field(
+        default=5.0, gt=0, description="a replica (or this one's database) silent this long"
+    )
 
 
 class LivenessConfig(Strict):
@@ -253,6 +305,7 @@ class SchedulerConfig(Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    replica: ReplicaConfig = Field(default_factory=ReplicaConfig)
     liveness: LivenessConfig = Field(default_factory=LivenessConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)

@@ -286,7 +286,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 await asyncio.wait({read, closed}, return_when=asyncio.FIRST_COMPLETED)
                 if not read.done():
                     read.cancel()
-                    error = Error(code=Error.SUPERSEDED, message=session.close_reason, fatal=True)
+                    error = Error(
+                        code=session.close_code,  # type: ignore[arg-type]
+                        message=session.close_reason,
+                        fatal=True,
+                    )
                     with contextlib.suppress(Exception):
                         await session.send(coordinator_pb2.CoordinatorMessage(error=error))
                     return session.close_reason

@@ -16,13 +16,28 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from .storage import (
+    PG_VERSION_TABLE,
+    Conn,
+    PgConn,
+    RetryableError,
+    SqliteConn,
+    Target,
+    parse_target,
+    postgres_ddl,
+    register_pg_types,
+    split_script,
+)
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +277,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX price_history_model ON price_history(gpu_model, kind, at_ns);
     CREATE INDEX price_history_at ON price_history(at_ns);
     """,
+    # 8: scheduler replicas on one PostgreSQL (scheduler/replicas.py, docs/scaling.md):
+    # who is alive, and which replica holds each node's stream. Unused on SQLite.
+    """
+    CREATE TABLE replicas (
+        replica_id TEXT PRIMARY KEY,
+        address TEXT NOT NULL DEFAULT '',
+        started_ns INTEGER NOT NULL,
+        heartbeat_ns INTEGER NOT NULL
+    );
+    ALTER TABLE nodes ADD COLUMN replica_id TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
@@ -295,11 +321,11 @@ def protect_files(db_path: Path) -> None:
                 path.chmod(0o600)
 
 
-def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+def in_transaction(conn: sqlite3.Connection, fn: Callable[[Conn], T]) -> T:
     """``fn(conn)`` inside one immediate transaction: committed, or rolled back on error."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        result = fn(conn)
+        result = fn(SqliteConn(conn))
     except BaseException:
         conn.execute("ROLLBACK")
         raise
@@ -308,23 +334,59 @@ def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], 
 
 
 class DatabaseError(Exception):
-    """The database file cannot be opened or migrated; the message names it."""
+    """The database cannot be opened or migrated; the message names it."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached (PostgreSQL down or cut off): nothing was stored."""
 
 
 def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
     """Run pending migrations, each in its own transaction; returns the new version."""
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(migrations):
-        raise DatabaseError(
-            f"database schema version {version} is newer than this scheduler knows "
-            f"({len(migrations)}); upgrade gpu-scheduler"
-        )
+    _check_version(version, migrations)
     for number in range(version + 1, len(migrations) + 1):
         # executescript commits first, so wrap the step ourselves to keep it atomic.
         conn.executescript(
             f"BEGIN;\n{migrations[number - 1]}\nPRAGMA user_version = {number};\nCOMMIT;"
         )
         log.info("database migrated", extra={"schema_version": number})
+    return len(migrations)
+
+
+def _check_version(version: int, migrations: tuple[str, ...]) -> None:
+    if version > len(migrations):
+        raise DatabaseError(
+            f"database schema version {version} is newer than this scheduler knows "
+            f"({len(migrations)}); upgrade gpu-scheduler"
+        )
+
+
+# Any replica may start first: migrations hold this advisory lock, so two starting
+# together run each step once (the second waits, then finds nothing to do).
+MIGRATION_LOCK = 0x6770_7573_6368_0001
+
+
+def migrate_postgres(raw: Any, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """The same steps as ``migrate``, in PostgreSQL's types (storage.postgres_ddl),
+    each in its own transaction, under one advisory lock held for the whole run."""
+    raw.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    try:
+        with raw.transaction():
+            raw.execute(f"CREATE TABLE IF NOT EXISTS {PG_VERSION_TABLE} (version BIGINT NOT NULL)")
+            row = raw.execute(f"SELECT version FROM {PG_VERSION_TABLE}").fetchone()  # noqa: S608
+            if row is None:
+                raw.execute(f"INSERT INTO {PG_VERSION_TABLE} VALUES (0)")  # noqa: S608
+            version = int(row[0]) if row else 0
+        _check_version(version, migrations)
+        for number in range(version + 1, len(migrations) + 1):
+            with raw.transaction():
+                for statement in split_script(migrations[number - 1]):
+                    raw.execute(postgres_ddl(statement))
+                raw.execute(f"UPDATE {PG_VERSION_TABLE} SET version = %s", (number,))  # noqa: S608
+            log.info("database migrated", extra={"schema_version": number})
+    finally:
+        raw.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     return len(migrations)
 
 
@@ -379,8 +441,13 @@ class Checkpointer:
 
 
 class Database:
+    """The SQLite backend (the default); ``open_database`` picks PostgreSQL by URL."""
+
+    dialect = "sqlite"
+
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.display = str(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self.checkpointer: Checkpointer | None = None
@@ -410,7 +477,7 @@ class Database:
         """Run ``fn`` on the database thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def call(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn(conn)`` on the database thread, inside one transaction."""
 
         def txn() -> T:
@@ -422,6 +489,9 @@ class Database:
         return await self.run(txn)
 
     async def close(self) -> None:
+        if self._executor._shutdown:  # closed already (a server stopped twice)
+            return
+
         def _close() -> None:
             if self.checkpointer is not None:
                 self.checkpointer.stop()
@@ -432,3 +502,144 @@ class Database:
 
         await self.run(_close)
         self._executor.shutdown(wait=True)
+
+
+# Serialization failures are retried this often (with jittered backoff) before the
+# caller sees the error; two replicas racing for one row lose a round or two at most.
+MAX_RETRIES = 30
+
+
+# libpq socket settings for every connection: a PostgreSQL that stops answering (a
+# partition, a blackholed route) fails calls within seconds instead of hanging them,
+# so a cut-off replica notices and moves its agents (replicas.py). A URL's own
+# ?tcp_user_timeout=... etc. wins.
+PG_SOCKET_DEFAULTS = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 6000,
+}
+
+
+class PostgresDatabase(Database):
+    """PostgreSQL through a psycopg pool: ``pool_size`` connections, as many threads.
+
+    Every ``call`` is one SERIALIZABLE transaction, retried when it loses a race
+    (storage.RetryableError), so what SQLite's single writer guarantees holds across
+    replicas. A connection failure raises DatabaseUnavailable: nothing was stored.
+    """
+
+    dialect = "postgresql"
+
+    def __init__(
+        self, target: Target, *, pool_size: int = 4, connect_timeout: float = 10.0
+    ) -> None:
+        self.target = target
+        self.display = target.display
+        self.path = Path()  # no file; state (TLS, secrets key) stays in database.path's directory
+        self.pool_size = pool_size
+        self.connect_timeout = connect_timeout
+        self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="pg")
+        given = target.conninfo
+        self._socket: dict[str, Any] = {
+            k: v for k, v in PG_SOCKET_DEFAULTS.items() if f"{k}=" not in given
+        }
+        self._pool: Any = None
+        self.checkpointer = None
+        self.retries = 0  # serialization failures retried, for tests and benchmarks
+
+    def _configure(self, raw: Any) -> None:
+        import psycopg
+
+        register_pg_types(raw)
+        # Applies to every BEGIN that raw.transaction() issues on this connection.
+        raw.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+
+    def _open(self) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool, PoolTimeout
+
+        try:
+            with self.connect() as raw:
+                migrate_postgres(raw)
+        except psycopg.Error as exc:
+            raise DatabaseError(f"{self.display}: cannot open the database: {exc}") from None
+        self._pool = ConnectionPool(
+            self.target.conninfo,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": int(self.connect_timeout),
+                **self._socket,
+            },
+            configure=self._configure,
+            timeout=self.connect_timeout,
+            open=False,
+            name="gpu-scheduler",
+        )
+        try:
+            self._pool.open(wait=True, timeout=self.connect_timeout)
+        except PoolTimeout as exc:
+            raise DatabaseError(f"{self.display}: cannot open the database: {exc}") from None
+
+    def connect(self) -> Any:
+        """A dedicated connection outside the pool (LISTEN, advisory locks), autocommit."""
+        import psycopg
+
+        return psycopg.connect(
+            self.target.conninfo,
+            autocommit=True,
+            connect_timeout=int(self.connect_timeout),
+            **self._socket,
+        )
+
+    async def call(self, fn: Callable[[Conn], T]) -> T:
+        return await self.run(lambda: self.call_sync(fn))
+
+    def call_sync(self, fn: Callable[[Conn], T]) -> T:
+        """``fn(conn)`` in one SERIALIZABLE transaction on this thread, retried on conflict."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if self._pool is None:
+            raise DatabaseError(f"{self.display}: database is not open")
+        for attempt in range(MAX_RETRIES + 1):
+            try:
+                with self._pool.connection() as raw, raw.transaction():
+                    return fn(PgConn(raw))
+            except RetryableError:
+                if attempt == MAX_RETRIES:
+                    raise
+                self.retries += 1
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))  # noqa: S311
+            except (psycopg.OperationalError, PoolTimeout) as exc:
+                raise DatabaseUnavailable(f"{self.display}: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self._executor._shutdown:
+            return
+
+        def _close() -> None:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+
+        await self.run(_close)
+        self._executor.shutdown(wait=True)
+
+
+def open_database(
+    url: str | Path | Target,
+    *,
+    password_file: Path | None = None,
+    pool_size: int = 4,
+) -> Database:
+    """The backend ``url`` names (a path or sqlite:///... -> SQLite; postgresql://...)."""
+    target = url if isinstance(url, Target) else parse_target(url, password_file=password_file)
+    if target.dialect == "postgresql":
+        return PostgresDatabase(target, pool_size=pool_size)
+    assert target.path is not None
+    return Database(target.path)

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from .db import Database
+from .storage import Conn, RetryableError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Write = Callable[[sqlite3.Connection], Any]
+Write = Callable[[Conn], Any]
 
 
 class GroupCommit:
@@ -38,7 +38,7 @@ class GroupCommit:
         self.batches = 0  # commits made, for tests and benchmarks
         self.writes = 0
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn`` on the database thread; returns after its transaction committed."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         # Retrieved here so a write whose caller went away logs no "never retrieved".
@@ -55,7 +55,7 @@ class GroupCommit:
             del self._queue[: self.max_batch]
             fns = [fn for fn, _ in batch]
 
-            def run(conn: sqlite3.Connection, fns: list[Write] = fns) -> list[tuple[bool, Any]]:
+            def run(conn: Conn, fns: list[Write] = fns) -> list[tuple[bool, Any]]:
                 return _run_batch(conn, fns)
 
             try:
@@ -76,12 +76,14 @@ class GroupCommit:
                     future.set_exception(value)
 
 
-def _run_batch(conn: sqlite3.Connection, fns: list[Write]) -> list[tuple[bool, Any]]:
+def _run_batch(conn: Conn, fns: list[Write]) -> list[tuple[bool, Any]]:
     outcomes: list[tuple[bool, Any]] = []
     for fn in fns:
         conn.execute("SAVEPOINT w")
         try:
             value = fn(conn)
+        except RetryableError:
+            raise  # the whole transaction lost a race (PostgreSQL): Database.call reruns it
         except Exception as exc:
             conn.execute("ROLLBACK TO w")
             conn.execute("RELEASE w")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -194,6 +194,11 @@ class LeaseDispatcher:
         self._assigned_early: dict[str, set[str]] = {}
 
     # -- the loop ------------------------------------------------------------------
+
+    # Several replicas (scheduler/replicas.py): nodes whose streams other replicas hold,
+    # and how to ask the holder to send a LeaseCancel. None on a single scheduler.
+    remote_nodes: Callable[[], Awaitable[set[str]]] | None = None
+    forward_cancel: Callable[[str, str, str], Awaitable[None]] | None = None
 
     def kick(self) -> None:
         """Ask for a placement pass soon (coalesced)."""
@@ -498,7 +503,7 @@ class LeaseDispatcher:
                     row.lease_id, chosen.node_id, chosen.gpu_uuids, chosen.ask_micros, summary
                 )
                 if offered is None:
-                    continue  # cancelled while we were choosing
+                    continue  # cancelled, or its GPUs taken (another replica), meanwhile
                 log.info(
                     "lease offered to node: %s",
                     summary,
@@ -746,7 +751,11 @@ class LeaseDispatcher:
     # -- buyer actions ----------------------------------------------------------------
 
     async def cancel(self, lease_id: str, reason: str) -> CancelResult | None:
-        result = await self.store.cancel(lease_id, reason, frozenset(self.registry.sessions))
+        connected = frozenset(self.registry.sessions)
+        if self.remote_nodes is not None:
+            # Several replicas: a node another live replica holds is connected too.
+            connected |= await self.remote_nodes()
+        result = await self.store.cancel(lease_id, reason, connected)
         if result is None:
             return None
         row = result.row
@@ -754,9 +763,10 @@ class LeaseDispatcher:
         if row.terminal and offer is not None:
             offer.settle("settled")
         if result.notify_node is not None:
-            await self._send_cancel(
-                result.notify_node, lease_id, reason or "cancelled by the buyer"
-            )
+            text = reason or "cancelled by the buyer"
+            sent = await self._send_cancel(result.notify_node, lease_id, text)
+            if not sent and self.forward_cancel is not None:
+                await self.forward_cancel(result.notify_node, lease_id, text)
         log.info("lease cancel requested", extra={"lease_id": lease_id, "state": row.state})
         if row.terminal:
             self.kick()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +26,12 @@ from gpuagent.v1 import common_pb2, leases_pb2
 
 from .db import Database
 from .secretbox import SecretBox
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-Hook = Callable[[sqlite3.Connection, "LeaseRow"], None]
+Hook = Callable[[Conn, "LeaseRow"], None]
 
 PENDING = "pending"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired", "lost", "rejected"})
@@ -259,7 +259,7 @@ class LeaseStore:
         return round(self.clock() * 1e9)
 
     @staticmethod
-    def _get(conn: sqlite3.Connection, lease_id: str) -> LeaseRow | None:
+    def _get(conn: Conn, lease_id: str) -> LeaseRow | None:
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM leases WHERE lease_id = ?",  # noqa: S608 - constant columns
             (lease_id,),
@@ -268,7 +268,7 @@ class LeaseStore:
 
     @staticmethod
     def _event(
-        conn: sqlite3.Connection, lease_id: str, state: str, reason: str, node: str | None, ts: int
+        conn: Conn, lease_id: str, state: str, reason: str, node: str | None, ts: int
     ) -> None:
         conn.execute(
             "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"
@@ -278,9 +278,7 @@ class LeaseStore:
         )
 
     @staticmethod
-    def _attempt(
-        conn: sqlite3.Connection, lease_id: str, node: str, outcome: str, reason: str, ts: int
-    ) -> None:
+    def _attempt(conn: Conn, lease_id: str, node: str, outcome: str, reason: str, ts: int) -> None:
         conn.execute(
             "INSERT INTO placement_attempts (lease_id, node_id, outcome, reason, ts_ns)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -289,7 +287,7 @@ class LeaseStore:
 
     def _transition(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         lease_id: str,
         state: str,
         reason: str,
@@ -325,8 +323,9 @@ class LeaseStore:
 
     # -- reads ---------------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Count leases by state and fail offers a previous run left in flight.
+    async def load(self, *, interrupt_offers: bool = True) -> None:
+        """Count leases by state and fail offers a previous run left in flight
+        (``interrupt_offers``: false when other replicas run, whose offers are live).
 
         An offer is in memory only (its deadline task); after a restart nobody
         waits for the answer, so the lease goes back to pending. The node, if it
@@ -335,29 +334,46 @@ class LeaseStore:
         """
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> dict[str, int]:
-            for lease_id, node_id in conn.execute(
-                "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL",
-                (PENDING,),
-            ).fetchall():
-                self._attempt(conn, lease_id, node_id, "interrupted", "scheduler restarted", now)
-                conn.execute(
-                    "UPDATE leases SET node_id = NULL, gpu_uuids_json = '[]',"
-                    " accepted_price_micros_per_gpu_hour = NULL, updated_ns = ?"
-                    " WHERE lease_id = ?",
-                    (now, lease_id),
-                )
+        def txn(conn: Conn) -> dict[str, int]:
+            if interrupt_offers:
+                self._interrupt_offers(conn, now, now + 1, "scheduler restarted")
             return dict(
                 conn.execute("SELECT state, COUNT(*) FROM leases GROUP BY state").fetchall()
             )
 
         self.counts = await self.db.call(txn)
 
+    async def interrupt_stale_offers(self, older_than_s: float) -> list[str]:
+        """Offers made more than ``older_than_s`` ago and never answered go back to
+        pending: their replica died before the deadline task could settle them (the
+        leader runs this; a live replica settles its own within assign_timeout)."""
+        now = self._now()
+        before = now - round(older_than_s * 1e9)
+        return await self.db.call(
+            lambda c: self._interrupt_offers(c, now, before, "its scheduler replica went away")
+        )
+
+    def _interrupt_offers(self, conn: Conn, now: int, placed_before: int, why: str) -> list[str]:
+        stale = conn.execute(
+            "SELECT lease_id, node_id FROM leases WHERE state = ? AND node_id IS NOT NULL"
+            " AND COALESCE(placed_ns, 0) < ? FOR UPDATE",
+            (PENDING, placed_before),
+        ).fetchall()
+        for lease_id, node_id in stale:
+            self._attempt(conn, lease_id, node_id, "interrupted", why, now)
+            conn.execute(
+                "UPDATE leases SET node_id = NULL, gpu_uuids_json = '[]',"
+                " accepted_price_micros_per_gpu_hour = NULL, updated_ns = ?"
+                " WHERE lease_id = ?",
+                (now, lease_id),
+            )
+        return [str(r[0]) for r in stale]
+
     async def get(self, lease_id: str) -> LeaseRow | None:
         return await self.db.call(lambda conn: self._get(conn, lease_id))
 
     async def events(self, lease_id: str) -> list[leases_pb2.LeaseEvent]:
-        def read(conn: sqlite3.Connection) -> list[leases_pb2.LeaseEvent]:
+        def read(conn: Conn) -> list[leases_pb2.LeaseEvent]:
             return [
                 leases_pb2.LeaseEvent(
                     state=state_value(s), reason=r, node_id=n or "", at_unix_nanos=ts
@@ -411,7 +427,7 @@ class LeaseStore:
             " ORDER BY rowid LIMIT ?"
         )
 
-        def read(conn: sqlite3.Connection) -> tuple[list[LeaseRow], int]:
+        def read(conn: Conn) -> tuple[list[LeaseRow], int]:
             rows = conn.execute(sql, (*params, limit + 1)).fetchall()
             more = len(rows) > limit
             rows = rows[:limit]
@@ -428,7 +444,7 @@ class LeaseStore:
         """(pending leases to place, leases holding GPUs, nodes tried per pending lease)."""
 
         def read(
-            conn: sqlite3.Connection,
+            conn: Conn,
         ) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
             pending = [
                 LeaseRow.from_db(r)
@@ -491,7 +507,7 @@ class LeaseStore:
         if not lease_ids:
             return {}  # most Hellos list no leases: no trip to the database thread
 
-        def read(conn: sqlite3.Connection) -> dict[str, LeaseRow]:
+        def read(conn: Conn) -> dict[str, LeaseRow]:
             found = {}
             for lease_id in lease_ids:
                 row = self._get(conn, lease_id)
@@ -518,7 +534,7 @@ class LeaseStore:
         spec_bytes = spec.SerializeToString(deterministic=True)
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> tuple[LeaseRow, bool]:
+        def txn(conn: Conn) -> tuple[LeaseRow, bool]:
             existing = self._get(conn, new.lease_id)
             if existing is not None:
                 same = (
@@ -572,7 +588,7 @@ class LeaseStore:
         terminal hooks); None when it was placed or ended meanwhile."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+        def txn(conn: Conn) -> LeaseRow | None:
             row = self._get(conn, lease_id)
             if row is None or row.state != PENDING or row.node_id is not None:
                 return None
@@ -596,10 +612,22 @@ class LeaseStore:
         self, lease_id: str, node_id: str, gpu_uuids: Sequence[str], ask_micros: int, reason: str
     ) -> LeaseRow | None:
         """Reserve the node's GPUs for an offer; None when the lease is no longer placeable
-        (cancelled meanwhile)."""
+        (cancelled or placed meanwhile) or one of the GPUs was taken meanwhile."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+        def txn(conn: Conn) -> LeaseRow | None:
+            # The node's row lock orders offers to one node across replicas; under it,
+            # GPUs another offer or lease holds now (placed by another replica since
+            # our placement view was read) refuse this one: it waits for the next pass.
+            conn.execute("SELECT node_id FROM nodes WHERE node_id = ? FOR UPDATE", (node_id,))
+            wanted = set(gpu_uuids)
+            for (held,) in conn.execute(
+                f"SELECT gpu_uuids_json FROM leases WHERE node_id = ? AND lease_id != ?"  # noqa: S608
+                f" AND state NOT IN ({', '.join('?' * len(TERMINAL))})",
+                (node_id, lease_id, *TERMINAL),
+            ).fetchall():
+                if wanted & set(json.loads(str(held))):
+                    return None
             cur = conn.execute(
                 "UPDATE leases SET node_id = ?, gpu_uuids_json = ?,"
                 " accepted_price_micros_per_gpu_hour = ?, placed_ns = ?, updated_ns = ?,"
@@ -630,7 +658,7 @@ class LeaseStore:
         used up (or the lease is pinned). None when the offer was already settled."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> LeaseRow | None:
+        def txn(conn: Conn) -> LeaseRow | None:
             row = self._get(conn, lease_id)
             if row is None or row.state != PENDING or row.node_id != node_id:
                 return None
@@ -643,7 +671,7 @@ class LeaseStore:
 
     def _fail_offer(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         row: LeaseRow,
         outcome: str,
         reason: str,
@@ -704,7 +732,7 @@ class LeaseStore:
         now = self._now()
         state = state_name(update.state)
 
-        def txn(conn: sqlite3.Connection) -> UpdateResult:
+        def txn(conn: Conn) -> UpdateResult:
             row = self._get(conn, update.lease_id)
             if row is None:
                 return UpdateResult(UpdateOutcome.UNKNOWN)
@@ -768,7 +796,7 @@ class LeaseStore:
         now = self._now()
         reason = reason or "cancelled by the buyer"
 
-        def txn(conn: sqlite3.Connection) -> tuple[CancelResult, str] | None:
+        def txn(conn: Conn) -> tuple[CancelResult, str] | None:
             row = self._get(conn, lease_id)
             if row is None:
                 return None
@@ -812,7 +840,7 @@ class LeaseStore:
         keep_ids = set(keep)
         terminal = tuple(TERMINAL)
 
-        def txn(conn: sqlite3.Connection) -> list[tuple[str, LeaseRow]]:
+        def txn(conn: Conn) -> list[tuple[str, LeaseRow]]:
             rows = [
                 LeaseRow.from_db(r)
                 for r in conn.execute(

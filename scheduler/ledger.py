@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from .leases_store import LeaseRow
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def reservation_micros(price_micros_per_gpu_hour: int, gpu_count: int, max_durat
 
 
 def _entry(
-    conn: sqlite3.Connection,
+    conn: Conn,
     kind: str,
     amount: int,
     now: int,
@@ -132,7 +132,7 @@ def _check_amount(what: str, micros: int, *, allow_zero: bool = False) -> None:
         raise LedgerError(f"{what}: {micros} micros is not {bound} and within int64")
 
 
-def _ensure_account(conn: sqlite3.Connection, buyer: str, policy: LedgerPolicy, now: int) -> None:
+def _ensure_account(conn: Conn, buyer: str, policy: LedgerPolicy, now: int) -> None:
     """Create the buyer's account on first use, with the configured demo credit."""
     cur = conn.execute("INSERT OR IGNORE INTO accounts (buyer) VALUES (?)", (buyer,))
     if cur.rowcount and policy.default_credit_micros > 0:
@@ -148,7 +148,7 @@ def _ensure_account(conn: sqlite3.Connection, buyer: str, policy: LedgerPolicy, 
 
 
 def deposit(
-    conn: sqlite3.Connection,
+    conn: Conn,
     buyer: str,
     micros: int,
     now: int,
@@ -191,7 +191,7 @@ def deposit(
     return account(conn, buyer)
 
 
-def account(conn: sqlite3.Connection, buyer: str) -> Account:
+def account(conn: Conn, buyer: str) -> Account:
     row = conn.execute(
         "SELECT balance_micros, deposited_micros FROM accounts WHERE buyer = ?", (buyer,)
     ).fetchone()
@@ -204,7 +204,7 @@ def account(conn: sqlite3.Connection, buyer: str) -> Account:
     return Account(buyer, balance, held, spent, deposited)
 
 
-def accounts(conn: sqlite3.Connection) -> list[Account]:
+def accounts(conn: Conn) -> list[Account]:
     buyers = [b for (b,) in conn.execute("SELECT buyer FROM accounts ORDER BY buyer")]
     return [account(conn, b) for b in buyers]
 
@@ -212,7 +212,7 @@ def accounts(conn: sqlite3.Connection) -> list[Account]:
 # -- escrow ---------------------------------------------------------------------------
 
 
-def reserve(conn: sqlite3.Connection, lease: LeaseRow, now: int, policy: LedgerPolicy) -> int:
+def reserve(conn: Conn, lease: LeaseRow, now: int, policy: LedgerPolicy) -> int:
     """Move the lease's maximum cost from the buyer's balance into escrow.
 
     Raises LedgerError (nothing moved) when the balance is short or a priced
@@ -251,7 +251,7 @@ def reserve(conn: sqlite3.Connection, lease: LeaseRow, now: int, policy: LedgerP
     return amount
 
 
-def _escrow(conn: sqlite3.Connection, lease: LeaseRow, now: int) -> tuple[int, int, str]:
+def _escrow(conn: Conn, lease: LeaseRow, now: int) -> tuple[int, int, str]:
     """(cap, settled, state) of the lease's escrow, created if missing.
 
     A lease stored before the ledger was enabled has none: it gets one with
@@ -275,7 +275,7 @@ def _escrow(conn: sqlite3.Connection, lease: LeaseRow, now: int) -> tuple[int, i
 
 
 def settle(
-    conn: sqlite3.Connection,
+    conn: Conn,
     lease: LeaseRow,
     node_id: str,
     gpu_ns: int,
@@ -346,7 +346,7 @@ def settle(
         )
         conn.execute(
             "INSERT INTO earnings (node_id, micros) VALUES (?, ?)"
-            " ON CONFLICT(node_id) DO UPDATE SET micros = micros + excluded.micros",
+            " ON CONFLICT(node_id) DO UPDATE SET micros = earnings.micros + excluded.micros",
             (node_id, charge),
         )
         _entry(
@@ -371,7 +371,7 @@ def settle(
     return Settlement(charge, unbilled)
 
 
-def release(conn: sqlite3.Connection, lease_id: str, now: int, reason: str) -> int:
+def release(conn: Conn, lease_id: str, now: int, reason: str) -> int:
     """Return what escrow still holds for the lease to the buyer; idempotent."""
     row = conn.execute(
         "SELECT buyer, reserved_micros - settled_micros - released_micros, state FROM escrow"
@@ -393,7 +393,7 @@ def release(conn: sqlite3.Connection, lease_id: str, now: int, reason: str) -> i
     return int(held)
 
 
-def lease_ended(conn: sqlite3.Connection, lease: LeaseRow, now: int) -> int:
+def lease_ended(conn: Conn, lease: LeaseRow, now: int) -> int:
     """The lease reached a terminal state: release now, or once its final record is in.
 
     Released at once when no usage can follow (it never started and nothing was
@@ -419,7 +419,7 @@ def lease_ended(conn: sqlite3.Connection, lease: LeaseRow, now: int) -> int:
     return 0
 
 
-def final_record(conn: sqlite3.Connection, lease_id: str, now: int) -> int:
+def final_record(conn: Conn, lease_id: str, now: int) -> int:
     """The lease's final usage record is stored: release if the lease has ended."""
     conn.execute("UPDATE escrow SET final_seen = 1 WHERE lease_id = ?", (lease_id,))
     row = conn.execute("SELECT ended_ns FROM escrow WHERE lease_id = ?", (lease_id,)).fetchone()
@@ -428,7 +428,7 @@ def final_record(conn: sqlite3.Connection, lease_id: str, now: int) -> int:
     return 0
 
 
-def release_due(conn: sqlite3.Connection, now: int, policy: LedgerPolicy) -> list[str]:
+def release_due(conn: Conn, now: int, policy: LedgerPolicy) -> list[str]:
     """Release ended leases whose final record did not come within the grace."""
     due = [
         lease_id
@@ -446,12 +446,12 @@ def release_due(conn: sqlite3.Connection, now: int, policy: LedgerPolicy) -> lis
 # -- providers ------------------------------------------------------------------------
 
 
-def earnings(conn: sqlite3.Connection, node_id: str) -> int:
+def earnings(conn: Conn, node_id: str) -> int:
     row = conn.execute("SELECT micros FROM earnings WHERE node_id = ?", (node_id,)).fetchone()
     return int(row[0]) if row else 0
 
 
-def collateral(conn: sqlite3.Connection, node_id: str) -> Collateral | None:
+def collateral(conn: Conn, node_id: str) -> Collateral | None:
     row = conn.execute(
         "SELECT staked_micros, slashed_micros, uptime_commitment_ratio, committed_ns,"
         " last_uptime_slash_ns FROM collateral WHERE node_id = ?",
@@ -461,7 +461,7 @@ def collateral(conn: sqlite3.Connection, node_id: str) -> Collateral | None:
 
 
 def stake(
-    conn: sqlite3.Connection,
+    conn: Conn,
     node_id: str,
     micros: int,
     now: int,
@@ -502,9 +502,7 @@ def stake(
     return found
 
 
-def slash(
-    conn: sqlite3.Connection, node_id: str, micros: int, now: int, reason: str, ref: str = ""
-) -> int:
+def slash(conn: Conn, node_id: str, micros: int, now: int, reason: str, ref: str = "") -> int:
     """Take up to ``micros`` of the node's available stake; returns what was taken.
 
     With ``ref`` (e.g. the failed challenge's id) a repeat for the same ref takes
@@ -537,7 +535,7 @@ def slash(
     return amount
 
 
-def collateral_ok(conn: sqlite3.Connection, node_id: str, policy: LedgerPolicy) -> bool:
+def collateral_ok(conn: Conn, node_id: str, policy: LedgerPolicy) -> bool:
     """True when the node's unslashed stake meets ``ledger.min_collateral``."""
     if policy.min_collateral_micros <= 0:
         return True
@@ -546,7 +544,7 @@ def collateral_ok(conn: sqlite3.Connection, node_id: str, policy: LedgerPolicy) 
 
 
 def check_uptime(
-    conn: sqlite3.Connection,
+    conn: Conn,
     node_id: str,
     measured_ratio: float,
     now: int,
@@ -581,8 +579,8 @@ class HookTarget(Protocol):
     def add_hooks(
         self,
         *,
-        on_submitted: Callable[[sqlite3.Connection, LeaseRow], None] | None = None,
-        on_terminal: Callable[[sqlite3.Connection, LeaseRow], None] | None = None,
+        on_submitted: Callable[[Conn, LeaseRow], None] | None = None,
+        on_terminal: Callable[[Conn, LeaseRow], None] | None = None,
         refusals: tuple[type[BaseException], ...] = (),
     ) -> None: ...
 
@@ -594,10 +592,10 @@ class LeaseHooks:
         self.policy = policy
         self.clock_ns = clock_ns
 
-    def on_submitted(self, conn: sqlite3.Connection, lease: LeaseRow) -> None:
+    def on_submitted(self, conn: Conn, lease: LeaseRow) -> None:
         reserve(conn, lease, self.clock_ns(), self.policy)
 
-    def on_terminal(self, conn: sqlite3.Connection, lease: LeaseRow) -> None:
+    def on_terminal(self, conn: Conn, lease: LeaseRow) -> None:
         lease_ended(conn, lease, self.clock_ns())
 
     def register(self, store: HookTarget) -> None:

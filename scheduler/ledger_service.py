@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +31,7 @@ from .auth.interceptor import caller
 from .config import LedgerConfig
 from .db import Database
 from .registry import Registry
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _account_pb(account: ledger.Account) -> ledger_pb2.Account:
     )
 
 
-def lease_usage(conn: sqlite3.Connection, lease_id: str) -> ledger_pb2.LeaseUsage:
+def lease_usage(conn: Conn, lease_id: str) -> ledger_pb2.LeaseUsage:
     """Totals of one lease's accepted records, and its escrow (summed in Python:
     counters are u64 and SQL SUM would overflow on a hostile node's values)."""
     usage = ledger_pb2.LeaseUsage(lease_id=lease_id, escrow_state="none")
@@ -105,9 +105,7 @@ def lease_usage(conn: sqlite3.Connection, lease_id: str) -> ledger_pb2.LeaseUsag
     return usage
 
 
-def provider(
-    conn: sqlite3.Connection, node_id: str, policy: ledger.LedgerPolicy
-) -> ledger_pb2.Provider:
+def provider(conn: Conn, node_id: str, policy: ledger.LedgerPolicy) -> ledger_pb2.Provider:
     found = ledger.collateral(conn, node_id)
     counts = dict(
         conn.execute(
@@ -195,7 +193,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                 "buyer and idempotency_key: at most 128 characters",
             )
 
-        def txn(conn: sqlite3.Connection) -> ledger.Account:
+        def txn(conn: Conn) -> ledger.Account:
             before = conn.total_changes
             account = ledger.deposit(
                 conn,
@@ -270,7 +268,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                 return usage.node_id in own_nodes
             return True
 
-        def read(conn: sqlite3.Connection) -> ledger_pb2.UsageResponse | None:
+        def read(conn: Conn) -> ledger_pb2.UsageResponse | None:
             if request.lease_id:
                 found = lease_usage(conn, request.lease_id)
                 if not mine(found) or (not found.buyer and not found.records):
@@ -332,7 +330,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         who = caller()
         commitment = request.uptime_commitment_ratio or None
 
-        def txn(conn: sqlite3.Connection) -> tuple[ledger.Collateral, ledger_pb2.Provider]:
+        def txn(conn: Conn) -> tuple[ledger.Collateral, ledger_pb2.Provider]:
             found = ledger.stake(conn, record.node_id, request.amount_micros, now, commitment)
             acl_store.audit(
                 conn,
@@ -360,7 +358,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         what was taken."""
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> tuple[int, ledger.Collateral | None]:
+        def txn(conn: Conn) -> tuple[int, ledger.Collateral | None]:
             taken = ledger.slash(
                 conn,
                 node_id,
@@ -383,7 +381,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         now = self.clock()
         window = self.config.uptime_window
 
-        def txn(conn: sqlite3.Connection) -> dict[str, int]:
+        def txn(conn: Conn) -> dict[str, int]:
             slashed = {}
             rows = conn.execute(
                 "SELECT node_id, committed_ns FROM collateral WHERE uptime_commitment_ratio > 0"
@@ -414,6 +412,9 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         now = self._now()
         return await self.db.call(lambda conn: ledger.release_due(conn, now, self.policy))
 
+    # Replicas: only the leader sweeps (set by the server; one scheduler always leads).
+    is_leader: Callable[[], bool] = staticmethod(lambda: True)
+
     async def run(self, stop: asyncio.Event) -> None:
         tick = min(60.0, self.config.final_record_grace / 2, self.config.uptime_check_interval)
         last_uptime = self.clock()
@@ -422,6 +423,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
                 await asyncio.wait_for(stop.wait(), tick)
             if stop.is_set():
                 return
+            if not self.is_leader():
+                continue  # another replica runs the ledger's sweeps (scheduler/replicas.py)
             try:
                 await self.release_due()
                 if self.clock() - last_uptime >= self.config.uptime_check_interval:

@@ -228,10 +228,17 @@ class MarketService(market_pb2_grpc.MarketServicer):
     def prices(self) -> dict[str, ModelPrices]:
         return self.history.current
 
+    # Replicas: only the leader samples (set by the server; one scheduler always leads).
+    is_leader: Callable[[], bool] = staticmethod(lambda: True)
+
     async def run(self, stop: asyncio.Event, every: float = SAMPLE_EVERY) -> None:
         """Sample prices every ``every`` seconds and prune old history hourly."""
         last_prune = float("-inf")
         while not stop.is_set():
+            if not self.is_leader():  # several replicas: the leader samples (replicas.py)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), every)
+                continue
             try:
                 await self.history.sample(self.asks_now())
                 if time.monotonic() - last_prune >= PRUNE_EVERY:

@@ -11,12 +11,12 @@ accepted price over the last ``ACCEPTED_WINDOW``.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .db import Database
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class PriceHistory:
         ask_rows = [(m, now_ns, "ask", median(v)) for m, v in asks.items() if v]
         since = now_ns - round(ACCEPTED_WINDOW * 1e9)
 
-        def write(conn: sqlite3.Connection) -> dict[str, list[int]]:
+        def write(conn: Conn) -> dict[str, list[int]]:
             conn.executemany(
                 "INSERT INTO price_history (gpu_model, at_ns, kind, micros_per_gpu_hour)"
                 " VALUES (?, ?, ?, ?)",

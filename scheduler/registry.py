@@ -18,19 +18,19 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from gpuagent.v1 import coordinator_pb2, inventory_pb2, market_pb2, nodes_pb2
+from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, market_pb2, nodes_pb2
 
 from . import uptime
 from .db import Database
 from .group_commit import GroupCommit
 from .liveness import Liveness, LivenessPolicy, evaluate, is_online
 from .market import clean_offer
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class Session:
     last_read_mono_ns: int = 0
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
+    # The ProtocolError code the agent gets when ``closed`` ends the stream.
+    close_code: int = common_pb2.ProtocolError.SUPERSEDED
 
 
 class Registry:
@@ -117,17 +119,73 @@ class Registry:
         self._dirty_nodes: dict[str, NodeRecord] = {}
         self._dirty_spans: dict[tuple[str, int], int] = {}
 
-    async def load(self) -> None:
-        """Read every known node back; called once at startup."""
-        horizon = _ns(self.clock() - uptime.RETENTION)
+    async def load(self, *, end_open_sessions: bool = True) -> None:
+        """Read every known node back; called once at startup. ``end_open_sessions``:
+        false when other replicas run (the open sessions are theirs, and live)."""
 
-        def read(conn: sqlite3.Connection) -> list[NodeRecord]:
-            records = []
-            for row in conn.execute(
-                "SELECT node_id, public_key, name, region, labels_json, agent_version,"
-                " protocol_version, inventory, last_heartbeat, first_seen_ns, last_seen_ns,"
-                " draining, acked_usage_seq, owner FROM nodes"
-            ):
+        def read(conn: Conn) -> list[NodeRecord]:
+            records = self._read_nodes(conn, None)
+            if end_open_sessions:
+                # Sessions that were open when the scheduler died ended then, not now.
+                conn.execute(
+                    "UPDATE sessions SET ended_ns = started_ns,"
+                    " end_reason = 'scheduler restart' WHERE ended_ns IS NULL"
+                )
+            return records
+
+        def read_offers(conn: Conn) -> list[tuple[str, bytes]]:
+            return conn.execute(
+                "SELECT node_id, offer FROM nodes WHERE offer IS NOT NULL"
+            ).fetchall()
+
+        for record in await self.db.call(read):
+            self.nodes[record.node_id] = record
+            record.liveness = self.liveness(record)
+        for node_id, blob in await self.db.call(read_offers):
+            if node_id in self.nodes:
+                self.nodes[node_id].offer.ParseFromString(blob)
+        log.info("node registry loaded", extra={"nodes": len(self.nodes)})
+
+    async def refresh_remote(self) -> int:
+        """Several replicas: take in what the others wrote. Nodes first seen elsewhere
+        are read in, and the last-seen time of every node whose stream is not here
+        comes from the database (its replica's heartbeat flush), so a sweep on this
+        replica judges the whole fleet. Returns how many nodes were new here."""
+
+        def read(conn: Conn) -> tuple[list[tuple[str, int | None]], list[NodeRecord]]:
+            seen = [
+                (str(r[0]), r[1])
+                for r in conn.execute("SELECT node_id, last_seen_ns FROM nodes").fetchall()
+            ]
+            unknown = [n for n, _ in seen if n not in self.nodes]
+            return seen, self._read_nodes(conn, unknown) if unknown else []
+
+        seen, new = await self.db.call(read)
+        for record in new:
+            self.nodes.setdefault(record.node_id, record)
+        for node_id, seen_ns in seen:
+            known = self.nodes.get(node_id)
+            if known is None or node_id in self.sessions or seen_ns is None:
+                continue
+            last = seen_ns / 1e9
+            if known.last_seen is None or last > known.last_seen:
+                known.last_seen = last
+        return len(new)
+
+    def _read_nodes(self, conn: Conn, only: list[str] | None) -> list[NodeRecord]:
+        horizon = _ns(self.clock() - uptime.RETENTION)
+        sql = (
+            "SELECT node_id, public_key, name, region, labels_json, agent_version,"
+            " protocol_version, inventory, last_heartbeat, first_seen_ns, last_seen_ns,"
+            " draining, acked_usage_seq, owner FROM nodes"
+        )
+        batches: list[list[str]] = (
+            [[]] if only is None else [only[i : i + 500] for i in range(0, len(only), 500)]
+        )
+        records = []
+        for batch in batches:
+            where = f" WHERE node_id IN ({', '.join('?' * len(batch))})" if batch else ""
+            for row in conn.execute(sql + where, batch).fetchall():
                 inventory = inventory_pb2.Inventory()
                 if row[7]:
                     inventory.ParseFromString(row[7])
@@ -162,25 +220,7 @@ class Registry:
                         last_span_key=last_key,
                     )
                 )
-            # Sessions that were open when the scheduler died ended then, not now.
-            conn.execute(
-                "UPDATE sessions SET ended_ns = started_ns, end_reason = 'scheduler restart'"
-                " WHERE ended_ns IS NULL"
-            )
-            return records
-
-        def read_offers(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
-            return conn.execute(
-                "SELECT node_id, offer FROM nodes WHERE offer IS NOT NULL"
-            ).fetchall()
-
-        for record in await self.db.call(read):
-            self.nodes[record.node_id] = record
-            record.liveness = self.liveness(record)
-        for node_id, blob in await self.db.call(read_offers):
-            if node_id in self.nodes:
-                self.nodes[node_id].offer.ParseFromString(blob)
-        log.info("node registry loaded", extra={"nodes": len(self.nodes)})
+        return records
 
     def liveness(self, record: NodeRecord) -> Liveness:
         return evaluate(self.policy, record.last_seen, self.clock(), self.started_at)
@@ -280,7 +320,7 @@ class Registry:
         session = Session(uuid.uuid4().hex, record.node_id, peer, now, send)
         first_seen = record.first_seen
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             conn.execute(
                 "INSERT INTO nodes (node_id, public_key, name, region, labels_json,"
                 " agent_version, protocol_version, inventory, last_heartbeat, first_seen_ns,"
@@ -352,7 +392,7 @@ class Registry:
         ]
         span_rows = [(node_id, start, end) for (node_id, start), end in spans.items()]
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: Conn) -> None:
             # Few statements of many rows, not one per row: between statements the
             # database thread waits for the GIL, which the busy event loop holds.
             for chunk in _chunks(rows):
@@ -368,7 +408,8 @@ class Registry:
                 conn.execute(
                     f"INSERT INTO coverage (node_id, start_ns, end_ns) VALUES {values}"  # noqa: S608
                     " ON CONFLICT(node_id, start_ns)"
-                    " DO UPDATE SET end_ns = MAX(end_ns, excluded.end_ns)",
+                    " DO UPDATE SET end_ns = CASE WHEN excluded.end_ns > coverage.end_ns"
+                    " THEN excluded.end_ns ELSE coverage.end_ns END",
                     [x for row in chunk for x in row],
                 )
 
@@ -488,15 +529,16 @@ def _chunks(
 
 _UPSERT_SPAN = (
     "INSERT INTO coverage (node_id, start_ns, end_ns) VALUES (?, ?, ?)"
-    " ON CONFLICT(node_id, start_ns) DO UPDATE SET end_ns = MAX(end_ns, excluded.end_ns)"
+    " ON CONFLICT(node_id, start_ns) DO UPDATE SET end_ns ="
+    " CASE WHEN excluded.end_ns > coverage.end_ns THEN excluded.end_ns ELSE coverage.end_ns END"
 )
 
 
-def _write_span(conn: sqlite3.Connection, node_id: str, span: tuple[int, int]) -> None:
+def _write_span(conn: Conn, node_id: str, span: tuple[int, int]) -> None:
     conn.execute(_UPSERT_SPAN, (node_id, span[0], span[1]))
 
 
-def _write_offer(conn: sqlite3.Connection, record: NodeRecord) -> None:
+def _write_offer(conn: Conn, record: NodeRecord) -> None:
     conn.execute(
         "UPDATE nodes SET offer = ? WHERE node_id = ?",
         (record.offer.SerializeToString(), record.node_id),

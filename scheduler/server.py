@@ -41,7 +41,7 @@ from .auth.interceptor import Authenticator, AuthInterceptor
 from .auth.service import AclService
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
-from .db import Database
+from .db import open_database
 from .eligibility import Eligibility
 from .gcpolicy import GcPolicy
 from .lease_dispatch import DispatchSettings, LeaseDispatcher
@@ -54,7 +54,8 @@ from .market_service import MarketService
 from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
 from .price_history import PriceHistory
-from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
+from .registry import HEARTBEAT_FLUSH_EVERY, Clock, NodeRecord, Registry, Session
+from .replicas import Replicas
 from .secretbox import SecretBox
 from .slashing import VerdictSlasher
 from .tlsfiles import tls_dir
@@ -149,7 +150,7 @@ class SchedulerServer:
         self.policy = LivenessPolicy(
             lv.heartbeat_interval, lv.suspect_after_missed, lv.offline_grace, lv.restart_grace
         )
-        self.db = Database(config.database.path)
+        self.db = open_database(config.database.target(), pool_size=config.database.pool_size)
         self.registry = Registry(self.db, self.policy, clock)
         self.authenticator = Authenticator(self.db, config.auth.client_cert_accounts, clock)
         self.acl = AclService(self.db, self.authenticator, clock)
@@ -225,6 +226,7 @@ class SchedulerServer:
         self.coordinator.on_heartbeat(self._count_heartbeat)
         self.slasher = VerdictSlasher(self.attestation, self.ledger, self.metrics)
         self.attestation.add_listener(self.slasher.on_verdicts)
+        self._wire_replicas()
         self._metrics_server: MetricsServer | None = None
         # The background loops, members of one TaskGroup (see _run_loops).
         self._loops_stop = asyncio.Event()
@@ -233,6 +235,63 @@ class SchedulerServer:
         self._flush_stop = asyncio.Event()
         self.port = 0
         self._server: grpc.aio.Server | None = None
+
+    def _wire_replicas(self) -> None:
+        """Several replicas on one PostgreSQL (scheduler/replicas.py); inert on SQLite."""
+        rc = self.config.replica
+        self._replica_tasks: set[asyncio.Task[bool]] = set()
+        self.replicas = Replicas(
+            self.db,
+            replica_id=rc.id,
+            address=rc.advertise or self.config.server.listen,
+            heartbeat_interval=rc.heartbeat_interval,
+            dead_after=rc.dead_after,
+            clock=self.clock,
+        )
+        if not self.replicas.distributed:
+            return
+        replicas = self.replicas
+
+        async def claim(_session: Session, record: NodeRecord) -> None:
+            await self.registry.writes.write(lambda c: replicas.claim_in(c, record.node_id))
+
+        self.coordinator.on_connect(claim)
+        # Submitted on any replica: every replica places it on the nodes it holds
+        # (the node's row lock and the offer's guard make one of them win).
+        self.leases_store.add_hooks(
+            on_submitted=lambda c, row: replicas.notify_in(c, "pending", row.lease_id)
+        )
+        replicas.on("pending", lambda _: self.dispatcher.kick())
+        replicas.on("resync", lambda _: self.dispatcher.kick())
+        replicas.on("cancel", self._remote_cancel)
+        self.dispatcher.remote_nodes = replicas.nodes_held_elsewhere
+
+        async def forward_cancel(node_id: str, lease_id: str, reason: str) -> None:
+            await replicas.notify("cancel", f"{node_id}|{lease_id}|{reason}")
+
+        self.dispatcher.forward_cancel = forward_cancel
+        self.ledger.is_leader = lambda: replicas.leader
+        self.market.is_leader = lambda: replicas.leader
+        replicas.on_cut_off(self._move_agents)
+
+    def _remote_cancel(self, payload: str) -> None:
+        node_id, lease_id, reason = [*payload.split("|", 2), "", ""][:3]
+        if node_id in self.registry.sessions:
+            task = asyncio.get_running_loop().create_task(
+                self.dispatcher._send_cancel(node_id, lease_id, reason)
+            )
+            self._replica_tasks.add(task)
+            task.add_done_callback(self._replica_tasks.discard)
+
+    def _move_agents(self) -> None:
+        """Cut off from the database: nothing an agent sends can be stored here, so every
+        stream is closed with a retryable error and the agents reconnect elsewhere."""
+        for session in list(self.registry.sessions.values()):
+            session.close_code = common_pb2.ProtocolError.INTERNAL
+            session.close_reason = (
+                "this scheduler replica lost its database; reconnect to another replica"
+            )
+            session.closed.set()
 
     def _node_states(self) -> dict[str, int]:
         counts = {state.value: 0 for state in Liveness}
@@ -266,10 +325,13 @@ class SchedulerServer:
         policy.check_complete(served_methods())
         security = metrics_security(self.config)  # a bad file fails before anything starts
         await self.db.open()
-        await self.registry.load()
+        # Other live replicas own the open sessions and offers in flight.
+        others = set(await self.replicas.live()) - {self.replicas.replica_id}
+        await self.registry.load(end_open_sessions=not others)
         await self.attestation.load()
-        await self.leases_store.load()
+        await self.leases_store.load(interrupt_offers=not others)
         await self.ledger.load()
+        await self.replicas.start()
         server = grpc.aio.server(
             options=server_options(self.config),
             interceptors=[AuthInterceptor(self.authenticator)],
@@ -328,7 +390,7 @@ class SchedulerServer:
                 "listen": listen,
                 "port": port,
                 "tls": not self.config.server.insecure,
-                "database": str(self.config.database.path),
+                "database": self.db.display,
                 "nodes": len(self.registry.nodes),
             },
         )
@@ -346,6 +408,7 @@ class SchedulerServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self.replicas.stop()
         await self.slasher.close()
         if self._loops is not None:
             # After the server: no heartbeat arrives any more, the last ones are written.
@@ -355,7 +418,18 @@ class SchedulerServer:
         await self.db.close()
 
     async def sweep(self) -> None:
-        """Re-evaluate liveness; leases on offline nodes are lost (or re-placed)."""
+        """Re-evaluate liveness; leases on offline nodes are lost (or re-placed).
+
+        Several replicas: only the leader sweeps, after reading what the others wrote
+        (nodes first seen there, their heartbeats), so it judges the whole fleet."""
+        if not self.replicas.leader:
+            return
+        if self.replicas.distributed:
+            await self.registry.refresh_remote()
+            # Offers a dead replica left unanswered (a live one settles its own).
+            stale = 2 * self.config.placement.assign_timeout + self.config.replica.dead_after
+            if await self.leases_store.interrupt_stale_offers(stale):
+                self.dispatcher.kick()
         changes = self.registry.sweep()
         await self.dispatcher.on_liveness(changes)
 
@@ -365,7 +439,7 @@ class SchedulerServer:
         while True:
             await asyncio.sleep(max(1.0, self.policy.heartbeat_interval / 2))
             await self.sweep()
-            if self.clock() - last_prune >= prune_every:
+            if self.clock() - last_prune >= prune_every and self.replicas.leader:
                 last_prune = self.clock()
                 await self.registry.prune_coverage()
 

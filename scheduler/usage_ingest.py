@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from . import ledger
 from .db import Database
 from .leases_store import LeaseRow, LeaseStore
 from .registry import Registry, Session
+from .storage import Conn
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ CountsHook = Callable[[IngestResult], None]
 
 
 def refusal(
-    conn: sqlite3.Connection, record: UsageRecord, policy: ledger.LedgerPolicy, now_ns: int
+    conn: Conn, record: UsageRecord, policy: ledger.LedgerPolicy, now_ns: int
 ) -> tuple[str, LeaseRow | None]:
     """Why an authentic record cannot be billed ("" if it can), and its lease."""
     try:
@@ -145,7 +145,7 @@ def refusal(
     return "", lease
 
 
-def contiguous_seq(conn: sqlite3.Connection, node_id: str) -> int:
+def contiguous_seq(conn: Conn, node_id: str) -> int:
     """Advance and store the node's highest seq with every seq up to it stored."""
     row = conn.execute("SELECT acked_usage_seq FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
     acked = int(row[0]) if row else 0
@@ -158,7 +158,7 @@ def contiguous_seq(conn: sqlite3.Connection, node_id: str) -> int:
 
 
 def store_records(
-    conn: sqlite3.Connection,
+    conn: Conn,
     node_id: str,
     records: Sequence[SignedUsageRecord],
     now_ns: int,

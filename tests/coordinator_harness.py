@@ -8,7 +8,9 @@ the real ``CoordinatorLink`` with a deterministic backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from gpuagent.v1 import coordinator_pb2
 from scheduler.auth import store as acl_store
 from scheduler.config import SchedulerConfig
 from scheduler.server import SchedulerServer
+from scheduler.storage import PgConn, register_pg_types
 
 
 async def drop_messages(message: coordinator_pb2.CoordinatorMessage) -> None:
@@ -68,6 +71,26 @@ def make_pki(tmp: Path, *, expired: bool = False) -> Pki:
 NO_ATTESTATION: dict[str, object] = {"enabled": False, "required": False}
 
 
+# Set by the ``storage_backend`` fixture (tests/conftest.py) while a test runs on
+# PostgreSQL: every scheduler the test builds uses this database.
+DATABASE_URL: str | None = None
+
+
+def db_rows(config: SchedulerConfig, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    """Rows of one portable query, read straight from the database ``config`` names
+    (SQLite file or PostgreSQL), outside the server: what is really stored."""
+    target = config.database.target()
+    if target.dialect == "postgresql":
+        import psycopg
+
+        with psycopg.connect(target.conninfo, autocommit=True) as raw:
+            register_pg_types(raw)
+            return [tuple(r) for r in PgConn(raw).execute(sql, params).fetchall()]
+    assert target.path is not None
+    with contextlib.closing(sqlite3.connect(target.path)) as conn:
+        return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+
+
 def scheduler_config(
     tmp: Path,
     pki: Pki | None,
@@ -86,7 +109,10 @@ def scheduler_config(
     return SchedulerConfig.model_validate(
         {
             "server": server,
-            "database": {"path": str(tmp / "sched" / "scheduler.db")},
+            "database": {
+                "path": str(tmp / "sched" / "scheduler.db"),
+                **({"url": DATABASE_URL} if DATABASE_URL else {}),
+            },
             "liveness": {"heartbeat_interval": heartbeat, **liveness},
             "metrics": {"listen": None},
             "attestation": NO_ATTESTATION if attestation is None else attestation,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tests.coordinator_harness import (
     admin_token,
     agent_config,
     authed_channel,
+    db_rows,
     make_link,
     scheduler_config,
     start_server,
@@ -114,12 +114,12 @@ async def scheduler(
 
 
 def stored(server: SchedulerServer, node_id: str) -> list[tuple[object, ...]]:
-    with contextlib.closing(sqlite3.connect(server.config.database.path)) as conn:
-        return conn.execute(
-            "SELECT gpu_uuid, passed, reason, sku, measured_tflops, elapsed_ns, expires_ns"
-            " FROM attestations WHERE node_id = ? ORDER BY id",
-            (node_id,),
-        ).fetchall()
+    return db_rows(
+        server.config,
+        "SELECT gpu_uuid, passed, reason, sku, measured_tflops, elapsed_ns, expires_ns"
+        " FROM attestations WHERE node_id = ? ORDER BY id",
+        node_id,
+    )
 
 
 def judged(server: SchedulerServer, node_id: str, count: int) -> Callable[[], bool]:

@@ -38,6 +38,7 @@ from scheduler.server import SchedulerServer, served_methods
 from tests.coordinator_harness import (
     admin_token,
     agent_config,
+    db_rows,
     enrollment_token,
     make_link,
     make_pki,
@@ -74,12 +75,10 @@ class World:
         return grpc.aio.secure_channel(f"localhost:{self.server.port}", creds)
 
     def snapshot(self) -> dict[str, list[tuple[Any, ...]]]:
-        with contextlib.closing(sqlite3.connect(self.server.config.database.path)) as conn:
-            tables = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in WATCHED}  # noqa: S608
-            tables["nodes"] = conn.execute(
-                "SELECT node_id, owner, draining FROM nodes ORDER BY 1"
-            ).fetchall()
-            return tables
+        config = self.server.config
+        tables = {t: db_rows(config, f"SELECT * FROM {t} ORDER BY rowid") for t in WATCHED}  # noqa: S608
+        tables["nodes"] = db_rows(config, "SELECT node_id, owner, draining FROM nodes ORDER BY 1")
+        return tables
 
 
 async def _issue(server: SchedulerServer, name: str, role: str, **kw: Any) -> str:

@@ -228,3 +228,18 @@ def test_cli_config_show_masks_and_applies_env(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert "name: rack4-gpu2" in result.stdout
     assert "sample_interval: 5s" in result.stdout
+
+
+def test_coordinator_address_takes_a_list_of_replicas() -> None:
+    from agent.config import CoordinatorConfig
+
+    one = CoordinatorConfig.model_validate({"address": "a:7443"})
+    assert one.targets == ("a:7443",) and one.address == "a:7443"
+    both = CoordinatorConfig.model_validate({"address": ["a:7443", "b:7443"]})
+    assert both.targets == ("a:7443", "b:7443")
+    env = CoordinatorConfig.model_validate({"address": "a:7443, b:7443"})  # env spelling
+    assert env.targets == ("a:7443", "b:7443")
+    assert CoordinatorConfig.model_validate({"address": ["a:1"]}).address == "a:1"
+    for bad in ([], ["a:1", ""]):
+        with pytest.raises(ValueError, match="none empty"):
+            CoordinatorConfig.model_validate({"address": bad})

@@ -31,6 +31,7 @@ from tests.coordinator_harness import (
     admin_token,
     agent_config,
     authed_channel,
+    db_rows,
     scheduler_config,
     start_server,
     until,
@@ -239,11 +240,11 @@ class Env:
         return last[0]
 
     def attempts(self, lease_id: str) -> list[tuple[str, str]]:
-        with sqlite3.connect(self.server.config.database.path) as conn:
-            return conn.execute(
-                "SELECT node_id, outcome FROM placement_attempts WHERE lease_id = ? ORDER BY rowid",
-                (lease_id,),
-            ).fetchall()
+        return db_rows(  # type: ignore[return-value]
+            self.server.config,
+            "SELECT node_id, outcome FROM placement_attempts WHERE lease_id = ? ORDER BY rowid",
+            lease_id,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -532,7 +533,6 @@ async def test_restart_keeps_leases_and_requeues_inflight_offers(tmp_path: Path)
         await env.agent("mute", silent)
         lease = await env.submit()
         await until(lambda: env.attempts(lease.lease_id) != [], what="offer")
-        db_path = env.server.config.database.path
     server = SchedulerServer(config_for(tmp_path), clock=FakeClock())
     await server.start()
     try:
@@ -541,6 +541,6 @@ async def test_restart_keeps_leases_and_requeues_inflight_offers(tmp_path: Path)
         assert server.leases_store.counts == {"pending": 1}
     finally:
         await server.stop(grace=0)
-    with sqlite3.connect(db_path) as conn:
-        outcomes = [r[0] for r in conn.execute("SELECT outcome FROM placement_attempts")]
+    rows = db_rows(server.config, "SELECT outcome FROM placement_attempts ORDER BY rowid")
+    outcomes = [r[0] for r in rows]
     assert outcomes == ["offered", "interrupted"]

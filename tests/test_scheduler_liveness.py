@@ -158,6 +158,7 @@ def test_migrations_run_once_and_refuse_a_newer_schema(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only
 async def test_database_is_wal(db: Database) -> None:
     """The registry DB runs in WAL mode (readers never block the writer)."""
     mode = await db.call(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
@@ -165,6 +166,7 @@ async def test_database_is_wal(db: Database) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.sqlite_only
 async def test_wal_checkpoints_run_off_the_commit_path(db: Database) -> None:
     """Commits never checkpoint (autocheckpoint off: no commit pays for copying the WAL
     back); the database's Checkpointer thread does, and catches up completely."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from tests.coordinator_harness import (
     admin_token,
     agent_config,
     authed_channel,
+    db_rows,
     scheduler_config,
     start_server,
 )
@@ -227,8 +227,7 @@ class Env:
         await agent.wait_running(lease_id)
 
     def rows(self, sql: str, *params: object) -> list[tuple[object, ...]]:
-        with sqlite3.connect(self.server.config.database.path) as conn:
-            return conn.execute(sql, params).fetchall()
+        return db_rows(self.server.config, sql, *params)
 
     def usage_rows(self, node_id: str) -> list[tuple[object, ...]]:
         return self.rows(

@@ -66,6 +66,8 @@ def credentials(config: CoordinatorConfig) -> grpc.ChannelCredentials:
 def make_channel(config: CoordinatorConfig) -> grpc.aio.Channel:
     """A fresh channel; TLS unless the config says ``insecure: true``."""
     options = channel_options(config)
+    # One address per channel: the link picks which of several replicas (session.py).
+    address = config.targets[0]
     if config.insecure:
-        return grpc.aio.insecure_channel(config.address, options=options)
-    return grpc.aio.secure_channel(config.address, credentials(config), options=options)
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, credentials(config), options=options)

@@ -153,6 +153,7 @@ class CoordinatorLink:
         self.sessions_opened = 0
         self.last_error: str | None = None
         self._channel_factory = channel_factory
+        self._target = 0  # index into config.targets: the replica tried next
         self._monotonic = monotonic
         self._started = monotonic()
         self._handlers: dict[str, Handler] = {}
@@ -205,6 +206,12 @@ class CoordinatorLink:
             log.exception("session listener failed")
 
     @property
+    def address(self) -> str:
+        """The coordinator address the current (or next) session uses."""
+        targets = self.config.targets
+        return targets[self._target % len(targets)]
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -233,14 +240,14 @@ class CoordinatorLink:
                 self._record_error(str(exc), logging.ERROR)
             except grpc.aio.AioRpcError as exc:
                 self._record_error(
-                    f"coordinator {self.config.address}: {exc.code().name}: {exc.details()}",
+                    f"coordinator {self.address}: {exc.code().name}: {exc.details()}",
                     logging.WARNING,
                 )
             except (_SessionEnded, ChannelConfigError) as exc:
                 self._record_error(str(exc), logging.WARNING)
             except TimeoutError:
                 self._record_error(
-                    f"coordinator {self.config.address}: no answer within "
+                    f"coordinator {self.address}: no answer within "
                     f"{self.config.call_timeout}s during the handshake",
                     logging.WARNING,
                 )
@@ -249,6 +256,9 @@ class CoordinatorLink:
                 self.last_error = repr(exc)
             if stop.is_set():
                 break
+            # Several replicas: whatever ended this session (a dead replica, one cut off
+            # from its database, a refused handshake), the next attempt goes to the next.
+            self._target = (self._target + 1) % len(self.config.targets)
             delay = self.backoff.next_delay()
             log.info("reconnecting to coordinator", extra={"delay_s": round(delay, 3)})
             with contextlib.suppress(TimeoutError):
@@ -268,7 +278,10 @@ class CoordinatorLink:
         return message
 
     async def _session(self, stop: asyncio.Event) -> None:
-        channel = self._channel_factory(self.config)
+        config = self.config
+        if isinstance(config.address, tuple):  # several replicas: one address per attempt
+            config = config.model_copy(update={"address": self.address})
+        channel = self._channel_factory(config)
         try:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             call = stub.Connect(wait_for_ready=False)
@@ -333,7 +346,7 @@ class CoordinatorLink:
             extra={
                 "session_id": welcome.session_id,
                 "node_id": self.identity.node_id,
-                "coordinator": self.config.address,
+                "coordinator": self.address,
                 "coordinator_version": challenge.coordinator_version,
                 "heartbeat_interval_ms": welcome.params.heartbeat_interval_ms,
             },

@@ -7,7 +7,6 @@ and its audit entry in one transaction.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -17,6 +16,7 @@ import grpc
 from gpuagent.v1 import acl_pb2, acl_pb2_grpc
 
 from ..db import Database
+from ..storage import Conn
 from . import store, tokens
 from .interceptor import Authenticator, Principal, caller
 
@@ -69,7 +69,7 @@ class AclService(acl_pb2_grpc.AclServicer):
     def _now(self) -> int:
         return round(self.clock() * 1e9)
 
-    async def _txn(self, context: Context, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _txn(self, context: Context, fn: Callable[[Conn], T]) -> T:
         try:
             return await self.db.call(fn)
         except store.AclError as exc:
@@ -105,7 +105,7 @@ class AclService(acl_pb2_grpc.AclServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "role: admin, buyer or provider"
             )
 
-        def txn(conn: sqlite3.Connection) -> store.Account:
+        def txn(conn: Conn) -> store.Account:
             made = store.create_account(conn, request.name, role, now)
             store.audit(
                 conn, now, who.account, "account.create", made.name, f"role={role}", who.peer
@@ -130,7 +130,7 @@ class AclService(acl_pb2_grpc.AclServicer):
         target = await self._own_account(context, who, account)
         action = "token.create" if kind == "api" else "enrollment.create"
 
-        def txn(conn: sqlite3.Connection) -> tuple[store.Token, str]:
+        def txn(conn: Conn) -> tuple[store.Token, str]:
             made, secret = store.issue(
                 conn, target, kind, now, ttl_seconds=ttl, description=description
             )
@@ -165,7 +165,7 @@ class AclService(acl_pb2_grpc.AclServicer):
     ) -> acl_pb2.ApiToken:
         who, now = caller(), self._now()
 
-        def txn(conn: sqlite3.Connection) -> store.Token | None:
+        def txn(conn: Conn) -> store.Token | None:
             found = store.token(conn, request.token_id)
             # Someone else's token id answers as a missing one: ids cannot be probed.
             if found is None or (not who.is_admin() and found.account != who.account):

@@ -1,6 +1,6 @@
 """Accounts, token hashes and the audit log, as rows in the scheduler database.
 
-Plain functions over a ``sqlite3.Connection`` inside the caller's transaction, so
+Plain functions over a ``Conn`` inside the caller's transaction, so
 the server runs them on its database thread (``Database.call``) and
 ``gpu-scheduler acl bootstrap`` runs them on the database file directly: an action
 and its audit entry commit together or not at all.
@@ -9,10 +9,10 @@ and its audit entry commit together or not at all.
 from __future__ import annotations
 
 import re
-import sqlite3
 from dataclasses import dataclass
 from typing import Literal
 
+from ..storage import Conn
 from . import tokens
 
 Role = Literal["admin", "buyer", "provider"]
@@ -75,7 +75,7 @@ def check_account_name(name: str) -> None:
         )
 
 
-def create_account(conn: sqlite3.Connection, name: str, role: str, now_ns: int) -> Account:
+def create_account(conn: Conn, name: str, role: str, now_ns: int) -> Account:
     check_account_name(name)
     if role not in ROLES:
         raise AclError(f"role {role!r}: must be one of {', '.join(ROLES)}")
@@ -87,7 +87,7 @@ def create_account(conn: sqlite3.Connection, name: str, role: str, now_ns: int) 
     return Account(name, role, now_ns)
 
 
-def account(conn: sqlite3.Connection, name: str, now_ns: int = 0) -> Account | None:
+def account(conn: Conn, name: str, now_ns: int = 0) -> Account | None:
     row = conn.execute(
         "SELECT a.name, a.role, a.created_ns, (SELECT COUNT(*) FROM acl_tokens t"
         " WHERE t.account = a.name AND t.revoked_ns = 0 AND (t.expires_ns = 0 OR t.expires_ns > ?))"
@@ -97,7 +97,7 @@ def account(conn: sqlite3.Connection, name: str, now_ns: int = 0) -> Account | N
     return Account(*row) if row else None
 
 
-def accounts(conn: sqlite3.Connection, now_ns: int) -> list[Account]:
+def accounts(conn: Conn, now_ns: int) -> list[Account]:
     rows = conn.execute(
         "SELECT a.name, a.role, a.created_ns, (SELECT COUNT(*) FROM acl_tokens t"
         " WHERE t.account = a.name AND t.revoked_ns = 0 AND (t.expires_ns = 0 OR t.expires_ns > ?))"
@@ -114,7 +114,7 @@ def _ttl_ns(ttl_seconds: int) -> int:
 
 
 def issue(
-    conn: sqlite3.Connection,
+    conn: Conn,
     account_name: str,
     kind: tokens.Kind,
     now_ns: int,
@@ -149,7 +149,7 @@ _TOKEN_COLUMNS = "t.token_id, t.account, t.kind, t.description, t.created_ns, t.
 )
 
 
-def lookup(conn: sqlite3.Connection, token_hash: bytes) -> Token | None:
+def lookup(conn: Conn, token_hash: bytes) -> Token | None:
     row = conn.execute(
         f"SELECT {_TOKEN_COLUMNS} FROM acl_tokens t JOIN acl_accounts a"  # noqa: S608
         " ON a.name = t.account WHERE t.hash = ?",
@@ -158,7 +158,7 @@ def lookup(conn: sqlite3.Connection, token_hash: bytes) -> Token | None:
     return Token(*row) if row else None
 
 
-def token(conn: sqlite3.Connection, token_id: str) -> Token | None:
+def token(conn: Conn, token_id: str) -> Token | None:
     row = conn.execute(
         f"SELECT {_TOKEN_COLUMNS} FROM acl_tokens t JOIN acl_accounts a"  # noqa: S608
         " ON a.name = t.account WHERE t.token_id = ?",
@@ -167,7 +167,7 @@ def token(conn: sqlite3.Connection, token_id: str) -> Token | None:
     return Token(*row) if row else None
 
 
-def list_tokens(conn: sqlite3.Connection, account_name: str = "") -> list[Token]:
+def list_tokens(conn: Conn, account_name: str = "") -> list[Token]:
     rows = conn.execute(
         f"SELECT {_TOKEN_COLUMNS} FROM acl_tokens t JOIN acl_accounts a"  # noqa: S608
         " ON a.name = t.account WHERE (? = '' OR t.account = ?) ORDER BY t.account, t.created_ns",
@@ -176,7 +176,7 @@ def list_tokens(conn: sqlite3.Connection, account_name: str = "") -> list[Token]
     return [Token(*r) for r in rows]
 
 
-def revoke(conn: sqlite3.Connection, token_id: str, now_ns: int) -> Token:
+def revoke(conn: Conn, token_id: str, now_ns: int) -> Token:
     found = token(conn, token_id)
     if found is None:
         raise AclError(f"no token {token_id[:40]!r}")
@@ -188,7 +188,7 @@ def revoke(conn: sqlite3.Connection, token_id: str, now_ns: int) -> Token:
 
 
 def audit(
-    conn: sqlite3.Connection,
+    conn: Conn,
     now_ns: int,
     account_name: str,
     action: str,
@@ -204,7 +204,7 @@ def audit(
 
 
 def audit_entries(
-    conn: sqlite3.Connection, limit: int, account_name: str = "", action: str = ""
+    conn: Conn, limit: int, account_name: str = "", action: str = ""
 ) -> list[AuditEntry]:
     rows = conn.execute(
         "SELECT ts_ns, account, action, target, detail, peer FROM audit_log"
@@ -215,7 +215,7 @@ def audit_entries(
     return [AuditEntry(*r) for r in rows]
 
 
-def bootstrap(conn: sqlite3.Connection, now_ns: int, peer: str = "local") -> tuple[Token, str]:
+def bootstrap(conn: Conn, now_ns: int, peer: str = "local") -> tuple[Token, str]:
     """Create the first admin account and token, once per database ever."""
     done = conn.execute("SELECT value FROM meta WHERE key = ?", (_BOOTSTRAP_KEY,)).fetchone()
     if done is not None:
@@ -231,7 +231,7 @@ def bootstrap(conn: sqlite3.Connection, now_ns: int, peer: str = "local") -> tup
     return found, secret
 
 
-def reset_bootstrap(conn: sqlite3.Connection, now_ns: int) -> int:
+def reset_bootstrap(conn: Conn, now_ns: int) -> int:
     """Break-glass for a lost admin token (host access to the database required):
     revoke every admin token and allow ``bootstrap`` once more; returns how many."""
     cur = conn.execute(
