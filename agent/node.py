@@ -76,6 +76,7 @@ from .metrics.status import (
     usage_section,
 )
 from .reload import merge_live, plan_reload
+from .tunnel import LeaseTargets, TunnelClient
 from .usage.cgroup import CgroupReader, ContainerCounters, lease_bridge
 from .usage.outbox import OUTBOX_FILE_NAME, Outbox
 from .usage.sampler import Sampler
@@ -291,6 +292,11 @@ class AgentNode:
         self.link.on("usage_ack", self._on_usage_ack)
         self.link.on("drain", self._on_drain)
         self.link.on_session(self._on_session)
+        # Service leases: the tunnel to the relay the coordinator names (docs/services.md).
+        self.tunnel = TunnelClient(
+            config.coordinator, self.identity, LeaseTargets(self.leases, statedb, client)
+        )
+        self.link.on_session(self.tunnel.on_welcome)
         self.attestation = await self._build_attestation()
 
         agent = self.agent
@@ -302,6 +308,7 @@ class AgentNode:
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self._usage_sender)
         agent.add_component("coordinator-link", self.link.run)
+        agent.add_component("relay-tunnel", self.tunnel.run)
         agent.add_component("status-server", status_server.run)
         agent.add_component("ready", self._announce_ready)
         agent.add_component("disconnect-guard", self._disconnect_guard)

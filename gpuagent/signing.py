@@ -57,3 +57,14 @@ def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+TUNNEL_HELLO_DOMAIN = b"gpuagent.v1.tunnel-hello\x00"
+
+
+def tunnel_hello_signing_bytes(nonce: bytes, node_id: str, public_key: bytes) -> bytes:
+    """What the agent signs to open a relay tunnel: its own tag, so a Hello signature
+    (or any other) never opens a tunnel and a tunnel signature never opens a session."""
+    return TUNNEL_HELLO_DOMAIN + b"".join(
+        _field(part) for part in (nonce, node_id.encode(), public_key)
+    )

@@ -241,6 +241,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE leases ADD COLUMN registry_auth_enc BLOB;
     """,
+    # Endpoint tokens (scheduler/endpoint_tokens.py): the relay checks the hash, the
+    # buyer reads the sealed token back (lease show).
+    """
+    CREATE TABLE endpoint_tokens (
+        lease_id TEXT PRIMARY KEY,
+        token_sha256 BLOB NOT NULL,
+        token_enc BLOB NOT NULL,
+        rotated_ns INTEGER NOT NULL
+    );
+    """,
 )
 
 

@@ -30,6 +30,8 @@ from gpuagent.v1 import (
     ledger_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
 )
 
 from . import secretbox, tlsgen
@@ -40,6 +42,7 @@ from .auth.service import AclService
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .endpoint_tokens import EndpointTokens
 from .gcpolicy import GcPolicy
 from .lease_dispatch import DispatchSettings, LeaseDispatcher
 from .leases_service import LeasesService
@@ -50,6 +53,8 @@ from .liveness import Liveness, LivenessPolicy
 from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
+from .relay.directory import DirectoryService, StoreRoutes
+from .relay.server import Relay, RelayStartError
 from .secretbox import SecretBox
 from .tlsfiles import tls_dir
 from .usage_ingest import UsageIngest
@@ -62,8 +67,10 @@ SERVICE_NAMES = (
     leases_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name,
     acl_pb2.DESCRIPTOR.services_by_name["Acl"].full_name,
+    relay_pb2.DESCRIPTOR.services_by_name["Tunnel"].full_name,
+    relay_pb2.DESCRIPTOR.services_by_name["RelayDirectory"].full_name,
 )
-_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2)
+_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2, relay_pb2)
 
 
 def served_methods() -> list[str]:
@@ -181,7 +188,14 @@ class SchedulerServer:
         self.coordinator.on_connect(self.dispatcher.on_connect)
         self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)
         self.coordinator.known_leases = self.dispatcher.known_lease_ids
-        self.leases = LeasesService(self.leases_store, self.dispatcher, self.registry)
+        # Service endpoints (docs/services.md): a token per lease, made in Submit's txn.
+        self.endpoint_tokens = EndpointTokens(
+            self.db, SecretBox(config.database.path.parent / secretbox.KEY_FILE), clock
+        )
+        self.endpoint_tokens.register(self.leases_store)
+        self.leases = LeasesService(
+            self.leases_store, self.dispatcher, self.registry, tokens=self.endpoint_tokens
+        )
         # Ledger (docs/ledger.md): escrow rides the lease store's transactions, usage
         # reports settle it, and placement skips nodes without enough collateral.
         self.ledger = LedgerService(self.db, self.registry, config.ledger, clock)
@@ -196,6 +210,7 @@ class SchedulerServer:
         )
         self.ledger.on_eligibility_change = self.dispatcher.kick
         self._wire_metrics()
+        self._build_relay()
         self._verdicts_seen: set[tuple[str, str, str]] = set()
         self._slash_tasks: set[asyncio.Task[int]] = set()
         self.attestation.add_listener(self._on_verdicts)
@@ -228,6 +243,29 @@ class SchedulerServer:
             self.metrics.heartbeat()
 
         self.coordinator.on_heartbeat(count_heartbeat)
+
+    def _build_relay(self) -> None:
+        """The relay inside ``serve`` (relay.enabled): its tunnel on this gRPC server."""
+        routes = StoreRoutes(self.leases_store, self.endpoint_tokens)
+        self.relay_directory = DirectoryService(routes)
+        self.relay: Relay | None = None
+        rc = self.config.relay
+        if not rc.enabled:
+            return
+        self.relay = Relay(rc, routes, tls_dir=tls_dir(self.config), registry=self.metrics.registry)
+        self.coordinator.relay = coordinator_pb2.RelayParams(
+            enabled=True, address=rc.tunnel_address, server_name=rc.tunnel_server_name
+        )
+        relay = self.relay
+        self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
+
+        on_update = self.dispatcher.on_update
+
+        async def update_then_forget_route(session: Any, update: Any) -> None:
+            await on_update(session, update)
+            relay.routes.invalidate(update.lease_id)  # running or ended: ask again
+
+        self.coordinator.on("lease_update", update_then_forget_route)
 
     def _on_verdicts(self, node_id: str) -> None:
         """Count each new verdict once; a failed one slashes the node's collateral."""
@@ -263,6 +301,9 @@ class SchedulerServer:
         nodes_pb2_grpc.add_NodesServicer_to_server(self.nodes, server)
         leases_pb2_grpc.add_LeasesServicer_to_server(self.leases, server)
         ledger_pb2_grpc.add_LedgerServicer_to_server(self.ledger, server)
+        relay_pb2_grpc.add_RelayDirectoryServicer_to_server(self.relay_directory, server)
+        if self.relay is not None:
+            relay_pb2_grpc.add_TunnelServicer_to_server(self.relay.hub, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
@@ -289,6 +330,12 @@ class SchedulerServer:
         if port == 0:
             raise ServerStartError(f"server.listen: cannot bind {listen}")
         await server.start()
+        if self.relay is not None:
+            try:
+                await self.relay.start()
+            except RelayStartError as exc:
+                await server.stop(0)
+                raise ServerStartError(str(exc)) from None
         self._dispatch_stop.clear()
         self._dispatch_task = asyncio.create_task(
             self.dispatcher.run(self._dispatch_stop), name="lease-dispatch"
@@ -329,6 +376,8 @@ class SchedulerServer:
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None

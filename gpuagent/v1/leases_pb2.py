@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from gpuagent.v1 import common_pb2 as gpuagent_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuagent/v1/leases.proto\x12\x0bgpuagent.v1\x1a\x18gpuagent/v1/common.proto\"4\n\x08PortSpec\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x10\n\x08protocol\x18\x02 \x01(\t\"B\n\x0cRegistryAuth\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06server\x18\x03 \x01(\t\"K\n\x0bVolumeMount\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontainer_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\":\n\rDeviceMapping\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontainer_path\x18\x02 \x01(\t\"\xd0\x04\n\tLeaseSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12,\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x1f.gpuagent.v1.LeaseSpec.EnvEntry\x12\x11\n\tgpu_count\x18\x05 \x01(\r\x12\x11\n\tgpu_model\x18\x06 \x01(\t\x12\x1c\n\x14gpu_min_memory_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x08 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x04\x12\x11\n\tshm_bytes\x18\n \x01(\x04\x12\x15\n\rscratch_bytes\x18\x0b \x01(\x04\x12$\n\x05ports\x18\x0c \x03(\x0b\x32\x15.gpuagent.v1.PortSpec\x12\x1c\n\x14max_duration_seconds\x18\r \x01(\x04\x12 \n\x18price_micro_per_gpu_hour\x18\x0e \x01(\x04\x12\x30\n\rregistry_auth\x18\x0f \x01(\x0b\x32\x19.gpuagent.v1.RegistryAuth\x12\x12\n\nprivileged\x18  \x01(\x08\x12\x14\n\x0chost_network\x18! \x01(\x08\x12)\n\x07volumes\x18\" \x03(\x0b\x32\x18.gpuagent.v1.VolumeMount\x12+\n\x07\x64\x65vices\x18# \x03(\x0b\x32\x1a.gpuagent.v1.DeviceMapping\x12\x0f\n\x07\x63\x61p_add\x18$ \x03(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\x0bLeaseAssign\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.gpuagent.v1.LeaseSpec\x12\x1d\n\x15\x65xpires_at_unix_nanos\x18\x03 \x01(\x03\x12\x11\n\tgpu_uuids\x18\x04 \x03(\t\"\xe3\x01\n\x0bLeaseUpdate\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nupdate_seq\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08log_tail\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x07 \x01(\t\x12\x11\n\tgpu_uuids\x18\x08 \x03(\t\x12\x15\n\rat_unix_nanos\x18\t \x01(\x03\x42\x0c\n\n_exit_code\"6\n\x0eLeaseUpdateAck\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nupdate_seq\x18\x02 \x01(\x04\"F\n\x0bLeaseCancel\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rgrace_seconds\x18\x03 \x01(\r\"\xe8\x03\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.gpuagent.v1.LeaseSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tgpu_uuids\x18\x05 \x03(\t\x12\x1d\n\x15\x63reated_at_unix_nanos\x18\x06 \x01(\x03\x12\x1d\n\x15updated_at_unix_nanos\x18\x07 \x01(\x03\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x1d\n\x15\x65xpires_at_unix_nanos\x18\n \x01(\x03\x12\r\n\x05\x62uyer\x18\x0b \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\r\x12\x17\n\x0freplace_on_lost\x18\r \x01(\x08\x12)\n!accepted_price_micro_per_gpu_hour\x18\x0e \x01(\x04\x12\'\n\x06\x65vents\x18\x0f \x03(\x0b\x32\x17.gpuagent.v1.LeaseEvent\x12\x1d\n\x15started_at_unix_nanos\x18\x10 \x01(\x03\x12\x1b\n\x13\x65nded_at_unix_nanos\x18\x11 \x01(\x03\x42\x0c\n\n_exit_code\"l\n\nLeaseEvent\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x15\n\rat_unix_nanos\x18\x04 \x01(\x03\"\x8c\x01\n\x12SubmitLeaseRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gpuagent.v1.LeaseSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\r\n\x05\x62uyer\x18\x04 \x01(\t\x12\x17\n\x0freplace_on_lost\x18\x05 \x01(\x08\"#\n\x0fGetLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x83\x01\n\x11ListLeasesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x06states\x18\x02 \x03(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\r\n\x05\x62uyer\x18\x05 \x01(\t\"Q\n\x12ListLeasesResponse\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.gpuagent.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x12\x43\x61ncelLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"8\n\x10LeaseLogsRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\r\"D\n\x11LeaseLogsResponse\x12\x10\n\x08log_tail\x18\x01 \x01(\t\x12\x1d\n\x15updated_at_unix_nanos\x18\x02 \x01(\x03\x32\xcf\x02\n\x06Leases\x12=\n\x06Submit\x12\x1f.gpuagent.v1.SubmitLeaseRequest\x1a\x12.gpuagent.v1.Lease\x12\x37\n\x03Get\x12\x1c.gpuagent.v1.GetLeaseRequest\x1a\x12.gpuagent.v1.Lease\x12G\n\x04List\x12\x1e.gpuagent.v1.ListLeasesRequest\x1a\x1f.gpuagent.v1.ListLeasesResponse\x12=\n\x06\x43\x61ncel\x12\x1f.gpuagent.v1.CancelLeaseRequest\x1a\x12.gpuagent.v1.Lease\x12\x45\n\x04Logs\x12\x1d.gpuagent.v1.LeaseLogsRequest\x1a\x1e.gpuagent.v1.LeaseLogsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuagent/v1/leases.proto\x12\x0bgpuagent.v1\x1a\x18gpuagent/v1/common.proto\"4\n\x08PortSpec\x12\x16\n\x0e\x63ontainer_port\x18\x01 \x01(\r\x12\x10\n\x08protocol\x18\x02 \x01(\t\"B\n\x0cRegistryAuth\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06server\x18\x03 \x01(\t\"K\n\x0bVolumeMount\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontainer_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\":\n\rDeviceMapping\x12\x11\n\thost_path\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontainer_path\x18\x02 \x01(\t\"\xe0\x04\n\tLeaseSpec\x12\r\n\x05image\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x03(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x03(\t\x12,\n\x03\x65nv\x18\x04 \x03(\x0b\x32\x1f.gpuagent.v1.LeaseSpec.EnvEntry\x12\x11\n\tgpu_count\x18\x05 \x01(\r\x12\x11\n\tgpu_model\x18\x06 \x01(\t\x12\x1c\n\x14gpu_min_memory_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04\x63pus\x18\x08 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\t \x01(\x04\x12\x11\n\tshm_bytes\x18\n \x01(\x04\x12\x15\n\rscratch_bytes\x18\x0b \x01(\x04\x12$\n\x05ports\x18\x0c \x03(\x0b\x32\x15.gpuagent.v1.PortSpec\x12\x1c\n\x14max_duration_seconds\x18\r \x01(\x04\x12 \n\x18price_micro_per_gpu_hour\x18\x0e \x01(\x04\x12\x30\n\rregistry_auth\x18\x0f \x01(\x0b\x32\x19.gpuagent.v1.RegistryAuth\x12\x12\n\nprivileged\x18  \x01(\x08\x12\x14\n\x0chost_network\x18! \x01(\x08\x12)\n\x07volumes\x18\" \x03(\x0b\x32\x18.gpuagent.v1.VolumeMount\x12+\n\x07\x64\x65vices\x18# \x03(\x0b\x32\x1a.gpuagent.v1.DeviceMapping\x12\x0f\n\x07\x63\x61p_add\x18$ \x03(\t\x12\x0e\n\x06public\x18( \x01(\x08\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"w\n\x0bLeaseAssign\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.gpuagent.v1.LeaseSpec\x12\x1d\n\x15\x65xpires_at_unix_nanos\x18\x03 \x01(\x03\x12\x11\n\tgpu_uuids\x18\x04 \x03(\t\"\xe3\x01\n\x0bLeaseUpdate\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nupdate_seq\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x16\n\texit_code\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08log_tail\x18\x06 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x07 \x01(\t\x12\x11\n\tgpu_uuids\x18\x08 \x03(\t\x12\x15\n\rat_unix_nanos\x18\t \x01(\x03\x42\x0c\n\n_exit_code\"6\n\x0eLeaseUpdateAck\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nupdate_seq\x18\x02 \x01(\x04\"F\n\x0bLeaseCancel\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rgrace_seconds\x18\x03 \x01(\r\"\x80\x04\n\x05Lease\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12$\n\x04spec\x18\x02 \x01(\x0b\x32\x16.gpuagent.v1.LeaseSpec\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x11\n\tgpu_uuids\x18\x05 \x03(\t\x12\x1d\n\x15\x63reated_at_unix_nanos\x18\x06 \x01(\x03\x12\x1d\n\x15updated_at_unix_nanos\x18\x07 \x01(\x03\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x1d\n\x15\x65xpires_at_unix_nanos\x18\n \x01(\x03\x12\r\n\x05\x62uyer\x18\x0b \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\r\x12\x17\n\x0freplace_on_lost\x18\r \x01(\x08\x12)\n!accepted_price_micro_per_gpu_hour\x18\x0e \x01(\x04\x12\'\n\x06\x65vents\x18\x0f \x03(\x0b\x32\x17.gpuagent.v1.LeaseEvent\x12\x1d\n\x15started_at_unix_nanos\x18\x10 \x01(\x03\x12\x1b\n\x13\x65nded_at_unix_nanos\x18\x11 \x01(\x03\x12\x16\n\x0e\x65ndpoint_token\x18( \x01(\tB\x0c\n\n_exit_code\".\n\x1aRotateEndpointTokenRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"0\n\rEndpointToken\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\"l\n\nLeaseEvent\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x15\n\rat_unix_nanos\x18\x04 \x01(\x03\"\x8c\x01\n\x12SubmitLeaseRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.gpuagent.v1.LeaseSpec\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\r\n\x05\x62uyer\x18\x04 \x01(\t\x12\x17\n\x0freplace_on_lost\x18\x05 \x01(\x08\"#\n\x0fGetLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x83\x01\n\x11ListLeasesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x06states\x18\x02 \x03(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\r\n\x05\x62uyer\x18\x05 \x01(\t\"Q\n\x12ListLeasesResponse\x12\"\n\x06leases\x18\x01 \x03(\x0b\x32\x12.gpuagent.v1.Lease\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x12\x43\x61ncelLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"8\n\x10LeaseLogsRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\ntail_lines\x18\x02 \x01(\r\"D\n\x11LeaseLogsResponse\x12\x10\n\x08log_tail\x18\x01 \x01(\t\x12\x1d\n\x15updated_at_unix_nanos\x18\x02 \x01(\x03\x32\xab\x03\n\x06Leases\x12=\n\x06Submit\x12\x1f.gpuagent.v1.SubmitLeaseRequest\x1a\x12.gpuagent.v1.Lease\x12\x37\n\x03Get\x12\x1c.gpuagent.v1.GetLeaseRequest\x1a\x12.gpuagent.v1.Lease\x12G\n\x04List\x12\x1e.gpuagent.v1.ListLeasesRequest\x1a\x1f.gpuagent.v1.ListLeasesResponse\x12=\n\x06\x43\x61ncel\x12\x1f.gpuagent.v1.CancelLeaseRequest\x1a\x12.gpuagent.v1.Lease\x12\x45\n\x04Logs\x12\x1d.gpuagent.v1.LeaseLogsRequest\x1a\x1e.gpuagent.v1.LeaseLogsResponse\x12Z\n\x13RotateEndpointToken\x12\'.gpuagent.v1.RotateEndpointTokenRequest\x1a\x1a.gpuagent.v1.EndpointTokenb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,35 +43,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEMAPPING']._serialized_start=266
   _globals['_DEVICEMAPPING']._serialized_end=324
   _globals['_LEASESPEC']._serialized_start=327
-  _globals['_LEASESPEC']._serialized_end=919
-  _globals['_LEASESPEC_ENVENTRY']._serialized_start=877
-  _globals['_LEASESPEC_ENVENTRY']._serialized_end=919
-  _globals['_LEASEASSIGN']._serialized_start=921
-  _globals['_LEASEASSIGN']._serialized_end=1040
-  _globals['_LEASEUPDATE']._serialized_start=1043
-  _globals['_LEASEUPDATE']._serialized_end=1270
-  _globals['_LEASEUPDATEACK']._serialized_start=1272
-  _globals['_LEASEUPDATEACK']._serialized_end=1326
-  _globals['_LEASECANCEL']._serialized_start=1328
-  _globals['_LEASECANCEL']._serialized_end=1398
-  _globals['_LEASE']._serialized_start=1401
-  _globals['_LEASE']._serialized_end=1889
-  _globals['_LEASEEVENT']._serialized_start=1891
-  _globals['_LEASEEVENT']._serialized_end=1999
-  _globals['_SUBMITLEASEREQUEST']._serialized_start=2002
-  _globals['_SUBMITLEASEREQUEST']._serialized_end=2142
-  _globals['_GETLEASEREQUEST']._serialized_start=2144
-  _globals['_GETLEASEREQUEST']._serialized_end=2179
-  _globals['_LISTLEASESREQUEST']._serialized_start=2182
-  _globals['_LISTLEASESREQUEST']._serialized_end=2313
-  _globals['_LISTLEASESRESPONSE']._serialized_start=2315
-  _globals['_LISTLEASESRESPONSE']._serialized_end=2396
-  _globals['_CANCELLEASEREQUEST']._serialized_start=2398
-  _globals['_CANCELLEASEREQUEST']._serialized_end=2452
-  _globals['_LEASELOGSREQUEST']._serialized_start=2454
-  _globals['_LEASELOGSREQUEST']._serialized_end=2510
-  _globals['_LEASELOGSRESPONSE']._serialized_start=2512
-  _globals['_LEASELOGSRESPONSE']._serialized_end=2580
-  _globals['_LEASES']._serialized_start=2583
-  _globals['_LEASES']._serialized_end=2918
+  _globals['_LEASESPEC']._serialized_end=935
+  _globals['_LEASESPEC_ENVENTRY']._serialized_start=893
+  _globals['_LEASESPEC_ENVENTRY']._serialized_end=935
+  _globals['_LEASEASSIGN']._serialized_start=937
+  _globals['_LEASEASSIGN']._serialized_end=1056
+  _globals['_LEASEUPDATE']._serialized_start=1059
+  _globals['_LEASEUPDATE']._serialized_end=1286
+  _globals['_LEASEUPDATEACK']._serialized_start=1288
+  _globals['_LEASEUPDATEACK']._serialized_end=1342
+  _globals['_LEASECANCEL']._serialized_start=1344
+  _globals['_LEASECANCEL']._serialized_end=1414
+  _globals['_LEASE']._serialized_start=1417
+  _globals['_LEASE']._serialized_end=1929
+  _globals['_ROTATEENDPOINTTOKENREQUEST']._serialized_start=1931
+  _globals['_ROTATEENDPOINTTOKENREQUEST']._serialized_end=1977
+  _globals['_ENDPOINTTOKEN']._serialized_start=1979
+  _globals['_ENDPOINTTOKEN']._serialized_end=2027
+  _globals['_LEASEEVENT']._serialized_start=2029
+  _globals['_LEASEEVENT']._serialized_end=2137
+  _globals['_SUBMITLEASEREQUEST']._serialized_start=2140
+  _globals['_SUBMITLEASEREQUEST']._serialized_end=2280
+  _globals['_GETLEASEREQUEST']._serialized_start=2282
+  _globals['_GETLEASEREQUEST']._serialized_end=2317
+  _globals['_LISTLEASESREQUEST']._serialized_start=2320
+  _globals['_LISTLEASESREQUEST']._serialized_end=2451
+  _globals['_LISTLEASESRESPONSE']._serialized_start=2453
+  _globals['_LISTLEASESRESPONSE']._serialized_end=2534
+  _globals['_CANCELLEASEREQUEST']._serialized_start=2536
+  _globals['_CANCELLEASEREQUEST']._serialized_end=2590
+  _globals['_LEASELOGSREQUEST']._serialized_start=2592
+  _globals['_LEASELOGSREQUEST']._serialized_end=2648
+  _globals['_LEASELOGSRESPONSE']._serialized_start=2650
+  _globals['_LEASELOGSRESPONSE']._serialized_end=2718
+  _globals['_LEASES']._serialized_start=2721
+  _globals['_LEASES']._serialized_end=3148
 # @@protoc_insertion_point(module_scope)
