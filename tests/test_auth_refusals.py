@@ -307,8 +307,10 @@ async def test_another_buyers_lease_answers_not_found_and_is_untouched(world: Wo
                 (leases.Get, leases_pb2.GetLeaseRequest(lease_id=lease_id)),
                 (leases.Cancel, leases_pb2.CancelLeaseRequest(lease_id=lease_id)),
                 (leases.Logs, leases_pb2.LeaseLogsRequest(lease_id=lease_id)),
-                (leases.RotateEndpointToken,
-                 leases_pb2.RotateEndpointTokenRequest(lease_id=lease_id)),
+                (
+                    leases.RotateEndpointToken,
+                    leases_pb2.RotateEndpointTokenRequest(lease_id=lease_id),
+                ),
                 (ledger.Usage, ledger_pb2.UsageRequest(lease_id=lease_id)),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as err:

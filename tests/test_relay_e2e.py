@@ -145,7 +145,9 @@ def test_post_of_50_mb_streams_through(world: World) -> None:
         for _ in range(50):
             yield body
 
-    reply = httpx.post(world.url("/sha256"), content=chunks(), headers=world.auth(world.a), timeout=60)
+    reply = httpx.post(
+        world.url("/sha256"), content=chunks(), headers=world.auth(world.a), timeout=60
+    )
     assert reply.status_code == 200, reply.text
     assert reply.text == expected
 
@@ -156,14 +158,18 @@ def test_path_form_and_keep_alive(world: World) -> None:
     with httpx.Client(timeout=10) as client:
         headers = {"Authorization": f"Bearer {world.a.token}"}
         for n in range(3):
-            reply = client.get(world.url(f"/_lease/{world.a.lease_id}/8080/hello/{n}"), headers=headers)
+            reply = client.get(
+                world.url(f"/_lease/{world.a.lease_id}/8080/hello/{n}"), headers=headers
+            )
             assert reply.status_code == 200
             assert reply.text == f"hello from /hello/{n}"
 
 
 def test_server_sent_events_arrive_as_written(world: World) -> None:
     """The first event reaches the buyer while the service still holds the last one back."""
-    with httpx.stream("GET", world.url("/events"), headers=world.auth(world.a), timeout=30) as reply:
+    with httpx.stream(
+        "GET", world.url("/events"), headers=world.auth(world.a), timeout=30
+    ) as reply:
         assert reply.status_code == 200
         events = reply.iter_text()
         first = next(events)
@@ -245,7 +251,7 @@ def test_no_wrong_or_other_token_is_401_and_never_reaches_the_service(world: Wor
     # An unknown lease looks the same as a wrong token (ids cannot be probed).
     reply = httpx.get(
         world.url("/"),
-        headers={"Host": f"nope-8080.localhost", "Authorization": f"Bearer {world.a.token}"},
+        headers={"Host": "nope-8080.localhost", "Authorization": f"Bearer {world.a.token}"},
         timeout=10,
     )
     assert reply.status_code == 401
@@ -272,8 +278,9 @@ def test_rotated_token_replaces_the_old_one_at_once(world: World) -> None:
     shown = stub.Get(leases_pb2.GetLeaseRequest(lease_id=world.b.lease_id), timeout=10)
     assert shown.endpoint_token == new
     refused = httpx.get(
-        world.url("/"), headers={**world.host(world.b), "Authorization": f"Bearer {old}"}, timeout=10
+        world.url("/"),
+        headers={**world.host(world.b), "Authorization": f"Bearer {old}"},
+        timeout=10,
     )
     assert refused.status_code == 401
     assert httpx.get(world.url("/"), headers=world.auth(world.b), timeout=10).status_code == 200
-

@@ -95,7 +95,9 @@ class Rig:
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.relay.port}{path}"
 
-    def headers(self, lease: str = "lease-a", port: str = "80", token: str = TOKEN) -> dict[str, str]:
+    def headers(
+        self, lease: str = "lease-a", port: str = "80", token: str = TOKEN
+    ) -> dict[str, str]:
         return {"Host": f"{lease}-{port}.localhost", "Authorization": f"Bearer {token}"}
 
 
@@ -117,7 +119,9 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     )
     targets = StaticTargets(
         {
-            ("lease-a", "80"): ServiceTarget("lease-a", "80", "127.0.0.1", service_port, "http", True),
+            ("lease-a", "80"): ServiceTarget(
+                "lease-a", "80", "127.0.0.1", service_port, "http", True
+            ),
         }
     )
     proxy = TcpProxy(grpc_port)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import grpc
 
@@ -110,9 +111,9 @@ class TunnelClient:
 
     async def _session(self, channel: grpc.aio.Channel) -> None:
         stub = relay_pb2_grpc.TunnelStub(channel)
-        call = stub.Control()
-        first = await call.read()
-        if first is grpc.aio.EOF or first.WhichOneof("body") != "challenge":
+        call: grpc.aio.StreamStreamCall[Any, Any] = stub.Control()
+        first = await _read_down(call)
+        if first is None or first.WhichOneof("body") != "challenge":
             raise _SessionEnded("relay did not send a challenge")
         node_id, key = self.identity.node_id, self.identity.public_key_bytes
         signature = self.identity.sign(
@@ -125,9 +126,9 @@ class TunnelClient:
                 )
             )
         )
-        reply = await call.read()
-        if reply is grpc.aio.EOF or reply.WhichOneof("body") != "welcome":
-            why = reply.error.message if reply is not grpc.aio.EOF else "stream closed"
+        reply = await _read_down(call)
+        if reply is None or reply.WhichOneof("body") != "welcome":
+            why = reply.error.message if reply is not None else "stream closed"
             raise _SessionEnded(f"relay refused the tunnel: {why}")
         welcome = reply.welcome
         self.backoff.reset()
@@ -140,8 +141,8 @@ class TunnelClient:
                 await call.write(message)
 
         while True:
-            message = await call.read()
-            if message is grpc.aio.EOF:
+            message = await _read_down(call)
+            if message is None:
                 raise _SessionEnded("relay closed the tunnel")
             kind = message.WhichOneof("body")
             if kind == "open":
@@ -200,7 +201,7 @@ class TunnelClient:
         except (OSError, TimeoutError) as exc:
             await refuse(Refused.UNREACHABLE, f"container port {target.port}: {exc}")
             return
-        call = stub.Carry()
+        call: grpc.aio.StreamStreamCall[Any, Any] = stub.Carry()  # type: ignore[call-arg,assignment]
         try:
             await call.write(
                 relay_pb2.Frame(
@@ -228,7 +229,7 @@ class _Send(Protocol):
 async def _pump(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    call: grpc.aio.StreamStreamCall[relay_pb2.Frame, relay_pb2.Frame],
+    call: grpc.aio.StreamStreamCall[Any, Any],
 ) -> None:
     async def up() -> None:
         while data := await reader.read(FRAME_BYTES):
@@ -241,6 +242,7 @@ async def _pump(
             frame = await call.read()
             if frame is grpc.aio.EOF:
                 return
+            assert isinstance(frame, relay_pb2.Frame)
             if frame.data:
                 writer.write(frame.data)
                 await writer.drain()
@@ -258,9 +260,17 @@ async def _pump(
                 await task
 
 
-async def _first(*aws: object) -> None:
+async def _read_down(call: grpc.aio.StreamStreamCall[Any, Any]) -> relay_pb2.TunnelDown | None:
+    message = await call.read()
+    if message is grpc.aio.EOF:
+        return None
+    assert isinstance(message, relay_pb2.TunnelDown)
+    return message
+
+
+async def _first(*aws: Awaitable[Any]) -> None:
     """Wait until the first of ``aws`` finishes; cancel the others it created."""
-    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]  # type: ignore[arg-type]
+    tasks = [asyncio.ensure_future(a) for a in aws]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:

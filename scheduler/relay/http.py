@@ -19,6 +19,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import h11
 
@@ -62,12 +63,9 @@ def locate(host: bytes, target: bytes, domain: str) -> Target | None:
         parts = target[len(PATH_PREFIX) :].split(b"/", 2)
         if len(parts) >= 2 and parts[0] and parts[1]:
             rest = parts[1].split(b"?", 1)
-            port = rest[0]
             query = b"?" + rest[1] if len(rest) == 2 else b""
-            path = b"/" + parts[2] if len(parts) == 3 else b"/"
-            if len(parts) == 2:
-                path += query
-            return Target(parts[0].decode("latin-1"), port.decode("latin-1"), path)
+            path = b"/" + parts[2] if len(parts) == 3 else b"/" + query
+            return Target(parts[0].decode("latin-1"), rest[0].decode("latin-1"), path)
         return None
     name = host.decode("latin-1").lower().rsplit(":", 1)[0] if host else ""
     if host.startswith(b"[") or not name.endswith("." + domain):
@@ -143,7 +141,7 @@ class BuyerConnection:
                 self.activity.touch()
                 self.conn.receive_data(data)
                 continue
-            return event  # type: ignore[no-any-return]
+            return cast("h11.Event | type[h11.PAUSED]", event)
 
     async def _send(self, event: h11.Event) -> int:
         data = self.conn.send(event)

@@ -10,7 +10,8 @@ import hashlib
 import hmac
 import secrets
 
-TOKEN_PREFIX = "gse_"  # "gpu service endpoint": greppable in leaked logs, like gh tokens
+# "gpu service endpoint": greppable in leaked logs (like gh tokens); not a secret itself.
+TOKEN_PREFIX = "gse_"  # noqa: S105
 MAX_TOKEN_CHARS = 256
 
 
@@ -31,7 +32,7 @@ def token_matches(token: str, expected_sha256: bytes) -> bool:
 
 
 def bearer(header: bytes | None) -> str:
-    """The token of an ``Authorization: Bearer <token>`` header; "" when absent or another scheme."""
+    """The token of an ``Authorization: Bearer <token>`` header; "" for none or another scheme."""
     if not header:
         return ""
     scheme, _, value = header.decode("latin-1").strip().partition(" ")

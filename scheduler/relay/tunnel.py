@@ -124,7 +124,7 @@ class TunnelHub(relay_pb2_grpc.TunnelServicer):
                 open=relay_pb2.OpenStream(stream_id=stream_id, lease_id=lease_id, port=port)
             )
         )
-        closed = asyncio.ensure_future(session.closed.wait())
+        closed: asyncio.Future[Any] = asyncio.ensure_future(session.closed.wait())
         try:
             done, _ = await asyncio.wait(
                 {future, closed}, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED
@@ -232,9 +232,11 @@ class TunnelHub(relay_pb2_grpc.TunnelServicer):
 
     # -- Carry ----------------------------------------------------------------------------
 
-    async def Carry(
+    async def Carry(  # type: ignore[override]
         self, request_iterator: AsyncIterator[relay_pb2.Frame], context: Context
     ) -> None:
+        """A coroutine handler (context.read/write) rather than a generator: the buyer's
+        side reads and writes this stream directly while the handler waits."""
         first = await context.read()
         if first is grpc.aio.EOF or not first.HasField("attach"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first frame must attach")
