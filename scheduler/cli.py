@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "scheduler.cmd_config",
     "scheduler.cmd_ledger",
     "scheduler.cmd_acl",
+    "scheduler.cmd_relay",
 )
 
 Handler = Callable[[argparse.Namespace], int]

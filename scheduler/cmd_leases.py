@@ -72,6 +72,8 @@ class LeaseFile(_Strict):
     replace_on_lost: bool = False
     idempotency_key: str = ""
     registry_auth: RegistryAuthFile | None = None
+    # Services: no endpoint token asked at the relay (docs/services.md).
+    public: bool = False
 
     @field_validator("env", mode="before")
     @classmethod
@@ -103,6 +105,7 @@ class LeaseFile(_Strict):
             ],
             max_duration_seconds=round(self.max_duration),
             price_micro_per_gpu_hour=self.price_max,
+            public=self.public,
         )
         if self.registry_auth is not None:
             spec.registry_auth.CopyFrom(leases_pb2.RegistryAuth(**self.registry_auth.model_dump()))
@@ -154,6 +157,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = lease_sub.add_parser("show", parents=[conn], help="state, placement and history")
     show.add_argument("lease_id", metavar="ID")
     show.set_defaults(handler=_show)
+    url = lease_sub.add_parser(
+        "url", parents=[conn], help="the relay URL of a service port (one line, for scripts)"
+    )
+    url.add_argument("lease_id", metavar="ID")
+    url.add_argument("port", metavar="PORT", nargs="?", help="declared name or number")
+    url.set_defaults(handler=_url)
+    rotate = lease_sub.add_parser(
+        "rotate-token", parents=[conn], help="replace the lease's endpoint token"
+    )
+    rotate.add_argument("lease_id", metavar="ID")
+    rotate.set_defaults(handler=_rotate)
 
     cancel = sub.add_parser("cancel", parents=[conn], help="cancel a lease")
     cancel.add_argument("lease_id", metavar="ID")
@@ -231,6 +245,8 @@ def _submit(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(lease), indent=2))
         return 0
     print(f"{lease.lease_id}  {_state(lease.state)}")
+    if lease.endpoint_token:
+        print(f"endpoint token: {lease.endpoint_token}  (send as Authorization: Bearer)")
     if not args.wait:
         return 0
     return _follow(args, lease.lease_id, args.wait_timeout)
@@ -343,6 +359,10 @@ def _show(args: argparse.Namespace) -> int:
     ]
     if lease.HasField("exit_code"):
         lines.append(f"exit code:   {lease.exit_code}")
+    if lease.endpoint_token:
+        lines.append(f"endpoint token: {lease.endpoint_token}")
+    elif spec.public and spec.ports:
+        lines.append("endpoint token: none (public)")
     lines.append("history:")
     for event in lease.events:
         where = f" on {event.node_id}" if event.node_id else ""
@@ -379,4 +399,48 @@ def _logs(args: argparse.Namespace) -> int:
     sys.stdout.write(response.log_tail)
     if response.log_tail and not response.log_tail.endswith("\n"):
         sys.stdout.write("\n")
+    return 0
+
+
+def _url(args: argparse.Namespace) -> int:
+    """One URL on stdout: the relay's address for a declared port of the lease, from
+    the relay settings of the same config file ``serve`` reads."""
+    from .cli import load_config_from_args
+    from .relay.directory import declared_ports
+    from .relay.server import buyer_url
+
+    try:
+        lease = _call(args, "Get", leases_pb2.GetLeaseRequest(lease_id=args.lease_id))
+    except _Failed:
+        return 1
+    ports = declared_ports(lease.spec)
+    if not ports:
+        print(f"error: lease {lease.lease_id} declares no ports", file=sys.stderr)
+        return 1
+    if args.port is None:
+        port = ports[0]
+    else:
+        found = [p for p in ports if args.port in (p.name, str(p.container_port))]
+        if not found:
+            names = ", ".join(p.name for p in ports)
+            print(
+                f"error: lease {lease.lease_id} declares no port {args.port!r} (it has {names})",
+                file=sys.stderr,
+            )
+            return 1
+        port = found[0]
+    print(buyer_url(load_config_from_args(args).relay, lease.lease_id, port.name))
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    request = leases_pb2.RotateEndpointTokenRequest(lease_id=args.lease_id)
+    try:
+        answer = _call(args, "RotateEndpointToken", request)
+    except _Failed:
+        return 1
+    if answer.token:
+        print(answer.token)
+    else:
+        print(f"rotated; the buyer of {answer.lease_id} reads the new token with lease show")
     return 0

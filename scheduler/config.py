@@ -256,7 +256,11 @@ class RelayCoordinatorConfig(Strict):
 class RelayConfig(Strict):
     """The relay for service leases (docs/services.md)."""
 
-    enabled: bool = Field(default=True, description="run the relay inside `serve`")
+    mode: Literal["embedded", "external", "off"] = Field(
+        default="embedded",
+        description="embedded: inside `serve`; external: agents are sent to tunnel_address, "
+        "where `gpu-scheduler relay` runs; off: no service endpoints",
+    )
     listen: str = Field(default="127.0.0.1:8443", description="host:port buyers connect to")
     domain: str = Field(
         default="localhost",
@@ -304,6 +308,10 @@ class RelayConfig(Strict):
             )
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("relay.cert_file and relay.key_file go together")
+        if self.mode == "external" and not self.tunnel_address:
+            raise ValueError(
+                "relay.mode external needs relay.tunnel_address: where agents reach the relay"
+            )
         return self
 
 

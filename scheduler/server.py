@@ -245,17 +245,20 @@ class SchedulerServer:
         self.coordinator.on_heartbeat(count_heartbeat)
 
     def _build_relay(self) -> None:
-        """The relay inside ``serve`` (relay.enabled): its tunnel on this gRPC server."""
+        """The relay inside ``serve`` (relay.mode embedded), its tunnel on this gRPC server;
+        with mode external agents are only told where ``gpu-scheduler relay`` runs."""
         routes = StoreRoutes(self.leases_store, self.endpoint_tokens)
         self.relay_directory = DirectoryService(routes)
         self.relay: Relay | None = None
         rc = self.config.relay
-        if not rc.enabled:
+        if rc.mode == "off":
             return
-        self.relay = Relay(rc, routes, tls_dir=tls_dir(self.config), registry=self.metrics.registry)
         self.coordinator.relay = coordinator_pb2.RelayParams(
             enabled=True, address=rc.tunnel_address, server_name=rc.tunnel_server_name
         )
+        if rc.mode == "external":
+            return
+        self.relay = Relay(rc, routes, tls_dir=tls_dir(self.config), registry=self.metrics.registry)
         relay = self.relay
         self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
 
