@@ -104,7 +104,9 @@ class Rig:
 @pytest_asyncio.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     routes = StaticRoutes()
-    config = RelayConfig(listen="127.0.0.1:0", insecure_http=True, open_timeout=3)
+    config = RelayConfig(
+        listen="127.0.0.1:0", insecure_http=True, open_timeout=3, ping_interval=0.3
+    )
     relay = Relay(config, routes, tls_dir=tmp_path / "tls")
     server = grpc.aio.server()
     relay_pb2_grpc.add_TunnelServicer_to_server(relay.hub, server)

@@ -140,8 +140,14 @@ class TunnelClient:
             async with write_lock:  # grpc allows one write in flight per call
                 await call.write(message)
 
+        # The relay pings every ping_interval: three missed mean a dead path (a NAT that
+        # dropped the flow silently) even where TCP and HTTP/2 keepalive have not noticed.
+        silence = max(3 * welcome.ping_interval_ms / 1000, 1.0)
         while True:
-            message = await _read_down(call)
+            try:
+                message = await asyncio.wait_for(_read_down(call), silence)
+            except TimeoutError:
+                raise _SessionEnded(f"relay silent for {silence:.0f}s") from None
             if message is None:
                 raise _SessionEnded("relay closed the tunnel")
             kind = message.WhichOneof("body")
