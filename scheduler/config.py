@@ -263,9 +263,12 @@ class RelayConfig(Strict):
     )
     listen: str = Field(default="127.0.0.1:8443", description="host:port buyers connect to")
     domain: str = Field(
-        default="localhost",
-        min_length=1,
-        description="buyer URLs are <lease>-<port>.<domain>; *.localhost resolves locally",
+        default="relay.localhost",
+        pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$",
+        max_length=200,
+        description="buyer URLs are <lease>-<port>.<domain>; at least two labels, since TLS "
+        "clients accept no wildcard right under a top-level name (*.localhost); "
+        "*.relay.localhost is loopback on one machine",
     )
     public_port: int | None = Field(
         default=None, ge=1, le=65535, description="port in buyer URLs; default: listen's"

@@ -45,7 +45,7 @@ class World:
         return f"http://127.0.0.1:{self.stack.relay_port}{path}"
 
     def host(self, service: Service, port: str = "8080") -> dict[str, str]:
-        return {"Host": f"{service.lease_id}-{port}.localhost:{self.stack.relay_port}"}
+        return {"Host": f"{service.lease_id}-{port}.relay.localhost:{self.stack.relay_port}"}
 
     def auth(self, service: Service, port: str = "8080") -> dict[str, str]:
         return {**self.host(service, port), "Authorization": f"Bearer {service.token}"}
@@ -96,7 +96,7 @@ def submit_service(stack: Stack, buyer: grpc.Channel, lease_id: str) -> Service:
         reply = httpx.get(
             f"http://127.0.0.1:{stack.relay_port}/",
             headers={
-                "Host": f"{lease_id}-8080.localhost",
+                "Host": f"{lease_id}-8080.relay.localhost",
                 "Authorization": f"Bearer {service.token}",
             },
             timeout=5,
@@ -251,7 +251,7 @@ def test_no_wrong_or_other_token_is_401_and_never_reaches_the_service(world: Wor
     # An unknown lease looks the same as a wrong token (ids cannot be probed).
     reply = httpx.get(
         world.url("/"),
-        headers={"Host": "nope-8080.localhost", "Authorization": f"Bearer {world.a.token}"},
+        headers={"Host": "nope-8080.relay.localhost", "Authorization": f"Bearer {world.a.token}"},
         timeout=10,
     )
     assert reply.status_code == 401

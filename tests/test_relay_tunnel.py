@@ -98,7 +98,7 @@ class Rig:
     def headers(
         self, lease: str = "lease-a", port: str = "80", token: str = TOKEN
     ) -> dict[str, str]:
-        return {"Host": f"{lease}-{port}.localhost", "Authorization": f"Bearer {token}"}
+        return {"Host": f"{lease}-{port}.relay.localhost", "Authorization": f"Bearer {token}"}
 
 
 @pytest_asyncio.fixture
@@ -318,7 +318,7 @@ async def test_metrics_count_requests_bytes_and_latency_per_lease(rig: Rig) -> N
 async def test_an_idle_buyer_connection_is_closed_after_the_idle_timeout(rig: Rig) -> None:
     """A connection with no bytes either way for idle_timeout is closed by the relay."""
     rig.relay.http.settings = type(rig.relay.http.settings)(
-        domain="localhost", idle_timeout=0.3, scheme="http"
+        domain="relay.localhost", idle_timeout=0.3, scheme="http"
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", rig.relay.port)
     try:
@@ -358,10 +358,10 @@ async def test_tls_at_the_relay_with_a_certificate_from_the_schedulers_ca(rig: R
 def test_locate_names_lease_and_port_from_host_or_path() -> None:
     """Host ``<lease>-<port>.<domain>`` (any case, with a port) or ``/_lease/<id>/<port>/``;
     anything else names no service."""
-    assert locate(b"Lease-Abc-8080.localhost:8443", b"/x", "localhost") == (
-        locate(b"lease-abc-8080.localhost", b"/x", "localhost")
+    assert locate(b"Lease-Abc-8080.relay.localhost:8443", b"/x", "relay.localhost") == (
+        locate(b"lease-abc-8080.relay.localhost", b"/x", "relay.localhost")
     )
-    found = locate(b"lease-abc-8080.localhost", b"/x?y", "localhost")
+    found = locate(b"lease-abc-8080.relay.localhost", b"/x?y", "relay.localhost")
     assert found is not None and (found.lease_id, found.port, found.path) == (
         "lease-abc",
         "8080",

@@ -45,7 +45,7 @@ _TUNNEL_STATUS = {
 
 @dataclass(frozen=True)
 class HttpSettings:
-    domain: str = "localhost"
+    domain: str = "relay.localhost"
     idle_timeout: float = 600.0
     scheme: str = "https"
 
