@@ -28,6 +28,7 @@ BENCHMARK_MODULES: tuple[str, ...] = (
     "benchmarks.footprint_bench",
     "benchmarks.fleet",
     "benchmarks.soak",
+    "benchmarks.relay_bench",
 )
 DEFAULT_OUTPUT = Path("bench-results.json")
 

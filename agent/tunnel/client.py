@@ -30,7 +30,9 @@ from ..link.channel import make_channel
 
 log = logging.getLogger(__name__)
 
-FRAME_BYTES = 64 * 1024
+# Frames carry what one read returned, up to this: big enough that a bulk transfer
+# costs few gRPC messages, far under the channel's 4 MiB message bound.
+FRAME_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 5.0
 Refused = relay_pb2.StreamRefused
 
@@ -202,7 +204,10 @@ class TunnelClient:
             return
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(target.host, target.port), CONNECT_TIMEOUT
+                # A read buffer of two frames: a bulk response moves in 1 MiB frames
+                # (few gRPC messages), while a small write still goes out at once.
+                asyncio.open_connection(target.host, target.port, limit=2 * FRAME_BYTES),
+                CONNECT_TIMEOUT,
             )
         except (OSError, TimeoutError) as exc:
             await refuse(Refused.UNREACHABLE, f"container port {target.port}: {exc}")

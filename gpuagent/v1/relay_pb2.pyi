@@ -321,7 +321,7 @@ class Frame(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     EOF_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
-    """at most 64 KiB"""
+    """at most 1 MiB"""
     eof: _builtins.bool
     """relay -> agent: the buyer half-closed"""
     @_builtins.property

@@ -31,7 +31,7 @@ from .tunnel import CarriedStream, TunnelError, TunnelHub
 log = logging.getLogger(__name__)
 
 PATH_PREFIX = b"/_lease/"
-READ_BYTES = 64 * 1024
+READ_BYTES = 1024 * 1024  # an upload moves in frames this big through the tunnel
 MAX_HEAD_BYTES = 64 * 1024
 _HOP_BY_HOP = frozenset({b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te"})
 _TUNNEL_STATUS = {

@@ -102,7 +102,7 @@ class Relay:
         host, port = _split(self.config.listen, "listen")
         try:
             server = await asyncio.start_server(
-                self.http.handle, host, port, ssl=context, limit=256 * 1024, backlog=1024
+                self.http.handle, host, port, ssl=context, limit=2 * 1024 * 1024, backlog=1024
             )
         except OSError as exc:
             raise RelayStartError(

@@ -34,7 +34,9 @@ from gpuagent.v1 import common_pb2, relay_pb2, relay_pb2_grpc
 log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-FRAME_BYTES = 64 * 1024
+# Frames carry what one read returned, up to this: big enough that a bulk transfer
+# costs few gRPC messages, far under the channel's 4 MiB message bound.
+FRAME_BYTES = 1024 * 1024
 Refused = relay_pb2.StreamRefused
 
 
