@@ -68,7 +68,7 @@ class Stack:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.grpc_port, self.status_port = free_port(), free_port()
-        self.relay_port = free_port()
+        self.relay_port, self.relay_tcp_port = free_port(), free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         sched_dir = workdir / "scheduler"
         self.ca_file = sched_dir / "tls" / "ca.pem"
@@ -81,7 +81,11 @@ class Stack:
                     "database": {"path": str(sched_dir / "scheduler.db")},
                     "metrics": {"listen": None},
                     # The relay for service leases; plain HTTP is allowed on loopback only.
-                    "relay": {"listen": f"127.0.0.1:{self.relay_port}", "insecure_http": True},
+                    "relay": {
+                        "listen": f"127.0.0.1:{self.relay_port}",
+                        "tcp_listen": f"127.0.0.1:{self.relay_tcp_port}",
+                        "insecure_http": True,
+                    },
                     "attestation": {"enabled": False, "required": False},
                     "ledger": {"escrow": False},
                     "auth": schedauth.OPEN_REGISTRATION,

@@ -44,12 +44,13 @@ pid {dir}/nginx.pid;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
+  keepalive_requests 1000000;  # nginx closes a keep-alive connection after 1000 by default
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fcgi;
   uwsgi_temp_path {dir}/uwsgi;
   scgi_temp_path {dir}/scgi;
-  upstream service {{ server {host}:{port}; keepalive 128; }}
+  upstream service {{ server {host}:{port}; keepalive 128; keepalive_requests 1000000; }}
   server {{
     listen 127.0.0.1:{listen};
     location / {{
@@ -263,7 +264,10 @@ def bench(smoke: bool) -> list[Figure]:
                 row: dict[str, float] = {}
                 for conns, per in ((1, per_conn_1), (64, per_conn_64)):
                     cpu_s, cpu_a = _cpu(scheduler), _cpu(agent)
-                    samples = asyncio.run(_latencies(host, port, headers, conns, per))
+                    try:
+                        samples = asyncio.run(_latencies(host, port, headers, conns, per))
+                    except (OSError, asyncio.IncompleteReadError, RuntimeError) as exc:
+                        raise RuntimeError(f"{name} path, {conns} connections: {exc!r}") from exc
                     row[f"p50_c{conns}"] = statistics.median(samples)
                     row[f"p99_c{conns}"] = _pct(samples, 0.99)
                     if name == "relay" and conns == 64:

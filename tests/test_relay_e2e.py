@@ -40,6 +40,7 @@ class World:
     buyer: grpc.Channel
     a: Service
     b: Service
+    public: Service
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.stack.relay_port}{path}"
@@ -67,23 +68,28 @@ def _buyer_channel(stack: Stack) -> grpc.Channel:
     return grpc.secure_channel(f"localhost:{stack.grpc_port}", creds)
 
 
-def submit_service(stack: Stack, buyer: grpc.Channel, lease_id: str) -> Service:
+def submit_service(
+    stack: Stack, buyer: grpc.Channel, lease_id: str, *, public: bool = False
+) -> Service:
     stub = leases_pb2_grpc.LeasesStub(buyer)
     lease = stub.Submit(
         leases_pb2.SubmitLeaseRequest(
             spec=leases_pb2.LeaseSpec(
                 image="gpu-agent-test/pyservice:latest",
                 gpu_count=1,
-                cpus=0.5,
+                cpus=0.25,  # three leases on a 2-core host
                 memory_bytes=128 * MB,
                 max_duration_seconds=3600,
                 ports=[leases_pb2.PortSpec(container_port=8080)],
+                public=public,
             ),
             idempotency_key=lease_id,
         ),
         timeout=10,
     )
     assert lease.endpoint_token.startswith("gse_"), "the buyer sees its token at submit"
+    if public:
+        lease.endpoint_token = ""  # not needed: the relay asks none
 
     def running() -> bool:
         got = stub.Get(leases_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5)
@@ -93,14 +99,10 @@ def submit_service(stack: Stack, buyer: grpc.Channel, lease_id: str) -> Service:
     service = Service(lease_id, lease.endpoint_token)
 
     def answers() -> bool:
-        reply = httpx.get(
-            f"http://127.0.0.1:{stack.relay_port}/",
-            headers={
-                "Host": f"{lease_id}-8080.relay.localhost",
-                "Authorization": f"Bearer {service.token}",
-            },
-            timeout=5,
-        )
+        headers = {"Host": f"{lease_id}-8080.relay.localhost"}
+        if service.token:
+            headers["Authorization"] = f"Bearer {service.token}"
+        reply = httpx.get(f"http://127.0.0.1:{stack.relay_port}/", headers=headers, timeout=5)
         return reply.status_code == 200
 
     wait_until(f"for {lease_id} to answer through the relay", answers, 30)
@@ -115,7 +117,8 @@ def world() -> Iterator[World]:
         try:
             a = submit_service(stack, buyer, "svc-a")
             b = submit_service(stack, buyer, "svc-b")
-            yield World(stack, buyer, a, b)
+            public = submit_service(stack, buyer, "svc-pub", public=True)
+            yield World(stack, buyer, a, b, public)
         finally:
             buyer.close()
 
@@ -284,3 +287,56 @@ def test_rotated_token_replaces_the_old_one_at_once(world: World) -> None:
     )
     assert refused.status_code == 401
     assert httpx.get(world.url("/"), headers=world.auth(world.b), timeout=10).status_code == 200
+
+
+def test_a_public_lease_needs_no_token(world: World) -> None:
+    """public: true opts out of endpoint authentication (and any Authorization header
+    reaches the service untouched)."""
+    reply = httpx.get(world.url("/open"), headers=world.host(world.public), timeout=10)
+    assert (reply.status_code, reply.text) == (200, "hello from /open")
+
+
+def test_only_the_buyer_sees_the_token(world: World) -> None:
+    """An admin reading the buyer's lease gets no endpoint token (the provider's view
+    clears even more; only the buyer's own account reads it)."""
+    admin = leases_pb2_grpc.LeasesStub(world.stack.channel)
+    shown = admin.Get(leases_pb2.GetLeaseRequest(lease_id=world.a.lease_id), timeout=10)
+    assert shown.endpoint_token == "", "not even an admin acting for the buyer sees it"
+
+
+def test_lease_url_prints_one_url_for_scripts(world: World) -> None:
+    """`gpu-scheduler lease url ID [PORT]`: one line, the relay's host-form URL; an
+    undeclared port is an error naming the ports there are."""
+    import subprocess
+
+    from benchmarks.agent_stack import BIN
+
+    stub = acl_pb2_grpc.AclStub(world.stack.channel)
+    token = stub.CreateToken(acl_pb2.CreateTokenRequest(account="carol")).secret
+    env = {**os.environ, "GPU_SCHEDULER_TOKEN": token}
+    argv = [str(BIN / "gpu-scheduler"), "-c", str(world.stack.sched_cfg), "lease", "url"]
+    out = subprocess.run(
+        [*argv, world.a.lease_id], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"http://svc-a-8080.relay.localhost:{world.stack.relay_port}/\n"
+    bad = subprocess.run(
+        [*argv, world.a.lease_id, "9999"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert bad.returncode == 1 and "declares no port '9999' (it has 8080)" in bad.stderr
+
+
+def test_tcp_port_with_a_token_handshake(world: World) -> None:
+    """The TCP listener: a wrong token is ERR 401 and closed, the right one OK and then
+    raw bytes both ways (here an HTTP request the service answers)."""
+    port = world.stack.relay_tcp_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"RELAY1 {world.a.lease_id} 8080 gse_wrong\n".encode())
+        assert sock.makefile("rb").readline().startswith(b"ERR 401")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"RELAY1 {world.a.lease_id} 8080 {world.a.token}\n".encode())
+        reader = sock.makefile("rb")
+        assert reader.readline() == b"OK\n"
+        sock.sendall(b"GET /tcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = reader.read()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from /tcp")

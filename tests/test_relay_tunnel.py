@@ -312,6 +312,7 @@ async def test_metrics_count_requests_bytes_and_latency_per_lease(rig: Rig) -> N
         "path=/m"
     )
     assert value("gpu_relay_response_start_seconds_count", {"lease_id": "lease-a"}) == 1
+    assert value("gpu_relay_tunnels", {}) == 1
 
 
 @pytest.mark.asyncio

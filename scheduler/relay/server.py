@@ -62,6 +62,7 @@ class Relay:
         self.tls_dir = tls_dir
         self.metrics = RelayMetrics(registry)
         self.hub = TunnelHub(ping_interval=config.ping_interval, open_timeout=config.open_timeout)
+        self.hub.on_change = self.metrics.tunnels.set
         self.routes = RouteCache(source, ttl=config.route_ttl)
         self.http = HttpRelay(
             self.hub,

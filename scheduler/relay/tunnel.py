@@ -21,7 +21,7 @@ import hmac
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,14 +104,15 @@ class TunnelHub(relay_pb2_grpc.TunnelServicer):
         self.ping_interval = ping_interval
         self.open_timeout = open_timeout
         self.sessions: dict[str, TunnelSession] = {}
-        self.changed = asyncio.Event()  # set whenever a tunnel comes or goes (tests wait on it)
+        # Called with the number of open tunnels whenever one comes or goes (metrics).
+        self.on_change: Callable[[int], None] | None = None
 
     def connected(self, node_id: str) -> bool:
         return node_id in self.sessions
 
     def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change(len(self.sessions))
 
     async def open_stream(self, node_id: str, lease_id: str, port: str) -> CarriedStream:
         session = self.sessions.get(node_id)

@@ -162,6 +162,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # 64 clients connecting at once must not overflow the backlog
 
 
 if __name__ == "__main__":
