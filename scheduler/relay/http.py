@@ -151,6 +151,16 @@ class BuyerConnection:
             self.activity.touch()
         return len(data or b"")
 
+    def _queue(self, event: h11.Event) -> None:
+        """Write without waiting; ``_flush`` waits once for what was queued."""
+        data = self.conn.send(event)
+        if data:
+            self.writer.write(data)
+
+    async def _flush(self) -> None:
+        await self.writer.drain()
+        self.activity.touch()
+
     async def _error(self, status: int, text: str, lease_id: str = "", **headers: str) -> None:
         """Answer with an error and close: the request body (if any) is never read."""
         body = (text + "\n").encode()
@@ -280,10 +290,19 @@ class BuyerConnection:
             headers=headers,
             http_version=request.http_version,
         )
-        await upstream.stream.write(upstream.conn.send(out) or b"")
+        head = upstream.conn.send(out) or b""
         sent = _Counter()
         received = _Counter()
-        pump_up = asyncio.create_task(self._pump_request(upstream, sent))
+        # A request without a body (most GETs) is already complete in the buffer: send
+        # head and end as one frame, with no task to pump a body that does not exist.
+        first = self.conn.next_event()
+        if isinstance(first, h11.EndOfMessage):
+            await upstream.stream.write(head + (upstream.conn.send(first) or b""))
+            pump_up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            pump_up.set_result(None)
+        else:
+            await upstream.stream.write(head)
+            pump_up = asyncio.ensure_future(self._pump_request(upstream, sent, first))
         try:
             status = await self._pump_response(upstream, received, started, target.lease_id)
         finally:
@@ -296,9 +315,12 @@ class BuyerConnection:
             await self._pipe(upstream, target.lease_id)
             raise _Closing
 
-    async def _pump_request(self, upstream: _Upstream, sent: _Counter) -> None:
+    async def _pump_request(
+        self, upstream: _Upstream, sent: _Counter, first: object = h11.NEED_DATA
+    ) -> None:
         while True:
-            event = await self._receive()
+            event = first if first is not h11.NEED_DATA else await self._receive()
+            first = h11.NEED_DATA
             if event is h11.PAUSED:
                 return
             if isinstance(event, h11.Data):
@@ -313,11 +335,15 @@ class BuyerConnection:
     async def _pump_response(
         self, upstream: _Upstream, received: _Counter, started: float, lease_id: str
     ) -> int:
+        """Events parsed from one tunnel frame go out as one write and one drain; before
+        waiting for the next frame everything parsed so far is flushed, so a streamed
+        response reaches the buyer frame by frame as the service wrote it."""
         status = 0
         client = upstream.conn
         while True:
             event = client.next_event()
             if event is h11.NEED_DATA:
+                await self._flush()
                 data = await upstream.stream.read()
                 self.activity.touch()
                 try:
@@ -326,6 +352,7 @@ class BuyerConnection:
                     await self._bad_gateway(status, lease_id)
                 continue
             if event is h11.PAUSED:
+                await self._flush()
                 return status
             if isinstance(event, h11.ConnectionClosed):
                 await self._bad_gateway(status, lease_id)
@@ -333,7 +360,7 @@ class BuyerConnection:
                 if event.status_code == 101 or isinstance(event, h11.Response):
                     status = event.status_code
                     self.relay.metrics.request(lease_id, status, time.monotonic() - started)
-                await self._send(
+                self._queue(
                     type(event)(
                         status_code=event.status_code,
                         headers=[(k, v) for k, v in event.headers if k not in _HOP_BY_HOP],
@@ -341,12 +368,14 @@ class BuyerConnection:
                     )
                 )
                 if event.status_code == 101:
+                    await self._flush()
                     return 101
             elif isinstance(event, h11.Data):
                 received.n += len(event.data)
-                await self._send(h11.Data(data=event.data))
+                self._queue(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
-                await self._send(h11.EndOfMessage(headers=event.headers))
+                self._queue(h11.EndOfMessage(headers=event.headers))
+                await self._flush()
                 if client.our_state is h11.DONE and client.their_state is h11.DONE:
                     client.start_next_cycle()
                 return status
