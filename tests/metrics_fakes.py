@@ -188,4 +188,12 @@ def populated_scheduler_metrics() -> Any:
     metrics.usage_records(5, 1)
     metrics.heartbeat()
     metrics.attestation("passed")
+    from scheduler.relay.metrics import RelayMetrics
+
+    relay = RelayMetrics(metrics.registry)  # the embedded relay shares the registry
+    relay.request("lease-1", 200, 0.003)
+    relay.request("lease-1", 401)
+    relay.carried("lease-1", 100, 2000)
+    relay.active.labels("lease-1").inc()
+    relay.tunnels.set(1)
     return metrics
