@@ -105,7 +105,11 @@ class Rig:
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     routes = StaticRoutes()
     config = RelayConfig(
-        listen="127.0.0.1:0", insecure_http=True, open_timeout=3, ping_interval=0.3
+        listen="127.0.0.1:0",
+        tcp_listen="127.0.0.1:0",
+        insecure_http=True,
+        open_timeout=3,
+        ping_interval=0.3,
     )
     relay = Relay(config, routes, tls_dir=tmp_path / "tls")
     server = grpc.aio.server()
@@ -385,3 +389,48 @@ def test_locate_names_lease_and_port_from_host_or_path() -> None:
         (b"x", b"/_lease/only"),
     ):
         assert locate(host, target, "localhost") is None, (host, target)
+
+
+async def _raw(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+@pytest.mark.asyncio
+async def test_hostile_http_is_refused_at_the_relay(rig: Rig) -> None:
+    """Garbage, an oversized head, no Host, an unknown path: each gets a clear 4xx from
+    the relay itself, and nothing reaches the service."""
+    garbage = await _raw(rig.relay.port, b"\x16\x03\x01 not http at all\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 400"), garbage[:80]
+    huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"
+    oversized = await _raw(rig.relay.port, huge)
+    assert oversized.startswith(b"HTTP/1.1 431"), oversized[:80]
+    nohost = await _raw(rig.relay.port, b"GET / HTTP/1.0\r\n\r\n")
+    assert nohost.startswith(b"HTTP/1.1 404"), nohost[:80]
+    bad_path = await _raw(rig.relay.port, b"GET /_lease/ HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert bad_path.startswith(b"HTTP/1.1 404"), bad_path[:80]
+    assert SEEN == []
+
+
+@pytest.mark.asyncio
+async def test_tcp_handshake_refuses_garbage_and_wrong_tokens(rig: Rig) -> None:
+    """The TCP listener: a malformed or overlong first line is ERR 400, a wrong token
+    ERR 401, an undeclared port (with the token) ERR 404; the right one OK and a pipe."""
+    port = rig.relay.tcp_port
+    assert (await _raw(port, b"hello\n")).startswith(b"ERR 400")
+    assert (await _raw(port, b"RELAY1 " + b"x" * 5000 + b"\n")).startswith(b"ERR 400")
+    assert (await _raw(port, b"RELAY1 lease-a 80 gse_nope\n")).startswith(b"ERR 401")
+    assert (await _raw(port, f"RELAY1 lease-a 81 {TOKEN}\n".encode())).startswith(b"ERR 404")
+    assert SEEN == []
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"RELAY1 lease-a 80 {TOKEN}\nGET /tcp HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.readuntil(b"path=/tcp"), 10)
+    finally:
+        writer.close()
+    assert answer.startswith(b"OK\nHTTP/1.1 200"), answer

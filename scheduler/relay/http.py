@@ -165,7 +165,7 @@ class BuyerConnection:
         """Answer with an error and close: the request body (if any) is never read."""
         body = (text + "\n").encode()
         extra = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
-        if self.conn.our_state is h11.SEND_RESPONSE:
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             await self._send(
                 h11.Response(
                     status_code=status,
@@ -216,6 +216,11 @@ class BuyerConnection:
                 await self.writer.wait_closed()
 
     async def _route(self, request: h11.Request) -> tuple[Target, Route]:
+        # h11 bounds only a head still arriving; one that came whole in one read is
+        # bounded here, so no buyer makes the relay or the service hold a huge head.
+        size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
+        if size > MAX_HEAD_BYTES:
+            await self._error(431, f"request head is {size} bytes; at most {MAX_HEAD_BYTES}")
         headers = dict(request.headers)
         target = locate(headers.get(b"host", b""), request.target, self.relay.settings.domain)
         if target is None:
