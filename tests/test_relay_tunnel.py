@@ -434,3 +434,18 @@ async def test_tcp_handshake_refuses_garbage_and_wrong_tokens(rig: Rig) -> None:
     finally:
         writer.close()
     assert answer.startswith(b"OK\nHTTP/1.1 200"), answer
+
+
+class _Broken:
+    async def route(self, lease_id: str) -> Route | None:
+        raise ConnectionError("coordinator unreachable")
+
+
+@pytest.mark.asyncio
+async def test_a_route_source_that_fails_answers_503_not_a_dropped_connection(rig: Rig) -> None:
+    """A standalone relay whose coordinator is away answers 503 and keeps serving."""
+    rig.relay.routes.source = _Broken()
+    rig.relay.routes.invalidate("lease-a")
+    reply = await _get(rig)
+    assert reply.status_code == 503 and "coordinator" in reply.text
+    assert SEEN == []

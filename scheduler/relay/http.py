@@ -34,6 +34,10 @@ PATH_PREFIX = b"/_lease/"
 READ_BYTES = 1024 * 1024  # an upload moves in frames this big through the tunnel
 MAX_HEAD_BYTES = 64 * 1024
 _HOP_BY_HOP = frozenset({b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te"})
+# Set by the relay itself: a buyer's own values would let it claim another address.
+_FORWARDED = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}
+)
 _TUNNEL_STATUS = {
     "no_tunnel": (503, "the provider's tunnel is down; retry shortly"),
     "not_ready": (503, "the service is not ready"),
@@ -230,7 +234,14 @@ class BuyerConnection:
                 "or /_lease/<lease-id>/<port>/",
             )
         assert target is not None
-        route = await self.relay.routes.get(target.lease_id)
+        try:
+            route = await self.relay.routes.get(target.lease_id)
+        except Exception as exc:  # a standalone relay whose coordinator is away
+            log.warning(
+                "relay cannot look up a route",
+                extra={"lease_id": target.lease_id[:128], "error": str(exc)[:300]},
+            )
+            await self._error(503, "the relay cannot reach its coordinator; retry shortly")
         # Unknown lease, undeclared port and wrong token all look alike to a stranger: 401
         # without a valid token, so nobody can probe which lease ids exist.
         if route is None or route.port(target.port) is None:
@@ -283,7 +294,9 @@ class BuyerConnection:
         headers = [
             (name, value)
             for name, value in request.headers
-            if name not in _HOP_BY_HOP and not (name == b"authorization" and not route.public)
+            if name not in _HOP_BY_HOP
+            and name not in _FORWARDED
+            and not (name == b"authorization" and not route.public)
         ]
         headers += [
             (b"x-forwarded-for", self.peer.encode()),
