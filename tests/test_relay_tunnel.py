@@ -69,6 +69,14 @@ async def _service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ")[1]
+            if path == b"/slow":  # a chunk every 0.2 s for 1.6 s
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                for _ in range(8):
+                    await asyncio.sleep(0.2)
+                    writer.write(b"5\r\ntick\n\r\n")
+                    await writer.drain()
+                writer.write(b"0\r\n\r\n")
+                continue
             body = b"path=" + path
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
@@ -330,6 +338,18 @@ async def test_an_idle_buyer_connection_is_closed_after_the_idle_timeout(rig: Ri
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the relay
     finally:
         writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_long_request_with_traffic_outlives_the_idle_timeout(rig: Rig) -> None:
+    """No request-duration cap: a response that keeps moving runs far past idle_timeout."""
+    rig.relay.http.settings = type(rig.relay.http.settings)(
+        domain="relay.localhost", idle_timeout=0.5, scheme="http"
+    )
+    started = asyncio.get_running_loop().time()
+    reply = await _get(rig, "/slow")
+    assert (reply.status_code, reply.text) == (200, "tick\n" * 8)
+    assert asyncio.get_running_loop().time() - started > 1.5
 
 
 @pytest.mark.asyncio
