@@ -29,16 +29,18 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeGuard, cast
 
-from benchmarks.attest.errors import ProverError
-from benchmarks.attest.messages import Challenge, GpuIdentity, MatmulTask
 from gpuagent import attestation_wire as wire
+from gpuagent.aio import TaskSet
+from gpuagent.attest.errors import ProverError
+from gpuagent.attest.messages import Challenge, GpuIdentity, MatmulTask
+from gpuagent.attest.skus import get_sku
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from .link.session import NotConnected
 
 if TYPE_CHECKING:  # numpy comes with it: imported on the first challenge, not at startup
-    from benchmarks.attest.backends import Backend
-    from benchmarks.attest.prover import Prover
+    from gpuagent.attest.backend import Backend
+    from gpuagent.attest.prover import Prover
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,16 @@ class GpuResult:
     sku: str
     elapsed_seconds: float  # challenge sent -> commit received, coordinator clock
     received_unix_s: float  # agent wall clock when the verdict arrived
+
+
+def throughput_score(result: GpuResult) -> float:
+    """Measured fp16 throughput as a share of the SKU's datasheet peak, 0..1 (0 when the
+    SKU is unknown), for the ``gpu_agent_attestation_score`` gauge."""
+    try:
+        peak = get_sku(result.sku.partition("@")[0]).peak_flops("fp16") / 1e12
+    except (KeyError, ValueError):
+        return 0.0
+    return min(1.0, result.measured_tflops / peak) if peak else 0.0
 
 
 ProverSource: TypeAlias = "Prover | Callable[[str], Prover]"
@@ -131,7 +143,7 @@ class AttestationResponder:
         self._forget_margin_s = forget_margin_s
         self._busy = asyncio.Lock()
         self._waiting = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._committed: dict[tuple[str, str], Prover] = {}  # awaiting a reveal
         self._used: dict[str, list[Prover]] = {}  # per challenge, to forget its results
@@ -154,10 +166,7 @@ class AttestationResponder:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.cancel()
         for cid in list(self._used):
             self._forget(cid)
 
@@ -187,11 +196,9 @@ class AttestationResponder:
             },
         )
         self._waiting += 1
-        task = asyncio.create_task(
+        self._tasks.spawn(
             self._run(challenge, received_at), name=f"attest-{challenge.challenge_id}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, challenge: Challenge, received_at: float) -> None:
         try:
@@ -343,7 +350,7 @@ class AttestationResponder:
 def _is_prover(source: object) -> TypeGuard[Prover]:
     # No Prover can exist before its module is imported, so a source is a factory
     # unless the module is loaded and says otherwise; this keeps numpy unloaded.
-    module = sys.modules.get("benchmarks.attest.prover")
+    module = sys.modules.get("gpuagent.attest.prover")
     return module is not None and isinstance(source, module.Prover)
 
 

@@ -7,15 +7,11 @@ exit codes: 0 success, 1 failure at run time, 2 bad usage or configuration.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from gpuagent import __version__
-from gpuagent.configload import ConfigError
+from gpuagent import cli as skeleton
+from gpuagent.cli import Handler as Handler  # re-exported for the command modules
+from gpuagent.cli import UsageError as UsageError
 
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, load_agent_config
 
@@ -30,64 +26,23 @@ COMMAND_MODULES = (
     "agent.cmd_attest",
     "agent.cmd_usage",
     "agent.cmd_firewall",
+    "agent.cmd_scratch",
 )
 
-Handler = Callable[[argparse.Namespace], int]
+PROGRAM = skeleton.Program[AgentConfig](
+    prog="gpu-agent",
+    description="Provider-side GPU agent: detects and attests GPUs, runs leased "
+    "containers from a coordinator, meters their usage.",
+    default_config=DEFAULT_CONFIG_PATH,
+    load=load_agent_config,
+    command_modules=COMMAND_MODULES,
+)
 
-
-class UsageError(Exception):
-    """Bad arguments or environment the user must fix; exit code 2."""
-
-
-def config_path(args: argparse.Namespace) -> Path | None:
-    """The --config file; the default path only if it exists, else built-in defaults."""
-    if args.config is not None:
-        return Path(args.config)
-    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
-
-
-def load_config_from_args(args: argparse.Namespace) -> AgentConfig:
-    return load_agent_config(config_path(args))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpu-agent",
-        description="Provider-side GPU agent: detects and attests GPUs, runs leased "
-        "containers from a coordinator, meters their usage.",
-    )
-    parser.add_argument("--version", action="version", version=f"gpu-agent {__version__}")
-    parser.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help=f"config file (default: {DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Handler = args.handler
-    try:
-        return handler(args)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {exc.source}: {problem}", file=sys.stderr)  # noqa: T201
-        return 2
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # Output piped into `head` and friends: not an error worth a traceback.
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115, PTH123 - must outlive this frame
-        return 0
+# The names the command modules use.
+config_path = PROGRAM.config_path
+load_config_from_args = PROGRAM.load_config
+build_parser = PROGRAM.build_parser
+main = PROGRAM.main
 
 
 if __name__ == "__main__":

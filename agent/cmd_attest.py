@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks.attest.skus import SKUS, SkuSpec, get_sku
+from gpuagent.attest.skus import SKUS, SkuSpec, get_sku
 
 from .cli import UsageError, load_config_from_args
 from .config import AgentConfig

@@ -98,6 +98,12 @@ def _leases(args: argparse.Namespace) -> int:
                 if record.expires_at and record.expires_at > now
                 else "",
                 "reason": record.reason,
+                "restarts": int(record.extra.get("restarts", 0) or 0),
+                # As last reported by the daemon (it stores each report in the record);
+                # an ended lease has none.
+                "endpoints": []
+                if record.state.terminal
+                else list(record.extra.get("endpoints") or []),
             }
         )
     if args.json:
@@ -130,11 +136,28 @@ def _leases(args: argparse.Namespace) -> int:
             for r in rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-        for row in table:
+        for row, data in zip(table, [None, *rows], strict=True):
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+            for line in _endpoint_lines(data):
+                print("    " + line)
     if client is not None:
         _warn_unclaimed(client, {r.lease_id for r in db.leases()})
     return 0
+
+
+def _endpoint_lines(row: dict[str, Any] | None) -> list[str]:
+    if not row or not row["endpoints"]:
+        return []
+    lines = [f"endpoints (restarts {row['restarts']}):"]
+    for e in row["endpoints"]:
+        checked = e.get("last_check_at")
+        when = time.strftime("%H:%M:%S", time.gmtime(checked)) if checked else "never"
+        result = f" ({str(e.get('last_result', ''))[:80]})" if e.get("last_result") else ""
+        lines.append(
+            f"  {e.get('name', '?'):<15} {e.get('protocol', '?')}/{e.get('container_port', '?')}"
+            f"  {'ready' if e.get('ready') else 'not ready'}  last check {when}{result}"
+        )
+    return lines
 
 
 def _warn_unclaimed(client: docker.DockerClient, known: set[str]) -> None:

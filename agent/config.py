@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gpuagent import market
 from gpuagent.configload import load_config
+from gpuagent.leaserules import MAX_PRICE_MICROS
 from gpuagent.logsetup import LogFormat, LogLevel
 from gpuagent.units import ByteSize, Duration
 
@@ -37,6 +39,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LocationConfig(Strict):
+    """Where the node is (docs/market.md): buyers filter and constrain leases by it."""
+
+    region: str = Field(default="", description="free-form, e.g. eu-west; wins over node.region")
+    country: str = Field(default="", description="ISO 3166-1 alpha-2 code, e.g. DE")
+    zone: str = Field(default="", description="free-form, e.g. fra-1")
+
+    @field_validator("region", "zone")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        try:
+            return market.check_name(value, "value")
+        except market.MarketError as exc:
+            raise ValueError(str(exc).removeprefix("value: ")) from None
+
+    @field_validator("country")
+    @classmethod
+    def _country(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            return market.check_country(value, "value")
+        except market.MarketError as exc:
+            raise ValueError(str(exc).removeprefix("value: ")) from None
+
+
+# An ask per GPU-hour: whole micro-units, never negative (0 = free).
+Price = Annotated[int, Field(ge=0, le=MAX_PRICE_MICROS, strict=True)]
+
+
 class NodeConfig(Strict):
     name: str | None = Field(
         default=None, description="Human name shown by the coordinator; defaults to the hostname"
@@ -50,8 +82,36 @@ class NodeConfig(Strict):
     price_micros_per_gpu_hour: int | None = Field(
         default=None,
         ge=0,
-        description="this provider's ask per GPU-hour in micro-units; None = coordinator default",
+        le=MAX_PRICE_MICROS,
+        description="one ask for every GPU (as pricing '*'); None = coordinator default",
     )
+    pricing: dict[str, Price] = Field(
+        default_factory=dict,
+        description="ask per GPU-hour in micro-units, per GPU model: a key is a "
+        "case-insensitive substring of the GPU name (longest match wins), '*' = any other",
+    )
+    location: LocationConfig = Field(default_factory=LocationConfig)
+
+    @field_validator("pricing")
+    @classmethod
+    def _price_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        for key in value:
+            if not key.strip() or len(key) > 128:
+                raise ValueError(f"key {key[:40]!r}: a GPU model name (1-128 characters) or '*'")
+        return value
+
+    def asks(self) -> dict[str, int]:
+        """``pricing`` with ``price_micros_per_gpu_hour`` as its '*' when it has none."""
+        out = dict(self.pricing)
+        if self.price_micros_per_gpu_hour is not None:
+            out.setdefault(market.ANY_MODEL, self.price_micros_per_gpu_hour)
+        return out
+
+    def where(self) -> LocationConfig:
+        """``location``, its region defaulting to the older ``node.region``."""
+        if self.location.region or not self.region:
+            return self.location
+        return self.location.model_copy(update={"region": self.region})
 
 
 class LogConfig(Strict):
@@ -86,6 +146,18 @@ class CoordinatorConfig(Strict):
     )
     enrollment_token_file: Path | None = Field(
         default=None, description="a file holding the enrolment token (instead of the value)"
+    )
+    bandwidth_probe_interval: Duration = Field(
+        default=market.PROBE_INTERVAL_SECONDS,
+        ge=0,
+        description="measure throughput from the coordinator this often (and at every "
+        "registration); 0 = never",
+    )
+    bandwidth_probe_bytes: ByteSize = Field(
+        default=market.PROBE_DEFAULT_BYTES,
+        ge=64 * 1024,
+        le=market.PROBE_MAX_BYTES,
+        description="bytes one probe reads (the coordinator caps it too)",
     )
 
     def enrollment(self) -> str:
@@ -355,6 +427,10 @@ class AgentConfig(Strict):
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+
+    def scratch_root(self) -> Path:
+        """Where lease scratch dirs live: runtime.scratch_dir, else <state_dir>/scratch."""
+        return Path(self.runtime.scratch_dir or self.node.state_dir / "scratch")
 
 
 def load_agent_config(path: Path | None) -> AgentConfig:

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self
 
+from gpuagent.aio import TaskSet
+
 from .config import AgentConfig
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ class Agent:
         self._components: list[tuple[str, Component]] = []
         self._signals = 0
         self.on_reload: Callable[[], Coroutine[Any, Any, None]] | None = None
-        self._reload_tasks: set[asyncio.Task[None]] = set()
+        self._reload_tasks = TaskSet()
         # Run before components are told to stop (e.g. flush usage while the link is
         # still up), bounded by ``drain_timeout`` so a stuck flush never blocks a stop.
         self.before_stop: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -81,9 +83,7 @@ class Agent:
     def _on_hangup(self) -> None:
         if self.on_reload is None or self._stop.is_set():
             return
-        task = asyncio.get_running_loop().create_task(self.on_reload(), name="reload")
-        self._reload_tasks.add(task)
-        task.add_done_callback(self._reload_tasks.discard)
+        self._reload_tasks.spawn(self.on_reload(), name="reload")
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

@@ -46,6 +46,8 @@ DEMO_LEASE: dict[str, Any] = {
     "memory": "64MiB",
     "max_duration": "5m",
     "price_max": 2_000_000,  # micro-units per GPU-hour: 2 units, above the node's 1.5 ask
+    # Where it may go (docs/leases-buyer.md): the demo node is in eu-west, Germany.
+    "constraints": {"region": "eu-west", "countries": ["DE", "FR"]},
 }
 # The service lease: a tiny HTTP "model" (busybox httpd + CGI, tests/images/model.py)
 # that buyers reach through the relay with the lease's endpoint token.
@@ -57,7 +59,7 @@ SERVICE_LEASE: dict[str, Any] = {
     "memory": "32MiB",
     "max_duration": "1h",
     "price_max": 2_000_000,
-    "ports": [{"container_port": 8080}],
+    "ports": [{"container_port": 8080, "protocol": "http"}],
 }
 PROMPT = "What is the capital of France?"
 DEMO_PROVIDER = "demo-provider"
@@ -173,8 +175,26 @@ def wait_for(what: str, predicate: Any, timeout: float, procs: list[subprocess.P
     raise RuntimeError(f"timed out after {timeout:.0f}s {what}")
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (`kill`, a closed terminal): stop the children like Ctrl-C.
+
+    A BaseException, like KeyboardInterrupt: the demo's ``suppress(Exception)`` polls
+    must not swallow it."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    # Once: a second signal must not interrupt the children's shutdown below.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    raise Terminated(signal.Signals(signum).name)
+
+
 @contextlib.contextmanager
 def running(procs: dict[str, subprocess.Popen[str]]) -> Iterator[None]:
+    # The children run in sessions of their own (Ctrl-C reaches only us), so Python's
+    # default SIGTERM, which exits without unwinding, would leave them as orphans.
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
         yield
     finally:
@@ -237,7 +257,10 @@ def main() -> int:
                 "node": {
                     "name": "demo-node",
                     "state_dir": str(agent_dir),
-                    "price_micros_per_gpu_hour": 1_500_000,
+                    # The ask per GPU-hour for every model ("*"), and where the node
+                    # is: the market shows both (docs/market.md).
+                    "pricing": {"*": 1_500_000},
+                    "location": {"region": "eu-west", "country": "DE", "zone": "demo-1"},
                 },
                 "coordinator": {
                     "address": f"127.0.0.1:{grpc_port}",
@@ -296,7 +319,7 @@ def main() -> int:
         show_isolation(sched_cfg)
 
         run_lease(sched_cfg, agent_cfg)
-        run_service(sched_cfg, sched_dir / "tls" / "ca.pem", list(procs.values()))
+        service_id = run_service(sched_cfg, sched_dir / "tls" / "ca.pem", list(procs.values()))
         show_refusals(sched_cfg)
         say("tokens are in .run/tokens (0600); to go on by hand:")
         print(  # noqa: T201
@@ -314,6 +337,7 @@ def main() -> int:
             return 1
         except KeyboardInterrupt:
             print(flush=True)  # noqa: T201
+            stop_service(sched_cfg, service_id)
             say("Ctrl-C: stopping agent and scheduler")
     say("stopped cleanly")
     return 0
@@ -342,6 +366,24 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
     lease_file.write_text(yaml.safe_dump(DEMO_LEASE, sort_keys=False))
     say(f"admin credits {DEMO_BUYER} with 100 units (the stand-in for a payment rail)")
     cli("gpu-scheduler", sched_cfg, "deposit", DEMO_BUYER, "100", check=False, as_account="admin")
+    say(f"the market as {DEMO_BUYER} sees it: gpu-scheduler offers --nodes")
+    print(  # noqa: T201
+        cli("gpu-scheduler", sched_cfg, "offers", "--nodes", check=False, as_account=DEMO_BUYER),
+        flush=True,
+    )
+    say("the quote: gpu-scheduler submit --dry-run (reserves nothing)")
+    quote = subprocess.run(
+        [str(BIN / "gpu-scheduler"), "-c", str(sched_cfg), "submit", str(lease_file), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={
+            **os.environ,
+            "GPU_SCHEDULER_TOKEN": (TOKENS_DIR / DEMO_BUYER).read_text(encoding="utf-8").strip(),
+        },
+    )
+    print((quote.stdout + quote.stderr).rstrip(), flush=True)  # noqa: T201
     say(f"submitting the demo lease as {DEMO_BUYER} and following it")
     buyer_token = (TOKENS_DIR / DEMO_BUYER).read_text(encoding="utf-8").strip()
     proc = subprocess.Popen(
@@ -388,8 +430,25 @@ def _curl(url: str, ca_file: Path, token: str, body: str = "") -> tuple[int, str
     return (int(code) if code.isdigit() else 0), text, argv
 
 
-def run_service(sched_cfg: Path, ca_file: Path, procs: list[subprocess.Popen[str]]) -> None:
-    """A service lease: the tiny model behind the relay, with and without its token."""
+def stop_service(sched_cfg: Path, lease_id: str) -> None:
+    """Cancel the service lease, so no model container outlives the demo (a plain stop
+    would leave it running for the next agent start to re-adopt)."""
+    say(f"cancelling the service lease {lease_id}")
+    cli("gpu-scheduler", sched_cfg, "cancel", lease_id, check=False, as_account=DEMO_BUYER)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        shown = cli(
+            "gpu-scheduler", sched_cfg, "lease", "show", lease_id, check=False,
+            as_account=DEMO_BUYER,
+        )  # fmt: skip
+        if "state:       cancelled" in shown:
+            return
+        time.sleep(0.5)
+
+
+def run_service(sched_cfg: Path, ca_file: Path, procs: list[subprocess.Popen[str]]) -> str:
+    """A service lease: the tiny model behind the relay, with and without its token;
+    returns its id."""
     lease_file = RUN_DIR / "service-lease.yaml"
     lease_file.write_text(yaml.safe_dump(SERVICE_LEASE, sort_keys=False))
     say(f"submitting a service lease as {DEMO_BUYER}: a tiny HTTP model on port 8080")
@@ -415,6 +474,7 @@ def run_service(sched_cfg: Path, ca_file: Path, procs: list[subprocess.Popen[str
     say("the same request without the token gets 401 and never reaches the provider:")
     status, answer, argv = _curl(generate, ca_file, "", PROMPT)
     print(f"  {shlex.join(argv)}\n  -> {status} {answer.strip()[:100]}", flush=True)  # noqa: T201
+    return lease_id
 
 
 def bootstrap_admin(sched_cfg: Path) -> None:
@@ -498,6 +558,9 @@ if __name__ == "__main__":
         # Ctrl-C before the demo settled: `running` has already stopped the children.
         say("interrupted; stopped cleanly")
         sys.exit(0)
+    except Terminated as exc:
+        say(f"{exc}: stopped agent and scheduler")
+        sys.exit(143)
     except RuntimeError as exc:
         say(f"demo failed: {exc} (logs in .run/*.log)")
         sys.exit(1)

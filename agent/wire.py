@@ -18,6 +18,7 @@ from .isolation.selftest import SelfTestResult
 from .leases.manager import LeaseView
 from .leases.records import LeaseUpdate
 from .leases.states import LeaseState
+from .market import declared_interfaces
 
 _HEALTH = {
     HealthState.HEALTHY: inventory_pb2.GpuHealth.HEALTHY,
@@ -93,6 +94,7 @@ def host_info(host: HostInfo) -> inventory_pb2.HostInfo:
         docker_version=host.docker_version or "",
         nvidia_container_toolkit_version=host.nvidia_container_toolkit_version or "",
         arch=host.arch,
+        interfaces=declared_interfaces(host.interfaces),
     )
 
 
@@ -160,6 +162,19 @@ def lease_update(update: LeaseUpdate) -> leases_pb2.LeaseUpdate:
         container_id=update.container_id or "",
         gpu_uuids=list(update.gpu_uuids),
         at_unix_nanos=round(update.at * 1e9),
+        endpoints=[
+            leases_pb2.Endpoint(
+                name=e.name,
+                protocol=e.protocol,
+                container_port=e.container_port,
+                ready=e.ready,
+                last_check_unix_nanos=round(e.last_check_at * 1e9) if e.last_check_at else 0,
+                last_result=leaserules.clip(e.last_result, 256),
+                restarts=e.restarts,
+            )
+            for e in update.endpoints
+        ],
+        restarts=update.restarts,
     )
     if update.exit_code is not None:
         msg.exit_code = update.exit_code

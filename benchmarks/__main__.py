@@ -10,10 +10,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from gpuagent.attest.skus import SKUS, get_sku, task_size
+
 from .attest.backends import BACKEND_NAMES, BackendError, get_backend
 from .attest.bandwidth import measure_bandwidth
 from .attest.selftest import format_report, run_selftest
-from .attest.skus import SKUS, get_sku, task_size
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,12 +10,13 @@ import time
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuagent.attest.generator import expected_entries
+from gpuagent.attest.messages import GpuIdentity
+from gpuagent.attest.prover import Prover
+from gpuagent.attest.skus import AcceptanceBand, SkuSpec, get_sku, task_size
+from gpuagent.attest.verifier import Verifier
+
 from .attest.backends import NumpyBackend
-from .attest.generator import expected_entries
-from .attest.messages import GpuIdentity
-from .attest.prover import Prover
-from .attest.skus import AcceptanceBand, SkuSpec, get_sku, task_size
-from .attest.verifier import Verifier
 from .registry import Figure, register
 
 _UNBOUNDED = AcceptanceBand(low=1e-12, high=float("inf"), fixed_overhead_s=1e9)

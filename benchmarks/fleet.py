@@ -392,6 +392,16 @@ async def run_fleet(
                             command=["sleep", "60"],
                             gpu_count=1,
                             max_duration_seconds=3600,
+                            price_micro_per_gpu_hour=1_800_000,
+                            # The market constraints in play (issue #17): placement
+                            # checks each against every node of the fleet.
+                            constraints=leases_pb2.Constraints(
+                                region="eu-west",
+                                countries=["DE", "FR"],
+                                min_uptime_ratio=0.5,
+                                node_selector={"tier": "gold"},
+                                min_bandwidth_bits_per_second=2 * 10**9,
+                            ),
                         ),
                         idempotency_key=lease_id,
                         buyer="fleet-bench",

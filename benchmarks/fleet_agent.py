@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.link.backoff import Backoff
-from agent.link.reporter import simulated_gpus
+from benchmarks.node_fixtures import simulated_gpus
 from gpuagent import PROTOCOL_VERSION, __version__
 from gpuagent.signing import hello_signing_bytes, node_id_from_public_key
 from gpuagent.usage import SignedUsageRecord, UsageRecord, sign_record
@@ -32,10 +32,33 @@ from gpuagent.v1 import (
     coordinator_pb2_grpc,
     inventory_pb2,
     leases_pb2,
+    market_pb2,
     usage_pb2,
 )
 
 GPUS_PER_AGENT = 2
+# The market the fleet offers (docs/market.md): three regions in two countries, asks
+# spread over 1.0-2.0 units per GPU-hour, a provider label, a measured bandwidth, so
+# the placement benchmark runs with the buyers' constraints in play.
+REGIONS = (("eu-west", "DE"), ("eu-west", "FR"), ("us-east", "US"), ("eu-north", "SE"))
+
+
+def fleet_offer(index: int, gpu_model: str) -> tuple[market_pb2.NodeOffer, dict[str, str]]:
+    region, country = REGIONS[index % len(REGIONS)]
+    offer = market_pb2.NodeOffer(
+        pricing=[
+            market_pb2.GpuPrice(
+                gpu_model=gpu_model, micros_per_gpu_hour=1_000_000 + (index * 7919) % 1_000_001
+            )
+        ],
+        location=market_pb2.Location(region=region, country=country),
+        bandwidth=market_pb2.BandwidthMeasurement(
+            bits_per_second=(1 + index % 10) * 10**9, measured_at_unix_nanos=time.time_ns()
+        ),
+    )
+    return offer, {"tier": "gold" if index % 2 else "standard"}
+
+
 State = common_pb2.LeaseState
 
 
@@ -77,6 +100,7 @@ class SimAgent:
             for g in gpus
         ]
         self.gpu_uuids = [g.uuid for g in gpus]
+        self.offer, self.labels = fleet_offer(index, gpus[0].name)
         self.leases: dict[str, list[str]] = {}  # lease id -> GPUs it holds
         self.usage_seq = 0
         self.acked_usage_seq = 0
@@ -137,6 +161,8 @@ class SimAgent:
                     protocol_version=PROTOCOL_VERSION,
                     agent_version=__version__,
                     node_name=self.name,
+                    labels=self.labels,
+                    offer=self.offer,
                     inventory=self.inventory,
                     gpu_health=self.health,
                     last_acked_usage_seq=self.acked_usage_seq,

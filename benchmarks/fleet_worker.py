@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from agent.link.reporter import host_info
+from benchmarks.node_fixtures import host_info
 
 from .fleet_agent import FleetStats, SimAgent
 

@@ -170,7 +170,7 @@ def _service(stack: Stack) -> tuple[str, str]:
                     cpus=1.0,
                     memory_bytes=256 * MB,
                     max_duration_seconds=3600,
-                    ports=[leases_pb2.PortSpec(container_port=8080)],
+                    ports=[leases_pb2.PortSpec(container_port=8080, protocol="http")],
                 ),
                 idempotency_key=LEASE_ID,
             ),

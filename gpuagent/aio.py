@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 async def wait_any(*events: asyncio.Event, within: float | None = None) -> None:
@@ -14,3 +18,31 @@ async def wait_any(*events: asyncio.Event, within: float | None = None) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+class TaskSet:
+    """Background tasks a part started and must be able to cancel: each is held until
+    it ends (asyncio keeps only weak references to tasks, so an unheld task can vanish
+    mid-run), and ``cancel`` stops and awaits whatever is still running."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def __iter__(self) -> Iterator[asyncio.Task[Any]]:
+        return iter(list(self._tasks))
+
+    async def cancel(self) -> None:
+        """Cancel every task still running and wait until each has ended."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,6 +1,6 @@
 """Attestation messages: protobuf <-> the library's dataclasses, in one place.
 
-``benchmarks.attest`` (prover and verifier) speaks plain dataclasses; the link speaks
+``gpuagent.attest`` (prover and verifier) speaks plain dataclasses; the link speaks
 ``gpuagent.v1.attestation_pb2``. Both the agent and the scheduler convert here, so
 the two directions cannot drift apart. Converting *from* protobuf never trusts the
 peer: it only maps fields (the prover and verifier validate sizes, nonces and
@@ -9,7 +9,7 @@ signatures), and the few shapes that cannot map raise ``WireError`` naming the f
 
 from __future__ import annotations
 
-from benchmarks.attest.messages import (
+from gpuagent.attest.messages import (
     Challenge,
     Commitment,
     GpuIdentity,

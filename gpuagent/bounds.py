@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from google.protobuf.message import Message
 
+from gpuagent import leaserules
+
 MAX_STRING = 4096
 MAX_BYTES = 4096
 MAX_REPEATED = 1024
@@ -19,6 +21,7 @@ MAX_MAP = 256
 # Fields allowed past the defaults; keyed by the field's full name.
 LIMITS: dict[str, int] = {
     "gpuagent.v1.LeaseUpdate.log_tail": 64 * 1024,
+    "gpuagent.v1.LeaseUpdate.endpoints": leaserules.MAX_PORTS,  # one per declared port
     "gpuagent.v1.UsageReport.records": 10_000,
     "gpuagent.v1.OpenedRow.values": 1024 * 1024,
     "gpuagent.v1.OpenedRow.proof": 64,

@@ -8,7 +8,36 @@ maxima keep every value an SQLite/PostgreSQL ``BIGINT`` and every derived amount
 
 from __future__ import annotations
 
+import math
+import re
 import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Lease ids name the agent's container and scratch dir: path-safe.
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LEASE_ID_RULE = (
+    "1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+# Above any real host (an 8-GPU board is the common maximum); a larger count is
+# garbage, not a big ask, and is refused by both sides as such.
+MAX_GPUS_PER_LEASE = 64
+# LeaseSpec fields every agent refuses whatever its configuration (PROTOCOL.md
+# "Hostile specs"): the scheduler refuses them at submit so the buyer learns at once.
+REFUSED_FIELDS = ("privileged", "host_network", "volumes", "devices")
+# Capabilities are granted only where an agent's runtime.allowed_capabilities lists
+# them; the reference scheduler does not place by capability, so it refuses them too.
+SCHEDULER_REFUSED_FIELDS = (*REFUSED_FIELDS, "cap_add")
+# Namespace modes a lease may ask for (the agent's spec format; the wire spec has
+# host_network and network_mode, see BUYER_NETWORK_MODES): anything else would
+# share a host namespace.
+NAMESPACE_MODES: dict[str, tuple[str, ...]] = {
+    "network_mode": ("", "bridge", "default", "none"),
+    "pid_mode": ("",),
+    "ipc_mode": ("", "private", "none"),
+    "uts_mode": ("",),
+    "userns_mode": ("",),
+}
 
 MAX_ARGV_BYTES = 64 * 1024  # command + args together, UTF-8
 MAX_ENV_BYTES = 256 * 1024  # names + values + separators
@@ -26,6 +55,15 @@ UINT64_FIELDS: dict[str, int] = {
 }
 
 
+# What a buyer may ask for in LeaseSpec.network_mode: "" (the lease's own network:
+# bridge, ICC off, egress policy) or "none" (loopback only). The agent also takes
+# "bridge"/"default" as spellings of "" from older coordinators; nothing else.
+BUYER_NETWORK_MODES = ("", "none")
+PORTS_WITHOUT_NETWORK = (
+    "ports cannot be published by a lease with network_mode none (it has no network)"
+)
+
+
 def argv_bytes(command: list[str] | tuple[str, ...], args: list[str] | tuple[str, ...]) -> int:
     return sum(len(part.encode("utf-8", errors="replace")) + 1 for part in (*command, *args))
 
@@ -41,3 +79,211 @@ def control_char(text: str) -> int | None:
 def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
     """``text`` cut to ``limit`` characters, marked as cut."""
     return text if len(text) <= limit else text[: limit - 15] + " ...[truncated]"
+
+
+# -- service leases: ports, restart policy, health check (issue #16) ----------------
+#
+# One set of rules for the agent (agent/leases/spec.py, on assign) and the scheduler
+# (scheduler/leases_service.py, at submit). Each refusal is a ``RuleError`` whose key
+# names the spec field (``ports[1].name``, ``health.period``), so both sides say the
+# same thing in the same words.
+
+MAX_PORTS = 16
+# Port names end up in host names (``<lease-id>-<name>.<relay domain>``): a DNS label
+# piece, short enough that a 36-character lease id plus the name stays under 63.
+MAX_PORT_NAME = 15
+PORT_PROTOCOLS = ("http", "tcp", "udp")  # udp is published on the host only, never relayed
+RESTART_POLICIES = ("never", "on-failure", "always")
+DEFAULT_MAX_RESTARTS = 5
+MAX_RESTARTS = 1000
+# Restart backoff: BACKOFF_BASE_S x 2^(n-1) before the n-th consecutive restart, at most
+# BACKOFF_MAX_S. A container that ran STABLE_AFTER_S before it died starts a new streak:
+# max_restarts bounds a crash loop, not the restarts of a service that runs for weeks.
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 300.0
+STABLE_AFTER_S = 600.0
+MAX_HEALTH_PATH = 1024
+HEALTH_DEFAULTS = {
+    "initial_delay": 0.0,
+    "period": 10.0,
+    "timeout": 5.0,
+    "failure_threshold": 3,
+    "startup_grace": 300.0,
+}
+# (minimum, maximum) for each health value the buyer sets; 0 means "the default".
+HEALTH_BOUNDS: dict[str, tuple[float, float]] = {
+    "initial_delay": (0.0, 86400.0),
+    "period": (0.2, 3600.0),
+    "timeout": (0.1, 600.0),
+    "failure_threshold": (1, 1000),
+    "startup_grace": (1.0, 7 * 86400.0),
+}
+
+
+class RuleError(ValueError):
+    """A spec value no agent accepts; ``key`` names it as the spec spells it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str  # "" = the port number
+    container_port: int
+    protocol: str  # "" = tcp
+
+
+@dataclass(frozen=True)
+class Health:
+    """The health check as given (0 / "" = default) or, from ``check_health``, resolved."""
+
+    path: str = ""
+    port: str = ""
+    initial_delay: float = 0.0
+    period: float = 0.0
+    timeout: float = 0.0
+    failure_threshold: int = 0
+    startup_grace: float = 0.0
+
+
+def port_name(port: Port) -> str:
+    return port.name or str(port.container_port)
+
+
+def port_protocol(port: Port) -> str:
+    return port.protocol or "tcp"
+
+
+_PORT_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
+
+
+def check_ports(ports: Sequence[Port]) -> None:
+    if len(ports) > MAX_PORTS:
+        raise RuleError("ports", f"at most {MAX_PORTS} per lease, got {len(ports)}")
+    names: dict[str, int] = {}
+    numbers: dict[int, int] = {}
+    for index, port in enumerate(ports):
+        key = f"ports[{index}]"
+        if not 1 <= port.container_port <= 65535:
+            raise RuleError(f"{key}.container_port", f"must be 1..65535, got {port.container_port}")
+        if port_protocol(port) not in PORT_PROTOCOLS:
+            raise RuleError(
+                f"{key}.protocol",
+                f"must be one of {', '.join(PORT_PROTOCOLS)}, got {port.protocol[:32]!r}",
+            )
+        name = port_name(port)
+        if len(name) > MAX_PORT_NAME or not _PORT_NAME_RE.match(name):
+            raise RuleError(
+                f"{key}.name",
+                f"{name[:64]!r} must be 1-{MAX_PORT_NAME} lower-case letters, digits or '-', "
+                "not starting or ending with '-' (it becomes part of a host name)",
+            )
+        if name.isdigit() and int(name) != port.container_port:
+            raise RuleError(
+                f"{key}.name",
+                f"a numeric name must be the port's own number ({port.container_port}), got {name}",
+            )
+        if name in names:
+            raise RuleError(f"{key}.name", f"{name!r} is also the name of ports[{names[name]}]")
+        if port.container_port in numbers:
+            raise RuleError(
+                f"{key}.container_port",
+                f"{port.container_port} is also declared by ports[{numbers[port.container_port]}]",
+            )
+        names[name] = index
+        numbers[port.container_port] = index
+
+
+def check_restart(restart: str, max_restarts: int) -> tuple[str, int]:
+    """The policy and its restart budget, resolved (``""`` = never; 0 = the default)."""
+    policy = restart or "never"
+    if policy not in RESTART_POLICIES:
+        raise RuleError(
+            "restart", f"must be one of {', '.join(RESTART_POLICIES)}, got {restart[:32]!r}"
+        )
+    if not 0 <= max_restarts <= MAX_RESTARTS:
+        raise RuleError("max_restarts", f"must be 0..{MAX_RESTARTS}, got {max_restarts}")
+    if policy == "never":
+        if max_restarts:
+            raise RuleError(
+                "max_restarts", "set, but restart is never (set restart: on-failure or always)"
+            )
+        return policy, 0
+    return policy, max_restarts or DEFAULT_MAX_RESTARTS
+
+
+def find_port(ports: Sequence[Port], wanted: str) -> Port | None:
+    """The declared port ``wanted`` names: by name, or by number."""
+    for port in ports:
+        if port_name(port) == wanted or str(port.container_port) == wanted:
+            return port
+    return None
+
+
+def check_health(health: Health, ports: Sequence[Port]) -> Health:
+    """Check the health check against the declared ports; returns it with defaults filled."""
+    path = health.path or "/"
+    if not path.startswith("/"):
+        raise RuleError("health.path", f"must start with '/', got {path[:64]!r}")
+    if len(path) > MAX_HEALTH_PATH:
+        raise RuleError("health.path", f"at most {MAX_HEALTH_PATH} characters, got {len(path)}")
+    bad = next((i for i, c in enumerate(path) if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise RuleError(
+            "health.path",
+            f"character {bad} is not printable ASCII (spaces and controls are not allowed)",
+        )
+    http = [p for p in ports if port_protocol(p) == "http"]
+    if health.port:
+        port = find_port(ports, health.port)
+        if port is None:
+            raise RuleError("health.port", f"{health.port[:64]!r} is not a declared port")
+        if port_protocol(port) != "http":
+            raise RuleError(
+                "health.port", f"{health.port!r} is a {port_protocol(port)} port; checks are HTTP"
+            )
+    elif len(http) == 1:
+        port = http[0]
+    else:
+        why = (
+            "no port is declared with protocol http" if not http else "several http ports: name one"
+        )
+        raise RuleError("health.port", why)
+    values: dict[str, float] = {}
+    for field, (low, high) in HEALTH_BOUNDS.items():
+        given = getattr(health, field)
+        if isinstance(given, float) and not math.isfinite(given):
+            raise RuleError(f"health.{field}", "must be a finite number")
+        if given == 0:
+            values[field] = HEALTH_DEFAULTS[field]
+            continue
+        if not low <= given <= high:
+            raise RuleError(
+                f"health.{field}", f"must be {low:g}..{high:g} (0 = default), got {given:g}"
+            )
+        values[field] = given
+    if not health.timeout:
+        values["timeout"] = min(values["timeout"], values["period"])
+    if values["timeout"] > values["period"]:
+        raise RuleError(
+            "health.timeout",
+            f"{values['timeout']:g}s is longer than the period ({values['period']:g}s)",
+        )
+    return Health(
+        path=path,
+        port=port_name(port),
+        initial_delay=values["initial_delay"],
+        period=values["period"],
+        timeout=values["timeout"],
+        failure_threshold=int(values["failure_threshold"]),
+        startup_grace=values["startup_grace"],
+    )
+
+
+def restart_backoff(streak: int) -> float:
+    """Seconds to wait before the ``streak``-th consecutive restart (1-based)."""
+    exponent: int = min(max(streak - 1, 0), 30)
+    return float(min(BACKOFF_BASE_S * (1 << exponent), BACKOFF_MAX_S))

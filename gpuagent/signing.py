@@ -68,3 +68,13 @@ def tunnel_hello_signing_bytes(nonce: bytes, node_id: str, public_key: bytes) ->
     return TUNNEL_HELLO_DOMAIN + b"".join(
         _field(part) for part in (nonce, node_id.encode(), public_key)
     )
+
+
+BANDWIDTH_PROBE_DOMAIN = b"gpuagent.v1.bandwidth-probe\x00"
+
+
+def bandwidth_probe_signing_bytes(node_id: str, at_unix_nanos: int, wanted_bytes: int) -> bytes:
+    """What the agent signs in a BandwidthProbeRequest: tag || node id, time, size."""
+    return BANDWIDTH_PROBE_DOMAIN + b"".join(
+        (_field(node_id.encode()), struct.pack(">qQ", at_unix_nanos, wanted_bytes))
+    )

@@ -31,12 +31,14 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from benchmarks.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
-from benchmarks.attest.verifier import AttestationRejected, Verifier
 from gpuagent import attestation_wire as wire
+from gpuagent.aio import TaskSet, wait_any
+from gpuagent.attest.skus import SKUS, AcceptanceBand, SkuSpec, sku_for_name
+from gpuagent.attest.verifier import AttestationRejected, Verifier
 from gpuagent.v1 import attestation_pb2, common_pb2, coordinator_pb2, inventory_pb2
 
 from . import attestation_store as store
@@ -44,6 +46,7 @@ from .attestation_store import AttestationRecord
 from .config import AttestationConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .eligibility import FOREVER
 from .registry import Clock, NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
@@ -163,7 +166,7 @@ class AttestationManager:
         self._next_due: dict[str, float] = {}  # node_id -> wall clock
         self._rtt: dict[str, float] = {}  # node_id -> last reveal -> openings round trip
         self._listeners: list[Listener] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._wake = asyncio.Event()
         if config.accept_simulated:
             log.warning(
@@ -185,24 +188,16 @@ class AttestationManager:
         coordinator.on_connect(self._on_connect)
         coordinator.on_agent_error(self._on_agent_error)
 
-    def policy(self) -> common_pb2.AttestationPolicy:
-        """What NodeParams tell agents about this policy."""
-        return common_pb2.AttestationPolicy(
-            required=self.config.required,
-            interval_seconds=int(self.config.interval) if self.config.enabled else 0,
-            spot_check_rows=self.config.open_rows,
-        )
-
     def add_listener(self, listener: Listener) -> None:
         """Called with a node id whenever one of its verdicts is stored (e.g. to re-place)."""
         self._listeners.append(listener)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
+        tasks: list[asyncio.Future[Any]] = list(self._tasks)
         for flight in self._flights.values():
             if flight.watchdog is not None:
                 tasks.append(flight.watchdog)
-            tasks.append(flight.prepared)  # type: ignore[arg-type]
+            tasks.append(flight.prepared)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -227,6 +222,16 @@ class AttestationManager:
         record = self._latest.get((node_id, gpu_uuid))
         return record is not None and record.valid(self._now_ns())
 
+    def valid_until(self, node_id: str, gpu_uuid: str, now_ns: int) -> int | None:
+        """Until when (ns) a new lease may use this GPU without a new verdict; None when
+        it may not now. ``FOREVER`` unless ``required``."""
+        if not self.config.required:
+            return FOREVER
+        record = self._latest.get((node_id, gpu_uuid))
+        if record is None or not record.valid(now_ns):
+            return None
+        return record.expires_ns
+
     def attested(self, node_id: str) -> bool:
         """Every GPU of the node holds a passed, unexpired verdict (policy aside)."""
         record = self.registry.nodes.get(node_id)
@@ -237,10 +242,6 @@ class AttestationManager:
             (r := self._latest.get((node_id, g.uuid))) is not None and r.valid(now)
             for g in record.inventory.gpus
         )
-
-    def eligible(self, node_id: str) -> bool:
-        """May the node get new leases at all, as far as attestation goes?"""
-        return not self.config.required or self.attested(node_id)
 
     def attested_nodes(self) -> set[str]:
         return {node_id for node_id in self.registry.nodes if self.attested(node_id)}
@@ -385,7 +386,7 @@ class AttestationManager:
                 "sizes": sorted({(t.n, t.inner) for t in challenge.tasks}),
             },
         )
-        ttl = max(0.0, challenge.expires_unix_s - time.time())
+        ttl = max(0.0, challenge.expires_unix_s - self.clock())
         flight.watchdog = asyncio.create_task(
             self._watch(flight, ttl + self.config.open_timeout), name=f"attest-watch-{cid}"
         )
@@ -452,22 +453,14 @@ class AttestationManager:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Periodic attestation until ``stop``."""
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            while not stop.is_set():
-                try:
-                    await self.tick()
-                except Exception:
-                    log.exception("attestation round failed")
-                self._wake.clear()
-                woken = asyncio.ensure_future(self._wake.wait())
-                wait = min(60.0, self.config.retry_after, self.config.interval / 4)
-                await asyncio.wait(
-                    {woken, stopping}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
-                )
-                woken.cancel()
-        finally:
-            stopping.cancel()
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("attestation round failed")
+            self._wake.clear()
+            wait = min(60.0, self.config.retry_after, self.config.interval / 4)
+            await wait_any(self._wake, stop, within=wait)
 
     # -- agent messages --------------------------------------------------------------
 
@@ -477,9 +470,7 @@ class AttestationManager:
         if not self._due(record.node_id, self.clock()):
             return
         # The hook must return at once: the session's reader starts after it.
-        task = asyncio.create_task(self._attest_quietly(record.node_id), name="attest-connect")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self._attest_quietly(record.node_id), name="attest-connect")
 
     async def _attest_quietly(self, node_id: str) -> None:
         try:

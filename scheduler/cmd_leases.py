@@ -13,14 +13,15 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gpuagent import leaserules
+from gpuagent import leaserules, market
 from gpuagent.configload import ConfigError, format_validation_error, read_yaml
 from gpuagent.units import ByteSize, Duration, format_duration, parse_duration
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
@@ -29,6 +30,10 @@ from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
 from .cmd_nodes import format_size
 from .leases_store import TERMINAL, state_name, state_value
+from .ledger import format_micros
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 class _Strict(BaseModel):
@@ -37,13 +42,104 @@ class _Strict(BaseModel):
 
 class PortFile(_Strict):
     container_port: int = Field(ge=1, le=65535)
-    protocol: str = Field(default="tcp", pattern="^(tcp|udp)$")
+    protocol: str = Field(default="tcp", pattern="^(http|tcp|udp)$")
+    name: str = Field(default="", max_length=leaserules.MAX_PORT_NAME)
+
+
+class HealthFile(_Strict):
+    """``health:`` (docs/leases-buyer.md); the scheduler checks the values at submit."""
+
+    path: str = Field(default="/", max_length=leaserules.MAX_HEALTH_PATH)
+    port: str | int = ""
+    initial_delay: Duration = Field(default=0.0, ge=0)
+    period: Duration = Field(default=0.0, ge=0)
+    timeout: Duration = Field(default=0.0, ge=0)
+    failure_threshold: int = Field(default=0, ge=0, le=leaserules.MAX_RESTARTS)
+    startup_grace: Duration = Field(default=0.0, ge=0)
+
+    def to_proto(self) -> leases_pb2.HealthCheck:
+        return leases_pb2.HealthCheck(
+            path=self.path,
+            port=str(self.port),
+            initial_delay=self.initial_delay,
+            period=self.period,
+            timeout=self.timeout,
+            failure_threshold=self.failure_threshold,
+            startup_grace=self.startup_grace,
+        )
 
 
 class RegistryAuthFile(_Strict):
     username: str = ""
     password: str = ""
     server: str = ""
+
+
+class ConstraintsFile(_Strict):
+    """Where the lease may go (docs/leases-buyer.md "Constraints")."""
+
+    region: str = ""
+    countries: list[str] = Field(default_factory=list, max_length=market.MAX_COUNTRIES)
+    min_uptime: float = Field(default=0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    min_bandwidth: int = Field(default=0, ge=0, le=market.MAX_BANDWIDTH_BPS)
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        return _market_check(market.check_name, value)
+
+    @field_validator("countries", mode="before")
+    @classmethod
+    def _countries(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [c for c in value.split(",") if c]
+        if isinstance(value, list):
+            out = []
+            for index, code in enumerate(value):
+                try:
+                    out.append(market.check_country(str(code), f"[{index}]"))
+                except market.MarketError as exc:
+                    raise ValueError(str(exc)) from None
+            return out
+        return value
+
+    @field_validator("min_uptime", mode="before")
+    @classmethod
+    def _uptime(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            try:
+                return float(value.strip()[:-1]) / 100
+            except ValueError:
+                raise ValueError(f"{value!r} is not a ratio (0.99 or 99%)") from None
+        return value
+
+    @field_validator("node_selector")
+    @classmethod
+    def _selector(cls, value: dict[str, str]) -> dict[str, str]:
+        return _market_check(market.check_selector, value)
+
+    @field_validator("min_bandwidth", mode="before")
+    @classmethod
+    def _bandwidth(cls, value: Any) -> Any:
+        return _market_check(market.parse_bandwidth, value)
+
+    def to_proto(self) -> leases_pb2.Constraints:
+        return leases_pb2.Constraints(
+            region=self.region,
+            countries=self.countries,
+            min_uptime_ratio=self.min_uptime,
+            node_selector=self.node_selector,
+            min_bandwidth_bits_per_second=self.min_bandwidth,
+        )
+
+
+def _market_check(check: Callable[[_T, str], _R], value: _T) -> _R:
+    """Run a gpuagent.market check inside a validator: pydantic adds the key path."""
+    try:
+        return check(value, "value")
+    except market.MarketError as exc:
+        raise ValueError(str(exc).removeprefix("value")) from None
 
 
 class LeaseFile(_Strict):
@@ -62,7 +158,13 @@ class LeaseFile(_Strict):
     memory: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     shm: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
     scratch: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
-    ports: list[PortFile] = Field(default_factory=list)
+    ports: list[PortFile] = Field(default_factory=list, max_length=leaserules.MAX_PORTS)
+    # "" (unset) rather than "never" by default: a batch lease's spec stays as it was.
+    restart: str = Field(default="", pattern="^(|never|on-failure|always)$")
+    max_restarts: int = Field(default=0, ge=0, le=leaserules.MAX_RESTARTS)
+    health: HealthFile | None = None
+    # "lease": the lease's own network (internet yes, LAN/host no); "none": loopback only.
+    network: Literal["lease", "none"] = "lease"
     max_duration: Duration = Field(default=0.0, le=leaserules.MAX_DURATION_S)
     price_max: int = Field(
         default=0, ge=0, le=leaserules.MAX_PRICE_MICROS, description="micro-units per GPU-hour"
@@ -72,6 +174,7 @@ class LeaseFile(_Strict):
     replace_on_lost: bool = False
     idempotency_key: str = ""
     registry_auth: RegistryAuthFile | None = None
+    constraints: ConstraintsFile = Field(default_factory=ConstraintsFile)
     # Services: no endpoint token asked at the relay (docs/services.md).
     public: bool = False
 
@@ -100,13 +203,21 @@ class LeaseFile(_Strict):
             shm_bytes=self.shm,
             scratch_bytes=self.scratch,
             ports=[
-                leases_pb2.PortSpec(container_port=p.container_port, protocol=p.protocol)
+                leases_pb2.PortSpec(
+                    container_port=p.container_port, protocol=p.protocol, name=p.name
+                )
                 for p in self.ports
             ],
             max_duration_seconds=round(self.max_duration),
+            network_mode="none" if self.network == "none" else "",
             price_micro_per_gpu_hour=self.price_max,
+            restart=self.restart,
+            max_restarts=self.max_restarts,
+            constraints=self.constraints.to_proto(),
             public=self.public,
         )
+        if self.health is not None:
+            spec.health.CopyFrom(self.health.to_proto())
         if self.registry_auth is not None:
             spec.registry_auth.CopyFrom(leases_pb2.RegistryAuth(**self.registry_auth.model_dump()))
         return leases_pb2.SubmitLeaseRequest(
@@ -132,12 +243,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     submit.add_argument("--env", action="append", metavar="K=V", help="environment (repeatable)")
     submit.add_argument("--price-max", type=int, help="ceiling, micro-units per GPU-hour")
     submit.add_argument("--max-duration", help="hard stop after this long, e.g. 10m")
+    submit.add_argument(
+        "--network",
+        choices=("lease", "none"),
+        help="lease: its own network (default); none: no network at all, only loopback",
+    )
     submit.add_argument("--buyer", help="account billed")
     submit.add_argument("--node", help="pin to this node (id or unique prefix)")
     submit.add_argument(
         "--replace-on-lost", action="store_true", default=None, help="re-place if the node dies"
     )
     submit.add_argument("--idempotency-key", help="retry-safe key; becomes the lease id")
+    submit.add_argument("--region", help="constraint: only nodes in this region")
+    submit.add_argument(
+        "--country",
+        action="append",
+        metavar="CC",
+        help="constraint: only nodes in these countries (ISO 3166-1 alpha-2; repeatable)",
+    )
+    submit.add_argument("--min-uptime", help="constraint: uptime over 30 days, 0.99 or 99%%")
+    submit.add_argument(
+        "--selector", action="append", metavar="K=V", help="constraint: node label (repeatable)"
+    )
+    submit.add_argument("--min-bandwidth", help="constraint: measured bandwidth, e.g. 1Gbit/s")
+    submit.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="quote only: the node, price and escrow, reserving nothing "
+        "(exit 0: placeable now, 3: it would wait)",
+    )
     submit.add_argument("--wait", action="store_true", help="follow state changes until it ends")
     submit.add_argument(
         "--wait-timeout", type=parse_duration, help="with --wait: give up after this long"
@@ -201,6 +335,21 @@ def _when(unix_nanos: int) -> str:
     return datetime.fromtimestamp(unix_nanos / 1e9, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def endpoint_lines(endpoints: Any) -> list[str]:
+    """One line per endpoint: name, protocol and port, url, readiness, last check, restarts."""
+    lines = []
+    for e in endpoints:
+        state = "ready" if e.ready else "not ready"
+        check = f"last check {_when(e.last_check_unix_nanos)}"
+        if e.last_result:
+            check += f" ({leaserules.clip(e.last_result, 120)})"
+        lines.append(
+            f"{e.name:<15} {e.protocol}/{e.container_port}  {e.url or '-'}  {state}  "
+            f"{check}  restarts {e.restarts}"
+        )
+    return lines
+
+
 def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
     """The SubmitLeaseRequest from the file (if any) with flags on top."""
     source = str(args.file) if args.file is not None else "command line"
@@ -213,6 +362,7 @@ def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
         "command": args.cmd,
         "price_max": args.price_max,
         "max_duration": args.max_duration,
+        "network": args.network,
         "buyer": args.buyer,
         "node": args.node,
         "replace_on_lost": args.replace_on_lost,
@@ -227,6 +377,28 @@ def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
                 raise UsageError(f"--env {item!r}: expected KEY=VALUE")
             env[key] = value
         data["env"] = env
+    constraints = dict(data.get("constraints") or {})
+    for key, value in (
+        ("region", args.region),
+        (
+            "countries",
+            [c for item in args.country for c in item.split(",")] if args.country else None,
+        ),
+        ("min_uptime", args.min_uptime),
+        ("min_bandwidth", args.min_bandwidth),
+    ):
+        if value is not None:
+            constraints[key] = value
+    if args.selector:
+        selector = dict(constraints.get("node_selector") or {})
+        for item in args.selector:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise UsageError(f"--selector {item!r}: expected KEY=VALUE")
+            selector[key] = value
+        constraints["node_selector"] = selector
+    if constraints:
+        data["constraints"] = constraints
     if "image" not in data:
         raise UsageError("no image: give a lease file or --image")
     try:
@@ -235,8 +407,13 @@ def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
         raise ConfigError(source, format_validation_error(LeaseFile, exc)) from None
 
 
+QUOTE_WOULD_WAIT = 3  # submit --dry-run: the lease would wait (0: placeable now)
+
+
 def _submit(args: argparse.Namespace) -> int:
     request = build_request(args)
+    if args.dry_run:
+        return _quote(args, request)
     try:
         lease = _call(args, "Submit", request)
     except _Failed:
@@ -250,6 +427,36 @@ def _submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     return _follow(args, lease.lease_id, args.wait_timeout)
+
+
+def quote_lines(quote: leases_pb2.LeaseQuote) -> list[str]:
+    if quote.placeable:
+        lines = [
+            f"would place on {quote.node_id}: {len(quote.gpu_uuids)} x {quote.gpu_model or 'GPU'}"
+            f" at {format_micros(quote.ask_micros_per_gpu_hour)}/GPU-hour",
+        ]
+    else:
+        lines = ["would wait: no node takes it now"]
+    lines.append(f"escrow:  submit reserves {format_micros(quote.escrow_micros)}")
+    lines.append(f"why:     {quote.reason}")
+    if quote.excluded:
+        lines.append(
+            "excluded: " + "; ".join(f"{n} {kind}" for kind, n in sorted(quote.excluded.items()))
+        )
+    lines.append(f"candidates: {quote.candidates}")
+    return lines
+
+
+def _quote(args: argparse.Namespace, request: leases_pb2.SubmitLeaseRequest) -> int:
+    try:
+        quote = _call(args, "Quote", request)
+    except _Failed:
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(MessageToDict(quote, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print("\n".join(quote_lines(quote)))
+    return 0 if quote.placeable else QUOTE_WOULD_WAIT
 
 
 def _follow(args: argparse.Namespace, lease_id: str, limit: float | None) -> int:
@@ -346,6 +553,8 @@ def _show(args: argparse.Namespace) -> int:
         f"image:       {spec.image}",
         f"command:     {command}",
         f"gpus:        {gpus}",
+        "network:     "
+        + ("none (loopback only)" if spec.network_mode == "none" else "its own (egress policy)"),
         f"price:       ceiling {spec.price_micro_per_gpu_hour}, accepted "
         f"{lease.accepted_price_micro_per_gpu_hour} micro-units per GPU-hour",
         "max runtime: "
@@ -359,6 +568,11 @@ def _show(args: argparse.Namespace) -> int:
     ]
     if lease.HasField("exit_code"):
         lines.append(f"exit code:   {lease.exit_code}")
+    if spec.restart and spec.restart != "never":
+        lines.append(f"restart:     {spec.restart}, {lease.restarts} restart(s) so far")
+    if lease.endpoints:
+        lines.append("endpoints:")
+        lines.extend(f"  {line}" for line in endpoint_lines(lease.endpoints))
     if lease.endpoint_token:
         lines.append(f"endpoint token: {lease.endpoint_token}")
     elif spec.public and spec.ports:

@@ -15,11 +15,13 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
+from gpuagent import market
 from gpuagent.units import parse_duration
 from gpuagent.v1 import acl_pb2, acl_pb2_grpc, common_pb2, inventory_pb2, nodes_pb2, nodes_pb2_grpc
 
 from .cli import UsageError
 from .client import RpcFailed, connection_parent, invoke
+from .ledger import format_micros
 from .placement import isolation_text
 
 _LIVENESS = {
@@ -118,6 +120,54 @@ def _gpu_summary(node: nodes_pb2.Node) -> str:
     return f"{len(gpus)}x {names[0]}" + (" (mixed)" if len(names) > 1 else "")
 
 
+def price_text(node: nodes_pb2.Node) -> str:
+    """The node's ask per GPU-hour in units: "1.5", "1.5-2.5" over several models;
+    "(label)"/"(default)" when it is not from the node's offer."""
+    asks = sorted({p.micros_per_gpu_hour for p in node.offer.pricing})
+    if not asks:
+        return "-"
+    text = format_micros(asks[0]) + (f"-{format_micros(asks[-1])}" if len(asks) > 1 else "")
+    return text if node.price_source in ("", "offer") else f"{text} ({node.price_source})"
+
+
+def market_lines(node: nodes_pb2.Node) -> list[str]:
+    """``nodes show``'s market section: asks, location, bandwidth declared and measured."""
+    offer = node.offer
+    loc = offer.location
+    where = ", ".join(
+        f"{k} {v}"
+        for k, v in (("country", loc.country), ("region", loc.region), ("zone", loc.zone))
+        if v
+    )
+    lines = [f"location:    {where or 'not given'}"]
+    source = {"label": " (from the old price label)", "default": " (coordinator default)"}.get(
+        node.price_source, ""
+    )
+    for price in offer.pricing:
+        lines.append(
+            f"ask:         {format_micros(price.micros_per_gpu_hour)}/GPU-hour for "
+            f"{price.gpu_model}{source}"
+        )
+    bw = offer.bandwidth
+    measured = "never measured"
+    if bw.bits_per_second:
+        measured = (
+            f"measured {market.format_bps(bw.bits_per_second)} "
+            f"({format_size(bw.bytes)} in {bw.elapsed_ns / 1e6:.0f} ms, "
+            f"{_ago(bw.measured_at_unix_nanos, time.time())})"
+        )
+    if bw.error:
+        measured += f"; the newest probe failed: {bw.error}"
+    declared = node.declared_bits_per_second
+    line = f"bandwidth:   {measured}"
+    if declared:
+        line += f"; declared {market.format_bps(declared)}"
+        if declared > bw.bits_per_second:
+            line += " (above the measured figure: placement uses the measured one)"
+    lines.append(line)
+    return lines
+
+
 def _list(args: argparse.Namespace) -> int:
     response = _call(args, "List", nodes_pb2.ListNodesRequest())
     if response is None:
@@ -126,7 +176,22 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps([MessageToDict(n) for n in response.nodes], indent=2))  # noqa: T201
         return 0
     now = time.time()
-    rows = [("NODE", "NAME", "STATE", "GPUS", "FREE", "UP 1H", "UP 24H", "UP 30D", "LAST SEEN")]
+    rows = [
+        (
+            "NODE",
+            "NAME",
+            "STATE",
+            "GPUS",
+            "FREE",
+            "PRICE",
+            "REGION",
+            "ATTESTED",
+            "UP 1H",
+            "UP 24H",
+            "UP 30D",
+            "LAST SEEN",
+        )
+    ]
     for n in response.nodes:
         rows.append(
             (
@@ -135,6 +200,9 @@ def _list(args: argparse.Namespace) -> int:
                 _LIVENESS.get(n.liveness, "unknown") + ("" if n.connected else " (disc.)"),
                 _gpu_summary(n),
                 str(len(n.free_gpu_uuids)),
+                price_text(n),
+                n.offer.location.region or "-",
+                "yes" if n.attested else "no",
                 _pct(n.uptime.ratio_1h),
                 _pct(n.uptime.ratio_24h),
                 _pct(n.uptime.ratio_30d),
@@ -189,6 +257,7 @@ def _show(args: argparse.Namespace) -> int:
         ),
         f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
         f"memory:      {format_size(host.memory_bytes)}",
+        *market_lines(node),
         "gpus:",
     ]
     for g in node.inventory.gpus:

@@ -59,7 +59,9 @@ class DatabaseConfig(Strict):
 
 
 class LivenessConfig(Strict):
-    heartbeat_interval: Duration = 10.0
+    # The range every agent clamps a coordinator's interval to (agent/link/session.py,
+    # PROTOCOL.md): outside it, agents would beat at another pace than liveness assumes.
+    heartbeat_interval: Duration = Field(default=10.0, ge=0.1, le=300.0)
     suspect_after_missed: int = Field(default=3, ge=1)
     offline_grace: Duration = Field(
         default=45.0, description="no heartbeat for this long -> offline (must exceed keepalive)"
@@ -80,12 +82,15 @@ class PlacementConfig(Strict):
         default=5.0, gt=0, description="placement pass for pending leases at least this often"
     )
     default_price_micros_per_gpu_hour: int = Field(
-        default=0, ge=0, description="a node's ask when its Hello has no price label"
+        default=0,
+        ge=0,
+        description="a node's ask for a GPU model it does not price (no offer price, no label)",
     )
     price_label: str = Field(
         default="price_micros_per_gpu_hour",
         min_length=1,
-        description="Hello label holding a node's ask (micro-units per GPU-hour)",
+        description="Hello label holding an older agent's one ask (micro-units per GPU-hour); "
+        "read only from agents whose Hello has no offer prices (docs/market.md)",
     )
     require_isolation: bool | None = Field(
         default=None,

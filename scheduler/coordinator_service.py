@@ -37,8 +37,6 @@ ConnectHook = Callable[[Session, NodeRecord], Awaitable[None]]
 AgentErrorHook = Callable[[Session, common_pb2.ProtocolError], Awaitable[None]]
 # Called after each Heartbeat is stored.
 HeartbeatHook = Callable[[Session, coordinator_pb2.Heartbeat], Awaitable[None]]
-# Lease ids the coordinator believes run on a node, for Welcome.known_lease_ids.
-KnownLeases = Callable[[str], Awaitable[list[str]]]
 _AGENT_KINDS = frozenset(
     f.name for f in coordinator_pb2.AgentMessage.DESCRIPTOR.oneofs_by_name["body"].fields
 )
@@ -125,7 +123,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self._connect_hooks: list[ConnectHook] = []
         self._error_hooks: list[AgentErrorHook] = []
         self._heartbeat_hooks: list[HeartbeatHook] = []
-        self.known_leases: KnownLeases | None = None
 
     def on(self, kind: str, handler: SessionHandler) -> None:
         """Route AgentMessage field ``kind`` (e.g. "usage_report") to ``handler``."""
@@ -227,9 +224,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         )
         reason = "agent closed the stream"
         try:
-            known: list[str] = []
-            if self.known_leases is not None:
-                known = await self.known_leases(record.node_id)
             await send(
                 coordinator_pb2.CoordinatorMessage(
                     welcome=coordinator_pb2.Welcome(
@@ -239,7 +233,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                         acked_usage_seq=record.acked_usage_seq,
                         server_time_unix_nanos=time.time_ns(),
                         draining=record.draining,
-                        known_lease_ids=known,
                         relay=self.relay,
                     )
                 )
@@ -380,6 +373,10 @@ def salvage_lease_update(update: Any) -> None:
     tail_limit = bounds.LIMITS["gpuagent.v1.LeaseUpdate.log_tail"]
     if len(update.log_tail) > tail_limit:
         update.log_tail = update.log_tail[-tail_limit:]
+    # A lease declares at most MAX_PORTS ports: more endpoints are an agent's bug.
+    del update.endpoints[leaserules.MAX_PORTS :]
+    for endpoint in update.endpoints:
+        endpoint.last_result = leaserules.clip(endpoint.last_result, 256)
     try:
         bounds.check(update, "lease_update")
     except bounds.BoundsError as exc:

@@ -241,7 +241,28 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     ALTER TABLE leases ADD COLUMN registry_auth_enc BLOB;
     """,
-    # Endpoint tokens (scheduler/endpoint_tokens.py): the relay checks the hash, the
+    # 6: service leases (issue #16): the latest endpoints an agent reported for a lease
+    # (serialized gpuagent.v1.Lease holding only its endpoints) and its restart count.
+    """
+    ALTER TABLE leases ADD COLUMN endpoints_pb BLOB;
+    ALTER TABLE leases ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 7: the market (docs/market.md): each node's offer (market.proto NodeOffer: prices
+    # per GPU model, location, measured bandwidth), and price history per GPU model,
+    # kept 30 days: kind 'ask' is the median ask of the online nodes at a sample,
+    # 'accepted' one row per lease placed, at the price it was placed at.
+    """
+    ALTER TABLE nodes ADD COLUMN offer BLOB;
+    CREATE TABLE price_history (
+        gpu_model TEXT NOT NULL,
+        at_ns INTEGER NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('ask', 'accepted')),
+        micros_per_gpu_hour INTEGER NOT NULL CHECK (micros_per_gpu_hour >= 0)
+    );
+    CREATE INDEX price_history_model ON price_history(gpu_model, kind, at_ns);
+    CREATE INDEX price_history_at ON price_history(at_ns);
+    """,
+    # 8: endpoint tokens (scheduler/endpoint_tokens.py): the relay checks the hash, the
     # buyer reads the sealed token back (lease show).
     """
     CREATE TABLE endpoint_tokens (

@@ -24,15 +24,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
-from . import placement
+from . import placement, uptime
+from .eligibility import Eligibility
 from .leases_store import (
     TERMINAL,
     CancelResult,
@@ -41,12 +43,42 @@ from .leases_store import (
     UpdateOutcome,
     state_name,
 )
-from .liveness import Liveness
+from .liveness import Liveness, is_online
+from .market import Asks, node_asks
 from .registry import NodeRecord, Registry, Session
 
 log = logging.getLogger(__name__)
 
-GpuEligible = Callable[[str, str], bool]  # (node_id, gpu_uuid) -> may take leases
+Placed = Callable[[str, int], None]  # (gpu model, ask per GPU-hour) of each lease placed
+
+# How often placement re-reads nodes' 30-day uptime: it moves slowly, and reading it
+# for every node on every pass is work a 1,000-node pass cannot spare. At most five
+# heartbeat intervals, so a node that just joined (uptime 0 at its first Hello, near
+# 1.0 a few heartbeats later: scheduler/uptime.py) is not held at 0 for long.
+UPTIME_REFRESH_S = 60.0
+UPTIME_REFRESH_HEARTBEATS = 5
+MONTH = dict(uptime.WINDOWS)["30d"]
+
+
+def request_for(
+    spec: leases_pb2.LeaseSpec, pinned: str = "", excluded: frozenset[str] = frozenset()
+) -> placement.Request:
+    """What placement is asked for a lease spec (one home: passes and quotes)."""
+    c = spec.constraints
+    return placement.Request(
+        gpu_count=spec.gpu_count,
+        gpu_model=spec.gpu_model,
+        gpu_min_memory_bytes=spec.gpu_min_memory_bytes,
+        price_ceiling_micros=spec.price_micro_per_gpu_hour,
+        pinned_node_id=pinned,
+        excluded=excluded,
+        region=c.region,
+        countries=frozenset(x.upper() for x in c.countries),
+        min_uptime=c.min_uptime_ratio,
+        node_selector=tuple(sorted(c.node_selector.items())),
+        min_bandwidth_bps=c.min_bandwidth_bits_per_second,
+        scratch_bytes=spec.scratch_bytes,
+    )
 
 
 @dataclass(frozen=True)
@@ -85,10 +117,15 @@ class _Capacity:
     heartbeat: coordinator_pb2.Heartbeat | None
     gpus: tuple[placement.GpuView, ...]  # free, healthy, not cordoned
     draining: bool
-    ask_micros: int
+    ask_micros: int  # the lowest ask of its free GPUs
     generation: int = 0  # NodeRecord.generation it was built from
     isolation_block: str = ""  # placement.isolation_block of the node's inventory
     view: placement.NodeView | None = None  # the last pass's view, reused while it holds
+    uniform_price: bool = True
+    market: placement.NodeMarket = placement.NO_MARKET
+    # The view's eligibility answer: built at this Eligibility.generation, good until then.
+    eligible_generation: int = -1
+    eligible_until_ns: int = 0
 
     def same_as(self, other: _Capacity) -> bool:
         return (
@@ -96,7 +133,20 @@ class _Capacity:
             and self.draining == other.draining
             and self.ask_micros == other.ask_micros
             and self.isolation_block == other.isolation_block
+            and self.market == other.market
         )
+
+
+def agent_spec(spec: leases_pb2.LeaseSpec) -> leases_pb2.LeaseSpec:
+    """The spec without its placement constraints: they are the coordinator's, already
+    applied, and an agent rejects a spec with fields it does not know (unknown_field),
+    as every agent before the market did."""
+    if not spec.HasField("constraints"):
+        return spec
+    out = leases_pb2.LeaseSpec()
+    out.CopyFrom(spec)
+    out.ClearField("constraints")
+    return out
 
 
 def _only_tried(decision: placement.Decision) -> bool:
@@ -118,20 +168,24 @@ class LeaseDispatcher:
         settings: DispatchSettings = DispatchSettings(),
         *,
         observe_placement: Callable[[float], None] | None = None,
-        gpu_eligible: GpuEligible | None = None,
+        eligibility: Eligibility | None = None,
+        on_placed: Placed | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.settings = settings
         self.observe_placement = observe_placement
-        # Set by attestation once it exists: a GPU that fails it takes no lease.
-        self.gpu_eligible = gpu_eligible
+        # Attestation and collateral: a GPU that fails either takes no lease.
+        self.eligibility = eligibility
         self._wake = asyncio.Event()
         self._place_lock = asyncio.Lock()
         self._offers: dict[str, _Offer] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
+        self.on_placed = on_placed
         self._bad_price: set[tuple[str, str]] = set()
+        self._uptimes: dict[str, float] = {}  # node -> 30-day uptime, refreshed slowly
+        self._uptimes_at = float("-inf")
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> session id whose first heartbeat completes the reconnect reconciliation
@@ -147,7 +201,6 @@ class LeaseDispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Placement passes until ``stop``: when kicked, and every ``retry_interval``."""
-        stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -155,41 +208,31 @@ class LeaseDispatcher:
                     await self.place_pending()
                 except Exception:  # one bad pass must not stop placement for good
                     log.exception("placement pass failed")
-                woken = asyncio.create_task(self._wake.wait())
-                await asyncio.wait(
-                    {woken, stopping},
-                    timeout=self.settings.retry_interval,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                woken.cancel()
+                await wait_any(self._wake, stop, within=self.settings.retry_interval)
         finally:
-            stopping.cancel()
             await self.shutdown()
 
     async def shutdown(self) -> None:
         """Stop waiting for offers; the store recovers in-flight offers on next start."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.cancel()
 
-    def _spawn(self, coro: object, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.spawn(coro, name=name)
 
     # -- placement -----------------------------------------------------------------
 
-    def ask_price(self, record: NodeRecord) -> int:
+    def asks(self, record: NodeRecord) -> Asks:
+        """The node's ask per GPU model: its offer, else its old label, else the default."""
+        asks = node_asks(
+            record.offer, record.labels, self.settings.default_ask_micros, self.settings.price_label
+        )
         raw = record.labels.get(self.settings.price_label)
-        if raw is None:
-            return self.settings.default_ask_micros
-        text = raw.strip()
-        if text.isdigit():
-            return int(text)
-        if (record.node_id, raw) not in self._bad_price:
+        if (
+            asks.source == "default"
+            and raw is not None
+            and (record.node_id, raw) not in self._bad_price
+        ):
+            # An old agent's label that is not a whole number would silently ask the default.
             self._bad_price.add((record.node_id, raw))
             log.warning(
                 "node price label is not a whole number of micro-units; using the default ask",
@@ -200,7 +243,51 @@ class LeaseDispatcher:
                     "default_ask": self.settings.default_ask_micros,
                 },
             )
-        return self.settings.default_ask_micros
+        return asks
+
+    def ask_price(self, record: NodeRecord) -> int:
+        """The node's lowest ask over its GPU models (what a node of one model asks)."""
+        asks = self.asks(record)
+        models = {g.name for g in record.inventory.gpus}
+        return min((asks.for_model(m) for m in models), default=asks.default)
+
+    def _market(self, record: NodeRecord) -> placement.NodeMarket:
+        """Built with the node's capacity (each Hello, OfferUpdate, capacity change)."""
+        offer = record.offer
+        scratch = record.inventory.scratch if record.inventory.HasField("scratch") else None
+        return placement.NodeMarket(
+            region=offer.location.region,
+            country=offer.location.country,
+            labels=record.labels,
+            uptime_30d=self._uptimes.get(record.node_id, 0.0),
+            bandwidth_bps=offer.bandwidth.bits_per_second,
+            scratch_free_bytes=scratch.free_bytes if scratch is not None else None,
+        )
+
+    def _refresh_uptimes(self) -> None:
+        """Every UPTIME_REFRESH_S: re-read 30-day uptimes; a changed one updates its
+        node's cached market view (and so its placement view)."""
+        now = self.registry.clock()
+        every = min(
+            UPTIME_REFRESH_S, UPTIME_REFRESH_HEARTBEATS * self.registry.policy.heartbeat_interval
+        )
+        if now - self._uptimes_at < every:
+            return
+        self._uptimes_at = now
+        for node_id, record in self.registry.nodes.items():
+            ratio = uptime.ratio(record.spans, now, MONTH, record.first_seen)
+            old = self._uptimes.get(node_id)
+            self._uptimes[node_id] = ratio
+            capacity = self._capacities.get(node_id)
+            if capacity is not None and (old is None or abs(old - ratio) >= 1e-4):
+                capacity.market = replace(capacity.market, uptime_30d=ratio)
+
+    def offer_changed(self, node_id: str) -> None:
+        """After an OfferUpdate: the node's prices and market view rebuild at the next
+        pass (new leases pay the new ask; placed ones keep theirs)."""
+        self._capacities.pop(node_id, None)
+        if self.store.counts.get("pending", 0) > 0:
+            self.kick()
 
     def _capacity(self, record: NodeRecord) -> _Capacity:
         """The node's free healthy GPUs and price, rebuilt only when its heartbeat changed
@@ -232,16 +319,22 @@ class LeaseDispatcher:
             if h.state == inventory_pb2.GpuHealth.HEALTHY and not h.cordoned
         }
         free = set(hb.free_gpu_uuids) & usable
+        asks = self.asks(record)
         gpus = tuple(
-            placement.GpuView(gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index)
+            placement.GpuView(
+                gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index, asks.for_model(gpu.name)
+            )
             for gpu in record.inventory.gpus
             if gpu.uuid in free
         )
+        prices = {g.ask_micros for g in gpus}
         capacity = _Capacity(
             heartbeat=heartbeat,
             gpus=gpus,
             draining=hb.draining,
-            ask_micros=self.ask_price(record),
+            ask_micros=min(prices) if prices else self.ask_price(record),
+            uniform_price=len(prices) <= 1,
+            market=self._market(record),
             generation=record.generation,
             # Inventory changes only with a Hello, which bumps the generation.
             isolation_block=placement.isolation_block(
@@ -262,12 +355,22 @@ class LeaseDispatcher:
                 held.setdefault(row.node_id, set()).update(row.gpu_uuids)
         registry = self.registry
         now = registry.clock()
-        suspect_after = registry.policy.suspect_after
-        eligible = self.gpu_eligible
+        policy = registry.policy
+        # None when no rule can refuse a GPU. Otherwise a node's last answer is reused
+        # while no verdict or collateral changed and none of its verdicts expired, so
+        # the fast path below still serves every unchanged node.
+        eligibility = (
+            self.eligibility
+            if self.eligibility is not None and self.eligibility.restricts
+            else None
+        )
+        generation = eligibility.generation if eligibility is not None else 0
+        now_ns = round(now * 1e9)
         views: list[placement.NodeView] = []
         append = views.append
         capacities = self._capacities
         sessions = registry.sessions
+        self._refresh_uptimes()
         for node_id, record in registry.nodes.items():
             capacity = capacities.get(node_id)
             if capacity is None or capacity.heartbeat is not record.last_heartbeat:
@@ -279,9 +382,15 @@ class LeaseDispatcher:
                 and view.online
                 and not view.draining
                 and view.free_gpus is capacity.gpus
-                and seen is not None
-                and now - seen <= suspect_after
-                and eligible is None
+                and view.market is capacity.market  # uptime refreshes replace it
+                and is_online(policy, seen, now)
+                and (
+                    eligibility is None
+                    or (
+                        capacity.eligible_generation == generation
+                        and now_ns < capacity.eligible_until_ns
+                    )
+                )
                 and node_id in sessions
                 and not record.draining
                 and not capacity.draining
@@ -293,18 +402,19 @@ class LeaseDispatcher:
                 append(view)
                 continue
             connected = node_id in sessions
-            # Inline liveness: ONLINE exactly when heard from within suspect_after
-            # (liveness.evaluate); the full evaluation only for the reason text.
-            seen = record.last_seen
-            online = connected and seen is not None and now - seen <= suspect_after
+            # The full evaluation only for the reason text.
+            online = connected and is_online(policy, seen, now)
             draining = record.draining or capacity.draining
             gpus = capacity.gpus
             if online and not draining and gpus:
                 taken = held.get(node_id)
                 if taken:
                     gpus = tuple(g for g in gpus if g.uuid not in taken)
-                if eligible is not None:
-                    gpus = tuple(g for g in gpus if eligible(node_id, g.uuid))
+                if eligibility is not None:
+                    kept, until = eligibility.filter(node_id, gpus, now_ns)
+                    gpus = tuple(kept) if kept is not gpus else gpus
+                    capacity.eligible_generation = generation
+                    capacity.eligible_until_ns = until
             offline_reason = "online"
             if not connected:
                 offline_reason = "not connected"
@@ -317,6 +427,7 @@ class LeaseDispatcher:
                 or view.offline_reason != offline_reason
                 or view.free_gpus != gpus  # same objects: an identity check per GPU
                 or view.isolation_block != capacity.isolation_block
+                or view.market is not capacity.market
             ):
                 # Building a frozen dataclass per node per pass is most of a pass's cost;
                 # a node whose view did not change reuses last pass's.
@@ -328,6 +439,8 @@ class LeaseDispatcher:
                     free_gpus=gpus,
                     offline_reason=offline_reason,
                     isolation_block=capacity.isolation_block,
+                    market=capacity.market,
+                    uniform_price=capacity.uniform_price,
                 )
                 capacity.view = view
             append(view)
@@ -344,14 +457,8 @@ class LeaseDispatcher:
             nodes = self.node_views(holding)
             offers = 0
             for row in pending:
-                spec = row.spec
-                request = placement.Request(
-                    gpu_count=spec.gpu_count,
-                    gpu_model=spec.gpu_model,
-                    gpu_min_memory_bytes=spec.gpu_min_memory_bytes,
-                    price_ceiling_micros=spec.price_micro_per_gpu_hour,
-                    pinned_node_id=row.pinned_node_id,
-                    excluded=frozenset(tried.get(row.lease_id, ())),
+                request = request_for(
+                    row.spec, row.pinned_node_id, frozenset(tried.get(row.lease_id, ()))
                 )
                 started = time.perf_counter()
                 decision = placement.choose(nodes, request)
@@ -405,10 +512,20 @@ class LeaseDispatcher:
                     },
                 )
                 nodes = placement.take(nodes, chosen)
+                if self.on_placed is not None:
+                    self.on_placed(chosen.gpu_model, chosen.ask_micros)
                 self._offers[row.lease_id] = _Offer(chosen.node_id)
                 self._spawn(self._offer(offered), f"offer-{row.lease_id}")
                 offers += 1
             return offers
+
+    async def quote(self, spec: leases_pb2.LeaseSpec, pinned: str = "") -> placement.Decision:
+        """What a pass would decide for ``spec`` now, reserving nothing (Leases.Quote).
+
+        Read-only: the same views and the same ``choose`` as a pass; leases already
+        waiting ahead of it are not counted against the nodes it finds."""
+        _pending, holding, _tried = await self.store.placement_view()
+        return placement.choose(self.node_views(holding), request_for(spec, pinned))
 
     async def _offer(self, row: LeaseRow) -> None:
         assert row.node_id is not None
@@ -442,7 +559,9 @@ class LeaseDispatcher:
         if session is None:
             return "unreachable", "node has no open stream"
         assign = leases_pb2.LeaseAssign(
-            lease_id=row.lease_id, spec=self.store.assign_spec(row), gpu_uuids=row.gpu_uuids
+            lease_id=row.lease_id,
+            spec=agent_spec(self.store.assign_spec(row)),
+            gpu_uuids=row.gpu_uuids,
         )
         try:
             await session.send(_message(lease_assign=assign))
@@ -532,10 +651,6 @@ class LeaseDispatcher:
         await session.send(_message(lease_update_ack=ack))
 
     # -- sessions, heartbeats, liveness -----------------------------------------------
-
-    async def known_lease_ids(self, node_id: str) -> list[str]:
-        """For Welcome: leases the coordinator believes run on ``node_id``."""
-        return [r.lease_id for r in await self.store.on_node(node_id) if r.state != "pending"]
 
     async def on_connect(self, session: Session, record: NodeRecord) -> None:
         """After Welcome: cancel what the node should not run; reconcile the rest at the

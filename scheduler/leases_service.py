@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
-from gpuagent import bounds, leaserules
+from gpuagent import bounds, leaserules, market
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
 from .auth.interceptor import Principal, caller
@@ -28,6 +28,7 @@ from .leases_store import (
     NewLease,
     state_name,
 )
+from .ledger import format_micros, reservation_micros
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -37,15 +38,11 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-# Lease ids name the agent's container and scratch dir: path-safe, like the agent checks.
-LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MAX_GPUS = 64
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 # List answers stop adding leases past this many bytes, well under gRPC's 4 MiB
 # default, so a page of big specs never outgrows what a client accepts.
 MAX_PAGE_BYTES = 2 * 1024 * 1024
-_HOSTILE = ("privileged", "host_network", "volumes", "devices", "cap_add")
 
 
 class SpecError(ValueError):
@@ -76,25 +73,67 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
     env = sum(len(k.encode()) + len(v.encode()) + 2 for k, v in spec.env.items())
     if env > leaserules.MAX_ENV_BYTES:
         raise SpecError(f"spec.env: {env} bytes, over the {leaserules.MAX_ENV_BYTES} allowed")
-    if not 1 <= spec.gpu_count <= MAX_GPUS:
-        raise SpecError(f"spec.gpu_count: must be 1..{MAX_GPUS}, got {spec.gpu_count}")
+    if not 1 <= spec.gpu_count <= leaserules.MAX_GPUS_PER_LEASE:
+        raise SpecError(
+            f"spec.gpu_count: must be 1..{leaserules.MAX_GPUS_PER_LEASE}, got {spec.gpu_count}"
+        )
     if not math.isfinite(spec.cpus) or spec.cpus < 0:
         raise SpecError(f"spec.cpus: must be a finite number >= 0, got {spec.cpus}")
-    for name in _HOSTILE:
+    for name in leaserules.SCHEDULER_REFUSED_FIELDS:
         field = spec.DESCRIPTOR.fields_by_name[name]
         value = getattr(spec, name)
         if (field.is_repeated and len(value)) or (not field.is_repeated and value):
             raise SpecError(
                 f"spec.{name}: not allowed; agents never grant it and would reject the lease"
             )
+    if spec.network_mode not in leaserules.BUYER_NETWORK_MODES:
+        raise SpecError(
+            f"spec.network_mode: {spec.network_mode[:64]!r} is not allowed "
+            "(empty for the lease's own network, or none)"
+        )
+    if spec.network_mode == "none" and spec.ports:
+        raise SpecError(f"spec.network_mode: {leaserules.PORTS_WITHOUT_NETWORK}")
     for key in spec.env:
         if not key or "=" in key or "\0" in key:
             raise SpecError(f"spec.env[{key!r}]: names must be non-empty without '=' or NUL")
-    for index, port in enumerate(spec.ports):
-        if not 1 <= port.container_port <= 65535:
-            raise SpecError(f"spec.ports[{index}].container_port: must be 1..65535")
-        if port.protocol not in ("", "tcp", "udp"):
-            raise SpecError(f"spec.ports[{index}].protocol: must be tcp or udp")
+    # Ports, restart policy and health check: the agent's own rules (gpuagent.leaserules).
+    ports = [leaserules.Port(p.name, p.container_port, p.protocol) for p in spec.ports]
+    try:
+        leaserules.check_ports(ports)
+        leaserules.check_restart(spec.restart, spec.max_restarts)
+        if spec.HasField("health"):
+            h = spec.health
+            leaserules.check_health(
+                leaserules.Health(
+                    h.path,
+                    h.port,
+                    h.initial_delay,
+                    h.period,
+                    h.timeout,
+                    h.failure_threshold,
+                    h.startup_grace,
+                ),
+                ports,
+            )
+    except leaserules.RuleError as exc:
+        raise SpecError(f"spec.{exc}") from None
+    validate_constraints(spec.constraints)
+
+
+def validate_constraints(c: leases_pb2.Constraints) -> None:
+    """Market constraints (docs/leases-buyer.md): a region with no nodes is fine (the
+    lease waits); a malformed one is refused here, naming the key."""
+    where = "spec.constraints"
+    try:
+        market.check_name(c.region, f"{where}.region")
+        market.check_countries(c.countries, f"{where}.countries")
+        market.check_ratio(c.min_uptime_ratio, f"{where}.min_uptime_ratio")
+        market.check_selector(c.node_selector, f"{where}.node_selector")
+        market.check_bandwidth(
+            c.min_bandwidth_bits_per_second, f"{where}.min_bandwidth_bits_per_second"
+        )
+    except market.MarketError as exc:
+        raise SpecError(str(exc)) from None
 
 
 async def _abort(context: Context, code: grpc.StatusCode, text: str) -> NoReturn:
@@ -115,16 +154,28 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         dispatcher: LeaseDispatcher,
         registry: Registry,
         *,
+        escrow: bool = False,
         tokens: EndpointTokens | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.registry = registry
+        self.escrow = escrow  # ledger.escrow: Submit reserves the lease's maximum cost
         self.tokens = tokens
+        # (lease id, port name) -> the buyer's URL at the relay; None = no relay.
+        self.endpoint_url: Callable[[str, str], str] | None = None
+
+    def _with_urls(self, lease: leases_pb2.Lease) -> leases_pb2.Lease:
+        """The coordinator fills each reported endpoint's URL (the agent cannot know it)."""
+        if self.endpoint_url is not None:
+            for endpoint in lease.endpoints:
+                endpoint.url = self.endpoint_url(lease.lease_id, endpoint.name)
+        return lease
 
     async def _with_token(self, who: Principal, lease: leases_pb2.Lease) -> leases_pb2.Lease:
         """The endpoint token goes to the lease's buyer only: not to its provider, and not
         to an admin acting for the buyer (who can rotate it instead)."""
+        self._with_urls(lease)
         if self.tokens is not None and lease.buyer == who.account and lease.spec.ports:
             lease.endpoint_token = await self.tokens.token(lease.lease_id)
         return lease
@@ -146,9 +197,10 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {lease_id[:140]!r}")
         return row
 
-    async def Submit(
+    async def _checked(
         self, request: leases_pb2.SubmitLeaseRequest, context: Context
-    ) -> leases_pb2.Lease:
+    ) -> tuple[str, str]:
+        """(buyer, pinned node id) of a request Submit would take; else the call aborts."""
         who = caller()
         buyer = who.account
         if request.buyer and request.buyer != who.account:
@@ -165,12 +217,11 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         except SpecError as exc:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         key = request.idempotency_key
-        if key and not LEASE_ID_RE.match(key):
+        if key and not leaserules.LEASE_ID_RE.match(key):
             await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "idempotency_key: 1-128 letters, digits, '.', '_' or '-', starting with a "
-                "letter or digit (it becomes the lease id)",
+                f"idempotency_key: {leaserules.LEASE_ID_RULE} (it becomes the lease id)",
             )
         if len(buyer) > 128:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "buyer: at most 128 characters")
@@ -184,8 +235,47 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                     f"node_id: no node with id or unique prefix {request.node_id[:80]!r}",
                 )
             pinned = record.node_id
+        return buyer, pinned
+
+    async def Quote(
+        self, request: leases_pb2.SubmitLeaseRequest, context: Context
+    ) -> leases_pb2.LeaseQuote:
+        """What Submit would do now: the node, its price, the escrow; nothing reserved."""
+        _buyer, pinned = await self._checked(request, context)
+        spec = request.spec
+        decision = await self.dispatcher.quote(spec, pinned)
+        escrow = 0
+        if self.escrow:
+            escrow = reservation_micros(
+                spec.price_micro_per_gpu_hour, spec.gpu_count, spec.max_duration_seconds
+            )
+        quote = leases_pb2.LeaseQuote(
+            placeable=decision.placement is not None,
+            escrow_micros=escrow,
+            reason=decision.summary(),
+            excluded=decision.skipped_counts(),
+            candidates=decision.candidates,
+        )
+        chosen = decision.placement
+        if chosen is not None:
+            quote.node_id = chosen.node_id
+            quote.gpu_uuids.extend(chosen.gpu_uuids)
+            quote.ask_micros_per_gpu_hour = chosen.ask_micros
+            quote.gpu_model = chosen.gpu_model
+        if escrow:
+            quote.reason += (
+                f"; submit reserves {format_micros(escrow)} (the ceiling "
+                f"{format_micros(spec.price_micro_per_gpu_hour)}/GPU-hour x {spec.gpu_count} "
+                f"GPU x {spec.max_duration_seconds}s); usage is charged at the node's ask"
+            )
+        return quote
+
+    async def Submit(
+        self, request: leases_pb2.SubmitLeaseRequest, context: Context
+    ) -> leases_pb2.Lease:
+        buyer, pinned = await self._checked(request, context)
         new = NewLease(
-            lease_id=key or f"lease-{uuid.uuid4().hex[:20]}",
+            lease_id=request.idempotency_key or f"lease-{uuid.uuid4().hex[:20]}",
             buyer=buyer,
             spec=request.spec,
             pinned_node_id=pinned,
@@ -210,15 +300,15 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                 },
             )
             self.dispatcher.kick()
-        return await self._with_token(who, row.to_proto())
+        return await self._with_token(caller(), row.to_proto())
 
     async def Get(self, request: leases_pb2.GetLeaseRequest, context: Context) -> leases_pb2.Lease:
         who = caller()
         row = await self._row(context, request.lease_id, who)
         lease = row.to_proto(await self.store.events(row.lease_id))
-        return (
-            _provider_view(lease) if who.role == "provider" else await self._with_token(who, lease)
-        )
+        if who.role == "provider":
+            return self._with_urls(_provider_view(lease))
+        return await self._with_token(who, lease)
 
     async def List(
         self, request: leases_pb2.ListLeasesRequest, context: Context
@@ -261,7 +351,7 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         response = leases_pb2.ListLeasesResponse()
         used = 0
         for index, row in enumerate(rows):
-            lease = row.to_proto()
+            lease = self._with_urls(row.to_proto())
             if who.role == "provider":
                 _provider_view(lease)
             used += lease.ByteSize()

@@ -43,7 +43,8 @@ _COLUMNS = (
     " accepted_price_micros_per_gpu_hour, max_duration_s, pinned_node_id, replace_on_lost,"
     " node_id, gpu_uuids_json, state, exit_code, reason, log_tail, container_id,"
     " last_update_seq, created_ns, updated_ns, placed_ns, started_ns, ended_ns,"
-    " cancel_requested_ns, attempts, expires_at_ns, registry_auth_enc"
+    " cancel_requested_ns, attempts, expires_at_ns, registry_auth_enc,"
+    " endpoints_pb, restarts"
 )
 
 
@@ -96,6 +97,9 @@ class LeaseRow:
     expires_at_ns: int
     # The spec's registry_auth, sealed (secretbox); row.spec never holds it.
     registry_auth_enc: bytes | None = None
+    # The latest endpoints the node reported (serialized in a Lease), and restarts.
+    endpoints_pb: bytes | None = None
+    restarts: int = 0
     rowid: int = 0  # set by list_leases, for paging
 
     @property
@@ -133,6 +137,8 @@ class LeaseRow:
             attempts=int(row[23]),  # type: ignore[call-overload]
             expires_at_ns=int(row[24]),  # type: ignore[call-overload]
             registry_auth_enc=bytes(row[25]) if row[25] is not None else None,  # type: ignore[call-overload]
+            endpoints_pb=bytes(row[26]) if row[26] is not None else None,  # type: ignore[call-overload]
+            restarts=int(row[27] or 0),  # type: ignore[call-overload]
         )
 
     def to_proto(self, events: Iterable[leases_pb2.LeaseEvent] = ()) -> leases_pb2.Lease:
@@ -159,6 +165,11 @@ class LeaseRow:
         )
         if self.exit_code is not None:
             lease.exit_code = self.exit_code
+        if self.endpoints_pb:
+            held = leases_pb2.Lease()
+            held.ParseFromString(self.endpoints_pb)
+            lease.endpoints.extend(held.endpoints)
+        lease.restarts = self.restarts
         return lease
 
 
@@ -717,6 +728,13 @@ class LeaseStore:
                 columns["container_id"] = update.container_id
             if update.gpu_uuids:
                 columns["gpu_uuids_json"] = json.dumps(list(update.gpu_uuids))
+            if update.endpoints or update.restarts:
+                # The agent's view of the ports; the url is the coordinator's to fill.
+                held = leases_pb2.Lease(endpoints=update.endpoints)
+                for endpoint in held.endpoints:
+                    endpoint.url = ""
+                columns["endpoints_pb"] = held.SerializeToString()
+                columns["restarts"] = update.restarts
             if state == "running" and row.started_ns is None:
                 columns["started_ns"] = now
                 if row.max_duration_s:

@@ -7,7 +7,8 @@ balance it changes. The functions here take the sqlite connection of a
 transaction already open on the Database thread (``Database.call`` or the
 lease store's hooks), so a lease's state change and its money move together.
 
-Invariants (tests/test_ledger_properties.py checks them with hypothesis):
+Invariants (tests/test_ledger.py::test_balance_escrow_and_spent_are_conserved
+checks them with hypothesis):
 
 - per buyer: ``balance + escrow held + spent == deposited``, where held is
   ``reserved - settled - released`` summed over the buyer's leases;
@@ -542,13 +543,6 @@ def collateral_ok(conn: sqlite3.Connection, node_id: str, policy: LedgerPolicy) 
         return True
     found = collateral(conn, node_id)
     return found is not None and found.available_micros >= policy.min_collateral_micros
-
-
-def eligible_nodes(
-    conn: sqlite3.Connection, node_ids: set[str] | frozenset[str], policy: LedgerPolicy
-) -> set[str]:
-    """The subset of ``node_ids`` placement may put leases on (collateral suffices)."""
-    return {n for n in node_ids if collateral_ok(conn, n, policy)}
 
 
 def check_uptime(

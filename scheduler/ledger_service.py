@@ -148,7 +148,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         # synchronous filter (node_eligible) never waits on it.
         self._available: dict[str, int] = {}
         # Called when a node's eligibility may have changed (e.g. dispatcher.kick).
-        self.on_eligibility_change: Callable[[], None] | None = None
+        self._eligibility_listeners: list[Callable[[], None]] = []
 
     async def load(self) -> None:
         """Read every node's collateral; call once at startup, after the database opens."""
@@ -161,8 +161,15 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
 
     def _collateral_changed(self, node_id: str, found: ledger.Collateral | None) -> None:
         self._available[node_id] = found.available_micros if found else 0
-        if self.on_eligibility_change is not None:
-            self.on_eligibility_change()
+        self._eligibility_changed()
+
+    def on_eligibility_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a node's collateral eligibility may have changed."""
+        self._eligibility_listeners.append(listener)
+
+    def _eligibility_changed(self) -> None:
+        for listener in self._eligibility_listeners:
+            listener()
 
     def node_eligible(self, node_id: str) -> bool:
         """Placement's collateral rule: unslashed stake >= ``ledger.min_collateral_micros``."""
@@ -400,8 +407,7 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         slashed = await self.db.call(txn)
         if slashed:
             await self.load()
-            if self.on_eligibility_change is not None:
-                self.on_eligibility_change()
+            self._eligibility_changed()
         return slashed
 
     async def release_due(self) -> list[str]:

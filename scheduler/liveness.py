@@ -35,15 +35,20 @@ class LivenessPolicy:
         return self.heartbeat_interval * self.suspect_after_missed
 
 
+def is_online(policy: LivenessPolicy, last_seen: float | None, now: float) -> bool:
+    """The one "online" rule: heard from within ``suspect_after`` (None: never heard)."""
+    return last_seen is not None and now - last_seen <= policy.suspect_after
+
+
 def evaluate(
     policy: LivenessPolicy, last_seen: float | None, now: float, scheduler_started: float
 ) -> Liveness:
     """Liveness of a node last heard from at ``last_seen`` (None: never), all wall clock."""
     if last_seen is None:
         return Liveness.OFFLINE
-    silence = now - last_seen
-    if silence <= policy.suspect_after:
+    if is_online(policy, last_seen, now):
         return Liveness.ONLINE
+    silence = now - last_seen
     if silence <= policy.offline_grace:
         return Liveness.SUSPECT
     not_seen_since_start = last_seen < scheduler_started

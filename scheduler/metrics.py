@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
@@ -46,6 +46,8 @@ USAGE_DUPLICATES = "gpu_scheduler_usage_records_duplicate"  # counter
 HEARTBEATS = "gpu_scheduler_heartbeats"  # counter: rate() = heartbeats per second
 ATTESTATIONS = "gpu_scheduler_attestations"  # counter, label outcome
 BUILD = "gpu_scheduler_build"  # info
+PRICE_ASK = "gpu_scheduler_price_ask_per_gpu_hour"  # gauge, label gpu_model
+PRICE_ACCEPTED = "gpu_scheduler_price_accepted_per_gpu_hour"  # gauge, label gpu_model
 
 NODE_STATES = ("online", "suspect", "offline", "draining")
 LEASE_STATES = (
@@ -68,6 +70,17 @@ PLACEMENT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 StateCounts = Callable[[], Mapping[str, int]]
 
 
+class _Prices(Protocol):
+    @property
+    def ask_median_micros(self) -> int | None: ...
+
+    @property
+    def accepted_median_micros(self) -> int | None: ...
+
+
+PriceSource = Callable[[], Mapping[str, _Prices]]
+
+
 class _FleetCollector(Collector):
     def __init__(self, metrics: SchedulerMetrics) -> None:
         self._metrics = metrics
@@ -79,6 +92,35 @@ class _FleetCollector(Collector):
         m = self._metrics
         yield _state_family(NODES, "Nodes known to the scheduler, by state", NODE_STATES, m.nodes)
         yield _state_family(LEASES, "Leases, by state", LEASE_STATES, m.leases)
+        yield from _price_families(m.prices)
+
+
+def _price_families(fn: PriceSource | None) -> Iterable[Metric]:
+    ask = GaugeMetricFamily(
+        PRICE_ASK,
+        "Median ask of the online nodes per GPU-hour, by GPU model, in units of the "
+        "settlement currency (price history sample)",
+        labels=["gpu_model"],
+    )
+    accepted = GaugeMetricFamily(
+        PRICE_ACCEPTED,
+        "Median price per GPU-hour of the leases placed in the last 24 h, by GPU model, "
+        "in units of the settlement currency",
+        labels=["gpu_model"],
+    )
+    if fn is not None:
+        try:
+            prices = fn()
+        except Exception:
+            log.exception("metrics snapshot failed", extra={"metric": PRICE_ASK})
+            prices = {}
+        for model, p in prices.items():
+            if p.ask_median_micros is not None:
+                ask.add_metric([model], p.ask_median_micros / 1e6)
+            if p.accepted_median_micros is not None:
+                accepted.add_metric([model], p.accepted_median_micros / 1e6)
+    yield ask
+    yield accepted
 
 
 def _state_family(
@@ -109,6 +151,7 @@ class SchedulerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.nodes = nodes
         self.leases = leases
+        self.prices: PriceSource | None = None  # price history (scheduler/price_history.py)
         ProcessCollector(registry=self.registry)
         Info(BUILD, "Scheduler build; value is always 1", registry=self.registry).info(
             {"version": __version__, "protocol": PROTOCOL_VERSION}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -13,6 +14,7 @@ from gpuagent.v1 import coordinator_pb2, nodes_pb2, nodes_pb2_grpc
 from .attestation import AttestationManager, AttestError, InFlight, NotConnected
 from .auth import store as acl_store
 from .auth.interceptor import Principal, caller
+from .market import Asks, declared_bps
 from .registry import NodeRecord, Registry
 
 # Nodes.Attest with wait and no deadline waits at most this long.
@@ -23,9 +25,19 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
     def __init__(self, registry: Registry, attestation: AttestationManager | None = None) -> None:
         self.registry = registry
         self.attestation = attestation
+        # The dispatcher's pricing (offer, else label, else default), set by the server.
+        self.asks: Callable[[NodeRecord], Asks] | None = None
 
     def _view(self, record: NodeRecord, who: Principal | None = None) -> nodes_pb2.Node:
         node = self.registry.to_proto(record)
+        node.offer.CopyFrom(record.offer)
+        node.declared_bits_per_second = declared_bps(record.inventory)
+        if self.asks is not None:
+            asks = self.asks(record)
+            node.price_source = asks.source
+            del node.offer.pricing[:]
+            for model in dict.fromkeys(g.name for g in record.inventory.gpus):
+                node.offer.pricing.add(gpu_model=model, micros_per_gpu_hour=asks.for_model(model))
         if self.attestation is not None:
             node.attested = self.attestation.attested(record.node_id)
             node.attestations.extend(r.to_proto() for r in self.attestation.latest(record.node_id))
@@ -141,6 +153,8 @@ def market_view(node: nodes_pb2.Node) -> None:
     host.ClearField("hostname")
     host.ClearField("kernel")
     host.ClearField("disks")
+    for nic in host.interfaces:
+        nic.ClearField("name")
     for gpu in node.inventory.gpus:
         gpu.ClearField("serial")
         gpu.ClearField("pci_bus_id")

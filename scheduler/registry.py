@@ -24,12 +24,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from gpuagent.v1 import coordinator_pb2, inventory_pb2, nodes_pb2
+from gpuagent.v1 import coordinator_pb2, inventory_pb2, market_pb2, nodes_pb2
 
 from . import uptime
 from .db import Database
 from .group_commit import GroupCommit
-from .liveness import Liveness, LivenessPolicy, evaluate
+from .liveness import Liveness, LivenessPolicy, evaluate, is_online
+from .market import clean_offer
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class NodeRecord:
     # Provider account the node is bound to (first Hello with an enrolment token);
     # "" for a node that joined under registration: open.
     owner: str = ""
+    # Prices, location, measured bandwidth (Hello, then OfferUpdate): docs/market.md.
+    offer: market_pb2.NodeOffer = field(default_factory=market_pb2.NodeOffer)
 
 
 @dataclass
@@ -166,9 +169,17 @@ class Registry:
             )
             return records
 
+        def read_offers(conn: sqlite3.Connection) -> list[tuple[str, bytes]]:
+            return conn.execute(
+                "SELECT node_id, offer FROM nodes WHERE offer IS NOT NULL"
+            ).fetchall()
+
         for record in await self.db.call(read):
             self.nodes[record.node_id] = record
             record.liveness = self.liveness(record)
+        for node_id, blob in await self.db.call(read_offers):
+            if node_id in self.nodes:
+                self.nodes[node_id].offer.ParseFromString(blob)
         log.info("node registry loaded", extra={"nodes": len(self.nodes)})
 
     def liveness(self, record: NodeRecord) -> Liveness:
@@ -178,12 +189,12 @@ class Registry:
         """Re-evaluate every node; log and return the transitions."""
         changes = []
         now = self.clock()
-        suspect_after = self.policy.suspect_after
+        policy = self.policy
         online = Liveness.ONLINE
         started = self.started_at
         for record in self.nodes.values():
             seen = record.last_seen
-            if seen is not None and now - seen <= suspect_after and record.liveness is online:
+            if record.liveness is online and is_online(policy, seen, now):
                 # Most of a fleet, most of the time: no change, so no full evaluation
                 # (10,000 nodes every half heartbeat interval, on the event loop).
                 continue
@@ -249,6 +260,15 @@ class Registry:
         record.agent_version = hello.agent_version
         record.protocol_version = hello.protocol_version
         record.inventory.CopyFrom(hello.inventory)
+        record.offer, problems = clean_offer(hello.offer, record.inventory)
+        if problems:
+            log.warning(
+                "node offer partly refused", extra={"node_id": record.node_id, "problems": problems}
+            )
+        if not record.offer.location.region and hello.region:
+            # An older agent says where it is only in Hello.region.
+            record.offer.location.region = hello.region
+        record.region = record.offer.location.region
         record.last_heartbeat = coordinator_pb2.Heartbeat(
             gpu_health=hello.gpu_health,
             free_gpu_uuids=[g.uuid for g in hello.inventory.gpus],
@@ -290,6 +310,7 @@ class Registry:
                 (session.session_id, record.node_id, peer, _ns(now)),
             )
             _write_span(conn, record.node_id, span)
+            _write_offer(conn, record)
 
         await self.writes.write(write)
         self.nodes[record.node_id] = record
@@ -371,6 +392,18 @@ class Registry:
                 await self.flush()
             except Exception:
                 log.exception("writing heartbeats to the database failed; retrying")
+
+    async def update_offer(self, session: Session, offer: market_pb2.NodeOffer) -> list[str]:
+        """An OfferUpdate: the node's new offer, written through; returns what was refused."""
+        record = self.nodes[session.node_id]
+        cleaned, problems = clean_offer(offer, record.inventory)
+        if not cleaned.location.region and record.region:
+            cleaned.location.region = record.region
+        record.offer = cleaned
+        record.region = cleaned.location.region
+        record.generation += 1  # placement's caches of the node's prices rebuild
+        await self.writes.write(lambda conn: _write_offer(conn, record))
+        return problems
 
     async def end_session(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.node_id) is session:
@@ -461,3 +494,10 @@ _UPSERT_SPAN = (
 
 def _write_span(conn: sqlite3.Connection, node_id: str, span: tuple[int, int]) -> None:
     conn.execute(_UPSERT_SPAN, (node_id, span[0], span[1]))
+
+
+def _write_offer(conn: sqlite3.Connection, record: NodeRecord) -> None:
+    conn.execute(
+        "UPDATE nodes SET offer = ? WHERE node_id = ?",
+        (record.offer.SerializeToString(), record.node_id),
+    )

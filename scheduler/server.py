@@ -28,6 +28,8 @@ from gpuagent.v1 import (
     leases_pb2_grpc,
     ledger_pb2,
     ledger_pb2_grpc,
+    market_pb2,
+    market_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
     relay_pb2,
@@ -42,6 +44,7 @@ from .auth.service import AclService
 from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
 from .db import Database
+from .eligibility import Eligibility
 from .endpoint_tokens import EndpointTokens
 from .gcpolicy import GcPolicy
 from .lease_dispatch import DispatchSettings, LeaseDispatcher
@@ -50,12 +53,15 @@ from .leases_store import LeaseStore
 from .ledger import LeaseHooks
 from .ledger_service import LedgerService
 from .liveness import Liveness, LivenessPolicy
+from .market_service import MarketService
 from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
+from .price_history import PriceHistory
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, Registry
 from .relay.directory import DirectoryService, StoreRoutes
-from .relay.server import Relay, RelayStartError
+from .relay.server import Relay, RelayStartError, buyer_url
 from .secretbox import SecretBox
+from .slashing import VerdictSlasher
 from .tlsfiles import tls_dir
 from .usage_ingest import UsageIngest
 
@@ -67,10 +73,19 @@ SERVICE_NAMES = (
     leases_pb2.DESCRIPTOR.services_by_name["Leases"].full_name,
     ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name,
     acl_pb2.DESCRIPTOR.services_by_name["Acl"].full_name,
+    market_pb2.DESCRIPTOR.services_by_name["Market"].full_name,
     relay_pb2.DESCRIPTOR.services_by_name["Tunnel"].full_name,
     relay_pb2.DESCRIPTOR.services_by_name["RelayDirectory"].full_name,
 )
-_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2, relay_pb2)
+_DESCRIPTORS = (
+    coordinator_pb2,
+    nodes_pb2,
+    leases_pb2,
+    ledger_pb2,
+    acl_pb2,
+    market_pb2,
+    relay_pb2,
+)
 
 
 def served_methods() -> list[str]:
@@ -163,12 +178,23 @@ class SchedulerServer:
             config.attestation, self.registry, self.db, clock=clock
         )
         self.attestation.install(self.coordinator)
-        self.coordinator.params.attestation.CopyFrom(self.attestation.policy())
         self.nodes = NodesService(self.registry, self.attestation)
         pc = config.placement
         self.leases_store = LeaseStore(
             self.db, clock, SecretBox(config.database.path.parent / secretbox.KEY_FILE)
         )
+        self.metrics = SchedulerMetrics(
+            nodes=self._node_states, leases=lambda: dict(self.leases_store.counts.items())
+        )
+        self.prices = PriceHistory(self.db, clock)
+        self.metrics.prices = lambda: self.prices.current
+        # Ledger (docs/ledger.md): escrow rides the lease store's transactions, usage
+        # reports settle it, and placement skips nodes without enough collateral.
+        self.ledger = LedgerService(self.db, self.registry, config.ledger, clock)
+        if config.ledger.escrow:
+            hooks = LeaseHooks(self.ledger.policy, lambda: round(clock() * 1e9))
+            hooks.register(self.leases_store)
+        eligibility = Eligibility(self.attestation, self.ledger)
         self.dispatcher = LeaseDispatcher(
             self.leases_store,
             self.registry,
@@ -180,69 +206,58 @@ class SchedulerServer:
                 price_label=pc.price_label,
                 require_isolation=pc.require_isolation,
             ),
-            gpu_eligible=self.attestation.gpu_eligible,
+            observe_placement=self.metrics.placement,
+            eligibility=eligibility,
+            on_placed=self.prices.placed,
         )
-        # A GPU that just passed may be what a pending lease waits for.
+        # A GPU that just passed, or collateral that now suffices, may be what a
+        # pending lease waits for.
         self.attestation.add_listener(lambda _node_id: self.dispatcher.kick())
+        self.ledger.on_eligibility_change(self.dispatcher.kick)
+        # Verdicts and collateral invalidate the dispatcher's cached answers.
+        self.attestation.add_listener(eligibility.changed)
+        self.ledger.on_eligibility_change(eligibility.changed)
         self.coordinator.on("lease_update", self.dispatcher.on_update)
         self.coordinator.on_connect(self.dispatcher.on_connect)
         self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)
-        self.coordinator.known_leases = self.dispatcher.known_lease_ids
         # Service endpoints (docs/services.md): a token per lease, made in Submit's txn.
         self.endpoint_tokens = EndpointTokens(
             self.db, SecretBox(config.database.path.parent / secretbox.KEY_FILE), clock
         )
         self.endpoint_tokens.register(self.leases_store)
         self.leases = LeasesService(
-            self.leases_store, self.dispatcher, self.registry, tokens=self.endpoint_tokens
+            self.leases_store,
+            self.dispatcher,
+            self.registry,
+            escrow=config.ledger.escrow,
+            tokens=self.endpoint_tokens,
         )
-        # Ledger (docs/ledger.md): escrow rides the lease store's transactions, usage
-        # reports settle it, and placement skips nodes without enough collateral.
-        self.ledger = LedgerService(self.db, self.registry, config.ledger, clock)
-        if config.ledger.escrow:
-            hooks = LeaseHooks(self.ledger.policy, lambda: round(clock() * 1e9))
-            hooks.register(self.leases_store)
-        self.usage = UsageIngest(self.db, self.registry, self.ledger.policy, clock)
+        # The market (docs/market.md): offers, the bandwidth probe, nodes' OfferUpdates.
+        self.market = MarketService(
+            self.registry, self.dispatcher, self.prices, self.attestation, clock
+        )
+        self.market.install(self.coordinator)
+        self.nodes.asks = self.dispatcher.asks
+        self.usage = UsageIngest(
+            self.db,
+            self.registry,
+            self.ledger.policy,
+            clock,
+            on_counts=lambda r: self.metrics.usage_records(r.stored, r.duplicates),
+        )
         self.coordinator.on("usage_report", self.usage.handle)
-        attested = self.dispatcher.gpu_eligible
-        self.dispatcher.gpu_eligible = lambda node, gpu: (
-            self.ledger.node_eligible(node) and (attested is None or attested(node, gpu))
-        )
-        self.ledger.on_eligibility_change = self.dispatcher.kick
-        self._wire_metrics()
+        self.coordinator.on_heartbeat(self._count_heartbeat)
+        self.slasher = VerdictSlasher(self.attestation, self.ledger, self.metrics)
+        self.attestation.add_listener(self.slasher.on_verdicts)
         self._build_relay()
-        self._verdicts_seen: set[tuple[str, str, str]] = set()
-        self._slash_tasks: set[asyncio.Task[int]] = set()
-        self.attestation.add_listener(self._on_verdicts)
         self._metrics_server: MetricsServer | None = None
-        self._ledger_stop = asyncio.Event()
+        # The background loops, members of one TaskGroup (see _run_loops).
+        self._loops_stop = asyncio.Event()
+        self._loops: asyncio.Task[None] | None = None
+        self._loops_stopped = asyncio.Event()
         self._flush_stop = asyncio.Event()
-        self._flush_task: asyncio.Task[None] | None = None
-        self._ledger_task: asyncio.Task[None] | None = None
-        self._dispatch_stop = asyncio.Event()
-        self._dispatch_task: asyncio.Task[None] | None = None
-        self._attest_stop = asyncio.Event()
-        self._attest_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
-
-    def _wire_metrics(self) -> None:
-        def node_states() -> dict[str, int]:
-            counts = {state.value: 0 for state in Liveness}
-            for record in self.registry.nodes.values():
-                counts[self.registry.liveness(record).value] += 1
-            return counts
-
-        self.metrics = SchedulerMetrics(
-            nodes=node_states, leases=lambda: {k: v for k, v in self.leases_store.counts.items()}
-        )
-        self.dispatcher.observe_placement = self.metrics.placement
-        self.usage.on_counts = lambda r: self.metrics.usage_records(r.stored, r.duplicates)
-
-        async def count_heartbeat(_session: Any, _heartbeat: Any) -> None:
-            self.metrics.heartbeat()
-
-        self.coordinator.on_heartbeat(count_heartbeat)
 
     def _build_relay(self) -> None:
         """The relay inside ``serve`` (relay.mode embedded), its tunnel on this gRPC server;
@@ -256,9 +271,12 @@ class SchedulerServer:
         self.coordinator.relay = coordinator_pb2.RelayParams(
             enabled=True, address=rc.tunnel_address, server_name=rc.tunnel_server_name
         )
+        # Lease show's endpoints carry the buyer's URL (lease url prints the same one).
+        self.leases.endpoint_url = lambda lease_id, port: buyer_url(rc, lease_id, port)
         if rc.mode == "external":
             return
         self.relay = Relay(rc, routes, tls_dir=tls_dir(self.config), registry=self.metrics.registry)
+        self.leases.endpoint_url = self.relay.url  # with the port it bound
         relay = self.relay
         self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
 
@@ -270,21 +288,32 @@ class SchedulerServer:
 
         self.coordinator.on("lease_update", update_then_forget_route)
 
-    def _on_verdicts(self, node_id: str) -> None:
-        """Count each new verdict once; a failed one slashes the node's collateral."""
-        for record in self.attestation.latest(node_id):
-            key = (node_id, record.gpu_uuid, record.challenge_id or str(record.created_ns))
-            if key in self._verdicts_seen:
-                continue
-            self._verdicts_seen.add(key)
-            self.metrics.attestation("passed" if record.passed else "failed")
-            if not record.passed and record.challenge_id:
-                # The ledger slashes at most once per challenge (docs/ledger.md).
-                task = asyncio.get_running_loop().create_task(
-                    self.ledger.attestation_failed(node_id, record.reason, record.challenge_id)
-                )
-                self._slash_tasks.add(task)
-                task.add_done_callback(self._slash_tasks.discard)
+    def _node_states(self) -> dict[str, int]:
+        counts = {state.value: 0 for state in Liveness}
+        for record in self.registry.nodes.values():
+            counts[self.registry.liveness(record).value] += 1
+        return counts
+
+    async def _count_heartbeat(self, _session: Any, _heartbeat: Any) -> None:
+        self.metrics.heartbeat()
+
+    async def _run_loops(self) -> None:
+        """Placement, attestation and ledger until ``stop()``; the heartbeat flush
+        until after the gRPC server stopped (the last heartbeats are written)."""
+        stop = self._loops_stop
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(
+                self.registry.flush_forever(self._flush_stop, HEARTBEAT_FLUSH_EVERY),
+                name="heartbeat-flush",
+            )
+            try:
+                async with asyncio.TaskGroup() as loops:
+                    loops.create_task(self.dispatcher.run(stop), name="lease-dispatch")
+                    loops.create_task(self.attestation.run(stop), name="attestation")
+                    loops.create_task(self.ledger.run(stop), name="ledger")
+                    loops.create_task(self.market.run(stop), name="price-history")
+            finally:
+                self._loops_stopped.set()
 
     async def start(self) -> int:
         """Open the database, bind and start serving; returns the bound port."""
@@ -304,6 +333,7 @@ class SchedulerServer:
         nodes_pb2_grpc.add_NodesServicer_to_server(self.nodes, server)
         leases_pb2_grpc.add_LeasesServicer_to_server(self.leases, server)
         ledger_pb2_grpc.add_LedgerServicer_to_server(self.ledger, server)
+        market_pb2_grpc.add_MarketServicer_to_server(self.market, server)
         relay_pb2_grpc.add_RelayDirectoryServicer_to_server(self.relay_directory, server)
         if self.relay is not None:
             relay_pb2_grpc.add_TunnelServicer_to_server(self.relay.hub, server)
@@ -339,21 +369,10 @@ class SchedulerServer:
             except RelayStartError as exc:
                 await server.stop(0)
                 raise ServerStartError(str(exc)) from None
-        self._dispatch_stop.clear()
-        self._dispatch_task = asyncio.create_task(
-            self.dispatcher.run(self._dispatch_stop), name="lease-dispatch"
-        )
-        self._attest_stop.clear()
-        self._attest_task = asyncio.create_task(
-            self.attestation.run(self._attest_stop), name="attestation"
-        )
-        self._ledger_stop.clear()
-        self._ledger_task = asyncio.create_task(self.ledger.run(self._ledger_stop), name="ledger")
+        self._loops_stop.clear()
+        self._loops_stopped.clear()
         self._flush_stop.clear()
-        self._flush_task = asyncio.create_task(
-            self.registry.flush_forever(self._flush_stop, HEARTBEAT_FLUSH_EVERY),
-            name="heartbeat-flush",
-        )
+        self._loops = asyncio.create_task(self._run_loops(), name="scheduler-loops")
         self._server = server
         self.port = port
         if self.config.metrics.listen:
@@ -384,27 +403,20 @@ class SchedulerServer:
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None
-        if self._dispatch_task is not None:
-            self._dispatch_stop.set()
-            await self._dispatch_task
-            self._dispatch_task = None
-        if self._attest_task is not None:
-            self._attest_stop.set()
-            await self._attest_task
-            self._attest_task = None
-        if self._ledger_task is not None:
-            self._ledger_stop.set()
-            await self._ledger_task
-            self._ledger_task = None
+        self._loops_stop.set()
+        if self._loops is not None:
+            # Placement, attestation and ledger end first, as before one TaskGroup.
+            await self._loops_stopped.wait()
         await self.attestation.close()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-        if self._flush_task is not None:
+        await self.slasher.close()
+        if self._loops is not None:
             # After the server: no heartbeat arrives any more, the last ones are written.
             self._flush_stop.set()
-            await self._flush_task
-            self._flush_task = None
+            await self._loops
+            self._loops = None
         await self.db.close()
 
     async def sweep(self) -> None:

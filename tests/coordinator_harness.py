@@ -20,8 +20,8 @@ import trustme
 
 from agent.config import CoordinatorConfig
 from agent.identity import NodeIdentity, load_or_create
-from agent.link import Backoff, CoordinatorLink, StaticReporter
-from agent.link.reporter import build_inventory, simulated_gpus
+from agent.link import Backoff, CoordinatorLink
+from benchmarks.node_fixtures import StaticReporter, build_inventory, simulated_gpus
 from gpuagent.v1 import coordinator_pb2
 from scheduler.auth import store as acl_store
 from scheduler.config import SchedulerConfig

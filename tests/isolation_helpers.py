@@ -20,6 +20,7 @@ import docker
 from agent.config import IsolationConfig
 from agent.isolation.firewall import Firewall
 from agent.leases.docker_runtime import LABEL_NODE
+from agent.leases.scratch import is_mount_point
 
 
 def isolation_for_test(**overrides: Any) -> dict[str, Any]:
@@ -54,3 +55,5 @@ def cleanup_scratch(root: Path) -> None:
     for entry in root.iterdir():
         if os.path.ismount(entry):
             subprocess.run(["umount", "-l", str(entry)], check=False, capture_output=True)
+    if is_mount_point(root):  # `gpu-agent scratch-mount`'s bind of the root itself
+        subprocess.run(["umount", "-l", str(root)], check=False, capture_output=True)

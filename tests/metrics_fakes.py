@@ -168,6 +168,8 @@ def populated_telemetry(nvml: FakeNvml | None = None, timeout: float = 2.0) -> A
     agent = telemetry.agent
     agent.lease_started("started", 3.5)
     agent.image_pulled(2.0, 1_000_000)
+    agent.health_check("lease-a", "http", False)
+    agent.restarted("lease-a", "liveness")
     agent.set_connected(True)
     agent.reconnected()
     agent.heartbeat_sent()
@@ -188,6 +190,10 @@ def populated_scheduler_metrics() -> Any:
     metrics.usage_records(5, 1)
     metrics.heartbeat()
     metrics.attestation("passed")
+    from scheduler.price_history import ModelPrices
+
+    prices = {"NVIDIA GeForce RTX 4090": ModelPrices(1_500_000, 1_250_000)}
+    metrics.prices = lambda: prices
     from scheduler.relay.metrics import RelayMetrics
 
     relay = RelayMetrics(metrics.registry)  # the embedded relay shares the registry

@@ -8,9 +8,9 @@ from agent.cli import main as agent_main
 from benchmarks.__main__ import main as bench_main
 from benchmarks.attest.backends import NumpyBackend
 from benchmarks.attest.bandwidth import measure_bandwidth
-from benchmarks.attest.generator import MAX_INNER
-from benchmarks.attest.skus import SKUS, get_sku, identity_problem, task_size
 from benchmarks.attest.space import SpaceFill, check_space
+from gpuagent.attest.generator import MAX_INNER
+from gpuagent.attest.skus import SKUS, get_sku, identity_problem, task_size
 
 REQUIRED = {"h100-sxm", "h100-pcie", "a100-sxm-40gb", "a100-sxm-80gb", "l40s", "rtx-4090",
             "rtx-3080"}  # fmt: skip

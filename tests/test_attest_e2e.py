@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ import yaml
 
 from agent.attestation import AttestationResponder, identity_from_inventory
 from agent.identity import NodeIdentity
-from agent.link import CoordinatorLink, StaticReporter
+from agent.link import CoordinatorLink
 from benchmarks.attest.backends import MatmulOutput, NumpyBackend
-from benchmarks.attest.prover import Prover
+from benchmarks.node_fixtures import StaticReporter
+from gpuagent.attest.prover import Prover
 from gpuagent.v1 import nodes_pb2, nodes_pb2_grpc
 from scheduler.cli import main
 from scheduler.server import SchedulerServer
@@ -71,9 +73,12 @@ async def agent(
     *,
     backend: NumpyBackend | None = None,
     respond: bool = True,
+    silent: bool = False,
     gpus: int = 2,
 ) -> AsyncIterator[Agent]:
     link, identity = make_link(agent_config(server.port, None), state_dir, gpus=gpus)
+    if silent:
+        link.on("attestation_challenge", _ignore)  # received, never answered
     responder = None
     if respond:
         assert isinstance(link.reporter, StaticReporter)
@@ -131,7 +136,7 @@ async def test_honest_node_is_attested_on_connect_and_shown(
     async with scheduler(tmp_path) as server, agent(server, tmp_path / "a") as a:
         await until(judged(server, a.node_id, 2), what="two verdicts")
         assert server.attestation.attested(a.node_id)
-        assert server.attestation.eligible(a.node_id)
+        assert server.attestation.attested(a.node_id)
         assert server.attestation.attested_nodes() == {a.node_id}
         rows = stored(server, a.node_id)
         assert [(r[1], r[2], r[3]) for r in rows] == [(1, "ok", "rtx-4090@simulated")] * 2
@@ -178,7 +183,7 @@ async def test_cheating_prover_fails_and_gets_no_gpus(tmp_path: Path) -> None:
         await until(judged(server, a.node_id, 2), what="two verdicts")
         rows = stored(server, a.node_id)
         assert [(r[1], r[2]) for r in rows] == [(0, "result_wrong")] * 2
-        assert not server.attestation.eligible(a.node_id)
+        assert not server.attestation.attested(a.node_id)
         assert not server.attestation.gpu_eligible(a.node_id, str(rows[0][0]))
         assert server.dispatcher.node_views(())[0].free_gpus == ()
         assert a.responder is not None
@@ -197,17 +202,17 @@ async def test_expired_attestation_is_not_eligible_until_reattested(tmp_path: Pa
     ):
         await until(judged(server, a.node_id, 2), what="two verdicts")
         await until(lambda: not server.attestation.in_flight(a.node_id), what="the round done")
-        assert server.attestation.eligible(a.node_id)
+        assert server.attestation.attested(a.node_id)
         assert await server.attestation.tick() == []  # not due yet
 
         clock.advance(2 * 3600 + 1)
-        assert not server.attestation.eligible(a.node_id)
+        assert not server.attestation.attested(a.node_id)
         assert not server.attestation.gpu_eligible(a.node_id, str(stored(server, a.node_id)[0][0]))
 
         started = await server.attestation.tick()
         assert len(started) == 1
         await until(lambda: len(stored(server, a.node_id)) == 4, what="re-attestation")
-        assert server.attestation.eligible(a.node_id)
+        assert server.attestation.attested(a.node_id)
 
 
 @pytest.mark.asyncio
@@ -222,7 +227,7 @@ async def test_simulated_gpus_fail_unless_the_scheduler_accepts_them(tmp_path: P
         rows = stored(server, a.node_id)
         assert [(r[1], r[2], r[3]) for r in rows] == [(0, "simulated", "rtx-4090")] * 2
         assert a.responder is not None and a.responder.challenges_answered == 0
-        assert not server.attestation.eligible(a.node_id)
+        assert not server.attestation.attested(a.node_id)
 
 
 @pytest.mark.asyncio
@@ -286,5 +291,22 @@ async def test_verdicts_survive_a_scheduler_restart(tmp_path: Path) -> None:
         await until(judged(server, a.node_id, 2), what="two verdicts")
         node_id = a.node_id
     async with scheduler(tmp_path) as again:
-        assert again.attestation.eligible(node_id)
+        assert again.attestation.attested(node_id)
         assert len(again.attestation.latest(node_id)) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_silent_agent_times_out_on_the_schedulers_clock(tmp_path: Path) -> None:
+    """The challenge's watchdog counts on the scheduler's clock (issue #19: it mixed in
+    time.time(), so with the clock a day ahead a silent agent was never timed out)."""
+    clock = FakeClock(time.time() + 86_400)
+    async with (
+        scheduler(tmp_path, clock, simulated_time_limit=0.2, open_timeout=0.2) as server,
+        agent(server, tmp_path / "a", respond=False, silent=True, gpus=1) as a,
+    ):
+        await until(judged(server, a.node_id, 1), within=5, what="a verdict")
+        assert [r[2] for r in stored(server, a.node_id)] == ["timeout"]
+
+
+async def _ignore(_message: object) -> None:
+    return None

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.attest.backends import BackendError, NumpyBackend, get_backend
-from benchmarks.attest.generator import (
+from gpuagent.attest.generator import (
     MAX_INNER,
     check_inner,
     expected_entries,

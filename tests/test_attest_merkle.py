@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.attest.merkle import MerkleTree, row_bytes, verify_proof
+from gpuagent.attest.merkle import MerkleTree, row_bytes, verify_proof
 
 
 def _matrix(rows: int) -> np.ndarray:

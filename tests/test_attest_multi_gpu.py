@@ -14,10 +14,10 @@ from agent.attestation import (
     identity_from_inventory,
     per_gpu_prover,
 )
-from agent.link import StaticReporter
 from benchmarks.attest.backends import MatmulOutput, NumpyBackend
-from benchmarks.attest.errors import ProverError
-from benchmarks.attest.prover import Prover
+from benchmarks.node_fixtures import StaticReporter
+from gpuagent.attest.errors import ProverError
+from gpuagent.attest.prover import Prover
 from tests.coordinator_harness import agent_config, make_link, until
 from tests.test_attest_e2e import judged, scheduler, stored
 

@@ -12,10 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
 from benchmarks.attest.backends import NumpyBackend
-from benchmarks.attest.messages import GpuIdentity, Openings, Reveal
-from benchmarks.attest.prover import Prover, ProverError
-from benchmarks.attest.skus import AcceptanceBand, SkuSpec, get_sku
-from benchmarks.attest.verifier import AttestationRejected, RejectReason, Verifier
+from gpuagent.attest.messages import GpuIdentity, Openings, Reveal
+from gpuagent.attest.prover import Prover, ProverError
+from gpuagent.attest.skus import AcceptanceBand, SkuSpec, get_sku
+from gpuagent.attest.verifier import AttestationRejected, RejectReason, Verifier
 
 SIM_NAME = "Simulated GPU"
 SIM_MEMORY = 1024 * 1024**2

@@ -8,12 +8,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from benchmarks.attest.backends import NumpyBackend
-from benchmarks.attest.messages import GpuIdentity, Verdict
-from benchmarks.attest.prover import Prover
-from benchmarks.attest.skus import AcceptanceBand, SkuSpec
-from benchmarks.attest.verifier import Verifier
 from gpuagent import attestation_wire as wire
 from gpuagent import bounds
+from gpuagent.attest.messages import GpuIdentity, Verdict
+from gpuagent.attest.prover import Prover
+from gpuagent.attest.skus import AcceptanceBand, SkuSpec
+from gpuagent.attest.verifier import Verifier
 from gpuagent.v1 import attestation_pb2, coordinator_pb2
 
 NAME = "Wire Test GPU"

@@ -27,6 +27,8 @@ from gpuagent.v1 import (
     leases_pb2_grpc,
     ledger_pb2,
     ledger_pb2_grpc,
+    market_pb2,
+    market_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
     relay_pb2,
@@ -162,6 +164,10 @@ Call = tuple[str, Any, str, Callable[[World], Any]]
 CALLS: list[Call] = [
     ("/gpuagent.v1.Leases/Submit", leases_pb2_grpc.LeasesStub, "Submit",
      lambda w: leases_pb2.SubmitLeaseRequest(spec=leases_pb2.LeaseSpec(image="x", gpu_count=1))),
+    ("/gpuagent.v1.Leases/Quote", leases_pb2_grpc.LeasesStub, "Quote",
+     lambda w: leases_pb2.SubmitLeaseRequest(spec=leases_pb2.LeaseSpec(image="x", gpu_count=1))),
+    ("/gpuagent.v1.Market/Offers", market_pb2_grpc.MarketStub, "Offers",
+     lambda w: market_pb2.OffersRequest(nodes=True)),
     ("/gpuagent.v1.Leases/Get", leases_pb2_grpc.LeasesStub, "Get",
      lambda w: leases_pb2.GetLeaseRequest(lease_id=w.lease_id)),
     ("/gpuagent.v1.Leases/List", leases_pb2_grpc.LeasesStub, "List",
@@ -281,6 +287,7 @@ async def test_a_buyer_token_is_refused_on_admin_and_provider_methods(world: Wor
         )
     for path in (*ADMIN_ONLY, "/gpuagent.v1.Leases/Submit", "/gpuagent.v1.Leases/Cancel",
                  "/gpuagent.v1.Leases/Logs", "/gpuagent.v1.Ledger/Balance",
+                 "/gpuagent.v1.Leases/Quote",
                  "/gpuagent.v1.Leases/RotateEndpointToken"):  # fmt: skip
         assert await _call(world, world.tokens["acme"], by_path[path]) == Code.PERMISSION_DENIED, (
             path
@@ -325,6 +332,8 @@ async def test_another_buyers_lease_answers_not_found_and_is_untouched(world: Wo
         for method, request in (
             (leases.List, leases_pb2.ListLeasesRequest(buyer="alice")),
             (leases.Submit, leases_pb2.SubmitLeaseRequest(
+                spec=leases_pb2.LeaseSpec(image="busybox", gpu_count=1), buyer="alice")),
+            (leases.Quote, leases_pb2.SubmitLeaseRequest(
                 spec=leases_pb2.LeaseSpec(image="busybox", gpu_count=1), buyer="alice")),
             (ledger.Balance, ledger_pb2.BalanceRequest(buyer="alice")),
             (acl.CreateToken, acl_pb2.CreateTokenRequest(account="alice")),

@@ -180,6 +180,18 @@ def test_scheduler_config_same_approach(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("interval", ["0s", "50ms", "301s"])
+def test_scheduler_heartbeat_interval_within_what_agents_accept(
+    tmp_path: Path, interval: str
+) -> None:
+    """Agents clamp NodeParams.heartbeat_interval_ms to 0.1-300 s; a scheduler set
+    outside it would expect heartbeats at a pace no agent keeps (issue #19)."""
+    path = _write(tmp_path, f"liveness: {{heartbeat_interval: {interval}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_scheduler_config(path)
+    assert info.value.problems[0].startswith("liveness.heartbeat_interval:")
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=60

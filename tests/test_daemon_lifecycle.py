@@ -107,6 +107,32 @@ def test_sighup_applies_live_changes_and_keeps_config_on_a_bad_file(node: Cluste
     assert node.connected()
 
 
+def test_sighup_price_change_reaches_the_market_without_a_reconnect(node: Cluster) -> None:
+    """The real daemon (docs/market.md): a SIGHUP that changes node.pricing sends the new
+    ask on the open session, no reconnect; `offers` shows it; the lease placed before
+    keeps its price and a new one pays the new ask."""
+    assert node.agent is not None
+    first = node.submit("sleep 60", key="price-before")
+    wait_for("the first lease running", lambda: node.lease_state(first) == "running", 30)
+    sessions = node.query("SELECT COUNT(*) FROM sessions")[0][0]
+    config = yaml.safe_load(node.agent_cfg.read_text())
+    config["node"]["pricing"] = {"H100": 2_000_000}
+    node.agent_cfg.write_text(yaml.safe_dump(config))
+    node.agent.send_signal(signal.SIGHUP)
+
+    def median_ask() -> str:
+        groups = json.loads(node.scheduler_cli("offers", "--json")).get("groups", [])
+        return str(groups[0]["priceMedianMicros"]) if groups else ""
+
+    wait_for("the new ask in offers", lambda: median_ask() == "2000000", 15)
+    assert node.log_events("config reloaded")[-1]["applied"] == ["node.pricing"]
+    assert node.query("SELECT COUNT(*) FROM sessions")[0][0] == sessions, "no reconnect"
+    second = node.submit("sleep 60", key="price-after")
+    wait_for("the second lease running", lambda: node.lease_state(second) == "running", 30)
+    prices = dict(node.query("SELECT lease_id, accepted_price_micros_per_gpu_hour FROM leases"))
+    assert prices == {first: 1_000_000, second: 2_000_000}
+
+
 def test_drain_stops_new_placements_and_undrain_restores_them(node: Cluster) -> None:
     """`gpu-agent drain` shows in status and heartbeats: the scheduler places nothing
     on the node until `gpu-agent undrain`."""

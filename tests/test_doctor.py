@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -281,16 +282,31 @@ def test_doctor_cli_includes_the_coordinator(tmp_path: Path) -> None:
     assert "coordinator" in names, proc.stderr
 
 
-def test_scratch_and_writable_layer_modes_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scratch_and_writable_layer_modes_are_reported(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """doctor says which scratch mode the host gets (measured when it cannot mount, fatal
-    when loop is demanded there) and whether the writable layer can be bounded."""
+    when loop is demanded there), whether measured scratch sits on a nosuid,nodev mount
+    (a warning naming `gpu-agent scratch-mount` when not), and whether the writable
+    layer can be bounded."""
     monkeypatch.setattr(scratch, "loop_supported", lambda: "the agent is not root")
-    assert check_scratch("auto").severity == Severity.INFO
-    assert "measured" in check_scratch("auto").message
-    assert check_scratch("loop").severity == Severity.FATAL
+    plain = check_scratch("auto", tmp_path)
+    assert plain.severity == Severity.WARNING
+    assert "measured" in plain.message and "is not mounted nosuid,nodev" in plain.message
+    assert "gpu-agent scratch-mount" in plain.fix
+    if os.geteuid() == 0:  # the real mount `gpu-agent scratch-mount` makes
+        root = tmp_path / "scratch"
+        assert scratch.mount_root_nosuid(root)
+        try:
+            mounted = check_scratch("auto", root)
+        finally:
+            subprocess.run(["umount", "-l", str(root)], check=True)
+        assert mounted.severity == Severity.INFO, mounted
+        assert "is mounted nosuid,nodev" in mounted.message
+    assert check_scratch("loop", tmp_path).severity == Severity.FATAL
     monkeypatch.setattr(scratch, "loop_supported", lambda: None)
-    assert check_scratch("auto").severity == Severity.OK
-    assert "loop" in check_scratch("auto").message
+    assert check_scratch("auto", tmp_path).severity == Severity.OK
+    assert "loop" in check_scratch("auto", tmp_path).message
     xfs = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "xfs"]]}
     assert check_writable_layer(xfs, 10**9).severity == Severity.OK
     ext4 = {"Driver": "overlay2", "DriverStatus": [["Backing Filesystem", "extfs"]]}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.link.reporter import simulated_gpus
+from benchmarks.node_fixtures import simulated_gpus
 from gpuagent.v1 import coordinator_pb2, inventory_pb2, leases_pb2
 from scheduler.db import Database
 from scheduler.group_commit import GroupCommit

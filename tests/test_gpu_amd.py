@@ -22,7 +22,7 @@ from agent.gpu.fakenvml import FakeNvml
 from agent.gpu.health import evaluate
 from agent.gpu.model import HealthState
 from agent.metrics.backend_source import gpu_source_for
-from benchmarks.attest.skus import SKUS, identity_problem
+from gpuagent.attest.skus import SKUS, identity_problem
 
 
 class Clock:

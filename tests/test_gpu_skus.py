@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-import benchmarks.attest.skus as skus_module
+import gpuagent.attest.skus as skus_module
 from agent.gpu.profiles import PROFILES
-from benchmarks.attest.skus import SKUS, identity_problem, sku_for_name
+from gpuagent.attest.skus import SKUS, identity_problem, sku_for_name
 
 REQUIRED = {
     "h200-sxm", "h200-nvl", "b200", "gb200", "l4", "l40", "a10", "a10g", "rtx-6000-ada",
@@ -16,7 +16,7 @@ REQUIRED = {
 }  # fmt: skip
 
 # Product names as the drivers print them, from public nvidia-smi / amd-smi / rocminfo output
-# (sources in benchmarks/attest/skus.py), and the SKU each one is.
+# (sources in gpuagent/attest/skus.py), and the SKU each one is.
 REPORTED = {
     "NVIDIA H100 80GB HBM3": "h100-sxm",
     "NVIDIA H100 PCIe": "h100-pcie",

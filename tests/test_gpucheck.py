@@ -18,9 +18,9 @@ from agent.gpu.fakenvml import FakeNvml
 from agent.gpu.nvml import NvmlBackend
 from agent.hostinfo import collect_host_info
 from benchmarks.attest.backends import Backend, NumpyBackend
-from benchmarks.attest.skus import SkuSpec, sku_for_name
 from benchmarks.gpucheck import report, smi
 from benchmarks.gpucheck.checks import Check, check_detect, check_footprint, check_scrape, run_all
+from gpuagent.attest.skus import SkuSpec, sku_for_name
 from scheduler.attestation import simulated_variant
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import ipaddress
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from agent.leases.docker_runtime import (
     PullObserver,
 )
 from tests import registry as test_registry
+from tests.coordinator_harness import until
 from tests.isolation_helpers import cleanup_isolation, cleanup_scratch, isolation_for_test
 
 pytestmark = pytest.mark.docker
@@ -95,6 +96,7 @@ class LeaseEnv:
         clock: OffsetClock | None = None,
         on_pull: PullObserver | None = None,
         gpu_gate: Callable[[], str | None] | None = None,
+        before_cleanup: Callable[[LeaseUpdate], Awaitable[None]] | None = None,
     ) -> LeaseManager:
         runtime = DockerRuntime(
             self.client,
@@ -116,6 +118,7 @@ class LeaseEnv:
             clock=clock or OffsetClock(),
             host=HostCapacity(memory_bytes=64 * 1024**3, cpus=64),
             gpu_gate=gpu_gate,
+            before_cleanup=before_cleanup,
         )
 
     async def start(self, manager: LeaseManager) -> asyncio.Task[None]:
@@ -396,8 +399,8 @@ async def test_hostile_spec_is_rejected_before_docker(
     """Each forbidden field or absurd value is rejected with its reason; no container exists."""
     manager = lease_env.manager()
     await manager.assign(f"h-{name}", lease_env.spec("true", **fields))
-    update = lease_env.last(f"h-{name}")
-    assert update.state is LeaseState.REJECTED
+    # Updates are delivered after assign() returns, outside the lease lock.
+    update = await lease_env.wait_state(f"h-{name}", LeaseState.REJECTED)
     assert update.reason.startswith(f"{code}: ")
     assert lease_env.containers() == []
     with pytest.raises(docker.errors.NotFound):
@@ -421,8 +424,8 @@ async def test_leases_never_share_a_gpu_and_cordoned_gpus_are_skipped(lease_env:
     labels = {c.labels[LABEL_GPUS] for c in lease_env.containers(**{LABEL_MANAGED: "true"})}
     assert labels == {"GPU-aaaa", "GPU-cccc"}
     await manager.assign("g-3", lease_env.spec("sleep 300", gpu_count=1))
-    assert lease_env.last("g-3").state is LeaseState.REJECTED
-    assert lease_env.last("g-3").reason.startswith("insufficient_gpus")
+    rejected = await lease_env.wait_state("g-3", LeaseState.REJECTED)
+    assert rejected.reason.startswith("insufficient_gpus")
     # Which lease got which GPU depends on the order the two starts ran in.
     assert manager.snapshot().allocations == {
         **dict.fromkeys(first.gpu_uuids, "g-1"),
@@ -476,3 +479,44 @@ async def test_toolkit_floor_decides_whether_gpu_leases_are_accepted(
         update = await lease_env.wait_state("gpu", LeaseState.REJECTED)
         assert update.reason.startswith("toolkit_vulnerable: ")
         assert version in update.reason and "1.17.8" in update.reason
+
+
+@pytest.mark.asyncio
+async def test_a_slow_update_consumer_does_not_stall_lease_transitions(
+    lease_env: LeaseEnv,
+) -> None:
+    """Updates are published and delivered outside the lease lock (issue #19): while the
+    consumer is stuck on the first update (a slow gRPC or outbox write), the lease still
+    runs to its end and another lease is still assigned; then every update arrives, in
+    order. Before, the first assign() waited on the consumer under the lease's lock."""
+    release = asyncio.Event()
+    first = asyncio.Event()
+    record = lease_env.on_update
+
+    async def slow(update: LeaseUpdate) -> None:
+        first.set()
+        await release.wait()
+        await record(update)
+
+    lease_env.on_update = slow  # type: ignore[method-assign]
+    manager = lease_env.manager()
+    await lease_env.start(manager)
+    await asyncio.wait_for(manager.assign("slow-1", lease_env.spec("true")), WAIT)
+    await asyncio.wait_for(first.wait(), WAIT)
+    await asyncio.wait_for(manager.assign("slow-2", lease_env.spec("true")), WAIT)
+    db = StateDB.in_state_dir(lease_env.state_dir)
+
+    def ended(lease_id: str) -> bool:
+        stored = db.get(lease_id)
+        return stored is not None and stored.state.terminal
+
+    # The state DB is the only record while the updates wait: polled, no event to await.
+    await until(lambda: ended("slow-1") and ended("slow-2"), WAIT, "both leases ended")
+    assert lease_env.updates == []  # nothing delivered yet: the consumer is still stuck
+    release.set()
+    for lease_id in ("slow-1", "slow-2"):
+        await lease_env.wait_state(lease_id, LeaseState.SUCCEEDED)
+        assert lease_env.states(lease_id)[0] is LeaseState.ASSIGNED
+        assert lease_env.states(lease_id)[-1] is LeaseState.SUCCEEDED
+        seqs = [u.seq for u in lease_env.updates if u.lease_id == lease_id]
+        assert seqs == sorted(seqs)

@@ -242,13 +242,17 @@ def test_collateral_is_required_when_configured(conn: sqlite3.Connection) -> Non
     with none configured, every node is."""
     policy = LedgerPolicy(min_collateral_micros=100_000_000)
     nodes = frozenset({"node-a", "node-b", "node-c"})
-    assert ledger.eligible_nodes(conn, nodes, LedgerPolicy()) == set(nodes)
-    assert ledger.eligible_nodes(conn, nodes, policy) == set()
+
+    def eligible(p: LedgerPolicy) -> set[str]:
+        return {n for n in nodes if ledger.collateral_ok(conn, n, p)}
+
+    assert eligible(LedgerPolicy()) == set(nodes)
+    assert eligible(policy) == set()
     ledger.stake(conn, "node-a", 100_000_000, NOW)
     ledger.stake(conn, "node-b", 99_999_999, NOW)
-    assert ledger.eligible_nodes(conn, nodes, policy) == {"node-a"}
+    assert eligible(policy) == {"node-a"}
     ledger.stake(conn, "node-b", 1, NOW)
-    assert ledger.eligible_nodes(conn, nodes, policy) == {"node-a", "node-b"}
+    assert eligible(policy) == {"node-a", "node-b"}
 
 
 def test_slashing_takes_stake_never_more_than_there_is(conn: sqlite3.Connection) -> None:

@@ -80,7 +80,7 @@ def submit_service(
                 cpus=0.25,  # three leases on a 2-core host
                 memory_bytes=128 * MB,
                 max_duration_seconds=3600,
-                ports=[leases_pb2.PortSpec(container_port=8080)],
+                ports=[leases_pb2.PortSpec(container_port=8080, protocol="http")],
                 public=public,
             ),
             idempotency_key=lease_id,

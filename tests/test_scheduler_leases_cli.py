@@ -82,6 +82,8 @@ async def test_submit_flags_and_cancel(env: Env, capsys: pytest.CaptureFixture[s
         "900",
         "--idempotency-key",
         "flags-1",
+        "--network",
+        "none",
     )
     assert code == 0
     assert capsys.readouterr().out.strip() == "flags-1  pending"
@@ -90,6 +92,9 @@ async def test_submit_flags_and_cancel(env: Env, capsys: pytest.CaptureFixture[s
     assert list(spec.command) == ["sh", "-c", "sleep 60"]
     assert dict(spec.env) == {"A": "1"}
     assert spec.price_micro_per_gpu_hour == 900
+    assert spec.network_mode == "none"
+    assert await run_cli(env, "lease", "show", "flags-1") == 0
+    assert "network:     none (loopback only)" in capsys.readouterr().out
     assert await run_cli(env, "cancel", "flags-1", "--reason", "enough") == 0
     assert "cancel sent to the node" in capsys.readouterr().out
     await until_cancel(agent)
@@ -123,5 +128,12 @@ async def test_cli_errors_are_clear(
     assert "NOT_FOUND" in capsys.readouterr().err
     assert await run_cli(env, "submit", "--image", "busybox", "--gpus", "0") == 2
     assert "gpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse's choices refuse it
+        await run_cli(env, "submit", "--image", "busybox", "--network", "host")
+    assert exited.value.code == 2
+    assert "--network: invalid choice: 'host'" in capsys.readouterr().err
+    bad.write_text("image: busybox\nnetwork: host\n")
+    assert await run_cli(env, "submit", str(bad)) == 2
+    assert f"{bad}: network:" in capsys.readouterr().err
     assert await run_cli(env, "leases", "--state", "sleeping") == 2
     assert "not a lease state" in capsys.readouterr().err

@@ -14,6 +14,8 @@ import pytest
 
 from agent.leases import LeaseState
 from agent.leases.scratch import loop_supported
+from agent.leases.scratch import root_flags_missing as scratch_flags_missing
+from tests.faults.harness import BIN
 from tests.test_isolation_docker import running
 from tests.test_lease_docker import LeaseEnv, lease_env_factory
 
@@ -24,6 +26,7 @@ needs_loop = pytest.mark.skipif(
     loop_supported() is not None, reason=f"loop scratch unavailable: {loop_supported()}"
 )
 NOBODY = 65534
+AGENT_BIN = BIN / "gpu-agent"
 
 
 def _env(factory: Callable[..., LeaseEnv], **runtime: object) -> LeaseEnv:
@@ -119,6 +122,62 @@ async def test_setuid_file_in_scratch_does_not_run_setuid_on_the_host(
         assert _effective_uid_of(control) == "0"
         await manager.cancel("suid")
         await env.wait_state("suid", LeaseState.CANCELLED)
+
+
+def _scratch_mount(env: LeaseEnv, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`gpu-agent scratch-mount` as the systemd unit's pre-start runs it (root)."""
+    config = env.state_dir.parent / "scratch-mount.yaml"
+    config.write_text(f"node:\n  state_dir: {env.state_dir}\n")
+    argv = [str(AGENT_BIN), "-c", str(config), "scratch-mount", *extra]
+    return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+@pytest.mark.asyncio
+async def test_measured_scratch_under_scratch_mount_is_nosuid_nodev(
+    lease_env_factory: Callable[..., LeaseEnv], tmp_path: Path
+) -> None:
+    """Measured mode (the systemd unit's): without `scratch-mount` the lease's /scratch is
+    not nosuid (so the test can fail); after it, the root is a nosuid,nodev mount, the
+    lease's /scratch inherits both, and a setuid-root file planted there runs with
+    nobody's uid on the host. Running it again changes nothing."""
+    id_binary = shutil.which("id")
+    assert id_binary is not None
+    env = _env(lease_env_factory, scratch_mode="measured")
+    mounts = "grep ' /scratch ' /proc/mounts"
+    async with running(env) as manager:
+        await manager.assign("plain", env.spec(mounts))
+        plain = await env.wait_state("plain", LeaseState.SUCCEEDED)
+    assert "nosuid" not in plain.log_tail.split()[3].split(","), plain.log_tail
+
+    done = _scratch_mount(env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("mounted nosuid,nodev")
+    again = _scratch_mount(env)
+    assert again.returncode == 0 and again.stdout.strip().endswith("already nosuid,nodev")
+    script = (
+        f"{mounts};"
+        "while [ ! -f /scratch/payload ]; do sleep 0.05; done;"
+        "cp /scratch/payload /scratch/suid && chmod 4755 /scratch/suid && touch /scratch/ready;"
+        "sleep 300"
+    )
+    async with running(env) as manager:
+        await manager.assign("suid", env.spec(script))
+        await env.wait_state("suid", LeaseState.RUNNING)
+        scratch = manager._runtime.scratch_dir("suid")
+        shutil.copy(id_binary, scratch / "payload.tmp")
+        (scratch / "payload.tmp").rename(scratch / "payload")
+        await _wait_for_file(scratch / "ready")
+        planted = scratch / "suid"
+        assert planted.stat().st_mode & 0o4000 and planted.stat().st_uid == 0
+        assert _effective_uid_of(planted) == str(NOBODY)
+        await manager.cancel("suid")
+        update = await env.wait_state("suid", LeaseState.CANCELLED)
+    (options,) = [line.split()[3] for line in update.log_tail.splitlines() if "/scratch" in line]
+    assert {"nosuid", "nodev"} <= set(options.split(","))
+    removed = _scratch_mount(env, "--remove")  # what install.sh --uninstall runs
+    assert removed.returncode == 0 and removed.stdout.strip().endswith("unmounted")
+    assert "nosuid" in scratch_flags_missing(env.state_dir / "scratch")
 
 
 @pytest.mark.asyncio

@@ -239,6 +239,17 @@ def test_doctor_as_the_service_user_reaches_the_coordinator(provider: Provider) 
     results = {r["name"]: r for r in json.loads(doctor.stdout)}
     assert results["coordinator"]["severity"] == "ok", results["coordinator"]
     assert "certificate verified" in results["coordinator"]["message"]
+    # The unit's privileged pre-start (`gpu-agent scratch-mount`) made the scratch root
+    # a nosuid,nodev mount although the agent itself cannot mount (measured mode).
+    scratch = provider.system.scratch
+    options = provider.system.sh(f"findmnt -n -o OPTIONS --mountpoint {scratch}").stdout
+    pre_start = provider.system.sh(
+        "journalctl --no-pager -o cat -u gpu-agent | grep -i -e scratch -e ExecStartPre | tail -20",
+        check=False,
+    ).stdout
+    assert {"nosuid", "nodev"} <= set(options.strip().split(",")), f"{options}\n{pre_start}"
+    assert results["scratch"]["severity"] == "info", results["scratch"]
+    assert f"{scratch} is mounted nosuid,nodev" in results["scratch"]["message"]
     assert doctor.rc == 0, doctor
 
 

@@ -20,8 +20,8 @@ import pytest
 import pytest_asyncio
 
 from agent.identity import NodeIdentity, load_or_create
-from agent.link import Backoff, CoordinatorLink, StaticReporter
-from agent.link.reporter import build_inventory, simulated_gpus
+from agent.link import Backoff, CoordinatorLink
+from benchmarks.node_fixtures import StaticReporter, build_inventory, simulated_gpus
 from gpuagent.usage import SignedUsageRecord, UsageRecord, sign_record
 from gpuagent.usage_wire import record_to_pb
 from gpuagent.v1 import (

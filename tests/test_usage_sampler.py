@@ -432,3 +432,17 @@ async def test_a_lease_without_a_start_time_is_not_billed_from_boot(h: Harness) 
     [final] = await h.sampler().close_lease(unknown)
     assert final.record.final
     assert final.record.duration_ns == 0
+
+
+@pytest.mark.asyncio
+async def test_a_new_record_interval_applies_from_the_next_record(h: Harness) -> None:
+    """The coordinator's metering_interval (NodeParams) changes record length while the
+    sampler runs; it never goes below one sample (issue #19: it used to be ignored)."""
+    sampler = h.sampler()
+    await sampler.tick()
+    await run_ticks(h, sampler, 60)
+    assert sampler.set_record_interval(30) == 30
+    await run_ticks(h, sampler, 60)
+    assert [r.duration_ns for r in h.records()] == [60 * S, 30 * S, 30 * S]
+    assert sampler.set_record_interval(1) == 5  # the sample interval
+    assert sampler.record_interval == 5

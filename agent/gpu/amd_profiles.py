@@ -1,7 +1,7 @@
 """Device profiles for the fake ``amdsmi`` module.
 
 Like the NVIDIA profiles, each points at its row of the one SKU table
-(``benchmarks.attest.skus``) for the reported name, memory and TDP, and adds what
+(``gpuagent.attest.skus``) for the reported name, memory and TDP, and adds what
 a fake device needs beyond that: PCI device id (rocminfo "Chip ID"), gfx target,
 compute units, max clocks, PCIe link, partition modes, and the amdsmi calls the
 board answers with ``AMDSMI_STATUS_NOT_SUPPORTED`` (MI200 has no compute or memory
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmarks.attest.skus import SKUS, SkuSpec
+from gpuagent.attest.skus import SKUS, SkuSpec
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from gpuagent.aio import wait_any
+
 from .backend import GpuBackend
 from .cordons import CordonFileError, CordonStore
 from .model import GpuHealth, GpuSample, HealthState, XidEvent
@@ -304,7 +306,7 @@ class HealthMonitor:
                 log.exception("GPU health check failed; retrying at the next interval")
             else:
                 self._notify(changes)
-            await _wait_any(stop, wake, self.interval)
+            await wait_any(stop, wake, within=self.interval)
             wake.clear()
 
     async def _event_loop(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
@@ -315,7 +317,7 @@ class HealthMonitor:
                     wake.set()
             except Exception:
                 log.exception("Xid event wait failed; retrying")
-                await _wait_any(stop, stop, self.interval)
+                await wait_any(stop, within=self.interval)
 
     def _notify(self, changes: list[GpuHealth]) -> None:
         for health in changes:
@@ -324,12 +326,3 @@ class HealthMonitor:
                     callback(health)
                 except Exception:
                     log.exception("health change callback failed", extra={"uuid": health.uuid})
-
-
-async def _wait_any(a: asyncio.Event, b: asyncio.Event, seconds: float) -> None:
-    waiters = {asyncio.create_task(a.wait()), asyncio.create_task(b.wait())}
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in waiters:
-            task.cancel()

@@ -1,6 +1,6 @@
 """Device profiles for the fake NVML module and the simulated backend.
 
-Each profile points at its row of the one SKU table (``benchmarks.attest.skus``),
+Each profile points at its row of the one SKU table (``gpuagent.attest.skus``),
 which holds the product name the driver reports, the memory total and the TDP
 (the default enforced power limit), with their sources. A profile adds only what
 a fake device needs beyond that: compute capability, architecture, clocks from
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from benchmarks.attest.skus import SKUS, SkuSpec
+from gpuagent.attest.skus import SKUS, SkuSpec
 
 MIB = 1024**2
 

@@ -17,7 +17,7 @@ import docker
 from ..checks import CheckResult, Severity
 from ..config import AgentConfig
 from ..hostinfo import parse_version
-from ..leases.scratch import ScratchError, resolve_mode
+from ..leases.scratch import ScratchError, resolve_mode, root_flags_missing
 
 DAEMON_JSON = Path("/etc/docker/daemon.json")
 IF_INET6 = Path("/proc/net/if_inet6")
@@ -150,7 +150,7 @@ def check_userns(security_options: Sequence[str] | None) -> CheckResult:
     )
 
 
-def check_scratch(setting: Literal["auto", "loop", "measured"]) -> CheckResult:
+def check_scratch(setting: Literal["auto", "loop", "measured"], root: Path) -> CheckResult:
     try:
         mode, why = resolve_mode(setting)
     except ScratchError as exc:
@@ -163,12 +163,18 @@ def check_scratch(setting: Literal["auto", "loop", "measured"]) -> CheckResult:
         )
     if mode == "loop":
         return CheckResult("scratch", Severity.OK, f"scratch mode loop: {why}")
+    missing = root_flags_missing(root)
+    quota = (
+        f"scratch mode measured: {why}; a lease over its quota is stopped (scratch_quota_exceeded)"
+    )
+    if not missing:
+        return CheckResult("scratch", Severity.INFO, f"{quota}; {root} is mounted nosuid,nodev")
     return CheckResult(
         "scratch",
-        Severity.INFO,
-        f"scratch mode measured: {why}; a lease over its quota is stopped "
-        "(scratch_quota_exceeded), /scratch is not mounted nosuid",
-        'for hard quotas and nosuid,nodev run the agent as root (docs/leases.md "Scratch")',
+        Severity.WARNING,
+        f"{quota}; {root} is not mounted {','.join(missing)}",
+        "run `gpu-agent scratch-mount` as root before the agent starts (the shipped "
+        'systemd unit does), or run the agent as root for loop mode (docs/leases.md "Scratch")',
     )
 
 
@@ -223,7 +229,7 @@ def isolation_checks(config: AgentConfig) -> list[CheckResult]:
     if config.isolation.egress_policy:
         results.append(check_ipv6_filter())
     results.append(check_userland_proxy())
-    results.append(check_scratch(config.runtime.scratch_mode))
+    results.append(check_scratch(config.runtime.scratch_mode, config.scratch_root()))
     if info is not None:
         results += [
             check_engine_isolation(str(info.get("ServerVersion") or "") or None),

@@ -541,7 +541,8 @@ class DockerRuntime:
             host["runtime"] = self._config.runtime
         if self._config.read_only_rootfs:
             host["tmpfs"] = {"/tmp": "rw,nosuid,nodev,size=64m"}  # noqa: S108 - in the container
-        ports = [(p.container_port, p.protocol) for p in spec.ports]
+        # Docker knows transports only: an http port is a tcp one to it.
+        ports = [(p.container_port, "udp" if p.protocol == "udp" else "tcp") for p in spec.ports]
         if ports:
             # Never 0.0.0.0 / [::]: only the configured address (loopback by default).
             address = str(self.isolation.publish_address)
@@ -656,6 +657,24 @@ class DockerRuntime:
                 return None
 
         return await asyncio.to_thread(_inspect)
+
+    async def container_address(self, container_id: str) -> str | None:
+        """The running container's IPv4 address on its lease network (health checks and
+        the tunnel reach it there); None when it has none or is gone."""
+
+        def _address() -> str | None:
+            try:
+                attrs = self._client.api.inspect_container(container_id)
+            except (docker.errors.DockerException, OSError):
+                return None
+            labels = (attrs.get("Config") or {}).get("Labels") or {}
+            networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+            # Only the lease's own network: never an address on another one.
+            entry = networks.get(labels.get(LABEL_NETWORK, ""))
+            address = str((entry or {}).get("IPAddress") or "")
+            return address or None
+
+        return await asyncio.to_thread(_address)
 
     async def logs_tail(self, container_id: str, lines: int = LOG_TAIL_LINES) -> str:
         def _logs() -> str:

@@ -3,8 +3,11 @@
 The link calls ``assign``/``cancel``; ``run`` watches Docker events and expiry
 deadlines; ``reconcile`` (run once at start) makes Docker and the state DB agree
 after a restart. Every state change is stored in the state DB together with the
-``LeaseUpdate`` reporting it, then handed to ``on_update``: if that fails, the
-update stays in the DB (``pending_updates``) until ``ack_update``.
+``LeaseUpdate`` reporting it, then published: updates queue in order and one
+delivery task hands each to ``on_update`` outside every lease lock, so a slow
+consumer (a gRPC write, an outbox write) never stalls a lease transition, and a
+consumer may call back into the manager. If delivery fails, the update stays in
+the DB (``pending_updates``) until ``ack_update``.
 
 Work on one lease is serialised by a per-lease lock; different leases proceed
 concurrently. Nothing a lease does may crash the manager: unexpected errors fail
@@ -14,7 +17,9 @@ that lease with a reason and are logged.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -28,10 +33,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
+from pydantic import ValidationError
 
+from gpuagent import leaserules
+from gpuagent.aio import TaskSet, wait_any
 from gpuagent.units import format_size
 
 from ..config import AgentConfig, RuntimeConfig
+from . import restarts
 from .allocator import AllocationError, GpuAllocator
 from .docker_runtime import (
     RESYNC,
@@ -41,7 +50,9 @@ from .docker_runtime import (
     RuntimeFailure,
     parse_docker_time,
 )
-from .records import LeaseRecord, LeaseUpdate, bound_log_tail
+from .endpoints import ServiceTarget
+from .health import ServiceMonitor
+from .records import EndpointStatus, LeaseRecord, LeaseUpdate, bound_log_tail
 from .spec import (
     FreeCapacity,
     GpuDescription,
@@ -62,6 +73,19 @@ from .states import LeaseState, check_transition
 log = logging.getLogger(__name__)
 
 UpdateCallback = Callable[[LeaseUpdate], Awaitable[None]]
+# Endpoint-only updates (readiness flips) go out at most this often per lease: a
+# flapping server must not flood the coordinator; the latest state always goes out.
+ENDPOINT_REPORT_MIN_S = 1.0
+
+
+class ServiceObserver(Protocol):
+    """Where health-check results and restarts are counted (agent metrics)."""
+
+    def health_check(self, lease_id: str, kind: str, passed: bool) -> None: ...
+
+    def restarted(self, lease_id: str, cause: str) -> None: ...
+
+    def lease_ended(self, lease_id: str) -> None: ...
 
 
 class Clock(Protocol):
@@ -147,6 +171,8 @@ class LeaseManager:
         gpu_details_source: Callable[[], Mapping[str, GpuDescription]] | None = None,
         host: HostCapacity | None = None,
         gpu_gate: Callable[[], str | None] | None = None,
+        service_observer: ServiceObserver | None = None,
+        before_cleanup: UpdateCallback | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -162,19 +188,35 @@ class LeaseManager:
         self._host = host or HostCapacity.detect()
         # Why GPU leases are refused on this host now (isolation.toolkit), or None.
         self._gpu_gate = gpu_gate
+        # Awaited with an ended lease's terminal update while its container and network
+        # still exist: the usage sampler's last reading of the network's counters, which
+        # go with the network (see _end).
+        self._before_cleanup = before_cleanup
         self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
         self._specs: dict[str, LeaseSpec] = {}
         # Weak: a lease's lock lives while a task holds or awaits it, so the map
         # does not grow with every lease ever seen.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._launches: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._started_mono: dict[str, float] = {}
         # Leases whose container Docker reported dead but whose end is still being
         # recorded (inspect, log tail, state DB): no longer "running" for metering,
         # so a sampler tick in that window does not bill past the container's death.
         self._exited: set[str] = set()
+        # Service leases: the running monitor of each lease with ports, the container's
+        # address on its lease network, restarts waiting out their backoff, and the
+        # endpoint reports waiting out ENDPOINT_REPORT_MIN_S.
+        self._monitors: dict[str, tuple[ServiceMonitor, asyncio.Task[None]]] = {}
+        self._addresses: dict[str, str] = {}
+        self._restart_tasks: dict[str, asyncio.Task[None]] = {}
+        self._report_due: set[str] = set()
+        self._last_report: dict[str, float] = {}
+        self.service_observer = service_observer
         self._deadlines_changed = asyncio.Event()
+        # Published updates not yet handed to on_update, oldest first (see _notify).
+        self._published: collections.deque[LeaseUpdate] = collections.deque()
+        self._delivery: asyncio.Task[None] | None = None
         self._loaded = False
         self._reconciled = False
 
@@ -313,9 +355,17 @@ class LeaseManager:
         finally:
             # Launches and stops in flight end here; what they left half done is
             # in the state DB and the next reconcile finishes it.
-            for task in [*self._launches.values(), *self._tasks]:
+            # Updates not yet delivered are in the state DB and go out after the restart.
+            delivery = [self._delivery] if self._delivery is not None else []
+            pending = [
+                *self._launches.values(),
+                *self._tasks,
+                *self._restart_tasks.values(),
+                *delivery,
+            ]
+            for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._launches.values(), *self._tasks, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def update_policy(self, runtime: RuntimeConfig) -> None:
         """New admission limits and allow-lists (SIGHUP); running leases keep theirs."""
@@ -339,6 +389,43 @@ class LeaseManager:
             and r.lease_id in self._started_mono
             and r.lease_id not in self._exited
         ]
+
+    def service_target(self, lease_id: str, port: str) -> ServiceTarget | None:
+        """``endpoints.ServiceTargets``: where the tunnel reaches ``port`` of a running lease.
+
+        None for an unknown, ended, stopping or not-yet-running lease, an undeclared
+        port or a udp one (never relayed); ``ready`` is False until the port's check
+        passes, while it fails, and while the container waits to be restarted.
+        """
+        record = self._active.get(lease_id)
+        if record is None or record.state is not LeaseState.RUNNING or record.stop_state:
+            return None
+        spec = self._spec_of(record)
+        declared = leaserules.find_port(spec.service_ports(), port) if spec else None
+        host = self._addresses.get(lease_id)
+        if declared is None or host is None:
+            return None
+        protocol = leaserules.port_protocol(declared)
+        if protocol not in ("http", "tcp"):
+            return None
+        name = leaserules.port_name(declared)
+        monitor = self._monitors.get(lease_id)
+        ready = (
+            monitor is not None and monitor[0].ready(name) and lease_id not in self._restart_tasks
+        )
+        return ServiceTarget(
+            lease_id=lease_id,
+            name=name,
+            host=host,
+            port=declared.container_port,
+            protocol="http" if protocol == "http" else "tcp",
+            ready=ready,
+        )
+
+    def endpoints(self, lease_id: str) -> tuple[EndpointStatus, ...]:
+        """The lease's declared ports and their health now (``gpu-agent leases``, updates)."""
+        record = self._active.get(lease_id)
+        return self._endpoint_statuses(record) if record is not None else ()
 
     async def pending_updates(self) -> list[LeaseUpdate]:
         """Updates the coordinator has not acknowledged: re-send them after a reconnect."""
@@ -393,6 +480,7 @@ class LeaseManager:
                     log.info(
                         "lease running", extra={"lease_id": lease_id, "container_id": container_id}
                     )
+                    await self._start_monitor(lease_id)
             # A very short job may already have exited before the events watcher
             # looked; checking once here closes that gap.
             self._spawn(self._finalize(lease_id), f"lease-check-{lease_id}")
@@ -499,6 +587,8 @@ class LeaseManager:
                 container_id=info.id,
                 started_at=parse_docker_time(info.started_at) or self._clock.time(),
             )
+        if record.stop_state is None and record.lease_id in self._restart_tasks:
+            return  # exited, counted, and waiting out its backoff: nothing to decide again
         tail = bound_log_tail(await self._runtime.logs_tail(info.id))
         exit_code = info.exit_code
         if record.stop_state is not None:
@@ -514,6 +604,13 @@ class LeaseManager:
             reason = f"container exited with code {exit_code}"
             if info.error:
                 reason += f": {info.error}"
+        if record.stop_state is None:
+            decision = self._restart_decision(record, info, reason)
+            if decision is not None and decision.restart:
+                await self._schedule_restart(record, decision)
+                return
+            if decision is not None:
+                state, reason = LeaseState.FAILED, decision.reason
         extra = dict(record.extra)
         if info.finished_at is not None:
             # The container's real end: if it exited while the agent was down, the
@@ -533,11 +630,31 @@ class LeaseManager:
     async def _end(self, record: LeaseRecord, state: LeaseState, **changes: Any) -> None:
         """Record the terminal state first, then clean up: a crash in between leaves a
         container that reconcile removes, never a lease that looks alive."""
+        self._stop_monitor(record.lease_id)
+        restart = self._restart_tasks.pop(record.lease_id, None)
+        if restart is not None and restart is not asyncio.current_task():
+            restart.cancel()
+        self._addresses.pop(record.lease_id, None)
+        self._last_report.pop(record.lease_id, None)
+        if self.service_observer is not None:
+            self.service_observer.lease_ended(record.lease_id)
         ended = await self._transition(record, state, notify=False, stop_state=None, **changes)
+        update = self._update_for(ended, ended.updated_at)
         self._allocator.release(record.lease_id)
         self._specs.pop(record.lease_id, None)
         self._started_mono.pop(record.lease_id, None)
         self._exited.discard(record.lease_id)
+        if self._before_cleanup is not None and update.container_id:
+            # The sampler stopped reading the lease at its container's death and its final
+            # reading (on the published update) comes after the removal below: without
+            # this one, a lease that ended within a sample interval of its last closed
+            # record would have a final record with its network flagged unmeasured.
+            try:
+                await self._before_cleanup(update)
+            except Exception:
+                log.exception(
+                    "reading an ended lease's usage failed", extra={"lease_id": record.lease_id}
+                )
         try:
             if record.container_id:
                 await self._runtime.remove(record.container_id)
@@ -556,7 +673,7 @@ class LeaseManager:
             },
         )
         # Reported only now, so a coordinator that sees the end can reuse the GPUs.
-        await self._notify(self._update_for(ended, ended.updated_at))
+        await self._notify(update)
 
     async def _reconcile_one(self, record: LeaseRecord, info: ContainerInfo | None) -> None:
         lease_id = record.lease_id
@@ -584,6 +701,8 @@ class LeaseManager:
         if record.state is not LeaseState.RUNNING:
             record = await self._transition(record, LeaseState.RUNNING, started_at=started_at)
         log.info("lease re-adopted", extra={"lease_id": lease_id, "container_id": info.id})
+        if record.stop_state is None:
+            await self._start_monitor(lease_id)
         expires_at = record.expires_at
         # Expired while the agent was down: stop it now, not at the next tick.
         if (
@@ -669,15 +788,7 @@ class LeaseManager:
             # at least once a minute so a wall-clock jump is noticed.
             timeout = min([60.0, *(t - now for t in upcoming)])
             self._deadlines_changed.clear()
-            waiters = {
-                asyncio.ensure_future(stop.wait()),
-                asyncio.ensure_future(self._deadlines_changed.wait()),
-            }
-            _, pending = await asyncio.wait(
-                waiters, timeout=max(timeout, 0.01), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in pending:
-                task.cancel()
+            await wait_any(stop, self._deadlines_changed, within=max(timeout, 0.01))
 
     # -- helpers ----------------------------------------------------------------
 
@@ -706,9 +817,7 @@ class LeaseManager:
             except Exception:
                 log.exception("lease task failed", extra={"task": name})
 
-        task = asyncio.create_task(guarded(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(guarded(), name=name)
 
     def _free_capacity(self) -> FreeCapacity:
         used_memory = 0
@@ -829,6 +938,8 @@ class LeaseManager:
             gpu_uuids=record.gpu_uuids,
             ended_at=_float_or_none(record.extra.get("ended_at")),
             started_at=record.started_at,
+            endpoints=self._endpoint_statuses(record),
+            restarts=restarts.counts(record.extra)[0],
         )
 
     async def _transition(
@@ -856,11 +967,265 @@ class LeaseManager:
             self._active[record.lease_id] = record
 
     async def _notify(self, update: LeaseUpdate) -> None:
-        try:
-            await self._on_update(update)
-        except Exception:
-            # The update is in the state DB; the link re-sends it from there.
-            log.exception(
-                "lease update callback failed",
-                extra={"lease_id": update.lease_id, "seq": update.seq},
+        """Publish ``update`` (called under the lease's lock: it only queues)."""
+        self._published.append(update)
+        if self._delivery is None or self._delivery.done():
+            self._delivery = asyncio.get_running_loop().create_task(
+                self._deliver(), name="lease-updates"
             )
+
+    async def _deliver(self) -> None:
+        """Hand published updates to ``on_update`` one at a time, in order, holding no lock."""
+        while self._published:
+            update = self._published.popleft()
+            try:
+                await self._on_update(update)
+            except Exception:
+                # The update is in the state DB; the link re-sends it from there.
+                log.exception(
+                    "lease update callback failed",
+                    extra={"lease_id": update.lease_id, "seq": update.seq},
+                )
+
+    # -- service leases: health, restarts, endpoints ------------------------------------
+
+    def _spec_of(self, record: LeaseRecord) -> LeaseSpec | None:
+        spec = self._specs.get(record.lease_id)
+        if spec is not None or not record.spec:
+            return spec
+        try:
+            spec = LeaseSpec.model_validate(record.spec)
+        except ValidationError:
+            return None  # a rejected lease's spec: nothing of it runs
+        if record.lease_id in self._active:
+            # Re-adopted after a restart: parsed once, not on every tunnel lookup.
+            self._specs[record.lease_id] = spec
+        return spec
+
+    def _endpoint_statuses(self, record: LeaseRecord) -> tuple[EndpointStatus, ...]:
+        spec = self._spec_of(record)
+        if spec is None or not spec.ports:
+            return ()
+        total = restarts.counts(record.extra)[0]
+        monitor = self._monitors.get(record.lease_id)
+        if (
+            monitor is not None
+            and record.state is LeaseState.RUNNING
+            and record.lease_id not in self._restart_tasks
+        ):
+            return monitor[0].statuses(total)
+        return tuple(
+            EndpointStatus(
+                name=leaserules.port_name(p),
+                protocol=leaserules.port_protocol(p),
+                container_port=p.container_port,
+                ready=False,
+                last_result="" if record.state is LeaseState.RUNNING else str(record.state),
+                restarts=total,
+            )
+            for p in spec.service_ports()
+        )
+
+    async def _start_monitor(self, lease_id: str) -> None:
+        """Start checking the lease's ports (caller holds the lease lock, container runs)."""
+        self._stop_monitor(lease_id)
+        record = self._active.get(lease_id)
+        spec = self._spec_of(record) if record is not None else None
+        if record is None or spec is None or not spec.ports or not record.container_id:
+            return
+        address = await self._runtime.container_address(record.container_id)
+        if address is None:
+            log.warning(
+                "lease container has no address on its network; ports not checked",
+                extra={"lease_id": lease_id},
+            )
+            return
+        self._addresses[lease_id] = address
+        observer = self.service_observer
+        monitor = ServiceMonitor(
+            lease_id=lease_id,
+            host=address,
+            ports=spec.service_ports(),
+            health=spec.health_check(),
+            on_change=lambda: self._endpoints_changed(lease_id),
+            on_liveness_failure=lambda why: self._liveness_failed(lease_id, why),
+            on_result=(
+                (lambda kind, passed: observer.health_check(lease_id, kind, passed))
+                if observer is not None
+                else None
+            ),
+            wall=self._clock.time,
+        )
+
+        async def guarded() -> None:
+            try:
+                await monitor.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lease health monitor failed", extra={"lease_id": lease_id})
+
+        task = self._tasks.spawn(guarded(), name=f"lease-health-{lease_id}")
+        self._monitors[lease_id] = (monitor, task)
+
+    def _stop_monitor(self, lease_id: str) -> None:
+        entry = self._monitors.pop(lease_id, None)
+        if entry is not None and entry[1] is not asyncio.current_task():
+            entry[1].cancel()
+
+    def _endpoints_changed(self, lease_id: str) -> None:
+        if lease_id not in self._report_due:
+            self._report_due.add(lease_id)
+            self._spawn(self._report_endpoints(lease_id), f"lease-endpoints-{lease_id}")
+
+    async def _report_endpoints(self, lease_id: str) -> None:
+        """A same-state update carrying the endpoints now (the coordinator keeps no
+        history event for it), at most one per ENDPOINT_REPORT_MIN_S per lease."""
+        try:
+            last = self._last_report.get(lease_id)
+            if last is not None:
+                wait = last + ENDPOINT_REPORT_MIN_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        finally:
+            self._report_due.discard(lease_id)
+        async with self._lock(lease_id):
+            record = self._active.get(lease_id)
+            if record is None or record.state is not LeaseState.RUNNING:
+                return
+            await self._report_same_state(record)
+        self._last_report[lease_id] = time.monotonic()
+
+    async def _report_same_state(self, record: LeaseRecord) -> LeaseRecord:
+        now = self._clock.time()
+        new = record.evolve(updated_at=now, update_seq=record.update_seq + 1)
+        update = self._update_for(new, now)
+        # Kept in the record too: `gpu-agent leases` reads the state DB, not the daemon.
+        extra = dict(new.extra)
+        extra["endpoints"] = [dataclasses.asdict(e) for e in update.endpoints]
+        new = new.evolve(extra=extra)
+        await asyncio.to_thread(self._db.save, new, update)
+        self._active[new.lease_id] = new
+        await self._notify(update)
+        return new
+
+    async def _liveness_failed(self, lease_id: str, why: str) -> None:
+        """The monitor gave up on the container: stop it; its exit decides what next."""
+        async with self._lock(lease_id):
+            record = self._active.get(lease_id)
+            if (
+                record is None
+                or record.state is not LeaseState.RUNNING
+                or record.stop_state is not None
+                or not record.container_id
+            ):
+                return
+            extra = dict(record.extra)
+            extra[restarts.LIVENESS] = why
+            record = record.evolve(extra=extra)
+            await self._save(record)
+            container_id = record.container_id or ""
+        self._spawn(self._stop_for_liveness(lease_id, container_id), f"lease-liveness-{lease_id}")
+
+    async def _stop_for_liveness(self, lease_id: str, container_id: str) -> None:
+        try:
+            await self._runtime.stop(container_id, self._policy.stop_grace)
+        except RuntimeFailure as exc:
+            # As for a cancel: a container that cannot be stopped is removed; the lease
+            # then ends (its container is gone) rather than run on unchecked.
+            log.error("stop failed; removing", extra={"lease_id": lease_id, "error": str(exc)})
+            await self._runtime.remove(container_id)
+
+    def _restart_decision(
+        self, record: LeaseRecord, info: ContainerInfo, reason: str
+    ) -> restarts.Decision | None:
+        spec = self._spec_of(record)
+        if spec is None:
+            return None
+        policy, budget = spec.restart_policy()
+        total, streak = restarts.counts(record.extra)
+        if record.extra.get(restarts.PENDING):
+            # Counted before the agent went down mid-backoff: start it, do not count again.
+            return restarts.Decision(
+                True, leaserules.restart_backoff(streak), "resumed after an agent restart",
+                total, streak,
+            )  # fmt: skip
+        started = parse_docker_time(info.started_at)
+        ran_for = info.finished_at - started if info.finished_at and started else None
+        ended = restarts.Exit(info.exit_code, info.oom_killed, ran_for, reason)
+        return restarts.decide(policy, budget, ended, record.extra)
+
+    async def _schedule_restart(self, record: LeaseRecord, decision: restarts.Decision) -> None:
+        """Count the restart, report it, and start the container after its backoff."""
+        lease_id = record.lease_id
+        cause = "liveness" if record.extra.get(restarts.LIVENESS) else "exit"
+        extra = dict(record.extra)
+        extra.pop(restarts.LIVENESS, None)
+        extra.update(
+            {
+                restarts.RESTARTS: decision.restarts,
+                restarts.STREAK: decision.streak,
+                restarts.PENDING: True,
+            }
+        )
+        self._stop_monitor(lease_id)
+        # The lease keeps its GPUs (and stays billed) through the backoff: it is the
+        # buyer's server, down for a moment, not a finished lease.
+        self._allocator.restore(lease_id, record.gpu_uuids)
+        self._exited.discard(lease_id)
+        if lease_id not in self._started_mono and record.started_at is not None:
+            # Found exited at reconcile (the agent died mid-backoff): metered from the
+            # lease's first start, as a re-adopted running one is.
+            self._started_mono[lease_id] = self._clock.monotonic() - max(
+                0.0, self._clock.time() - record.started_at
+            )
+        if record.container_id:
+            self._restart_tasks[lease_id] = asyncio.create_task(
+                self._restart_later(lease_id, record.container_id, decision.delay),
+                name=f"lease-restart-{lease_id}",
+            )
+        log.warning(
+            "restarting lease container",
+            extra={
+                "lease_id": lease_id,
+                "why": decision.reason,
+                "restarts": decision.restarts,
+                "streak": decision.streak,
+                "delay": decision.delay,
+            },
+        )
+        if self.service_observer is not None and not record.extra.get(restarts.PENDING):
+            self.service_observer.restarted(lease_id, cause)
+        await self._report_same_state(record.evolve(extra=extra))
+
+    async def _restart_later(self, lease_id: str, container_id: str, delay: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            async with self._lock(lease_id):
+                record = self._active.get(lease_id)
+                if (
+                    record is None
+                    or record.stop_state is not None
+                    or record.container_id != container_id
+                ):
+                    return
+                self._restart_tasks.pop(lease_id, None)
+                try:
+                    await self._runtime.start(container_id)
+                except RuntimeFailure as exc:
+                    await self._end(record, LeaseState.FAILED, reason=f"restart failed: {exc}")
+                    return
+                extra = dict(record.extra)
+                extra.pop(restarts.PENDING, None)
+                await self._save(record.evolve(extra=extra))
+                log.info("lease container restarted", extra={"lease_id": lease_id})
+                await self._start_monitor(lease_id)
+            # It may have died again before the events watcher looked.
+            self._spawn(self._finalize(lease_id), f"lease-check-{lease_id}")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("lease restart failed", extra={"lease_id": lease_id})
+        finally:
+            if self._restart_tasks.get(lease_id) is asyncio.current_task():
+                del self._restart_tasks[lease_id]

@@ -12,6 +12,19 @@ LOG_TAIL_MAX_BYTES = 64 * 1024  # the protocol bounds LeaseUpdate.log_tail to th
 
 
 @dataclass(frozen=True)
+class EndpointStatus:
+    """One declared port of a lease as the agent last checked it (``gpuagent.v1.Endpoint``)."""
+
+    name: str
+    protocol: str
+    container_port: int
+    ready: bool = False
+    last_check_at: float | None = None  # unix seconds; None = not checked yet
+    last_result: str = ""  # "ok", or why the last check failed
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
 class LeaseUpdate:
     """One state change, sent to the coordinator as an idempotent ``LeaseUpdate``.
 
@@ -35,6 +48,9 @@ class LeaseUpdate:
     # Unix seconds the lease started running (None before): lets the final usage
     # record of a lease that never had one start there after an agent restart.
     started_at: float | None = None
+    # Service leases: the declared ports' health, and the container restarts so far.
+    endpoints: tuple[EndpointStatus, ...] = ()
+    restarts: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -44,6 +60,8 @@ class LeaseUpdate:
         data: dict[str, Any] = json.loads(text)
         data["state"] = LeaseState(data["state"])
         data["gpu_uuids"] = tuple(data["gpu_uuids"])
+        # Updates stored by an older agent have neither field: the defaults fit.
+        data["endpoints"] = tuple(EndpointStatus(**e) for e in data.get("endpoints", ()))
         return cls(**data)
 
 

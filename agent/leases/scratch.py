@@ -14,8 +14,12 @@ Two modes (``runtime.scratch_mode``; ``auto`` picks the first that works here):
   the agent's reaches a file in it), its size measured every
   ``runtime.scratch_check_interval``; a lease over its quota is stopped with
   ``scratch_quota_exceeded``. What the agent runs as under the shipped systemd
-  unit (no CAP_SYS_ADMIN): ``nosuid`` is then not enforced by the mount, only by
-  the leases' ``no-new-privileges`` inside and the 0700 state dir outside.
+  unit (no CAP_SYS_ADMIN). The agent cannot mount then, so the unit's privileged
+  pre-start (``gpu-agent scratch-mount``, run as root) makes the scratch root a
+  ``nosuid,nodev`` bind mount of itself: every lease dir below it, on the host and
+  in Docker's bind into the container, inherits the flags. Without that mount,
+  ``nosuid`` rests on the leases' ``no-new-privileges`` inside and the 0700 state
+  dir outside, and ``doctor`` says so.
 
 Blocking (subprocess, file walks): call from a worker thread.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -64,6 +69,69 @@ def resolve_mode(setting: Literal["auto", "loop", "measured"]) -> tuple[ScratchM
     if setting == "loop":
         raise ScratchError(f"runtime.scratch_mode is loop but {problem}")
     return "measured", f"quota measured, not enforced by the filesystem: {problem}"
+
+
+def root_flags_missing(root: Path) -> list[str]:
+    """Which of nosuid, nodev the file system holding ``root`` lacks."""
+    try:
+        flags = os.statvfs(root).f_flag
+    except OSError:
+        return ["nosuid", "nodev"]
+    return [
+        name for name, bit in (("nosuid", os.ST_NOSUID), ("nodev", os.ST_NODEV)) if not flags & bit
+    ]
+
+
+def is_mount_point(path: Path) -> bool:
+    """Whether ``path`` is a mount point, bind mounts of a directory onto itself included
+    (``os.path.ismount`` compares devices, so it misses those)."""
+    target = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return os.path.ismount(path)
+    for line in lines:
+        fields = line.split(" ")
+        # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        if len(fields) > 4 and _unescape(fields[4]) == target:
+            return True
+    return False
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_root_nosuid(root: Path) -> bool:
+    """Make ``root`` a nosuid,nodev bind mount of itself; False if it already was.
+
+    Root's job (the systemd unit's ``+`` pre-start), in the host's mount namespace so
+    Docker's binds of the lease dirs below inherit the flags. Idempotent. A fresh
+    ``root`` gets the owner and mode of its parent (the state dir: the agent's user,
+    0700), so the unprivileged agent can make its lease dirs in it.
+    """
+    if not root.exists():
+        parent = root.parent.stat()
+        root.mkdir(mode=0o700, parents=True)
+        os.chown(root, parent.st_uid, parent.st_gid)
+    if not root_flags_missing(root):
+        return False
+    if not is_mount_point(root):
+        _run("mount", "--bind", str(root), str(root))
+    # The kernel ignores nosuid/nodev on the first bind: a remount applies them.
+    _run("mount", "-o", "remount,bind,nosuid,nodev", str(root))
+    return True
+
+
+def unmount_root(root: Path) -> bool:
+    """Undo ``mount_root_nosuid``; False if ``root`` was not a mount point."""
+    if not is_mount_point(root):
+        return False
+    try:
+        _run("umount", str(root))
+    except ScratchError:
+        _run("umount", "-l", str(root))  # a lease's bind still holds it: detach now
+    return True
 
 
 def _run(*argv: str) -> None:

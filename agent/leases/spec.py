@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -40,9 +40,9 @@ MAX_REASON_CHARS = 1024
 MAX_ENV_VARS = 1024
 MAX_ENV_BYTES = leaserules.MAX_ENV_BYTES
 MAX_ARGS = 4096
-MAX_GPUS = 1024  # above any real host; larger numbers are garbage, not big asks
+MAX_GPUS = leaserules.MAX_GPUS_PER_LEASE
 MAX_BYTES = 2**62  # Docker takes int64; anything near it is garbage too
-LEASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+LEASE_ID_RE = leaserules.LEASE_ID_RE
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The NVIDIA container runtime reads these from the environment: a lease that
 # sets NVIDIA_VISIBLE_DEVICES=all would see every GPU on the host.
@@ -107,13 +107,40 @@ def _no_nul(value: str, what: str) -> str:
 
 class PortSpec(_Wire):
     container_port: int = Field(ge=1, le=65535)
-    protocol: Literal["tcp", "udp"] = "tcp"
+    # Checked by the shared rules (leaserules.check_ports), so the refusal names the key
+    # as the scheduler does.
+    protocol: str = Field(default="tcp", max_length=64)
+    name: str = Field(default="", max_length=64, description="'' = the port number")
 
     @field_validator("protocol", mode="before")
     @classmethod
     def _default_protocol(cls, value: object) -> object:
         # proto3 sends "" for an unset string.
         return "tcp" if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _default_name(self) -> PortSpec:
+        if not self.name:
+            object.__setattr__(self, "name", str(self.container_port))
+        return self
+
+    def rule(self) -> leaserules.Port:
+        return leaserules.Port(self.name, self.container_port, self.protocol)
+
+
+class HealthSpec(_Wire):
+    """The HTTP health check; 0 / "" = the default (``leaserules.HEALTH_DEFAULTS``)."""
+
+    path: str = Field(default="", max_length=leaserules.MAX_HEALTH_PATH)
+    port: str = Field(default="", max_length=64)
+    initial_delay: float = 0.0
+    period: float = 0.0
+    timeout: float = 0.0
+    failure_threshold: int = Field(default=0, ge=0, le=2**32 - 1)
+    startup_grace: float = 0.0
+
+    def rule(self) -> leaserules.Health:
+        return leaserules.Health(**self.model_dump())
 
 
 class RegistryAuth(_Wire):
@@ -149,7 +176,10 @@ class LeaseSpec(_Wire):
     memory_bytes: ByteSize = Field(default=0, le=MAX_BYTES, description="0 = default_memory")
     shm_bytes: ByteSize = Field(default=0, le=MAX_BYTES, description="0 = Docker's 64MiB")
     scratch_bytes: ByteSize = Field(default=0, le=MAX_BYTES)
-    ports: list[PortSpec] = Field(default_factory=list, max_length=64)
+    ports: list[PortSpec] = Field(default_factory=list, max_length=leaserules.MAX_PORTS * 4)
+    restart: str = Field(default="", max_length=64, description="'' = never")
+    max_restarts: int = Field(default=0, ge=0, le=2**32 - 1, description="0 = the default")
+    health: HealthSpec | None = None
     max_duration_seconds: int = Field(default=0, ge=0, le=10 * 365 * 86400, description="0 = none")
     price_micro_per_gpu_hour: int = Field(default=0, ge=0, le=2**63 - 1)
     registry_auth: RegistryAuth | None = None
@@ -187,6 +217,29 @@ class LeaseSpec(_Wire):
                 f"command and args are {total} bytes, over the {leaserules.MAX_ARGV_BYTES} allowed"
             )
         return self
+
+    @model_validator(mode="after")
+    def _service(self) -> LeaseSpec:
+        # The shared rules (gpuagent.leaserules), as the scheduler applies them at submit.
+        ports = [p.rule() for p in self.ports]
+        leaserules.check_ports(ports)
+        leaserules.check_restart(self.restart, self.max_restarts)
+        if self.health is not None:
+            leaserules.check_health(self.health.rule(), ports)
+        return self
+
+    def service_ports(self) -> list[leaserules.Port]:
+        return [p.rule() for p in self.ports]
+
+    def restart_policy(self) -> tuple[str, int]:
+        """The restart policy and its budget of consecutive restarts, defaults filled."""
+        return leaserules.check_restart(self.restart, self.max_restarts)
+
+    def health_check(self) -> leaserules.Health | None:
+        """The health check with defaults filled, or None when the spec has none."""
+        if self.health is None:
+            return None
+        return leaserules.check_health(self.health.rule(), self.service_ports())
 
     @field_validator("env")
     @classmethod
@@ -292,8 +345,7 @@ def validate_lease_id(lease_id: object) -> str:
         shown = repr(lease_id)[:80]
         raise LeaseRejected(
             RejectCode.INVALID_LEASE_ID,
-            f"lease id {shown} must be 1-128 characters of letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
+            f"lease id {shown} must be {leaserules.LEASE_ID_RULE}",
         )
     return lease_id
 
@@ -310,7 +362,10 @@ def parse_spec(raw: Mapping[str, Any] | LeaseSpec) -> LeaseSpec:
         return LeaseSpec.model_validate(dict(raw))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        problems = format_validation_error(LeaseSpec, exc)
+        # The shared rules name their own key ("health.path: ..."), not "(top level)".
+        problems = [
+            p.removeprefix("(top level): ") for p in format_validation_error(LeaseSpec, exc)
+        ]
         if all(e["type"] == "extra_forbidden" for e in errors):
             code = RejectCode.UNKNOWN_FIELD
         elif any(e["loc"] and e["loc"][0] == "env" for e in errors):
@@ -375,7 +430,7 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
         raise LeaseRejected(
             RejectCode.HOST_NAMESPACE, "the host network namespace is not available to leases"
         )
-    if spec.network_mode not in ("", "bridge", "default", "none"):
+    if spec.network_mode not in leaserules.NAMESPACE_MODES["network_mode"]:
         raise LeaseRejected(
             RejectCode.HOST_NAMESPACE,
             f"network_mode {spec.network_mode[:64]!r} is not allowed (only bridge or none)",
@@ -383,14 +438,11 @@ def _check_isolation(spec: LeaseSpec, policy: RuntimeConfig) -> None:
     if spec.network_mode == "none" and spec.ports:
         raise LeaseRejected(
             RejectCode.INVALID_SPEC,
-            "ports cannot be published by a lease with network_mode none (it has no network)",
+            leaserules.PORTS_WITHOUT_NETWORK,
         )
-    for field, allowed in (
-        ("pid_mode", ("",)),
-        ("ipc_mode", ("", "private", "none")),
-        ("uts_mode", ("",)),
-        ("userns_mode", ("",)),
-    ):
+    for field, allowed in leaserules.NAMESPACE_MODES.items():
+        if field == "network_mode":
+            continue  # checked above, with its own messages
         value: str = getattr(spec, field)
         if value not in allowed:
             raise LeaseRejected(

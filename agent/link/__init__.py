@@ -6,7 +6,7 @@ coordinator messages with ``link.on(field, handler)`` and send with ``link.send`
 """
 
 from .backoff import Backoff
-from .reporter import HeartbeatState, HelloState, NodeReporter, StaticReporter
+from .reporter import HeartbeatState, HelloState, NodeReporter
 from .session import CoordinatorLink, LinkRejected, NotConnected
 
 __all__ = [
@@ -17,5 +17,4 @@ __all__ = [
     "LinkRejected",
     "NodeReporter",
     "NotConnected",
-    "StaticReporter",
 ]

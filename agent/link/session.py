@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import grpc
 
 from gpuagent import PROTOCOL_VERSION, __version__
+from gpuagent.aio import TaskSet
 from gpuagent.signing import hello_signing_bytes
 from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -64,25 +65,45 @@ class LinkParams:
 
     heartbeat_interval: float = 10.0
     metering_interval: float = 60.0
-    attestation_required: bool = False
-    attestation_interval: float = 0.0
-    attestation_spot_check_rows: int = 0
-    usage_batch_max: int = 0
+    usage_batch_max: int = 0  # 0: the agent's metering.batch_size
+
+
+# What a coordinator may set (PROTOCOL.md "NodeParams"): a value outside is clamped
+# to the nearest bound and logged. A coordinator is untrusted input too: a 1 ms
+# heartbeat would spin every agent of the network, a day-long one would mark them
+# all offline.
+HEARTBEAT_INTERVAL_RANGE = (0.1, 300.0)
+METERING_INTERVAL_RANGE = (1.0, 3600.0)
+USAGE_BATCH_MAX_RANGE = (1, 10_000)
+
+
+def _clamped(name: str, value: float, bounds: tuple[float, float]) -> float:
+    low, high = bounds
+    if low <= value <= high:
+        return value
+    bounded = min(max(value, low), high)
+    log.warning(
+        "coordinator parameter out of range; clamped",
+        extra={"param": name, "sent": value, "applied": bounded, "min": low, "max": high},
+    )
+    return bounded
 
 
 def _merge_params(current: LinkParams, update: common_pb2.NodeParams) -> LinkParams:
     # Zero means "unchanged" so a coordinator can send only what it changes.
-    changes: dict[str, float | int | bool] = {}
+    changes: dict[str, float | int] = {}
     if update.heartbeat_interval_ms:
-        changes["heartbeat_interval"] = update.heartbeat_interval_ms / 1000
+        changes["heartbeat_interval"] = _clamped(
+            "heartbeat_interval", update.heartbeat_interval_ms / 1000, HEARTBEAT_INTERVAL_RANGE
+        )
     if update.metering_interval_ms:
-        changes["metering_interval"] = update.metering_interval_ms / 1000
+        changes["metering_interval"] = _clamped(
+            "metering_interval", update.metering_interval_ms / 1000, METERING_INTERVAL_RANGE
+        )
     if update.usage_batch_max:
-        changes["usage_batch_max"] = update.usage_batch_max
-    if update.HasField("attestation"):
-        changes["attestation_required"] = update.attestation.required
-        changes["attestation_interval"] = float(update.attestation.interval_seconds)
-        changes["attestation_spot_check_rows"] = update.attestation.spot_check_rows
+        changes["usage_batch_max"] = int(
+            _clamped("usage_batch_max", update.usage_batch_max, USAGE_BATCH_MAX_RANGE)
+        )
     return replace(current, **changes)  # type: ignore[arg-type]
 
 
@@ -114,6 +135,7 @@ class CoordinatorLink:
         protocol_version: str = PROTOCOL_VERSION,
         agent_version: str = __version__,
         observer: LinkObserver | None = None,
+        params: LinkParams | None = None,
     ) -> None:
         self.observer = observer
         self.config = config
@@ -125,7 +147,8 @@ class CoordinatorLink:
         self.backoff = backoff or Backoff(config.reconnect_initial, config.reconnect_max)
         self.protocol_version = protocol_version
         self.agent_version = agent_version
-        self.params = LinkParams()
+        # The agent's own values until a Welcome or ParamsUpdate changes them.
+        self.params = params or LinkParams()
         self.session_id: str | None = None
         self.sessions_opened = 0
         self.last_error: str | None = None
@@ -135,9 +158,11 @@ class CoordinatorLink:
         self._handlers: dict[str, Handler] = {}
         self._params_listeners: list[ParamsListener] = []
         self._session_listeners: list[SessionListener] = []
-        self._listener_tasks: set[asyncio.Task[None]] = set()
+        self._listener_tasks = TaskSet()
         self.welcome: coordinator_pb2.Welcome | None = None
         self._call: grpc.aio.StreamStreamCall[Any, Any] | None = None
+        # The open session's channel, for calls beside the stream (the bandwidth probe).
+        self.channel: grpc.aio.Channel | None = None
         self._write_lock = asyncio.Lock()
         self._params_changed = asyncio.Event()
         self._connected = asyncio.Event()
@@ -250,6 +275,7 @@ class CoordinatorLink:
             try:
                 await self._handshake(call)
                 self._call = call
+                self.channel = channel
                 self._connected.set()
                 if self.observer is not None:
                     self.observer.set_connected(True)
@@ -257,14 +283,13 @@ class CoordinatorLink:
                         self.observer.reconnected()
                 if self.welcome is not None:
                     for listener in self._session_listeners:
-                        task = asyncio.create_task(
+                        self._listener_tasks.spawn(
                             self._run_session_listener(listener, self.welcome)
                         )
-                        self._listener_tasks.add(task)
-                        task.add_done_callback(self._listener_tasks.discard)
                 await self._serve(call, stop)
             finally:
                 self._call = None
+                self.channel = None
                 self._connected.clear()
                 if self.observer is not None:
                     self.observer.set_connected(False)
@@ -338,6 +363,7 @@ class CoordinatorLink:
             uptime_seconds=int(self._monotonic() - self._started),
             draining=state.draining,
             enrollment_token=self.config.enrollment(),
+            offer=state.offer,
         )
 
     def _apply_params(self, update: common_pb2.NodeParams, *, initial: bool) -> None:

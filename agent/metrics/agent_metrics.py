@@ -10,6 +10,7 @@ daemon may call them from the event loop or from worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import threading
@@ -112,6 +113,20 @@ class AgentMetrics:
             buckets=START_BUCKETS,
             registry=registry,
         )
+        # Service leases (leases/health.py, leases/restarts.py): per lease, dropped when
+        # the lease ends so ended leases do not pile up series.
+        self.lease_health_checks = Counter(
+            names.LEASE_HEALTH_CHECKS,
+            "Health checks of service lease ports, by kind (http, tcp) and result (pass, fail)",
+            ["lease_id", "kind", "result"],
+            registry=registry,
+        )
+        self.lease_restarts = Counter(
+            names.LEASE_RESTARTS,
+            "Service lease container restarts, by cause (exit, liveness)",
+            ["lease_id", "cause"],
+            registry=registry,
+        )
         self.image_pull_duration = Histogram(
             names.IMAGE_PULL_DURATION,
             "Time spent pulling lease images",
@@ -163,6 +178,22 @@ class AgentMetrics:
         self.lease_starts.labels(outcome).inc()
         if duration is not None:
             self.lease_start_duration.observe(duration)
+
+    # --- service leases (leases.manager.ServiceObserver) -----------------------------
+    def health_check(self, lease_id: str, kind: str, passed: bool) -> None:
+        self.lease_health_checks.labels(lease_id, kind, "pass" if passed else "fail").inc()
+
+    def restarted(self, lease_id: str, cause: str) -> None:
+        self.lease_restarts.labels(lease_id, cause).inc()
+
+    def lease_ended(self, lease_id: str) -> None:
+        for kind in ("http", "tcp"):
+            for result in ("pass", "fail"):
+                with contextlib.suppress(KeyError):
+                    self.lease_health_checks.remove(lease_id, kind, result)
+        for cause in ("exit", "liveness"):
+            with contextlib.suppress(KeyError):
+                self.lease_restarts.remove(lease_id, cause)
 
     def image_pulled(self, duration: float, size_bytes: int) -> None:
         self.image_pull_duration.observe(duration)

@@ -6,6 +6,5 @@ container port, asking only ``ServiceTargets.service_target`` where that is.
 """
 
 from .client import TunnelClient
-from .targets import LeaseTargets
 
-__all__ = ["LeaseTargets", "TunnelClient"]
+__all__ = ["TunnelClient"]

@@ -24,7 +24,7 @@ from gpuagent.v1 import coordinator_pb2, relay_pb2, relay_pb2_grpc
 
 from ..config import CoordinatorConfig
 from ..identity import NodeIdentity
-from ..leases.endpoints import ServiceTarget
+from ..leases.endpoints import ServiceTarget, ServiceTargets
 from ..link.backoff import Backoff
 from ..link.channel import make_channel
 
@@ -37,12 +37,6 @@ CONNECT_TIMEOUT = 5.0
 Refused = relay_pb2.StreamRefused
 
 
-class Targets(Protocol):
-    def service_target(self, lease_id: str, port: str) -> ServiceTarget | None: ...
-
-    async def refresh(self) -> None: ...
-
-
 class _SessionEnded(Exception):
     pass
 
@@ -52,7 +46,7 @@ class TunnelClient:
         self,
         coordinator: CoordinatorConfig,
         identity: NodeIdentity,
-        targets: Targets,
+        targets: ServiceTargets,
         *,
         backoff: Backoff | None = None,
     ) -> None:
@@ -163,11 +157,7 @@ class TunnelClient:
                 raise _SessionEnded(f"relay error: {message.error.message[:200]}")
 
     async def _target(self, lease_id: str, port: str) -> ServiceTarget | None:
-        target = self.targets.service_target(lease_id, port)
-        if target is None:
-            await self.targets.refresh()  # a lease that started a moment ago
-            target = self.targets.service_target(lease_id, port)
-        return target
+        return self.targets.service_target(lease_id, port)
 
     async def _carry(
         self,

@@ -90,6 +90,23 @@ class Sampler:
         self.stats: OutboxStats | None = None
 
     @property
+    def record_interval(self) -> float:
+        return self._record_ns / 1e9
+
+    def set_record_interval(self, seconds: float) -> float:
+        """A new record length (the coordinator's ``metering_interval``), from the next
+        record on; never below ``sample_interval`` (a record holds at least one sample).
+        Returns the length applied."""
+        applied = max(seconds, self._config.sample_interval)
+        if applied != seconds:
+            log.warning(
+                "record interval below the sample interval; using the sample interval",
+                extra={"requested": seconds, "applied": applied},
+            )
+        self._record_ns = round(applied * 1e9)
+        return applied
+
+    @property
     def backlog_alert(self) -> bool:
         """Pending records passed ``outbox_alert_records``; metering carries on."""
         return self.stats is not None and self.stats.backlog_alert
@@ -173,6 +190,28 @@ class Sampler:
             if closed is None:  # unreachable: a final close always yields a record
                 return []
             return await self._append([(lease.lease_id, *closed)])
+
+    async def last_reading(self, lease: MeteredLease, end_monotonic: float | None = None) -> None:
+        """Read an ended lease's counters once more, before its container and network are
+        removed, without closing an interval (``close_lease`` does that).
+
+        Ticks stop reading a lease when its container dies, and the reading in
+        ``close_lease`` comes after the cleanup, when the network's bridge (with its
+        counters) is gone: a final interval without a tick in it would have its network
+        bytes unmeasured although they were readable all along. Counters do not move
+        after the death, so a reading now is the reading at the end (``end_monotonic``).
+        """
+        async with self._lock:
+            await self._track({lease.lease_id: lease})
+            tracked = self._tracked.get(lease.lease_id)
+            if tracked is None:
+                return
+            meter = tracked.meter
+            at_ns = self._mono()
+            if end_monotonic is not None:
+                at_ns = min(at_ns, round(end_monotonic * 1e9))
+            samples = await asyncio.to_thread(self._read, [(lease.lease_id, tracked)])
+            meter.add_sample(max(at_ns, meter.last_sample_mono_ns), *samples[lease.lease_id])
 
     async def lease_started(self, lease: MeteredLease) -> None:
         """Start metering ``lease`` now that it runs, with its GPUs' energy counters read

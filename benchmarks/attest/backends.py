@@ -15,41 +15,26 @@ import importlib
 import importlib.util
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
-from .generator import ENTRIES_PER_WORD, check_inner, lines, lines_generic, matrix_key
+from gpuagent.attest.backend import Backend as Backend  # re-exported: the kernels implement it
+from gpuagent.attest.backend import BackendError as BackendError
+from gpuagent.attest.backend import MatmulOutput as MatmulOutput
+from gpuagent.attest.generator import (
+    ENTRIES_PER_WORD,
+    check_inner,
+    lines,
+    lines_generic,
+    matrix_key,
+)
 
 # Entries per K-chunk on a GPU: large enough that each GEMM saturates the tensor cores,
 # small enough that the int64 generator temporaries (n x chunk/4 words) stay modest.
 GPU_CHUNK = 4096
 # The CPU computes in fp32 BLAS on whole-row blocks of this many rows to bound memory.
 CPU_ROW_BLOCK = 2048
-
-
-# C on the host as int32, and the seconds the device spent on it.
-MatmulOutput = tuple[NDArray[np.int32], float]
-
-
-class BackendError(RuntimeError):
-    """The requested backend cannot run here (missing library, no device, old version)."""
-
-
-class Backend(Protocol):
-    name: str
-    simulated: bool  # True when not a real GPU: timing bands do not apply
-
-    def device_name(self) -> str: ...
-
-    def matmul(self, nonce: bytes, n: int, inner: int, dtype: str) -> MatmulOutput:
-        """C = A @ B for the nonce, on the host as int32, and the device seconds it took."""
-        ...
-
-    def copy_bandwidth(self, nbytes: int, repeats: int) -> float:
-        """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-        ...
 
 
 class NumpyBackend:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gpuagent.attest.skus import SkuSpec
+
 from .backends import Backend
-from .skus import SkuSpec
 
 DEFAULT_PROBE_BYTES = 256 * 1024**2
 DEFAULT_REPEATS = 10

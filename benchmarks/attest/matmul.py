@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from gpuagent.attest.generator import expected_entries
+from gpuagent.attest.skus import SkuSpec, matmul_flops
+
 from .backends import Backend
-from .generator import expected_entries
-from .skus import SkuSpec, matmul_flops
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gpuagent.attest.messages import GpuIdentity
+from gpuagent.attest.prover import Prover
+from gpuagent.attest.skus import AcceptanceBand, SkuSpec, identity_problem, matmul_flops, task_size
+from gpuagent.attest.verifier import AttestationRejected, Verifier
+
 from .backends import Backend
 from .bandwidth import measure_bandwidth
 from .matmul import run_matmul
-from .messages import GpuIdentity
-from .prover import Prover
-from .skus import AcceptanceBand, SkuSpec, identity_problem, matmul_flops, task_size
-from .verifier import AttestationRejected, Verifier
 
 CPU_DEFAULT_SIZE = 1024
 SELFTEST_UUID = "GPU-selftest"

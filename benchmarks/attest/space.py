@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from .generator import lines, matrix_key
+from gpuagent.attest.generator import lines, matrix_key
 
 SPACE_TAG = b"S"
 

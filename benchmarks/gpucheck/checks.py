@@ -25,11 +25,11 @@ from agent.metrics.nvml_source import NvmlGpuSource
 from agent.metrics.registry import build_telemetry
 from benchmarks.attest.backends import Backend, MatmulOutput
 from benchmarks.attest.bandwidth import measure_bandwidth
-from benchmarks.attest.messages import GpuIdentity
-from benchmarks.attest.prover import Prover
-from benchmarks.attest.skus import SkuSpec, identity_problem, sku_for_name, task_size
-from benchmarks.attest.verifier import AttestationRejected, Verifier
 from benchmarks.footprint_bench import IDLE_CPU_TARGET, IDLE_RSS_TARGET_MB
+from gpuagent.attest.messages import GpuIdentity
+from gpuagent.attest.prover import Prover
+from gpuagent.attest.skus import SkuSpec, identity_problem, sku_for_name, task_size
+from gpuagent.attest.verifier import AttestationRejected, Verifier
 
 from . import smi
 from .crosscheck import cross_check
@@ -128,7 +128,7 @@ def check_detect(machine: Machine) -> Check:
 def _sku_note(gpu: Mapping[str, Any]) -> str:
     sku = sku_for_name(str(gpu.get("name") or ""))
     if sku is None:
-        return f"no SKU row for {gpu.get('name')!r}: add one to benchmarks/attest/skus.py"
+        return f"no SKU row for {gpu.get('name')!r}: add one to gpuagent/attest/skus.py"
     problem = identity_problem(sku, str(gpu.get("name")), int(gpu.get("memory_total_bytes") or 0))
     return sku.sku_id if problem is None else f"{sku.sku_id}: {problem}"
 

@@ -411,6 +411,17 @@ do_install() {
 }
 
 # --- uninstall ---------------------------------------------------------------
+# Mounts the agent made under its state dir (the scratch root's nosuid bind from an
+# earlier config, loop scratch of leases still running): detach them, deepest first,
+# before the files go.
+unmount_below() {
+    local dir=$1 point
+    awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo \
+        | sort -r | while read -r point; do
+            umount -l "$point" && say "unmounted $point"
+        done
+}
+
 do_uninstall() {
     local unit
     for unit in gpu-agent.service gpu-scheduler.service; do
@@ -434,6 +445,9 @@ do_uninstall() {
         local config=()
         [[ -f /etc/gpu-agent/config.yaml ]] && config=(--config /etc/gpu-agent/config.yaml)
         "$VENV/bin/gpu-agent" "${config[@]}" firewall remove || warn "could not remove the firewall rules"
+        # The unit's pre-start bind of the scratch root onto itself (nosuid,nodev).
+        "$VENV/bin/gpu-agent" "${config[@]}" scratch-mount --remove \
+            || warn "could not unmount the scratch root"
     fi
     if [[ -e $(r "$OPT_DIR") ]]; then
         rm -rf "$(r "$OPT_DIR")"
@@ -445,6 +459,7 @@ do_uninstall() {
         return 0
     fi
     local dir
+    [[ $ROOT == / ]] && unmount_below /var/lib/gpu-agent
     # Drop-ins (`systemctl edit`) are the provider's settings for the units:
     # kept by --uninstall, like the config, and gone with --purge.
     for dir in /etc/gpu-agent /var/lib/gpu-agent /etc/gpu-scheduler /var/lib/gpu-scheduler \

@@ -129,7 +129,7 @@ Global___GpuIdentity: _TypeAlias = GpuIdentity  # noqa: Y015
 @_typing.final
 class AttestationCommit(_message.Message):
     """Agent -> coordinator, one per task. Every field but `signature` and `error` is
-    covered by the signature (canonical bytes: benchmarks/attest/messages.py).
+    covered by the signature (canonical bytes: gpuagent/attest/messages.py).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

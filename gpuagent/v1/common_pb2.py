@@ -24,23 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuagent/v1/common.proto\x12\x0bgpuagent.v1\"\xc4\x02\n\rProtocolError\x12-\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1f.gpuagent.v1.ProtocolError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\t\"\xce\x01\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\r\n\tOVERSIZED\x10\x02\x12\x10\n\x0cOUT_OF_ORDER\x10\x03\x12\x17\n\x13UNSUPPORTED_VERSION\x10\x04\x12\x11\n\rBAD_SIGNATURE\x10\x05\x12\x15\n\x11IDENTITY_MISMATCH\x10\x06\x12\x11\n\rUNKNOWN_LEASE\x10\x07\x12\x0c\n\x08REJECTED\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x0e\n\nSUPERSEDED\x10\n\"X\n\x11\x41ttestationPolicy\x12\x10\n\x08required\x18\x01 \x01(\x08\x12\x18\n\x10interval_seconds\x18\x02 \x01(\r\x12\x17\n\x0fspot_check_rows\x18\x03 \x01(\r\"\x97\x01\n\nNodeParams\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x1c\n\x14metering_interval_ms\x18\x02 \x01(\r\x12\x33\n\x0b\x61ttestation\x18\x03 \x01(\x0b\x32\x1e.gpuagent.v1.AttestationPolicy\x12\x17\n\x0fusage_batch_max\x18\x04 \x01(\r\"Z\n\x0bLeaseStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t*\xbf\x02\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LEASE_STATE_ASSIGNED\x10\x01\x12\x17\n\x13LEASE_STATE_PULLING\x10\x02\x12\x18\n\x14LEASE_STATE_STARTING\x10\x03\x12\x17\n\x13LEASE_STATE_RUNNING\x10\x04\x12\x19\n\x15LEASE_STATE_SUCCEEDED\x10\x05\x12\x16\n\x12LEASE_STATE_FAILED\x10\x06\x12\x19\n\x15LEASE_STATE_CANCELLED\x10\x07\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x08\x12\x14\n\x10LEASE_STATE_LOST\x10\t\x12\x18\n\x14LEASE_STATE_REJECTED\x10\n\x12\x17\n\x13LEASE_STATE_PENDING\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpuagent/v1/common.proto\x12\x0bgpuagent.v1\"\xc4\x02\n\rProtocolError\x12-\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1f.gpuagent.v1.ProtocolError.Code\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\t\"\xce\x01\n\x04\x43ode\x12\x14\n\x10\x43ODE_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\r\n\tOVERSIZED\x10\x02\x12\x10\n\x0cOUT_OF_ORDER\x10\x03\x12\x17\n\x13UNSUPPORTED_VERSION\x10\x04\x12\x11\n\rBAD_SIGNATURE\x10\x05\x12\x15\n\x11IDENTITY_MISMATCH\x10\x06\x12\x11\n\rUNKNOWN_LEASE\x10\x07\x12\x0c\n\x08REJECTED\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x0e\n\nSUPERSEDED\x10\n\"u\n\nNodeParams\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x1c\n\x14metering_interval_ms\x18\x02 \x01(\r\x12\x17\n\x0fusage_batch_max\x18\x04 \x01(\rJ\x04\x08\x03\x10\x04R\x0b\x61ttestation\"Z\n\x0bLeaseStatus\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.gpuagent.v1.LeaseState\x12\x11\n\tgpu_uuids\x18\x03 \x03(\t*\xbf\x02\n\nLeaseState\x12\x1b\n\x17LEASE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14LEASE_STATE_ASSIGNED\x10\x01\x12\x17\n\x13LEASE_STATE_PULLING\x10\x02\x12\x18\n\x14LEASE_STATE_STARTING\x10\x03\x12\x17\n\x13LEASE_STATE_RUNNING\x10\x04\x12\x19\n\x15LEASE_STATE_SUCCEEDED\x10\x05\x12\x16\n\x12LEASE_STATE_FAILED\x10\x06\x12\x19\n\x15LEASE_STATE_CANCELLED\x10\x07\x12\x17\n\x13LEASE_STATE_EXPIRED\x10\x08\x12\x14\n\x10LEASE_STATE_LOST\x10\t\x12\x18\n\x14LEASE_STATE_REJECTED\x10\n\x12\x17\n\x13LEASE_STATE_PENDING\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpuagent.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEASESTATE']._serialized_start=705
-  _globals['_LEASESTATE']._serialized_end=1024
+  _globals['_LEASESTATE']._serialized_start=580
+  _globals['_LEASESTATE']._serialized_end=899
   _globals['_PROTOCOLERROR']._serialized_start=42
   _globals['_PROTOCOLERROR']._serialized_end=366
   _globals['_PROTOCOLERROR_CODE']._serialized_start=160
   _globals['_PROTOCOLERROR_CODE']._serialized_end=366
-  _globals['_ATTESTATIONPOLICY']._serialized_start=368
-  _globals['_ATTESTATIONPOLICY']._serialized_end=456
-  _globals['_NODEPARAMS']._serialized_start=459
-  _globals['_NODEPARAMS']._serialized_end=610
-  _globals['_LEASESTATUS']._serialized_start=612
-  _globals['_LEASESTATUS']._serialized_end=702
+  _globals['_NODEPARAMS']._serialized_start=368
+  _globals['_NODEPARAMS']._serialized_end=485
+  _globals['_LEASESTATUS']._serialized_start=487
+  _globals['_LEASESTATUS']._serialized_end=577
 # @@protoc_insertion_point(module_scope)

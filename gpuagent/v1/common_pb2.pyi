@@ -170,66 +170,33 @@ class ProtocolError(_message.Message):
 Global___ProtocolError: _TypeAlias = ProtocolError  # noqa: Y015
 
 @_typing.final
-class AttestationPolicy(_message.Message):
-    """What the coordinator wants from attestation on this node."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REQUIRED_FIELD_NUMBER: _builtins.int
-    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
-    SPOT_CHECK_ROWS_FIELD_NUMBER: _builtins.int
-    required: _builtins.bool
-    """leases are placed only on attested GPUs"""
-    interval_seconds: _builtins.int
-    """re-attest each GPU at least this often; 0 = never"""
-    spot_check_rows: _builtins.int
-    """rows revealed per challenge (k)"""
-    def __init__(
-        self,
-        *,
-        required: _builtins.bool = ...,
-        interval_seconds: _builtins.int = ...,
-        spot_check_rows: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds", "required", b"required", "spot_check_rows", b"spot_check_rows"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AttestationPolicy: _TypeAlias = AttestationPolicy  # noqa: Y015
-
-@_typing.final
 class NodeParams(_message.Message):
     """Coordinator-set parameters; arrive in Welcome and change via ParamsUpdate.
-    A zero value means "keep the agent's current value".
+    A zero value means "keep the agent's current value"; the agent clamps each
+    value to the range PROTOCOL.md gives and logs what it applied.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     METERING_INTERVAL_MS_FIELD_NUMBER: _builtins.int
-    ATTESTATION_FIELD_NUMBER: _builtins.int
     USAGE_BATCH_MAX_FIELD_NUMBER: _builtins.int
     heartbeat_interval_ms: _builtins.int
-    """default 10000"""
+    """default 10000; 100..300000"""
     metering_interval_ms: _builtins.int
-    """usage record length; default 60000"""
+    """usage record length; default 60000; 1000..3600000"""
     usage_batch_max: _builtins.int
-    """most records per UsageReport"""
-    @_builtins.property
-    def attestation(self) -> Global___AttestationPolicy: ...
+    """most records per UsageReport; 1..10000"""
     def __init__(
         self,
         *,
         heartbeat_interval_ms: _builtins.int = ...,
         metering_interval_ms: _builtins.int = ...,
-        attestation: Global___AttestationPolicy | None = ...,
         usage_batch_max: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation", b"attestation", "heartbeat_interval_ms", b"heartbeat_interval_ms", "metering_interval_ms", b"metering_interval_ms", "usage_batch_max", b"usage_batch_max"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_ms", b"heartbeat_interval_ms", "metering_interval_ms", b"metering_interval_ms", "usage_batch_max", b"usage_batch_max"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

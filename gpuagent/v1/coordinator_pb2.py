@@ -26,10 +26,11 @@ from gpuagent.v1 import attestation_pb2 as gpuagent_dot_v1_dot_attestation__pb2
 from gpuagent.v1 import common_pb2 as gpuagent_dot_v1_dot_common__pb2
 from gpuagent.v1 import inventory_pb2 as gpuagent_dot_v1_dot_inventory__pb2
 from gpuagent.v1 import leases_pb2 as gpuagent_dot_v1_dot_leases__pb2
+from gpuagent.v1 import market_pb2 as gpuagent_dot_v1_dot_market__pb2
 from gpuagent.v1 import usage_pb2 as gpuagent_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpuagent/v1/coordinator.proto\x12\x0bgpuagent.v1\x1a\x1dgpuagent/v1/attestation.proto\x1a\x18gpuagent/v1/common.proto\x1a\x1bgpuagent/v1/inventory.proto\x1a\x18gpuagent/v1/leases.proto\x1a\x17gpuagent/v1/usage.proto\"V\n\x0eHelloChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x1b\n\x13\x63oordinator_version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\"\xd5\x03\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x11\n\tnode_name\x18\x06 \x01(\t\x12\x0e\n\x06region\x18\x07 \x01(\t\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.gpuagent.v1.Hello.LabelsEntry\x12)\n\tinventory\x18\t \x01(\x0b\x32\x16.gpuagent.v1.Inventory\x12*\n\ngpu_health\x18\n \x03(\x0b\x32\x16.gpuagent.v1.GpuHealth\x12(\n\x06leases\x18\x0b \x03(\x0b\x32\x18.gpuagent.v1.LeaseStatus\x12\x1c\n\x14last_acked_usage_seq\x18\x0c \x01(\x04\x12\x16\n\x0euptime_seconds\x18\r \x01(\x04\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x18\n\x10\x65nrollment_token\x18\x0f \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.gpuagent.v1.NodeParams\x12\x17\n\x0f\x61\x63ked_usage_seq\x18\x04 \x01(\x04\x12\x1e\n\x16server_time_unix_nanos\x18\x05 \x01(\x03\x12\x17\n\x0fknown_lease_ids\x18\x06 \x03(\t\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\'\n\x05relay\x18\x08 \x01(\x0b\x32\x18.gpuagent.v1.RelayParams\"D\n\x0bRelayParams\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\"7\n\x0cParamsUpdate\x12\'\n\x06params\x18\x01 \x01(\x0b\x32\x17.gpuagent.v1.NodeParams\"\x80\x02\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x04\x12\x1a\n\x12sent_at_unix_nanos\x18\x03 \x01(\x03\x12*\n\ngpu_health\x18\x04 \x03(\x0b\x32\x16.gpuagent.v1.GpuHealth\x12\x16\n\x0e\x66ree_gpu_uuids\x18\x05 \x03(\t\x12\x1b\n\x13\x61llocated_gpu_uuids\x18\x06 \x03(\t\x12(\n\x06leases\x18\x07 \x03(\x0b\x32\x18.gpuagent.v1.LeaseStatus\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x15\n\rusage_pending\x18\t \x01(\x04\"E\n\x05\x44rain\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\x03 \x01(\x03\"\xf1\x02\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.gpuagent.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.gpuagent.v1.HeartbeatH\x00\x12\x30\n\x0clease_update\x18\x03 \x01(\x0b\x32\x18.gpuagent.v1.LeaseUpdateH\x00\x12\x30\n\x0cusage_report\x18\x04 \x01(\x0b\x32\x18.gpuagent.v1.UsageReportH\x00\x12<\n\x12\x61ttestation_commit\x18\x05 \x01(\x0b\x32\x1e.gpuagent.v1.AttestationCommitH\x00\x12\x38\n\x10\x61ttestation_open\x18\x06 \x01(\x0b\x32\x1c.gpuagent.v1.AttestationOpenH\x00\x12+\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x1a.gpuagent.v1.ProtocolErrorH\x00\x42\x06\n\x04\x62ody\"\x8c\x05\n\x12\x43oordinatorMessage\x12\x36\n\x0fhello_challenge\x18\x01 \x01(\x0b\x32\x1b.gpuagent.v1.HelloChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.gpuagent.v1.WelcomeH\x00\x12\x32\n\rparams_update\x18\x03 \x01(\x0b\x32\x19.gpuagent.v1.ParamsUpdateH\x00\x12\x30\n\x0clease_assign\x18\x04 \x01(\x0b\x32\x18.gpuagent.v1.LeaseAssignH\x00\x12\x30\n\x0clease_cancel\x18\x05 \x01(\x0b\x32\x18.gpuagent.v1.LeaseCancelH\x00\x12\x37\n\x10lease_update_ack\x18\x06 \x01(\x0b\x32\x1b.gpuagent.v1.LeaseUpdateAckH\x00\x12*\n\tusage_ack\x18\x07 \x01(\x0b\x32\x15.gpuagent.v1.UsageAckH\x00\x12\x42\n\x15\x61ttestation_challenge\x18\x08 \x01(\x0b\x32!.gpuagent.v1.AttestationChallengeH\x00\x12<\n\x12\x61ttestation_reveal\x18\t \x01(\x0b\x32\x1e.gpuagent.v1.AttestationRevealH\x00\x12<\n\x12\x61ttestation_result\x18\n \x01(\x0b\x32\x1e.gpuagent.v1.AttestationResultH\x00\x12#\n\x05\x64rain\x18\x0b \x01(\x0b\x32\x12.gpuagent.v1.DrainH\x00\x12+\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x1a.gpuagent.v1.ProtocolErrorH\x00\x42\x06\n\x04\x62ody2X\n\x0b\x43oordinator\x12I\n\x07\x43onnect\x12\x19.gpuagent.v1.AgentMessage\x1a\x1f.gpuagent.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dgpuagent/v1/coordinator.proto\x12\x0bgpuagent.v1\x1a\x1dgpuagent/v1/attestation.proto\x1a\x18gpuagent/v1/common.proto\x1a\x1bgpuagent/v1/inventory.proto\x1a\x18gpuagent/v1/leases.proto\x1a\x18gpuagent/v1/market.proto\x1a\x17gpuagent/v1/usage.proto\"V\n\x0eHelloChallenge\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x1b\n\x13\x63oordinator_version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\t\"\xfc\x03\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\x12\x18\n\x10protocol_version\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\t\x12\x11\n\tnode_name\x18\x06 \x01(\t\x12\x0e\n\x06region\x18\x07 \x01(\t\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.gpuagent.v1.Hello.LabelsEntry\x12)\n\tinventory\x18\t \x01(\x0b\x32\x16.gpuagent.v1.Inventory\x12*\n\ngpu_health\x18\n \x03(\x0b\x32\x16.gpuagent.v1.GpuHealth\x12(\n\x06leases\x18\x0b \x03(\x0b\x32\x18.gpuagent.v1.LeaseStatus\x12\x1c\n\x14last_acked_usage_seq\x18\x0c \x01(\x04\x12\x16\n\x0euptime_seconds\x18\r \x01(\x04\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12\x18\n\x10\x65nrollment_token\x18\x0f \x01(\t\x12%\n\x05offer\x18\x10 \x01(\x0b\x32\x16.gpuagent.v1.NodeOffer\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.gpuagent.v1.NodeParams\x12\x17\n\x0f\x61\x63ked_usage_seq\x18\x04 \x01(\x04\x12\x1e\n\x16server_time_unix_nanos\x18\x05 \x01(\x03\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\'\n\x05relay\x18\x08 \x01(\x0b\x32\x18.gpuagent.v1.RelayParamsJ\x04\x08\x06\x10\x07R\x0fknown_lease_ids\"D\n\x0bRelayParams\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bserver_name\x18\x03 \x01(\t\"7\n\x0cParamsUpdate\x12\'\n\x06params\x18\x01 \x01(\x0b\x32\x17.gpuagent.v1.NodeParams\"\x80\x02\n\tHeartbeat\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x04\x12\x1a\n\x12sent_at_unix_nanos\x18\x03 \x01(\x03\x12*\n\ngpu_health\x18\x04 \x03(\x0b\x32\x16.gpuagent.v1.GpuHealth\x12\x16\n\x0e\x66ree_gpu_uuids\x18\x05 \x03(\t\x12\x1b\n\x13\x61llocated_gpu_uuids\x18\x06 \x03(\t\x12(\n\x06leases\x18\x07 \x03(\x0b\x32\x18.gpuagent.v1.LeaseStatus\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x15\n\rusage_pending\x18\t \x01(\x04\"E\n\x05\x44rain\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\x03 \x01(\x03\"\xa3\x03\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.gpuagent.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.gpuagent.v1.HeartbeatH\x00\x12\x30\n\x0clease_update\x18\x03 \x01(\x0b\x32\x18.gpuagent.v1.LeaseUpdateH\x00\x12\x30\n\x0cusage_report\x18\x04 \x01(\x0b\x32\x18.gpuagent.v1.UsageReportH\x00\x12<\n\x12\x61ttestation_commit\x18\x05 \x01(\x0b\x32\x1e.gpuagent.v1.AttestationCommitH\x00\x12\x38\n\x10\x61ttestation_open\x18\x06 \x01(\x0b\x32\x1c.gpuagent.v1.AttestationOpenH\x00\x12\x30\n\x0coffer_update\x18\x07 \x01(\x0b\x32\x18.gpuagent.v1.OfferUpdateH\x00\x12+\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x1a.gpuagent.v1.ProtocolErrorH\x00\x42\x06\n\x04\x62ody\"\x8c\x05\n\x12\x43oordinatorMessage\x12\x36\n\x0fhello_challenge\x18\x01 \x01(\x0b\x32\x1b.gpuagent.v1.HelloChallengeH\x00\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.gpuagent.v1.WelcomeH\x00\x12\x32\n\rparams_update\x18\x03 \x01(\x0b\x32\x19.gpuagent.v1.ParamsUpdateH\x00\x12\x30\n\x0clease_assign\x18\x04 \x01(\x0b\x32\x18.gpuagent.v1.LeaseAssignH\x00\x12\x30\n\x0clease_cancel\x18\x05 \x01(\x0b\x32\x18.gpuagent.v1.LeaseCancelH\x00\x12\x37\n\x10lease_update_ack\x18\x06 \x01(\x0b\x32\x1b.gpuagent.v1.LeaseUpdateAckH\x00\x12*\n\tusage_ack\x18\x07 \x01(\x0b\x32\x15.gpuagent.v1.UsageAckH\x00\x12\x42\n\x15\x61ttestation_challenge\x18\x08 \x01(\x0b\x32!.gpuagent.v1.AttestationChallengeH\x00\x12<\n\x12\x61ttestation_reveal\x18\t \x01(\x0b\x32\x1e.gpuagent.v1.AttestationRevealH\x00\x12<\n\x12\x61ttestation_result\x18\n \x01(\x0b\x32\x1e.gpuagent.v1.AttestationResultH\x00\x12#\n\x05\x64rain\x18\x0b \x01(\x0b\x32\x12.gpuagent.v1.DrainH\x00\x12+\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x1a.gpuagent.v1.ProtocolErrorH\x00\x42\x06\n\x04\x62ody2X\n\x0b\x43oordinator\x12I\n\x07\x43onnect\x12\x19.gpuagent.v1.AgentMessage\x1a\x1f.gpuagent.v1.CoordinatorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,26 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_HELLOCHALLENGE']._serialized_start=183
-  _globals['_HELLOCHALLENGE']._serialized_end=269
-  _globals['_HELLO']._serialized_start=272
-  _globals['_HELLO']._serialized_end=741
-  _globals['_HELLO_LABELSENTRY']._serialized_start=696
-  _globals['_HELLO_LABELSENTRY']._serialized_end=741
-  _globals['_WELCOME']._serialized_start=744
-  _globals['_WELCOME']._serialized_end=972
-  _globals['_RELAYPARAMS']._serialized_start=974
-  _globals['_RELAYPARAMS']._serialized_end=1042
-  _globals['_PARAMSUPDATE']._serialized_start=1044
-  _globals['_PARAMSUPDATE']._serialized_end=1099
-  _globals['_HEARTBEAT']._serialized_start=1102
-  _globals['_HEARTBEAT']._serialized_end=1358
-  _globals['_DRAIN']._serialized_start=1360
-  _globals['_DRAIN']._serialized_end=1429
-  _globals['_AGENTMESSAGE']._serialized_start=1432
-  _globals['_AGENTMESSAGE']._serialized_end=1801
-  _globals['_COORDINATORMESSAGE']._serialized_start=1804
-  _globals['_COORDINATORMESSAGE']._serialized_end=2456
-  _globals['_COORDINATOR']._serialized_start=2458
-  _globals['_COORDINATOR']._serialized_end=2546
+  _globals['_HELLOCHALLENGE']._serialized_start=209
+  _globals['_HELLOCHALLENGE']._serialized_end=295
+  _globals['_HELLO']._serialized_start=298
+  _globals['_HELLO']._serialized_end=806
+  _globals['_HELLO_LABELSENTRY']._serialized_start=761
+  _globals['_HELLO_LABELSENTRY']._serialized_end=806
+  _globals['_WELCOME']._serialized_start=809
+  _globals['_WELCOME']._serialized_end=1035
+  _globals['_RELAYPARAMS']._serialized_start=1037
+  _globals['_RELAYPARAMS']._serialized_end=1105
+  _globals['_PARAMSUPDATE']._serialized_start=1107
+  _globals['_PARAMSUPDATE']._serialized_end=1162
+  _globals['_HEARTBEAT']._serialized_start=1165
+  _globals['_HEARTBEAT']._serialized_end=1421
+  _globals['_DRAIN']._serialized_start=1423
+  _globals['_DRAIN']._serialized_end=1492
+  _globals['_AGENTMESSAGE']._serialized_start=1495
+  _globals['_AGENTMESSAGE']._serialized_end=1914
+  _globals['_COORDINATORMESSAGE']._serialized_start=1917
+  _globals['_COORDINATORMESSAGE']._serialized_end=2569
+  _globals['_COORDINATOR']._serialized_start=2571
+  _globals['_COORDINATOR']._serialized_end=2659
 # @@protoc_insertion_point(module_scope)

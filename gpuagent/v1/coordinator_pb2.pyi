@@ -13,6 +13,7 @@ from gpuagent.v1 import attestation_pb2 as _attestation_pb2
 from gpuagent.v1 import common_pb2 as _common_pb2
 from gpuagent.v1 import inventory_pb2 as _inventory_pb2
 from gpuagent.v1 import leases_pb2 as _leases_pb2
+from gpuagent.v1 import market_pb2 as _market_pb2
 from gpuagent.v1 import usage_pb2 as _usage_pb2
 import builtins as _builtins
 import sys
@@ -95,6 +96,7 @@ class Hello(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    OFFER_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """derived from public_key (PROTOCOL.md)"""
     public_key: _builtins.bytes
@@ -126,6 +128,12 @@ class Hello(_message.Message):
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LeaseStatus]:
         """leases the agent is running"""
 
+    @_builtins.property
+    def offer(self) -> _market_pb2.NodeOffer:
+        """Prices per GPU model, location, last measured bandwidth (docs/market.md). Wins
+        over the old price label; an agent without it is priced by that label.
+        """
+
     def __init__(
         self,
         *,
@@ -144,10 +152,11 @@ class Hello(_message.Message):
         uptime_seconds: _builtins.int = ...,
         draining: _builtins.bool = ...,
         enrollment_token: _builtins.str = ...,
+        offer: _market_pb2.NodeOffer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "offer", b"offer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "draining", b"draining", "enrollment_token", b"enrollment_token", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_acked_usage_seq", b"last_acked_usage_seq", "leases", b"leases", "node_id", b"node_id", "node_name", b"node_name", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "signature", b"signature", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "draining", b"draining", "enrollment_token", b"enrollment_token", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_acked_usage_seq", b"last_acked_usage_seq", "leases", b"leases", "node_id", b"node_id", "node_name", b"node_name", "offer", b"offer", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "signature", b"signature", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,7 +173,6 @@ class Welcome(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     ACKED_USAGE_SEQ_FIELD_NUMBER: _builtins.int
     SERVER_TIME_UNIX_NANOS_FIELD_NUMBER: _builtins.int
-    KNOWN_LEASE_IDS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
@@ -178,10 +186,6 @@ class Welcome(_message.Message):
     @_builtins.property
     def params(self) -> _common_pb2.NodeParams: ...
     @_builtins.property
-    def known_lease_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """leases the coordinator believes run here"""
-
-    @_builtins.property
     def relay(self) -> Global___RelayParams:
         """where to open the service tunnel; unset = no relay"""
 
@@ -193,13 +197,12 @@ class Welcome(_message.Message):
         params: _common_pb2.NodeParams | None = ...,
         acked_usage_seq: _builtins.int = ...,
         server_time_unix_nanos: _builtins.int = ...,
-        known_lease_ids: _abc.Iterable[_builtins.str] | None = ...,
         draining: _builtins.bool = ...,
         relay: Global___RelayParams | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_usage_seq", b"acked_usage_seq", "draining", b"draining", "known_lease_ids", b"known_lease_ids", "node_id", b"node_id", "params", b"params", "relay", b"relay", "server_time_unix_nanos", b"server_time_unix_nanos", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_usage_seq", b"acked_usage_seq", "draining", b"draining", "node_id", b"node_id", "params", b"params", "relay", b"relay", "server_time_unix_nanos", b"server_time_unix_nanos", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -345,6 +348,7 @@ class AgentMessage(_message.Message):
     USAGE_REPORT_FIELD_NUMBER: _builtins.int
     ATTESTATION_COMMIT_FIELD_NUMBER: _builtins.int
     ATTESTATION_OPEN_FIELD_NUMBER: _builtins.int
+    OFFER_UPDATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
@@ -359,6 +363,8 @@ class AgentMessage(_message.Message):
     @_builtins.property
     def attestation_open(self) -> _attestation_pb2.AttestationOpen: ...
     @_builtins.property
+    def offer_update(self) -> _market_pb2.OfferUpdate: ...
+    @_builtins.property
     def error(self) -> _common_pb2.ProtocolError: ...
     def __init__(
         self,
@@ -369,13 +375,14 @@ class AgentMessage(_message.Message):
         usage_report: _usage_pb2.UsageReport | None = ...,
         attestation_commit: _attestation_pb2.AttestationCommit | None = ...,
         attestation_open: _attestation_pb2.AttestationOpen | None = ...,
+        offer_update: _market_pb2.OfferUpdate | None = ...,
         error: _common_pb2.ProtocolError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation_commit", b"attestation_commit", "attestation_open", b"attestation_open", "body", b"body", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "lease_update", b"lease_update", "usage_report", b"usage_report"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attestation_commit", b"attestation_commit", "attestation_open", b"attestation_open", "body", b"body", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "lease_update", b"lease_update", "offer_update", b"offer_update", "usage_report", b"usage_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_commit", b"attestation_commit", "attestation_open", b"attestation_open", "body", b"body", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "lease_update", b"lease_update", "usage_report", b"usage_report"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attestation_commit", b"attestation_commit", "attestation_open", b"attestation_open", "body", b"body", "error", b"error", "heartbeat", b"heartbeat", "hello", b"hello", "lease_update", b"lease_update", "offer_update", b"offer_update", "usage_report", b"usage_report"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "lease_update", "usage_report", "attestation_commit", "attestation_open", "error"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "heartbeat", "lease_update", "usage_report", "attestation_commit", "attestation_open", "offer_update", "error"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

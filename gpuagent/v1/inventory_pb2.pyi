@@ -65,6 +65,7 @@ class HostInfo(_message.Message):
     DOCKER_VERSION_FIELD_NUMBER: _builtins.int
     NVIDIA_CONTAINER_TOOLKIT_VERSION_FIELD_NUMBER: _builtins.int
     ARCH_FIELD_NUMBER: _builtins.int
+    INTERFACES_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     cpu_model: _builtins.str
     cpu_cores: _builtins.int
@@ -82,6 +83,10 @@ class HostInfo(_message.Message):
     """x86_64, aarch64"""
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]: ...
+    @_builtins.property
+    def interfaces(self) -> _containers.RepeatedCompositeFieldContainer[Global___NetInterface]:
+        """physical NICs (no addresses)"""
+
     def __init__(
         self,
         *,
@@ -96,14 +101,69 @@ class HostInfo(_message.Message):
         docker_version: _builtins.str = ...,
         nvidia_container_toolkit_version: _builtins.str = ...,
         arch: _builtins.str = ...,
+        interfaces: _abc.Iterable[Global___NetInterface] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "cpu_cores", b"cpu_cores", "cpu_model", b"cpu_model", "cpu_threads", b"cpu_threads", "disks", b"disks", "docker_version", b"docker_version", "hostname", b"hostname", "kernel", b"kernel", "memory_bytes", b"memory_bytes", "nvidia_container_toolkit_version", b"nvidia_container_toolkit_version", "os", b"os"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch", b"arch", "cpu_cores", b"cpu_cores", "cpu_model", b"cpu_model", "cpu_threads", b"cpu_threads", "disks", b"disks", "docker_version", b"docker_version", "hostname", b"hostname", "interfaces", b"interfaces", "kernel", b"kernel", "memory_bytes", b"memory_bytes", "nvidia_container_toolkit_version", b"nvidia_container_toolkit_version", "os", b"os"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HostInfo: _TypeAlias = HostInfo  # noqa: Y015
+
+@_typing.final
+class NetInterface(_message.Message):
+    """A network interface as the node declares it: the speed is what the link says,
+    not a measurement (NodeOffer.bandwidth is the measured figure).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    SPEED_BITS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    up: _builtins.bool
+    speed_bits_per_second: _builtins.int
+    """0 = unknown"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        speed_bits_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "speed_bits_per_second", b"speed_bits_per_second", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetInterface: _TypeAlias = NetInterface  # noqa: Y015
+
+@_typing.final
+class ScratchStorage(_message.Message):
+    """Disk on offer for lease scratch space (runtime.scratch_dir's filesystem)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    total_bytes: _builtins.int
+    free_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        total_bytes: _builtins.int = ...,
+        free_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScratchStorage: _TypeAlias = ScratchStorage  # noqa: Y015
 
 @_typing.final
 class MigDevice(_message.Message):
@@ -324,6 +384,7 @@ class Inventory(_message.Message):
     GPUS_FIELD_NUMBER: _builtins.int
     COLLECTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    SCRATCH_FIELD_NUMBER: _builtins.int
     collected_at_unix_nanos: _builtins.int
     @_builtins.property
     def host(self) -> Global___HostInfo: ...
@@ -331,6 +392,8 @@ class Inventory(_message.Message):
     def gpus(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuInfo]: ...
     @_builtins.property
     def isolation(self) -> Global___Isolation: ...
+    @_builtins.property
+    def scratch(self) -> Global___ScratchStorage: ...
     def __init__(
         self,
         *,
@@ -338,10 +401,11 @@ class Inventory(_message.Message):
         gpus: _abc.Iterable[Global___GpuInfo] | None = ...,
         collected_at_unix_nanos: _builtins.int = ...,
         isolation: Global___Isolation | None = ...,
+        scratch: Global___ScratchStorage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "isolation", b"isolation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "isolation", b"isolation", "scratch", b"scratch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at_unix_nanos", b"collected_at_unix_nanos", "gpus", b"gpus", "host", b"host", "isolation", b"isolation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at_unix_nanos", b"collected_at_unix_nanos", "gpus", b"gpus", "host", b"host", "isolation", b"isolation", "scratch", b"scratch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

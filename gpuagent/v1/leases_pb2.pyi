@@ -27,22 +27,73 @@ class PortSpec(_message.Message):
 
     CONTAINER_PORT_FIELD_NUMBER: _builtins.int
     PROTOCOL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     container_port: _builtins.int
     protocol: _builtins.str
-    """"tcp" (default) or "udp" """
+    """"http", "tcp" (default) or "udp" (published only, never relayed)"""
+    name: _builtins.str
+    """DNS-label safe, unique per lease; "" = the port number"""
     def __init__(
         self,
         *,
         container_port: _builtins.int = ...,
         protocol: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "protocol", b"protocol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "name", b"name", "protocol", b"protocol"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PortSpec: _TypeAlias = PortSpec  # noqa: Y015
+
+@_typing.final
+class HealthCheck(_message.Message):
+    """An HTTP check from the agent to the container (PROTOCOL.md "Service leases").
+    Times are seconds; 0 = the default (gpuagent/leaserules.py HEALTH_DEFAULTS).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    PORT_FIELD_NUMBER: _builtins.int
+    INITIAL_DELAY_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    FAILURE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    STARTUP_GRACE_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """"" = "/"; must start with '/'"""
+    port: _builtins.str
+    """a declared http port, by name or number; "" = the only one"""
+    initial_delay: _builtins.float
+    """after each container start, before the first check"""
+    period: _builtins.float
+    timeout: _builtins.float
+    """per check; at most period"""
+    failure_threshold: _builtins.int
+    """consecutive failures that restart the container"""
+    startup_grace: _builtins.float
+    """startup phase: time to the first passing check"""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        port: _builtins.str = ...,
+        initial_delay: _builtins.float = ...,
+        period: _builtins.float = ...,
+        timeout: _builtins.float = ...,
+        failure_threshold: _builtins.int = ...,
+        startup_grace: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_threshold", b"failure_threshold", "initial_delay", b"initial_delay", "path", b"path", "period", b"period", "port", b"port", "startup_grace", b"startup_grace", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheck: _TypeAlias = HealthCheck  # noqa: Y015
 
 @_typing.final
 class RegistryAuth(_message.Message):
@@ -122,6 +173,70 @@ class DeviceMapping(_message.Message):
 Global___DeviceMapping: _TypeAlias = DeviceMapping  # noqa: Y015
 
 @_typing.final
+class Constraints(_message.Message):
+    """Where a lease may be placed, besides model, memory, price and a node pin.
+    Refused at submit with the key named when malformed (docs/leases-buyer.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class NodeSelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REGION_FIELD_NUMBER: _builtins.int
+    COUNTRIES_FIELD_NUMBER: _builtins.int
+    MIN_UPTIME_RATIO_FIELD_NUMBER: _builtins.int
+    NODE_SELECTOR_FIELD_NUMBER: _builtins.int
+    MIN_BANDWIDTH_BITS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    """the node's location.region, exactly; "" = any"""
+    min_uptime_ratio: _builtins.float
+    """node uptime over 30 days, 0..1"""
+    min_bandwidth_bits_per_second: _builtins.int
+    """measured, not declared"""
+    @_builtins.property
+    def countries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """allow-list of ISO 3166-1 alpha-2 codes; empty = any"""
+
+    @_builtins.property
+    def node_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """labels the provider set, all must match"""
+
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        countries: _abc.Iterable[_builtins.str] | None = ...,
+        min_uptime_ratio: _builtins.float = ...,
+        node_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        min_bandwidth_bits_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["countries", b"countries", "min_bandwidth_bits_per_second", b"min_bandwidth_bits_per_second", "min_uptime_ratio", b"min_uptime_ratio", "node_selector", b"node_selector", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Constraints: _TypeAlias = Constraints  # noqa: Y015
+
+@_typing.final
 class LeaseSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -160,12 +275,17 @@ class LeaseSpec(_message.Message):
     MAX_DURATION_SECONDS_FIELD_NUMBER: _builtins.int
     PRICE_MICRO_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
     REGISTRY_AUTH_FIELD_NUMBER: _builtins.int
+    NETWORK_MODE_FIELD_NUMBER: _builtins.int
+    RESTART_FIELD_NUMBER: _builtins.int
+    MAX_RESTARTS_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    PUBLIC_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
     VOLUMES_FIELD_NUMBER: _builtins.int
     DEVICES_FIELD_NUMBER: _builtins.int
     CAP_ADD_FIELD_NUMBER: _builtins.int
-    PUBLIC_FIELD_NUMBER: _builtins.int
     image: _builtins.str
     """reference; a digest (@sha256:...) is honoured"""
     gpu_count: _builtins.int
@@ -179,11 +299,21 @@ class LeaseSpec(_message.Message):
     max_duration_seconds: _builtins.int
     price_micro_per_gpu_hour: _builtins.int
     """micro-units of the settlement currency"""
+    network_mode: _builtins.str
+    """"" = the lease's own network (bridge, ICC off, egress policy); "none" = no
+    network at all, only loopback. Anything else is refused (docs/security.md).
+    """
+    restart: _builtins.str
+    """Service leases (PROTOCOL.md "Service leases").
+    "never" (default) | "on-failure" | "always"
+    """
+    max_restarts: _builtins.int
+    """consecutive restarts before the lease fails; 0 = 5"""
+    public: _builtins.bool
+    """Services: true = the relay asks no endpoint token (anyone with the URL reaches it)."""
     privileged: _builtins.bool
     """Always rejected by the agent (see PROTOCOL.md "Hostile specs")."""
     host_network: _builtins.bool
-    public: _builtins.bool
-    """Services: true = the relay asks no endpoint token (anyone with the URL reaches it)."""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """entrypoint override; empty = image's"""
@@ -196,6 +326,12 @@ class LeaseSpec(_message.Message):
     def ports(self) -> _containers.RepeatedCompositeFieldContainer[Global___PortSpec]: ...
     @_builtins.property
     def registry_auth(self) -> Global___RegistryAuth: ...
+    @_builtins.property
+    def health(self) -> Global___HealthCheck: ...
+    @_builtins.property
+    def constraints(self) -> Global___Constraints:
+        """where the lease may go (the coordinator's placement)"""
+
     @_builtins.property
     def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeMount]: ...
     @_builtins.property
@@ -220,16 +356,21 @@ class LeaseSpec(_message.Message):
         max_duration_seconds: _builtins.int = ...,
         price_micro_per_gpu_hour: _builtins.int = ...,
         registry_auth: Global___RegistryAuth | None = ...,
+        network_mode: _builtins.str = ...,
+        restart: _builtins.str = ...,
+        max_restarts: _builtins.int = ...,
+        health: Global___HealthCheck | None = ...,
+        constraints: Global___Constraints | None = ...,
+        public: _builtins.bool = ...,
         privileged: _builtins.bool = ...,
         host_network: _builtins.bool = ...,
         volumes: _abc.Iterable[Global___VolumeMount] | None = ...,
         devices: _abc.Iterable[Global___DeviceMapping] | None = ...,
         cap_add: _abc.Iterable[_builtins.str] | None = ...,
-        public: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["registry_auth", b"registry_auth"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "health", b"health", "registry_auth", b"registry_auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "memory_bytes", b"memory_bytes", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "public", b"public", "registry_auth", b"registry_auth", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "constraints", b"constraints", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "health", b"health", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "max_restarts", b"max_restarts", "memory_bytes", b"memory_bytes", "network_mode", b"network_mode", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "public", b"public", "registry_auth", b"registry_auth", "restart", b"restart", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,6 +426,8 @@ class LeaseUpdate(_message.Message):
     CONTAINER_ID_FIELD_NUMBER: _builtins.int
     GPU_UUIDS_FIELD_NUMBER: _builtins.int
     AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     update_seq: _builtins.int
     """per lease, starts at 1, +1 per update"""
@@ -295,8 +438,14 @@ class LeaseUpdate(_message.Message):
     """last lines of output, bounded to 64 KiB"""
     container_id: _builtins.str
     at_unix_nanos: _builtins.int
+    restarts: _builtins.int
+    """container restarts so far (crashes and liveness)"""
     @_builtins.property
     def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
+        """the lease's declared ports and their health"""
+
     def __init__(
         self,
         *,
@@ -309,16 +458,65 @@ class LeaseUpdate(_message.Message):
         container_id: _builtins.str = ...,
         gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
         at_unix_nanos: _builtins.int = ...,
+        endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
+        restarts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "at_unix_nanos", b"at_unix_nanos", "container_id", b"container_id", "exit_code", b"exit_code", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "log_tail", b"log_tail", "reason", b"reason", "state", b"state", "update_seq", b"update_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "at_unix_nanos", b"at_unix_nanos", "container_id", b"container_id", "endpoints", b"endpoints", "exit_code", b"exit_code", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "log_tail", b"log_tail", "reason", b"reason", "restarts", b"restarts", "state", b"state", "update_seq", b"update_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
 
 Global___LeaseUpdate: _TypeAlias = LeaseUpdate  # noqa: Y015
+
+@_typing.final
+class Endpoint(_message.Message):
+    """One declared port of a running lease, as the agent last saw it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    CONTAINER_PORT_FIELD_NUMBER: _builtins.int
+    READY_FIELD_NUMBER: _builtins.int
+    LAST_CHECK_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    LAST_RESULT_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    protocol: _builtins.str
+    container_port: _builtins.int
+    ready: _builtins.bool
+    """the last check passed (readiness)"""
+    last_check_unix_nanos: _builtins.int
+    """0 = not checked yet"""
+    last_result: _builtins.str
+    """"ok", or why the check failed"""
+    restarts: _builtins.int
+    """the lease's restarts (one container serves every port)"""
+    url: _builtins.str
+    """filled by the coordinator (relay); empty from the agent"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        protocol: _builtins.str = ...,
+        container_port: _builtins.int = ...,
+        ready: _builtins.bool = ...,
+        last_check_unix_nanos: _builtins.int = ...,
+        last_result: _builtins.str = ...,
+        restarts: _builtins.int = ...,
+        url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "last_check_unix_nanos", b"last_check_unix_nanos", "last_result", b"last_result", "name", b"name", "protocol", b"protocol", "ready", b"ready", "restarts", b"restarts", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Endpoint: _TypeAlias = Endpoint  # noqa: Y015
 
 @_typing.final
 class LeaseUpdateAck(_message.Message):
@@ -395,6 +593,8 @@ class Lease(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     STARTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     ENDED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
     ENDPOINT_TOKEN_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     state: _common_pb2.LeaseState.ValueType
@@ -414,6 +614,7 @@ class Lease(_message.Message):
     """first reported running; 0 = not yet"""
     ended_at_unix_nanos: _builtins.int
     """reached a terminal state; 0 = not yet"""
+    restarts: _builtins.int
     endpoint_token: _builtins.str
     """The relay's bearer token for this lease's ports; only ever sent to its buyer."""
     @_builtins.property
@@ -425,6 +626,10 @@ class Lease(_message.Message):
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseEvent]:
         """state history, oldest first (Get only)"""
+
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
+        """from the latest LeaseUpdate that carried them"""
 
     def __init__(
         self,
@@ -446,11 +651,13 @@ class Lease(_message.Message):
         events: _abc.Iterable[Global___LeaseEvent] | None = ...,
         started_at_unix_nanos: _builtins.int = ...,
         ended_at_unix_nanos: _builtins.int = ...,
+        endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
+        restarts: _builtins.int = ...,
         endpoint_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -711,3 +918,79 @@ class LeaseLogsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseLogsResponse: _TypeAlias = LeaseLogsResponse  # noqa: Y015
+
+@_typing.final
+class LeaseQuote(_message.Message):
+    """Leases.Quote: what Submit would do now, without reserving anything."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ExcludedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PLACEABLE_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    ASK_MICROS_PER_GPU_HOUR_FIELD_NUMBER: _builtins.int
+    ESCROW_MICROS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    EXCLUDED_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    GPU_MODEL_FIELD_NUMBER: _builtins.int
+    placeable: _builtins.bool
+    """a node would take it now"""
+    node_id: _builtins.str
+    """the node it would go to"""
+    ask_micros_per_gpu_hour: _builtins.int
+    """the price it would be placed at"""
+    escrow_micros: _builtins.int
+    """what Submit would reserve from the balance"""
+    reason: _builtins.str
+    """why that node, or why it would wait"""
+    candidates: _builtins.int
+    """nodes that could take it"""
+    gpu_model: _builtins.str
+    """model of the GPUs it would get"""
+    @_builtins.property
+    def gpu_uuids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def excluded(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """nodes left out, by reason ("outside region eu": 3)"""
+
+    def __init__(
+        self,
+        *,
+        placeable: _builtins.bool = ...,
+        node_id: _builtins.str = ...,
+        gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+        ask_micros_per_gpu_hour: _builtins.int = ...,
+        escrow_micros: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        excluded: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        candidates: _builtins.int = ...,
+        gpu_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ask_micros_per_gpu_hour", b"ask_micros_per_gpu_hour", "candidates", b"candidates", "escrow_micros", b"escrow_micros", "excluded", b"excluded", "gpu_model", b"gpu_model", "gpu_uuids", b"gpu_uuids", "node_id", b"node_id", "placeable", b"placeable", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseQuote: _TypeAlias = LeaseQuote  # noqa: Y015

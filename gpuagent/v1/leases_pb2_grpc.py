@@ -39,6 +39,11 @@ class LeasesStub:
                 request_serializer=gpuagent_dot_v1_dot_leases__pb2.SubmitLeaseRequest.SerializeToString,
                 response_deserializer=gpuagent_dot_v1_dot_leases__pb2.Lease.FromString,
                 _registered_method=True)
+        self.Quote = channel.unary_unary(
+                '/gpuagent.v1.Leases/Quote',
+                request_serializer=gpuagent_dot_v1_dot_leases__pb2.SubmitLeaseRequest.SerializeToString,
+                response_deserializer=gpuagent_dot_v1_dot_leases__pb2.LeaseQuote.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/gpuagent.v1.Leases/Get',
                 request_serializer=gpuagent_dot_v1_dot_leases__pb2.GetLeaseRequest.SerializeToString,
@@ -70,6 +75,12 @@ class LeasesServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Quote(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +123,11 @@ def add_LeasesServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=gpuagent_dot_v1_dot_leases__pb2.SubmitLeaseRequest.FromString,
                     response_serializer=gpuagent_dot_v1_dot_leases__pb2.Lease.SerializeToString,
+            ),
+            'Quote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quote,
+                    request_deserializer=gpuagent_dot_v1_dot_leases__pb2.SubmitLeaseRequest.FromString,
+                    response_serializer=gpuagent_dot_v1_dot_leases__pb2.LeaseQuote.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -166,6 +182,33 @@ class Leases:
             '/gpuagent.v1.Leases/Submit',
             gpuagent_dot_v1_dot_leases__pb2.SubmitLeaseRequest.SerializeToString,
             gpuagent_dot_v1_dot_leases__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuagent.v1.Leases/Quote',
+            gpuagent_dot_v1_dot_leases__pb2.SubmitLeaseRequest.SerializeToString,
+            gpuagent_dot_v1_dot_leases__pb2.LeaseQuote.FromString,
             options,
             channel_credentials,
             insecure,

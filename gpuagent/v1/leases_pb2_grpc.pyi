@@ -34,6 +34,7 @@ class LeasesStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> LeasesAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_leases_pb2.SubmitLeaseRequest, _leases_pb2.Lease]
+    Quote: _grpc.UnaryUnaryMultiCallable[_leases_pb2.SubmitLeaseRequest, _leases_pb2.LeaseQuote]
     Get: _grpc.UnaryUnaryMultiCallable[_leases_pb2.GetLeaseRequest, _leases_pb2.Lease]
     List: _grpc.UnaryUnaryMultiCallable[_leases_pb2.ListLeasesRequest, _leases_pb2.ListLeasesResponse]
     Cancel: _grpc.UnaryUnaryMultiCallable[_leases_pb2.CancelLeaseRequest, _leases_pb2.Lease]
@@ -44,6 +45,7 @@ class LeasesStub:
 class LeasesAsyncStub(LeasesStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_leases_pb2.SubmitLeaseRequest, _leases_pb2.Lease]  # type: ignore[assignment]
+    Quote: _aio.UnaryUnaryMultiCallable[_leases_pb2.SubmitLeaseRequest, _leases_pb2.LeaseQuote]  # type: ignore[assignment]
     Get: _aio.UnaryUnaryMultiCallable[_leases_pb2.GetLeaseRequest, _leases_pb2.Lease]  # type: ignore[assignment]
     List: _aio.UnaryUnaryMultiCallable[_leases_pb2.ListLeasesRequest, _leases_pb2.ListLeasesResponse]  # type: ignore[assignment]
     Cancel: _aio.UnaryUnaryMultiCallable[_leases_pb2.CancelLeaseRequest, _leases_pb2.Lease]  # type: ignore[assignment]
@@ -57,6 +59,13 @@ class LeasesServicer(metaclass=_abc_1.ABCMeta):
         request: _leases_pb2.SubmitLeaseRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_leases_pb2.Lease, _abc.Awaitable[_leases_pb2.Lease]]: ...
+
+    @_abc_1.abstractmethod
+    def Quote(
+        self,
+        request: _leases_pb2.SubmitLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leases_pb2.LeaseQuote, _abc.Awaitable[_leases_pb2.LeaseQuote]]: ...
 
     @_abc_1.abstractmethod
     def Get(

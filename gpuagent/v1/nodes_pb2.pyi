@@ -10,6 +10,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from gpuagent.v1 import common_pb2 as _common_pb2
 from gpuagent.v1 import inventory_pb2 as _inventory_pb2
+from gpuagent.v1 import market_pb2 as _market_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -122,6 +123,9 @@ class Node(_message.Message):
     OWNER_FIELD_NUMBER: _builtins.int
     REGISTRATION_FIELD_NUMBER: _builtins.int
     MARKET_VIEW_FIELD_NUMBER: _builtins.int
+    OFFER_FIELD_NUMBER: _builtins.int
+    PRICE_SOURCE_FIELD_NUMBER: _builtins.int
+    DECLARED_BITS_PER_SECOND_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     public_key: _builtins.bytes
@@ -144,6 +148,10 @@ class Node(_message.Message):
     """"enrolled" (token) | "open" (registration: open)"""
     market_view: _builtins.bool
     """true: provider-private detail was left out"""
+    price_source: _builtins.str
+    """"offer" | "label" | "default" """
+    declared_bits_per_second: _builtins.int
+    """fastest NIC the node declares"""
     @_builtins.property
     def inventory(self) -> _inventory_pb2.Inventory: ...
     @_builtins.property
@@ -161,6 +169,13 @@ class Node(_message.Message):
     @_builtins.property
     def attestations(self) -> _containers.RepeatedCompositeFieldContainer[Global___GpuAttestation]:
         """the latest result per GPU"""
+
+    @_builtins.property
+    def offer(self) -> _market_pb2.NodeOffer:
+        """The node's offer as placement prices it: one ask per GPU model (from the node's
+        offer, else its old price label, else the coordinator's default), its location
+        and its measured bandwidth.
+        """
 
     def __init__(
         self,
@@ -190,10 +205,13 @@ class Node(_message.Message):
         owner: _builtins.str = ...,
         registration: _builtins.str = ...,
         market_view: _builtins.bool = ...,
+        offer: _market_pb2.NodeOffer | None = ...,
+        price_source: _builtins.str = ...,
+        declared_bits_per_second: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "uptime", b"uptime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "offer", b"offer", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "owner", b"owner", "peer", b"peer", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "declared_bits_per_second", b"declared_bits_per_second", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "offer", b"offer", "owner", b"owner", "peer", b"peer", "price_source", b"price_source", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -37,6 +37,8 @@ RULES: Final[dict[str, Rule]] = {
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,
     # Buyers act on their own leases; providers read their nodes' leases' metadata.
     "/gpuagent.v1.Leases/Submit": Rule(BUYER),
+    # What Submit would do, reserving nothing: the same callers as Submit.
+    "/gpuagent.v1.Leases/Quote": Rule(BUYER),
     "/gpuagent.v1.Leases/Get": Rule(ALL),
     "/gpuagent.v1.Leases/List": Rule(ALL),
     "/gpuagent.v1.Leases/Cancel": Rule(BUYER),
@@ -53,6 +55,10 @@ RULES: Final[dict[str, Rule]] = {
     "/gpuagent.v1.Nodes/Get": Rule(ALL),
     "/gpuagent.v1.Nodes/Drain": Rule(PROVIDER),
     "/gpuagent.v1.Nodes/Attest": Rule(PROVIDER),
+    "/gpuagent.v1.Market/Offers": Rule(ALL),
+    # Agents: signed with the node key, and only for a node with an open session
+    # (scheduler/market_service.py bounds it in bytes, time and rate).
+    "/gpuagent.v1.Market/BandwidthProbe": PUBLIC,
     # Money: crediting and stake stand in for a payment rail and a staking contract.
     "/gpuagent.v1.Ledger/Deposit": Rule(ADMIN),
     "/gpuagent.v1.Ledger/Stake": Rule(ADMIN),

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from gpuagent import leaserules
 from gpuagent.v1 import leases_pb2, relay_pb2, relay_pb2_grpc
 
 from .routes import Port, Route
@@ -23,16 +24,14 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def declared_ports(spec: leases_pb2.LeaseSpec) -> tuple[Port, ...]:
-    """A spec's ports as the relay names them: a port's name defaults to its number and
-    its protocol to http (a transport protocol such as "tcp"/"udp" in older specs is no
-    service protocol, so it reads as http too)."""
+    """A spec's relayed ports (http and tcp; udp is never relayed), named as the agent
+    names them (gpuagent/leaserules.py: a port's name defaults to its number)."""
     ports = []
-    for port in spec.ports:
-        name = str(getattr(port, "name", "") or port.container_port)
-        protocol = (
-            port.protocol if port.protocol in ("http", "tcp") and hasattr(port, "name") else "http"
-        )
-        ports.append(Port(name, port.container_port, protocol))
+    for raw in spec.ports:
+        port = leaserules.Port(raw.name, raw.container_port, raw.protocol)
+        protocol = leaserules.port_protocol(port)
+        if protocol in ("http", "tcp"):
+            ports.append(Port(leaserules.port_name(port), port.container_port, protocol))
     return tuple(ports)
 
 

@@ -251,6 +251,14 @@ class BuyerConnection:
         assert route is not None
         if not route.public and not _authorized(request, route):
             await self._unauthorized(route.lease_id)
+        port = route.port(target.port)
+        if port is not None and port.protocol != "http":
+            await self._error(
+                404,
+                f"lease {target.lease_id} port {target.port} is {port.protocol}, not http: "
+                "use the relay's TCP listener (docs/services.md)",
+                target.lease_id,
+            )
         return target, route
 
     async def _unauthorized(self, lease_id: str) -> None:

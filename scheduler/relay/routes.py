@@ -34,8 +34,9 @@ class Route:
     token_sha256: bytes
 
     def port(self, name: str) -> Port | None:
+        """The declared port ``name`` names: by name, or by number (as the agent finds it)."""
         for port in self.ports:
-            if port.name == name:
+            if name in (port.name, str(port.container_port)):
                 return port
         return None
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numpy.typing import NDArray
 
-from .backends import Backend
+from .backend import Backend
 from .errors import ProverError
 from .generator import check_inner
 from .merkle import MerkleTree, row_bytes
