@@ -58,9 +58,6 @@ class StaticTargets:
     def service_target(self, lease_id: str, port: str) -> ServiceTarget | None:
         return self.table.get((lease_id, port))
 
-    async def refresh(self) -> None:
-        return None
-
 
 async def _service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers every request with its path; counts them."""
@@ -469,3 +466,14 @@ async def test_a_route_source_that_fails_answers_503_not_a_dropped_connection(ri
     reply = await _get(rig)
     assert reply.status_code == 503 and "coordinator" in reply.text
     assert SEEN == []
+
+
+@pytest.mark.asyncio
+async def test_a_tcp_port_is_not_served_as_http(rig: Rig) -> None:
+    """A port declared tcp answers 404 on the HTTP listener, naming the TCP listener."""
+    rig.routes.routes["lease-t"] = Route(
+        "lease-t", rig.identity.node_id, (Port("db", 5432, "tcp"),), False, token_hash(TOKEN)
+    )
+    reply = await _get(rig, lease="lease-t", port="db")
+    assert reply.status_code == 404 and "TCP listener" in reply.text
+    assert rig.client.refusals == 0 and SEEN == []
