@@ -340,3 +340,52 @@ def test_tcp_port_with_a_token_handshake(world: World) -> None:
         sock.sendall(b"GET /tcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = reader.read()
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from /tcp")
+
+
+def test_not_ready_is_503_until_the_health_check_passes(world: World) -> None:
+    """With a readiness check (the lease side's health monitor), the relay answers 503
+    while it fails, and the service once it passes; lease show's endpoint says so and
+    carries the relay URL."""
+    stub = leases_pb2_grpc.LeasesStub(world.buyer)
+    lease = stub.Submit(
+        leases_pb2.SubmitLeaseRequest(
+            spec=leases_pb2.LeaseSpec(
+                image="gpu-agent-test/pyservice:latest",
+                gpu_count=1,
+                cpus=0.1,
+                memory_bytes=128 * MB,
+                max_duration_seconds=3600,
+                env={"READY_AFTER": "6"},
+                ports=[leases_pb2.PortSpec(container_port=8080, protocol="http", name="api")],
+                health=leases_pb2.HealthCheck(path="/ready", port="api", period=0.5, timeout=0.4),
+            ),
+            idempotency_key="svc-ready",
+        ),
+        timeout=10,
+    )
+    service = Service("svc-ready", lease.endpoint_token)
+
+    def running() -> bool:
+        got = stub.Get(leases_pb2.GetLeaseRequest(lease_id="svc-ready"), timeout=5)
+        return got.state == common_pb2.LEASE_STATE_RUNNING
+
+    wait_until("for svc-ready to run", running, 60)
+    early = httpx.get(world.url("/"), headers=world.auth(service, port="api"), timeout=10)
+    assert early.status_code == 503 and "not ready" in early.text
+    shown = stub.Get(leases_pb2.GetLeaseRequest(lease_id="svc-ready"), timeout=5)
+    assert [e.ready for e in shown.endpoints] in ([], [False])
+
+    def answers() -> bool:
+        reply = httpx.get(world.url("/"), headers=world.auth(service, port="api"), timeout=10)
+        return reply.status_code == 200
+
+    wait_until("for svc-ready to turn ready", answers, 40)
+
+    def reported_ready() -> bool:
+        got = stub.Get(leases_pb2.GetLeaseRequest(lease_id="svc-ready"), timeout=5)
+        return [e.ready for e in got.endpoints] == [True]
+
+    wait_until("for the endpoint to be reported ready", reported_ready, 20)
+    shown = stub.Get(leases_pb2.GetLeaseRequest(lease_id="svc-ready"), timeout=5)
+    port = world.stack.relay_port
+    assert shown.endpoints[0].url == f"http://svc-ready-api.relay.localhost:{port}/"

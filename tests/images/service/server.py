@@ -6,18 +6,23 @@ GET /events           server-sent events: "first", then "last" once /go was call
 GET /go               releases /events
 GET /hits             how many requests reached this server before this one
 GET /ws               WebSocket echo (text and binary frames)
+GET /ready            503 until READY_AFTER seconds (env, default 0) after start, then 200
 Anything else: 200 "hello".
 """
 
 import base64
 import hashlib
 import http.server
+import os
 import socketserver
 import struct
 import sys
 import threading
+import time
 
 GO = threading.Event()
+STARTED = time.monotonic()
+READY_AFTER = float(os.environ.get("READY_AFTER", "0"))
 HITS = [0]
 LOCK = threading.Lock()
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -87,6 +92,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                 self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
+        elif path == "/ready":
+            ready = time.monotonic() - STARTED >= READY_AFTER
+            self._reply(b"ready" if ready else b"loading", 200 if ready else 503)
         elif path == "/go":
             GO.set()
             self._reply(b"go")
