@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 RUN_STAMP := $(VENV)/.installed
-APT_PACKAGES := busybox-static prometheus shellcheck faketime debootstrap iptables iproute2 e2fsprogs postgresql
+APT_PACKAGES := busybox-static prometheus shellcheck faketime debootstrap iptables iproute2 e2fsprogs postgresql curl nginx-light
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test test-systemd faults lint bench gpu-check venv dev-venv system-deps test-image proto clean

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -48,6 +49,19 @@ DEMO_LEASE: dict[str, Any] = {
     # Where it may go (docs/leases-buyer.md): the demo node is in eu-west, Germany.
     "constraints": {"region": "eu-west", "countries": ["DE", "FR"]},
 }
+# The service lease: a tiny HTTP "model" (busybox httpd + CGI, tests/images/model.py)
+# that buyers reach through the relay with the lease's endpoint token.
+MODEL_IMAGE = "gpu-agent-test/model:latest"
+SERVICE_LEASE: dict[str, Any] = {
+    "image": MODEL_IMAGE,
+    "gpus": 1,
+    "cpus": 0.25,
+    "memory": "32MiB",
+    "max_duration": "1h",
+    "price_max": 2_000_000,
+    "ports": [{"container_port": 8080, "protocol": "http"}],
+}
+PROMPT = "What is the capital of France?"
 DEMO_PROVIDER = "demo-provider"
 TOKENS_DIR = RUN_DIR / "tokens"
 
@@ -194,8 +208,11 @@ def ensure_demo_image() -> None:
     except ImportError:
         say("run from the repository root so the demo image recipe (tests/images) is found")
         raise
-    say("building the local demo image (FROM scratch + static busybox; no registry needed)")
+    from tests.images import build_model
+
+    say("building the local demo images (FROM scratch + static busybox; no registry needed)")
     build_busybox()
+    build_model()
 
 
 def main() -> int:
@@ -205,6 +222,7 @@ def main() -> int:
     sched_dir.mkdir(exist_ok=True)
     agent_dir.mkdir(exist_ok=True, mode=0o700)
     grpc_port, metrics_port, status_port = free_port(), free_port(), free_port()
+    relay_port = free_port()
 
     use_nvml = nvml_available()
     if not use_nvml:
@@ -218,6 +236,9 @@ def main() -> int:
                 "server": {"listen": f"127.0.0.1:{grpc_port}"},
                 "database": {"path": str(sched_dir / "scheduler.db")},
                 "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+                # Service leases: buyers reach https://<lease>-<port>.relay.localhost:<port>/
+                # (TLS with a wildcard certificate from the scheduler's CA).
+                "relay": {"listen": f"127.0.0.1:{relay_port}", "domain": "relay.localhost"},
                 # Simulated GPUs are checked for exact results, not datasheet speed.
                 "attestation": {"accept_simulated": not use_nvml},
             }
@@ -298,6 +319,7 @@ def main() -> int:
         show_isolation(sched_cfg)
 
         run_lease(sched_cfg, agent_cfg)
+        service_id = run_service(sched_cfg, sched_dir / "tls" / "ca.pem", list(procs.values()))
         show_refusals(sched_cfg)
         say("tokens are in .run/tokens (0600); to go on by hand:")
         print(  # noqa: T201
@@ -315,6 +337,7 @@ def main() -> int:
             return 1
         except KeyboardInterrupt:
             print(flush=True)  # noqa: T201
+            stop_service(sched_cfg, service_id)
             say("Ctrl-C: stopping agent and scheduler")
     say("stopped cleanly")
     return 0
@@ -391,6 +414,69 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
     print(balance, flush=True)  # noqa: T201
 
 
+def _curl(url: str, ca_file: Path, token: str, body: str = "") -> tuple[int, str, list[str]]:
+    """(status, body, argv) of curl against the relay; curl resolves *.localhost to
+    loopback itself (RFC 6761), so the URL works as printed."""
+    argv = ["curl", "-sS", "--cacert", str(ca_file)]
+    if token:
+        argv += ["-H", f"Authorization: Bearer {token}"]
+    if body:
+        argv += ["--data", body]
+    argv.append(url)
+    result = subprocess.run(
+        [*argv, "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=30, check=False
+    )
+    text, _, code = result.stdout.rpartition("\n")
+    return (int(code) if code.isdigit() else 0), text, argv
+
+
+def stop_service(sched_cfg: Path, lease_id: str) -> None:
+    """Cancel the service lease, so no model container outlives the demo (a plain stop
+    would leave it running for the next agent start to re-adopt)."""
+    say(f"cancelling the service lease {lease_id}")
+    cli("gpu-scheduler", sched_cfg, "cancel", lease_id, check=False, as_account=DEMO_BUYER)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        shown = cli(
+            "gpu-scheduler", sched_cfg, "lease", "show", lease_id, check=False,
+            as_account=DEMO_BUYER,
+        )  # fmt: skip
+        if "state:       cancelled" in shown:
+            return
+        time.sleep(0.5)
+
+
+def run_service(sched_cfg: Path, ca_file: Path, procs: list[subprocess.Popen[str]]) -> str:
+    """A service lease: the tiny model behind the relay, with and without its token;
+    returns its id."""
+    lease_file = RUN_DIR / "service-lease.yaml"
+    lease_file.write_text(yaml.safe_dump(SERVICE_LEASE, sort_keys=False))
+    say(f"submitting a service lease as {DEMO_BUYER}: a tiny HTTP model on port 8080")
+    out = cli("gpu-scheduler", sched_cfg, "submit", str(lease_file), as_account=DEMO_BUYER)
+    print(out.rstrip(), flush=True)  # noqa: T201
+    lease_id = out.split()[0]
+    token = ""
+    for line in out.splitlines():
+        if line.startswith("endpoint token:"):
+            token = line.split()[2]
+    url = cli("gpu-scheduler", sched_cfg, "lease", "url", lease_id, as_account=DEMO_BUYER).strip()
+    generate = url + "cgi-bin/generate"
+    say(f"waiting until {url} answers through the relay")
+    wait_for(
+        "waiting for the service to answer through the relay",
+        lambda: _curl(url, ca_file, token)[0] == 200,
+        90,
+        procs,
+    )
+    say("the buyer's request, through relay and tunnel (the provider opened no port):")
+    status, answer, argv = _curl(generate, ca_file, token, PROMPT)
+    print(f"  {shlex.join(argv)}\n  -> {status} {answer.strip()}", flush=True)  # noqa: T201
+    say("the same request without the token gets 401 and never reaches the provider:")
+    status, answer, argv = _curl(generate, ca_file, "", PROMPT)
+    print(f"  {shlex.join(argv)}\n  -> {status} {answer.strip()[:100]}", flush=True)  # noqa: T201
+    return lease_id
+
+
 def bootstrap_admin(sched_cfg: Path) -> None:
     """The first admin token, once per database (`acl bootstrap` on the file itself)."""
     TOKENS_DIR.mkdir(mode=0o700, exist_ok=True)
@@ -464,6 +550,8 @@ def show_refusals(sched_cfg: Path) -> None:
 if __name__ == "__main__":
     if shutil.which("docker") is None:
         sys.exit("the demo needs the Docker Engine (docker not found on PATH)")
+    if shutil.which("curl") is None:
+        sys.exit("the demo shows a service through curl (apt-get install -y curl)")
     try:
         sys.exit(main())
     except KeyboardInterrupt:

@@ -69,6 +69,7 @@ from .metrics.registry import Telemetry, build_telemetry
 from .node_status import build_status_server, lease_state_counts
 from .ready import announce_ready
 from .reload import reload_config
+from .tunnel import TunnelClient
 from .usage.docker_pids import DockerPidReader
 from .usage.outbox import OUTBOX_FILE_NAME, Outbox
 from .usage.sampler import Sampler
@@ -212,6 +213,9 @@ class AgentNode:
             params=LinkParams(metering_interval=config.metering.record_interval),
         )
         self.usage = UsageSender(self.outbox, self.link, config.metering.batch_size)
+        # Service leases: the tunnel to the relay each Welcome names (docs/services.md);
+        # it reaches only what the lease manager's service_target answers.
+        self.tunnel = TunnelClient(config.coordinator, self.identity, self.leases)
         self.sampler = Sampler(
             self.outbox,
             self._metered_leases,
@@ -276,6 +280,7 @@ class AgentNode:
         link.on("drain", self.drain.on_drain)
         link.on_session(self._on_session)
         link.on_session(self.market.on_session)
+        link.on_session(self.tunnel.on_welcome)
         link.on_params(self._on_params)
 
     def _compose(self, client: docker.DockerClient) -> Agent:
@@ -303,6 +308,7 @@ class AgentNode:
         agent.add_component("usage-sender", self.usage.run)
         agent.add_component("coordinator-link", self.link.run)
         agent.add_component("bandwidth-probe", self.market.run)
+        agent.add_component("relay-tunnel", self.tunnel.run)
         agent.add_component("status-server", status_server.run)
         agent.add_component(
             "ready", lambda stop: announce_ready(stop, self.link, config.coordinator)

@@ -65,9 +65,12 @@ def ensure_image() -> None:
 
 
 class Stack:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, standalone_relay: bool = False) -> None:
         self.workdir = workdir
+        self.standalone_relay = standalone_relay
+        self.tunnel_port = free_port()
         self.grpc_port, self.status_port = free_port(), free_port()
+        self.relay_port, self.relay_tcp_port = free_port(), free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         sched_dir = workdir / "scheduler"
         self.ca_file = sched_dir / "tls" / "ca.pem"
@@ -79,6 +82,13 @@ class Stack:
                     "server": {"listen": f"127.0.0.1:{self.grpc_port}"},
                     "database": {"path": str(sched_dir / "scheduler.db")},
                     "metrics": {"listen": None},
+                    # The relay for service leases; plain HTTP is allowed on loopback only.
+                    "relay": {
+                        "listen": f"127.0.0.1:{self.relay_port}",
+                        "tcp_listen": f"127.0.0.1:{self.relay_tcp_port}",
+                        "insecure_http": True,
+                        **(self._standalone(workdir) if standalone_relay else {}),
+                    },
                     "attestation": {"enabled": False, "required": False},
                     "ledger": {"escrow": False},
                     "auth": schedauth.OPEN_REGISTRATION,
@@ -115,6 +125,20 @@ class Stack:
         self._channel: grpc.Channel | None = None  # set by start()
         self.node_id = ""
 
+    def _standalone(self, workdir: Path) -> dict[str, object]:
+        """`gpu-scheduler relay` on its own: the coordinator sends agents to its tunnel
+        port; it reads routes from the coordinator with the admin token."""
+        return {
+            "mode": "external",
+            "tunnel_address": f"127.0.0.1:{self.tunnel_port}",
+            "tunnel_listen": f"127.0.0.1:{self.tunnel_port}",
+            "coordinator": {
+                "address": f"localhost:{self.grpc_port}",
+                "ca_file": str(self.ca_file),
+                "token_file": str(workdir / "admin.token"),
+            },
+        }
+
     def _start(self, name: str, argv: list[str]) -> None:
         with (self.workdir / f"{name}.log").open("ab") as log:
             self.procs[name] = subprocess.Popen(
@@ -124,6 +148,8 @@ class Stack:
     def start(self) -> None:
         self._start("scheduler", [str(BIN / "gpu-scheduler"), "-c", str(self.sched_cfg), "serve"])
         wait_until("for the scheduler's CA", self.ca_file.exists, 30)
+        if self.standalone_relay:
+            self._start("relay", [str(BIN / "gpu-scheduler"), "-c", str(self.sched_cfg), "relay"])
         self._channel = grpc.secure_channel(
             f"localhost:{self.grpc_port}", schedauth.credentials(self.ca_file, self.token)
         )
@@ -144,7 +170,7 @@ class Stack:
     def stop(self) -> None:
         if self._channel is not None:
             self._channel.close()
-        for name in ("agent", "scheduler"):
+        for name in ("agent", "relay", "scheduler"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
                 continue
@@ -199,15 +225,15 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack() -> Iterator[Stack]:
+def running_stack(*, standalone_relay: bool = False) -> Iterator[Stack]:
     ensure_image()
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
-        stack = Stack(Path(tmp))
+        stack = Stack(Path(tmp), standalone_relay=standalone_relay)
         try:
             stack.start()
             yield stack
         except BaseException:
-            for name in ("scheduler", "agent"):
+            for name in ("scheduler", "relay", "agent"):
                 log = Path(tmp) / f"{name}.log"
                 if log.exists():
                     tail = log.read_text(errors="replace")[-2000:]

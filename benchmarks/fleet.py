@@ -101,6 +101,7 @@ class SchedulerProcess:
             "database": {"path": str(workdir / "db" / "scheduler.db"), **(database or {})},
             "liveness": {"heartbeat_interval": heartbeat_interval},
             "metrics": {"listen": None},
+            "relay": {"mode": "off"},
             "attestation": {"enabled": False, "required": False},
             "ledger": {"escrow": False},
             "auth": schedauth.OPEN_REGISTRATION,

@@ -29,6 +29,7 @@ BENCHMARK_MODULES: tuple[str, ...] = (
     "benchmarks.fleet",
     "benchmarks.fleet_replicas",
     "benchmarks.soak",
+    "benchmarks.relay_bench",
 )
 DEFAULT_OUTPUT = Path("bench-results.json")
 

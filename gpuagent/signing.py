@@ -59,6 +59,17 @@ def verify_ed25519(public_key: bytes, signature: bytes, message: bytes) -> bool:
     return True
 
 
+TUNNEL_HELLO_DOMAIN = b"gpuagent.v1.tunnel-hello\x00"
+
+
+def tunnel_hello_signing_bytes(nonce: bytes, node_id: str, public_key: bytes) -> bytes:
+    """What the agent signs to open a relay tunnel: its own tag, so a Hello signature
+    (or any other) never opens a tunnel and a tunnel signature never opens a session."""
+    return TUNNEL_HELLO_DOMAIN + b"".join(
+        _field(part) for part in (nonce, node_id.encode(), public_key)
+    )
+
+
 BANDWIDTH_PROBE_DOMAIN = b"gpuagent.v1.bandwidth-probe\x00"
 
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "scheduler.cmd_config",
     "scheduler.cmd_ledger",
     "scheduler.cmd_acl",
+    "scheduler.cmd_relay",
 )
 
 PROGRAM = skeleton.Program[SchedulerConfig](

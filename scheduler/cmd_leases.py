@@ -175,6 +175,8 @@ class LeaseFile(_Strict):
     idempotency_key: str = ""
     registry_auth: RegistryAuthFile | None = None
     constraints: ConstraintsFile = Field(default_factory=ConstraintsFile)
+    # Services: no endpoint token asked at the relay (docs/services.md).
+    public: bool = False
 
     @field_validator("env", mode="before")
     @classmethod
@@ -212,6 +214,7 @@ class LeaseFile(_Strict):
             restart=self.restart,
             max_restarts=self.max_restarts,
             constraints=self.constraints.to_proto(),
+            public=self.public,
         )
         if self.health is not None:
             spec.health.CopyFrom(self.health.to_proto())
@@ -288,6 +291,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show = lease_sub.add_parser("show", parents=[conn], help="state, placement and history")
     show.add_argument("lease_id", metavar="ID")
     show.set_defaults(handler=_show)
+    url = lease_sub.add_parser(
+        "url", parents=[conn], help="the relay URL of a service port (one line, for scripts)"
+    )
+    url.add_argument("lease_id", metavar="ID")
+    url.add_argument("port", metavar="PORT", nargs="?", help="declared name or number")
+    url.set_defaults(handler=_url)
+    rotate = lease_sub.add_parser(
+        "rotate-token", parents=[conn], help="replace the lease's endpoint token"
+    )
+    rotate.add_argument("lease_id", metavar="ID")
+    rotate.set_defaults(handler=_rotate)
 
     cancel = sub.add_parser("cancel", parents=[conn], help="cancel a lease")
     cancel.add_argument("lease_id", metavar="ID")
@@ -408,6 +422,8 @@ def _submit(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(lease), indent=2))
         return 0
     print(f"{lease.lease_id}  {_state(lease.state)}")
+    if lease.endpoint_token:
+        print(f"endpoint token: {lease.endpoint_token}  (send as Authorization: Bearer)")
     if not args.wait:
         return 0
     return _follow(args, lease.lease_id, args.wait_timeout)
@@ -557,6 +573,10 @@ def _show(args: argparse.Namespace) -> int:
     if lease.endpoints:
         lines.append("endpoints:")
         lines.extend(f"  {line}" for line in endpoint_lines(lease.endpoints))
+    if lease.endpoint_token:
+        lines.append(f"endpoint token: {lease.endpoint_token}")
+    elif spec.public and spec.ports:
+        lines.append("endpoint token: none (public)")
     lines.append("history:")
     for event in lease.events:
         where = f" on {event.node_id}" if event.node_id else ""
@@ -593,4 +613,48 @@ def _logs(args: argparse.Namespace) -> int:
     sys.stdout.write(response.log_tail)
     if response.log_tail and not response.log_tail.endswith("\n"):
         sys.stdout.write("\n")
+    return 0
+
+
+def _url(args: argparse.Namespace) -> int:
+    """One URL on stdout: the relay's address for a declared port of the lease, from
+    the relay settings of the same config file ``serve`` reads."""
+    from .cli import load_config_from_args
+    from .relay.directory import declared_ports
+    from .relay.server import buyer_url
+
+    try:
+        lease = _call(args, "Get", leases_pb2.GetLeaseRequest(lease_id=args.lease_id))
+    except _Failed:
+        return 1
+    ports = declared_ports(lease.spec)
+    if not ports:
+        print(f"error: lease {lease.lease_id} declares no ports", file=sys.stderr)
+        return 1
+    if args.port is None:
+        port = ports[0]
+    else:
+        found = [p for p in ports if args.port in (p.name, str(p.container_port))]
+        if not found:
+            names = ", ".join(p.name for p in ports)
+            print(
+                f"error: lease {lease.lease_id} declares no port {args.port!r} (it has {names})",
+                file=sys.stderr,
+            )
+            return 1
+        port = found[0]
+    print(buyer_url(load_config_from_args(args).relay, lease.lease_id, port.name))
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    request = leases_pb2.RotateEndpointTokenRequest(lease_id=args.lease_id)
+    try:
+        answer = _call(args, "RotateEndpointToken", request)
+    except _Failed:
+        return 1
+    if answer.token:
+        print(answer.token)
+    else:
+        print(f"rotated; the buyer of {answer.lease_id} reads the new token with lease show")
     return 0

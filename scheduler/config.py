@@ -301,6 +301,80 @@ class LedgerConfig(Strict):
     )
 
 
+class RelayCoordinatorConfig(Strict):
+    """Where a standalone relay (``gpu-scheduler relay``) asks for routes."""
+
+    address: str = Field(default="127.0.0.1:7443", description="the coordinator's gRPC address")
+    ca_file: Path | None = Field(default=None, description="CA of its certificate")
+    token_file: Path | None = Field(default=None, description="an admin API token, one line")
+    insecure: bool = Field(default=False, description="plaintext gRPC; loopback tests only")
+
+
+class RelayConfig(Strict):
+    """The relay for service leases (docs/services.md)."""
+
+    mode: Literal["embedded", "external", "off"] = Field(
+        default="embedded",
+        description="embedded: inside `serve`; external: agents are sent to tunnel_address, "
+        "where `gpu-scheduler relay` runs; off: no service endpoints",
+    )
+    listen: str = Field(default="127.0.0.1:8443", description="host:port buyers connect to")
+    domain: str = Field(
+        default="relay.localhost",
+        pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$",
+        max_length=200,
+        description="buyer URLs are <lease>-<port>.<domain>; at least two labels, since TLS "
+        "clients accept no wildcard right under a top-level name (*.localhost); "
+        "*.relay.localhost is loopback on one machine",
+    )
+    public_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port in buyer URLs; default: listen's"
+    )
+    insecure_http: bool = Field(
+        default=False, description="plain HTTP instead of TLS; refused unless listen is loopback"
+    )
+    cert_file: Path | None = Field(default=None, description="wildcard certificate for *.domain")
+    key_file: Path | None = None
+    idle_timeout: Duration = Field(
+        default=600.0, gt=0, description="close a buyer connection idle both ways this long"
+    )
+    route_ttl: Duration = Field(
+        default=5.0, gt=0, description="cache a lease's route (and token hash) this long"
+    )
+    open_timeout: Duration = Field(
+        default=10.0, gt=0, description="wait this long for an agent to take a connection"
+    )
+    ping_interval: Duration = Field(default=20.0, gt=0, description="tunnel keepalive")
+    tcp_listen: str | None = Field(
+        default=None, description="host:port of the TCP relay (token handshake); None = off"
+    )
+    tunnel_address: str = Field(
+        default="",
+        description="what agents dial for the tunnel; empty = the coordinator's own address",
+    )
+    tunnel_server_name: str = Field(default="", description="TLS name agents verify")
+    tunnel_listen: str = Field(
+        default="127.0.0.1:7444", description="standalone relay: its Tunnel gRPC listener"
+    )
+    coordinator: RelayCoordinatorConfig = Field(default_factory=RelayCoordinatorConfig)
+
+    @model_validator(mode="after")
+    def _plain_http_on_loopback_only(self) -> RelayConfig:
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        if self.insecure_http and host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(
+                f"relay.insecure_http: plain HTTP is allowed on a loopback listen address only "
+                f"(got {self.listen}); buyers' tokens would cross the network in clear"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("relay.cert_file and relay.key_file go together")
+        if self.mode == "external" and not self.tunnel_address:
+            raise ValueError(
+                "relay.mode external needs relay.tunnel_address: where agents reach the relay"
+            )
+        return self
+
+
 class SchedulerConfig(Strict):
     log: LogConfig = Field(default_factory=LogConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -312,6 +386,7 @@ class SchedulerConfig(Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    relay: RelayConfig = Field(default_factory=RelayConfig)
 
     @model_validator(mode="after")
     def _cert_accounts(self) -> SchedulerConfig:

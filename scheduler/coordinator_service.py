@@ -110,6 +110,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         registration: str = "open",
     ) -> None:
         self.registry = registry
+        # Where agents open their service tunnel (set by the server when a relay runs).
+        self.relay = coordinator_pb2.RelayParams()
         # registration "token": a node joins only with an enrolment token of a provider
         # account, to which it is bound; "open": anyone's key joins (stake is the gate).
         self.authenticator = authenticator
@@ -231,6 +233,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                         acked_usage_seq=record.acked_usage_seq,
                         server_time_unix_nanos=time.time_ns(),
                         draining=record.draining,
+                        relay=self.relay,
                     )
                 )
             )

@@ -288,6 +288,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE nodes ADD COLUMN replica_id TEXT NOT NULL DEFAULT '';
     """,
+    # 9: endpoint tokens (scheduler/endpoint_tokens.py): the relay checks the hash, the
+    # buyer reads the sealed token back (lease show).
+    """
+    CREATE TABLE endpoint_tokens (
+        lease_id TEXT PRIMARY KEY,
+        token_sha256 BLOB NOT NULL,
+        token_enc BLOB NOT NULL,
+        rotated_ns INTEGER NOT NULL
+    );
+    """,
 )
 
 

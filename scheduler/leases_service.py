@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
@@ -29,6 +30,9 @@ from .leases_store import (
 )
 from .ledger import format_micros, reservation_micros
 from .registry import Registry
+
+if TYPE_CHECKING:
+    from .endpoint_tokens import EndpointTokens
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +155,30 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         registry: Registry,
         *,
         escrow: bool = False,
+        tokens: EndpointTokens | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.registry = registry
         self.escrow = escrow  # ledger.escrow: Submit reserves the lease's maximum cost
+        self.tokens = tokens
+        # (lease id, port name) -> the buyer's URL at the relay; None = no relay.
+        self.endpoint_url: Callable[[str, str], str] | None = None
+
+    def _with_urls(self, lease: leases_pb2.Lease) -> leases_pb2.Lease:
+        """The coordinator fills each reported endpoint's URL (the agent cannot know it)."""
+        if self.endpoint_url is not None:
+            for endpoint in lease.endpoints:
+                endpoint.url = self.endpoint_url(lease.lease_id, endpoint.name)
+        return lease
+
+    async def _with_token(self, who: Principal, lease: leases_pb2.Lease) -> leases_pb2.Lease:
+        """The endpoint token goes to the lease's buyer only: not to its provider, and not
+        to an admin acting for the buyer (who can rotate it instead)."""
+        self._with_urls(lease)
+        if self.tokens is not None and lease.buyer == who.account and lease.spec.ports:
+            lease.endpoint_token = await self.tokens.token(lease.lease_id)
+        return lease
 
     def _provider_nodes(self, who: Principal) -> set[str]:
         return {r.node_id for r in self.registry.nodes.values() if r.owner == who.account}
@@ -277,13 +300,15 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                 },
             )
             self.dispatcher.kick()
-        return row.to_proto()
+        return await self._with_token(caller(), row.to_proto())
 
     async def Get(self, request: leases_pb2.GetLeaseRequest, context: Context) -> leases_pb2.Lease:
         who = caller()
         row = await self._row(context, request.lease_id, who)
         lease = row.to_proto(await self.store.events(row.lease_id))
-        return _provider_view(lease) if who.role == "provider" else lease
+        if who.role == "provider":
+            return self._with_urls(_provider_view(lease))
+        return await self._with_token(who, lease)
 
     async def List(
         self, request: leases_pb2.ListLeasesRequest, context: Context
@@ -326,7 +351,7 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         response = leases_pb2.ListLeasesResponse()
         used = 0
         for index, row in enumerate(rows):
-            lease = row.to_proto()
+            lease = self._with_urls(row.to_proto())
             if who.role == "provider":
                 _provider_view(lease)
             used += lease.ByteSize()
@@ -356,3 +381,23 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             lines = text.splitlines(keepends=True)
             text = "".join(lines[-request.tail_lines :])
         return leases_pb2.LeaseLogsResponse(log_tail=text, updated_at_unix_nanos=row.updated_ns)
+
+    async def RotateEndpointToken(
+        self, request: leases_pb2.RotateEndpointTokenRequest, context: Context
+    ) -> leases_pb2.EndpointToken:
+        who = caller()
+        row = await self._row(context, request.lease_id, who)
+        if self.tokens is None:
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "this scheduler has no endpoints")
+        if row.terminal:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"lease {row.lease_id} has ended ({row.state}); its endpoints are gone",
+            )
+        token = await self.tokens.rotate(row.lease_id)
+        log.info("endpoint token rotated", extra={"lease_id": row.lease_id, "by": who.account})
+        # An admin rotating for a buyer gets no token: the buyer reads the new one itself.
+        return leases_pb2.EndpointToken(
+            lease_id=row.lease_id, token=token if row.buyer == who.account else ""
+        )

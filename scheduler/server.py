@@ -32,6 +32,8 @@ from gpuagent.v1 import (
     market_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
 )
 
 from . import secretbox, tlsgen
@@ -43,6 +45,7 @@ from .config import SchedulerConfig
 from .coordinator_service import CoordinatorService
 from .db import open_database
 from .eligibility import Eligibility
+from .endpoint_tokens import EndpointTokens
 from .gcpolicy import GcPolicy
 from .lease_dispatch import DispatchSettings, LeaseDispatcher
 from .leases_service import LeasesService
@@ -55,6 +58,8 @@ from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_met
 from .nodes_service import NodesService
 from .price_history import PriceHistory
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, NodeRecord, Registry, Session
+from .relay.directory import DirectoryService, StoreRoutes
+from .relay.server import Relay, RelayStartError, buyer_url
 from .replicas import Replicas
 from .secretbox import SecretBox
 from .slashing import VerdictSlasher
@@ -70,8 +75,18 @@ SERVICE_NAMES = (
     ledger_pb2.DESCRIPTOR.services_by_name["Ledger"].full_name,
     acl_pb2.DESCRIPTOR.services_by_name["Acl"].full_name,
     market_pb2.DESCRIPTOR.services_by_name["Market"].full_name,
+    relay_pb2.DESCRIPTOR.services_by_name["Tunnel"].full_name,
+    relay_pb2.DESCRIPTOR.services_by_name["RelayDirectory"].full_name,
 )
-_DESCRIPTORS = (coordinator_pb2, nodes_pb2, leases_pb2, ledger_pb2, acl_pb2, market_pb2)
+_DESCRIPTORS = (
+    coordinator_pb2,
+    nodes_pb2,
+    leases_pb2,
+    ledger_pb2,
+    acl_pb2,
+    market_pb2,
+    relay_pb2,
+)
 
 
 def served_methods() -> list[str]:
@@ -206,8 +221,17 @@ class SchedulerServer:
         self.coordinator.on("lease_update", self.dispatcher.on_update)
         self.coordinator.on_connect(self.dispatcher.on_connect)
         self.coordinator.on_heartbeat(self.dispatcher.on_heartbeat)
+        # Service endpoints (docs/services.md): a token per lease, made in Submit's txn.
+        self.endpoint_tokens = EndpointTokens(
+            self.db, SecretBox(config.database.path.parent / secretbox.KEY_FILE), clock
+        )
+        self.endpoint_tokens.register(self.leases_store)
         self.leases = LeasesService(
-            self.leases_store, self.dispatcher, self.registry, escrow=config.ledger.escrow
+            self.leases_store,
+            self.dispatcher,
+            self.registry,
+            escrow=config.ledger.escrow,
+            tokens=self.endpoint_tokens,
         )
         # The market (docs/market.md): offers, the bandwidth probe, nodes' OfferUpdates.
         self.market = MarketService(
@@ -227,6 +251,7 @@ class SchedulerServer:
         self.slasher = VerdictSlasher(self.attestation, self.ledger, self.metrics)
         self.attestation.add_listener(self.slasher.on_verdicts)
         self._wire_replicas()
+        self._build_relay()
         self._metrics_server: MetricsServer | None = None
         # The background loops, members of one TaskGroup (see _run_loops).
         self._loops_stop = asyncio.Event()
@@ -293,6 +318,35 @@ class SchedulerServer:
             )
             session.closed.set()
 
+    def _build_relay(self) -> None:
+        """The relay inside ``serve`` (relay.mode embedded), its tunnel on this gRPC server;
+        with mode external agents are only told where ``gpu-scheduler relay`` runs."""
+        routes = StoreRoutes(self.leases_store, self.endpoint_tokens)
+        self.relay_directory = DirectoryService(routes)
+        self.relay: Relay | None = None
+        rc = self.config.relay
+        if rc.mode == "off":
+            return
+        self.coordinator.relay = coordinator_pb2.RelayParams(
+            enabled=True, address=rc.tunnel_address, server_name=rc.tunnel_server_name
+        )
+        # Lease show's endpoints carry the buyer's URL (lease url prints the same one).
+        self.leases.endpoint_url = lambda lease_id, port: buyer_url(rc, lease_id, port)
+        if rc.mode == "external":
+            return
+        self.relay = Relay(rc, routes, tls_dir=tls_dir(self.config), registry=self.metrics.registry)
+        self.leases.endpoint_url = self.relay.url  # with the port it bound
+        relay = self.relay
+        self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
+
+        on_update = self.dispatcher.on_update
+
+        async def update_then_forget_route(session: Any, update: Any) -> None:
+            await on_update(session, update)
+            relay.routes.invalidate(update.lease_id)  # running or ended: ask again
+
+        self.coordinator.on("lease_update", update_then_forget_route)
+
     def _node_states(self) -> dict[str, int]:
         counts = {state.value: 0 for state in Liveness}
         for record in self.registry.nodes.values():
@@ -342,6 +396,9 @@ class SchedulerServer:
         leases_pb2_grpc.add_LeasesServicer_to_server(self.leases, server)
         ledger_pb2_grpc.add_LedgerServicer_to_server(self.ledger, server)
         market_pb2_grpc.add_MarketServicer_to_server(self.market, server)
+        relay_pb2_grpc.add_RelayDirectoryServicer_to_server(self.relay_directory, server)
+        if self.relay is not None:
+            relay_pb2_grpc.add_TunnelServicer_to_server(self.relay.hub, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *SERVICE_NAMES):
@@ -368,6 +425,12 @@ class SchedulerServer:
         if port == 0:
             raise ServerStartError(f"server.listen: cannot bind {listen}")
         await server.start()
+        if self.relay is not None:
+            try:
+                await self.relay.start()
+            except RelayStartError as exc:
+                await server.stop(0)
+                raise ServerStartError(str(exc)) from None
         self._loops_stop.clear()
         self._loops_stopped.clear()
         self._flush_stop.clear()
@@ -397,6 +460,8 @@ class SchedulerServer:
         return port
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self.relay is not None:
+            await self.relay.stop()
         if self._metrics_server is not None:
             self._metrics_server.close()
             self._metrics_server = None

@@ -141,3 +141,48 @@ def ensure(directory: Path, now: datetime.datetime | None = None) -> TlsFiles:
         extra={"ca_file": str(files.ca_cert), "server_cert": str(files.server_cert)},
     )
     return files
+
+
+def relay_certificate(
+    directory: Path, domain: str, now: datetime.datetime | None = None
+) -> tuple[Path, Path]:
+    """A wildcard certificate for ``*.domain`` (and ``domain``, localhost, 127.0.0.1)
+    signed by the scheduler's CA, for the relay's buyer listener; made or renewed here.
+
+    Buyers trust ``ca.pem`` (curl --cacert) or the operator configures a public one.
+    """
+    now = now or datetime.datetime.now(datetime.UTC)
+    files = ensure(directory, now)
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in domain)[:100]
+    cert_path, key_path = directory / f"relay-{safe}.pem", directory / f"relay-{safe}.key"
+    if cert_path.exists() and key_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if cert.not_valid_after_utc - now > RENEW_BEFORE:
+            return cert_path, key_path
+    ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    loaded = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [
+        x509.DNSName(f"*.{domain}"),
+        x509.DNSName(domain),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"*.{domain}"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SERVER_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(loaded, hashes.SHA256())
+    )
+    _write(key_path, _key_pem(key), 0o600)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    log.info("generated the relay's wildcard certificate", extra={"domain": domain})
+    return cert_path, key_path

@@ -115,6 +115,8 @@ def scheduler_config(
             },
             "liveness": {"heartbeat_interval": heartbeat, **liveness},
             "metrics": {"listen": None},
+            # A relay on a free port (plain HTTP: loopback only), as `serve` runs one.
+            "relay": {"listen": "127.0.0.1:0", "insecure_http": True},
             "attestation": NO_ATTESTATION if attestation is None else attestation,
             # Link and placement tests run anonymous test agents; the enrolment tests
             # (tests/test_auth_*.py) ask for "token", the production default.

@@ -194,4 +194,12 @@ def populated_scheduler_metrics() -> Any:
 
     prices = {"NVIDIA GeForce RTX 4090": ModelPrices(1_500_000, 1_250_000)}
     metrics.prices = lambda: prices
+    from scheduler.relay.metrics import RelayMetrics
+
+    relay = RelayMetrics(metrics.registry)  # the embedded relay shares the registry
+    relay.request("lease-1", 200, 0.003)
+    relay.request("lease-1", 401)
+    relay.carried("lease-1", 100, 2000)
+    relay.active.labels("lease-1").inc()
+    relay.tunnels.set(1)
     return metrics

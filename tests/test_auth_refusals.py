@@ -31,6 +31,8 @@ from gpuagent.v1 import (
     market_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
 )
 from scheduler.auth import policy
 from scheduler.auth import store as acl_store
@@ -173,6 +175,10 @@ CALLS: list[Call] = [
      lambda w: leases_pb2.CancelLeaseRequest(lease_id=w.lease_id)),
     ("/gpuagent.v1.Leases/Logs", leases_pb2_grpc.LeasesStub, "Logs",
      lambda w: leases_pb2.LeaseLogsRequest(lease_id=w.lease_id)),
+    ("/gpuagent.v1.Leases/RotateEndpointToken", leases_pb2_grpc.LeasesStub,
+     "RotateEndpointToken", lambda w: leases_pb2.RotateEndpointTokenRequest(lease_id=w.lease_id)),
+    ("/gpuagent.v1.RelayDirectory/Route", relay_pb2_grpc.RelayDirectoryStub, "Route",
+     lambda w: relay_pb2.RouteRequest(lease_id=w.lease_id)),
     ("/gpuagent.v1.Nodes/List", nodes_pb2_grpc.NodesStub, "List",
      lambda w: nodes_pb2.ListNodesRequest()),
     ("/gpuagent.v1.Nodes/Get", nodes_pb2_grpc.NodesStub, "Get",
@@ -262,6 +268,7 @@ ADMIN_ONLY = {
     "/gpuagent.v1.Acl/CreateAccount",
     "/gpuagent.v1.Acl/ListAccounts",
     "/gpuagent.v1.Acl/Audit",
+    "/gpuagent.v1.RelayDirectory/Route",
 }
 
 
@@ -279,7 +286,8 @@ async def test_a_buyer_token_is_refused_on_admin_and_provider_methods(world: Wor
         )
     for path in (*ADMIN_ONLY, "/gpuagent.v1.Leases/Submit", "/gpuagent.v1.Leases/Cancel",
                  "/gpuagent.v1.Leases/Logs", "/gpuagent.v1.Ledger/Balance",
-                 "/gpuagent.v1.Leases/Quote"):  # fmt: skip
+                 "/gpuagent.v1.Leases/Quote",
+                 "/gpuagent.v1.Leases/RotateEndpointToken"):  # fmt: skip
         assert await _call(world, world.tokens["acme"], by_path[path]) == Code.PERMISSION_DENIED, (
             path
         )
@@ -305,6 +313,10 @@ async def test_another_buyers_lease_answers_not_found_and_is_untouched(world: Wo
                 (leases.Get, leases_pb2.GetLeaseRequest(lease_id=lease_id)),
                 (leases.Cancel, leases_pb2.CancelLeaseRequest(lease_id=lease_id)),
                 (leases.Logs, leases_pb2.LeaseLogsRequest(lease_id=lease_id)),
+                (
+                    leases.RotateEndpointToken,
+                    leases_pb2.RotateEndpointTokenRequest(lease_id=lease_id),
+                ),
                 (ledger.Usage, ledger_pb2.UsageRequest(lease_id=lease_id)),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as err:

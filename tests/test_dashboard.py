@@ -29,7 +29,7 @@ PROMQL_WORDS = {
     "and", "or", "unless", "offset", "bool", "inf", "nan",
 }  # fmt: skip
 ROWS = {"Fleet overview", "Per-node GPUs", "Leases", "Usage and earnings", "Attestation",
-        "Agent health"}  # fmt: skip
+        "Agent health", "Services (relay)"}  # fmt: skip
 
 
 def metric_names(expr: str) -> set[str]:
@@ -93,7 +93,7 @@ def test_metric_name_extraction() -> None:
 
 
 def test_dashboard_parses_with_expected_rows() -> None:
-    """The dashboard is valid JSON with the six rows and Prometheus queries in every panel."""
+    """The dashboard is valid JSON with the seven rows and Prometheus queries in every panel."""
     dash = json.loads(DASHBOARD.read_text())
     rows = {p["title"] for p in dash["panels"] if p["type"] == "row"}
     assert rows == ROWS

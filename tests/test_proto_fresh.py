@@ -38,6 +38,7 @@ def test_every_message_and_field_is_documented() -> None:
         leases_pb2,
         ledger_pb2,
         nodes_pb2,
+        relay_pb2,
         usage_pb2,
     )
 
@@ -52,6 +53,7 @@ def test_every_message_and_field_is_documented() -> None:
         leases_pb2,
         ledger_pb2,
         nodes_pb2,
+        relay_pb2,
         usage_pb2,
     ):
         for name, message in module.DESCRIPTOR.message_types_by_name.items():

@@ -23,6 +23,7 @@ def _config(tmp_path: Path, port: int) -> dict[str, object]:
         "database": {"path": str(tmp_path / "db" / "scheduler.db")},
         "liveness": {"heartbeat_interval": 0.2},
         "metrics": {"listen": None},
+        "relay": {"listen": "127.0.0.1:0", "insecure_http": True},
     }
 
 

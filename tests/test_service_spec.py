@@ -238,8 +238,8 @@ async def test_endpoints_are_stored_and_shown(
     env: Env, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """A YAML service lease goes through submit with its ports, restart and health; the
-    endpoints of the latest update are returned by Get (url cleared: the coordinator's to
-    fill), printed by `lease show` and carried by `--json`; a same-state update adds no
+    endpoints of the latest update are returned by Get (url: the relay's, never what the
+    agent sent), printed by `lease show` and carried by `--json`; a same-state update adds no
     history event."""
     agent = await env.agent("a", accept)
     spec_file = tmp_path / "svc.yaml"
@@ -277,7 +277,11 @@ async def test_endpoints_are_stored_and_shown(
             break
         await asyncio.sleep(0.05)
     assert (seq, lease.restarts) == (agent.seq["svc-1"], 2)
-    assert [(e.name, e.ready, e.restarts, e.url) for e in lease.endpoints] == [("web", True, 2, "")]
+    assert env.server.relay is not None
+    url = f"http://svc-1-web.relay.localhost:{env.server.relay.port}/"
+    assert [(e.name, e.ready, e.restarts, e.url) for e in lease.endpoints] == [
+        ("web", True, 2, url)
+    ]
     assert [e.state for e in lease.events].count(S.LEASE_STATE_RUNNING) == 1
 
     assert await run_cli(env, "lease", "show", "svc-1") == 0
@@ -285,9 +289,10 @@ async def test_endpoints_are_stored_and_shown(
     assert "restart:     on-failure, 2 restart(s) so far" in shown
     block = shown.split("endpoints:\n", 1)[1].splitlines()[0]
     assert block.split() == [
-        "web", "http/8080", "-", "ready", "last", "check", "2023-11-14", "22:13:20", "(ok)",
+        "web", "http/8080", url, "ready", "last", "check", "2023-11-14", "22:13:20", "(ok)",
         "restarts", "2",
     ]  # fmt: skip
+
     assert await run_cli(env, "lease", "show", "svc-1", "--json") == 0
     data = json.loads(capsys.readouterr().out)
     assert data["endpoints"][0]["ready"] is True and data["restarts"] == 2

@@ -183,6 +183,8 @@ class LeaseSpec(_Wire):
     max_duration_seconds: int = Field(default=0, ge=0, le=10 * 365 * 86400, description="0 = none")
     price_micro_per_gpu_hour: int = Field(default=0, ge=0, le=2**63 - 1)
     registry_auth: RegistryAuth | None = None
+    # Services: the relay asks no endpoint token (the agent serves such ports the same).
+    public: bool = False
     # Hostile fields: accepted by the schema so they can be refused by name.
     privileged: bool = False
     host_network: bool = False

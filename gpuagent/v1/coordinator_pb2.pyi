@@ -174,6 +174,7 @@ class Welcome(_message.Message):
     ACKED_USAGE_SEQ_FIELD_NUMBER: _builtins.int
     SERVER_TIME_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     node_id: _builtins.str
     acked_usage_seq: _builtins.int
@@ -184,6 +185,10 @@ class Welcome(_message.Message):
     """the coordinator's drain flag for this node"""
     @_builtins.property
     def params(self) -> _common_pb2.NodeParams: ...
+    @_builtins.property
+    def relay(self) -> Global___RelayParams:
+        """where to open the service tunnel; unset = no relay"""
+
     def __init__(
         self,
         *,
@@ -193,14 +198,44 @@ class Welcome(_message.Message):
         acked_usage_seq: _builtins.int = ...,
         server_time_unix_nanos: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        relay: Global___RelayParams | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_usage_seq", b"acked_usage_seq", "draining", b"draining", "node_id", b"node_id", "params", b"params", "server_time_unix_nanos", b"server_time_unix_nanos", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_usage_seq", b"acked_usage_seq", "draining", b"draining", "node_id", b"node_id", "params", b"params", "relay", b"relay", "server_time_unix_nanos", b"server_time_unix_nanos", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class RelayParams(_message.Message):
+    """Which relay carries this node's service leases (PROTOCOL.md "Relay tunnel")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    SERVER_NAME_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    address: _builtins.str
+    """host:port of the relay's Tunnel service; "" = the coordinator's own"""
+    server_name: _builtins.str
+    """TLS name to verify; "" = the host of address"""
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        address: _builtins.str = ...,
+        server_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "enabled", b"enabled", "server_name", b"server_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayParams: _TypeAlias = RelayParams  # noqa: Y015
 
 @_typing.final
 class ParamsUpdate(_message.Message):

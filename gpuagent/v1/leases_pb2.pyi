@@ -280,6 +280,7 @@ class LeaseSpec(_message.Message):
     MAX_RESTARTS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
+    PUBLIC_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
     VOLUMES_FIELD_NUMBER: _builtins.int
@@ -308,6 +309,8 @@ class LeaseSpec(_message.Message):
     """
     max_restarts: _builtins.int
     """consecutive restarts before the lease fails; 0 = 5"""
+    public: _builtins.bool
+    """Services: true = the relay asks no endpoint token (anyone with the URL reaches it)."""
     privileged: _builtins.bool
     """Always rejected by the agent (see PROTOCOL.md "Hostile specs")."""
     host_network: _builtins.bool
@@ -358,6 +361,7 @@ class LeaseSpec(_message.Message):
         max_restarts: _builtins.int = ...,
         health: Global___HealthCheck | None = ...,
         constraints: Global___Constraints | None = ...,
+        public: _builtins.bool = ...,
         privileged: _builtins.bool = ...,
         host_network: _builtins.bool = ...,
         volumes: _abc.Iterable[Global___VolumeMount] | None = ...,
@@ -366,7 +370,7 @@ class LeaseSpec(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "health", b"health", "registry_auth", b"registry_auth"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "constraints", b"constraints", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "health", b"health", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "max_restarts", b"max_restarts", "memory_bytes", b"memory_bytes", "network_mode", b"network_mode", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "registry_auth", b"registry_auth", "restart", b"restart", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "constraints", b"constraints", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "health", b"health", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "max_restarts", b"max_restarts", "memory_bytes", b"memory_bytes", "network_mode", b"network_mode", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "public", b"public", "registry_auth", b"registry_auth", "restart", b"restart", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,6 +595,7 @@ class Lease(_message.Message):
     ENDED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     RESTARTS_FIELD_NUMBER: _builtins.int
+    ENDPOINT_TOKEN_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     state: _common_pb2.LeaseState.ValueType
     node_id: _builtins.str
@@ -610,6 +615,8 @@ class Lease(_message.Message):
     ended_at_unix_nanos: _builtins.int
     """reached a terminal state; 0 = not yet"""
     restarts: _builtins.int
+    endpoint_token: _builtins.str
+    """The relay's bearer token for this lease's ports; only ever sent to its buyer."""
     @_builtins.property
     def spec(self) -> Global___LeaseSpec:
         """registry_auth is never returned"""
@@ -646,16 +653,59 @@ class Lease(_message.Message):
         ended_at_unix_nanos: _builtins.int = ...,
         endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
         restarts: _builtins.int = ...,
+        endpoint_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
 
 Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class RotateEndpointTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateEndpointTokenRequest: _TypeAlias = RotateEndpointTokenRequest  # noqa: Y015
+
+@_typing.final
+class EndpointToken(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    token: _builtins.str
+    """the new token; the old one stops working at once"""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointToken: _TypeAlias = EndpointToken  # noqa: Y015
 
 @_typing.final
 class LeaseEvent(_message.Message):

@@ -64,6 +64,11 @@ class LeasesStub:
                 request_serializer=gpuagent_dot_v1_dot_leases__pb2.LeaseLogsRequest.SerializeToString,
                 response_deserializer=gpuagent_dot_v1_dot_leases__pb2.LeaseLogsResponse.FromString,
                 _registered_method=True)
+        self.RotateEndpointToken = channel.unary_unary(
+                '/gpuagent.v1.Leases/RotateEndpointToken',
+                request_serializer=gpuagent_dot_v1_dot_leases__pb2.RotateEndpointTokenRequest.SerializeToString,
+                response_deserializer=gpuagent_dot_v1_dot_leases__pb2.EndpointToken.FromString,
+                _registered_method=True)
 
 
 class LeasesServicer:
@@ -105,6 +110,12 @@ class LeasesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateEndpointToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeasesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_LeasesServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=gpuagent_dot_v1_dot_leases__pb2.LeaseLogsRequest.FromString,
                     response_serializer=gpuagent_dot_v1_dot_leases__pb2.LeaseLogsResponse.SerializeToString,
+            ),
+            'RotateEndpointToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateEndpointToken,
+                    request_deserializer=gpuagent_dot_v1_dot_leases__pb2.RotateEndpointTokenRequest.FromString,
+                    response_serializer=gpuagent_dot_v1_dot_leases__pb2.EndpointToken.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Leases:
             '/gpuagent.v1.Leases/Logs',
             gpuagent_dot_v1_dot_leases__pb2.LeaseLogsRequest.SerializeToString,
             gpuagent_dot_v1_dot_leases__pb2.LeaseLogsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateEndpointToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuagent.v1.Leases/RotateEndpointToken',
+            gpuagent_dot_v1_dot_leases__pb2.RotateEndpointTokenRequest.SerializeToString,
+            gpuagent_dot_v1_dot_leases__pb2.EndpointToken.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,7 @@ class LeasesStub:
     List: _grpc.UnaryUnaryMultiCallable[_leases_pb2.ListLeasesRequest, _leases_pb2.ListLeasesResponse]
     Cancel: _grpc.UnaryUnaryMultiCallable[_leases_pb2.CancelLeaseRequest, _leases_pb2.Lease]
     Logs: _grpc.UnaryUnaryMultiCallable[_leases_pb2.LeaseLogsRequest, _leases_pb2.LeaseLogsResponse]
+    RotateEndpointToken: _grpc.UnaryUnaryMultiCallable[_leases_pb2.RotateEndpointTokenRequest, _leases_pb2.EndpointToken]
 
 @_typing.type_check_only
 class LeasesAsyncStub(LeasesStub):
@@ -49,6 +50,7 @@ class LeasesAsyncStub(LeasesStub):
     List: _aio.UnaryUnaryMultiCallable[_leases_pb2.ListLeasesRequest, _leases_pb2.ListLeasesResponse]  # type: ignore[assignment]
     Cancel: _aio.UnaryUnaryMultiCallable[_leases_pb2.CancelLeaseRequest, _leases_pb2.Lease]  # type: ignore[assignment]
     Logs: _aio.UnaryUnaryMultiCallable[_leases_pb2.LeaseLogsRequest, _leases_pb2.LeaseLogsResponse]  # type: ignore[assignment]
+    RotateEndpointToken: _aio.UnaryUnaryMultiCallable[_leases_pb2.RotateEndpointTokenRequest, _leases_pb2.EndpointToken]  # type: ignore[assignment]
 
 class LeasesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -92,5 +94,12 @@ class LeasesServicer(metaclass=_abc_1.ABCMeta):
         request: _leases_pb2.LeaseLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_leases_pb2.LeaseLogsResponse, _abc.Awaitable[_leases_pb2.LeaseLogsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateEndpointToken(
+        self,
+        request: _leases_pb2.RotateEndpointTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leases_pb2.EndpointToken, _abc.Awaitable[_leases_pb2.EndpointToken]]: ...
 
 def add_LeasesServicer_to_server(servicer: LeasesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -184,6 +184,8 @@ class Cluster:
             "server": {"listen": f"127.0.0.1:{self.grpc_port}"},
             "database": {"path": str(self.db_path)},
             "metrics": {"listen": None},
+            # The relay on a port of its own (plain HTTP: loopback only).
+            "relay": {"listen": f"127.0.0.1:{free_port()}", "insecure_http": True},
             "liveness": {"heartbeat_interval": "1s", "offline_grace": "6s", "restart_grace": "8s"},
             "attestation": {"enabled": False, "required": False},
             "ledger": {"default_credit_micros": 10**12},
