@@ -70,6 +70,10 @@ class Replicated(Cluster):
         cfg["server"]["listen"] = f"127.0.0.1:{self.b_port}"
         cfg["database"]["path"] = str(self.b_dir / "scheduler.db")
         cfg["replica"]["id"] = "b"
+        # Each replica's embedded relay needs a listener of its own (docs/services.md:
+        # with replicas, buyers use one standalone relay; these tests need none).
+        if "relay" in cfg:
+            cfg["relay"]["listen"] = f"127.0.0.1:{free_port()}"
         self.b_cfg = self.root / "scheduler-b.yaml"
         self.b_cfg.write_text(yaml.safe_dump(cfg))
         self.b_log = self.root / "scheduler-b.log"
