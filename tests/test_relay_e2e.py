@@ -87,7 +87,7 @@ def submit_service(
         ),
         timeout=10,
     )
-    assert lease.endpoint_token.startswith("gse_"), "the buyer sees its token at submit"
+    assert lease.endpoint_token.startswith("gsp_"), "the buyer sees its token at submit"
     if public:
         lease.endpoint_token = ""  # not needed: the relay asks none
 
@@ -236,7 +236,7 @@ def test_no_wrong_or_other_token_is_401_and_never_reaches_the_service(world: Wor
         world.host(world.a),
         {**world.host(world.a), "Authorization": "Bearer"},
         {**world.host(world.a), "Authorization": f"Basic {world.a.token}"},
-        {**world.host(world.a), "Authorization": "Bearer gse_wrong"},
+        {**world.host(world.a), "Authorization": "Bearer gsp_wrong"},
         {**world.host(world.a), "Authorization": f"Bearer {world.b.token}"},
         {**world.host(world.a), "Authorization": "Bearer " + "x" * 10000},
     ]
@@ -276,7 +276,7 @@ def test_rotated_token_replaces_the_old_one_at_once(world: World) -> None:
     new = stub.RotateEndpointToken(
         leases_pb2.RotateEndpointTokenRequest(lease_id=world.b.lease_id), timeout=10
     ).token
-    assert new.startswith("gse_") and new != old
+    assert new.startswith("gsp_") and new != old
     world.b.token = new
     shown = stub.Get(leases_pb2.GetLeaseRequest(lease_id=world.b.lease_id), timeout=10)
     assert shown.endpoint_token == new
@@ -331,7 +331,7 @@ def test_tcp_port_with_a_token_handshake(world: World) -> None:
     raw bytes both ways (here an HTTP request the service answers)."""
     port = world.stack.relay_tcp_port
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(f"RELAY1 {world.a.lease_id} 8080 gse_wrong\n".encode())
+        sock.sendall(f"RELAY1 {world.a.lease_id} 8080 gsp_wrong\n".encode())
         assert sock.makefile("rb").readline().startswith(b"ERR 401")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(f"RELAY1 {world.a.lease_id} 8080 {world.a.token}\n".encode())

@@ -32,7 +32,7 @@ def test_a_standalone_relay_serves_checks_tokens_and_sees_rotations() -> None:
                 url, headers={**host, "Authorization": f"Bearer {service.token}"}, timeout=10
             )
             assert (ok.status_code, ok.text) == (200, "hello from /hello")
-            wrong = httpx.get(url, headers={**host, "Authorization": "Bearer gse_x"}, timeout=10)
+            wrong = httpx.get(url, headers={**host, "Authorization": "Bearer gsp_x"}, timeout=10)
             assert wrong.status_code == 401
             new = (
                 leases_pb2_grpc.LeasesStub(buyer)

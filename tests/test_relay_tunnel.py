@@ -312,7 +312,7 @@ async def test_route_lookups_are_cached_not_per_request(rig: Rig) -> None:
 async def test_metrics_count_requests_bytes_and_latency_per_lease(rig: Rig) -> None:
     """Answered and refused requests are counted by lease and status; bytes both ways."""
     await _get(rig, "/m")
-    await _get(rig, "/m", token="gse_wrong")
+    await _get(rig, "/m", token="gsp_wrong")
     registry = rig.relay.metrics.registry
     value = registry.get_sample_value
     assert value("gpu_relay_requests_total", {"lease_id": "lease-a", "code": "200"}) == 1
@@ -441,7 +441,7 @@ async def test_tcp_handshake_refuses_garbage_and_wrong_tokens(rig: Rig) -> None:
     port = rig.relay.tcp_port
     assert (await _raw(port, b"hello\n")).startswith(b"ERR 400")
     assert (await _raw(port, b"RELAY1 " + b"x" * 5000 + b"\n")).startswith(b"ERR 400")
-    assert (await _raw(port, b"RELAY1 lease-a 80 gse_nope\n")).startswith(b"ERR 401")
+    assert (await _raw(port, b"RELAY1 lease-a 80 gsp_nope\n")).startswith(b"ERR 401")
     assert (await _raw(port, f"RELAY1 lease-a 81 {TOKEN}\n".encode())).startswith(b"ERR 404")
     assert SEEN == []
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -10,8 +10,9 @@ import hashlib
 import hmac
 import secrets
 
-# "gpu service endpoint": greppable in leaked logs (like gh tokens); not a secret itself.
-TOKEN_PREFIX = "gse_"  # noqa: S105
+# "gpu service port": greppable in leaked logs (like gh tokens); not a secret itself.
+# Not gse_ (enrolment tokens, scheduler/auth/tokens.py): one prefix per kind of secret.
+TOKEN_PREFIX = "gsp_"  # noqa: S105
 MAX_TOKEN_CHARS = 256
 
 
