@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -18,6 +19,23 @@ async def wait_any(*events: asyncio.Event, within: float | None = None) -> None:
     finally:
         for waiter in waiters:
             waiter.cancel()
+
+
+async def run_together(
+    *coros: Coroutine[Any, Any, Any], return_when: str = asyncio.FIRST_COMPLETED
+) -> None:
+    """Run ``coros`` as tasks until ``return_when`` holds (the two directions of a byte
+    pipe, say), then cancel and await the rest. Their errors end the run and are not
+    raised: a pipe whose one side failed is simply over."""
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        await asyncio.wait(tasks, return_when=return_when)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class TaskSet:

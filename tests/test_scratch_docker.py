@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.leases import LeaseState
+from agent.leases import LeaseManager, LeaseState
 from agent.leases.scratch import loop_supported
 from agent.leases.scratch import root_flags_missing as scratch_flags_missing
 from tests.faults.harness import BIN
@@ -88,6 +88,28 @@ async def test_hard_quota_gives_enospc_and_the_mount_is_nosuid_nodev(
     assert not list(env.state_dir.joinpath("scratch").iterdir())  # unmounted and removed
 
 
+PLANT = (
+    "while [ ! -f /scratch/payload ]; do sleep 0.05; done;"
+    "cp /scratch/payload /scratch/suid && chmod 4755 /scratch/suid && touch /scratch/ready;"
+    "sleep 300"
+)
+
+
+async def _plant_setuid_id(env: LeaseEnv, manager: LeaseManager, lease_id: str) -> Path:
+    """Hand the running lease (script ``PLANT``) a copy of id(1); it makes it setuid root
+    in its scratch. Returns the planted file's host path."""
+    id_binary = shutil.which("id")
+    assert id_binary is not None
+    await env.wait_state(lease_id, LeaseState.RUNNING)
+    scratch = manager._runtime.scratch_dir(lease_id)
+    shutil.copy(id_binary, scratch / "payload.tmp")
+    (scratch / "payload.tmp").rename(scratch / "payload")
+    await _wait_for_file(scratch / "ready")
+    planted = scratch / "suid"
+    assert planted.stat().st_mode & 0o4000 and planted.stat().st_uid == 0
+    return planted
+
+
 @needs_loop
 @pytest.mark.asyncio
 async def test_setuid_file_in_scratch_does_not_run_setuid_on_the_host(
@@ -96,24 +118,11 @@ async def test_setuid_file_in_scratch_does_not_run_setuid_on_the_host(
     """A lease makes a setuid-root copy of id(1) in its scratch: run on the host by
     nobody it has nobody's uid. The same file outside scratch runs as root (the check
     can fail)."""
-    id_binary = shutil.which("id")
-    assert id_binary is not None
     env = _env(lease_env_factory, scratch_mode="loop")
-    script = (
-        "while [ ! -f /scratch/payload ]; do sleep 0.05; done;"
-        "cp /scratch/payload /scratch/suid && chmod 4755 /scratch/suid && touch /scratch/ready;"
-        "sleep 300"
-    )
     async with running(env) as manager:
-        await manager.assign("suid", env.spec(script))
-        await env.wait_state("suid", LeaseState.RUNNING)
-        scratch = manager._runtime.scratch_dir("suid")
-        shutil.copy(id_binary, scratch / "payload.tmp")
-        (scratch / "payload.tmp").rename(scratch / "payload")
-        await _wait_for_file(scratch / "ready")
-        planted = scratch / "suid"
-        assert planted.stat().st_mode & 0o4000 and planted.stat().st_uid == 0
-        flags = os.statvfs(scratch).f_flag
+        await manager.assign("suid", env.spec(PLANT))
+        planted = await _plant_setuid_id(env, manager, "suid")
+        flags = os.statvfs(planted.parent).f_flag
         assert flags & os.ST_NOSUID and flags & os.ST_NODEV
         assert _effective_uid_of(planted) == str(NOBODY)
         control = tmp_path / "suid-control"
@@ -141,8 +150,6 @@ async def test_measured_scratch_under_scratch_mount_is_nosuid_nodev(
     not nosuid (so the test can fail); after it, the root is a nosuid,nodev mount, the
     lease's /scratch inherits both, and a setuid-root file planted there runs with
     nobody's uid on the host. Running it again changes nothing."""
-    id_binary = shutil.which("id")
-    assert id_binary is not None
     env = _env(lease_env_factory, scratch_mode="measured")
     mounts = "grep ' /scratch ' /proc/mounts"
     async with running(env) as manager:
@@ -155,21 +162,9 @@ async def test_measured_scratch_under_scratch_mount_is_nosuid_nodev(
     assert done.stdout.strip().endswith("mounted nosuid,nodev")
     again = _scratch_mount(env)
     assert again.returncode == 0 and again.stdout.strip().endswith("already nosuid,nodev")
-    script = (
-        f"{mounts};"
-        "while [ ! -f /scratch/payload ]; do sleep 0.05; done;"
-        "cp /scratch/payload /scratch/suid && chmod 4755 /scratch/suid && touch /scratch/ready;"
-        "sleep 300"
-    )
     async with running(env) as manager:
-        await manager.assign("suid", env.spec(script))
-        await env.wait_state("suid", LeaseState.RUNNING)
-        scratch = manager._runtime.scratch_dir("suid")
-        shutil.copy(id_binary, scratch / "payload.tmp")
-        (scratch / "payload.tmp").rename(scratch / "payload")
-        await _wait_for_file(scratch / "ready")
-        planted = scratch / "suid"
-        assert planted.stat().st_mode & 0o4000 and planted.stat().st_uid == 0
+        await manager.assign("suid", env.spec(f"{mounts};{PLANT}"))
+        planted = await _plant_setuid_id(env, manager, "suid")
         assert _effective_uid_of(planted) == str(NOBODY)
         await manager.cancel("suid")
         update = await env.wait_state("suid", LeaseState.CANCELLED)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import grpc
 
 from gpuagent import __version__
+from gpuagent.aio import run_together
 from gpuagent.signing import tunnel_hello_signing_bytes
 from gpuagent.v1 import coordinator_pb2, relay_pb2, relay_pb2_grpc
 
@@ -250,15 +251,7 @@ async def _pump(
             if frame.eof and writer.can_write_eof():
                 writer.write_eof()
 
-    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    await run_together(up(), down())
 
 
 async def _read_down(call: grpc.aio.StreamStreamCall[Any, Any]) -> relay_pb2.TunnelDown | None:

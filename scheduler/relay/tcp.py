@@ -15,6 +15,8 @@ import contextlib
 import logging
 import time
 
+from gpuagent.aio import run_together
+
 from .metrics import RelayMetrics
 from .routes import RouteCache
 from .tokens import token_matches
@@ -117,12 +119,4 @@ async def pipe(
         if writer.can_write_eof():
             writer.write_eof()
 
-    tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    await run_together(up(), down(), return_when=asyncio.FIRST_EXCEPTION)
