@@ -31,6 +31,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from gpuagent.aio import stop_on_signals
 from gpuagent.logsetup import setup_logging
 from gpuagent.v1 import coordinator_pb2
 from scheduler import placement
@@ -199,11 +200,8 @@ async def _main(config_path: Path, stats: Path) -> int:
     server = SchedulerServer(config)
     probe = HeartbeatProbe(stats)
     server.coordinator.on_heartbeat(probe.on_heartbeat)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, probe.dump)
+    stop = stop_on_signals()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, probe.dump)
     lag = asyncio.create_task(probe.watch_loop())
     ticks = asyncio.create_task(probe.stalls.tick())
     try:

@@ -38,6 +38,18 @@ async def run_together(
                 await task
 
 
+def stop_on_signals(*signals: int) -> asyncio.Event:
+    """An event the running loop sets on any of ``signals`` (SIGTERM, SIGINT): how a
+    daemon's main coroutine learns it should shut down in its own phases."""
+    import signal as signal_module
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in signals or (signal_module.SIGTERM, signal_module.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 class TaskSet:
     """Background tasks a part started and must be able to cancel: each is held until
     it ends (asyncio keeps only weak references to tasks, so an unheld task can vanish

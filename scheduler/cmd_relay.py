@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 
 from gpuagent import sdnotify
+from gpuagent.aio import stop_on_signals
 from gpuagent.logsetup import setup_logging, stderr_error
 
 from .cli import load_config_from_args
@@ -37,10 +37,7 @@ def _relay(args: argparse.Namespace) -> int:
 async def _main(config: SchedulerConfig) -> int:
     from .relay.standalone import StandaloneRelay
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     relay = StandaloneRelay(config)
     await relay.start()
     sdnotify.ready(status=f"relay on port {relay.relay.port}, tunnels on {relay.tunnel_port}")

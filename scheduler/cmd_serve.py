@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 
 import prometheus_client
 
 from gpuagent import sdnotify
+from gpuagent.aio import stop_on_signals
 from gpuagent.logsetup import enable_fault_tracebacks, setup_logging, stderr_error
 
 from .cli import load_config_from_args
@@ -47,10 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
 async def _main(config: SchedulerConfig) -> int:
     from .server import SchedulerServer
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     server = SchedulerServer(config)
     # Pings come from this loop, so a stuck loop gets the unit restarted.
     watchdog = asyncio.create_task(sdnotify.watchdog_task(stop), name="watchdog")
