@@ -281,6 +281,11 @@ class LeaseSpec(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     CONSTRAINTS_FIELD_NUMBER: _builtins.int
     PUBLIC_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    OUTPUT_RETENTION_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_REQUIRED_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
     PRIVILEGED_FIELD_NUMBER: _builtins.int
     HOST_NETWORK_FIELD_NUMBER: _builtins.int
     VOLUMES_FIELD_NUMBER: _builtins.int
@@ -311,6 +316,12 @@ class LeaseSpec(_message.Message):
     """consecutive restarts before the lease fails; 0 = 5"""
     public: _builtins.bool
     """Services: true = the relay asks no endpoint token (anyone with the URL reaches it)."""
+    output_max_bytes: _builtins.int
+    """archive cap; 0 = the agent's outputs.max_bytes"""
+    output_retention_seconds: _builtins.int
+    """kept after the lease ends; 0 = agent default, capped by its max"""
+    outputs_required: _builtins.bool
+    """true: a declared path that matches nothing fails the lease"""
     privileged: _builtins.bool
     """Always rejected by the agent (see PROTOCOL.md "Hostile specs")."""
     host_network: _builtins.bool
@@ -331,6 +342,16 @@ class LeaseSpec(_message.Message):
     @_builtins.property
     def constraints(self) -> Global___Constraints:
         """where the lease may go (the coordinator's placement)"""
+
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Batch results (PROTOCOL.md "Lease outputs", docs/verification.md).
+        paths or globs under /scratch; empty = nothing kept
+        """
+
+    @_builtins.property
+    def verify(self) -> Global___Verify:
+        """redundant runs (coordinator only; never sent to an agent)"""
 
     @_builtins.property
     def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeMount]: ...
@@ -362,19 +383,104 @@ class LeaseSpec(_message.Message):
         health: Global___HealthCheck | None = ...,
         constraints: Global___Constraints | None = ...,
         public: _builtins.bool = ...,
+        outputs: _abc.Iterable[_builtins.str] | None = ...,
+        output_max_bytes: _builtins.int = ...,
+        output_retention_seconds: _builtins.int = ...,
+        outputs_required: _builtins.bool = ...,
+        verify: Global___Verify | None = ...,
         privileged: _builtins.bool = ...,
         host_network: _builtins.bool = ...,
         volumes: _abc.Iterable[Global___VolumeMount] | None = ...,
         devices: _abc.Iterable[Global___DeviceMapping] | None = ...,
         cap_add: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "health", b"health", "registry_auth", b"registry_auth"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["constraints", b"constraints", "health", b"health", "registry_auth", b"registry_auth", "verify", b"verify"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "constraints", b"constraints", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "health", b"health", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "max_restarts", b"max_restarts", "memory_bytes", b"memory_bytes", "network_mode", b"network_mode", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "public", b"public", "registry_auth", b"registry_auth", "restart", b"restart", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "volumes", b"volumes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "cap_add", b"cap_add", "command", b"command", "constraints", b"constraints", "cpus", b"cpus", "devices", b"devices", "env", b"env", "gpu_count", b"gpu_count", "gpu_min_memory_bytes", b"gpu_min_memory_bytes", "gpu_model", b"gpu_model", "health", b"health", "host_network", b"host_network", "image", b"image", "max_duration_seconds", b"max_duration_seconds", "max_restarts", b"max_restarts", "memory_bytes", b"memory_bytes", "network_mode", b"network_mode", "output_max_bytes", b"output_max_bytes", "output_retention_seconds", b"output_retention_seconds", "outputs", b"outputs", "outputs_required", b"outputs_required", "ports", b"ports", "price_micro_per_gpu_hour", b"price_micro_per_gpu_hour", "privileged", b"privileged", "public", b"public", "registry_auth", b"registry_auth", "restart", b"restart", "scratch_bytes", b"scratch_bytes", "shm_bytes", b"shm_bytes", "verify", b"verify", "volumes", b"volumes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseSpec: _TypeAlias = LeaseSpec  # noqa: Y015
+
+@_typing.final
+class Verify(_message.Message):
+    """Redundant runs: the coordinator places `replicas` copies on nodes of distinct
+    provider accounts and compares their output digests (docs/verification.md).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    replicas: _builtins.int
+    """0 or 1 = one run; 2 or 3 = redundant copies"""
+    def __init__(
+        self,
+        *,
+        replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Verify: _TypeAlias = Verify  # noqa: Y015
+
+@_typing.final
+class OutputCommitment(_message.Message):
+    """The node's signed statement of what a lease produced (PROTOCOL.md "Lease outputs").
+    The archive is the deterministic tar of the declared outputs (gpuagent/outputs.py);
+    digest is the Merkle root over its chunks, so a partial download can be checked.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    FILE_COUNT_FIELD_NUMBER: _builtins.int
+    RETAINED_UNTIL_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    node_id: _builtins.str
+    digest: _builtins.bytes
+    """32 bytes: gpuagent.outputs.archive_root"""
+    size: _builtins.int
+    """archive bytes"""
+    chunk_bytes: _builtins.int
+    """leaf size of the Merkle tree (gpuagent.outputs.CHUNK_BYTES)"""
+    signature: _builtins.bytes
+    """Ed25519 by the node key over output_commitment_signing_bytes"""
+    file_count: _builtins.int
+    retained_until_unix_nanos: _builtins.int
+    """the agent deletes the archive after this"""
+    @_builtins.property
+    def missing(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """declared paths/globs that matched nothing"""
+
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        digest: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+        chunk_bytes: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+        missing: _abc.Iterable[_builtins.str] | None = ...,
+        file_count: _builtins.int = ...,
+        retained_until_unix_nanos: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "digest", b"digest", "file_count", b"file_count", "lease_id", b"lease_id", "missing", b"missing", "node_id", b"node_id", "retained_until_unix_nanos", b"retained_until_unix_nanos", "signature", b"signature", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputCommitment: _TypeAlias = OutputCommitment  # noqa: Y015
 
 @_typing.final
 class LeaseAssign(_message.Message):
@@ -428,6 +534,7 @@ class LeaseUpdate(_message.Message):
     AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     RESTARTS_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     update_seq: _builtins.int
     """per lease, starts at 1, +1 per update"""
@@ -446,6 +553,10 @@ class LeaseUpdate(_message.Message):
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
         """the lease's declared ports and their health"""
 
+    @_builtins.property
+    def outputs(self) -> Global___OutputCommitment:
+        """in the terminal update of a lease that declared outputs"""
+
     def __init__(
         self,
         *,
@@ -460,10 +571,11 @@ class LeaseUpdate(_message.Message):
         at_unix_nanos: _builtins.int = ...,
         endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
         restarts: _builtins.int = ...,
+        outputs: Global___OutputCommitment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "outputs", b"outputs"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "at_unix_nanos", b"at_unix_nanos", "container_id", b"container_id", "endpoints", b"endpoints", "exit_code", b"exit_code", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "log_tail", b"log_tail", "reason", b"reason", "restarts", b"restarts", "state", b"state", "update_seq", b"update_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "at_unix_nanos", b"at_unix_nanos", "container_id", b"container_id", "endpoints", b"endpoints", "exit_code", b"exit_code", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "log_tail", b"log_tail", "outputs", b"outputs", "reason", b"reason", "restarts", b"restarts", "state", b"state", "update_seq", b"update_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -596,6 +708,7 @@ class Lease(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     RESTARTS_FIELD_NUMBER: _builtins.int
     ENDPOINT_TOKEN_FIELD_NUMBER: _builtins.int
+    OUTPUTS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     state: _common_pb2.LeaseState.ValueType
     node_id: _builtins.str
@@ -631,6 +744,10 @@ class Lease(_message.Message):
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
         """from the latest LeaseUpdate that carried them"""
 
+    @_builtins.property
+    def outputs(self) -> Global___OutputCommitment:
+        """the node's signed commitment; unset until reported"""
+
     def __init__(
         self,
         *,
@@ -654,10 +771,11 @@ class Lease(_message.Message):
         endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
         restarts: _builtins.int = ...,
         endpoint_token: _builtins.str = ...,
+        outputs: Global___OutputCommitment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "outputs", b"outputs", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "outputs", b"outputs", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
