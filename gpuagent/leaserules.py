@@ -287,3 +287,36 @@ def restart_backoff(streak: int) -> float:
     """Seconds to wait before the ``streak``-th consecutive restart (1-based)."""
     exponent: int = min(max(streak - 1, 0), 30)
     return float(min(BACKOFF_BASE_S * (1 << exponent), BACKOFF_MAX_S))
+
+
+# Redundant runs (docs/verification.md): 0 or 1 = one run; 2 or 3 copies. More buys
+# no stronger majority than 3 for N times the price, and a huge count would fan one
+# submit out into that many leases.
+MAX_VERIFY_REPLICAS = 3
+
+
+def check_verify(replicas: int, outputs: Sequence[str], ports: int, restart: str) -> int:
+    """The number of copies a ``verify`` asks for (1 = no verification), or RuleError.
+
+    Copies are compared by their output digests, so a redundant run needs declared
+    outputs; a service (ports, restart policies) has no single final result to compare.
+    """
+    if not 0 <= replicas <= MAX_VERIFY_REPLICAS:
+        raise RuleError(
+            "verify.replicas", f"must be 0..{MAX_VERIFY_REPLICAS} (2 or 3 copies), got {replicas}"
+        )
+    if replicas <= 1:
+        return 1
+    if not outputs:
+        raise RuleError(
+            "verify.replicas",
+            "needs outputs: copies are compared by their output digests, and a lease "
+            "without declared outputs has nothing to compare",
+        )
+    if ports:
+        raise RuleError("verify.replicas", "not for services: a lease with ports has no result")
+    if (restart or "never") != "never":
+        raise RuleError(
+            "verify.replicas", "not with a restart policy: a restarted run has no single result"
+        )
+    return replicas

@@ -277,6 +277,11 @@ class LedgerConfig(Strict):
     slash_attestation_micros: int = Field(
         default=10_000_000, ge=0, description="slashed from a node's stake per failed attestation"
     )
+    slash_verify_micros: int = Field(
+        default=10_000_000,
+        ge=0,
+        description="slashed from a node's stake per redundant-run copy outvoted by its majority",
+    )
     slash_uptime_micros: int = Field(
         default=10_000_000,
         ge=0,

@@ -298,6 +298,35 @@ MIGRATIONS: tuple[str, ...] = (
         rotated_ns INTEGER NOT NULL
     );
     """,
+    # 10: redundant runs (scheduler/verify.py, docs/verification.md): a parent lease, its
+    # copies with their output digests and payout, and nodes flagged for disagreeing.
+    """
+    CREATE TABLE verify_groups (
+        parent_id TEXT PRIMARY KEY,
+        replicas INTEGER NOT NULL CHECK (replicas BETWEEN 2 AND 3),
+        state TEXT NOT NULL DEFAULT 'verifying',
+        decided_ns INTEGER
+    );
+    CREATE TABLE verify_copies (
+        copy_id TEXT PRIMARY KEY,
+        parent_id TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('copy', 'tiebreak')),
+        ended INTEGER NOT NULL DEFAULT 0,
+        digest BLOB,
+        paid INTEGER,
+        outcome TEXT NOT NULL DEFAULT 'held'
+    );
+    CREATE INDEX verify_copies_parent ON verify_copies(parent_id);
+    CREATE TABLE verify_flags (
+        copy_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        flagged_ns INTEGER NOT NULL,
+        slashed_micros INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX verify_flags_node ON verify_flags(node_id);
+    """,
 )
 
 

@@ -46,6 +46,7 @@ from .leases_store import (
 from .liveness import Liveness, is_online
 from .market import Asks, node_asks
 from .registry import NodeRecord, Registry, Session
+from .verify import CopyPlacement, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,8 @@ class LeaseDispatcher:
     # Several replicas (scheduler/replicas.py): nodes whose streams other replicas hold,
     # and how to ask the holder to send a LeaseCancel. None on a single scheduler.
     remote_nodes: Callable[[], Awaitable[set[str]]] | None = None
+    # Redundant runs (scheduler/verify.py); None = no verified leases are placed.
+    verify: Verifier | None = None
     forward_cancel: Callable[[str, str, str], Awaitable[None]] | None = None
 
     def kick(self) -> None:
@@ -454,7 +457,16 @@ class LeaseDispatcher:
     async def place_pending(self) -> int:
         """One placement pass; returns how many offers it sent."""
         async with self._place_lock:
+            copies: CopyPlacement | None = None
+            if self.verify is not None:
+                # Redundant runs: copies that ended are judged first (a tie-break copy
+                # this stores is placed by this very pass).
+                await self.verify.sweep()
             pending, holding, tried = await self.store.placement_view()
+            if self.verify is not None:
+                groups = await self.verify.placement_groups(pending)
+                if groups:
+                    copies = CopyPlacement(self.registry, groups)
             waiting = {r.lease_id for r in pending}
             self._waiting = {k: v for k, v in self._waiting.items() if k in waiting}
             if not pending:
@@ -466,7 +478,13 @@ class LeaseDispatcher:
                     row.spec, row.pinned_node_id, frozenset(tried.get(row.lease_id, ()))
                 )
                 started = time.perf_counter()
-                decision = placement.choose(nodes, request)
+                candidates: Sequence[placement.NodeView] = nodes
+                if copies is not None and copies.is_copy(row.lease_id):
+                    candidates, wait = copies.nodes_for(row.lease_id, nodes, request)
+                    if wait:
+                        await self._copy_waits(row, wait, copies.parent_of[row.lease_id])
+                        continue
+                decision = placement.choose(candidates, request)
                 if self.observe_placement is not None:
                     self.observe_placement(time.perf_counter() - started)
                 summary = decision.summary()
@@ -517,12 +535,24 @@ class LeaseDispatcher:
                     },
                 )
                 nodes = placement.take(nodes, chosen)
+                if copies is not None and copies.is_copy(row.lease_id):
+                    copies.placed(row.lease_id, chosen.node_id)
                 if self.on_placed is not None:
                     self.on_placed(chosen.gpu_model, chosen.ask_micros)
                 self._offers[row.lease_id] = _Offer(chosen.node_id)
                 self._spawn(self._offer(offered), f"offer-{row.lease_id}")
                 offers += 1
             return offers
+
+    async def _copy_waits(self, row: LeaseRow, why: str, parent_id: str) -> None:
+        """A verified lease's copy waits for distinct providers: the copy and its parent
+        say so (the buyer looks at the parent)."""
+        if self._waiting.get(row.lease_id) == why:
+            return
+        self._waiting[row.lease_id] = why
+        log.info("verified lease copy waiting: %s", why, extra={"lease_id": row.lease_id})
+        await self.store.set_waiting_reason(row.lease_id, f"waiting: {why}")
+        await self.store.set_waiting_reason(parent_id, f"verifying; waiting: {why}")
 
     async def quote(self, spec: leases_pb2.LeaseSpec, pinned: str = "") -> placement.Decision:
         """What a pass would decide for ``spec`` now, reserving nothing (Leases.Quote).
@@ -645,6 +675,13 @@ class LeaseDispatcher:
                 offer.settle("rejected" if outcome is UpdateOutcome.REJECTED else "accepted")
             if outcome is UpdateOutcome.REJECTED or row.terminal:
                 self.kick()
+            if row.terminal and self.verify is not None:
+                # The terminal update carries the copy's output commitment; only the
+                # update has it in hand, so redundant runs listen here.
+                try:
+                    await self.verify.on_terminal_update(row, update)
+                except Exception:  # the sweep before the next pass decides it instead
+                    log.exception("judging a redundant-run copy failed", extra=extra)
             if (
                 row.cancel_requested_ns is not None
                 and not row.terminal

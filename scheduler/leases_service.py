@@ -33,6 +33,7 @@ from .registry import Registry
 
 if TYPE_CHECKING:
     from .endpoint_tokens import EndpointTokens
+    from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,12 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
     except leaserules.RuleError as exc:
         raise SpecError(f"spec.{exc}") from None
     validate_constraints(spec.constraints)
+    try:
+        leaserules.check_verify(
+            spec.verify.replicas, list(spec.outputs), len(spec.ports), spec.restart
+        )
+    except leaserules.RuleError as exc:
+        raise SpecError(f"spec.{exc}") from None
 
 
 def validate_constraints(c: leases_pb2.Constraints) -> None:
@@ -162,6 +169,7 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         self.registry = registry
         self.escrow = escrow  # ledger.escrow: Submit reserves the lease's maximum cost
         self.tokens = tokens
+        self.verify: Verifier | None = None  # redundant runs (scheduler/verify.py)
         # (lease id, port name) -> the buyer's URL at the relay; None = no relay.
         self.endpoint_url: Callable[[str, str], str] | None = None
 
@@ -226,6 +234,13 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         if len(buyer) > 128:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "buyer: at most 128 characters")
         pinned = ""
+        if request.node_id and request.spec.verify.replicas > 1:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "node_id: a verified lease (spec.verify.replicas) runs on several nodes of "
+                "distinct providers; it cannot be pinned to one",
+            )
         if request.node_id:
             record = self.registry.find(request.node_id)
             if record is None:
@@ -245,8 +260,9 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         spec = request.spec
         decision = await self.dispatcher.quote(spec, pinned)
         escrow = 0
+        copies = max(spec.verify.replicas, 1)
         if self.escrow:
-            escrow = reservation_micros(
+            escrow = copies * reservation_micros(
                 spec.price_micro_per_gpu_hour, spec.gpu_count, spec.max_duration_seconds
             )
         quote = leases_pb2.LeaseQuote(
@@ -266,7 +282,19 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             quote.reason += (
                 f"; submit reserves {format_micros(escrow)} (the ceiling "
                 f"{format_micros(spec.price_micro_per_gpu_hour)}/GPU-hour x {spec.gpu_count} "
-                f"GPU x {spec.max_duration_seconds}s); usage is charged at the node's ask"
+                f"GPU x {spec.max_duration_seconds}s"
+                + (f" x {copies} copies" if copies > 1 else "")
+                + "); usage is charged at the node's ask"
+            )
+        if copies > 1:
+            quote.reason += (
+                f"; verified: {copies} copies on {copies} distinct providers, each billed as "
+                "its own lease"
+                + (
+                    "; if the 2 disagree, a tie-break copy reserves one more copy's escrow"
+                    if copies == 2
+                    else ""
+                )
             )
         return quote
 
@@ -281,8 +309,16 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             pinned_node_id=pinned,
             replace_on_lost=request.replace_on_lost,
         )
+        replicas = request.spec.verify.replicas
+        also = None
+        if replicas > 1:
+            if self.verify is None:
+                await _abort(
+                    context, grpc.StatusCode.UNIMPLEMENTED, "this scheduler runs no verified leases"
+                )
+            also = self.verify.submit_copies(replicas)
         try:
-            row, created = await self.store.submit(new)
+            row, created = await self.store.submit(new, also=also)
         except IdempotencyConflict as exc:
             await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         except LeaseRefused as exc:
@@ -299,13 +335,21 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
                     "pinned_node_id": pinned,
                 },
             )
+            if replicas > 1:
+                self.store.stored(replicas)
             self.dispatcher.kick()
-        return await self._with_token(caller(), row.to_proto())
+        return await self._with_token(caller(), await self._verified(row.to_proto()))
+
+    async def _verified(self, lease: leases_pb2.Lease) -> leases_pb2.Lease:
+        """A redundant run's parent with its copies; a copy with its parent id."""
+        if self.verify is None:
+            return lease
+        return await self.verify.describe(lease)
 
     async def Get(self, request: leases_pb2.GetLeaseRequest, context: Context) -> leases_pb2.Lease:
         who = caller()
         row = await self._row(context, request.lease_id, who)
-        lease = row.to_proto(await self.store.events(row.lease_id))
+        lease = await self._verified(row.to_proto(await self.store.events(row.lease_id)))
         if who.role == "provider":
             return self._with_urls(_provider_view(lease))
         return await self._with_token(who, lease)
@@ -370,7 +414,12 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         result = await self.dispatcher.cancel(request.lease_id, request.reason[:512])
         if result is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id[:140]!r}")
-        return result.row.to_proto(await self.store.events(request.lease_id))
+        if self.verify is not None:
+            # A redundant run's parent (never placed) ends at once, before its copies, so
+            # their ending reads as a cancel: each is paid what it ran (verification.md).
+            for copy_id in await self.verify.copy_ids_of(request.lease_id):
+                await self.dispatcher.cancel(copy_id, request.reason[:512] or "parent cancelled")
+        return await self._verified(result.row.to_proto(await self.store.events(request.lease_id)))
 
     async def Logs(
         self, request: leases_pb2.LeaseLogsRequest, context: Context

@@ -450,6 +450,8 @@ class LeaseStore:
                 LeaseRow.from_db(r)
                 for r in conn.execute(
                     f"SELECT {_COLUMNS} FROM leases WHERE state = ? AND node_id IS NULL"  # noqa: S608
+                    # A redundant run's parent is never placed: its copies are.
+                    " AND lease_id NOT IN (SELECT parent_id FROM verify_groups)"
                     " ORDER BY created_ns, lease_id",
                     (PENDING,),
                 )
@@ -519,9 +521,8 @@ class LeaseStore:
 
     # -- writes --------------------------------------------------------------------
 
-    async def submit(self, new: NewLease) -> tuple[LeaseRow, bool]:
-        """Store a pending lease; (row, created). A repeat of the same key returns the
-        first lease when the request is the same, else raises IdempotencyConflict."""
+    def _prepare(self, new: NewLease) -> tuple[bytes, bytes | None]:
+        """(spec bytes without its registry credential, the credential sealed)."""
         spec = leases_pb2.LeaseSpec()
         spec.CopyFrom(new.spec)
         sealed: bytes | None = None
@@ -531,7 +532,60 @@ class LeaseStore:
             auth = spec.registry_auth.SerializeToString(deterministic=True)
             sealed = self.secrets.seal(auth, new.lease_id)
             spec.ClearField("registry_auth")
-        spec_bytes = spec.SerializeToString(deterministic=True)
+        return spec.SerializeToString(deterministic=True), sealed
+
+    def _insert(
+        self, conn: Conn, new: NewLease, spec_bytes: bytes, sealed: bytes | None, now: int
+    ) -> LeaseRow:
+        """Store a new pending lease and run the submit hooks (a refusal raises)."""
+        conn.execute(
+            "INSERT INTO leases (lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"
+            " max_duration_s, pinned_node_id, replace_on_lost, state, created_ns, updated_ns,"
+            " registry_auth_enc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new.lease_id,
+                new.buyer,
+                spec_bytes,
+                new.spec.gpu_count,
+                new.spec.price_micro_per_gpu_hour,
+                new.spec.max_duration_seconds,
+                new.pinned_node_id,
+                int(new.replace_on_lost),
+                PENDING,
+                now,
+                now,
+                sealed,
+            ),
+        )
+        self._event(conn, new.lease_id, PENDING, "submitted", None, now)
+        row = self._get(conn, new.lease_id)
+        assert row is not None
+        for hook in self._hooks.on_submitted:
+            try:
+                hook(conn, row)
+            except self._hooks.refusals as exc:
+                raise LeaseRefused(str(exc)) from exc
+        return row
+
+    def insert_in(self, conn: Conn, new: NewLease) -> LeaseRow:
+        """A new lease inside the caller's transaction (a redundant run's copies); the
+        caller calls ``stored(n)`` once it committed."""
+        spec_bytes, sealed = self._prepare(new)
+        return self._insert(conn, new, spec_bytes, sealed, self._now())
+
+    def stored(self, count: int) -> None:
+        """``count`` leases stored by ``insert_in`` were committed (metrics, kicks)."""
+        for _ in range(count):
+            self._count(None, PENDING)
+
+    async def submit(
+        self, new: NewLease, *, also: Callable[[Conn, LeaseRow], None] | None = None
+    ) -> tuple[LeaseRow, bool]:
+        """Store a pending lease; (row, created). A repeat of the same key returns the
+        first lease when the request is the same, else raises IdempotencyConflict.
+        ``also(conn, row)`` runs in the same transaction after a new lease is stored
+        (a redundant run stores its copies there)."""
+        spec_bytes, sealed = self._prepare(new)
         now = self._now()
 
         def txn(conn: Conn) -> tuple[LeaseRow, bool]:
@@ -549,33 +603,9 @@ class LeaseStore:
                         "lease request; use a new key"
                     )
                 return existing, False
-            conn.execute(
-                "INSERT INTO leases (lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"
-                " max_duration_s, pinned_node_id, replace_on_lost, state, created_ns, updated_ns,"
-                " registry_auth_enc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    new.lease_id,
-                    new.buyer,
-                    spec_bytes,
-                    new.spec.gpu_count,
-                    new.spec.price_micro_per_gpu_hour,
-                    new.spec.max_duration_seconds,
-                    new.pinned_node_id,
-                    int(new.replace_on_lost),
-                    PENDING,
-                    now,
-                    now,
-                    sealed,
-                ),
-            )
-            self._event(conn, new.lease_id, PENDING, "submitted", None, now)
-            row = self._get(conn, new.lease_id)
-            assert row is not None
-            for hook in self._hooks.on_submitted:
-                try:
-                    hook(conn, row)
-                except self._hooks.refusals as exc:
-                    raise LeaseRefused(str(exc)) from exc
+            row = self._insert(conn, new, spec_bytes, sealed, now)
+            if also is not None:
+                also(conn, row)
             return row, True
 
         row, created = await self.db.call(txn)

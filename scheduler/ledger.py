@@ -55,6 +55,7 @@ class LedgerPolicy:
     min_collateral_micros: int = 0
     slash_attestation_micros: int = 0
     slash_uptime_micros: int = 0
+    slash_verify_micros: int = 0
     default_credit_micros: int = 0
     final_record_grace_ns: int = 600 * 1_000_000_000
     clock_skew_allowance_ns: int = 60 * 1_000_000_000
@@ -309,6 +310,10 @@ def settle(
         "UPDATE billing SET gpu_ns = ?, cost_micros = ? WHERE lease_id = ? AND node_id = ?",
         (total_ns, new_cost, lease.lease_id, node_id),
     )
+    if verify_hold(conn, lease.lease_id) is not None:
+        # A copy of a redundant run: its cost is billed, but paid (or not) only when
+        # the copies are compared (pay_held, docs/verification.md).
+        return Settlement(0, 0)
     cap, settled, state = _escrow(conn, lease, now)
     charge = min(delta, cap - settled)
     if state == "released":
@@ -408,8 +413,8 @@ def lease_ended(conn: Conn, lease: LeaseRow, now: int) -> int:
     row = conn.execute(
         "SELECT final_seen FROM escrow WHERE lease_id = ?", (lease.lease_id,)
     ).fetchone()
-    if row is None:
-        return 0
+    if row is None or verify_hold(conn, lease.lease_id) == "held":
+        return 0  # a copy not yet compared keeps its escrow until pay_held / release
     metered = conn.execute(
         "SELECT 1 FROM usage_records WHERE lease_id = ? AND status = 'accepted' LIMIT 1",
         (lease.lease_id,),
@@ -441,6 +446,89 @@ def release_due(conn: Conn, now: int, policy: LedgerPolicy) -> list[str]:
     for lease_id in due:
         release(conn, lease_id, now, "no final usage record within the grace")
     return due
+
+
+# -- redundant runs (scheduler/verify.py) ---------------------------------------------
+
+
+def verify_hold(conn: Conn, lease_id: str) -> str | None:
+    """For a copy of a redundant run whose pay is not released: "held" until its
+    copies are compared, "not_paid" after it lost; None for every other lease."""
+    row = conn.execute("SELECT paid FROM verify_copies WHERE copy_id = ?", (lease_id,)).fetchone()
+    if row is None or row[0] == 1:
+        return None
+    return "held" if row[0] is None else "not_paid"
+
+
+def pay_held(conn: Conn, lease: LeaseRow, now: int) -> int:
+    """Pay a verified copy what its usage cost (billed while held), from its escrow;
+    once: the ``verify:<copy>`` ref makes a second call pay nothing."""
+    ref = f"verify:{lease.lease_id}"
+    if conn.execute(
+        "SELECT 1 FROM ledger_entries WHERE kind = 'settle' AND lease_id = ? AND ref = ?",
+        (lease.lease_id, ref),
+    ).fetchone():
+        return 0
+    paid = 0
+    cap, settled, state = _escrow(conn, lease, now)
+    for node_id, cost in conn.execute(
+        "SELECT node_id, cost_micros FROM billing WHERE lease_id = ? ORDER BY node_id",
+        (lease.lease_id,),
+    ).fetchall():
+        charge = max(0, min(int(cost), cap - settled - paid))
+        if state == "released":
+            # No escrow holds it (ledger.escrow off): from the balance, as settle does.
+            (balance,) = conn.execute(
+                "SELECT COALESCE(MAX(balance_micros), 0) FROM accounts WHERE buyer = ?",
+                (lease.buyer,),
+            ).fetchone()
+            charge = max(0, min(charge, balance))
+            if charge:
+                conn.execute(
+                    "UPDATE accounts SET balance_micros = balance_micros - ? WHERE buyer = ?",
+                    (charge, lease.buyer),
+                )
+                conn.execute(
+                    "UPDATE escrow SET reserved_micros = reserved_micros + ? WHERE lease_id = ?",
+                    (charge, lease.lease_id),
+                )
+                _entry(
+                    conn,
+                    "reserve",
+                    charge,
+                    now,
+                    buyer=lease.buyer,
+                    lease_id=lease.lease_id,
+                    reason="verified copy, no escrow",
+                    ref=ref,
+                )
+        if not charge:
+            continue
+        conn.execute(
+            "UPDATE escrow SET settled_micros = settled_micros + ? WHERE lease_id = ?",
+            (charge, lease.lease_id),
+        )
+        conn.execute(
+            "INSERT INTO earnings (node_id, micros) VALUES (?, ?)"
+            " ON CONFLICT(node_id) DO UPDATE SET micros = earnings.micros + excluded.micros",
+            (node_id, charge),
+        )
+        _entry(
+            conn,
+            "settle",
+            charge,
+            now,
+            buyer=lease.buyer,
+            node_id=node_id,
+            lease_id=lease.lease_id,
+            reason="verified copy",
+            ref=ref,
+        )
+        paid += charge
+    if not paid:
+        # Nothing billed yet: a marker so a retry still pays nothing twice.
+        _entry(conn, "settle", 0, now, buyer=lease.buyer, lease_id=lease.lease_id, ref=ref)
+    return paid
 
 
 # -- providers ------------------------------------------------------------------------
@@ -593,6 +681,8 @@ class LeaseHooks:
         self.clock_ns = clock_ns
 
     def on_submitted(self, conn: Conn, lease: LeaseRow) -> None:
+        if lease.spec.verify.replicas > 1:
+            return  # a redundant run's parent: each of its copies reserves its own
         reserve(conn, lease, self.clock_ns(), self.policy)
 
     def on_terminal(self, conn: Conn, lease: LeaseRow) -> None:

@@ -44,6 +44,7 @@ def policy_from_config(config: LedgerConfig) -> ledger.LedgerPolicy:
         min_collateral_micros=config.min_collateral_micros,
         slash_attestation_micros=config.slash_attestation_micros,
         slash_uptime_micros=config.slash_uptime_micros,
+        slash_verify_micros=config.slash_verify_micros,
         default_credit_micros=config.default_credit_micros,
         final_record_grace_ns=round(config.final_record_grace * 1e9),
         clock_skew_allowance_ns=round(config.clock_skew_allowance * 1e9),
@@ -156,6 +157,10 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
             ).fetchall()
         )
         self._available = {node_id: int(available) for node_id, available in rows}
+
+    def collateral_changed(self, node_id: str, found: ledger.Collateral | None) -> None:
+        """After a slash made elsewhere (scheduler/verify.py): placement's view follows."""
+        self._collateral_changed(node_id, found)
 
     def _collateral_changed(self, node_id: str, found: ledger.Collateral | None) -> None:
         self._available[node_id] = found.available_micros if found else 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -27,6 +27,9 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         self.attestation = attestation
         # The dispatcher's pricing (offer, else label, else default), set by the server.
         self.asks: Callable[[NodeRecord], Asks] | None = None
+        # Redundant-run copies the node lost a vote with (scheduler/verify.py), set by the
+        # server; shown to anyone who may see the node (a buyer choosing providers too).
+        self.verify_flags: Callable[[str], Awaitable[list[nodes_pb2.VerifyFlag]]] | None = None
 
     def _view(self, record: NodeRecord, who: Principal | None = None) -> nodes_pb2.Node:
         node = self.registry.to_proto(record)
@@ -84,7 +87,10 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
     async def Get(
         self, request: nodes_pb2.GetNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> nodes_pb2.Node:
-        return self._view(await self._find(request.node_id, context), caller())
+        node = self._view(await self._find(request.node_id, context), caller())
+        if self.verify_flags is not None:
+            node.verify_flags.extend(await self.verify_flags(node.node_id))
+        return node
 
     async def Drain(
         self, request: nodes_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -65,6 +65,7 @@ from .secretbox import SecretBox
 from .slashing import VerdictSlasher
 from .tlsfiles import tls_dir
 from .usage_ingest import UsageIngest
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,16 @@ class SchedulerServer:
             escrow=config.ledger.escrow,
             tokens=self.endpoint_tokens,
         )
+        # Redundant runs (docs/verification.md): copies on distinct providers, judged by
+        # their output digests, paid or slashed by the ledger.
+        self.verify = Verifier(
+            self.leases_store, self.registry, self.ledger.policy, clock, escrow=config.ledger.escrow
+        )
+        self.verify.on_slashed = self.ledger.collateral_changed
+        self.verify.kick = self.dispatcher.kick
+        self.dispatcher.verify = self.verify
+        self.leases.verify = self.verify
+        self.nodes.verify_flags = self.verify.flags
         # The market (docs/market.md): offers, the bandwidth probe, nodes' OfferUpdates.
         self.market = MarketService(
             self.registry, self.dispatcher, self.prices, self.attestation, clock

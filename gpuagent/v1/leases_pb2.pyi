@@ -709,6 +709,9 @@ class Lease(_message.Message):
     RESTARTS_FIELD_NUMBER: _builtins.int
     ENDPOINT_TOKEN_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    PARENT_LEASE_ID_FIELD_NUMBER: _builtins.int
+    COPIES_FIELD_NUMBER: _builtins.int
+    VERIFY_STATE_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     state: _common_pb2.LeaseState.ValueType
     node_id: _builtins.str
@@ -730,6 +733,12 @@ class Lease(_message.Message):
     restarts: _builtins.int
     endpoint_token: _builtins.str
     """The relay's bearer token for this lease's ports; only ever sent to its buyer."""
+    parent_lease_id: _builtins.str
+    """22..29: redundant runs (parent and copies), see Verify (docs/verification.md).
+    set on a copy: the parent lease it runs for
+    """
+    verify_state: _builtins.str
+    """parent: verifying | agreed | majority | results_disagree | cancelled"""
     @_builtins.property
     def spec(self) -> Global___LeaseSpec:
         """registry_auth is never returned"""
@@ -747,6 +756,10 @@ class Lease(_message.Message):
     @_builtins.property
     def outputs(self) -> Global___OutputCommitment:
         """the node's signed commitment; unset until reported"""
+
+    @_builtins.property
+    def copies(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyCopy]:
+        """set on a parent: every copy, tie-break included"""
 
     def __init__(
         self,
@@ -772,16 +785,62 @@ class Lease(_message.Message):
         restarts: _builtins.int = ...,
         endpoint_token: _builtins.str = ...,
         outputs: Global___OutputCommitment | None = ...,
+        parent_lease_id: _builtins.str = ...,
+        copies: _abc.Iterable[Global___VerifyCopy] | None = ...,
+        verify_state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "outputs", b"outputs", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "outputs", b"outputs", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "accepted_price_micro_per_gpu_hour", b"accepted_price_micro_per_gpu_hour", "attempts", b"attempts", "buyer", b"buyer", "copies", b"copies", "created_at_unix_nanos", b"created_at_unix_nanos", "ended_at_unix_nanos", b"ended_at_unix_nanos", "endpoint_token", b"endpoint_token", "endpoints", b"endpoints", "events", b"events", "exit_code", b"exit_code", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "node_id", b"node_id", "outputs", b"outputs", "parent_lease_id", b"parent_lease_id", "reason", b"reason", "replace_on_lost", b"replace_on_lost", "restarts", b"restarts", "spec", b"spec", "started_at_unix_nanos", b"started_at_unix_nanos", "state", b"state", "updated_at_unix_nanos", b"updated_at_unix_nanos", "verify_state", b"verify_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
 
 Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class VerifyCopy(_message.Message):
+    """One copy of a redundant run, as its parent shows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    node_id: _builtins.str
+    state: _common_pb2.LeaseState.ValueType
+    digest: _builtins.bytes
+    """its OutputCommitment digest; empty until it ended with one"""
+    role: _builtins.str
+    """copy | tiebreak"""
+    outcome: _builtins.str
+    """held | paid | not_paid | flagged (not paid, slashed)"""
+    provider: _builtins.str
+    """the provider account of its node"""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        state: _common_pb2.LeaseState.ValueType = ...,
+        digest: _builtins.bytes = ...,
+        role: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        provider: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "lease_id", b"lease_id", "node_id", b"node_id", "outcome", b"outcome", "provider", b"provider", "role", b"role", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyCopy: _TypeAlias = VerifyCopy  # noqa: Y015
 
 @_typing.final
 class RotateEndpointTokenRequest(_message.Message):

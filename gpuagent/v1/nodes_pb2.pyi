@@ -126,6 +126,7 @@ class Node(_message.Message):
     OFFER_FIELD_NUMBER: _builtins.int
     PRICE_SOURCE_FIELD_NUMBER: _builtins.int
     DECLARED_BITS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    VERIFY_FLAGS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     public_key: _builtins.bytes
@@ -177,6 +178,10 @@ class Node(_message.Message):
         and its measured bandwidth.
         """
 
+    @_builtins.property
+    def verify_flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyFlag]:
+        """Redundant runs whose output disagreed with the majority (docs/verification.md)."""
+
     def __init__(
         self,
         *,
@@ -208,10 +213,11 @@ class Node(_message.Message):
         offer: _market_pb2.NodeOffer | None = ...,
         price_source: _builtins.str = ...,
         declared_bits_per_second: _builtins.int = ...,
+        verify_flags: _abc.Iterable[Global___VerifyFlag] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "offer", b"offer", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "declared_bits_per_second", b"declared_bits_per_second", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "offer", b"offer", "owner", b"owner", "peer", b"peer", "price_source", b"price_source", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "declared_bits_per_second", b"declared_bits_per_second", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "offer", b"offer", "owner", b"owner", "peer", b"peer", "price_source", b"price_source", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime", "verify_flags", b"verify_flags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -415,3 +421,37 @@ class AttestNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttestNodeResponse: _TypeAlias = AttestNodeResponse  # noqa: Y015
+
+@_typing.final
+class VerifyFlag(_message.Message):
+    """A copy of a redundant run whose output digest disagreed with its majority."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    PARENT_LEASE_ID_FIELD_NUMBER: _builtins.int
+    FLAGGED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    SLASHED_MICROS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """the copy"""
+    parent_lease_id: _builtins.str
+    flagged_at_unix_nanos: _builtins.int
+    slashed_micros: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        parent_lease_id: _builtins.str = ...,
+        flagged_at_unix_nanos: _builtins.int = ...,
+        slashed_micros: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["flagged_at_unix_nanos", b"flagged_at_unix_nanos", "lease_id", b"lease_id", "parent_lease_id", b"parent_lease_id", "reason", b"reason", "slashed_micros", b"slashed_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyFlag: _TypeAlias = VerifyFlag  # noqa: Y015
