@@ -186,7 +186,7 @@ class Verifier:
                 self._new_copy(conn, parent, copy_id, "copy")
             conn.execute(
                 "UPDATE leases SET reason = ? WHERE lease_id = ?",
-                (f"verifying: {replicas} copies on distinct providers", parent.lease_id),
+                (f"verifying: {replicas} copies, each on a provider of its own", parent.lease_id),
             )
 
         return also
