@@ -142,6 +142,12 @@ def _market_check(check: Callable[[_T, str], _R], value: _T) -> _R:
         raise ValueError(str(exc).removeprefix("value")) from None
 
 
+class VerifyFile(_Strict):
+    """``verify: {replicas: 2|3}``: redundant copies on distinct providers (verification.md)."""
+
+    replicas: int = Field(default=0, ge=0, le=leaserules.MAX_VERIFY_REPLICAS)
+
+
 class LeaseFile(_Strict):
     """The YAML lease file (docs/leases-buyer.md)."""
 
@@ -177,6 +183,7 @@ class LeaseFile(_Strict):
     constraints: ConstraintsFile = Field(default_factory=ConstraintsFile)
     # Services: no endpoint token asked at the relay (docs/services.md).
     public: bool = False
+    verify: VerifyFile = Field(default_factory=VerifyFile)
 
     @field_validator("env", mode="before")
     @classmethod
@@ -216,6 +223,8 @@ class LeaseFile(_Strict):
             constraints=self.constraints.to_proto(),
             public=self.public,
         )
+        if self.verify.replicas:
+            spec.verify.replicas = self.verify.replicas
         if self.health is not None:
             spec.health.CopyFrom(self.health.to_proto())
         if self.registry_auth is not None:
@@ -254,6 +263,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--replace-on-lost", action="store_true", default=None, help="re-place if the node dies"
     )
     submit.add_argument("--idempotency-key", help="retry-safe key; becomes the lease id")
+    submit.add_argument(
+        "--verify-replicas",
+        type=int,
+        metavar="N",
+        help="run N (2 or 3) copies on distinct providers and compare their outputs",
+    )
     submit.add_argument("--region", help="constraint: only nodes in this region")
     submit.add_argument(
         "--country",
@@ -399,6 +414,8 @@ def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
         constraints["node_selector"] = selector
     if constraints:
         data["constraints"] = constraints
+    if args.verify_replicas is not None:
+        data["verify"] = {**(data.get("verify") or {}), "replicas": args.verify_replicas}
     if "image" not in data:
         raise UsageError("no image: give a lease file or --image")
     try:
@@ -531,6 +548,15 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_lines(copies: Any) -> list[str]:
+    """One line per copy of a verified lease: id, role, node, provider, state, digest."""
+    return [
+        f"{c.lease_id}  {c.role:<8}  node {c.node_id or '-'}  provider {c.provider or '-'}  "
+        f"{_state(c.state)}  digest {c.digest.hex()[:16] or '-'}  {c.outcome}"
+        for c in copies
+    ]
+
+
 def _show(args: argparse.Namespace) -> int:
     try:
         lease = _call(args, "Get", leases_pb2.GetLeaseRequest(lease_id=args.lease_id))
@@ -577,6 +603,11 @@ def _show(args: argparse.Namespace) -> int:
         lines.append(f"endpoint token: {lease.endpoint_token}")
     elif spec.public and spec.ports:
         lines.append("endpoint token: none (public)")
+    if lease.parent_lease_id:
+        lines.append(f"copy of:     {lease.parent_lease_id} (a verified lease)")
+    if lease.copies:
+        lines.append(f"verify:      {lease.verify_state} ({len(lease.copies)} copies)")
+        lines.extend(f"  {line}" for line in copy_lines(lease.copies))
     lines.append("history:")
     for event in lease.events:
         where = f" on {event.node_id}" if event.node_id else ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,15 @@ from agent.link import Backoff, CoordinatorLink
 from benchmarks.node_fixtures import build_inventory, simulated_gpus
 from gpuagent import leaserules
 from gpuagent.outputs import CHUNK_BYTES, output_commitment_signing_bytes
-from gpuagent.v1 import common_pb2, inventory_pb2, leases_pb2, leases_pb2_grpc, nodes_pb2
-from gpuagent.v1 import nodes_pb2_grpc
-from scheduler import ledger
+from gpuagent.v1 import (
+    common_pb2,
+    inventory_pb2,
+    leases_pb2,
+    leases_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+)
+from scheduler import cli, ledger
 from scheduler.config import SchedulerConfig
 from scheduler.server import SchedulerServer
 from scheduler.storage import Conn
@@ -72,6 +79,7 @@ class Env:
     nodes: nodes_pb2_grpc.NodesStub
     tmp: Path
     agents: list[FakeAgent]
+    token: str = ""
 
     async def agent(self, name: str, provider: str, *, host: str = "") -> FakeAgent:
         """A simulated node enrolled under ``provider`` on host ``host`` (default: its name)."""
@@ -186,13 +194,15 @@ class Env:
 @contextlib.asynccontextmanager
 async def make_env(tmp_path: Path) -> AsyncIterator[Env]:
     server = await start_server(config(tmp_path), FakeClock())
-    channel = authed_channel(server, await admin_token(server))
+    token = await admin_token(server)
+    channel = authed_channel(server, token)
     env = Env(
         server,
         leases_pb2_grpc.LeasesStub(channel),
         nodes_pb2_grpc.NodesStub(channel),
         tmp_path,
         [],
+        token,
     )
     try:
         yield env
@@ -497,3 +507,52 @@ async def test_pinned_verified_lease_refused_and_quote_covers_every_copy(tmp_pat
             env.server.config, "SELECT balance_micros FROM accounts WHERE buyer = 'alice'"
         )
         assert balance == [(CREDIT - 3 * PRICE,)]
+
+
+async def run_cli(env: Env, *argv: str) -> int:
+    conn = ["--address", f"127.0.0.1:{env.server.port}", "--insecure", "--token", env.token]
+    return await asyncio.to_thread(cli.main, [argv[0], *argv[1:], *conn])
+
+
+@pytest.mark.asyncio
+async def test_cli_verify_flag_and_lease_show_copies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``submit --verify-replicas`` is checked before anything is sent (4 and -1 name
+    the key; no outputs is refused by the scheduler naming it); ``lease show PARENT``
+    lists every copy with node, provider, state and digest, and --json carries them."""
+    async with make_env(tmp_path) as env:
+        base = ["submit", "--image", "busybox", "--price-max", str(PRICE), "--max-duration", "1h"]
+        for bad in ("4", "-1"):
+            assert await run_cli(env, *base, "--verify-replicas", bad) != 0
+            assert "verify.replicas" in capsys.readouterr().err
+        assert await run_cli(env, *base, "--buyer", "alice", "--verify-replicas", "2") != 0
+        assert "verify.replicas: needs outputs" in capsys.readouterr().err
+        await env.agent("a", "acme")
+        await env.agent("b", "globex")
+        parent = await env.submit(2)
+        copies = await placed_copies(env, parent.lease_id, 2)
+        await env.finish(copies[0], GOOD)
+        await until(
+            lambda: (
+                db_rows(
+                    env.server.config,
+                    "SELECT ended FROM verify_copies WHERE copy_id = ?",
+                    copies[0],
+                )
+                == [(1,)]
+            ),
+            what="the first copy's digest stored",
+        )
+        capsys.readouterr()
+        assert await run_cli(env, "lease", "show", parent.lease_id) == 0
+        out = capsys.readouterr().out
+        assert "verify:      verifying (2 copies)" in out
+        for copy_id in copies:
+            assert copy_id in out
+        assert GOOD.hex()[:16] in out and "provider acme" in out and "provider globex" in out
+        assert await run_cli(env, "lease", "show", parent.lease_id, "--json") == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert len(shown["copies"]) == 2 and shown["verifyState"] == "verifying"
+        assert await run_cli(env, "lease", "show", copies[0]) == 0
+        assert f"copy of:     {parent.lease_id}" in capsys.readouterr().out
