@@ -273,6 +273,13 @@ def _show(args: argparse.Namespace) -> int:
     for lease in node.leases:
         state_text = common_pb2.LeaseState.Name(lease.state).removeprefix("LEASE_STATE_").lower()
         lines.append(f"lease:       {lease.lease_id} state={state_text}")
+    for flag in node.verify_flags:
+        # Redundant runs this node lost a vote in (docs/verification.md).
+        lines.append(
+            f"flagged:     {flag.lease_id} (verified lease {flag.parent_lease_id}) at "
+            f"{_ago(flag.flagged_at_unix_nanos, now)}: output disagreed with the majority; "
+            f"slashed {format_micros(flag.slashed_micros)}"
+        )
     lines.append(f"attested:    {'yes' if node.attested else 'no'}")
     index = {g.uuid: g.index for g in node.inventory.gpus}
     for a in node.attestations:

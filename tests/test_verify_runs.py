@@ -225,7 +225,7 @@ async def placed_copies(env: Env, parent_id: str, count: int) -> list[str]:
 
 @pytest.mark.asyncio
 async def test_three_copies_one_cheat_majority_paid_cheat_flagged_and_slashed(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """replicas 3 on three providers, one reports another digest: the parent succeeds,
     the honest two are paid what they ran (nothing before the vote), the cheat is paid
@@ -280,6 +280,11 @@ async def test_three_copies_one_cheat_majority_paid_cheat_flagged_and_slashed(
             nodes_pb2.GetNodeRequest(node_id=honest[0].node_id), timeout=5
         )
         assert not honest_node.verify_flags
+        capsys.readouterr()
+        assert await run_cli(env, "nodes", "show", cheat.node_id) == 0
+        shown_node = capsys.readouterr().out
+        assert f"(verified lease {parent.lease_id})" in shown_node
+        assert "output disagreed with the majority; slashed 4\n" in shown_node
 
         # Idempotency: the same update again (a duplicate seq), a new terminal update
         # for the ended copy, and the listener called again all change nothing.
