@@ -475,11 +475,15 @@ class Verifier:
         tiebreaks = sum(1 for r, _e, _d, _o in group.copies.values() if r == "tiebreak")
         if total == 2 and tiebreaks == 0 and digests:
             (copy_id,) = copy_ids(parent_id, 1, start=total + 1)
+            # A savepoint: a refused reservation must leave no half-stored copy behind.
+            conn.execute("SAVEPOINT tiebreak")
             try:
                 tiebreak = self._new_copy(conn, parent, copy_id, "tiebreak")
             except LeaseRefused as exc:
+                conn.execute("ROLLBACK TO SAVEPOINT tiebreak")
                 why = f"the tie-break copy could not be reserved: {exc}"
             else:
+                conn.execute("RELEASE SAVEPOINT tiebreak")
                 conn.execute(
                     "UPDATE leases SET reason = ?, updated_ns = ? WHERE lease_id = ?",
                     (

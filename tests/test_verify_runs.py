@@ -60,13 +60,13 @@ GOOD = hashlib.sha256(b"the right answer").digest()
 BAD = hashlib.sha256(b"a cheaper answer").digest()
 
 
-def config(tmp_path: Path) -> SchedulerConfig:
+def config(tmp_path: Path, credit: int = CREDIT) -> SchedulerConfig:
     data = scheduler_config(tmp_path, None, registration="token").model_dump()
     data["placement"] = {"assign_timeout": 2.0, "retry_interval": 0.1}
     data["attestation"] = {"enabled": False, "required": False}
     data["ledger"] = {
         "escrow": True,
-        "default_credit_micros": CREDIT,
+        "default_credit_micros": credit,
         "slash_verify_micros": SLASH,
     }
     return SchedulerConfig.model_validate(data)
@@ -192,8 +192,8 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def make_env(tmp_path: Path) -> AsyncIterator[Env]:
-    server = await start_server(config(tmp_path), FakeClock())
+async def make_env(tmp_path: Path, credit: int = CREDIT) -> AsyncIterator[Env]:
+    server = await start_server(config(tmp_path, credit), FakeClock())
     token = await admin_token(server)
     channel = authed_channel(server, token)
     env = Env(
@@ -561,3 +561,27 @@ async def test_cli_verify_flag_and_lease_show_copies(
         assert len(shown["copies"]) == 2 and shown["verifyState"] == "verifying"
         assert await run_cli(env, "lease", "show", copies[0]) == 0
         assert f"copy of:     {parent.lease_id}" in capsys.readouterr().out
+
+
+@pytest.mark.asyncio
+async def test_a_tiebreak_the_buyer_cannot_fund_fails_the_parent_cleanly(tmp_path: Path) -> None:
+    """A balance that covers exactly the 2 copies: when they disagree the tie-break's
+    escrow is refused, the parent fails results_disagree saying why, both copies'
+    escrow goes back, and no half-stored tie-break lease is left behind."""
+    async with make_env(tmp_path, credit=2 * PRICE) as env:
+        await env.agent("a", "acme")
+        await env.agent("b", "globex")
+        await env.agent("c", "initech")
+        parent = await env.submit(2)
+        first, second = await placed_copies(env, parent.lease_id, 2)
+        await env.finish(first, GOOD)
+        await env.finish(second, BAD)
+        done = await env.wait_state(parent.lease_id, S.LEASE_STATE_FAILED)
+        assert done.reason.startswith("results_disagree: the tie-break copy could not be reserved")
+        assert "insufficient balance" in done.reason
+        assert len(done.copies) == 2
+        assert db_rows(env.server.config, "SELECT COUNT(*) FROM leases") == [(3,)]
+        balance = db_rows(
+            env.server.config, "SELECT balance_micros FROM accounts WHERE buyer = 'alice'"
+        )
+        assert balance == [(2 * PRICE,)]
