@@ -377,7 +377,10 @@ def settle(
 
 
 def release(conn: Conn, lease_id: str, now: int, reason: str) -> int:
-    """Return what escrow still holds for the lease to the buyer; idempotent."""
+    """Return what escrow still holds for the lease to the buyer; idempotent. A copy of
+    a redundant run keeps its escrow until its copies are compared (pay_held)."""
+    if verify_hold(conn, lease_id) == "held":
+        return 0
     row = conn.execute(
         "SELECT buyer, reserved_micros - settled_micros - released_micros, state FROM escrow"
         " WHERE lease_id = ?",
@@ -439,7 +442,9 @@ def release_due(conn: Conn, now: int, policy: LedgerPolicy) -> list[str]:
         lease_id
         for (lease_id,) in conn.execute(
             "SELECT lease_id FROM escrow WHERE state = 'held' AND ended_ns IS NOT NULL"
-            " AND ended_ns <= ?",
+            " AND ended_ns <= ?"
+            # Copies of a redundant run waiting for their vote keep their escrow.
+            " AND lease_id NOT IN (SELECT copy_id FROM verify_copies WHERE paid IS NULL)",
             (now - policy.final_record_grace_ns,),
         )
     ]

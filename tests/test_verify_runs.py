@@ -340,6 +340,16 @@ async def test_two_copies_disagree_one_tiebreak_then_majority(tmp_path: Path) ->
         tiebreak = next(c for c in waiting.copies if c.role == "tiebreak")
         assert {c.outcome for c in waiting.copies} == {"held"}
         assert [env.earnings(x) for x in (a, b)] == [0, 0]
+        # Their final usage records and the release grace passing do not release a held
+        # copy's escrow: the vote still has to pay from it.
+
+        def final(conn: Conn) -> list[str]:
+            for copy_id in (first, second):
+                ledger.final_record(conn, copy_id, 2)
+            return ledger.release_due(conn, 2**62, env.server.ledger.policy)
+
+        assert await env.server.db.call(final) == []
+        assert [env.escrow(x)[3] for x in (first, second)] == ["held", "held"]
         # Only acme and globex are enrolled: the tie-break waits for a third provider,
         # and the parent says so.
         tb_row = await env.get(tiebreak.lease_id)
@@ -354,6 +364,9 @@ async def test_two_copies_disagree_one_tiebreak_then_majority(tmp_path: Path) ->
         outcome = {x.node_id: x.outcome for x in done.copies}
         assert outcome == {a.node_id: "paid", b.node_id: "flagged", c.node_id: "paid"}
         assert [env.earnings(x) for x in (a, b, c)] == [PRICE // 4, 0, PRICE // 4]
+        reserved, settled, released, state = env.escrow(honest_copy)
+        assert (settled, released, state) == (PRICE // 4, reserved - PRICE // 4, "released")
+        assert env.escrow(cheat_copy)[1:] == (0, env.escrow(cheat_copy)[0], "released")
         assert len(done.copies) == 3  # at most one tie-break
 
 
