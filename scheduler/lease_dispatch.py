@@ -516,7 +516,7 @@ class LeaseDispatcher:
                         )
                         await self.store.set_waiting_reason(row.lease_id, f"waiting: {summary}")
                     continue
-                self._waiting.pop(row.lease_id, None)
+                was_waiting = self._waiting.pop(row.lease_id, None)
                 offered = await self.store.offer(
                     row.lease_id, chosen.node_id, chosen.gpu_uuids, chosen.ask_micros, summary
                 )
@@ -537,6 +537,12 @@ class LeaseDispatcher:
                 nodes = placement.take(nodes, chosen)
                 if copies is not None and copies.is_copy(row.lease_id):
                     copies.placed(row.lease_id, chosen.node_id)
+                    if was_waiting is not None:
+                        # The parent no longer waits for providers.
+                        await self.store.set_waiting_reason(
+                            copies.parent_of[row.lease_id],
+                            "verifying: copies placed on distinct providers",
+                        )
                 if self.on_placed is not None:
                     self.on_placed(chosen.gpu_model, chosen.ask_micros)
                 self._offers[row.lease_id] = _Offer(chosen.node_id)

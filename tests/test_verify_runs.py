@@ -357,6 +357,10 @@ async def test_two_copies_disagree_one_tiebreak_then_majority(tmp_path: Path) ->
         assert "needs 3 distinct providers, 2 eligible" in env_reason(env, parent.lease_id)
         c = await env.agent("c", "initech")
         await until(lambda: any(x.lease_id == tiebreak.lease_id for x in c.assigns))
+        await until(
+            lambda: env_reason(env, parent.lease_id).startswith("verifying: copies placed"),
+            what="the parent no longer says it waits",
+        )
         assert tb_row.buyer == "alice"
         await env.run_copy(tiebreak.lease_id, HOUR_NS // 4)
         await env.finish(tiebreak.lease_id, GOOD)
