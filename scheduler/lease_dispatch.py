@@ -568,6 +568,16 @@ class LeaseDispatcher:
         _pending, holding, _tried = await self.store.placement_view()
         return placement.choose(self.node_views(holding), request_for(spec, pinned))
 
+    async def quote_copies(self, spec: leases_pb2.LeaseSpec, replicas: int) -> str:
+        """Why a verified lease's ``replicas`` copies would wait now ("" = they would be
+        placed): the same distinct-provider rule as a pass, reserving nothing."""
+        _pending, holding, _tried = await self.store.placement_view()
+        plan = CopyPlacement(
+            self.registry, {f"quote.{n}": ("quote", replicas, []) for n in range(replicas)}
+        )
+        _nodes, wait = plan.nodes_for("quote.0", self.node_views(holding), request_for(spec))
+        return wait
+
     async def _offer(self, row: LeaseRow) -> None:
         assert row.node_id is not None
         node = row.node_id

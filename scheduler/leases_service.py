@@ -272,6 +272,11 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             excluded=decision.skipped_counts(),
             candidates=decision.candidates,
         )
+        if copies > 1 and quote.placeable:
+            wait = await self.dispatcher.quote_copies(spec, copies)
+            if wait:
+                quote.placeable = False
+                quote.reason = f"copies would wait: {wait}; {quote.reason}"
         chosen = decision.placement
         if chosen is not None:
             quote.node_id = chosen.node_id

@@ -523,6 +523,9 @@ async def test_pinned_verified_lease_refused_and_quote_covers_every_copy(tmp_pat
             leases_pb2.SubmitLeaseRequest(spec=spec, buyer="alice"), timeout=5
         )
         assert quote.escrow_micros == 3 * PRICE
+        # One provider enrolled: the copies would wait, and the quote says why.
+        assert not quote.placeable
+        assert "needs 3 distinct providers, 1 eligible" in quote.reason
         assert "x 3 copies" in quote.reason and "3 distinct providers" in quote.reason
         await env.submit(3)
         balance = db_rows(
