@@ -585,7 +585,11 @@ def _show(args: argparse.Namespace) -> int:
         f"{lease.accepted_price_micro_per_gpu_hour} micro-units per GPU-hour",
         "max runtime: "
         + (format_duration(spec.max_duration_seconds) if spec.max_duration_seconds else "none"),
-        f"node:        {lease.node_id or '-'}  gpus {', '.join(lease.gpu_uuids) or '-'}",
+        (
+            f"node:        {lease.node_id or '-'}  gpus {', '.join(lease.gpu_uuids) or '-'}"
+            if not lease.copies
+            else "node:        - (a verified lease runs as the copies below)"
+        ),
         f"attempts:    {lease.attempts}"
         + ("  (re-placed if its node is lost)" if lease.replace_on_lost else ""),
         f"created:     {_when(lease.created_at_unix_nanos)}",
