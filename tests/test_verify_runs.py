@@ -527,7 +527,13 @@ async def test_pinned_verified_lease_refused_and_quote_covers_every_copy(tmp_pat
         assert not quote.placeable
         assert "needs 3 distinct providers, 1 eligible" in quote.reason
         assert "x 3 copies" in quote.reason and "3 distinct providers" in quote.reason
-        await env.submit(3)
+        # Submitted twice with one idempotency key: one parent, three copies, one escrow.
+        request = leases_pb2.SubmitLeaseRequest(spec=spec, buyer="alice", idempotency_key="job-7")
+        first = await env.stub.Submit(request, timeout=5)
+        again = await env.stub.Submit(request, timeout=5)
+        assert first.lease_id == again.lease_id == "job-7"
+        assert [c.lease_id for c in again.copies] == [c.lease_id for c in first.copies]
+        assert db_rows(env.server.config, "SELECT COUNT(*) FROM leases") == [(4,)]
         balance = db_rows(
             env.server.config, "SELECT balance_micros FROM accounts WHERE buyer = 'alice'"
         )
