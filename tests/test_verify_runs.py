@@ -611,3 +611,50 @@ async def test_a_tiebreak_the_buyer_cannot_fund_fails_the_parent_cleanly(tmp_pat
             env.server.config, "SELECT balance_micros FROM accounts WHERE buyer = 'alice'"
         )
         assert balance == [(2 * PRICE,)]
+
+
+@pytest.mark.asyncio
+async def test_racing_judgements_decide_once(tmp_path: Path) -> None:
+    """The three copies' terminal updates are stored first, then judged all at once
+    (three listener calls and two sweeps in flight together, on separate database
+    connections under PostgreSQL): one decision, one payout per copy, one slash."""
+    async with make_env(tmp_path) as env:
+        agents = [await env.agent(n, p) for n, p in (("a", "acme"), ("b", "globex"), ("c", "i"))]
+        await env.stake(agents[2], 50_000_000)
+        parent = await env.submit(3)
+        copies = await placed_copies(env, parent.lease_id, 3)
+        for copy_id in copies:
+            await env.run_copy(copy_id, HOUR_NS // 10)
+        verifier = env.server.verify
+        env.server.dispatcher.verify = None  # store the updates without judging them
+        updates = [
+            await env.finish(copy_id, BAD if env.holder(copy_id) is agents[2] else GOOD)
+            for copy_id in copies
+        ]
+        await until(
+            lambda: (
+                db_rows(
+                    env.server.config,
+                    "SELECT COUNT(*) FROM leases WHERE state = 'succeeded' AND lease_id != ?",
+                    parent.lease_id,
+                )
+                == [(3,)]
+            ),
+            what="three copies stored as succeeded",
+        )
+        rows = [await env.server.leases_store.get(c) for c in copies]
+        await asyncio.gather(
+            *(verifier.on_terminal_update(r, u) for r, u in zip(rows, updates, strict=True) if r),
+            verifier.sweep(),
+            verifier.sweep(),
+        )
+        done = await env.get(parent.lease_id)
+        assert done.state == S.LEASE_STATE_SUCCEEDED
+        assert [e.state for e in done.events].count(S.LEASE_STATE_SUCCEEDED) == 1
+        assert sorted(c.outcome for c in done.copies) == ["flagged", "paid", "paid"]
+        counts = db_rows(
+            env.server.config,
+            "SELECT kind, COUNT(*) FROM ledger_entries WHERE ref LIKE 'verify:%' GROUP BY kind"
+            " ORDER BY kind",
+        )
+        assert counts == [("settle", 2), ("slash", 1)]
