@@ -40,6 +40,7 @@ from scheduler.server import SchedulerServer
 from scheduler.storage import Conn
 from tests.coordinator_harness import (
     FakeClock,
+    account_token,
     admin_token,
     agent_config,
     authed_channel,
@@ -658,3 +659,39 @@ async def test_racing_judgements_decide_once(tmp_path: Path) -> None:
             " ORDER BY kind",
         )
         assert counts == [("settle", 2), ("slash", 1)]
+
+
+@pytest.mark.asyncio
+async def test_another_buyer_cannot_see_or_cancel_a_verified_lease(tmp_path: Path) -> None:
+    """A buyer's own token submits a verified lease; another buyer's token gets
+    NOT_FOUND for the parent and for each copy, and cannot cancel them."""
+    async with make_env(tmp_path) as env:
+        spec = leases_pb2.LeaseSpec(
+            image="busybox",
+            gpu_count=1,
+            price_micro_per_gpu_hour=PRICE,
+            max_duration_seconds=3600,
+            outputs=["out"],
+            verify=leases_pb2.Verify(replicas=2),
+        )
+        alice = authed_channel(env.server, await account_token(env.server, "alice", "buyer"))
+        mallory = authed_channel(env.server, await account_token(env.server, "mallory", "buyer"))
+        try:
+            mine = await leases_pb2_grpc.LeasesStub(alice).Submit(
+                leases_pb2.SubmitLeaseRequest(spec=spec), timeout=5
+            )
+            assert mine.buyer == "alice" and len(mine.copies) == 2
+            theirs = leases_pb2_grpc.LeasesStub(mallory)
+            for lease_id in (mine.lease_id, *(c.lease_id for c in mine.copies)):
+                for call in (
+                    theirs.Get(leases_pb2.GetLeaseRequest(lease_id=lease_id), timeout=5),
+                    theirs.Cancel(leases_pb2.CancelLeaseRequest(lease_id=lease_id), timeout=5),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call
+                    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            still = await env.get(mine.lease_id)
+            assert still.state == S.LEASE_STATE_PENDING
+        finally:
+            await alice.close()
+            await mallory.close()
