@@ -115,6 +115,13 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
                 ),
                 ports,
             )
+        # Batch outputs (PROTOCOL.md "Lease outputs"): never a path outside /scratch.
+        leaserules.check_outputs(
+            list(spec.outputs),
+            spec.output_max_bytes,
+            spec.output_retention_seconds,
+            spec.outputs_required,
+        )
     except leaserules.RuleError as exc:
         raise SpecError(f"spec.{exc}") from None
     validate_constraints(spec.constraints)
