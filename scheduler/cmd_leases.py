@@ -177,6 +177,24 @@ class LeaseFile(_Strict):
     constraints: ConstraintsFile = Field(default_factory=ConstraintsFile)
     # Services: no endpoint token asked at the relay (docs/services.md).
     public: bool = False
+    # Batch results (docs/leases-buyer.md "Outputs"): paths or globs under /scratch.
+    outputs: list[str] = Field(default_factory=list)
+    output_max: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
+    output_retention: Duration = Field(default=0.0, ge=0, le=leaserules.MAX_OUTPUT_RETENTION_S)
+    outputs_required: bool = False
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, value: Any) -> Any:
+        # The shared rules, here too, so the buyer hears of a bad path before submitting.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            try:
+                leaserules.check_outputs(value)
+            except leaserules.RuleError as exc:
+                raise ValueError(str(exc).removeprefix("outputs").removeprefix(": ")) from None
+        return value
 
     @field_validator("env", mode="before")
     @classmethod
@@ -215,6 +233,10 @@ class LeaseFile(_Strict):
             max_restarts=self.max_restarts,
             constraints=self.constraints.to_proto(),
             public=self.public,
+            outputs=self.outputs,
+            output_max_bytes=self.output_max,
+            output_retention_seconds=round(self.output_retention),
+            outputs_required=self.outputs_required,
         )
         if self.health is not None:
             spec.health.CopyFrom(self.health.to_proto())
@@ -348,6 +370,23 @@ def endpoint_lines(endpoints: Any) -> list[str]:
             f"{check}  restarts {e.restarts}"
         )
     return lines
+
+
+def output_lines(lease: leases_pb2.Lease) -> list[str]:
+    """The node's signed commitment to the lease's outputs (PROTOCOL.md "Lease outputs")."""
+    if not lease.HasField("outputs"):
+        if not lease.spec.outputs:
+            return []
+        pending = "none yet (reported when the lease ends)"
+        return [f"outputs:     {pending if _state(lease.state) not in TERMINAL else 'none kept'}"]
+    o = lease.outputs
+    return [
+        "outputs:",
+        f"  digest:    {o.digest.hex()}  (Merkle root, {format_size(o.chunk_bytes)} chunks)",
+        f"  size:      {format_size(o.size)} ({o.size} bytes), {o.file_count} file(s)",
+        f"  missing:   {', '.join(o.missing) or 'none'}",
+        f"  retained until: {_when(o.retained_until_unix_nanos)} UTC on {o.node_id}",
+    ]
 
 
 def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
@@ -573,6 +612,7 @@ def _show(args: argparse.Namespace) -> int:
     if lease.endpoints:
         lines.append("endpoints:")
         lines.extend(f"  {line}" for line in endpoint_lines(lease.endpoints))
+    lines.extend(output_lines(lease))
     if lease.endpoint_token:
         lines.append(f"endpoint token: {lease.endpoint_token}")
     elif spec.public and spec.ports:

@@ -18,6 +18,7 @@ import grpc
 from gpuagent import bounds, leaserules, market
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
+from . import outputs_store
 from .auth.interceptor import Principal, caller
 from .lease_dispatch import LeaseDispatcher
 from .leases_store import (
@@ -313,6 +314,9 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         who = caller()
         row = await self._row(context, request.lease_id, who)
         lease = row.to_proto(await self.store.events(row.lease_id))
+        commitment = await outputs_store.get_commitment(self.store.db, row.lease_id)
+        if commitment is not None:
+            lease.outputs.CopyFrom(commitment)
         if who.role == "provider":
             return self._with_urls(_provider_view(lease))
         return await self._with_token(who, lease)
@@ -357,8 +361,13 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         )
         response = leases_pb2.ListLeasesResponse()
         used = 0
+        commitments = await outputs_store.get_commitments(
+            self.store.db, [r.lease_id for r in rows if r.spec.outputs]
+        )
         for index, row in enumerate(rows):
             lease = self._with_urls(row.to_proto())
+            if row.lease_id in commitments:
+                lease.outputs.CopyFrom(commitments[row.lease_id])
             if who.role == "provider":
                 _provider_view(lease)
             used += lease.ByteSize()
