@@ -140,9 +140,7 @@ async def test_required_outputs_missing_fail_the_lease_else_are_reported(env: Le
     manager.outputs = _keeper(env)
     await env.start(manager)
     await manager.assign("miss-1", env.spec("true", outputs=["result.txt"]))
-    await manager.assign(
-        "miss-2", env.spec("true", outputs=["result.txt"], outputs_required=True)
-    )
+    await manager.assign("miss-2", env.spec("true", outputs=["result.txt"], outputs_required=True))
     ok = await env.wait_state("miss-1", LeaseState.SUCCEEDED)
     assert ok.outputs is not None and ok.outputs["missing"] == ["result.txt"]
     failed = await env.wait_state("miss-2", LeaseState.FAILED)
@@ -159,16 +157,18 @@ async def test_a_crash_between_pack_and_report_re_sends_the_same_commitment(
     first = env.manager()
     keeper = _keeper(env)
     packed: list[Commitment] = []
+    was_packed = asyncio.Event()
 
     async def keep_then_die(lease_id: str, spec: Any, scratch: Path) -> Commitment:
         packed.append(await OutputKeeper.keep(keeper, lease_id, spec, scratch))
+        was_packed.set()
         raise asyncio.CancelledError  # the process is gone before _end records anything
 
     keeper.keep = keep_then_die  # type: ignore[method-assign]
     first.outputs = keeper
     await env.start(first)
     await first.assign("crash-1", env.spec("echo once > /scratch/r.txt", outputs=["r.txt"]))
-    await asyncio.wait_for(_until(lambda: bool(packed)), 20)
+    await asyncio.wait_for(was_packed.wait(), 20)
     stop, task = env.runs.pop()
     stop.set()
     await asyncio.wait_for(task, 10)
@@ -181,11 +181,6 @@ async def test_a_crash_between_pack_and_report_re_sends_the_same_commitment(
     assert done.outputs == packed[0].to_json()
     pending = [u for u in await second.pending_updates() if u.lease_id == "crash-1"]
     assert pending[-1].state is LeaseState.SUCCEEDED and pending[-1].outputs == done.outputs
-
-
-async def _until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await asyncio.sleep(0.05)
 
 
 @pytest.mark.asyncio
