@@ -223,6 +223,11 @@ def _add(scratch: Path, name: str, selection: _Selection) -> None:
         selection.skipped[name] = f"unreadable: {exc.strerror}"
         return
     if stat.S_ISREG(info.st_mode):
+        try:  # an agent without root may not read what the container's root wrote
+            os.close(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK))
+        except OSError as exc:
+            selection.skipped[name] = f"unreadable: {exc.strerror}"
+            return
         selection.entries[name] = _Entry(
             name, False, info.st_size, bool(info.st_mode & stat.S_IXUSR)
         )
