@@ -72,6 +72,7 @@ BOTH_BACKENDS = frozenset(
         "test_auth_endpoints",
         "test_link_session",
         "test_scheduler_liveness",
+        "test_scheduler_outputs",
     }
 )
 
