@@ -380,13 +380,28 @@ def output_lines(lease: leases_pb2.Lease) -> list[str]:
         pending = "none yet (reported when the lease ends)"
         return [f"outputs:     {pending if _state(lease.state) not in TERMINAL else 'none kept'}"]
     o = lease.outputs
-    return [
+    lines = [
         "outputs:",
         f"  digest:    {o.digest.hex()}  (Merkle root, {format_size(o.chunk_bytes)} chunks)",
         f"  size:      {format_size(o.size)} ({o.size} bytes), {o.file_count} file(s)",
         f"  missing:   {', '.join(o.missing) or 'none'}",
         f"  retained until: {_when(o.retained_until_unix_nanos)} UTC on {o.node_id}",
     ]
+    seconds = retention_seconds(lease)
+    if seconds is not None:
+        lines.append(
+            f"  retention: {format_duration(seconds)} after the end, "
+            f"{o.size * seconds / 3600 / 1024**3:.3g} GiB-hours"
+        )
+    return lines
+
+
+def retention_seconds(lease: leases_pb2.Lease) -> float | None:
+    """How long the node keeps the outputs after the lease's end (the metered figure,
+    with OutputCommitment.size: PROTOCOL.md "Usage"); None before the end is known."""
+    if not lease.HasField("outputs") or not lease.ended_at_unix_nanos:
+        return None
+    return max(0, lease.outputs.retained_until_unix_nanos - lease.ended_at_unix_nanos) / 1e9
 
 
 def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:

@@ -262,3 +262,36 @@ def test_output_settings_without_outputs_are_refused() -> None:
     with pytest.raises(leaserules.RuleError, match="output_retention_seconds: must be"):
         leaserules.check_outputs(["a"], retention_seconds=10**12)
     assert leaserules.check_outputs(["/scratch", "/scratch/a/./b", "c/"]) == [".", "a/b", "c"]
+
+
+@pytest.mark.asyncio
+async def test_keeper_caps_retention_and_reports_what_is_kept(tmp_path: Path) -> None:
+    """The retention asked is cut to outputs.max_retention (0 = the default); each pack
+    and each sweep tells the node (the inventory's retained_outputs)."""
+    from agent.config import AgentConfig
+    from agent.leases.output_keeper import OutputKeeper
+    from agent.leases.spec import parse_spec
+
+    config = AgentConfig.model_validate(
+        {
+            "node": {"state_dir": str(tmp_path / "state")},
+            "outputs": {"default_retention": "1h", "max_retention": "2h"},
+        }
+    )
+    changes: list[tuple[int, int]] = []
+    now = [1_800_000_000.0]
+    keeper = OutputKeeper(config, "node-a", KEY.sign, clock=lambda: now[0])
+    keeper.on_change = lambda: changes.append(keeper.store.usage())
+    asks_long = parse_spec({"image": "b", "outputs": ["f"], "output_retention_seconds": 86400})
+    assert keeper.retention_seconds(asks_long) == 7200
+    assert keeper.retention_seconds(parse_spec({"image": "b", "outputs": ["f"]})) == 3600
+    scratch = tmp_path / "s"
+    scratch.mkdir()
+    (scratch / "f").write_text("x")
+    kept = await keeper.keep("l-1", asks_long, scratch)
+    assert kept.retained_until_unix_nanos == round((now[0] + 7200) * 1e9)
+    assert config.outputs_dir() == tmp_path / "state" / "outputs"
+    assert changes == [(1, kept.size)]
+    now[0] += 7200
+    assert await keeper.collect() == kept.size
+    assert changes[-1] == (0, 0)

@@ -84,6 +84,7 @@ async def test_a_signed_commitment_is_stored_and_returned_with_the_lease(env: En
     text = "\n".join(output_lines(done))
     assert DIGEST.hex() in text and "2 file(s)" in text and "none/*.bin" in text
     assert "retained until: 2030-03-17" in text
+    assert "GiB-hours" in text
     as_json = json.loads(json.dumps(MessageToDict(done)))
     assert as_json["outputs"]["fileCount"] == 2
 
