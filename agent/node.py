@@ -394,8 +394,7 @@ class AgentNode:
             # ensure_firewall waits for nothing more than that check.
             await self._check_isolation()
 
-    def _retained_changed(self) -> None:
-        count, size = self.outputs.store.usage()
+    def _retained_changed(self, count: int, size: int) -> None:
         self._inventory_pb.retained_outputs.bytes = size
         self._inventory_pb.retained_outputs.count = count
 

@@ -281,7 +281,7 @@ async def test_keeper_caps_retention_and_reports_what_is_kept(tmp_path: Path) ->
     changes: list[tuple[int, int]] = []
     now = [1_800_000_000.0]
     keeper = OutputKeeper(config, "node-a", KEY.sign, clock=lambda: now[0])
-    keeper.on_change = lambda: changes.append(keeper.store.usage())
+    keeper.on_change = lambda count, size: changes.append((count, size))
     asks_long = parse_spec({"image": "b", "outputs": ["f"], "output_retention_seconds": 86400})
     assert keeper.retention_seconds(asks_long) == 7200
     assert keeper.retention_seconds(parse_spec({"image": "b", "outputs": ["f"]})) == 3600

@@ -33,14 +33,15 @@ class OutputKeeper:
         sign: Signer,
         *,
         clock: Callable[[], float] = time.time,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[int, int], None] | None = None,
     ) -> None:
         self._config = config
         self.node_id = node_id
         self._sign = sign
         self._clock = clock
         self.store = OutputStore(config.outputs_dir())
-        # Called after a pack or a collection changed what is retained (the inventory).
+        # Called with (archives, bytes) retained after a pack or a collection changed
+        # them: the inventory's retained_outputs.
         self.on_change = on_change
 
     def update_config(self, config: AgentConfig) -> None:
@@ -80,7 +81,7 @@ class OutputKeeper:
         try:
             commitment = await asyncio.to_thread(pack, request, self.store, self._sign)
         finally:
-            self._changed()
+            await self._changed()
         log.info(
             "lease outputs kept",
             extra={
@@ -98,7 +99,7 @@ class OutputKeeper:
             self.store.collect_garbage, round(self._clock() * 1e9), startup
         )
         if freed or startup:
-            self._changed()
+            await self._changed()
         return freed
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -112,9 +113,11 @@ class OutputKeeper:
             startup = False
             await wait_any(stop, within=self._config.outputs.gc_interval)
 
-    def _changed(self) -> None:
-        if self.on_change is not None:
-            try:
-                self.on_change()
-            except Exception:
-                log.exception("retained outputs change callback failed")
+    async def _changed(self) -> None:
+        if self.on_change is None:
+            return
+        count, size = await asyncio.to_thread(self.store.usage)
+        try:
+            self.on_change(count, size)
+        except Exception:
+            log.exception("retained outputs change callback failed")
