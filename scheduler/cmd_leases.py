@@ -390,7 +390,7 @@ def output_lines(lease: leases_pb2.Lease) -> list[str]:
     seconds = retention_seconds(lease)
     if seconds is not None:
         lines.append(
-            f"  retention: {format_duration(seconds)} after the end, "
+            f"  retention: {format_duration(round(seconds))} after the end, "
             f"{o.size * seconds / 3600 / 1024**3:.3g} GiB-hours"
         )
     return lines
