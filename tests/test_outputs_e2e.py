@@ -96,4 +96,3 @@ def test_a_batch_lease_ends_with_a_verified_commitment_to_its_retained_archive(
     assert f"digest:    {root.hex()}" in shown and "2 file(s)" in shown
     as_json = json.loads(_cli(stack, "lease", "show", "outputs-e2e", "--json"))
     assert as_json["outputs"]["fileCount"] == 2
-    print(shown)  # noqa: T201 - the report quotes it
