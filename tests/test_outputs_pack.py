@@ -148,10 +148,14 @@ def test_outputs_over_output_max_fail_with_the_reason_and_leave_nothing(tmp_path
     scratch.mkdir()
     (scratch / "big.bin").write_bytes(os.urandom(300_000))
     store = OutputStore(tmp_path / "out")
-    with pytest.raises(PackFailed) as caught:
-        pack(_request(scratch, ["big.bin"], max_bytes=200_000), store, KEY.sign)
-    assert caught.value.reason.startswith("outputs_over_limit:")
-    assert list((tmp_path / "out").iterdir()) == []
+    # 200 000: the files alone are over it; 302 000: their headers and data fit, the
+    # archive's end padding (to 10240 bytes: 307 200) does not, found while writing.
+    for limit in (200_000, 302_000):
+        with pytest.raises(PackFailed) as caught:
+            pack(_request(scratch, ["big.bin"], max_bytes=limit), store, KEY.sign)
+        assert caught.value.reason.startswith("outputs_over_limit:")
+        assert not store.root.exists() or list(store.root.iterdir()) == []
+    assert pack(_request(scratch, ["big.bin"], max_bytes=307_200), store, KEY.sign).size == 307_200
 
 
 def test_missing_paths_are_listed_and_fatal_only_when_required(tmp_path: Path) -> None:
@@ -295,3 +299,28 @@ async def test_keeper_caps_retention_and_reports_what_is_kept(tmp_path: Path) ->
     now[0] += 7200
     assert await keeper.collect() == kept.size
     assert changes[-1] == (0, 0)
+
+
+def test_a_hostile_tree_cannot_exhaust_the_stack_or_memory(tmp_path: Path) -> None:
+    """A 300-level directory tree is cut at MAX_DEPTH with the reason (no RecursionError);
+    thousands of empty files stop the selection with outputs_over_limit before any
+    byte is written (each costs a 512-byte header)."""
+    from agent.leases.output_pack import MAX_DEPTH
+
+    scratch = tmp_path / "s"
+    deep = scratch / "d"
+    for _ in range(300):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (deep / "bottom.txt").write_text("x")
+    store = OutputStore(tmp_path / "out")
+    commitment = pack(_request(scratch, ["**"]), store, KEY.sign)
+    assert commitment.file_count == 0
+    assert any(f"deeper than {MAX_DEPTH} directories" in m for m in commitment.missing)
+    many = tmp_path / "many"
+    many.mkdir()
+    for index in range(3000):
+        (many / f"f{index}").touch()
+    with pytest.raises(PackFailed, match="^outputs_over_limit"):
+        pack(_request(many, ["."], lease_id="l-2", max_bytes=1024 * 1024), store, KEY.sign)
+    assert not store.archive_path("l-2").exists()

@@ -35,6 +35,9 @@ Signer = Callable[[bytes], bytes]
 # Recheck the disk floor this often while writing (a file system shared with others
 # can fill while a large archive is written).
 FLOOR_CHECK_BYTES = 64 * 1024 * 1024
+# Deeper entries are skipped (the walk recurses: a tenant's 5000-level tree must not
+# exhaust the stack); far deeper than any results directory.
+MAX_DEPTH = 128
 _COPY_BLOCK = 1 << 20
 
 
@@ -99,15 +102,38 @@ class _Entry:
 
 @dataclass
 class _Selection:
+    limit: int  # output_max: the selection alone may show it is passed
     entries: dict[str, _Entry] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # declared patterns that matched nothing
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it is not packed
+    # A lower bound of the archive's size (a header and the padded data per entry, the
+    # end blocks): past the limit, the pack is over it whatever else happens, and
+    # stopping here bounds the memory a tenant's million empty files could take.
+    floor_bytes: int = 2 * tarfile.BLOCKSIZE
+
+    def add(self, entry: _Entry) -> None:
+        self.entries[entry.name] = entry
+        self.floor_bytes += tarfile.BLOCKSIZE + -(-entry.size // tarfile.BLOCKSIZE) * (
+            tarfile.BLOCKSIZE
+        )
+        if self.floor_bytes > self.limit:
+            raise PackFailed(_over_limit(self.limit))
 
 
-def select(scratch: Path, patterns: list[str], declared: list[str]) -> _Selection:
+def _over_limit(limit: int) -> str:
+    return (
+        f"{leaserules.OUTPUTS_OVER_LIMIT}: the outputs archive passed the lease's "
+        f"output_max of {format_size(limit)}"
+    )
+
+
+def select(
+    scratch: Path, patterns: list[str], declared: list[str], limit: int = 2**63
+) -> _Selection:
     """What ``patterns`` (relative to ``scratch``, from leaserules.check_outputs) name:
-    matched files, matched directories with everything below them, and what is left out."""
-    selection = _Selection()
+    matched files, matched directories with everything below them, and what is left out.
+    PackFailed once the selection alone is over ``limit``."""
+    selection = _Selection(limit)
     for pattern, shown in zip(patterns, declared, strict=True):
         before = len(selection.entries)
         parts = [] if pattern == "." else pattern.split("/")
@@ -146,6 +172,9 @@ def _expand(scratch: Path, prefix: str, parts: list[str], selection: _Selection)
     """Names under ``prefix`` that match ``parts``; descends into real directories only."""
     if not parts:
         yield prefix
+        return
+    if prefix.count("/") >= MAX_DEPTH:
+        selection.skipped[prefix] = f"deeper than {MAX_DEPTH} directories"
         return
     head, rest = parts[0], parts[1:]
     if head == "**":
@@ -211,6 +240,9 @@ def _add(scratch: Path, name: str, selection: _Selection) -> None:
     """Add ``name`` (a file or a directory with its whole tree) to the selection."""
     if name in selection.entries:
         return
+    if name.count("/") >= MAX_DEPTH:
+        selection.skipped[name] = f"deeper than {MAX_DEPTH} directories"
+        return
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
@@ -228,14 +260,12 @@ def _add(scratch: Path, name: str, selection: _Selection) -> None:
         except OSError as exc:
             selection.skipped[name] = f"unreadable: {exc.strerror}"
             return
-        selection.entries[name] = _Entry(
-            name, False, info.st_size, bool(info.st_mode & stat.S_IXUSR)
-        )
+        selection.add(_Entry(name, False, info.st_size, bool(info.st_mode & stat.S_IXUSR)))
         return
     if not stat.S_ISDIR(info.st_mode):
         return  # _kind noted why
     if name:
-        selection.entries[name] = _Entry(name, True)
+        selection.add(_Entry(name, True))
     for child, _is_dir in _listdir(scratch, name, selection):
         if _kind(scratch, child, selection) is not None:
             _add(scratch, child, selection)
@@ -255,10 +285,7 @@ class _Sink:
 
     def write(self, data: bytes) -> int:
         if self.digest.size + len(data) > self._limit:
-            raise PackFailed(
-                f"{leaserules.OUTPUTS_OVER_LIMIT}: the outputs archive passed the lease's "
-                f"output_max of {format_size(self._limit)}"
-            )
+            raise PackFailed(_over_limit(self._limit))
         self._since_check += len(data)
         if self._since_check >= FLOOR_CHECK_BYTES:
             self._since_check = 0
@@ -350,7 +377,7 @@ def pack(request: PackRequest, store: OutputStore, sign: Signer) -> Commitment:
     existing = _stored(store, request.lease_id)
     if existing is not None:
         return existing
-    selection = select(request.scratch, request.patterns, request.declared)
+    selection = select(request.scratch, request.patterns, request.declared, request.max_bytes)
     if request.required and selection.missing:
         raise PackFailed(
             f"{leaserules.OUTPUTS_MISSING}: declared outputs matched nothing: "
