@@ -321,6 +321,6 @@ def test_a_hostile_tree_cannot_exhaust_the_stack_or_memory(tmp_path: Path) -> No
     many.mkdir()
     for index in range(3000):
         (many / f"f{index}").touch()
-    with pytest.raises(PackFailed, match="^outputs_over_limit"):
+    with pytest.raises(PackFailed, match=r"^outputs_over_limit"):
         pack(_request(many, ["."], lease_id="l-2", max_bytes=1024 * 1024), store, KEY.sign)
     assert not store.archive_path("l-2").exists()
