@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -90,13 +91,27 @@ async def test_a_signed_commitment_is_stored_and_returned_with_the_lease(env: En
 
 
 @pytest.mark.asyncio
-async def test_a_commitment_with_a_wrong_signature_is_refused(env: Env) -> None:
-    """Signed by another key: not stored; the lease still ends (it must not wedge)."""
+async def test_a_commitment_with_a_wrong_signature_is_refused(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Signed by another key: not stored, and the agent is told why with a
+    ProtocolError; the lease still ends (it must not wedge)."""
+    caplog.set_level(logging.WARNING, logger="agent.link.session")
     agent = await env.agent("a", accept)
     other = Ed25519PrivateKey.generate()
     done = await _ended_with(env, agent, lambda lid: _commitment(agent, lid, sign=other.sign))
     assert not done.HasField("outputs")
     assert _stored(env) == []
+    await until(lambda: bool(_details(caplog)), what="the agent is told")
+    assert any("outputs.signature does not verify" in d for d in _details(caplog))
+
+
+def _details(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        str(getattr(r, "detail", ""))
+        for r in caplog.records
+        if r.getMessage() == "coordinator reported a protocol error"
+    ]
 
 
 @pytest.mark.asyncio
