@@ -395,6 +395,7 @@ class AgentNode:
             await self._check_isolation()
 
     def _retained_changed(self, count: int, size: int) -> None:
+        self.telemetry.agent.set_retained_outputs(count, size)
         self._inventory_pb.retained_outputs.bytes = size
         self._inventory_pb.retained_outputs.count = count
 

@@ -96,5 +96,6 @@ def test_a_batch_lease_ends_with_a_verified_commitment_to_its_retained_archive(
     assert f"digest:    {root.hex()}" in shown and "2 file(s)" in shown
     as_json = json.loads(_cli(stack, "lease", "show", "outputs-e2e", "--json"))
     assert as_json["outputs"]["fileCount"] == 2
+    assert "gpu_agent_retained_outputs 1.0" in stack.metrics()
     # The node's inventory says what it keeps (as of its Hello: before this lease).
     assert "archive(s)" in _cli(stack, "nodes", "show", stack.node_id)
