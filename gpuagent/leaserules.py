@@ -335,9 +335,7 @@ def check_outputs(
         if not pattern.strip():
             raise RuleError(where, "empty; give a path under /scratch such as results/*.csv")
         if len(pattern) > MAX_OUTPUT_PATTERN:
-            raise RuleError(
-                where, f"at most {MAX_OUTPUT_PATTERN} characters, got {len(pattern)}"
-            )
+            raise RuleError(where, f"at most {MAX_OUTPUT_PATTERN} characters, got {len(pattern)}")
         bad = control_char(pattern)
         if bad is not None:
             raise RuleError(where, f"control character at position {bad}")
