@@ -21,6 +21,7 @@ import docker.errors
 from .cli import load_config_from_args
 from .config import AgentConfig
 from .leases.docker_runtime import LABEL_LEASE, LABEL_MANAGED, container_name
+from .leases.output_store import OutputStore, RetainedOutput
 from .leases.records import LeaseRecord
 from .leases.statedb import STATE_DB_NAME, StateDB, StateDBError
 
@@ -83,6 +84,7 @@ def _leases(args: argparse.Namespace) -> int:
     records = db.leases(active_only=not args.all)
     client = _docker(config)
     now = time.time()
+    retained = {r.lease_id: r for r in OutputStore(config.outputs_dir()).retained()}
     rows: list[dict[str, Any]] = []
     for record in records:
         rows.append(
@@ -104,6 +106,7 @@ def _leases(args: argparse.Namespace) -> int:
                 "endpoints": []
                 if record.state.terminal
                 else list(record.extra.get("endpoints") or []),
+                "outputs": _retained_json(retained.get(record.lease_id)),
             }
         )
     if args.json:
@@ -140,9 +143,32 @@ def _leases(args: argparse.Namespace) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
             for line in _endpoint_lines(data):
                 print("    " + line)
+        _print_retained(list(retained.values()))
     if client is not None:
         _warn_unclaimed(client, {r.lease_id for r in db.leases()})
     return 0
+
+
+def _retained_json(kept: RetainedOutput | None) -> dict[str, Any] | None:
+    if kept is None:
+        return None
+    return {
+        "archive": str(kept.archive),
+        "size": kept.size,
+        "digest": kept.digest_hex,
+        "retained_until_unix_nanos": kept.retained_until_unix_nanos,
+    }
+
+
+def _print_retained(kept: list[RetainedOutput]) -> None:
+    """Outputs kept for buyers (of finished leases too: they outlive the lease)."""
+    if not kept:
+        return
+    total = sum(k.size for k in kept)
+    print(f"\nretained outputs: {len(kept)} archive(s), {total} bytes")
+    for k in kept:
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(k.retained_until_unix_nanos / 1e9))
+        print(f"  {k.lease_id}  {k.size} bytes  digest {k.digest_hex[:16]}...  until {until} UTC")
 
 
 def _endpoint_lines(row: dict[str, Any] | None) -> list[str]:

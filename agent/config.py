@@ -437,6 +437,26 @@ class AttestationConfig(Strict):
     backend: Literal["auto", "torch", "cupy", "numpy"] = "auto"
 
 
+class OutputsConfig(Strict):
+    """Batch leases' declared outputs, kept after the lease for the buyer to fetch
+    (PROTOCOL.md "Lease outputs"). The disk floor is runtime.min_free_state_disk: a
+    pack that would take the outputs directory's file system under it fails."""
+
+    directory: Path | None = Field(default=None, description="None = <state_dir>/outputs")
+    max_bytes: ByteSize = Field(
+        default=10 * 1024**3, ge=0, description="largest archive a lease may ask for"
+    )
+    default_retention: Duration = Field(default=86400.0, ge=0)
+    max_retention: Duration = Field(default=7 * 86400.0, ge=0)
+    gc_interval: Duration = Field(default=60.0, gt=0, description="how often expiry is checked")
+
+    @model_validator(mode="after")
+    def _retention(self) -> OutputsConfig:
+        if self.default_retention > self.max_retention:
+            raise ValueError("default_retention must not exceed max_retention")
+        return self
+
+
 class AgentConfig(Strict):
     node: NodeConfig = Field(default_factory=NodeConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -447,6 +467,11 @@ class AgentConfig(Strict):
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+
+    def outputs_dir(self) -> Path:
+        """Where retained lease outputs live: outputs.directory, else <state_dir>/outputs."""
+        return Path(self.outputs.directory or self.node.state_dir / "outputs")
 
     def scratch_root(self) -> Path:
         """Where lease scratch dirs live: runtime.scratch_dir, else <state_dir>/scratch."""

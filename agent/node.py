@@ -54,6 +54,7 @@ from .isolation.toolkit import ToolkitGate
 from .leases.allocator import GpuAllocator
 from .leases.docker_runtime import DockerRuntime
 from .leases.manager import LeaseManager
+from .leases.output_keeper import OutputKeeper
 from .leases.records import LeaseUpdate
 from .leases.spec import GpuDescription
 from .leases.statedb import StateDB
@@ -136,6 +137,7 @@ class AgentNode:
         self.link: CoordinatorLink
         self.usage: UsageSender
         self.sampler: Sampler
+        self.outputs: OutputKeeper
         self.attestation: AttestationResponder | None = None
         self.drain = DrainController(self._stop_all_leases)
         self._started = time.monotonic()
@@ -179,6 +181,11 @@ class AgentNode:
         self._inventory_pb.scratch.CopyFrom(scratch_storage(config.scratch_root()))
         log.info("container storage", extra={"mode": await self.runtime.detect_storage()})
         statedb = await asyncio.to_thread(StateDB.in_state_dir, state_dir)
+        # Batch outputs (PROTOCOL.md "Lease outputs"): signed by the node key; what is
+        # retained shows in the inventory the next Hello carries.
+        self.outputs = OutputKeeper(
+            config, self.identity.node_id, self.identity.sign, on_change=self._retained_changed
+        )
         # Real GPUs only: with simulated ones no container reaches a GPU.
         toolkit_gate = None if self.backend.simulated else ToolkitGate()
         if toolkit_gate is not None:
@@ -196,6 +203,7 @@ class AgentNode:
             gpu_gate=toolkit_gate.refusal if toolkit_gate is not None else None,
             service_observer=self.telemetry.agent,  # health checks and restarts
             before_cleanup=self._last_usage_reading,
+            outputs=self.outputs,
         )
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records
@@ -304,6 +312,7 @@ class AgentNode:
         agent.add_component("egress-policy", self.runtime.watch_firewall)
         agent.add_component("isolation-self-test", self._recheck_isolation)
         agent.add_component("leases", self.leases.run)
+        agent.add_component("output-retention", self.outputs.run)
         agent.add_component("usage-sampler", self.sampler.run)
         agent.add_component("usage-sender", self.usage.run)
         agent.add_component("coordinator-link", self.link.run)
@@ -384,6 +393,11 @@ class AgentNode:
             # The firewall watcher was poked by the same reconnect; the self-test's own
             # ensure_firewall waits for nothing more than that check.
             await self._check_isolation()
+
+    def _retained_changed(self, count: int, size: int) -> None:
+        self.telemetry.agent.set_retained_outputs(count, size)
+        self._inventory_pb.retained_outputs.bytes = size
+        self._inventory_pb.retained_outputs.count = count
 
     def _on_attestation(self, result: GpuResult) -> None:
         index = {g.uuid: g.index for g in self._inventory_pb.gpus}.get(result.gpu_uuid, -1)
@@ -586,6 +600,7 @@ class AgentNode:
 
         def apply(config: AgentConfig) -> None:
             self.leases.update_policy(config.runtime)
+            self.outputs.update_config(config)
 
         self.config = await reload_config(self.config_path, self.config, apply)
         # A changed price or location goes to the coordinator now, on the open session.

@@ -56,6 +56,11 @@ LIVE_KEYS = frozenset(
         "node.location.region",
         "node.location.country",
         "node.location.zone",
+        # Lease outputs: read at each assign, pack and sweep (the directory is not).
+        "outputs.max_bytes",
+        "outputs.default_retention",
+        "outputs.max_retention",
+        "outputs.gc_interval",
     }
 )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from gpuagent import leaserules
 from gpuagent.v1 import common_pb2, inventory_pb2, leases_pb2
@@ -178,4 +179,21 @@ def lease_update(update: LeaseUpdate) -> leases_pb2.LeaseUpdate:
     )
     if update.exit_code is not None:
         msg.exit_code = update.exit_code
+    if update.outputs:
+        msg.outputs.CopyFrom(output_commitment(update.outputs))
     return msg
+
+
+def output_commitment(data: dict[str, Any]) -> leases_pb2.OutputCommitment:
+    """The stored commitment (output_pack.Commitment.to_json) as the wire carries it."""
+    return leases_pb2.OutputCommitment(
+        lease_id=str(data["lease_id"]),
+        node_id=str(data["node_id"]),
+        digest=bytes.fromhex(str(data["digest"])),
+        size=int(data["size"]),
+        chunk_bytes=int(data["chunk_bytes"]),
+        signature=bytes.fromhex(str(data["signature"])),
+        missing=[str(m) for m in data.get("missing", ())],
+        file_count=int(data["file_count"]),
+        retained_until_unix_nanos=int(data.get("retained_until_unix_nanos", 0)),
+    )

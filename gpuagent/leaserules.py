@@ -320,3 +320,69 @@ def check_verify(replicas: int, outputs: Sequence[str], ports: int, restart: str
             "verify.replicas", "not with a restart policy: a restarted run has no single result"
         )
     return replicas
+
+
+# -- batch outputs (issue #22) -------------------------------------------------------
+#
+# What a lease declares it leaves behind in /scratch: paths or globs, relative to
+# /scratch or absolute under it. One set of rules for the scheduler (at submit, on the
+# wire spec) and the agent (on assign); each refusal names the key as ``outputs[2]``.
+
+SCRATCH_PATH = "/scratch"
+MAX_OUTPUTS = 64
+MAX_OUTPUT_PATTERN = 1024  # characters of one declared path
+MAX_OUTPUT_RETENTION_S = 366 * 86400  # a year: beyond it no provider promises anything
+UINT64_FIELDS["output_max_bytes"] = MAX_SIZE_BYTES
+UINT64_FIELDS["output_retention_seconds"] = MAX_OUTPUT_RETENTION_S
+# The lease reasons an outputs failure ends with (the buyer matches on the first word).
+OUTPUTS_OVER_LIMIT = "outputs_over_limit"
+OUTPUTS_MISSING = "outputs_missing"
+OUTPUTS_FAILED = "outputs_failed"
+
+
+def check_outputs(
+    patterns: Sequence[str],
+    max_bytes: int = 0,
+    retention_seconds: int = 0,
+    required: bool = False,
+    key: str = "outputs",
+) -> list[str]:
+    """The declared outputs, each made relative to /scratch (``/scratch/a/*.txt`` ->
+    ``a/*.txt``); RuleError names the first bad entry. Never a way out of /scratch:
+    no ``..``, no other absolute path, no NUL or control characters."""
+    for name, value, limit in (
+        ("output_max_bytes", max_bytes, MAX_SIZE_BYTES),
+        ("output_retention_seconds", retention_seconds, MAX_OUTPUT_RETENTION_S),
+    ):
+        if not 0 <= value <= limit:
+            raise RuleError(name, f"must be 0..{limit}, got {value}")
+        if value and not patterns:
+            raise RuleError(name, f"set, but no {key} are declared")
+    if required and not patterns:
+        raise RuleError("outputs_required", f"set, but no {key} are declared")
+    if len(patterns) > MAX_OUTPUTS:
+        raise RuleError(key, f"at most {MAX_OUTPUTS} paths, got {len(patterns)}")
+    relative: list[str] = []
+    for index, pattern in enumerate(patterns):
+        where = f"{key}[{index}]"
+        if not pattern.strip():
+            raise RuleError(where, "empty; give a path under /scratch such as results/*.csv")
+        if len(pattern) > MAX_OUTPUT_PATTERN:
+            raise RuleError(where, f"at most {MAX_OUTPUT_PATTERN} characters, got {len(pattern)}")
+        bad = control_char(pattern)
+        if bad is not None:
+            raise RuleError(where, f"control character at position {bad}")
+        path = pattern
+        if path.startswith("/"):
+            if path != SCRATCH_PATH and not path.startswith(SCRATCH_PATH + "/"):
+                raise RuleError(
+                    where, f"{pattern[:64]!r} is outside /scratch (outputs are read from there)"
+                )
+            path = path[len(SCRATCH_PATH) :].lstrip("/")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise RuleError(where, f"{pattern[:64]!r}: '..' is not allowed (it leaves /scratch)")
+        if any("**" in part and part != "**" for part in parts):
+            raise RuleError(where, f"{pattern[:64]!r}: '**' must be a whole path component")
+        relative.append("/".join(parts) or ".")
+    return relative

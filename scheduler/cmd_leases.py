@@ -184,6 +184,24 @@ class LeaseFile(_Strict):
     # Services: no endpoint token asked at the relay (docs/services.md).
     public: bool = False
     verify: VerifyFile = Field(default_factory=VerifyFile)
+    # Batch results (docs/leases-buyer.md "Outputs"): paths or globs under /scratch.
+    outputs: list[str] = Field(default_factory=list)
+    output_max: ByteSize = Field(default=0, le=leaserules.MAX_SIZE_BYTES)
+    output_retention: Duration = Field(default=0.0, ge=0, le=leaserules.MAX_OUTPUT_RETENTION_S)
+    outputs_required: bool = False
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _outputs(cls, value: Any) -> Any:
+        # The shared rules, here too, so the buyer hears of a bad path before submitting.
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            try:
+                leaserules.check_outputs(value)
+            except leaserules.RuleError as exc:
+                raise ValueError(str(exc).removeprefix("outputs").removeprefix(": ")) from None
+        return value
 
     @field_validator("env", mode="before")
     @classmethod
@@ -222,6 +240,10 @@ class LeaseFile(_Strict):
             max_restarts=self.max_restarts,
             constraints=self.constraints.to_proto(),
             public=self.public,
+            outputs=self.outputs,
+            output_max_bytes=self.output_max,
+            output_retention_seconds=round(self.output_retention),
+            outputs_required=self.outputs_required,
         )
         if self.verify.replicas:
             spec.verify.replicas = self.verify.replicas
@@ -363,6 +385,38 @@ def endpoint_lines(endpoints: Any) -> list[str]:
             f"{check}  restarts {e.restarts}"
         )
     return lines
+
+
+def output_lines(lease: leases_pb2.Lease) -> list[str]:
+    """The node's signed commitment to the lease's outputs (PROTOCOL.md "Lease outputs")."""
+    if not lease.HasField("outputs"):
+        if not lease.spec.outputs:
+            return []
+        pending = "none yet (reported when the lease ends)"
+        return [f"outputs:     {pending if _state(lease.state) not in TERMINAL else 'none kept'}"]
+    o = lease.outputs
+    lines = [
+        "outputs:",
+        f"  digest:    {o.digest.hex()}  (Merkle root, {format_size(o.chunk_bytes)} chunks)",
+        f"  size:      {format_size(o.size)} ({o.size} bytes), {o.file_count} file(s)",
+        f"  missing:   {', '.join(o.missing) or 'none'}",
+        f"  retained until: {_when(o.retained_until_unix_nanos)} UTC on {o.node_id}",
+    ]
+    seconds = retention_seconds(lease)
+    if seconds is not None:
+        lines.append(
+            f"  retention: {format_duration(round(seconds))} after the end, "
+            f"{o.size * seconds / 3600 / 1024**3:.3g} GiB-hours"
+        )
+    return lines
+
+
+def retention_seconds(lease: leases_pb2.Lease) -> float | None:
+    """How long the node keeps the outputs after the lease's end (the metered figure,
+    with OutputCommitment.size: PROTOCOL.md "Usage"); None before the end is known."""
+    if not lease.HasField("outputs") or not lease.ended_at_unix_nanos:
+        return None
+    return max(0, lease.outputs.retained_until_unix_nanos - lease.ended_at_unix_nanos) / 1e9
 
 
 def build_request(args: argparse.Namespace) -> leases_pb2.SubmitLeaseRequest:
@@ -603,6 +657,7 @@ def _show(args: argparse.Namespace) -> int:
     if lease.endpoints:
         lines.append("endpoints:")
         lines.extend(f"  {line}" for line in endpoint_lines(lease.endpoints))
+    lines.extend(output_lines(lease))
     if lease.endpoint_token:
         lines.append(f"endpoint token: {lease.endpoint_token}")
     elif spec.public and spec.ports:

@@ -130,6 +130,14 @@ def price_text(node: nodes_pb2.Node) -> str:
     return text if node.price_source in ("", "offer") else f"{text} ({node.price_source})"
 
 
+def retained_lines(inventory: inventory_pb2.Inventory) -> list[str]:
+    """Lease outputs the node keeps for buyers (PROTOCOL.md "Lease outputs")."""
+    if not inventory.HasField("retained_outputs"):
+        return []
+    kept = inventory.retained_outputs
+    return [f"outputs:     {kept.count} archive(s), {format_size(kept.bytes)} kept for buyers"]
+
+
 def market_lines(node: nodes_pb2.Node) -> list[str]:
     """``nodes show``'s market section: asks, location, bandwidth declared and measured."""
     offer = node.offer
@@ -257,6 +265,7 @@ def _show(args: argparse.Namespace) -> int:
         ),
         f"cpu:         {host.cpu_model} ({host.cpu_cores} cores, {host.cpu_threads} threads)",
         f"memory:      {format_size(host.memory_bytes)}",
+        *retained_lines(node.inventory),
         *market_lines(node),
         "gpus:",
     ]

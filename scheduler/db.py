@@ -327,6 +327,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX verify_flags_node ON verify_flags(node_id);
     """,
+    # 11: lease outputs (issue #22, scheduler/outputs_store.py): the node's signed
+    # commitment from a lease's terminal update, checked against the node key first;
+    # one per lease (the first verified one wins; an agent re-sends the same).
+    """
+    CREATE TABLE lease_outputs (
+        lease_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        size INTEGER NOT NULL,
+        commitment BLOB NOT NULL,          -- serialized gpuagent.v1.OutputCommitment
+        stored_ns INTEGER NOT NULL
+    );
+    """,
 )
 
 

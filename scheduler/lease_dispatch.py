@@ -33,7 +33,7 @@ from typing import Any
 from gpuagent.aio import TaskSet, wait_any
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
 
-from . import placement, uptime
+from . import outputs_store, placement, uptime
 from .eligibility import Eligibility
 from .leases_store import (
     TERMINAL,
@@ -660,6 +660,8 @@ class LeaseDispatcher:
             )
             await session.send(_message(error=error))
             return
+        if update.HasField("outputs"):
+            await self._check_outputs(session, update)
         state = state_name(update.state)
         result = await self.store.apply_update(node, update, self.settings.max_attempts)
         extra = {
@@ -707,6 +709,31 @@ class LeaseDispatcher:
                 await self._send_cancel(node, row.lease_id, "cancelled by the buyer")
         ack = leases_pb2.LeaseUpdateAck(lease_id=update.lease_id, update_seq=update.update_seq)
         await session.send(_message(lease_update_ack=ack))
+
+    async def _check_outputs(self, session: Session, update: leases_pb2.LeaseUpdate) -> None:
+        """A commitment that is not the node's signed word on this lease is dropped (and
+        the agent told): the rest of the update still counts, or the lease would wedge."""
+        record = self.registry.nodes.get(session.node_id)
+        try:
+            outputs_store.check(
+                update.outputs,
+                lease_id=update.lease_id,
+                node_id=session.node_id,
+                public_key=record.public_key if record is not None else b"",
+            )
+        except outputs_store.BadCommitment as exc:
+            log.warning(
+                "lease outputs refused: %s",
+                exc,
+                extra={"lease_id": update.lease_id, "node_id": session.node_id},
+            )
+            update.ClearField("outputs")
+            error = common_pb2.ProtocolError(
+                code=common_pb2.ProtocolError.REJECTED,
+                message=f"lease_update.{exc}",
+                in_reply_to="lease_update",
+            )
+            await session.send(_message(error=error))
 
     # -- sessions, heartbeats, liveness -----------------------------------------------
 

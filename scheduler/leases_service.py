@@ -18,6 +18,7 @@ import grpc
 from gpuagent import bounds, leaserules, market
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
+from . import outputs_store
 from .auth.interceptor import Principal, caller
 from .lease_dispatch import LeaseDispatcher
 from .leases_store import (
@@ -116,6 +117,13 @@ def validate_spec(spec: leases_pb2.LeaseSpec) -> None:
                 ),
                 ports,
             )
+        # Batch outputs (PROTOCOL.md "Lease outputs"): never a path outside /scratch.
+        leaserules.check_outputs(
+            list(spec.outputs),
+            spec.output_max_bytes,
+            spec.output_retention_seconds,
+            spec.outputs_required,
+        )
     except leaserules.RuleError as exc:
         raise SpecError(f"spec.{exc}") from None
     validate_constraints(spec.constraints)
@@ -354,7 +362,11 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
     async def Get(self, request: leases_pb2.GetLeaseRequest, context: Context) -> leases_pb2.Lease:
         who = caller()
         row = await self._row(context, request.lease_id, who)
-        lease = await self._verified(row.to_proto(await self.store.events(row.lease_id)))
+        lease = row.to_proto(await self.store.events(row.lease_id))
+        commitment = await outputs_store.get_commitment(self.store.db, row.lease_id)
+        if commitment is not None:
+            lease.outputs.CopyFrom(commitment)
+        lease = await self._verified(lease)
         if who.role == "provider":
             return self._with_urls(_provider_view(lease))
         return await self._with_token(who, lease)
@@ -399,8 +411,13 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         )
         response = leases_pb2.ListLeasesResponse()
         used = 0
+        commitments = await outputs_store.get_commitments(
+            self.store.db, [r.lease_id for r in rows if r.spec.outputs]
+        )
         for index, row in enumerate(rows):
             lease = self._with_urls(row.to_proto())
+            if row.lease_id in commitments:
+                lease.outputs.CopyFrom(commitments[row.lease_id])
             if who.role == "provider":
                 _provider_view(lease)
             used += lease.ByteSize()

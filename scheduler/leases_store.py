@@ -24,6 +24,7 @@ from enum import Enum
 
 from gpuagent.v1 import common_pb2, leases_pb2
 
+from . import outputs_store
 from .db import Database
 from .secretbox import SecretBox
 from .storage import Conn
@@ -778,6 +779,9 @@ class LeaseStore:
                 )
                 return UpdateResult(UpdateOutcome.REJECTED, failed, row.state)
             columns: dict[str, object] = {"last_update_seq": update.update_seq}
+            if update.HasField("outputs") and row.spec.outputs:
+                # Checked against the node's key by the dispatcher (outputs_store.check).
+                outputs_store.store(conn, update.outputs, now)
             if update.HasField("exit_code"):
                 columns["exit_code"] = update.exit_code
             if update.log_tail:

@@ -29,12 +29,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from gpuagent import outputs as outputs_rules
-from gpuagent.attest.merkle import HASH_BYTES
-from gpuagent.signing import verify_ed25519
 from gpuagent.v1 import leases_pb2, nodes_pb2
 
-from . import ledger, placement
+from . import ledger, outputs_store, placement
 from .leases_store import TERMINAL, LeaseRefused, LeaseRow, LeaseStore, NewLease, state_value
 from .registry import Registry
 from .storage import Conn
@@ -341,23 +338,19 @@ class Verifier:
             return None
         c = update.outputs
         record = self.registry.nodes.get(row.node_id)
-        why = ""
-        if c.lease_id != row.lease_id or c.node_id != row.node_id:
-            why = "commitment names another lease or node"
-        elif len(c.digest) != HASH_BYTES:
-            why = "digest is not a SHA-256"
-        elif record is None or not verify_ed25519(
-            record.public_key,
-            c.signature,
-            outputs_rules.output_commitment_signing_bytes(
-                c.lease_id, c.node_id, c.digest, c.size, c.chunk_bytes
-            ),
-        ):
-            why = "signature does not verify with the node's key"
-        if why:
+        try:
+            # The one commitment rule (the dispatcher has already dropped a bad one;
+            # checked again because a copy's pay rests on it).
+            outputs_store.check(
+                c,
+                lease_id=row.lease_id,
+                node_id=row.node_id,
+                public_key=record.public_key if record is not None else b"",
+            )
+        except outputs_store.BadCommitment as exc:
             log.warning(
                 "copy's output commitment refused: %s",
-                why,
+                exc,
                 extra={"lease_id": row.lease_id, "node_id": row.node_id},
             )
             return None

@@ -73,6 +73,7 @@ BOTH_BACKENDS = frozenset(
         "test_link_session",
         "test_scheduler_liveness",
         "test_verify_runs",
+        "test_scheduler_outputs",
     }
 )
 

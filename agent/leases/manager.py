@@ -52,6 +52,8 @@ from .docker_runtime import (
 )
 from .endpoints import ServiceTarget
 from .health import ServiceMonitor
+from .output_keeper import OutputKeeper
+from .output_pack import PackFailed
 from .records import EndpointStatus, LeaseRecord, LeaseUpdate, bound_log_tail
 from .spec import (
     FreeCapacity,
@@ -173,6 +175,7 @@ class LeaseManager:
         gpu_gate: Callable[[], str | None] | None = None,
         service_observer: ServiceObserver | None = None,
         before_cleanup: UpdateCallback | None = None,
+        outputs: OutputKeeper | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -192,6 +195,9 @@ class LeaseManager:
         # still exist: the usage sampler's last reading of the network's counters, which
         # go with the network (see _end).
         self._before_cleanup = before_cleanup
+        # Batch outputs: packed in _end, before the terminal state is recorded, because
+        # an archive over its limit changes that state (PROTOCOL.md "Lease outputs").
+        self.outputs = outputs
         self._active: dict[str, LeaseRecord] = {}  # non-terminal leases only
         self._specs: dict[str, LeaseSpec] = {}
         # Weak: a lease's lock lives while a task holds or awaits it, so the map
@@ -264,6 +270,7 @@ class LeaseManager:
                 stored = parsed.stored()
                 await self._check_disk(effective_scratch(parsed, self._policy))
                 ref = check_spec(parsed, self._policy, self._free_capacity())
+                self._check_outputs(parsed)
                 refusal = self._gpu_gate() if parsed.gpu_count and self._gpu_gate else None
                 if refusal:
                     raise LeaseRejected(RejectCode.TOOLKIT_VULNERABLE, refusal)
@@ -627,9 +634,52 @@ class LeaseManager:
             record, record.stop_state or LeaseState.CANCELLED, reason=record.stop_reason
         )
 
+    def _check_outputs(self, spec: LeaseSpec) -> None:
+        if not spec.outputs:
+            return
+        if self.outputs is None:
+            raise LeaseRejected(
+                RejectCode.INVALID_SPEC, "outputs: this agent keeps no lease outputs"
+            )
+        self.outputs.check(spec)
+
+    async def _keep_outputs(
+        self, record: LeaseRecord, state: LeaseState, changes: dict[str, Any]
+    ) -> LeaseState:
+        """Pack a batch lease's declared outputs while its scratch dir exists; the
+        commitment goes in its record (and so in its terminal update). A pack that
+        fails (over output_max, required paths missing, disk floor) fails the lease."""
+        if (
+            self.outputs is None
+            or state not in (LeaseState.SUCCEEDED, LeaseState.FAILED)
+            or record.started_at is None
+        ):
+            return state
+        spec = self._spec_of(record)
+        if spec is None or not spec.outputs:
+            return state
+        try:
+            commitment = await self.outputs.keep(
+                record.lease_id, spec, self._runtime.scratch_dir(record.lease_id)
+            )
+        except Exception as exc:
+            why = exc.reason if isinstance(exc, PackFailed) else f"outputs_failed: {exc}"
+            if not isinstance(exc, PackFailed):
+                log.exception("packing outputs failed", extra={"lease_id": record.lease_id})
+            earlier = changes.get("reason") or ""
+            changes["reason"] = f"{why} (and before that: {earlier})" if earlier else why
+            return LeaseState.FAILED
+        extra = dict(changes.get("extra", record.extra))
+        extra["outputs"] = commitment.to_json()
+        changes["extra"] = extra
+        return state
+
     async def _end(self, record: LeaseRecord, state: LeaseState, **changes: Any) -> None:
         """Record the terminal state first, then clean up: a crash in between leaves a
         container that reconcile removes, never a lease that looks alive."""
+        # Before anything is recorded: a crash during or after the pack repeats this end
+        # on restart (the container is still there), and the pack is idempotent.
+        state = await self._keep_outputs(record, state, changes)
         self._stop_monitor(record.lease_id)
         restart = self._restart_tasks.pop(record.lease_id, None)
         if restart is not None and restart is not asyncio.current_task():
@@ -940,6 +990,7 @@ class LeaseManager:
             started_at=record.started_at,
             endpoints=self._endpoint_statuses(record),
             restarts=restarts.counts(record.extra)[0],
+            outputs=record.extra.get("outputs") if record.state.terminal else None,
         )
 
     async def _transition(

@@ -51,6 +51,10 @@ class LeaseUpdate:
     # Service leases: the declared ports' health, and the container restarts so far.
     endpoints: tuple[EndpointStatus, ...] = ()
     restarts: int = 0
+    # Terminal updates of leases that declared outputs: the signed commitment
+    # (agent/leases/output_pack.Commitment.to_json), stored with the update so an agent
+    # that dies before reporting it re-sends it.
+    outputs: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -185,6 +185,11 @@ class LeaseSpec(_Wire):
     registry_auth: RegistryAuth | None = None
     # Services: the relay asks no endpoint token (the agent serves such ports the same).
     public: bool = False
+    # Batch outputs (PROTOCOL.md "Lease outputs"): checked by leaserules.check_outputs.
+    outputs: list[str] = Field(default_factory=list, max_length=leaserules.MAX_OUTPUTS * 4)
+    output_max_bytes: ByteSize = Field(default=0, le=MAX_BYTES, description="0 = outputs.max_bytes")
+    output_retention_seconds: int = Field(default=0, ge=0, le=2**63 - 1, description="0 = default")
+    outputs_required: bool = False
     # Hostile fields: accepted by the schema so they can be refused by name.
     privileged: bool = False
     host_network: bool = False
@@ -226,7 +231,17 @@ class LeaseSpec(_Wire):
         leaserules.check_restart(self.restart, self.max_restarts)
         if self.health is not None:
             leaserules.check_health(self.health.rule(), ports)
+        self.output_patterns()
         return self
+
+    def output_patterns(self) -> list[str]:
+        """The declared outputs relative to /scratch (``leaserules.check_outputs``)."""
+        return leaserules.check_outputs(
+            self.outputs,
+            self.output_max_bytes,
+            self.output_retention_seconds,
+            self.outputs_required,
+        )
 
     def service_ports(self) -> list[leaserules.Port]:
         return [p.rule() for p in self.ports]

@@ -146,6 +146,16 @@ class AgentMetrics:
             "1 when the last isolation self-test found every probe blocked, else 0",
             registry=registry,
         )
+        self.retained_output_bytes = Gauge(
+            names.RETAINED_OUTPUT_BYTES,
+            "Bytes of lease output archives kept on this node for their buyers",
+            registry=registry,
+        )
+        self.retained_outputs = Gauge(
+            names.RETAINED_OUTPUTS,
+            "Lease output archives kept on this node for their buyers",
+            registry=registry,
+        )
         self.reconnects = Counter(
             names.COORDINATOR_RECONNECTS,
             "Times the agent re-dialled the coordinator after losing the stream",
@@ -201,6 +211,10 @@ class AgentMetrics:
 
     def set_isolation(self, verified: bool) -> None:
         self.isolation_verified.set(1.0 if verified else 0.0)
+
+    def set_retained_outputs(self, count: int, size: int) -> None:
+        self.retained_outputs.set(count)
+        self.retained_output_bytes.set(size)
 
     # --- coordinator link -------------------------------------------------------
     def set_connected(self, connected: bool) -> None:

@@ -385,6 +385,7 @@ class Inventory(_message.Message):
     COLLECTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
     SCRATCH_FIELD_NUMBER: _builtins.int
+    RETAINED_OUTPUTS_FIELD_NUMBER: _builtins.int
     collected_at_unix_nanos: _builtins.int
     @_builtins.property
     def host(self) -> Global___HostInfo: ...
@@ -394,6 +395,8 @@ class Inventory(_message.Message):
     def isolation(self) -> Global___Isolation: ...
     @_builtins.property
     def scratch(self) -> Global___ScratchStorage: ...
+    @_builtins.property
+    def retained_outputs(self) -> Global___RetainedOutputs: ...
     def __init__(
         self,
         *,
@@ -402,14 +405,40 @@ class Inventory(_message.Message):
         collected_at_unix_nanos: _builtins.int = ...,
         isolation: Global___Isolation | None = ...,
         scratch: Global___ScratchStorage | None = ...,
+        retained_outputs: Global___RetainedOutputs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "isolation", b"isolation", "scratch", b"scratch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["host", b"host", "isolation", b"isolation", "retained_outputs", b"retained_outputs", "scratch", b"scratch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at_unix_nanos", b"collected_at_unix_nanos", "gpus", b"gpus", "host", b"host", "isolation", b"isolation", "scratch", b"scratch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collected_at_unix_nanos", b"collected_at_unix_nanos", "gpus", b"gpus", "host", b"host", "isolation", b"isolation", "retained_outputs", b"retained_outputs", "scratch", b"scratch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Inventory: _TypeAlias = Inventory  # noqa: Y015
+
+@_typing.final
+class RetainedOutputs(_message.Message):
+    """Lease outputs kept on the node's disk for their buyers (PROTOCOL.md "Lease outputs")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    bytes: _builtins.int
+    count: _builtins.int
+    """archives"""
+    def __init__(
+        self,
+        *,
+        bytes: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetainedOutputs: _TypeAlias = RetainedOutputs  # noqa: Y015
 
 @_typing.final
 class GpuHealth(_message.Message):
