@@ -336,7 +336,9 @@ class RelayConfig(Strict):
     cert_file: Path | None = Field(default=None, description="wildcard certificate for *.domain")
     key_file: Path | None = None
     idle_timeout: Duration = Field(
-        default=600.0, gt=0, description="close a buyer connection idle both ways this long"
+        default=600.0,
+        gt=0,
+        description="close a buyer connection (HTTP or a tcp stream) idle both ways this long",
     )
     route_ttl: Duration = Field(
         default=5.0, gt=0, description="cache a lease's route (and token hash) this long"
