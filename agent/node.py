@@ -426,6 +426,7 @@ class AgentNode:
             gpu_leases=lambda: self.leases.snapshot().allocations,
             gpu_health=gpu_health,
             lease_states=lambda: lease_state_counts(self.leases),
+            endpoint_readiness=lambda: self.leases.endpoint_readiness(),
             usage_alert_records=self.config.metering.outbox_alert_records,
         )
 

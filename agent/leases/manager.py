@@ -427,6 +427,16 @@ class LeaseManager:
         record = self._active.get(lease_id)
         return self._endpoint_statuses(record) if record is not None else ()
 
+    def endpoint_readiness(self) -> dict[tuple[str, str], bool]:
+        """(lease id, port name) -> ready, for every declared port of a lease this node
+        holds (``gpu_agent_lease_endpoint_ready``, read at scrape time: an ended lease
+        is simply absent)."""
+        return {
+            (record.lease_id, status.name): status.ready
+            for record in list(self._active.values())
+            for status in self._endpoint_statuses(record)
+        }
+
     async def pending_updates(self) -> list[LeaseUpdate]:
         """Updates the coordinator has not acknowledged: re-send them after a reconnect."""
         return await asyncio.to_thread(self._db.pending_updates)
