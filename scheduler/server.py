@@ -226,6 +226,10 @@ class SchedulerServer:
             self.db, SecretBox(config.database.path.parent / secretbox.KEY_FILE), clock
         )
         self.endpoint_tokens.register(self.leases_store)
+        # Agents in direct mode check tokens themselves: the hash goes in LeaseAssign,
+        # and again to the node after a rotation.
+        self.dispatcher.token_hash = self.endpoint_tokens.hash_of
+        self.endpoint_tokens.on_rotate.append(self.dispatcher.push_token)
         self.leases = LeasesService(
             self.leases_store,
             self.dispatcher,

@@ -1,0 +1,88 @@
+"""Direct mode end to end: a real `gpu-scheduler serve`, a real `gpu-agent run` with
+``services.mode: direct`` on a 127.x.y.z advertise address, the pyservice image in real
+Docker. The coordinator sends the token hash in LeaseAssign and shows the agent's
+address as the lease's URL; a rotated token reaches the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import pytest
+
+from benchmarks.agent_stack import BIN, Stack, running_stack, wait_until
+from gpuagent.v1 import acl_pb2, acl_pb2_grpc, leases_pb2, leases_pb2_grpc
+from tests.images.pyservice import build_pyservice
+from tests.test_relay_e2e import _buyer_channel, submit_service
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
+
+ADDRESS = f"127.{secrets.randbelow(200) + 20}.{secrets.randbelow(250)}.9"
+LOW = 40000 + secrets.randbelow(200) * 100
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[tuple[Stack, grpc.Channel]]:
+    build_pyservice()
+    services = {
+        "mode": "direct",
+        "advertise_address": ADDRESS,
+        "port_range": f"{LOW}-{LOW + 9}",
+        "insecure_http": True,
+    }
+    with running_stack(agent_services=services) as running:
+        buyer = _buyer_channel(running)
+        try:
+            yield running, buyer
+        finally:
+            buyer.close()
+
+
+def test_lease_show_and_url_give_the_direct_address_and_the_token_guards_it(
+    stack: tuple[Stack, grpc.Channel],
+) -> None:
+    """The endpoint's URL is http://ADDRESS:port/ from the range (not the relay's); there a
+    request with the token is 200, without it 401; `lease url` prints the same URL;
+    after rotate-token the old token is 401 at the agent and the new one 200."""
+    running, buyer = stack
+    service = submit_service(running, buyer, "direct-e2e")
+    stub = leases_pb2_grpc.LeasesStub(buyer)
+
+    def direct_url() -> str:
+        lease = stub.Get(leases_pb2.GetLeaseRequest(lease_id=service.lease_id), timeout=5)
+        urls = [e.url for e in lease.endpoints if e.direct_address]
+        return urls[0] if urls else ""
+
+    wait_until("for the direct URL in lease show", lambda: bool(direct_url()), 30)
+    url = direct_url()
+    assert url.startswith(f"http://{ADDRESS}:") and url.endswith("/"), url
+    assert LOW <= int(url.rsplit(":", 1)[1].rstrip("/")) <= LOW + 9
+
+    def status(token: str) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(url, headers=headers, timeout=10).status_code
+
+    wait_until("for the direct endpoint to answer", lambda: status(service.token) == 200, 30)
+    assert status("") == 401
+    assert status("gsp_wrong") == 401
+
+    acl = acl_pb2_grpc.AclStub(running.channel)
+    secret = acl.CreateToken(acl_pb2.CreateTokenRequest(account="carol")).secret
+    env = {**os.environ, "GPU_SCHEDULER_TOKEN": secret}
+    argv = [str(BIN / "gpu-scheduler"), "-c", str(running.sched_cfg), "lease", "url"]
+    out = subprocess.run(
+        [*argv, service.lease_id], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert (out.returncode, out.stdout) == (0, url + "\n"), out.stderr
+
+    new = stub.RotateEndpointToken(
+        leases_pb2.RotateEndpointTokenRequest(lease_id=service.lease_id), timeout=10
+    ).token
+    assert new.startswith("gsp_") and new != service.token
+    wait_until("for the new token to work at the agent", lambda: status(new) == 200, 20)
+    assert status(service.token) == 401
