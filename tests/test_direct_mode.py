@@ -18,10 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from agent import cli
 from agent.config import ServicesConfig
 from agent.direct.ports import PortBook, PortsExhausted
 from agent.direct.publisher import DirectModeError, DirectPublisher, check_advertise_address
-from agent.leases import LeaseState
+from agent.leases import LeaseState, StateDB
 from agent.leases.endpoints import ServiceTarget
 from tests.test_lease_docker import LeaseEnv, lease_env, lease_env_factory
 from tests.test_lease_services import exec_in, until
@@ -167,7 +168,7 @@ def test_a_torn_port_book_starts_empty(tmp_path: Path) -> None:
 @pytest.mark.docker
 @pytest.mark.asyncio
 async def test_a_direct_service_is_reached_with_its_token_and_survives_an_agent_restart(
-    lease_env: LeaseEnv,
+    lease_env: LeaseEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A service lease on a direct-mode agent: its endpoints report 127.0.0.x:port; a GET
     there with the token is 200, without it or with another 401, before readiness 503;
@@ -245,6 +246,21 @@ async def test_a_direct_service_is_reached_with_its_token_and_survives_an_agent_
         ok = await http.get(f"http://{web}/", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200
         assert (await http.get(f"http://{web}/")).status_code == 401
+
+    # `gpu-agent leases` shows the direct address from the state DB.
+    config = lease_env.state_dir / "agent.yaml"
+    config.write_text(json.dumps({"node": {"state_dir": str(lease_env.state_dir)}}))
+    await until(
+        lease_env,
+        "the endpoint stored with its address",
+        lambda: (
+            (r := StateDB.in_state_dir(lease_env.state_dir).get("direct-1")) is not None
+            and any(e.get("direct_address") == web for e in r.extra.get("endpoints", []))
+        ),
+    )
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli.main, ["-c", str(config), "leases"]) == 0
+    assert f"direct {web}" in capsys.readouterr().out
 
     await second.cancel("direct-1")
     await lease_env.wait_state("direct-1", LeaseState.CANCELLED)
