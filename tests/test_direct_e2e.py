@@ -6,8 +6,11 @@ address as the lease's URL; a rotated token reaches the agent.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 
@@ -18,7 +21,7 @@ import pytest
 from benchmarks.agent_stack import BIN, Stack, running_stack, wait_until
 from gpuagent.v1 import acl_pb2, acl_pb2_grpc, leases_pb2, leases_pb2_grpc
 from tests.images.pyservice import build_pyservice
-from tests.test_relay_e2e import _buyer_channel, submit_service
+from tests.test_relay_e2e import MB, _buyer_channel, _read_exact, _ws_frame, submit_service
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -86,3 +89,75 @@ def test_lease_show_and_url_give_the_direct_address_and_the_token_guards_it(
     assert new.startswith("gsp_") and new != service.token
     wait_until("for the new token to work at the agent", lambda: status(new) == 200, 20)
     assert status(service.token) == 401
+
+
+def test_bodies_stream_events_arrive_as_written_and_websockets_work_direct(
+    stack: tuple[Stack, grpc.Channel],
+) -> None:
+    """Through the agent's own listener: a 20 MB chunked upload and a 20 MB download
+    arrive with matching checksums, the first server-sent event arrives before the
+    last is written, and a WebSocket echoes after the 101."""
+    running, buyer = stack
+    service = submit_service(running, buyer, "direct-stream")
+    stub = leases_pb2_grpc.LeasesStub(buyer)
+
+    def direct() -> str:
+        lease = stub.Get(leases_pb2.GetLeaseRequest(lease_id=service.lease_id), timeout=5)
+        return next((e.direct_address for e in lease.endpoints if e.direct_address), "")
+
+    wait_until("for the direct address", lambda: bool(direct()), 30)
+    base = f"http://{direct()}"
+    auth = {"Authorization": f"Bearer {service.token}"}
+    wait_until(
+        "for the direct endpoint",
+        lambda: httpx.get(base + "/", headers=auth, timeout=5).status_code == 200,
+        30,
+    )
+
+    body = os.urandom(MB)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(20):
+            yield body
+
+    reply = httpx.post(base + "/sha256", content=chunks(), headers=auth, timeout=60)
+    assert (reply.status_code, reply.text) == (200, hashlib.sha256(body * 20).hexdigest())
+
+    digest, size = hashlib.sha256(), 0
+    with httpx.stream("GET", f"{base}/big?n={20 * MB}", headers=auth, timeout=60) as down:
+        assert down.status_code == 200
+        expected = down.headers["x-sha256"]
+        for piece in down.iter_bytes():
+            digest.update(piece)
+            size += len(piece)
+    assert (size, digest.hexdigest()) == (20 * MB, expected)
+
+    with httpx.stream("GET", base + "/events", headers=auth, timeout=30) as events:
+        assert events.status_code == 200
+        texts = events.iter_text()
+        first = next(texts)
+        assert "data: first" in first and "last" not in first
+        assert httpx.get(base + "/go", headers=auth, timeout=10).status_code == 200
+        assert "data: last" in "".join(texts)
+
+    host, port = direct().rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            (
+                f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Authorization: Bearer {service.token}\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        for n in (5, 300, 4000):
+            payload = os.urandom(n)
+            sock.sendall(_ws_frame(payload))
+            first_bytes = _read_exact(sock, 2)
+            length = first_bytes[1] & 0x7F
+            if length == 126:
+                length = struct.unpack(">H", _read_exact(sock, 2))[0]
+            assert _read_exact(sock, length) == payload
