@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
 import pytest_asyncio
 
+from agent.config import ServicesConfig
 from agent.direct.front import FrontPort, HttpFront, TcpFront
+from agent.direct.publisher import DirectPublisher
 from agent.leases.endpoints import ServiceTarget
 from gpuagent.direct_url import direct_url, parse_direct_address
+from gpuagent.leaserules import Port
+from scheduler import tlsgen
 
 TOKEN = "gsp_direct-front-test-token"
 HASH = hashlib.sha256(TOKEN.encode()).digest()
@@ -203,3 +209,40 @@ def test_the_coordinator_builds_direct_urls_only_from_well_formed_addresses() ->
         "host name:80",
     ):
         assert parse_direct_address(bad) is None, bad
+
+
+@pytest.mark.asyncio
+async def test_a_publisher_with_a_certificate_serves_tls_and_reports_it(
+    rig: Rig, tmp_path: Path
+) -> None:
+    """With cert_file/key_file the direct listener speaks TLS (verified against the CA
+    that issued it), the endpoint reports direct_tls, and the token is still asked;
+    withdrawn, the port closes and is free in the book."""
+    files = tlsgen.ensure(tmp_path / "tls")
+    low = 31000 + secrets.randbelow(300) * 10
+    config = ServicesConfig.model_validate(
+        {
+            "mode": "direct",
+            "advertise_address": "127.0.0.1",
+            "port_range": f"{low}-{low + 9}",
+            "cert_file": str(files.server_cert),
+            "key_file": str(files.server_key),
+        }
+    )
+    publisher = DirectPublisher(config, tmp_path, rig.targets)
+    publisher.set_token("lease-d", HASH)
+    await publisher.publish("lease-d", [Port("web", 8080, "http")], public=False)
+    address, tls = publisher.address_of("lease-d", "web")
+    assert tls and address.startswith("127.0.0.1:")
+    try:
+        async with httpx.AsyncClient(timeout=10, verify=str(files.ca_cert)) as http:
+            url = f"https://{address}/tls"
+            assert (await http.get(url)).status_code == 401
+            ok = await http.get(url, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert ok.status_code == 200 and b"x-forwarded-proto: https" in ok.content
+    finally:
+        await publisher.withdraw("lease-d")
+    assert publisher.address_of("lease-d", "web") == ("", False)
+    assert publisher.book.ports("lease-d") == {}
+    with pytest.raises(OSError):
+        await asyncio.open_connection(*address.rsplit(":", 1))
