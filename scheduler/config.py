@@ -102,6 +102,13 @@ class ReplicaConfig(Strict):
     advertise: str = Field(
         default="", max_length=256, description="host:port agents reach this replica at"
     )
+    relay_url: str = Field(
+        default="",
+        max_length=256,
+        pattern=r"^(https?://[^\s/?#]+)?$",
+        description="scheme://host[:port] buyers reach this replica's embedded relay at; "
+        "another replica's relay redirects a lease whose node this replica holds here",
+    )
     heartbeat_interval: Duration = Field(
         default=1.0, gt=0, description="replica row heartbeat; leadership moves within it"
     )

@@ -273,6 +273,7 @@ class SchedulerServer:
             self.db,
             replica_id=rc.id,
             address=rc.advertise or self.config.server.listen,
+            relay_url=rc.relay_url,
             heartbeat_interval=rc.heartbeat_interval,
             dead_after=rc.dead_after,
             clock=self.clock,
@@ -342,6 +343,9 @@ class SchedulerServer:
         self.leases.endpoint_url = self.relay.url  # with the port it bound
         relay = self.relay
         self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
+        if self.replicas.distributed:
+            # A lease whose node's tunnel is on another replica: 307 to that replica.
+            relay.http.elsewhere = self.replicas.relay_holding
 
         on_update = self.dispatcher.on_update
 

@@ -481,6 +481,39 @@ async def test_an_idle_tcp_stream_is_closed_on_both_sides(rig: Rig) -> None:
     await until(lambda: CLOSED == [1], what="the container side closed")
 
 
+@pytest.mark.asyncio
+async def test_a_lease_whose_tunnel_is_on_another_replica_is_redirected_there(rig: Rig) -> None:
+    """Several replicas: a node whose tunnel this relay lacks but another replica holds
+    gets a 307 to that replica's relay in the path form (query kept), only for a holder
+    of the token; with no other holder the 503 stands."""
+    rig.routes.routes["lease-x"] = Route(
+        "lease-x", "node-elsewhere", (Port("80", 80, "http"),), False, token_hash(TOKEN)
+    )
+    asked: list[str] = []
+
+    async def elsewhere(node_id: str) -> str:
+        asked.append(node_id)
+        return "https://replica-b.example.net:8443" if node_id == "node-elsewhere" else ""
+
+    rig.relay.http.elsewhere = elsewhere
+    async with httpx.AsyncClient(timeout=10) as http:
+        moved = await http.get(rig.url("/v1/x?q=1"), headers=rig.headers("lease-x"))
+        stranger = await http.get(
+            rig.url("/v1/x"), headers=rig.headers("lease-x", token="gsp_nope")
+        )
+    assert moved.status_code == 307
+    assert moved.headers["location"] == (
+        "https://replica-b.example.net:8443/_lease/lease-x/80/v1/x?q=1"
+    )
+    assert stranger.status_code == 401 and asked == ["node-elsewhere"]
+    rig.routes.routes["lease-x"] = Route(
+        "lease-x", "node-gone", (Port("80", 80, "http"),), False, token_hash(TOKEN)
+    )
+    rig.relay.routes.invalidate("lease-x")
+    assert (await _get(rig, "/", lease="lease-x")).status_code == 503
+    assert SEEN == []
+
+
 class _Broken:
     async def route(self, lease_id: str) -> Route | None:
         raise ConnectionError("coordinator unreachable")

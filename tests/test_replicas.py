@@ -46,7 +46,12 @@ def replica_config(tmp: Path, url: str, name: str) -> SchedulerConfig:
     return base.model_copy(
         update={
             "database": base.database.model_copy(update={"url": url}),
-            "replica": ReplicaConfig(id=name, heartbeat_interval=0.2, dead_after=1.0),
+            "replica": ReplicaConfig(
+                id=name,
+                heartbeat_interval=0.2,
+                dead_after=1.0,
+                relay_url=f"https://relay-{name}.example.net",
+            ),
             # Placement passes only when kicked: a prompt placement proves the NOTIFY.
             "placement": base.placement.model_copy(update={"retry_interval": 60.0}),
         }
@@ -112,6 +117,14 @@ async def test_agent_fails_over_and_leases_follow_the_stream(
     try:
         await asyncio.wait_for(link.wait_connected(), 10)
         assert node in a.registry.sessions and node not in b.registry.sessions
+
+        # b's relay learns where the node's tunnel is: a's relay (for its 307).
+        async def held_by_a() -> bool:
+            return await b.replicas.relay_holding(node) == "https://relay-a.example.net"
+
+        await eventually(held_by_a, what="the claim of a to be visible to b")
+        assert await a.replicas.relay_holding(node) == ""  # a holds it itself
+        assert await b.replicas.relay_holding("no-such-node") == ""
 
         # Submitted on b, which does not hold the node: a places it, promptly.
         await b.leases_store.submit(_lease("l-1"))
