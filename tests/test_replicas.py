@@ -123,6 +123,7 @@ async def test_agent_fails_over_and_leases_follow_the_stream(
             return await b.replicas.relay_holding(node) == "https://relay-a.example.net"
 
         await eventually(held_by_a, what="the claim of a to be visible to b")
+        assert b.relay is not None and b.relay.http.elsewhere == b.replicas.relay_holding
         assert await a.replicas.relay_holding(node) == ""  # a holds it itself
         assert await b.replicas.relay_holding("no-such-node") == ""
 
