@@ -199,8 +199,10 @@ class LeaseDispatcher:
     # and how to ask the holder to send a LeaseCancel. None on a single scheduler.
     remote_nodes: Callable[[], Awaitable[set[str]]] | None = None
     forward_cancel: Callable[[str, str, str], Awaitable[None]] | None = None
-    # A lease's endpoint token hash (EndpointTokens.hash_of), sent in LeaseAssign.
+    # A lease's endpoint token hash (EndpointTokens.hash_of), sent in LeaseAssign; and
+    # how to ask the other replicas to push a rotated one to a node they hold.
     token_hash: Callable[[str], Awaitable[bytes]] | None = None
+    forward_token: Callable[[str], Awaitable[None]] | None = None
 
     def kick(self) -> None:
         """Ask for a placement pass soon (coalesced)."""
@@ -589,19 +591,23 @@ class LeaseDispatcher:
             assign.endpoint_token_sha256 = await self.token_hash(row.lease_id)
         return assign
 
-    def push_token(self, lease_id: str) -> None:
+    def push_token(self, lease_id: str, *, forward: bool = True) -> None:
         """A rotated endpoint token: its hash to the lease's node, as a repeat of the
-        LeaseAssign (a duplicate to the agent but for the hash it replaces)."""
-        self._spawn(self._push_token(lease_id), f"push-token-{lease_id}")
+        LeaseAssign (a duplicate to the agent but for the hash it replaces). With
+        ``forward``, a node held by another replica is asked of that replica."""
+        self._spawn(self._push_token(lease_id, forward), f"push-token-{lease_id}")
 
-    async def _push_token(self, lease_id: str) -> None:
+    async def _push_token(self, lease_id: str, forward: bool) -> None:
         row = await self.store.get(lease_id)
         if row is None or row.terminal or not row.node_id:
             return
         session = self.registry.sessions.get(row.node_id)
         if session is None:
-            # Not connected here (down, or on another replica): the node keeps the old
-            # hash until the lease is assigned again; the relay has the new one at once.
+            if forward and self.forward_token is not None:
+                await self.forward_token(lease_id)  # the holder pushes (not forwarding)
+                return
+            # Not connected anywhere we know of: the node keeps the old hash until the
+            # lease is assigned again; the relay has the new one at once.
             log.info(
                 "rotated token not pushed: node not connected to this replica",
                 extra={"lease_id": lease_id, "node_id": row.node_id},

@@ -300,6 +300,14 @@ class SchedulerServer:
             await replicas.notify("cancel", f"{node_id}|{lease_id}|{reason}")
 
         self.dispatcher.forward_cancel = forward_cancel
+        # A token rotated on a replica that does not hold the lease's node: the holder
+        # re-sends the LeaseAssign with the new hash (and does not forward it again).
+        replicas.on("token", lambda lease_id: self.dispatcher.push_token(lease_id, forward=False))
+
+        async def forward_token(lease_id: str) -> None:
+            await replicas.notify("token", lease_id)
+
+        self.dispatcher.forward_token = forward_token
         self.ledger.is_leader = lambda: replicas.leader
         self.market.is_leader = lambda: replicas.leader
         replicas.on_cut_off(self._move_agents)
