@@ -501,7 +501,7 @@ class AgentNode:
         publisher = self.leases.publisher
         if isinstance(publisher, DirectPublisher) and self.leases.holds(msg.lease_id):
             # Also for a repeat of a lease held: how a rotated token's hash arrives.
-            publisher.set_token(msg.lease_id, msg.endpoint_token_sha256)
+            await asyncio.to_thread(publisher.set_token, msg.lease_id, msg.endpoint_token_sha256)
 
     async def _on_lease_cancel(self, msg: leases_pb2.LeaseCancel) -> None:
         await self.leases.cancel(

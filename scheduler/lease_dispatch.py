@@ -715,6 +715,10 @@ class LeaseDispatcher:
                 why = "cancelled by the buyer"
             if why is not None:
                 await self._send_cancel(session.node_id, lease_id, why)
+            elif row is not None and row.spec.ports and not row.spec.public:
+                # A token rotated while the node was away: its hash, or a revoked token
+                # would keep working at an agent in direct mode.
+                self.push_token(lease_id, forward=False)
         self._reconcile[session.node_id] = session
         if self.store.counts.get("pending", 0) > 0:
             # Only a waiting lease can use the new node; with none, a Hello storm

@@ -161,3 +161,40 @@ def test_bodies_stream_events_arrive_as_written_and_websockets_work_direct(
             if length == 126:
                 length = struct.unpack(">H", _read_exact(sock, 2))[0]
             assert _read_exact(sock, length) == payload
+
+
+def test_a_token_rotated_while_the_agent_was_down_is_revoked_when_it_returns(
+    stack: tuple[Stack, grpc.Channel],
+) -> None:
+    """kill -9 the agent, rotate the token, start the agent again: it re-adopts the
+    service on the same port, and once connected the coordinator re-sends the hash, so
+    the new token is 200 there and the revoked one 401."""
+    running, buyer = stack
+    service = submit_service(running, buyer, "direct-revoke")
+    stub = leases_pb2_grpc.LeasesStub(buyer)
+
+    def direct() -> str:
+        lease = stub.Get(leases_pb2.GetLeaseRequest(lease_id=service.lease_id), timeout=5)
+        return next((e.direct_address for e in lease.endpoints if e.direct_address), "")
+
+    wait_until("for the direct address", lambda: bool(direct()), 30)
+    address = direct()
+
+    def status(token: str) -> int:
+        try:
+            headers = {"Authorization": f"Bearer {token}"}
+            return httpx.get(f"http://{address}/", headers=headers, timeout=5).status_code
+        except httpx.TransportError:
+            return 0  # the agent is down
+
+    wait_until("for the direct endpoint", lambda: status(service.token) == 200, 30)
+    agent = running.procs["agent"]
+    agent.kill()
+    agent.wait(30)
+    new = stub.RotateEndpointToken(
+        leases_pb2.RotateEndpointTokenRequest(lease_id=service.lease_id), timeout=10
+    ).token
+    running._start("agent", [str(BIN / "gpu-agent"), "-c", str(running.agent_cfg), "run"])
+    wait_until("for the new token at the restarted agent", lambda: status(new) == 200, 90)
+    assert status(service.token) == 401
+    assert direct() == address  # the same host port after the restart
