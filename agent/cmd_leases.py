@@ -179,9 +179,11 @@ def _endpoint_lines(row: dict[str, Any] | None) -> list[str]:
         checked = e.get("last_check_at")
         when = time.strftime("%H:%M:%S", time.gmtime(checked)) if checked else "never"
         result = f" ({str(e.get('last_result', ''))[:80]})" if e.get("last_result") else ""
+        # Direct mode: where this agent serves the port itself.
+        direct = f"  direct {e['direct_address']}" if e.get("direct_address") else ""
         lines.append(
             f"  {e.get('name', '?'):<15} {e.get('protocol', '?')}/{e.get('container_port', '?')}"
-            f"  {'ready' if e.get('ready') else 'not ready'}  last check {when}{result}"
+            f"  {'ready' if e.get('ready') else 'not ready'}  last check {when}{result}{direct}"
         )
     return lines
 

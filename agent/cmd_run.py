@@ -13,6 +13,7 @@ from gpuagent.logsetup import enable_fault_tracebacks, setup_logging, stderr_err
 
 from .cli import config_path, load_config_from_args
 from .config import AgentConfig
+from .direct.publisher import DirectModeError
 from .gpu import NvmlUnavailable
 from .identity import IdentityError
 from .leases.statedb import StateDBError
@@ -45,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     except NvmlUnavailable as exc:
         stderr_error(f"error: {exc}")
         return 2
-    except (IdentityError, StateDBError, OutboxError, ListenError) as exc:
+    except (IdentityError, StateDBError, OutboxError, ListenError, DirectModeError) as exc:
         stderr_error(f"error: {exc}")
         return 2
 

@@ -408,6 +408,87 @@ class IsolationConfig(Strict):
         return self
 
 
+class ServicesConfig(Strict):
+    """How buyers reach service leases (docs/services.md): through the relay (default; the
+    agent dials out, no port opens on the host), or ``direct`` on an address of this host
+    for a provider with a public address (agent/direct/)."""
+
+    mode: Literal["relay", "direct"] = "relay"
+    advertise_address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = Field(
+        default=None,
+        description="direct mode: the address of this host buyers connect to; the only "
+        "address direct listeners bind (never 0.0.0.0 or ::)",
+    )
+    advertise_host: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$",
+        description="direct mode: the host name in buyers' URLs (matching cert_file); "
+        "default: advertise_address",
+    )
+    port_range: str = Field(
+        default="30000-30999",
+        description="direct mode: host ports the agent allocates from, FIRST-LAST",
+    )
+    cert_file: Path | None = Field(
+        default=None, description="direct mode: TLS certificate of the direct listeners"
+    )
+    key_file: Path | None = None
+    idle_timeout: Duration = Field(
+        default=600.0, gt=0, description="direct mode: close a connection idle both ways this long"
+    )
+    insecure_http: bool = Field(
+        default=False,
+        description="direct mode without TLS; only on a loopback advertise_address (tests), "
+        "since buyers' tokens would cross the network in clear",
+    )
+
+    @field_validator("advertise_address")
+    @classmethod
+    def _one_address(
+        cls, value: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        if value is not None and (value.is_unspecified or value.is_multicast):
+            raise ValueError(
+                f"{value} is no single address of this host; name the one buyers reach"
+            )
+        return value
+
+    @field_validator("port_range")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        first, dash, last = value.partition("-")
+        if not dash or not first.strip().isdigit() or not last.strip().isdigit():
+            raise ValueError(f"{value!r}: expected FIRST-LAST, e.g. 30000-30999")
+        low, high = int(first), int(last)
+        if not 1024 <= low <= high <= 65535:
+            raise ValueError(f"{value!r}: need 1024 <= FIRST <= LAST <= 65535")
+        return f"{low}-{high}"
+
+    def ports(self) -> range:
+        low, high = self.port_range.split("-")
+        return range(int(low), int(high) + 1)
+
+    @model_validator(mode="after")
+    def _direct_needs(self) -> ServicesConfig:
+        if self.mode != "direct":
+            return self
+        if self.advertise_address is None:
+            raise ValueError("mode direct needs advertise_address (an address of this host)")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.cert_file is None and not self.insecure_http:
+            raise ValueError(
+                "mode direct needs cert_file and key_file (TLS: buyers send their endpoint "
+                "token), or insecure_http: true on a loopback advertise_address"
+            )
+        if self.cert_file is None and not self.advertise_address.is_loopback:
+            raise ValueError(
+                f"insecure_http on {self.advertise_address} would send buyers' tokens across "
+                "the network in clear; allowed on a loopback address only"
+            )
+        return self
+
+
 class MeteringConfig(Strict):
     sample_interval: Duration = 5.0
     record_interval: Duration = 60.0
@@ -464,6 +545,7 @@ class AgentConfig(Strict):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
     metering: MeteringConfig = Field(default_factory=MeteringConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)

@@ -41,6 +41,7 @@ from .attestation import (
 )
 from .config import AgentConfig
 from .daemon import Agent
+from .direct.publisher import DirectPublisher
 from .doctor import CheckResult, fatal_results, run_preflight
 from .drain import DrainController, disconnect_guard, stop_all
 from .gpu import GpuBackend, open_backend
@@ -205,6 +206,9 @@ class AgentNode:
             before_cleanup=self._last_usage_reading,
             outputs=self.outputs,
         )
+        if config.services.mode == "direct":
+            # Refuses an advertise address this host does not have (DirectModeError).
+            self.leases.publisher = DirectPublisher(config.services, state_dir, self.leases)
         self.outbox = await asyncio.to_thread(
             Outbox, state_dir / OUTBOX_FILE_NAME, alert_records=config.metering.outbox_alert_records
         )
@@ -410,6 +414,9 @@ class AgentNode:
 
     async def close(self) -> None:
         """Release what the parts hold; containers keep running (they are Docker's)."""
+        publisher = self.leases.publisher if hasattr(self, "leases") else None
+        if isinstance(publisher, DirectPublisher):
+            await publisher.close()  # the port book stays: a restart re-opens the same ports
         if self.attestation is not None:
             with contextlib.suppress(Exception):
                 await self.attestation.aclose()
@@ -440,6 +447,7 @@ class AgentNode:
             gpu_leases=lambda: self.leases.snapshot().allocations,
             gpu_health=gpu_health,
             lease_states=lambda: lease_state_counts(self.leases),
+            endpoint_readiness=lambda: self.leases.endpoint_readiness(),
             usage_alert_records=self.config.metering.outbox_alert_records,
         )
 
@@ -504,6 +512,10 @@ class AgentNode:
         expires = msg.expires_at_unix_nanos / 1e9 if msg.expires_at_unix_nanos else None
         self._assigned_at.setdefault(msg.lease_id, time.monotonic())
         await self.leases.assign(msg.lease_id, spec, expires, gpu_uuids=list(msg.gpu_uuids) or None)
+        publisher = self.leases.publisher
+        if isinstance(publisher, DirectPublisher) and self.leases.holds(msg.lease_id):
+            # Also for a repeat of a lease held: how a rotated token's hash arrives.
+            await asyncio.to_thread(publisher.set_token, msg.lease_id, msg.endpoint_token_sha256)
 
     async def _on_lease_cancel(self, msg: leases_pb2.LeaseCancel) -> None:
         await self.leases.cancel(

@@ -172,6 +172,8 @@ def lease_update(update: LeaseUpdate) -> leases_pb2.LeaseUpdate:
                 last_check_unix_nanos=round(e.last_check_at * 1e9) if e.last_check_at else 0,
                 last_result=leaserules.clip(e.last_result, 256),
                 restarts=e.restarts,
+                direct_address=e.direct_address,
+                direct_tls=e.direct_tls,
             )
             for e in update.endpoints
         ],

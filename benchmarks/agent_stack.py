@@ -65,7 +65,13 @@ def ensure_image() -> None:
 
 
 class Stack:
-    def __init__(self, workdir: Path, *, standalone_relay: bool = False) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        standalone_relay: bool = False,
+        agent_services: dict[str, object] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.standalone_relay = standalone_relay
         self.tunnel_port = free_port()
@@ -119,6 +125,8 @@ class Stack:
                     "status": {"listen": f"127.0.0.1:{self.status_port}"},
                     # Rules of its own, matched to its own bridges, removed at the end.
                     "isolation": self.isolation.model_dump(mode="json"),
+                    # e.g. direct mode (tests/test_direct_e2e.py); default: relay.
+                    **({"services": agent_services} if agent_services else {}),
                 }
             )
         )
@@ -225,10 +233,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(*, standalone_relay: bool = False) -> Iterator[Stack]:
+def running_stack(
+    *, standalone_relay: bool = False, agent_services: dict[str, object] | None = None
+) -> Iterator[Stack]:
     ensure_image()
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:
-        stack = Stack(Path(tmp), standalone_relay=standalone_relay)
+        stack = Stack(Path(tmp), standalone_relay=standalone_relay, agent_services=agent_services)
         try:
             stack.start()
             yield stack

@@ -707,8 +707,8 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _url(args: argparse.Namespace) -> int:
-    """One URL on stdout: the relay's address for a declared port of the lease, from
-    the relay settings of the same config file ``serve`` reads."""
+    """One URL on stdout: where the provider serves the port itself (direct mode), else
+    the relay's address for it, from the relay settings of the file ``serve`` reads."""
     from .cli import load_config_from_args
     from .relay.directory import declared_ports
     from .relay.server import buyer_url
@@ -733,6 +733,12 @@ def _url(args: argparse.Namespace) -> int:
             )
             return 1
         port = found[0]
+    # A port the provider's agent serves itself (direct mode): the URL the coordinator
+    # filled from its report; otherwise the relay's.
+    direct = [e.url for e in lease.endpoints if e.name == port.name and e.direct_address]
+    if direct and direct[0]:
+        print(direct[0])
+        return 0
     print(buyer_url(load_config_from_args(args).relay, lease.lease_id, port.name))
     return 0
 

@@ -102,6 +102,13 @@ class ReplicaConfig(Strict):
     advertise: str = Field(
         default="", max_length=256, description="host:port agents reach this replica at"
     )
+    relay_url: str = Field(
+        default="",
+        max_length=256,
+        pattern=r"^(https?://[^\s/?#]+)?$",
+        description="scheme://host[:port] buyers reach this replica's embedded relay at; "
+        "another replica's relay redirects a lease whose node this replica holds here",
+    )
     heartbeat_interval: Duration = Field(
         default=1.0, gt=0, description="replica row heartbeat; leadership moves within it"
     )
@@ -341,7 +348,9 @@ class RelayConfig(Strict):
     cert_file: Path | None = Field(default=None, description="wildcard certificate for *.domain")
     key_file: Path | None = None
     idle_timeout: Duration = Field(
-        default=600.0, gt=0, description="close a buyer connection idle both ways this long"
+        default=600.0,
+        gt=0,
+        description="close a buyer connection (HTTP or a tcp stream) idle both ways this long",
     )
     route_ttl: Duration = Field(
         default=5.0, gt=0, description="cache a lease's route (and token hash) this long"

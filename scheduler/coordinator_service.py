@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 
 from gpuagent import PROTOCOL_VERSION, __version__, bounds, leaserules
+from gpuagent.direct_url import parse_direct_address
 from gpuagent.signing import hello_signing_bytes, node_id_from_public_key, verify_ed25519
 from gpuagent.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -381,6 +382,9 @@ def salvage_lease_update(update: Any) -> None:
     del update.endpoints[leaserules.MAX_PORTS :]
     for endpoint in update.endpoints:
         endpoint.last_result = leaserules.clip(endpoint.last_result, 256)
+        if parse_direct_address(endpoint.direct_address) is None:
+            endpoint.direct_address = ""  # malformed: the port is the relay's only
+            endpoint.direct_tls = False
     try:
         bounds.check(update, "lease_update")
     except bounds.BoundsError as exc:

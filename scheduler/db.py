@@ -340,6 +340,11 @@ MIGRATIONS: tuple[str, ...] = (
         stored_ns INTEGER NOT NULL
     );
     """,
+    # 12: where buyers reach each replica's embedded relay (replica.relay_url): a relay
+    # without the tunnel of a lease's node redirects to the replica holding it.
+    """
+    ALTER TABLE replicas ADD COLUMN relay_url TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 

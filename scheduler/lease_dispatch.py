@@ -202,6 +202,10 @@ class LeaseDispatcher:
     # Redundant runs (scheduler/verify.py); None = no verified leases are placed.
     verify: Verifier | None = None
     forward_cancel: Callable[[str, str, str], Awaitable[None]] | None = None
+    # A lease's endpoint token hash (EndpointTokens.hash_of), sent in LeaseAssign; and
+    # how to ask the other replicas to push a rotated one to a node they hold.
+    token_hash: Callable[[str], Awaitable[bytes]] | None = None
+    forward_token: Callable[[str], Awaitable[None]] | None = None
 
     def kick(self) -> None:
         """Ask for a placement pass soon (coalesced)."""
@@ -609,11 +613,7 @@ class LeaseDispatcher:
         session = self.registry.sessions.get(offer.node_id)
         if session is None:
             return "unreachable", "node has no open stream"
-        assign = leases_pb2.LeaseAssign(
-            lease_id=row.lease_id,
-            spec=agent_spec(self.store.assign_spec(row)),
-            gpu_uuids=row.gpu_uuids,
-        )
+        assign = await self._assign_message(row)
         try:
             await session.send(_message(lease_assign=assign))
         except Exception as exc:
@@ -628,6 +628,44 @@ class LeaseDispatcher:
             return "timeout", f"no answer within {self.settings.assign_timeout:g}s"
 
     # -- agent messages ------------------------------------------------------------
+
+    async def _assign_message(self, row: LeaseRow) -> leases_pb2.LeaseAssign:
+        spec = agent_spec(self.store.assign_spec(row))
+        assign = leases_pb2.LeaseAssign(lease_id=row.lease_id, spec=spec, gpu_uuids=row.gpu_uuids)
+        if spec.ports and not spec.public and self.token_hash is not None:
+            # An agent in direct mode checks buyers against it (docs/services.md).
+            assign.endpoint_token_sha256 = await self.token_hash(row.lease_id)
+        return assign
+
+    def push_token(self, lease_id: str, *, forward: bool = True) -> None:
+        """A rotated endpoint token: its hash to the lease's node, as a repeat of the
+        LeaseAssign (a duplicate to the agent but for the hash it replaces). With
+        ``forward``, a node held by another replica is asked of that replica."""
+        self._spawn(self._push_token(lease_id, forward), f"push-token-{lease_id}")
+
+    async def _push_token(self, lease_id: str, forward: bool) -> None:
+        row = await self.store.get(lease_id)
+        if row is None or row.terminal or not row.node_id:
+            return
+        session = self.registry.sessions.get(row.node_id)
+        if session is None:
+            if forward and self.forward_token is not None:
+                await self.forward_token(lease_id)  # the holder pushes (not forwarding)
+                return
+            # Not connected anywhere we know of: the node keeps the old hash until the
+            # lease is assigned again; the relay has the new one at once.
+            log.info(
+                "rotated token not pushed: node not connected to this replica",
+                extra={"lease_id": lease_id, "node_id": row.node_id},
+            )
+            return
+        try:
+            await session.send(_message(lease_assign=await self._assign_message(row)))
+        except Exception as exc:
+            log.warning(
+                "rotated token not pushed",
+                extra={"lease_id": lease_id, "node_id": row.node_id, "error": repr(exc)},
+            )
 
     async def _send_cancel(self, node_id: str, lease_id: str, reason: str) -> bool:
         session = self.registry.sessions.get(node_id)
@@ -757,6 +795,10 @@ class LeaseDispatcher:
                 why = "cancelled by the buyer"
             if why is not None:
                 await self._send_cancel(session.node_id, lease_id, why)
+            elif row is not None and row.spec.ports and not row.spec.public:
+                # A token rotated while the node was away: its hash, or a revoked token
+                # would keep working at an agent in direct mode.
+                self.push_token(lease_id, forward=False)
         self._reconcile[session.node_id] = session
         if self.store.counts.get("pending", 0) > 0:
             # Only a waiting lease can use the new node; with none, a Hello storm

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 
 from gpuagent import bounds, leaserules, market
+from gpuagent.direct_url import direct_url
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
 from . import outputs_store
@@ -183,9 +184,12 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
 
     def _with_urls(self, lease: leases_pb2.Lease) -> leases_pb2.Lease:
         """The coordinator fills each reported endpoint's URL (the agent cannot know it)."""
-        if self.endpoint_url is not None:
-            for endpoint in lease.endpoints:
-                endpoint.url = self.endpoint_url(lease.lease_id, endpoint.name)
+        for endpoint in lease.endpoints:
+            # Direct mode (the agent serves the port itself): its URL before the relay's.
+            url = direct_url(endpoint.protocol, endpoint.direct_address, endpoint.direct_tls)
+            if not url and self.endpoint_url is not None:
+                url = self.endpoint_url(lease.lease_id, endpoint.name)
+            endpoint.url = url
         return lease
 
     async def _with_token(self, who: Principal, lease: leases_pb2.Lease) -> leases_pb2.Lease:

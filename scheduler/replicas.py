@@ -54,6 +54,7 @@ class Replicas:
         *,
         replica_id: str = "",
         address: str = "",
+        relay_url: str = "",
         heartbeat_interval: float = 1.0,
         dead_after: float = 5.0,
         clock: Callable[[], float] = time.time,
@@ -61,6 +62,7 @@ class Replicas:
         self.db = db
         self.replica_id = replica_id or default_replica_id()
         self.address = address
+        self.relay_url = relay_url
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self.clock = clock
@@ -94,11 +96,11 @@ class Replicas:
         now = round(self.clock() * 1e9)
         await self.db.call(
             lambda c: c.execute(
-                "INSERT INTO replicas (replica_id, address, started_ns, heartbeat_ns)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET"
-                " address = excluded.address, started_ns = excluded.started_ns,"
-                " heartbeat_ns = excluded.heartbeat_ns",
-                (self.replica_id, self.address, now, now),
+                "INSERT INTO replicas (replica_id, address, relay_url, started_ns, heartbeat_ns)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET"
+                " address = excluded.address, relay_url = excluded.relay_url,"
+                " started_ns = excluded.started_ns, heartbeat_ns = excluded.heartbeat_ns",
+                (self.replica_id, self.address, self.relay_url, now, now),
             )
         )
         self._last_ok = time.monotonic()
@@ -180,6 +182,21 @@ class Replicas:
             ).fetchall()
         )
         return {str(r[0]) for r in rows}
+
+    async def relay_holding(self, node_id: str) -> str:
+        """The relay URL of the live replica other than this one that holds the node's
+        stream (and so its tunnel, with an embedded relay); "" when none or unknown."""
+        if not self.distributed:
+            return ""
+        horizon = round((self.clock() - self.dead_after) * 1e9)
+        row = await self.db.call(
+            lambda c: c.execute(
+                "SELECT r.relay_url FROM nodes n JOIN replicas r ON r.replica_id = n.replica_id"
+                " WHERE n.node_id = ? AND r.replica_id != ? AND r.heartbeat_ns >= ?",
+                (node_id, self.replica_id, horizon),
+            ).fetchone()
+        )
+        return str(row[0]) if row and row[0] else ""
 
     def claim_in(self, conn: Conn, node_id: str) -> None:
         """Inside a Hello's transaction: this replica now holds the node's stream."""

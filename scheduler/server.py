@@ -227,6 +227,10 @@ class SchedulerServer:
             self.db, SecretBox(config.database.path.parent / secretbox.KEY_FILE), clock
         )
         self.endpoint_tokens.register(self.leases_store)
+        # Agents in direct mode check tokens themselves: the hash goes in LeaseAssign,
+        # and again to the node after a rotation.
+        self.dispatcher.token_hash = self.endpoint_tokens.hash_of
+        self.endpoint_tokens.on_rotate.append(self.dispatcher.push_token)
         self.leases = LeasesService(
             self.leases_store,
             self.dispatcher,
@@ -280,6 +284,7 @@ class SchedulerServer:
             self.db,
             replica_id=rc.id,
             address=rc.advertise or self.config.server.listen,
+            relay_url=rc.relay_url,
             heartbeat_interval=rc.heartbeat_interval,
             dead_after=rc.dead_after,
             clock=self.clock,
@@ -306,6 +311,14 @@ class SchedulerServer:
             await replicas.notify("cancel", f"{node_id}|{lease_id}|{reason}")
 
         self.dispatcher.forward_cancel = forward_cancel
+        # A token rotated on a replica that does not hold the lease's node: the holder
+        # re-sends the LeaseAssign with the new hash (and does not forward it again).
+        replicas.on("token", lambda lease_id: self.dispatcher.push_token(lease_id, forward=False))
+
+        async def forward_token(lease_id: str) -> None:
+            await replicas.notify("token", lease_id)
+
+        self.dispatcher.forward_token = forward_token
         self.ledger.is_leader = lambda: replicas.leader
         self.market.is_leader = lambda: replicas.leader
         replicas.on_cut_off(self._move_agents)
@@ -349,6 +362,9 @@ class SchedulerServer:
         self.leases.endpoint_url = self.relay.url  # with the port it bound
         relay = self.relay
         self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
+        if self.replicas.distributed:
+            # A lease whose node's tunnel is on another replica: 307 to that replica.
+            relay.http.elsewhere = self.replicas.relay_holding
 
         on_update = self.dispatcher.on_update
 

@@ -85,7 +85,7 @@ def test_unknown_section_lists_allowed_keys(tmp_path: Path) -> None:
     problems = _problems(_write(tmp_path, "zzz: 1\n"))
     assert problems == [
         "zzz: unknown key; allowed keys here: attestation, coordinator, gpu, isolation, log, "
-        "metering, node, outputs, runtime, status"
+        "metering, node, outputs, runtime, services, status"
     ]
 
 

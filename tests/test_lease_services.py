@@ -16,10 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from agent import cli
 from agent.leases import LeaseManager, LeaseState, LeaseUpdate, StateDB
 from agent.leases.endpoints import ServiceTarget
+from agent.metrics.agent_metrics import AgentMetrics
 from tests.test_lease_docker import LeaseEnv, lease_env, lease_env_factory
 
 __all__ = ["lease_env", "lease_env_factory"]
@@ -133,6 +135,35 @@ async def test_endpoint_not_ready_until_health_passes_then_liveness_restart(
     assert LeaseState.FAILED not in lease_env.states("svc-1")
     await manager.cancel("svc-1")
     await lease_env.wait_state("svc-1", LeaseState.CANCELLED)
+
+
+@pytest.mark.asyncio
+async def test_endpoint_ready_gauge_follows_the_check_and_goes_with_the_lease(
+    lease_env: LeaseEnv,
+) -> None:
+    """gpu_agent_lease_endpoint_ready{lease_id, port} is 0 while the port's check fails,
+    1 once it passes, and the series is gone when the lease ends."""
+    manager = lease_env.manager()
+    await lease_env.start(manager)
+    registry = CollectorRegistry()
+    AgentMetrics(registry, endpoint_readiness=manager.endpoint_readiness)
+
+    def gauge() -> float | None:
+        return registry.get_sample_value(
+            "gpu_agent_lease_endpoint_ready", {"lease_id": "svc-g", "port": "web"}
+        )
+
+    await manager.assign("svc-g", service(lease_env))
+    running = await lease_env.wait_state("svc-g", LeaseState.RUNNING)
+    await until(
+        lease_env, "a failed check", lambda: bool(manager.endpoints("svc-g")[0].last_result)
+    )
+    assert gauge() == 0.0
+    exec_in(lease_env, running, "echo ok > /scratch/www/health")
+    await until(lease_env, "gauge 1", lambda: gauge() == 1.0)
+    await manager.cancel("svc-g")
+    await lease_env.wait_state("svc-g", LeaseState.CANCELLED)
+    assert gauge() is None
 
 
 @pytest.mark.asyncio

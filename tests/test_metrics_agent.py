@@ -36,6 +36,28 @@ def test_failing_lease_snapshot_does_not_fail_the_scrape() -> None:
     assert reg.get_sample_value("gpu_agent_usage_records_pending") == 0.0
 
 
+def test_endpoint_readiness_read_at_scrape_time_and_a_failing_snapshot_is_left_out() -> None:
+    """gpu_agent_lease_endpoint_ready is 0/1 per (lease, port) from the snapshot at each
+    scrape; a port that left the snapshot (its lease ended) has no series; a raising
+    snapshot costs that family only."""
+    readiness: dict[tuple[str, str], bool] = {("a", "web"): False, ("a", "db"): True}
+    reg = CollectorRegistry()
+    AgentMetrics(reg, endpoint_readiness=lambda: readiness)
+    name = "gpu_agent_lease_endpoint_ready"
+    assert reg.get_sample_value(name, {"lease_id": "a", "port": "web"}) == 0.0
+    assert reg.get_sample_value(name, {"lease_id": "a", "port": "db"}) == 1.0
+    readiness.clear()
+    assert reg.get_sample_value(name, {"lease_id": "a", "port": "web"}) is None
+
+    def broken() -> dict[tuple[str, str], bool]:
+        raise RuntimeError("boom")
+
+    reg = CollectorRegistry()
+    AgentMetrics(reg, endpoint_readiness=broken)
+    assert reg.get_sample_value(name, {"lease_id": "a", "port": "web"}) is None
+    assert reg.get_sample_value("gpu_agent_leases", {"state": "running"}) == 0.0
+
+
 def test_usage_backlog_age_and_alert_threshold() -> None:
     """Oldest pending age is computed at scrape time; the alert flips above the threshold."""
     now = [1000.0]

@@ -80,10 +80,12 @@ async def _service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
     finally:
+        CLOSED.append(1)
         writer.close()
 
 
 SEEN: list[int] = []
+CLOSED: list[int] = []  # service-side connections that ended
 
 
 @dataclass
@@ -149,6 +151,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
     task = asyncio.create_task(client.run(stop))
     await asyncio.wait_for(client.connected.wait(), 10)
     SEEN.clear()
+    CLOSED.clear()
     try:
         yield Rig(relay, routes, targets, client, identity, proxy, grpc_port, tmp_path)
     finally:
@@ -451,6 +454,64 @@ async def test_tcp_handshake_refuses_garbage_and_wrong_tokens(rig: Rig) -> None:
     finally:
         writer.close()
     assert answer.startswith(b"OK\nHTTP/1.1 200"), answer
+
+
+@pytest.mark.asyncio
+async def test_an_idle_tcp_stream_is_closed_on_both_sides(rig: Rig) -> None:
+    """The relay's idle_timeout applies to tcp streams too: a stream with no bytes either
+    way for it is closed toward the buyer and, through the tunnel, toward the container;
+    one with traffic is not."""
+    rig.relay.tcp.idle_timeout = 0.5
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.relay.tcp_port)
+    try:
+        writer.write(f"RELAY1 lease-a 80 {TOKEN}\n".encode())
+        assert await asyncio.wait_for(reader.readline(), 10) == b"OK\n"
+        started = asyncio.get_running_loop().time()
+        for _ in range(4):  # traffic every 0.25 s keeps it open past the timeout
+            writer.write(b"GET /tick HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"path=/tick"), 5)).startswith(
+                b"HTTP/1.1 200"
+            )
+            await asyncio.sleep(0.25)
+        assert CLOSED == []
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the relay
+        assert asyncio.get_running_loop().time() - started > 1.0
+    finally:
+        writer.close()
+    await until(lambda: CLOSED == [1], what="the container side closed")
+
+
+@pytest.mark.asyncio
+async def test_a_lease_whose_tunnel_is_on_another_replica_is_redirected_there(rig: Rig) -> None:
+    """Several replicas: a node whose tunnel this relay lacks but another replica holds
+    gets a 307 to that replica's relay in the path form (query kept), only for a holder
+    of the token; with no other holder the 503 stands."""
+    rig.routes.routes["lease-x"] = Route(
+        "lease-x", "node-elsewhere", (Port("80", 80, "http"),), False, token_hash(TOKEN)
+    )
+    asked: list[str] = []
+
+    async def elsewhere(node_id: str) -> str:
+        asked.append(node_id)
+        return "https://replica-b.example.net:8443" if node_id == "node-elsewhere" else ""
+
+    rig.relay.http.elsewhere = elsewhere
+    async with httpx.AsyncClient(timeout=10) as http:
+        moved = await http.get(rig.url("/v1/x?q=1"), headers=rig.headers("lease-x"))
+        stranger = await http.get(
+            rig.url("/v1/x"), headers=rig.headers("lease-x", token="gsp_nope")
+        )
+    assert moved.status_code == 307
+    assert moved.headers["location"] == (
+        "https://replica-b.example.net:8443/_lease/lease-x/80/v1/x?q=1"
+    )
+    assert stranger.status_code == 401 and asked == ["node-elsewhere"]
+    rig.routes.routes["lease-x"] = Route(
+        "lease-x", "node-gone", (Port("80", 80, "http"),), False, token_hash(TOKEN)
+    )
+    rig.relay.routes.invalidate("lease-x")
+    assert (await _get(rig, "/", lease="lease-x")).status_code == 503
+    assert SEEN == []
 
 
 class _Broken:

@@ -11,6 +11,7 @@ The kill -9 versions with separate processes are in tests/faults/test_replica_fa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -46,7 +47,12 @@ def replica_config(tmp: Path, url: str, name: str) -> SchedulerConfig:
     return base.model_copy(
         update={
             "database": base.database.model_copy(update={"url": url}),
-            "replica": ReplicaConfig(id=name, heartbeat_interval=0.2, dead_after=1.0),
+            "replica": ReplicaConfig(
+                id=name,
+                heartbeat_interval=0.2,
+                dead_after=1.0,
+                relay_url=f"https://relay-{name}.example.net",
+            ),
             # Placement passes only when kicked: a prompt placement proves the NOTIFY.
             "placement": base.placement.model_copy(update={"retry_interval": 60.0}),
         }
@@ -113,6 +119,15 @@ async def test_agent_fails_over_and_leases_follow_the_stream(
         await asyncio.wait_for(link.wait_connected(), 10)
         assert node in a.registry.sessions and node not in b.registry.sessions
 
+        # b's relay learns where the node's tunnel is: a's relay (for its 307).
+        async def held_by_a() -> bool:
+            return await b.replicas.relay_holding(node) == "https://relay-a.example.net"
+
+        await eventually(held_by_a, what="the claim of a to be visible to b")
+        assert b.relay is not None and b.relay.http.elsewhere == b.replicas.relay_holding
+        assert await a.replicas.relay_holding(node) == ""  # a holds it itself
+        assert await b.replicas.relay_holding("no-such-node") == ""
+
         # Submitted on b, which does not hold the node: a places it, promptly.
         await b.leases_store.submit(_lease("l-1"))
 
@@ -166,6 +181,49 @@ async def test_a_cancel_on_one_replica_reaches_the_node_held_by_the_other(
             return cancels == ["l-2"]
 
         await eventually(told, what="a LeaseCancel from a")
+    finally:
+        stop.set()
+        await task
+
+
+async def test_a_token_rotated_on_one_replica_reaches_the_node_held_by_the_other(
+    pair: list[SchedulerServer], tmp_path: Path
+) -> None:
+    """The node (on a) gets the lease's token hash in LeaseAssign; a rotation on b, which
+    does not hold the node, reaches it through a as a repeated LeaseAssign with the new
+    hash (what an agent in direct mode checks buyers against)."""
+    a, b = pair
+    link, _identity = make_link(agent_config(a.port, None), tmp_path / "agent")
+    hashes: list[bytes] = []
+
+    async def on_assign(message: leases_pb2.LeaseAssign) -> None:
+        hashes.append(message.endpoint_token_sha256)
+
+    link.on("lease_assign", on_assign)  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    task = asyncio.create_task(link.run(stop))
+    try:
+        await asyncio.wait_for(link.wait_connected(), 10)
+        spec = leases_pb2.LeaseSpec(
+            image="busybox",
+            gpu_count=1,
+            max_duration_seconds=60,
+            ports=[leases_pb2.PortSpec(container_port=8080, protocol="http")],
+        )
+        await b.leases_store.submit(NewLease(lease_id="l-3", buyer="alice", spec=spec))
+
+        async def assigned() -> bool:
+            return len(hashes) == 1
+
+        await eventually(assigned, what="the LeaseAssign")
+        assert hashes[0] == await b.endpoint_tokens.hash_of("l-3") and len(hashes[0]) == 32
+        token = await b.endpoint_tokens.rotate("l-3")
+
+        async def pushed() -> bool:
+            return len(hashes) == 2
+
+        await eventually(pushed, what="the new hash through a")
+        assert hashes[1] == hashlib.sha256(token.encode()).digest() != hashes[0]
     finally:
         stop.set()
         await task

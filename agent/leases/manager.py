@@ -26,7 +26,7 @@ import shutil
 import sqlite3
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,6 +88,20 @@ class ServiceObserver(Protocol):
     def restarted(self, lease_id: str, cause: str) -> None: ...
 
     def lease_ended(self, lease_id: str) -> None: ...
+
+
+class EndpointPublisher(Protocol):
+    """Where an agent in direct mode serves service leases itself (agent/direct/)."""
+
+    async def publish(
+        self, lease_id: str, ports: Sequence[leaserules.Port], public: bool
+    ) -> None: ...
+
+    async def withdraw(self, lease_id: str) -> None: ...
+
+    async def retain(self, lease_ids: Iterable[str]) -> None: ...
+
+    def address_of(self, lease_id: str, name: str) -> tuple[str, bool]: ...
 
 
 class Clock(Protocol):
@@ -176,6 +190,7 @@ class LeaseManager:
         service_observer: ServiceObserver | None = None,
         before_cleanup: UpdateCallback | None = None,
         outputs: OutputKeeper | None = None,
+        publisher: EndpointPublisher | None = None,
     ) -> None:
         self._config = config
         self._policy = config.runtime
@@ -219,6 +234,7 @@ class LeaseManager:
         self._report_due: set[str] = set()
         self._last_report: dict[str, float] = {}
         self.service_observer = service_observer
+        self.publisher = publisher
         self._deadlines_changed = asyncio.Event()
         # Published updates not yet handed to on_update, oldest first (see _notify).
         self._published: collections.deque[LeaseUpdate] = collections.deque()
@@ -345,6 +361,8 @@ class LeaseManager:
             async with self._lock(lease_id):
                 await self._reconcile_one(record, by_lease.get(lease_id))
         await self._runtime.sweep_networks(set(self._active), containers)
+        if self.publisher is not None:
+            await self.publisher.retain(set(self._active))
         self._reconciled = True
         self._deadlines_changed.set()
 
@@ -434,6 +452,20 @@ class LeaseManager:
         record = self._active.get(lease_id)
         return self._endpoint_statuses(record) if record is not None else ()
 
+    def holds(self, lease_id: str) -> bool:
+        """Whether the lease is one this node runs now (not ended, not refused)."""
+        return lease_id in self._active
+
+    def endpoint_readiness(self) -> dict[tuple[str, str], bool]:
+        """(lease id, port name) -> ready, for every declared port of a lease this node
+        holds (``gpu_agent_lease_endpoint_ready``, read at scrape time: an ended lease
+        is simply absent)."""
+        return {
+            (record.lease_id, status.name): status.ready
+            for record in list(self._active.values())
+            for status in self._endpoint_statuses(record)
+        }
+
     async def pending_updates(self) -> list[LeaseUpdate]:
         """Updates the coordinator has not acknowledged: re-send them after a reconnect."""
         return await asyncio.to_thread(self._db.pending_updates)
@@ -483,6 +515,7 @@ class LeaseManager:
                 self._started_mono[lease_id] = now_mono - max(0.0, now_wall - started_wall)
                 record = self._active[lease_id]
                 if record.state is LeaseState.STARTING:
+                    await self._publish(lease_id)  # the running update carries the address
                     await self._transition(record, LeaseState.RUNNING, started_at=started_wall)
                     log.info(
                         "lease running", extra={"lease_id": lease_id, "container_id": container_id}
@@ -689,6 +722,8 @@ class LeaseManager:
         if self.service_observer is not None:
             self.service_observer.lease_ended(record.lease_id)
         ended = await self._transition(record, state, notify=False, stop_state=None, **changes)
+        if self.publisher is not None:
+            await self.publisher.withdraw(record.lease_id)
         update = self._update_for(ended, ended.updated_at)
         self._allocator.release(record.lease_id)
         self._specs.pop(record.lease_id, None)
@@ -748,6 +783,8 @@ class LeaseManager:
         self._started_mono[lease_id] = self._clock.monotonic() - max(
             0.0, self._clock.time() - started_at
         )
+        if record.stop_state is None:
+            await self._publish(lease_id)  # the same host ports as before the restart
         if record.state is not LeaseState.RUNNING:
             record = await self._transition(record, LeaseState.RUNNING, started_at=started_at)
         log.info("lease re-adopted", extra={"lease_id": lease_id, "container_id": info.id})
@@ -1053,7 +1090,32 @@ class LeaseManager:
             self._specs[record.lease_id] = spec
         return spec
 
+    async def _publish(self, lease_id: str) -> None:
+        """Direct mode: listen for the lease's ports before it is reported running."""
+        record = self._active.get(lease_id)
+        spec = self._spec_of(record) if record is not None else None
+        if self.publisher is None or spec is None or not spec.ports:
+            return
+        try:
+            await self.publisher.publish(lease_id, spec.service_ports(), spec.public)
+        except Exception:  # the relay still serves it; a listener is no reason to fail
+            log.exception("direct endpoints not published", extra={"lease_id": lease_id})
+
+    def _with_direct(
+        self, lease_id: str, statuses: Iterable[EndpointStatus]
+    ) -> tuple[EndpointStatus, ...]:
+        if self.publisher is None:
+            return tuple(statuses)
+        out = []
+        for status in statuses:
+            address, tls = self.publisher.address_of(lease_id, status.name)
+            out.append(dataclasses.replace(status, direct_address=address, direct_tls=tls))
+        return tuple(out)
+
     def _endpoint_statuses(self, record: LeaseRecord) -> tuple[EndpointStatus, ...]:
+        return self._with_direct(record.lease_id, self._checked_statuses(record))
+
+    def _checked_statuses(self, record: LeaseRecord) -> tuple[EndpointStatus, ...]:
         spec = self._spec_of(record)
         if spec is None or not spec.ports:
             return ()

@@ -22,6 +22,8 @@ class EndpointStatus:
     last_check_at: float | None = None  # unix seconds; None = not checked yet
     last_result: str = ""  # "ok", or why the last check failed
     restarts: int = 0
+    direct_address: str = ""  # direct mode: "host:port" the agent serves it on; "" = relay only
+    direct_tls: bool = False
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ START_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 PULL_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 LeaseStates = Callable[[], Mapping[str, int]]  # state -> number of leases in it
+# (lease id, port name) -> whether the port's last check passed
+EndpointReadiness = Callable[[], Mapping[tuple[str, str], bool]]
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,14 @@ class AgentMetrics:
         registry: CollectorRegistry,
         *,
         lease_states: LeaseStates | None = None,
+        endpoint_readiness: EndpointReadiness | None = None,
         usage_alert_records: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._lease_states = lease_states
+        self._endpoint_readiness = endpoint_readiness
         self._usage_alert_records = usage_alert_records
         self._usage_pending = 0
         self._usage_oldest: float | None = None
@@ -280,6 +284,21 @@ class AgentMetrics:
         for state, n in counts.items():
             leases.add_metric([state], float(n))
         yield leases
+
+        if self._endpoint_readiness is not None:
+            ready = GaugeMetricFamily(
+                names.LEASE_ENDPOINT_READY,
+                "1 while a service lease port's last health check passed, else 0",
+                labels=["lease_id", "port"],
+            )
+            try:
+                readiness = dict(self._endpoint_readiness())
+            except Exception:
+                log.exception("endpoint readiness snapshot failed; left out of this scrape")
+                readiness = {}
+            for (lease_id, port), up in sorted(readiness.items()):
+                ready.add_metric([lease_id, port], 1.0 if up else 0.0)
+            yield ready
 
         now = self._clock()
         with self._lock:

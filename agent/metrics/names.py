@@ -53,6 +53,7 @@ LEASE_STARTS: Final = "gpu_agent_lease_starts"  # counter, label outcome
 LEASE_START_DURATION: Final = "gpu_agent_lease_start_duration_seconds"
 LEASE_HEALTH_CHECKS: Final = "gpu_agent_lease_health_checks"  # counter, lease_id, kind, result
 LEASE_RESTARTS: Final = "gpu_agent_lease_restarts"  # counter, labels lease_id, cause
+LEASE_ENDPOINT_READY: Final = "gpu_agent_lease_endpoint_ready"  # labels lease_id, port
 IMAGE_PULL_DURATION: Final = "gpu_agent_image_pull_duration_seconds"
 IMAGE_PULL_BYTES: Final = "gpu_agent_image_pull_bytes"  # counter
 COORDINATOR_CONNECTED: Final = "gpu_agent_coordinator_connected"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from .agent_metrics import AgentMetrics, LeaseStates
+from .agent_metrics import AgentMetrics, EndpointReadiness, LeaseStates
 from .gpu_collector import (
     CollectorErrors,
     CollectorStatus,
@@ -36,6 +36,7 @@ def build_telemetry(
     gpu_leases: LeaseMap | None = None,
     gpu_health: HealthMap | None = None,
     lease_states: LeaseStates | None = None,
+    endpoint_readiness: EndpointReadiness | None = None,
     usage_alert_records: int = 100_000,
     clock: Callable[[], float] = time.time,
 ) -> Telemetry:
@@ -49,7 +50,11 @@ def build_telemetry(
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     agent = AgentMetrics(
-        registry, lease_states=lease_states, usage_alert_records=usage_alert_records, clock=clock
+        registry,
+        lease_states=lease_states,
+        endpoint_readiness=endpoint_readiness,
+        usage_alert_records=usage_alert_records,
+        clock=clock,
     )
     errors, status = CollectorErrors(), CollectorStatus()
     gpu: GpuCollector | None = None

@@ -492,9 +492,16 @@ class LeaseAssign(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
     GPU_UUIDS_FIELD_NUMBER: _builtins.int
+    ENDPOINT_TOKEN_SHA256_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     expires_at_unix_nanos: _builtins.int
     """0 = only max_duration_seconds bounds it"""
+    endpoint_token_sha256: _builtins.bytes
+    """SHA-256 of the lease's endpoint token (empty: public, or no endpoints): what an
+    agent in direct mode checks buyers' requests against. A LeaseAssign for a lease the
+    agent already holds is a duplicate except that this replaces the hash it holds
+    (how a rotated token reaches the agent).
+    """
     @_builtins.property
     def spec(self) -> Global___LeaseSpec: ...
     @_builtins.property
@@ -508,10 +515,11 @@ class LeaseAssign(_message.Message):
         spec: Global___LeaseSpec | None = ...,
         expires_at_unix_nanos: _builtins.int = ...,
         gpu_uuids: _abc.Iterable[_builtins.str] | None = ...,
+        endpoint_token_sha256: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_token_sha256", b"endpoint_token_sha256", "expires_at_unix_nanos", b"expires_at_unix_nanos", "gpu_uuids", b"gpu_uuids", "lease_id", b"lease_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -597,6 +605,8 @@ class Endpoint(_message.Message):
     LAST_RESULT_FIELD_NUMBER: _builtins.int
     RESTARTS_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
+    DIRECT_ADDRESS_FIELD_NUMBER: _builtins.int
+    DIRECT_TLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     protocol: _builtins.str
     container_port: _builtins.int
@@ -610,6 +620,12 @@ class Endpoint(_message.Message):
     """the lease's restarts (one container serves every port)"""
     url: _builtins.str
     """filled by the coordinator (relay); empty from the agent"""
+    direct_address: _builtins.str
+    """Direct mode (agent services.mode: direct): where the agent itself serves this port,
+    "host:port" (an IP literal or the configured advertise_host; IPv6 in brackets), and
+    whether that listener speaks TLS. Empty: served through the relay only.
+    """
+    direct_tls: _builtins.bool
     def __init__(
         self,
         *,
@@ -621,10 +637,12 @@ class Endpoint(_message.Message):
         last_result: _builtins.str = ...,
         restarts: _builtins.int = ...,
         url: _builtins.str = ...,
+        direct_address: _builtins.str = ...,
+        direct_tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "last_check_unix_nanos", b"last_check_unix_nanos", "last_result", b"last_result", "name", b"name", "protocol", b"protocol", "ready", b"ready", "restarts", b"restarts", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_port", b"container_port", "direct_address", b"direct_address", "direct_tls", b"direct_tls", "last_check_unix_nanos", b"last_check_unix_nanos", "last_result", b"last_result", "name", b"name", "protocol", b"protocol", "ready", b"ready", "restarts", b"restarts", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

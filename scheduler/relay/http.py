@@ -281,6 +281,8 @@ class BuyerConnection:
                     route.node_id, target.lease_id, target.port
                 )
             except TunnelError as exc:
+                if exc.kind == "no_tunnel":
+                    await self._redirect_elsewhere(target, route)
                 status, text = _TUNNEL_STATUS.get(exc.kind, (502, "bad gateway"))
                 log.info(
                     "relay could not reach a service",
@@ -294,6 +296,30 @@ class BuyerConnection:
             self.lease_id = target.lease_id
             self.relay.metrics.active.labels(self.lease_id).inc()
         return self.upstream
+
+    async def _redirect_elsewhere(self, target: Target, route: Route) -> None:
+        """Several replicas: the node's tunnel is on another replica's relay; send the
+        buyer there (307 keeps method and body), in the path form, which any host
+        name of that relay serves. Returns when no other replica holds it."""
+        if self.relay.elsewhere is None:
+            return
+        try:
+            base = await self.relay.elsewhere(route.node_id)
+        except Exception as exc:  # the registry is advice: without it, the 503 stands
+            log.warning("relay cannot ask the replica registry", extra={"error": str(exc)[:200]})
+            return
+        if not base:
+            return
+        location = (
+            f"{base.rstrip('/')}/_lease/{target.lease_id}/{target.port}"
+            f"{target.path.decode('latin-1')}"
+        )
+        await self._error(
+            307,
+            f"this lease is served by another replica's relay: {location}",
+            target.lease_id,
+            location=location,
+        )
 
     async def _exchange(self, request: h11.Request) -> None:
         started = time.monotonic()
@@ -484,6 +510,9 @@ class HttpRelay:
         self.routes = routes
         self.settings = settings
         self.metrics = metrics
+        # Several replicas (scheduler/replicas.py): the relay URL of the replica holding
+        # a node's tunnel, "" for none; None on a single scheduler.
+        self.elsewhere: Callable[[str], Awaitable[str]] | None = None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")

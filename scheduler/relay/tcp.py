@@ -5,7 +5,10 @@ of a public lease; at most 1 KiB). The relay answers ``OK\\n`` once the agent ha
 connected to the container, or ``ERR <status> <text>\\n`` and closes: 401 for a
 missing or wrong token, 404 for an unknown port, 502/503/504 as for HTTP. Nothing
 reaches the provider before the token checks out. Under TLS (the default) the line
-and the token are encrypted like an HTTP request's header.
+and the token are encrypted like an HTTP request's header. A stream with no byte
+either way for ``idle_timeout`` (the relay's ``idle_timeout``, as for HTTP) is closed
+on both sides: the buyer's connection and the tunnel stream (the agent then closes
+its connection to the container).
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ class TcpRelay:
         try:
             writer.write(b"OK\n")
             await writer.drain()
-            await pipe(reader, writer, stream, self.metrics, lease_id)
+            await pipe(reader, writer, stream, self.metrics, lease_id, idle=self.idle_timeout)
         finally:
             stream.close()
             self.metrics.active.labels(lease_id).dec()
@@ -102,21 +105,42 @@ async def pipe(
     stream: CarriedStream,
     metrics: RelayMetrics,
     lease_id: str,
+    *,
+    idle: float,
 ) -> None:
-    """Bytes both ways until both halves closed (or one side broke)."""
+    """Bytes both ways until both halves closed, one side broke, or nothing moved
+    either way for ``idle`` seconds (the caller then closes both sides)."""
+    last = time.monotonic()
 
     async def up() -> None:
+        nonlocal last
         while data := await reader.read(READ_BYTES):
+            last = time.monotonic()
             metrics.carried(lease_id, len(data), 0)
             await stream.write(data)
         await stream.write_eof()
 
     async def down() -> None:
+        nonlocal last
         while data := await stream.read():
+            last = time.monotonic()
             metrics.carried(lease_id, 0, len(data))
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
 
-    await run_together(up(), down(), return_when=asyncio.FIRST_EXCEPTION)
+    async def both_ways() -> None:
+        await run_together(up(), down(), return_when=asyncio.FIRST_EXCEPTION)
+
+    async def idle_watch() -> None:
+        while True:  # a deadline that moves with traffic: no event to wait on
+            left = last + idle - time.monotonic()
+            if left <= 0:
+                log.info("closing an idle tcp stream", extra={"lease_id": lease_id})
+                return
+            await asyncio.sleep(left)
+
+    # Whichever ends first ends the pipe: both directions done, or the idle timeout
+    # (which cancels both directions; the caller closes the buyer and the stream).
+    await run_together(both_ways(), idle_watch())
