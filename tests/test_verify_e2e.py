@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from agent.config import IsolationConfig
+from agent.identity import load_or_create
 from agent.leases.leftovers import remove_node_leftovers
 from benchmarks import schedauth
 from benchmarks.agent_stack import BIN, IMAGE, ensure_image, free_port, wait_until
@@ -233,6 +234,9 @@ def fleet() -> Iterator[Fleet]:
             client = docker.from_env()
             try:
                 for agent in fleet.agents:
+                    # The id from the agent's own key, so an agent that never came online
+                    # (a failed setup) leaves nothing behind either.
+                    agent.node_id = agent.node_id or load_or_create(agent.workdir / "state").node_id
                     if agent.node_id:
                         remove_node_leftovers(
                             client,
