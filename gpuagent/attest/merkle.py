@@ -15,9 +15,14 @@ import hashlib
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import numpy as np
-from numpy.typing import NDArray
+if TYPE_CHECKING:
+    # numpy stays out of the import graph of the tree itself: output commitments
+    # (gpuagent/outputs.py) hash file chunks with it, and the agent and the client CLI
+    # must start without numpy (only the attestation prover and verifier need it).
+    import numpy as np
+    from numpy.typing import NDArray
 
 HASH_BYTES = 32
 # hashlib drops the GIL for inputs over 2 KiB, so leaf hashing scales across threads.
@@ -34,6 +39,8 @@ def _node(left: bytes, right: bytes) -> bytes:
 
 def row_bytes(row: NDArray[np.int32]) -> bytes:
     """Canonical encoding of one row of C: little-endian int32 (entries are exact integers)."""
+    import numpy as np
+
     return np.ascontiguousarray(row, dtype="<i4").tobytes()
 
 
