@@ -39,8 +39,13 @@ DEMO_LEASE: dict[str, Any] = {
     "command": [
         "sh",
         "-c",
-        "for i in 1 2 3 4 5 6 7 8; do echo step $i of 8; sleep 1; done; echo done",
+        "for i in 1 2 3 4 5 6 7 8; do echo step $i of 8; sleep 1; done; "
+        "mkdir -p /scratch/results && echo answer=42 > /scratch/results/answer.txt && "
+        "seq 1 1000 > /scratch/results/numbers.txt && echo done",
     ],
+    # The results the buyer fetches afterwards (gpu-scheduler output), signed by the node.
+    "outputs": ["results"],
+    "output_retention": "1h",
     "gpus": 1,
     "cpus": 0.5,
     "memory": "64MiB",

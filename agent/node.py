@@ -227,7 +227,12 @@ class AgentNode:
         self.usage = UsageSender(self.outbox, self.link, config.metering.batch_size)
         # Service leases: the tunnel to the relay each Welcome names (docs/services.md);
         # it reaches only what the lease manager's service_target answers.
-        self.tunnel = TunnelClient(config.coordinator, self.identity, self.leases)
+        self.tunnel = TunnelClient(
+            config.coordinator,
+            self.identity,
+            self.leases,
+            outputs=lambda lease_id: self.outputs.store.lookup(lease_id),
+        )
         self.sampler = Sampler(
             self.outbox,
             self._metered_leases,

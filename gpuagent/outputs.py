@@ -20,6 +20,9 @@ from gpuagent.attest.merkle import HASH_BYTES, MerkleTree, leaf_hash
 # download rechecks at most one chunk.
 CHUNK_BYTES = 1 << 20
 OUTPUT_COMMITMENT_DOMAIN = b"gpuagent.v1.output-commitment\x00"
+# The tunnel "port" that carries a lease's output archive (relay ``/_outputs/<lease>``
+# -> agent): no declared port can have this name (leaserules allows [a-z0-9-] only).
+OUTPUTS_STREAM = "@outputs"
 # The root of an empty archive (no leaves): SHA-256 of the domain tag, so it is
 # well defined and never equal to a real tree's root.
 EMPTY_ROOT = hashlib.sha256(OUTPUT_COMMITMENT_DOMAIN + b"empty").digest()

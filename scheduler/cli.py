@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "scheduler.cmd_serve",
     "scheduler.cmd_nodes",
     "scheduler.cmd_leases",
+    "scheduler.cmd_output",
     "scheduler.cmd_market",
     "scheduler.cmd_config",
     "scheduler.cmd_ledger",

@@ -289,6 +289,12 @@ def _show(args: argparse.Namespace) -> int:
             f"{_ago(flag.flagged_at_unix_nanos, now)}: output disagreed with the majority; "
             f"slashed {format_micros(flag.slashed_micros)}"
         )
+    for report in node.output_mismatches:
+        # A buyer's claim (one per lease and buyer), not a verdict: shown, never slashed.
+        lines.append(
+            f"mismatch:    {report.lease_id} reported by buyer {report.reporter} "
+            f"{_ago(report.reported_at_unix_nanos, now)}: {report.detail[:200]}"
+        )
     lines.append(f"attested:    {'yes' if node.attested else 'no'}")
     index = {g.uuid: g.index for g in node.inventory.gpus}
     for a in node.attestations:

@@ -345,6 +345,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE replicas ADD COLUMN relay_url TEXT NOT NULL DEFAULT '';
     """,
+    # 13: buyers' reports that fetched outputs did not match the node's signed
+    # commitment (scheduler/output_fetch.py): one per lease and buyer, shown on the node.
+    """
+    CREATE TABLE output_mismatches (
+        lease_id TEXT NOT NULL,
+        reporter TEXT NOT NULL,
+        node_id TEXT NOT NULL,
+        reported_ns INTEGER NOT NULL,
+        detail TEXT NOT NULL,
+        PRIMARY KEY (lease_id, reporter)
+    );
+    CREATE INDEX output_mismatches_node ON output_mismatches(node_id);
+    """,
 )
 
 

@@ -7,6 +7,7 @@ lease as pending and asks the dispatcher for a placement pass.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import uuid
@@ -19,7 +20,7 @@ from gpuagent import bounds, leaserules, market
 from gpuagent.direct_url import direct_url
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
-from . import outputs_store
+from . import output_fetch, outputs_store
 from .auth.interceptor import Principal, caller
 from .lease_dispatch import LeaseDispatcher
 from .leases_store import (
@@ -32,6 +33,7 @@ from .leases_store import (
 )
 from .ledger import format_micros, reservation_micros
 from .registry import Registry
+from .storage import Conn
 
 if TYPE_CHECKING:
     from .endpoint_tokens import EndpointTokens
@@ -181,6 +183,10 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         self.verify: Verifier | None = None  # redundant runs (scheduler/verify.py)
         # (lease id, port name) -> the buyer's URL at the relay; None = no relay.
         self.endpoint_url: Callable[[str, str], str] | None = None
+        # Outputs downloads (scheduler/output_fetch.py): tickets and the relay's URL of a
+        # lease's archive; None = no relay, so nothing to fetch through.
+        self.tickets: output_fetch.OutputTickets | None = None
+        self.outputs_url: Callable[[str], str] | None = None
 
     def _with_urls(self, lease: leases_pb2.Lease) -> leases_pb2.Lease:
         """The coordinator fills each reported endpoint's URL (the agent cannot know it)."""
@@ -476,3 +482,140 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
         return leases_pb2.EndpointToken(
             lease_id=row.lease_id, token=token if row.buyer == who.account else ""
         )
+
+    async def _fetchable(self, context: Context, row: LeaseRow) -> leases_pb2.OutputCommitment:
+        """The commitment whose archive the buyer downloads for ``row``: its own, or for a
+        redundant run's parent the commitment of a paid copy (the agreed result)."""
+        commitment = await outputs_store.get_commitment(self.store.db, row.lease_id)
+        if commitment is None and self.verify is not None:
+            parent = await self._verified(row.to_proto())
+            for copy in parent.copies:
+                if copy.outcome == "paid" and copy.digest:
+                    commitment = await outputs_store.get_commitment(self.store.db, copy.lease_id)
+                    if commitment is not None:
+                        break
+        if commitment is None:
+            if not row.spec.outputs:
+                why = f"lease {row.lease_id} declares no outputs"
+            elif not row.terminal:
+                why = f"lease {row.lease_id} is {row.state}; its outputs are packed when it ends"
+            else:
+                why = f"lease {row.lease_id} ended ({row.state}) without an output commitment"
+            await _abort(context, grpc.StatusCode.NOT_FOUND, why)
+        assert commitment is not None
+        until = commitment.retained_until_unix_nanos
+        now_ns = round(self.store.clock() * 1e9)
+        if until and until <= now_ns:
+            await _abort(
+                context,
+                grpc.StatusCode.NOT_FOUND,
+                f"outputs of lease {commitment.lease_id} are gone: the provider kept them "
+                f"until {_utc(until)} (output_retention) and has removed them",
+            )
+        return commitment
+
+    async def OutputTicket(
+        self, request: leases_pb2.OutputTicketRequest, context: Context
+    ) -> leases_pb2.OutputDownload:
+        who = caller()
+        row = await self._row(context, request.lease_id, who)
+        if row.buyer != who.account:
+            # An admin or a provider may see the lease; its results are the buyer's.
+            await _abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"only the buyer of lease {row.lease_id} may fetch its outputs",
+            )
+        if self.tickets is None or self.outputs_url is None:
+            await _abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "this scheduler runs no relay (relay.mode: off); outputs travel through it",
+            )
+        assert self.tickets is not None and self.outputs_url is not None
+        commitment = await self._fetchable(context, row)
+        public_key = await self._public_key(commitment.node_id)
+        ticket, expires_ns = self.tickets.issue(commitment.lease_id)
+        return leases_pb2.OutputDownload(
+            lease_id=commitment.lease_id,
+            url=self.outputs_url(commitment.lease_id),
+            ticket=ticket,
+            expires_unix_nanos=expires_ns,
+            commitment=commitment,
+            node_public_key=public_key,
+        )
+
+    async def _public_key(self, node_id: str) -> bytes:
+        record = self.registry.nodes.get(node_id)
+        if record is not None:
+            return record.public_key
+
+        def read(conn: Conn) -> bytes:
+            found = conn.execute(
+                "SELECT public_key FROM nodes WHERE node_id = ?", (node_id,)
+            ).fetchone()
+            return bytes(found[0]) if found else b""
+
+        return await self.store.db.call(read)
+
+    async def ReportOutputMismatch(
+        self, request: leases_pb2.OutputMismatchReport, context: Context
+    ) -> leases_pb2.OutputMismatchAck:
+        who = caller()
+        if len(request.detail) > output_fetch.MAX_DETAIL_CHARS or len(request.fetched_digest) > 32:
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"detail: at most {output_fetch.MAX_DETAIL_CHARS} characters; "
+                "fetched_digest: at most 32 bytes",
+            )
+        row = await self._row(context, request.lease_id, who)
+        commitment = await outputs_store.get_commitment(self.store.db, row.lease_id)
+        parent = row.spec.verify.replicas > 1 if row.spec.HasField("verify") else False
+        if row.buyer != who.account or commitment is None or parent:
+            await _abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"lease {row.lease_id}: only its buyer may report on outputs the node "
+                "committed to (a redundant run's copy, not its parent)",
+            )
+        assert commitment is not None
+        if (
+            bytes(request.fetched_digest) == bytes(commitment.digest)
+            and request.fetched_size == commitment.size
+        ):
+            await _abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "fetched_digest and fetched_size are the committed ones: nothing differed",
+            )
+        detail = request.detail or (
+            f"fetched {request.fetched_size} bytes with digest "
+            f"{bytes(request.fetched_digest).hex()[:64]}"
+        )
+        now_ns = round(self.store.clock() * 1e9)
+        recorded = await self.store.db.call(
+            lambda conn: output_fetch.record_mismatch(
+                conn,
+                lease_id=row.lease_id,
+                reporter=who.account,
+                node_id=commitment.node_id,
+                now_ns=now_ns,
+                detail=detail,
+            )
+        )
+        log.warning(
+            "buyer reports outputs that do not match the commitment",
+            extra={
+                "lease_id": row.lease_id,
+                "node_id": commitment.node_id,
+                "buyer": who.account,
+                "detail": detail[:200],
+            },
+        )
+        return leases_pb2.OutputMismatchAck(recorded=recorded)
+
+
+def _utc(unix_nanos: int) -> str:
+    moment = datetime.datetime.fromtimestamp(unix_nanos / 1e9, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -30,6 +30,10 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         # Redundant-run copies the node lost a vote with (scheduler/verify.py), set by the
         # server; shown to anyone who may see the node (a buyer choosing providers too).
         self.verify_flags: Callable[[str], Awaitable[list[nodes_pb2.VerifyFlag]]] | None = None
+        # Buyers' reports of fetched outputs that did not match (scheduler/output_fetch.py).
+        self.output_mismatches: (
+            Callable[[str], Awaitable[list[nodes_pb2.OutputMismatch]]] | None
+        ) = None
 
     def _view(self, record: NodeRecord, who: Principal | None = None) -> nodes_pb2.Node:
         node = self.registry.to_proto(record)
@@ -90,6 +94,8 @@ class NodesService(nodes_pb2_grpc.NodesServicer):
         node = self._view(await self._find(request.node_id, context), caller())
         if self.verify_flags is not None:
             node.verify_flags.extend(await self.verify_flags(node.node_id))
+        if self.output_mismatches is not None:
+            node.output_mismatches.extend(await self.output_mismatches(node.node_id))
         return node
 
     async def Drain(

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_FILE = "secrets.key"
 _NONCE = 12
@@ -25,6 +27,7 @@ class SecretBox:
     def __init__(self, key_path: Path) -> None:
         self.key_path = key_path
         self._aead: AESGCM | None = None
+        self._raw = b""
 
     def _key(self) -> AESGCM:
         if self._aead is None:
@@ -40,7 +43,16 @@ class SecretBox:
             if path.stat().st_mode & 0o077:
                 path.chmod(0o600)
             self._aead = AESGCM(key)
+            self._raw = key
         return self._aead
+
+    def derive_key(self, purpose: str) -> bytes:
+        """A 32-byte key for ``purpose`` (HKDF-SHA256 of the box key), so another use of
+        the same secret (MACs on output tickets) never reuses the AES key itself."""
+        self._key()
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(
+            self._raw
+        )
 
     def seal(self, plaintext: bytes, context: str) -> bytes:
         nonce = os.urandom(_NONCE)

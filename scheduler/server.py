@@ -36,7 +36,7 @@ from gpuagent.v1 import (
     relay_pb2_grpc,
 )
 
-from . import secretbox, tlsgen
+from . import output_fetch, secretbox, tlsgen
 from .attestation import AttestationManager
 from .auth import policy
 from .auth.interceptor import Authenticator, AuthInterceptor
@@ -56,10 +56,11 @@ from .liveness import Liveness, LivenessPolicy
 from .market_service import MarketService
 from .metrics import MetricsSecurity, MetricsServer, SchedulerMetrics, start_metrics_server
 from .nodes_service import NodesService
+from .output_fetch import OutputTickets
 from .price_history import PriceHistory
 from .registry import HEARTBEAT_FLUSH_EVERY, Clock, NodeRecord, Registry, Session
 from .relay.directory import DirectoryService, StoreRoutes
-from .relay.server import Relay, RelayStartError, buyer_url
+from .relay.server import Relay, RelayStartError, buyer_url, outputs_url
 from .replicas import Replicas
 from .secretbox import SecretBox
 from .slashing import VerdictSlasher
@@ -248,6 +249,7 @@ class SchedulerServer:
         self.dispatcher.verify = self.verify
         self.leases.verify = self.verify
         self.nodes.verify_flags = self.verify.flags
+        self.nodes.output_mismatches = lambda node_id: output_fetch.mismatches(self.db, node_id)
         # The market (docs/market.md): offers, the bandwidth probe, nodes' OfferUpdates.
         self.market = MarketService(
             self.registry, self.dispatcher, self.prices, self.attestation, clock
@@ -345,12 +347,20 @@ class SchedulerServer:
     def _build_relay(self) -> None:
         """The relay inside ``serve`` (relay.mode embedded), its tunnel on this gRPC server;
         with mode external agents are only told where ``gpu-scheduler relay`` runs."""
-        routes = StoreRoutes(self.leases_store, self.endpoint_tokens)
+        # Outputs downloads: stateless tickets keyed from the secret box (any replica
+        # checks any replica's), through the relay from the node that signed them.
+        tickets = OutputTickets(
+            SecretBox(self.config.database.path.parent / secretbox.KEY_FILE),
+            self.leases_store.clock,
+        )
+        routes = StoreRoutes(self.leases_store, self.endpoint_tokens, tickets)
         self.relay_directory = DirectoryService(routes)
         self.relay: Relay | None = None
         rc = self.config.relay
         if rc.mode == "off":
             return
+        self.leases.tickets = tickets
+        self.leases.outputs_url = lambda lease_id: outputs_url(rc, lease_id)
         self.coordinator.relay = coordinator_pb2.RelayParams(
             enabled=True, address=rc.tunnel_address, server_name=rc.tunnel_server_name
         )
@@ -360,6 +370,7 @@ class SchedulerServer:
             return
         self.relay = Relay(rc, routes, tls_dir=tls_dir(self.config), registry=self.metrics.registry)
         self.leases.endpoint_url = self.relay.url  # with the port it bound
+        self.leases.outputs_url = self.relay.outputs_url
         relay = self.relay
         self.endpoint_tokens.on_rotate.append(relay.routes.invalidate)
         if self.replicas.distributed:

@@ -92,7 +92,8 @@ async def test_a_missing_or_bad_token_fails_the_cli_in_one_line(
 
 
 @pytest.mark.parametrize(
-    "command", ["nodes", "submit", "leases", "logs", "usage", "balance", "acl", "tokens", "config"]
+    "command",
+    ["nodes", "submit", "leases", "logs", "output", "usage", "balance", "acl", "tokens", "config"],
 )
 def test_client_commands_import_neither_the_server_nor_numpy(command: str) -> None:
     """`gpu-scheduler nodes --help` and every client command's help build and print

@@ -13,21 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
 
 from gpuagent import __version__
 from gpuagent.aio import run_together
+from gpuagent.outputs import OUTPUTS_STREAM
 from gpuagent.signing import tunnel_hello_signing_bytes
 from gpuagent.v1 import coordinator_pb2, relay_pb2, relay_pb2_grpc
 
 from ..config import CoordinatorConfig
 from ..identity import NodeIdentity
 from ..leases.endpoints import ServiceTarget, ServiceTargets
+from ..leases.output_store import NotRetained, RetainedOutput
 from ..link.backoff import Backoff
 from ..link.channel import make_channel
+from . import outputs_http
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,11 @@ class TunnelClient:
         targets: ServiceTargets,
         *,
         backoff: Backoff | None = None,
+        outputs: Callable[[str], RetainedOutput] | None = None,
     ) -> None:
         self.coordinator = coordinator
+        # A lease's retained output archive, or NotRetained (agent/leases/output_store.py).
+        self.outputs = outputs
         self.identity = identity
         self.targets = targets
         self.backoff = backoff or Backoff(coordinator.reconnect_initial, coordinator.reconnect_max)
@@ -184,6 +190,9 @@ class TunnelClient:
                     )
                 )
 
+        if port == OUTPUTS_STREAM:
+            await self._carry_outputs(stub, welcome, request, refuse)
+            return
         target = await self._target(lease_id, port)
         if target is None:
             await refuse(
@@ -222,6 +231,65 @@ class TunnelClient:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _carry_outputs(
+        self,
+        stub: relay_pb2_grpc.TunnelStub,
+        welcome: relay_pb2.TunnelWelcome,
+        request: relay_pb2.OpenStream,
+        refuse: Callable[[Refused.Reason.ValueType, str], Awaitable[None]],
+    ) -> None:
+        """The relay asks for a lease's output archive: served from this agent's own
+        store (never a container), so only outputs this node signed can be read."""
+        lease_id = request.lease_id[:128]
+        if self.outputs is None:
+            await refuse(Refused.NOT_FOUND, "this agent keeps no outputs")
+            return
+        try:
+            output = await asyncio.to_thread(self.outputs, lease_id)
+        except NotRetained as exc:
+            await refuse(Refused.NOT_FOUND, str(exc))
+            return
+        except ValueError as exc:  # not a lease id at all
+            await refuse(Refused.NOT_FOUND, f"outputs of {lease_id!r}: {exc}")
+            return
+        call: grpc.aio.StreamStreamCall[Any, Any] = stub.Carry()  # type: ignore[call-arg,assignment]
+
+        async def read() -> bytes:
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    return b""
+                assert isinstance(frame, relay_pb2.Frame)
+                if frame.data:
+                    return bytes(frame.data)
+                if frame.eof:
+                    return b""
+
+        async def write(data: bytes) -> None:
+            if data:
+                await call.write(relay_pb2.Frame(data=data))
+
+        log.info("serving outputs", extra={"lease_id": lease_id, "bytes": output.size})
+        try:
+            await call.write(
+                relay_pb2.Frame(
+                    attach=relay_pb2.StreamAttach(
+                        session_id=welcome.session_id,
+                        stream_id=request.stream_id,
+                        stream_secret=welcome.stream_secret,
+                    )
+                )
+            )
+            await outputs_http.serve(outputs_http.ByteStream(read, write), output)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.done_writing()
+        except (grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError):
+            pass  # the buyer or the relay went away; the CLI resumes
+        except Exception as exc:  # h11 protocol errors and the like: this download only
+            log.warning("outputs download failed", extra={"lease_id": lease_id, "error": str(exc)})
+        finally:
+            call.cancel()
 
 
 class _Send(Protocol):

@@ -880,6 +880,125 @@ class RotateEndpointTokenRequest(_message.Message):
 Global___RotateEndpointTokenRequest: _TypeAlias = RotateEndpointTokenRequest  # noqa: Y015
 
 @_typing.final
+class OutputTicketRequest(_message.Message):
+    """Leases.OutputTicket: where and how the lease's buyer downloads its outputs
+    (docs/leases-buyer.md "Outputs"). The archive comes from the provider through the
+    relay (GET url with Authorization: Bearer ticket, Range for a resume); the CLI checks
+    the bytes against commitment, signed by the node key in node_public_key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputTicketRequest: _TypeAlias = OutputTicketRequest  # noqa: Y015
+
+@_typing.final
+class OutputDownload(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    COMMITMENT_FIELD_NUMBER: _builtins.int
+    NODE_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """the lease whose archive this is (a copy's, for a verify parent)"""
+    url: _builtins.str
+    """the relay's outputs URL of this lease"""
+    ticket: _builtins.str
+    """bearer ticket for url; good until expires"""
+    expires_unix_nanos: _builtins.int
+    node_public_key: _builtins.bytes
+    """Ed25519 key the node id derives from"""
+    @_builtins.property
+    def commitment(self) -> Global___OutputCommitment: ...
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+        expires_unix_nanos: _builtins.int = ...,
+        commitment: Global___OutputCommitment | None = ...,
+        node_public_key: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commitment", b"commitment", "expires_unix_nanos", b"expires_unix_nanos", "lease_id", b"lease_id", "node_public_key", b"node_public_key", "ticket", b"ticket", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputDownload: _TypeAlias = OutputDownload  # noqa: Y015
+
+@_typing.final
+class OutputMismatchReport(_message.Message):
+    """Leases.ReportOutputMismatch: the buyer's CLI fetched bytes that are not what the
+    node signed. Recorded against the node (nodes show), once per lease and buyer.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    FETCHED_DIGEST_FIELD_NUMBER: _builtins.int
+    FETCHED_SIZE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """the lease the archive belongs to (OutputTicket.lease_id)"""
+    fetched_digest: _builtins.bytes
+    """32 bytes: archive_root of what arrived"""
+    fetched_size: _builtins.int
+    detail: _builtins.str
+    """what differed, as the CLI said it (at most 512 chars)"""
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        fetched_digest: _builtins.bytes = ...,
+        fetched_size: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "fetched_digest", b"fetched_digest", "fetched_size", b"fetched_size", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputMismatchReport: _TypeAlias = OutputMismatchReport  # noqa: Y015
+
+@_typing.final
+class OutputMismatchAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    recorded: _builtins.bool
+    """false: this buyer had already reported this lease"""
+    def __init__(
+        self,
+        *,
+        recorded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputMismatchAck: _TypeAlias = OutputMismatchAck  # noqa: Y015
+
+@_typing.final
 class EndpointToken(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

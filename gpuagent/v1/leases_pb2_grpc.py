@@ -69,6 +69,16 @@ class LeasesStub:
                 request_serializer=gpuagent_dot_v1_dot_leases__pb2.RotateEndpointTokenRequest.SerializeToString,
                 response_deserializer=gpuagent_dot_v1_dot_leases__pb2.EndpointToken.FromString,
                 _registered_method=True)
+        self.OutputTicket = channel.unary_unary(
+                '/gpuagent.v1.Leases/OutputTicket',
+                request_serializer=gpuagent_dot_v1_dot_leases__pb2.OutputTicketRequest.SerializeToString,
+                response_deserializer=gpuagent_dot_v1_dot_leases__pb2.OutputDownload.FromString,
+                _registered_method=True)
+        self.ReportOutputMismatch = channel.unary_unary(
+                '/gpuagent.v1.Leases/ReportOutputMismatch',
+                request_serializer=gpuagent_dot_v1_dot_leases__pb2.OutputMismatchReport.SerializeToString,
+                response_deserializer=gpuagent_dot_v1_dot_leases__pb2.OutputMismatchAck.FromString,
+                _registered_method=True)
 
 
 class LeasesServicer:
@@ -116,6 +126,18 @@ class LeasesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OutputTicket(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportOutputMismatch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeasesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_LeasesServicer_to_server(servicer, server):
                     servicer.RotateEndpointToken,
                     request_deserializer=gpuagent_dot_v1_dot_leases__pb2.RotateEndpointTokenRequest.FromString,
                     response_serializer=gpuagent_dot_v1_dot_leases__pb2.EndpointToken.SerializeToString,
+            ),
+            'OutputTicket': grpc.unary_unary_rpc_method_handler(
+                    servicer.OutputTicket,
+                    request_deserializer=gpuagent_dot_v1_dot_leases__pb2.OutputTicketRequest.FromString,
+                    response_serializer=gpuagent_dot_v1_dot_leases__pb2.OutputDownload.SerializeToString,
+            ),
+            'ReportOutputMismatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutputMismatch,
+                    request_deserializer=gpuagent_dot_v1_dot_leases__pb2.OutputMismatchReport.FromString,
+                    response_serializer=gpuagent_dot_v1_dot_leases__pb2.OutputMismatchAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class Leases:
             '/gpuagent.v1.Leases/RotateEndpointToken',
             gpuagent_dot_v1_dot_leases__pb2.RotateEndpointTokenRequest.SerializeToString,
             gpuagent_dot_v1_dot_leases__pb2.EndpointToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OutputTicket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuagent.v1.Leases/OutputTicket',
+            gpuagent_dot_v1_dot_leases__pb2.OutputTicketRequest.SerializeToString,
+            gpuagent_dot_v1_dot_leases__pb2.OutputDownload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutputMismatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuagent.v1.Leases/ReportOutputMismatch',
+            gpuagent_dot_v1_dot_leases__pb2.OutputMismatchReport.SerializeToString,
+            gpuagent_dot_v1_dot_leases__pb2.OutputMismatchAck.FromString,
             options,
             channel_credentials,
             insecure,

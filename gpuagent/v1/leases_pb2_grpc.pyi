@@ -40,6 +40,8 @@ class LeasesStub:
     Cancel: _grpc.UnaryUnaryMultiCallable[_leases_pb2.CancelLeaseRequest, _leases_pb2.Lease]
     Logs: _grpc.UnaryUnaryMultiCallable[_leases_pb2.LeaseLogsRequest, _leases_pb2.LeaseLogsResponse]
     RotateEndpointToken: _grpc.UnaryUnaryMultiCallable[_leases_pb2.RotateEndpointTokenRequest, _leases_pb2.EndpointToken]
+    OutputTicket: _grpc.UnaryUnaryMultiCallable[_leases_pb2.OutputTicketRequest, _leases_pb2.OutputDownload]
+    ReportOutputMismatch: _grpc.UnaryUnaryMultiCallable[_leases_pb2.OutputMismatchReport, _leases_pb2.OutputMismatchAck]
 
 @_typing.type_check_only
 class LeasesAsyncStub(LeasesStub):
@@ -51,6 +53,8 @@ class LeasesAsyncStub(LeasesStub):
     Cancel: _aio.UnaryUnaryMultiCallable[_leases_pb2.CancelLeaseRequest, _leases_pb2.Lease]  # type: ignore[assignment]
     Logs: _aio.UnaryUnaryMultiCallable[_leases_pb2.LeaseLogsRequest, _leases_pb2.LeaseLogsResponse]  # type: ignore[assignment]
     RotateEndpointToken: _aio.UnaryUnaryMultiCallable[_leases_pb2.RotateEndpointTokenRequest, _leases_pb2.EndpointToken]  # type: ignore[assignment]
+    OutputTicket: _aio.UnaryUnaryMultiCallable[_leases_pb2.OutputTicketRequest, _leases_pb2.OutputDownload]  # type: ignore[assignment]
+    ReportOutputMismatch: _aio.UnaryUnaryMultiCallable[_leases_pb2.OutputMismatchReport, _leases_pb2.OutputMismatchAck]  # type: ignore[assignment]
 
 class LeasesServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,5 +105,19 @@ class LeasesServicer(metaclass=_abc_1.ABCMeta):
         request: _leases_pb2.RotateEndpointTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_leases_pb2.EndpointToken, _abc.Awaitable[_leases_pb2.EndpointToken]]: ...
+
+    @_abc_1.abstractmethod
+    def OutputTicket(
+        self,
+        request: _leases_pb2.OutputTicketRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leases_pb2.OutputDownload, _abc.Awaitable[_leases_pb2.OutputDownload]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportOutputMismatch(
+        self,
+        request: _leases_pb2.OutputMismatchReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leases_pb2.OutputMismatchAck, _abc.Awaitable[_leases_pb2.OutputMismatchAck]]: ...
 
 def add_LeasesServicer_to_server(servicer: LeasesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -27,7 +27,7 @@ from gpuagent.v1 import inventory_pb2 as gpuagent_dot_v1_dot_inventory__pb2
 from gpuagent.v1 import market_pb2 as gpuagent_dot_v1_dot_market__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpuagent/v1/nodes.proto\x12\x0bgpuagent.v1\x1a\x18gpuagent/v1/common.proto\x1a\x1bgpuagent/v1/inventory.proto\x1a\x18gpuagent/v1/market.proto\"@\n\x06Uptime\x12\x10\n\x08ratio_1h\x18\x01 \x01(\x01\x12\x11\n\tratio_24h\x18\x02 \x01(\x01\x12\x11\n\tratio_30d\x18\x03 \x01(\x01\"\xf2\x06\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\'\n\x08liveness\x18\x04 \x01(\x0e\x32\x15.gpuagent.v1.Liveness\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0c\n\x04peer\x18\x07 \x01(\t\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\t\x12)\n\tinventory\x18\n \x01(\x0b\x32\x16.gpuagent.v1.Inventory\x12*\n\ngpu_health\x18\x0b \x03(\x0b\x32\x16.gpuagent.v1.GpuHealth\x12\x16\n\x0e\x66ree_gpu_uuids\x18\x0c \x03(\t\x12\x1b\n\x13\x61llocated_gpu_uuids\x18\r \x03(\t\x12(\n\x06leases\x18\x0e \x03(\x0b\x32\x18.gpuagent.v1.LeaseStatus\x12\x1d\n\x15\x66irst_seen_unix_nanos\x18\x0f \x01(\x03\x12!\n\x19last_heartbeat_unix_nanos\x18\x10 \x01(\x03\x12#\n\x06uptime\x18\x11 \x01(\x0b\x32\x13.gpuagent.v1.Uptime\x12\x10\n\x08\x64raining\x18\x12 \x01(\x08\x12\x0e\n\x06region\x18\x13 \x01(\t\x12-\n\x06labels\x18\x14 \x03(\x0b\x32\x1d.gpuagent.v1.Node.LabelsEntry\x12\x10\n\x08\x61ttested\x18\x15 \x01(\x08\x12\x31\n\x0c\x61ttestations\x18\x16 \x03(\x0b\x32\x1b.gpuagent.v1.GpuAttestation\x12\r\n\x05owner\x18\x17 \x01(\t\x12\x14\n\x0cregistration\x18\x18 \x01(\t\x12\x13\n\x0bmarket_view\x18\x19 \x01(\x08\x12%\n\x05offer\x18\x1a \x01(\x0b\x32\x16.gpuagent.v1.NodeOffer\x12\x14\n\x0cprice_source\x18\x1b \x01(\t\x12 \n\x18\x64\x65\x63lared_bits_per_second\x18\x1c \x01(\x04\x12-\n\x0cverify_flags\x18( \x03(\x0b\x32\x17.gpuagent.v1.VerifyFlag\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x0eGpuAttestation\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0b\n\x03sku\x18\x03 \x01(\t\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x17\n\x0fmeasured_tflops\x18\x07 \x01(\x01\x12\x12\n\nelapsed_ns\x18\x08 \x01(\x04\x12\x1e\n\x16\x61ttested_at_unix_nanos\x18\t \x01(\x03\x12\x1d\n\x15\x65xpires_at_unix_nanos\x18\n \x01(\x03\";\n\x10ListNodesRequest\x12\'\n\x08liveness\x18\x01 \x03(\x0e\x32\x15.gpuagent.v1.Liveness\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.gpuagent.v1.Node\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"a\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\x04 \x01(\x03\"E\n\x11\x41ttestNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tgpu_uuids\x18\x02 \x03(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"X\n\x12\x41ttestNodeResponse\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.gpuagent.v1.GpuAttestation\"~\n\nVerifyFlag\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x17\n\x0fparent_lease_id\x18\x02 \x01(\t\x12\x1d\n\x15\x66lagged_at_unix_nanos\x18\x03 \x01(\x03\x12\x16\n\x0eslashed_micros\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t*e\n\x08Liveness\x12\x18\n\x14LIVENESS_UNSPECIFIED\x10\x00\x12\x13\n\x0fLIVENESS_ONLINE\x10\x01\x12\x14\n\x10LIVENESS_SUSPECT\x10\x02\x12\x14\n\x10LIVENESS_OFFLINE\x10\x03\x32\x8b\x02\n\x05Nodes\x12\x45\n\x04List\x12\x1d.gpuagent.v1.ListNodesRequest\x1a\x1e.gpuagent.v1.ListNodesResponse\x12\x35\n\x03Get\x12\x1b.gpuagent.v1.GetNodeRequest\x1a\x11.gpuagent.v1.Node\x12\x39\n\x05\x44rain\x12\x1d.gpuagent.v1.DrainNodeRequest\x1a\x11.gpuagent.v1.Node\x12I\n\x06\x41ttest\x12\x1e.gpuagent.v1.AttestNodeRequest\x1a\x1f.gpuagent.v1.AttestNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpuagent/v1/nodes.proto\x12\x0bgpuagent.v1\x1a\x18gpuagent/v1/common.proto\x1a\x1bgpuagent/v1/inventory.proto\x1a\x18gpuagent/v1/market.proto\"@\n\x06Uptime\x12\x10\n\x08ratio_1h\x18\x01 \x01(\x01\x12\x11\n\tratio_24h\x18\x02 \x01(\x01\x12\x11\n\tratio_30d\x18\x03 \x01(\x01\"\xaa\x07\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12\'\n\x08liveness\x18\x04 \x01(\x0e\x32\x15.gpuagent.v1.Liveness\x12\x11\n\tconnected\x18\x05 \x01(\x08\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\x0c\n\x04peer\x18\x07 \x01(\t\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\t\x12)\n\tinventory\x18\n \x01(\x0b\x32\x16.gpuagent.v1.Inventory\x12*\n\ngpu_health\x18\x0b \x03(\x0b\x32\x16.gpuagent.v1.GpuHealth\x12\x16\n\x0e\x66ree_gpu_uuids\x18\x0c \x03(\t\x12\x1b\n\x13\x61llocated_gpu_uuids\x18\r \x03(\t\x12(\n\x06leases\x18\x0e \x03(\x0b\x32\x18.gpuagent.v1.LeaseStatus\x12\x1d\n\x15\x66irst_seen_unix_nanos\x18\x0f \x01(\x03\x12!\n\x19last_heartbeat_unix_nanos\x18\x10 \x01(\x03\x12#\n\x06uptime\x18\x11 \x01(\x0b\x32\x13.gpuagent.v1.Uptime\x12\x10\n\x08\x64raining\x18\x12 \x01(\x08\x12\x0e\n\x06region\x18\x13 \x01(\t\x12-\n\x06labels\x18\x14 \x03(\x0b\x32\x1d.gpuagent.v1.Node.LabelsEntry\x12\x10\n\x08\x61ttested\x18\x15 \x01(\x08\x12\x31\n\x0c\x61ttestations\x18\x16 \x03(\x0b\x32\x1b.gpuagent.v1.GpuAttestation\x12\r\n\x05owner\x18\x17 \x01(\t\x12\x14\n\x0cregistration\x18\x18 \x01(\t\x12\x13\n\x0bmarket_view\x18\x19 \x01(\x08\x12%\n\x05offer\x18\x1a \x01(\x0b\x32\x16.gpuagent.v1.NodeOffer\x12\x14\n\x0cprice_source\x18\x1b \x01(\t\x12 \n\x18\x64\x65\x63lared_bits_per_second\x18\x1c \x01(\x04\x12-\n\x0cverify_flags\x18( \x03(\x0b\x32\x17.gpuagent.v1.VerifyFlag\x12\x36\n\x11output_mismatches\x18) \x03(\x0b\x32\x1b.gpuagent.v1.OutputMismatch\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe2\x01\n\x0eGpuAttestation\x12\x10\n\x08gpu_uuid\x18\x01 \x01(\t\x12\x14\n\x0c\x63hallenge_id\x18\x02 \x01(\t\x12\x0b\n\x03sku\x18\x03 \x01(\t\x12\x0e\n\x06passed\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x17\n\x0fmeasured_tflops\x18\x07 \x01(\x01\x12\x12\n\nelapsed_ns\x18\x08 \x01(\x04\x12\x1e\n\x16\x61ttested_at_unix_nanos\x18\t \x01(\x03\x12\x1d\n\x15\x65xpires_at_unix_nanos\x18\n \x01(\x03\";\n\x10ListNodesRequest\x12\'\n\x08liveness\x18\x01 \x03(\x0e\x32\x15.gpuagent.v1.Liveness\"5\n\x11ListNodesResponse\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.gpuagent.v1.Node\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"a\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1b\n\x13\x64\x65\x61\x64line_unix_nanos\x18\x04 \x01(\x03\"E\n\x11\x41ttestNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tgpu_uuids\x18\x02 \x03(\t\x12\x0c\n\x04wait\x18\x03 \x01(\x08\"X\n\x12\x41ttestNodeResponse\x12\x14\n\x0c\x63hallenge_id\x18\x01 \x01(\t\x12,\n\x07results\x18\x02 \x03(\x0b\x32\x1b.gpuagent.v1.GpuAttestation\"d\n\x0eOutputMismatch\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x1e\n\x16reported_at_unix_nanos\x18\x03 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"~\n\nVerifyFlag\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x17\n\x0fparent_lease_id\x18\x02 \x01(\t\x12\x1d\n\x15\x66lagged_at_unix_nanos\x18\x03 \x01(\x03\x12\x16\n\x0eslashed_micros\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t*e\n\x08Liveness\x12\x18\n\x14LIVENESS_UNSPECIFIED\x10\x00\x12\x13\n\x0fLIVENESS_ONLINE\x10\x01\x12\x14\n\x10LIVENESS_SUSPECT\x10\x02\x12\x14\n\x10LIVENESS_OFFLINE\x10\x03\x32\x8b\x02\n\x05Nodes\x12\x45\n\x04List\x12\x1d.gpuagent.v1.ListNodesRequest\x1a\x1e.gpuagent.v1.ListNodesResponse\x12\x35\n\x03Get\x12\x1b.gpuagent.v1.GetNodeRequest\x1a\x11.gpuagent.v1.Node\x12\x39\n\x05\x44rain\x12\x1d.gpuagent.v1.DrainNodeRequest\x1a\x11.gpuagent.v1.Node\x12I\n\x06\x41ttest\x12\x1e.gpuagent.v1.AttestNodeRequest\x1a\x1f.gpuagent.v1.AttestNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_LIVENESS']._serialized_start=1840
-  _globals['_LIVENESS']._serialized_end=1941
+  _globals['_LIVENESS']._serialized_start=1998
+  _globals['_LIVENESS']._serialized_end=2099
   _globals['_UPTIME']._serialized_start=121
   _globals['_UPTIME']._serialized_end=185
   _globals['_NODE']._serialized_start=188
-  _globals['_NODE']._serialized_end=1070
-  _globals['_NODE_LABELSENTRY']._serialized_start=1025
-  _globals['_NODE_LABELSENTRY']._serialized_end=1070
-  _globals['_GPUATTESTATION']._serialized_start=1073
-  _globals['_GPUATTESTATION']._serialized_end=1299
-  _globals['_LISTNODESREQUEST']._serialized_start=1301
-  _globals['_LISTNODESREQUEST']._serialized_end=1360
-  _globals['_LISTNODESRESPONSE']._serialized_start=1362
-  _globals['_LISTNODESRESPONSE']._serialized_end=1415
-  _globals['_GETNODEREQUEST']._serialized_start=1417
-  _globals['_GETNODEREQUEST']._serialized_end=1450
-  _globals['_DRAINNODEREQUEST']._serialized_start=1452
-  _globals['_DRAINNODEREQUEST']._serialized_end=1549
-  _globals['_ATTESTNODEREQUEST']._serialized_start=1551
-  _globals['_ATTESTNODEREQUEST']._serialized_end=1620
-  _globals['_ATTESTNODERESPONSE']._serialized_start=1622
-  _globals['_ATTESTNODERESPONSE']._serialized_end=1710
-  _globals['_VERIFYFLAG']._serialized_start=1712
-  _globals['_VERIFYFLAG']._serialized_end=1838
-  _globals['_NODES']._serialized_start=1944
-  _globals['_NODES']._serialized_end=2211
+  _globals['_NODE']._serialized_end=1126
+  _globals['_NODE_LABELSENTRY']._serialized_start=1081
+  _globals['_NODE_LABELSENTRY']._serialized_end=1126
+  _globals['_GPUATTESTATION']._serialized_start=1129
+  _globals['_GPUATTESTATION']._serialized_end=1355
+  _globals['_LISTNODESREQUEST']._serialized_start=1357
+  _globals['_LISTNODESREQUEST']._serialized_end=1416
+  _globals['_LISTNODESRESPONSE']._serialized_start=1418
+  _globals['_LISTNODESRESPONSE']._serialized_end=1471
+  _globals['_GETNODEREQUEST']._serialized_start=1473
+  _globals['_GETNODEREQUEST']._serialized_end=1506
+  _globals['_DRAINNODEREQUEST']._serialized_start=1508
+  _globals['_DRAINNODEREQUEST']._serialized_end=1605
+  _globals['_ATTESTNODEREQUEST']._serialized_start=1607
+  _globals['_ATTESTNODEREQUEST']._serialized_end=1676
+  _globals['_ATTESTNODERESPONSE']._serialized_start=1678
+  _globals['_ATTESTNODERESPONSE']._serialized_end=1766
+  _globals['_OUTPUTMISMATCH']._serialized_start=1768
+  _globals['_OUTPUTMISMATCH']._serialized_end=1868
+  _globals['_VERIFYFLAG']._serialized_start=1870
+  _globals['_VERIFYFLAG']._serialized_end=1996
+  _globals['_NODES']._serialized_start=2102
+  _globals['_NODES']._serialized_end=2369
 # @@protoc_insertion_point(module_scope)

@@ -127,6 +127,7 @@ class Node(_message.Message):
     PRICE_SOURCE_FIELD_NUMBER: _builtins.int
     DECLARED_BITS_PER_SECOND_FIELD_NUMBER: _builtins.int
     VERIFY_FLAGS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MISMATCHES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     name: _builtins.str
     public_key: _builtins.bytes
@@ -182,6 +183,10 @@ class Node(_message.Message):
     def verify_flags(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyFlag]:
         """Redundant runs whose output disagreed with the majority (docs/verification.md)."""
 
+    @_builtins.property
+    def output_mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputMismatch]:
+        """Buyers whose fetched outputs did not match the node's signed commitment."""
+
     def __init__(
         self,
         *,
@@ -214,10 +219,11 @@ class Node(_message.Message):
         price_source: _builtins.str = ...,
         declared_bits_per_second: _builtins.int = ...,
         verify_flags: _abc.Iterable[Global___VerifyFlag] | None = ...,
+        output_mismatches: _abc.Iterable[Global___OutputMismatch] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inventory", b"inventory", "offer", b"offer", "uptime", b"uptime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "declared_bits_per_second", b"declared_bits_per_second", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "offer", b"offer", "owner", b"owner", "peer", b"peer", "price_source", b"price_source", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime", "verify_flags", b"verify_flags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "allocated_gpu_uuids", b"allocated_gpu_uuids", "attestations", b"attestations", "attested", b"attested", "connected", b"connected", "declared_bits_per_second", b"declared_bits_per_second", "draining", b"draining", "first_seen_unix_nanos", b"first_seen_unix_nanos", "free_gpu_uuids", b"free_gpu_uuids", "gpu_health", b"gpu_health", "inventory", b"inventory", "labels", b"labels", "last_heartbeat_unix_nanos", b"last_heartbeat_unix_nanos", "leases", b"leases", "liveness", b"liveness", "market_view", b"market_view", "name", b"name", "node_id", b"node_id", "offer", b"offer", "output_mismatches", b"output_mismatches", "owner", b"owner", "peer", b"peer", "price_source", b"price_source", "protocol_version", b"protocol_version", "public_key", b"public_key", "region", b"region", "registration", b"registration", "session_id", b"session_id", "uptime", b"uptime", "verify_flags", b"verify_flags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +427,39 @@ class AttestNodeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AttestNodeResponse: _TypeAlias = AttestNodeResponse  # noqa: Y015
+
+@_typing.final
+class OutputMismatch(_message.Message):
+    """A buyer's report that the bytes it fetched were not what the node signed. A claim of
+    the buyer's, not a verdict: one per lease and buyer, so no buyer can inflate it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    REPORTER_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_UNIX_NANOS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    reporter: _builtins.str
+    """the buyer account"""
+    reported_at_unix_nanos: _builtins.int
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        reporter: _builtins.str = ...,
+        reported_at_unix_nanos: _builtins.int = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "lease_id", b"lease_id", "reported_at_unix_nanos", b"reported_at_unix_nanos", "reporter", b"reporter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputMismatch: _TypeAlias = OutputMismatch  # noqa: Y015
 
 @_typing.final
 class VerifyFlag(_message.Message):

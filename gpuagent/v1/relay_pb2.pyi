@@ -427,3 +427,29 @@ class LeaseRoute(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseRoute: _TypeAlias = LeaseRoute  # noqa: Y015
+
+@_typing.final
+class OutputRouteRequest(_message.Message):
+    """Coordinator -> relay: may this bearer ticket download this lease's outputs? The
+    answer (found, node_id; one port, "@outputs") names the node that signed them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    TICKET_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    ticket: _builtins.str
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        ticket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputRouteRequest: _TypeAlias = OutputRouteRequest  # noqa: Y015

@@ -158,6 +158,11 @@ class RelayDirectoryStub:
                 request_serializer=gpuagent_dot_v1_dot_relay__pb2.RouteRequest.SerializeToString,
                 response_deserializer=gpuagent_dot_v1_dot_relay__pb2.LeaseRoute.FromString,
                 _registered_method=True)
+        self.OutputRoute = channel.unary_unary(
+                '/gpuagent.v1.RelayDirectory/OutputRoute',
+                request_serializer=gpuagent_dot_v1_dot_relay__pb2.OutputRouteRequest.SerializeToString,
+                response_deserializer=gpuagent_dot_v1_dot_relay__pb2.LeaseRoute.FromString,
+                _registered_method=True)
 
 
 class RelayDirectoryServicer:
@@ -170,12 +175,23 @@ class RelayDirectoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OutputRoute(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayDirectoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Route': grpc.unary_unary_rpc_method_handler(
                     servicer.Route,
                     request_deserializer=gpuagent_dot_v1_dot_relay__pb2.RouteRequest.FromString,
+                    response_serializer=gpuagent_dot_v1_dot_relay__pb2.LeaseRoute.SerializeToString,
+            ),
+            'OutputRoute': grpc.unary_unary_rpc_method_handler(
+                    servicer.OutputRoute,
+                    request_deserializer=gpuagent_dot_v1_dot_relay__pb2.OutputRouteRequest.FromString,
                     response_serializer=gpuagent_dot_v1_dot_relay__pb2.LeaseRoute.SerializeToString,
             ),
     }
@@ -206,6 +222,33 @@ class RelayDirectory:
             target,
             '/gpuagent.v1.RelayDirectory/Route',
             gpuagent_dot_v1_dot_relay__pb2.RouteRequest.SerializeToString,
+            gpuagent_dot_v1_dot_relay__pb2.LeaseRoute.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OutputRoute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpuagent.v1.RelayDirectory/OutputRoute',
+            gpuagent_dot_v1_dot_relay__pb2.OutputRouteRequest.SerializeToString,
             gpuagent_dot_v1_dot_relay__pb2.LeaseRoute.FromString,
             options,
             channel_credentials,

@@ -75,6 +75,7 @@ class RelayDirectoryStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RelayDirectoryAsyncStub: ...
     Route: _grpc.UnaryUnaryMultiCallable[_relay_pb2.RouteRequest, _relay_pb2.LeaseRoute]
+    OutputRoute: _grpc.UnaryUnaryMultiCallable[_relay_pb2.OutputRouteRequest, _relay_pb2.LeaseRoute]
 
 @_typing.type_check_only
 class RelayDirectoryAsyncStub(RelayDirectoryStub):
@@ -82,6 +83,7 @@ class RelayDirectoryAsyncStub(RelayDirectoryStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Route: _aio.UnaryUnaryMultiCallable[_relay_pb2.RouteRequest, _relay_pb2.LeaseRoute]  # type: ignore[assignment]
+    OutputRoute: _aio.UnaryUnaryMultiCallable[_relay_pb2.OutputRouteRequest, _relay_pb2.LeaseRoute]  # type: ignore[assignment]
 
 class RelayDirectoryServicer(metaclass=_abc_1.ABCMeta):
     """The coordinator's answer to a standalone relay (`gpu-scheduler relay`); admin only."""
@@ -90,6 +92,13 @@ class RelayDirectoryServicer(metaclass=_abc_1.ABCMeta):
     def Route(
         self,
         request: _relay_pb2.RouteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.LeaseRoute, _abc.Awaitable[_relay_pb2.LeaseRoute]]: ...
+
+    @_abc_1.abstractmethod
+    def OutputRoute(
+        self,
+        request: _relay_pb2.OutputRouteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_relay_pb2.LeaseRoute, _abc.Awaitable[_relay_pb2.LeaseRoute]]: ...
 

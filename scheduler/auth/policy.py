@@ -44,12 +44,16 @@ RULES: Final[dict[str, Rule]] = {
     "/gpuagent.v1.Leases/Cancel": Rule(BUYER),
     "/gpuagent.v1.Leases/Logs": Rule(BUYER),
     "/gpuagent.v1.Leases/RotateEndpointToken": Rule(BUYER),
+    # Outputs: a download ticket and mismatch reports, for the lease's own buyer.
+    "/gpuagent.v1.Leases/OutputTicket": Rule(BUYER),
+    "/gpuagent.v1.Leases/ReportOutputMismatch": Rule(BUYER),
     # The relay's tunnel: agents prove themselves with their node key (signed
     # TunnelHello), each Carry stream with its session's secret.
     "/gpuagent.v1.Tunnel/Control": PUBLIC,
     "/gpuagent.v1.Tunnel/Carry": PUBLIC,
     # A standalone relay reads routes and token hashes: an operator's (admin) token.
     "/gpuagent.v1.RelayDirectory/Route": Rule(ADMIN),
+    "/gpuagent.v1.RelayDirectory/OutputRoute": Rule(ADMIN),
     # Everyone sees the market; full detail and actions belong to the node's provider.
     "/gpuagent.v1.Nodes/List": Rule(ALL),
     "/gpuagent.v1.Nodes/Get": Rule(ALL),

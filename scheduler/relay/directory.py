@@ -14,11 +14,13 @@ import grpc
 from gpuagent import leaserules
 from gpuagent.v1 import leases_pb2, relay_pb2, relay_pb2_grpc
 
-from .routes import Port, Route
+from .. import outputs_store
+from .routes import Port, Route, output_route
 
 if TYPE_CHECKING:
     from ..endpoint_tokens import EndpointTokens
     from ..leases_store import LeaseStore
+    from ..output_fetch import OutputTickets
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -36,9 +38,22 @@ def declared_ports(spec: leases_pb2.LeaseSpec) -> tuple[Port, ...]:
 
 
 class StoreRoutes:
-    def __init__(self, store: LeaseStore, tokens: EndpointTokens) -> None:
+    def __init__(
+        self, store: LeaseStore, tokens: EndpointTokens, tickets: OutputTickets | None = None
+    ) -> None:
         self.store = store
         self.tokens = tokens
+        self.tickets = tickets
+
+    async def output_route(self, lease_id: str, ticket: str) -> Route | None:
+        if self.tickets is None or not lease_id or len(lease_id) > 128:
+            return None
+        if not self.tickets.check(lease_id, ticket):
+            return None
+        commitment = await outputs_store.get_commitment(self.store.db, lease_id)
+        if commitment is None:
+            return None
+        return output_route(lease_id, commitment.node_id)
 
     async def route(self, lease_id: str) -> Route | None:
         if not lease_id or len(lease_id) > 128:
@@ -67,6 +82,14 @@ class DirectoryService(relay_pb2_grpc.RelayDirectoryServicer):
             return relay_pb2.LeaseRoute(lease_id=request.lease_id[:128], found=False)
         return route.to_proto()
 
+    async def OutputRoute(
+        self, request: relay_pb2.OutputRouteRequest, context: Context
+    ) -> relay_pb2.LeaseRoute:
+        route = await self.routes.output_route(request.lease_id, request.ticket)
+        if route is None:
+            return relay_pb2.LeaseRoute(lease_id=request.lease_id[:128], found=False)
+        return route.to_proto()
+
 
 class RemoteRoutes:
     """A standalone relay's route source: the coordinator's ``RelayDirectory``."""
@@ -79,5 +102,13 @@ class RemoteRoutes:
     async def route(self, lease_id: str) -> Route | None:
         answer = await self.stub.Route(
             relay_pb2.RouteRequest(lease_id=lease_id), metadata=self.metadata, timeout=self.timeout
+        )
+        return Route.from_proto(answer)
+
+    async def output_route(self, lease_id: str, ticket: str) -> Route | None:
+        answer = await self.stub.OutputRoute(
+            relay_pb2.OutputRouteRequest(lease_id=lease_id[:128], ticket=ticket[:256]),
+            metadata=self.metadata,
+            timeout=self.timeout,
         )
         return Route.from_proto(answer)

@@ -23,6 +23,8 @@ from typing import cast
 
 import h11
 
+from gpuagent.outputs import OUTPUTS_STREAM
+
 from .metrics import RelayMetrics
 from .routes import Route, RouteCache
 from .tokens import bearer, token_matches
@@ -31,6 +33,8 @@ from .tunnel import CarriedStream, TunnelError, TunnelHub
 log = logging.getLogger(__name__)
 
 PATH_PREFIX = b"/_lease/"
+# A lease's output archive, from the node that signed it (gpu-scheduler output).
+OUTPUTS_PREFIX = b"/_outputs/"
 READ_BYTES = 1024 * 1024  # an upload moves in frames this big through the tunnel
 MAX_HEAD_BYTES = 64 * 1024
 _HOP_BY_HOP = frozenset({b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te"})
@@ -225,6 +229,8 @@ class BuyerConnection:
         size = len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers)
         if size > MAX_HEAD_BYTES:
             await self._error(431, f"request head is {size} bytes; at most {MAX_HEAD_BYTES}")
+        if request.target.startswith(OUTPUTS_PREFIX):
+            return await self._output_route(request)
         headers = dict(request.headers)
         target = locate(headers.get(b"host", b""), request.target, self.relay.settings.domain)
         if target is None:
@@ -261,6 +267,36 @@ class BuyerConnection:
             )
         return target, route
 
+    async def _output_route(self, request: h11.Request) -> tuple[Target, Route]:
+        """``/_outputs/<lease-id>``: the bearer is an output ticket (Leases.OutputTicket),
+        checked by the coordinator; the agent serves the archive with Range support."""
+        rest = request.target[len(OUTPUTS_PREFIX) :].split(b"?", 1)[0]
+        lease_id = rest.decode("latin-1").strip("/")
+        if not lease_id or "/" in lease_id or len(lease_id) > 128:
+            await self._error(404, "use /_outputs/<lease-id> (gpu-scheduler output prints it)")
+        if request.method not in (b"GET", b"HEAD"):
+            await self._error(405, "outputs are read with GET or HEAD", allow="GET, HEAD")
+        ticket = bearer(dict(request.headers).get(b"authorization"))
+        route = None
+        if ticket:
+            try:
+                route = await self.relay.routes.source.output_route(lease_id, ticket)
+            except Exception as exc:  # a standalone relay whose coordinator is away
+                log.warning(
+                    "relay cannot check an output ticket",
+                    extra={"lease_id": lease_id, "error": str(exc)[:300]},
+                )
+                await self._error(503, "the relay cannot reach its coordinator; retry shortly")
+        if route is None:
+            await self._error(
+                401,
+                "output ticket missing, wrong or expired: `gpu-scheduler output LEASE` asks "
+                "the coordinator for one (only the lease's buyer gets it)",
+                www_authenticate='Bearer realm="gpu-relay-outputs"',
+            )
+        assert route is not None
+        return Target(lease_id, OUTPUTS_STREAM, b"/"), route
+
     async def _unauthorized(self, lease_id: str) -> None:
         await self._error(
             401,
@@ -284,6 +320,9 @@ class BuyerConnection:
                 if exc.kind == "no_tunnel":
                     await self._redirect_elsewhere(target, route)
                 status, text = _TUNNEL_STATUS.get(exc.kind, (502, "bad gateway"))
+                if target.port == OUTPUTS_STREAM and exc.kind == "not_found":
+                    # The provider says why (retention over, disk lost): the buyer's 404.
+                    status, text = 404, "the provider no longer has these outputs"
                 log.info(
                     "relay could not reach a service",
                     extra={"lease_id": target.lease_id, "port": target.port, "why": str(exc)},
@@ -310,10 +349,13 @@ class BuyerConnection:
             return
         if not base:
             return
-        location = (
-            f"{base.rstrip('/')}/_lease/{target.lease_id}/{target.port}"
-            f"{target.path.decode('latin-1')}"
-        )
+        if target.port == OUTPUTS_STREAM:
+            location = f"{base.rstrip('/')}/_outputs/{target.lease_id}"
+        else:
+            location = (
+                f"{base.rstrip('/')}/_lease/{target.lease_id}/{target.port}"
+                f"{target.path.decode('latin-1')}"
+            )
         await self._error(
             307,
             f"this lease is served by another replica's relay: {location}",

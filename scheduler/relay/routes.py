@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gpuagent.outputs import OUTPUTS_STREAM
 from gpuagent.v1 import relay_pb2
 
 
@@ -72,6 +73,22 @@ class RouteSource(Protocol):
     async def route(self, lease_id: str) -> Route | None:
         """The lease's route while it runs; None when unknown or not running."""
         ...
+
+    async def output_route(self, lease_id: str, ticket: str) -> Route | None:
+        """Where the lease's output archive is kept, when ``ticket`` opens it; else None.
+        Never cached: a download is one request, and a ticket expires."""
+        ...
+
+
+def output_route(lease_id: str, node_id: str) -> Route:
+    """The route of a lease's output archive: its one "port" is the outputs stream."""
+    return Route(
+        lease_id=lease_id,
+        node_id=node_id,
+        ports=(Port(OUTPUTS_STREAM, 0, "http"),),
+        public=False,
+        token_sha256=b"",
+    )
 
 
 class RouteCache:

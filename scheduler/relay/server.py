@@ -36,6 +36,15 @@ def _split(listen: str, what: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - the operator's choice
 
 
+def outputs_url(config: RelayConfig, lease_id: str, *, listen_port: int = 0) -> str:
+    """Where a lease's output archive is downloaded (path form: any relay host name)."""
+    scheme = "http" if config.insecure_http else "https"
+    number = config.public_port or listen_port or _split(config.listen, "listen")[1]
+    default = 80 if scheme == "http" else 443
+    suffix = "" if number == default else f":{number}"
+    return f"{scheme}://{config.domain}{suffix}/_outputs/{lease_id}"
+
+
 def buyer_url(config: RelayConfig, lease_id: str, port: str, *, listen_port: int = 0) -> str:
     """The URL a buyer uses for one port of a lease (host-based; path-based when the
     lease id is no DNS label)."""
@@ -81,6 +90,9 @@ class Relay:
 
     def url(self, lease_id: str, port: str) -> str:
         return buyer_url(self.config, lease_id, port, listen_port=self.port)
+
+    def outputs_url(self, lease_id: str) -> str:
+        return outputs_url(self.config, lease_id, listen_port=self.port)
 
     def _ssl(self) -> ssl.SSLContext | None:
         if self.config.insecure_http:
