@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import sys
 import threading
 import time
@@ -411,12 +412,35 @@ def run_lease(sched_cfg: Path, agent_cfg: Path) -> None:
             cli("gpu-scheduler", sched_cfg, "logs", lease_id, check=False, as_account=DEMO_BUYER),
             flush=True,
         )
+        fetch_results(sched_cfg, lease_id)
     say("leases on the agent (local view)")
     print(cli("gpu-agent", agent_cfg, "leases", "--all", check=False), flush=True)  # noqa: T201
     say("usage billed at the scheduler")
     print(cli("gpu-scheduler", sched_cfg, "usage", check=False, as_account=DEMO_BUYER), flush=True)  # noqa: T201
     balance = cli("gpu-scheduler", sched_cfg, "balance", check=False, as_account=DEMO_BUYER)
     print(balance, flush=True)  # noqa: T201
+
+
+def fetch_results(sched_cfg: Path, lease_id: str) -> None:
+    """The batch lease's declared outputs: fetched from the provider through the relay
+    and verified against the node's signed commitment (docs/leases-buyer.md "Outputs")."""
+    target = (RUN_DIR / "results.tar").resolve()
+    target.unlink(missing_ok=True)
+    say(f"fetching its results: gpu-scheduler output {lease_id} -o {target}")
+    try:
+        answer = cli(
+            "gpu-scheduler", sched_cfg, "output", lease_id, "-o", str(target),
+            as_account=DEMO_BUYER,
+        )  # fmt: skip
+    except RuntimeError as exc:
+        print(f"  {exc}", flush=True)  # noqa: T201
+        return
+    print(answer.rstrip(), flush=True)  # noqa: T201
+    if target.exists():
+        with tarfile.open(target) as tar:
+            member = tar.extractfile("results/answer.txt")
+            if member is not None:
+                print(f"  results/answer.txt: {member.read().decode().strip()}", flush=True)  # noqa: T201
 
 
 def _curl(url: str, ca_file: Path, token: str, body: str = "") -> tuple[int, str, list[str]]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from benchmarks.agent_stack import running_stack, wait_until
-from gpuagent.v1 import leases_pb2, leases_pb2_grpc
+from benchmarks.agent_stack import IMAGE, running_stack, wait_until
+from gpuagent.outputs import ArchiveDigest
+from gpuagent.v1 import common_pb2, leases_pb2, leases_pb2_grpc
 from tests.images.pyservice import build_pyservice
 from tests.test_relay_e2e import _buyer_channel, submit_service
 
@@ -51,5 +52,46 @@ def test_a_standalone_relay_serves_checks_tokens_and_sees_rotations() -> None:
             wait_until("for the old token to be refused", old_refused, 15)
             fresh = httpx.get(url, headers={**host, "Authorization": f"Bearer {new}"}, timeout=10)
             assert fresh.status_code == 200
+            _outputs_through_the_standalone_relay(stack, buyer)
         finally:
             buyer.close()
+
+
+def _outputs_through_the_standalone_relay(stack: object, buyer: object) -> None:
+    """A batch lease's outputs come through the separate relay too: it checks the
+    buyer's ticket with the coordinator (RelayDirectory.OutputRoute) and the bytes
+    match the node's commitment; without the ticket, 401."""
+    stub = leases_pb2_grpc.LeasesStub(buyer)  # type: ignore[arg-type]
+    stub.Submit(
+        leases_pb2.SubmitLeaseRequest(
+            spec=leases_pb2.LeaseSpec(
+                image=IMAGE,
+                command=["sh", "-c", "mkdir -p /scratch/out && echo far > /scratch/out/r.txt"],
+                gpu_count=1,
+                cpus=0.1,
+                memory_bytes=32 * 1024**2,
+                max_duration_seconds=600,
+                outputs=["out"],
+            ),
+            idempotency_key="outputs-standalone",
+        ),
+        timeout=10,
+    )
+
+    def ended() -> bool:
+        got = stub.Get(leases_pb2.GetLeaseRequest(lease_id="outputs-standalone"), timeout=5)
+        return got.state == common_pb2.LEASE_STATE_SUCCEEDED and got.HasField("outputs")
+
+    wait_until("for the outputs lease to succeed", ended, 90)
+    ticket = stub.OutputTicket(
+        leases_pb2.OutputTicketRequest(lease_id="outputs-standalone"), timeout=10
+    )
+    port = stack.relay_port  # type: ignore[attr-defined]
+    assert ticket.url == f"http://relay.localhost:{port}/_outputs/outputs-standalone"
+    where = f"http://127.0.0.1:{port}/_outputs/outputs-standalone"
+    got = httpx.get(where, headers={"Authorization": f"Bearer {ticket.ticket}"}, timeout=30)
+    assert got.status_code == 200, got.text
+    digest = ArchiveDigest()
+    digest.update(got.content)
+    assert (digest.root(), digest.size) == (ticket.commitment.digest, ticket.commitment.size)
+    assert httpx.get(where, timeout=10).status_code == 401

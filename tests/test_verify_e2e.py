@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import tarfile
 import sys
 import tempfile
 import uuid
@@ -282,6 +283,14 @@ def test_three_copies_pay_the_honest_two_and_flag_the_cheat(fleet: Fleet) -> Non
     for copy in copies:
         lease = fleet.show(copy["leaseId"])
         assert lease["outputs"]["nodeId"] == copy["nodeId"]
+    # The buyer fetches the parent: the agreed result, from an honest copy's node.
+    target = fleet.workdir / "three.tar"
+    fetched = json.loads(fleet.cli(BUYER, "output", parent_id, "-o", str(target), "--json"))
+    assert fetched["ok"] is True and fetched["commitment"]["node_id"] != cheat.node_id
+    assert fetched["lease_id"] in {c["leaseId"] for c in copies if c["outcome"] == "paid"}
+    with tarfile.open(target) as tar:
+        member = tar.extractfile("out/result.txt")
+        assert member is not None and member.read() == b"answer=42\n"
 
 
 def test_two_copies_with_a_cheat_place_a_tie_break_that_decides(fleet: Fleet) -> None:
