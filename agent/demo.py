@@ -19,8 +19,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator

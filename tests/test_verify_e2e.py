@@ -12,8 +12,8 @@ import json
 import os
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator
