@@ -177,8 +177,15 @@ CALLS: list[Call] = [
      lambda w: leases_pb2.LeaseLogsRequest(lease_id=w.lease_id)),
     ("/gpuagent.v1.Leases/RotateEndpointToken", leases_pb2_grpc.LeasesStub,
      "RotateEndpointToken", lambda w: leases_pb2.RotateEndpointTokenRequest(lease_id=w.lease_id)),
+    ("/gpuagent.v1.Leases/OutputTicket", leases_pb2_grpc.LeasesStub,
+     "OutputTicket", lambda w: leases_pb2.OutputTicketRequest(lease_id=w.lease_id)),
+    ("/gpuagent.v1.Leases/ReportOutputMismatch", leases_pb2_grpc.LeasesStub,
+     "ReportOutputMismatch",
+     lambda w: leases_pb2.OutputMismatchReport(lease_id=w.lease_id, fetched_digest=b"x" * 32)),
     ("/gpuagent.v1.RelayDirectory/Route", relay_pb2_grpc.RelayDirectoryStub, "Route",
      lambda w: relay_pb2.RouteRequest(lease_id=w.lease_id)),
+    ("/gpuagent.v1.RelayDirectory/OutputRoute", relay_pb2_grpc.RelayDirectoryStub, "OutputRoute",
+     lambda w: relay_pb2.OutputRouteRequest(lease_id=w.lease_id, ticket="gso_x")),
     ("/gpuagent.v1.Nodes/List", nodes_pb2_grpc.NodesStub, "List",
      lambda w: nodes_pb2.ListNodesRequest()),
     ("/gpuagent.v1.Nodes/Get", nodes_pb2_grpc.NodesStub, "Get",
@@ -269,6 +276,7 @@ ADMIN_ONLY = {
     "/gpuagent.v1.Acl/ListAccounts",
     "/gpuagent.v1.Acl/Audit",
     "/gpuagent.v1.RelayDirectory/Route",
+    "/gpuagent.v1.RelayDirectory/OutputRoute",
 }
 
 
@@ -287,7 +295,9 @@ async def test_a_buyer_token_is_refused_on_admin_and_provider_methods(world: Wor
     for path in (*ADMIN_ONLY, "/gpuagent.v1.Leases/Submit", "/gpuagent.v1.Leases/Cancel",
                  "/gpuagent.v1.Leases/Logs", "/gpuagent.v1.Ledger/Balance",
                  "/gpuagent.v1.Leases/Quote",
-                 "/gpuagent.v1.Leases/RotateEndpointToken"):  # fmt: skip
+                 "/gpuagent.v1.Leases/RotateEndpointToken",
+                 "/gpuagent.v1.Leases/OutputTicket",
+                 "/gpuagent.v1.Leases/ReportOutputMismatch"):  # fmt: skip
         assert await _call(world, world.tokens["acme"], by_path[path]) == Code.PERMISSION_DENIED, (
             path
         )
@@ -316,6 +326,11 @@ async def test_another_buyers_lease_answers_not_found_and_is_untouched(world: Wo
                 (
                     leases.RotateEndpointToken,
                     leases_pb2.RotateEndpointTokenRequest(lease_id=lease_id),
+                ),
+                (leases.OutputTicket, leases_pb2.OutputTicketRequest(lease_id=lease_id)),
+                (
+                    leases.ReportOutputMismatch,
+                    leases_pb2.OutputMismatchReport(lease_id=lease_id, fetched_digest=b"x" * 32),
                 ),
                 (ledger.Usage, ledger_pb2.UsageRequest(lease_id=lease_id)),
             ):
