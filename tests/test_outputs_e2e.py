@@ -33,6 +33,7 @@ from gpuagent.v1 import (
     nodes_pb2,
     nodes_pb2_grpc,
 )
+from scheduler.cmd_nodes import format_size
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -242,9 +243,13 @@ def test_the_buyer_fetches_and_verifies_its_outputs_and_nobody_else_can(
     whole = target.read_bytes()
     resumed = tmp_path / "resumed.tar"
     (tmp_path / "resumed.tar.part").write_bytes(whole[: 3 * 1024 * 1024 // 2])
-    done = _run(stack, buyers.dana, "output", "fetch-e2e", "-o", str(resumed))
+    done = _run(
+        stack, buyers.dana, "output", "fetch-e2e", "-o", str(resumed), "--progress", "always"
+    )
     assert done.returncode == 0, done.stderr
     assert resumed.read_bytes() == whole
+    # The bar counts from where it resumed to the whole archive.
+    assert "100%" in done.stderr and f"/ {format_size(len(whole))}" in done.stderr
     ticket = _ticket(buyers, "fetch-e2e")
     part = _relay_get(stack, "fetch-e2e", ticket.ticket, Range="bytes=1000-1999")
     assert part.status_code == 206 and part.content == whole[1000:2000]
