@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from google.protobuf.json_format import MessageToDict
 
-from gpuagent.outputs import file_root, output_commitment_signing_bytes
+from gpuagent.outputs import CHUNK_BYTES, file_root, output_commitment_signing_bytes
 from gpuagent.signing import node_id_from_public_key, verify_ed25519
 from gpuagent.v1 import leases_pb2, leases_pb2_grpc
 
@@ -146,6 +146,9 @@ def commitment_problem(download: leases_pb2.OutputDownload) -> str:
         return f"the node's public key is unusable: {exc}"
     if derived != c.node_id:
         return f"the commitment names node {c.node_id}, but the key given is node {derived}'s"
+    if c.chunk_bytes != CHUNK_BYTES:
+        # The one leaf size everyone hashes with (the coordinator refuses others too).
+        return f"the commitment's chunk_bytes is {c.chunk_bytes}, not {CHUNK_BYTES}"
     if c.lease_id != download.lease_id:
         return f"the commitment is for lease {c.lease_id}, not {download.lease_id}"
     try:

@@ -70,6 +70,10 @@ class OutputTickets:
             return False
         if len(body) != 8 + _MAC_BYTES:
             return False
+        # One spelling per ticket: base64's ignored trailing bits and its +/ aliases
+        # would otherwise let one ticket be written several ways (logs, rate limits).
+        if base64.urlsafe_b64encode(body).decode().rstrip("=") != encoded:
+            return False
         (expires_s,) = struct.unpack(">Q", body[:8])
         if expires_s < self.clock():
             return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import h11
 
@@ -52,11 +53,24 @@ async def serve(stream: ByteStream, output: RetainedOutput) -> None:
     """Answer requests on ``stream`` until the relay closes it."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.read()
-            conn.receive_data(data)
-            continue
+        try:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.read())
+                continue
+        except h11.RemoteProtocolError as exc:
+            # A malformed or oversized request: say so (the relay passes it on) and end.
+            # Written by hand: h11 will not send a response to a request it never parsed.
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                body = f"bad request: {exc}\n".encode()
+                status = HTTPStatus(exc.error_status_hint)
+                await stream.write(
+                    f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+                    "content-type: text/plain; charset=utf-8\r\n"
+                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                    + body
+                )
+            return
         if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
             return
         if isinstance(event, h11.Request):
