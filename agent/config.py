@@ -122,8 +122,9 @@ class LogConfig(Strict):
 class CoordinatorConfig(Strict):
     address: str | tuple[str, ...] = Field(
         default="localhost:7443",
-        description="host:port of the coordinator's gRPC endpoint; a list of them for "
-        "several scheduler replicas (tried in turn on each reconnect)",
+        description="host:port of the coordinator's gRPC endpoint; for several scheduler "
+        "replicas a list of them, or a DNS name with several records (each record tried "
+        "in turn on each reconnect; agent/link/targets.py)",
     )
 
     @field_validator("address", mode="before")

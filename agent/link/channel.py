@@ -30,7 +30,9 @@ def _read(path: Path, what: str) -> bytes:
         ) from None
 
 
-def channel_options(config: CoordinatorConfig) -> list[tuple[str, int | str]]:
+def channel_options(
+    config: CoordinatorConfig, authority: str | None = None
+) -> list[tuple[str, int | str]]:
     options: list[tuple[str, int | str]] = [
         # Pings every keepalive_time even when idle: NATs and load balancers drop
         # idle flows after 60-350 s, and a dead peer is noticed within
@@ -48,7 +50,14 @@ def channel_options(config: CoordinatorConfig) -> list[tuple[str, int | str]]:
         ("grpc.enable_retries", 0),
     ]
     if config.server_name:
+        # TLS verifies this name, and it is the :authority too.
         options.append(("grpc.ssl_target_name_override", config.server_name))
+    elif authority:
+        # The address dialed is one IP of a DNS name (targets.py): the channel presents
+        # the name as :authority and TLS verifies the certificate against it, as a dial
+        # by name would. (Both options at once fail every call: gRPC checks the call's
+        # authority against the certificate of the override name.)
+        options.append(("grpc.default_authority", authority))
     return options
 
 
@@ -63,10 +72,14 @@ def credentials(config: CoordinatorConfig) -> grpc.ChannelCredentials:
     )
 
 
-def make_channel(config: CoordinatorConfig) -> grpc.aio.Channel:
-    """A fresh channel; TLS unless the config says ``insecure: true``."""
-    options = channel_options(config)
-    # One address per channel: the link picks which of several replicas (session.py).
+def make_channel(config: CoordinatorConfig, authority: str | None = None) -> grpc.aio.Channel:
+    """A fresh channel; TLS unless the config says ``insecure: true``.
+
+    ``authority``: the name to present and verify when ``config.address`` is an IP the
+    link resolved that name to.
+    """
+    options = channel_options(config, authority)
+    # One address per channel: the link picks which replica, and which record (session.py).
     address = config.targets[0]
     if config.insecure:
         return grpc.aio.insecure_channel(address, options=options)

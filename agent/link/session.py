@@ -31,6 +31,7 @@ from ..identity import NodeIdentity
 from .backoff import Backoff
 from .channel import ChannelConfigError, make_channel
 from .reporter import NodeReporter
+from .targets import Target, TargetCycle
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,15 @@ class LinkObserver(Protocol):
 
 
 SessionListener = Callable[[coordinator_pb2.Welcome], Awaitable[None]]
-ChannelFactory = Callable[[CoordinatorConfig], grpc.aio.Channel]
+
+
+class ChannelFactory(Protocol):
+    """``make_channel``'s shape: ``authority`` is the name when the address is its IP."""
+
+    def __call__(
+        self, config: CoordinatorConfig, authority: str | None = None
+    ) -> grpc.aio.Channel: ...
+
 
 # Messages the session itself consumes; nobody else may register for them.
 _SESSION_KINDS = frozenset({"hello_challenge", "welcome", "params_update", "error"})
@@ -153,7 +162,9 @@ class CoordinatorLink:
         self.sessions_opened = 0
         self.last_error: str | None = None
         self._channel_factory = channel_factory
-        self._target = 0  # index into config.targets: the replica tried next
+        # Which replica (configured address, DNS record) each attempt dials (targets.py).
+        self._targets = TargetCycle(identity.node_id, timeout=config.call_timeout)
+        self.target = Target(config.targets[0], config.targets[0])
         self._monotonic = monotonic
         self._started = monotonic()
         self._handlers: dict[str, Handler] = {}
@@ -207,9 +218,13 @@ class CoordinatorLink:
 
     @property
     def address(self) -> str:
-        """The coordinator address the current (or next) session uses."""
-        targets = self.config.targets
-        return targets[self._target % len(targets)]
+        """The configured coordinator address of the current (or last) attempt."""
+        return self.target.configured
+
+    @property
+    def dialed(self) -> str:
+        """What that attempt connected to: one IP of ``address`` when it is a DNS name."""
+        return self.target.dial
 
     @property
     def connected(self) -> bool:
@@ -240,14 +255,14 @@ class CoordinatorLink:
                 self._record_error(str(exc), logging.ERROR)
             except grpc.aio.AioRpcError as exc:
                 self._record_error(
-                    f"coordinator {self.address}: {exc.code().name}: {exc.details()}",
+                    f"coordinator {self.target}: {exc.code().name}: {exc.details()}",
                     logging.WARNING,
                 )
             except (_SessionEnded, ChannelConfigError) as exc:
                 self._record_error(str(exc), logging.WARNING)
             except TimeoutError:
                 self._record_error(
-                    f"coordinator {self.address}: no answer within "
+                    f"coordinator {self.target}: no answer within "
                     f"{self.config.call_timeout}s during the handshake",
                     logging.WARNING,
                 )
@@ -258,7 +273,7 @@ class CoordinatorLink:
                 break
             # Several replicas: whatever ended this session (a dead replica, one cut off
             # from its database, a refused handshake), the next attempt goes to the next.
-            self._target = (self._target + 1) % len(self.config.targets)
+            self._targets.advance()
             delay = self.backoff.next_delay()
             log.info("reconnecting to coordinator", extra={"delay_s": round(delay, 3)})
             with contextlib.suppress(TimeoutError):
@@ -278,10 +293,11 @@ class CoordinatorLink:
         return message
 
     async def _session(self, stop: asyncio.Event) -> None:
+        self.target = target = await self._targets.pick(self.config.targets)
         config = self.config
-        if isinstance(config.address, tuple):  # several replicas: one address per attempt
-            config = config.model_copy(update={"address": self.address})
-        channel = self._channel_factory(config)
+        if isinstance(config.address, tuple) or target.expanded:  # one address per attempt
+            config = config.model_copy(update={"address": target.dial})
+        channel = self._channel_factory(config, target.authority)
         try:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             call = stub.Connect(wait_for_ready=False)
@@ -347,6 +363,7 @@ class CoordinatorLink:
                 "session_id": welcome.session_id,
                 "node_id": self.identity.node_id,
                 "coordinator": self.address,
+                "dialed": self.dialed,
                 "coordinator_version": challenge.coordinator_version,
                 "heartbeat_interval_ms": welcome.params.heartbeat_interval_ms,
             },
