@@ -58,6 +58,12 @@ class ReplicaResult:
     placement_p50_ms: float
     placement_p99_ms: float
     placements: int
+    # Where placement time goes: the Submit call itself (its transaction and escrow),
+    # then Submit's answer to the LeaseAssign at the agent (NOTIFY, pass, offer, send).
+    submit_p50_ms: float
+    submit_p99_ms: float
+    after_submit_p50_ms: float
+    after_submit_p99_ms: float
     usage_records_per_s: float
     failover_s: float  # replica a killed -> every agent welcomed again
     cpu_percent: dict[str, float]  # "replica-a", "replica-b", "postgresql", "simulator"
@@ -155,6 +161,8 @@ async def run_replicated(
 
         creds = schedauth.credentials(a.ca_file, a.token)
         placement_ms: list[float] = []
+        submit_ms: list[float] = []
+        after_ms: list[float] = []
         placed: list[str] = []
         async with grpc.aio.secure_channel(f"localhost:{a.port}", creds) as buyer:
             stub = leases_pb2_grpc.LeasesStub(buyer)
@@ -177,9 +185,12 @@ async def run_replicated(
                     ),
                     timeout=30,
                 )
+                answered = time.monotonic()
                 with contextlib.suppress(TimeoutError):
                     _node, assigned_at = await asyncio.wait_for(waiter, 30)
                     placement_ms.append((assigned_at - sent) * 1000)
+                    submit_ms.append((answered - sent) * 1000)
+                    after_ms.append(max(0.0, assigned_at - answered) * 1000)
                     placed.append(lease_id)
 
         u0 = time.monotonic()
@@ -209,6 +220,10 @@ async def run_replicated(
             placement_p50_ms=_median(placement_ms),
             placement_p99_ms=percentile(placement_ms, 0.99),
             placements=len(placement_ms),
+            submit_p50_ms=_median(submit_ms),
+            submit_p99_ms=percentile(submit_ms, 0.99),
+            after_submit_p50_ms=_median(after_ms),
+            after_submit_p99_ms=percentile(after_ms, 0.99),
             usage_records_per_s=acked / usage_elapsed if acked else 0.0,
             failover_s=failover_s,
             cpu_percent=cpu,
@@ -240,6 +255,10 @@ def _figures(r: ReplicaResult) -> list[Figure]:
             r.placement_p99_ms < PLACEMENT_TARGET_MS,
         ),
         Figure(f"{tag} leases placed", r.placements, "leases"),
+        Figure(f"{tag} placement: Submit call p50", r.submit_p50_ms, "ms"),
+        Figure(f"{tag} placement: Submit call p99", r.submit_p99_ms, "ms"),
+        Figure(f"{tag} placement: answer to assign p50", r.after_submit_p50_ms, "ms"),
+        Figure(f"{tag} placement: answer to assign p99", r.after_submit_p99_ms, "ms"),
         Figure(f"{tag} usage records", r.usage_records_per_s, "/s"),
         Figure(f"{tag} all welcomed after replica kill -9", r.failover_s, "s"),
     ]
