@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from .leases_store import LeaseRow
 from .storage import Conn
@@ -534,6 +534,389 @@ def pay_held(conn: Conn, lease: LeaseRow, now: int) -> int:
         # Nothing billed yet: a marker so a retry still pays nothing twice.
         _entry(conn, "settle", 0, now, buyer=lease.buyer, lease_id=lease.lease_id, ref=ref)
     return paid
+
+
+# -- many records in one transaction (scheduler/usage_ingest.py) ---------------------
+
+# Rows named per IN (...) list: far below SQLite's and PostgreSQL's parameter limits.
+IN_CHUNK = 500
+
+
+def chunks(values: Sequence[Any], size: int = IN_CHUNK) -> Iterable[Sequence[Any]]:
+    """``values`` in slices of at most ``size`` (for ``IN (?, ?, ...)`` lists)."""
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def marks(count: int) -> str:
+    """``?, ?, ?`` for an IN list of ``count`` values."""
+    return ", ".join("?" * count)
+
+
+@dataclass
+class _Escrow:
+    """One escrow row as a batch sees it: as read (``base``), and as changed since."""
+
+    buyer: str
+    cap: int
+    reserved: int
+    settled: int
+    released: int
+    unbilled: int
+    state: str
+    final_seen: int
+    ended_ns: int | None
+    base: tuple[int, int, int, int] = (0, 0, 0, 0)  # reserved, settled, released, unbilled
+    created_ns: int | None = None  # set when the batch creates the row (_escrow's insert)
+    dirty: bool = False
+
+
+@dataclass
+class _Billing:
+    price: int
+    gpu_ns: int
+    cost: int
+    dirty: bool = False
+
+
+@dataclass
+class SettlementBatch:
+    """``settle``, ``final_record`` and ``release`` for the records of one report.
+
+    The same arithmetic, in the same order, as calling those functions once per
+    record, but against an in-memory copy of the rows they touch: each billing,
+    escrow, verify_copies and accounts row is read once (the rows of the leases
+    given up front in one query per table, on first use), and each changed row is
+    written once by ``flush``, the ledger entries with one ``executemany`` in the
+    order the per-record calls would have written them (so their entry ids are the
+    same too). Money columns are written as deltas to what was read. Nothing
+    outlives the transaction: a retried transaction builds a new batch.
+    """
+
+    conn: Conn
+    now: int
+    leases: Iterable[LeaseRow] = ()
+    node_id: str = ""  # billing rows of (lease, node_id) are read with the leases
+    _wanted: dict[str, LeaseRow] = field(default_factory=dict)
+    _loaded: bool = False
+    _billing: dict[tuple[str, str], _Billing | None] = field(default_factory=dict)
+    _holds: dict[str, str | None] = field(default_factory=dict)
+    _escrows: dict[str, _Escrow | None] = field(default_factory=dict)
+    _created: list[str] = field(default_factory=list)
+    _balances: dict[str, int | None] = field(default_factory=dict)
+    _balance_delta: dict[str, int] = field(default_factory=dict)
+    _earnings: dict[str, int] = field(default_factory=dict)
+    _entries: list[tuple[object, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._wanted = {lease.lease_id: lease for lease in self.leases}
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """The rows of every lease named up front, one query per table."""
+        if self._loaded:
+            return
+        self._loaded = True
+        ids = sorted(self._wanted)
+        for part in chunks(ids):
+            for lease_id, price, gpu_ns, cost in self.conn.execute(
+                "SELECT lease_id, price_micros_per_gpu_hour, gpu_ns, cost_micros FROM billing"  # noqa: S608 - only ? marks
+                f" WHERE node_id = ? AND lease_id IN ({marks(len(part))})",
+                (self.node_id, *part),
+            ).fetchall():
+                self._billing[(str(lease_id), self.node_id)] = _Billing(
+                    int(price), int(gpu_ns), int(cost)
+                )
+            for copy_id, paid in self.conn.execute(
+                f"SELECT copy_id, paid FROM verify_copies WHERE copy_id IN ({marks(len(part))})",  # noqa: S608 - only ? marks
+                tuple(part),
+            ).fetchall():
+                self._holds[str(copy_id)] = _hold_of(paid)
+            for row in self.conn.execute(
+                "SELECT lease_id, buyer, cap_micros, reserved_micros, settled_micros,"  # noqa: S608 - only ? marks
+                " released_micros, unbilled_micros, state, final_seen, ended_ns FROM escrow"
+                f" WHERE lease_id IN ({marks(len(part))})",
+                tuple(part),
+            ).fetchall():
+                self._escrows[str(row[0])] = _escrow_of(row[1:])
+        for lease_id in ids:
+            self._billing.setdefault((lease_id, self.node_id), None)
+            self._holds.setdefault(lease_id, None)
+            self._escrows.setdefault(lease_id, None)
+
+    def _hold(self, lease_id: str) -> str | None:
+        """``verify_hold``."""
+        self._load()
+        if lease_id not in self._holds:
+            row = self.conn.execute(
+                "SELECT paid FROM verify_copies WHERE copy_id = ?", (lease_id,)
+            ).fetchone()
+            self._holds[lease_id] = None if row is None else _hold_of(row[0])
+        return self._holds[lease_id]
+
+    def _escrow_row(self, lease_id: str) -> _Escrow | None:
+        self._load()
+        if lease_id not in self._escrows:
+            row = self.conn.execute(
+                "SELECT buyer, cap_micros, reserved_micros, settled_micros, released_micros,"
+                " unbilled_micros, state, final_seen, ended_ns FROM escrow WHERE lease_id = ?",
+                (lease_id,),
+            ).fetchone()
+            self._escrows[lease_id] = None if row is None else _escrow_of(row)
+        return self._escrows[lease_id]
+
+    def _escrow(self, lease: LeaseRow) -> _Escrow:
+        """``_escrow``: the lease's escrow, created ('released', nothing reserved) if missing."""
+        found = self._escrow_row(lease.lease_id)
+        if found is None:
+            cap = reservation_micros(
+                lease.price_micros_per_gpu_hour, lease.gpu_count, lease.max_duration_s
+            )
+            found = _Escrow(lease.buyer, cap, 0, 0, 0, 0, "released", 0, None, created_ns=self.now)
+            self._escrows[lease.lease_id] = found
+            self._created.append(lease.lease_id)
+        return found
+
+    def _billing_row(self, lease: LeaseRow, node_id: str, price: int) -> _Billing:
+        """``INSERT OR IGNORE`` then ``SELECT`` of the (lease, node) billing row."""
+        key = (lease.lease_id, node_id)
+        self._load()
+        if key not in self._billing:
+            row = self.conn.execute(
+                "SELECT price_micros_per_gpu_hour, gpu_ns, cost_micros FROM billing"
+                " WHERE lease_id = ? AND node_id = ?",
+                key,
+            ).fetchone()
+            self._billing[key] = (
+                None if row is None else _Billing(int(row[0]), int(row[1]), int(row[2]))
+            )
+        found = self._billing[key]
+        if found is None:
+            found = self._billing[key] = _Billing(price, 0, 0)
+        return found
+
+    def _balance(self, buyer: str) -> int | None:
+        """The buyer's balance (None: no account row)."""
+        if buyer not in self._balances:
+            # Every buyer this batch may touch, in one query.
+            buyers = {lease.buyer for lease in self._wanted.values()}
+            buyers |= {e.buyer for e in self._escrows.values() if e is not None}
+            todo = sorted((buyers | {buyer}) - set(self._balances))
+            for part in chunks(todo):
+                for name, balance in self.conn.execute(
+                    "SELECT buyer, balance_micros FROM accounts"  # noqa: S608 - only ? marks
+                    f" WHERE buyer IN ({marks(len(part))})",
+                    tuple(part),
+                ).fetchall():
+                    self._balances[str(name)] = int(balance)
+            for name in todo:
+                self._balances.setdefault(name, None)
+        return self._balances[buyer]
+
+    def _add_balance(self, buyer: str, micros: int) -> None:
+        """``UPDATE accounts SET balance_micros = balance_micros + ? WHERE buyer = ?``."""
+        balance = self._balance(buyer)
+        if balance is None:
+            return  # no row: the UPDATE changes nothing
+        self._balances[buyer] = balance + micros
+        self._balance_delta[buyer] = self._balance_delta.get(buyer, 0) + micros
+
+    def _entry(
+        self,
+        kind: str,
+        amount: int,
+        *,
+        buyer: str = "",
+        node_id: str = "",
+        lease_id: str = "",
+        reason: str = "",
+        ref: str = "",
+    ) -> None:
+        self._entries.append((self.now, kind, buyer, node_id, lease_id, amount, reason, ref))
+
+    # -- the per-record operations, in memory ---------------------------------------------
+
+    def settle(self, lease: LeaseRow, node_id: str, gpu_ns: int, ref: str = "") -> Settlement:
+        """``settle(conn, lease, node_id, gpu_ns, now, ref)``, step for step."""
+        price = lease.accepted_price_micros_per_gpu_hour
+        if price is None:
+            price = lease.price_micros_per_gpu_hour
+        billing = self._billing_row(lease, node_id, price)
+        total_ns = billing.gpu_ns + gpu_ns
+        new_cost = cost_micros(billing.price, total_ns)
+        delta = new_cost - billing.cost
+        billing.gpu_ns, billing.cost, billing.dirty = total_ns, new_cost, True
+        if self._hold(lease.lease_id) is not None:
+            return Settlement(0, 0)
+        escrow = self._escrow(lease)
+        charge = min(delta, escrow.cap - escrow.settled)
+        if escrow.state == "released":
+            balance = self._balance(lease.buyer) or 0
+            charge = max(0, min(charge, balance))
+            if charge:
+                self._add_balance(lease.buyer, -charge)
+                escrow.reserved += charge
+                self._entry(
+                    "reserve",
+                    charge,
+                    buyer=lease.buyer,
+                    lease_id=lease.lease_id,
+                    reason="usage after release",
+                    ref=ref,
+                )
+        charge = max(charge, 0)
+        unbilled = delta - charge
+        escrow.dirty |= bool(charge or unbilled)
+        if charge:
+            escrow.settled += charge
+            self._earnings[node_id] = self._earnings.get(node_id, 0) + charge
+            self._entry(
+                "settle",
+                charge,
+                buyer=lease.buyer,
+                node_id=node_id,
+                lease_id=lease.lease_id,
+                ref=ref,
+            )
+        if unbilled:
+            escrow.unbilled += unbilled
+            log.warning(
+                "usage beyond what the lease can be charged; not billed",
+                extra={"lease_id": lease.lease_id, "node_id": node_id, "unbilled_micros": unbilled},
+            )
+        return Settlement(charge, unbilled)
+
+    def final_record(self, lease_id: str) -> int:
+        """``final_record(conn, lease_id, now)``."""
+        escrow = self._escrow_row(lease_id)
+        if escrow is None:
+            return 0
+        escrow.final_seen, escrow.dirty = 1, True
+        if escrow.ended_ns is not None:
+            return self.release(lease_id, "final usage record")
+        return 0
+
+    def release(self, lease_id: str, reason: str) -> int:
+        """``release(conn, lease_id, now, reason)``."""
+        if self._hold(lease_id) == "held":
+            return 0
+        escrow = self._escrow_row(lease_id)
+        if escrow is None or escrow.state == "released":
+            return 0
+        held = escrow.reserved - escrow.settled - escrow.released
+        escrow.released += held
+        escrow.state, escrow.dirty = "released", True
+        self._add_balance(escrow.buyer, held)
+        self._entry("release", held, buyer=escrow.buyer, lease_id=lease_id, reason=reason)
+        return held
+
+    # -- writes --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write every changed row once (sorted by key, so replicas lock in one order)."""
+        conn = self.conn
+        billing = [
+            (lease_id, node_id, b.price, b.gpu_ns, b.cost)
+            for (lease_id, node_id), b in sorted(self._billing.items())
+            if b is not None and b.dirty
+        ]
+        if billing:
+            conn.executemany(
+                "INSERT INTO billing (lease_id, node_id, price_micros_per_gpu_hour, gpu_ns,"
+                " cost_micros) VALUES (?, ?, ?, ?, ?) ON CONFLICT (lease_id, node_id)"
+                " DO UPDATE SET gpu_ns = excluded.gpu_ns, cost_micros = excluded.cost_micros",
+                billing,
+            )
+        created = []
+        for lease_id in self._created:
+            e = self._escrows[lease_id]
+            assert e is not None
+            created.append(
+                (
+                    lease_id,
+                    e.buyer,
+                    e.cap,
+                    e.reserved,
+                    e.settled,
+                    e.released,
+                    e.unbilled,
+                    e.state,
+                    e.final_seen,
+                    e.ended_ns,
+                    e.created_ns,
+                )
+            )
+        if created:
+            conn.executemany(
+                "INSERT INTO escrow (lease_id, buyer, cap_micros, reserved_micros, settled_micros,"
+                " released_micros, unbilled_micros, state, final_seen, ended_ns, created_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                created,
+            )
+        changed = []
+        for lease_id, e in sorted(self._escrows.items()):
+            if e is None or not e.dirty or e.created_ns is not None:
+                continue
+            reserved, settled, released, unbilled = e.base
+            changed.append(
+                (
+                    e.reserved - reserved,
+                    e.settled - settled,
+                    e.released - released,
+                    e.unbilled - unbilled,
+                    e.state,
+                    e.final_seen,
+                    lease_id,
+                )
+            )
+        if changed:
+            conn.executemany(
+                "UPDATE escrow SET reserved_micros = reserved_micros + ?,"
+                " settled_micros = settled_micros + ?, released_micros = released_micros + ?,"
+                " unbilled_micros = unbilled_micros + ?, state = ?, final_seen = ?"
+                " WHERE lease_id = ?",
+                changed,
+            )
+        balances = [(d, buyer) for buyer, d in sorted(self._balance_delta.items()) if d]
+        if balances:
+            conn.executemany(
+                "UPDATE accounts SET balance_micros = balance_micros + ? WHERE buyer = ?", balances
+            )
+        earned = [(node_id, m) for node_id, m in sorted(self._earnings.items()) if m]
+        if earned:
+            conn.executemany(
+                "INSERT INTO earnings (node_id, micros) VALUES (?, ?) ON CONFLICT(node_id)"
+                " DO UPDATE SET micros = earnings.micros + excluded.micros",
+                earned,
+            )
+        if self._entries:
+            conn.executemany(
+                "INSERT INTO ledger_entries (ts_ns, kind, buyer, node_id, lease_id,"
+                " amount_micros, reason, ref) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self._entries,
+            )
+
+
+def _hold_of(paid: object) -> str | None:
+    """``verify_hold`` from a verify_copies row's ``paid``."""
+    if paid == 1:
+        return None
+    return "held" if paid is None else "not_paid"
+
+
+def _escrow_of(row: Sequence[Any]) -> _Escrow:
+    buyer, cap, reserved, settled, released, unbilled, state, final_seen, ended_ns = row
+    amounts = (int(reserved), int(settled), int(released), int(unbilled))
+    return _Escrow(
+        str(buyer),
+        int(cap),
+        *amounts,
+        state=str(state),
+        final_seen=int(final_seen),
+        ended_ns=None if ended_ns is None else int(ended_ns),
+        base=amounts,
+    )
 
 
 # -- providers ------------------------------------------------------------------------
