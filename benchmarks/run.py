@@ -23,6 +23,7 @@ from .registry import REGISTRY
 BENCHMARK_MODULES: tuple[str, ...] = (
     "benchmarks.attest_bench",
     "benchmarks.outbox_bench",
+    "benchmarks.ingest_bench",
     "benchmarks.scrape_bench",
     "benchmarks.lease_start_bench",
     "benchmarks.footprint_bench",
