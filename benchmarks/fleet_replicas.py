@@ -179,6 +179,10 @@ async def run_replicated(
                             command=["sleep", "60"],
                             gpu_count=1,
                             max_duration_seconds=3600,
+                            # The fleet's asks spread over 1-2 units (fleet_agent.py); with
+                            # no ceiling a lease finds half the fleet too expensive and,
+                            # on a small fleet, sometimes every node (nothing placed).
+                            price_micro_per_gpu_hour=1_800_000,
                         ),
                         idempotency_key=lease_id,
                         buyer="fleet-bench",
