@@ -98,8 +98,9 @@ def _record(seq: int) -> SignedUsageRecord:
     return SignedUsageRecord(record, bytes(64))  # store_records takes verified records
 
 
-class _Counting:
-    """A Conn that counts statements (execute and executemany calls)."""
+class CountingConn:
+    """A Conn that counts statements (execute and executemany calls); the statement
+    count test (tests/test_usage_ingest_sets.py) uses it too."""
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
@@ -131,7 +132,7 @@ async def _measure(db: Database, ingest: Ingest, size: int, reports: int) -> tup
         counts: list[int] = []
 
         def one(conn: Conn, batch: list[SignedUsageRecord]) -> None:
-            counting = _Counting(conn)
+            counting = CountingConn(conn)
             result = ingest(counting, NODE, batch, now, POLICY)
             assert result.stored == len(batch), result
             counts.append(counting.statements)  # the last attempt's, after a retry

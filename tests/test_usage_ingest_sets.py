@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.ingest_bench import CountingConn
 from gpuagent.usage import (
     SignedUsageRecord,
     UsageRecord,
@@ -37,7 +38,7 @@ from gpuagent.v1 import leases_pb2
 from scheduler import ledger
 from scheduler.db import PostgresDatabase, in_transaction, migrate
 from scheduler.leases_store import LeaseRow, LeaseStore
-from scheduler.storage import Conn, Cursor, parse_target, schema_of
+from scheduler.storage import Conn, parse_target, schema_of
 from scheduler.usage_ingest import I64_MAX, IngestResult, store_records
 from tests.pgcluster import Cluster
 
@@ -455,28 +456,7 @@ def test_every_path_in_one_scenario(pair: tuple[Store, Store], log_lines: LogLin
     assert new.call(lambda c: ledger.account(c, "bob")).balance_micros == 0
 
 
-class Counting:
-    """A Conn that counts the statements a store function runs."""
-
-    def __init__(self, conn: Conn) -> None:
-        self.conn = conn
-        self.statements = 0
-
-    @property
-    def dialect(self) -> Any:
-        return self.conn.dialect
-
-    @property
-    def total_changes(self) -> int:
-        return self.conn.total_changes
-
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        self.statements += 1
-        return self.conn.execute(sql, params)
-
-    def executemany(self, sql: str, rows: Any) -> None:
-        self.statements += 1
-        self.conn.executemany(sql, rows)
+Counting = CountingConn  # one statement-counting Conn (benchmarks/ingest_bench.py)
 
 
 def _count(store: Store, ingest: Ingest, report: list[SignedUsageRecord], now: int) -> int:
