@@ -336,3 +336,20 @@ def test_a_byte_flipped_on_the_providers_disk_is_caught_and_recorded(
             timeout=10,
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Oversized or out-of-range reports are refused and change nothing.
+    for report in (
+        leases_pb2.OutputMismatchReport(lease_id="fetch-flip", detail="x" * 513),
+        leases_pb2.OutputMismatchReport(lease_id="fetch-flip", fetched_digest=b"d" * 33),
+        leases_pb2.OutputMismatchReport(lease_id="x" * 10_000, fetched_digest=b"d" * 32),
+    ):
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.ReportOutputMismatch(report, timeout=10)
+        assert bad.value.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.NOT_FOUND,
+        ), bad.value.details()
+        assert bad.value.details(), "the refusal says what was wrong"
+    after = nodes_pb2_grpc.NodesStub(stack.channel).Get(
+        nodes_pb2.GetNodeRequest(node_id=stack.node_id), timeout=5
+    )
+    assert [(m.lease_id, m.reporter) for m in after.output_mismatches] == [("fetch-flip", "dana")]
