@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # costs few gRPC messages, far under the channel's 4 MiB message bound.
 FRAME_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 5.0
+# After the last response of an outputs download, how long the agent waits for the
+# relay to end the stream before cancelling it (a cancel can overtake the last frames).
+OUTPUTS_LINGER = 30.0
 Refused = relay_pb2.StreamRefused
 
 
@@ -282,8 +285,14 @@ class TunnelClient:
                 )
             )
             await outputs_http.serve(outputs_http.ByteStream(read, write), output)
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            with contextlib.suppress(
+                grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError
+            ):
                 await call.done_writing()
+                # Cancelling now would reset the stream, and the relay may not have
+                # read the last response yet (a 416 or 404 then reached the buyer as a
+                # cut connection): let the relay end the stream once it has it all.
+                await asyncio.wait_for(_until_end(call), OUTPUTS_LINGER)
         except (grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError):
             pass  # the buyer or the relay went away; the CLI resumes
         except Exception as exc:  # h11 protocol errors and the like: this download only
@@ -320,6 +329,12 @@ async def _pump(
                 writer.write_eof()
 
     await run_together(up(), down())
+
+
+async def _until_end(call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+    """Read (and drop) until the relay ends the stream."""
+    while await call.read() is not grpc.aio.EOF:
+        pass
 
 
 async def _read_down(call: grpc.aio.StreamStreamCall[Any, Any]) -> relay_pb2.TunnelDown | None:
