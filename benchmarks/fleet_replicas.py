@@ -68,6 +68,11 @@ class ReplicaResult:
     failover_s: float  # replica a killed -> every agent welcomed again
     cpu_percent: dict[str, float]  # "replica-a", "replica-b", "postgresql", "simulator"
     rss_mb: dict[str, float]
+    # Why placement is slow when it is: replica a's probe over the placement loop
+    # (fleet_server.py): each placement step's p50/max, the event loop's lag, how long
+    # database jobs waited for a pool thread and ran, and where the loop stalled.
+    diagnosis: dict[str, tuple[float, float]]
+    stalls: list[tuple[str, int]]
 
 
 def _pg_processes(postmaster: int) -> list[psutil.Process]:
@@ -159,6 +164,7 @@ async def run_replicated(
         rss = {k: _rss(v) for k, v in groups.items()}
         stamped = [x for p in probes for x in p["heartbeat_latency_ms"]]
 
+        await a.heartbeat_latencies()  # replica a's probe: the placement loop only
         creds = schedauth.credentials(a.ca_file, a.token)
         placement_ms: list[float] = []
         submit_ms: list[float] = []
@@ -197,6 +203,18 @@ async def run_replicated(
                     after_ms.append(max(0.0, assigned_at - answered) * 1000)
                     placed.append(lease_id)
 
+        during = await a.heartbeat_latencies()
+        diagnosis = {
+            f"step {name}": (_median(values), max(values, default=float("nan")))
+            for name, values in during["placement_phases_ms"].items()
+        }
+        for series in ("loop_lag_ms", "db_wait_ms", "db_job_ms", "gc_pause_ms"):
+            values = during[series]
+            diagnosis[series.removesuffix("_ms")] = (
+                _median(values),
+                percentile(values, 0.99) if values else float("nan"),
+            )
+
         u0 = time.monotonic()
         acked = sum(reply[2] for reply in await fleet.ask("usage", placed))
         usage_elapsed = time.monotonic() - u0
@@ -232,6 +250,8 @@ async def run_replicated(
             failover_s=failover_s,
             cpu_percent=cpu,
             rss_mb=rss,
+            diagnosis=diagnosis,
+            stalls=[(str(stack), int(n)) for stack, n in during["stalls"]],
         )
     finally:
         if fleet is not None:
@@ -284,12 +304,15 @@ def _cluster_factory() -> object | None:
     return lambda: Cluster(bin_dir, durable=True)
 
 
-async def _run_all(sizes: Sequence[int], smoke: bool) -> list[Figure]:
+async def _run_all(
+    sizes: Sequence[int], smoke: bool
+) -> tuple[list[Figure], list[ReplicaResult]]:
     factory = _cluster_factory()
     if factory is None:
         print("fleet-pg2: PostgreSQL server binaries not found; skipped")
-        return []
+        return [], []
     figures: list[Figure] = []
+    results: list[ReplicaResult] = []
     for agents in sizes:
         with tempfile.TemporaryDirectory(prefix="fleet-pg2-") as tmp:
             result = await run_replicated(
@@ -301,14 +324,15 @@ async def _run_all(sizes: Sequence[int], smoke: bool) -> list[Figure]:
                 cluster_factory=factory,
             )
         figures.extend(_figures(result))
-    return figures
+        results.append(result)
+    return figures, results
 
 
 @register("fleet-replicas")
 def bench(smoke: bool) -> list[Figure]:
     env = os.environ.get("FLEET_SIZES")
     sizes = [100] if smoke else ([int(a) for a in env.split(",")] if env else [1000, 10_000])
-    return asyncio.run(_run_all(sizes, smoke))
+    return asyncio.run(_run_all(sizes, smoke))[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -316,8 +340,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--smoke", action="store_true", help="short intervals and windows")
     args = parser.parse_args(argv)
-    for f in asyncio.run(_run_all([args.agents], args.smoke)):
+    figures, results = asyncio.run(_run_all([args.agents], args.smoke))
+    for f in figures:
         print(f"{f.name:<56} {f.value:>10.4g} {f.unit:<6} {f.target}")
+    for r in results:
+        print(f"replica a during the placement loop ({r.agents} agents), p50 / max-or-p99 ms:")
+        for name, (mid, high) in r.diagnosis.items():
+            print(f"  {name:<40} {mid:>8.2f} {high:>8.2f}")
+        for stack, n in r.stalls:
+            print(f"  stall x{n}: {stack}")
     return 0
 
 

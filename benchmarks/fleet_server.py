@@ -129,6 +129,7 @@ class HeartbeatProbe:
         self.loop_lag_ms: list[float] = []
         self.gc_pause_ms: list[float] = []
         self.db_job_ms: list[float] = []
+        self.db_wait_ms: list[float] = []
         self._gc_started = 0.0
         self.young_gc_max_ms = 0.0
         self.stalls = StallSampler()
@@ -151,8 +152,12 @@ class HeartbeatProbe:
         probe = self  # dump() swaps the lists: append to whichever is current
 
         async def timed_run(db: Database, fn: Any) -> Any:
+            queued = time.perf_counter()
+
             def timed() -> Any:
                 started = time.perf_counter()
+                # How long the job waited for a database thread (the pool's queue).
+                probe.db_wait_ms.append((started - queued) * 1000)
                 try:
                     return fn()
                 finally:
@@ -182,13 +187,14 @@ class HeartbeatProbe:
             "loop_lag_ms": self.loop_lag_ms,
             "gc_pause_ms": self.gc_pause_ms,
             "db_job_ms": self.db_job_ms,
+            "db_wait_ms": self.db_wait_ms,
             "stalls": self.stalls.top(),
             "young_gc_max_ms": self.young_gc_max_ms,
             "placement_phases_ms": self.phases.take(),
         }
         self.young_gc_max_ms = 0.0
         self.latencies_ms, self.processing_ms, self.loop_lag_ms = [], [], []
-        self.gc_pause_ms, self.db_job_ms = [], []
+        self.gc_pause_ms, self.db_job_ms, self.db_wait_ms = [], [], []
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(samples))
         tmp.replace(self.path)

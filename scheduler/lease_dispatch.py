@@ -191,8 +191,12 @@ class LeaseDispatcher:
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> session id whose first heartbeat completes the reconnect reconciliation
         self._reconcile: dict[str, Session] = {}
-        # session id -> leases assigned on it before its reconciliation: not "missing".
-        self._assigned_early: dict[str, set[str]] = {}
+        # node -> the session whose first heartbeat has been reconciled (one per node).
+        self._reconciled: dict[str, str] = {}
+        # node -> (session id, leases assigned on that session before its first heartbeat
+        # was reconciled): never "missing", whatever that heartbeat lists. Keyed by node so
+        # a session that ends unreconciled leaves nothing behind once its node returns.
+        self._assigned_early: dict[str, tuple[str, set[str]]] = {}
 
     # -- the loop ------------------------------------------------------------------
 
@@ -618,8 +622,15 @@ class LeaseDispatcher:
             await session.send(_message(lease_assign=assign))
         except Exception as exc:
             return "unreachable", f"sending the assignment failed: {exc!r}"
-        if self._reconcile.get(offer.node_id) is session:
-            self._assigned_early.setdefault(session.session_id, set()).add(row.lease_id)
+        if self._reconciled.get(offer.node_id) != session.session_id:
+            # Also before on_connect has finished (the session is registered, and a pass
+            # can offer to it, while on_connect still awaits): the agent's first
+            # heartbeat may be a snapshot from before it took this lease on, and the
+            # lease would be ended "missing" while the agent runs it, unbilled.
+            early = self._assigned_early.get(offer.node_id)
+            if early is None or early[0] != session.session_id:
+                early = self._assigned_early[offer.node_id] = (session.session_id, set())
+            early[1].add(row.lease_id)
         try:
             return await asyncio.wait_for(
                 asyncio.shield(offer.answer), self.settings.assign_timeout
@@ -806,24 +817,15 @@ class LeaseDispatcher:
             self.kick()
 
     async def on_heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
-        if self._reconcile.get(session.node_id) is session:
-            del self._reconcile[session.node_id]
-            keep = {s.lease_id for s in heartbeat.leases}
-            keep |= self._assigned_early.pop(session.session_id, set())
-            lost = await self.store.node_lost(
-                session.node_id, "the agent no longer runs it (missing after reconnect)", keep=keep
-            )
-            for row in lost:
-                log.warning(
-                    "lease lost: agent does not list it after reconnecting",
-                    extra={
-                        "lease_id": row.lease_id,
-                        "node_id": session.node_id,
-                        "state": row.state,
-                    },
-                )
-            if lost:
-                self.kick()
+        if self._reconciled.get(session.node_id) != session.session_id:
+            self._reconciled[session.node_id] = session.session_id
+            early = self._assigned_early.pop(session.node_id, None)
+            if self._reconcile.get(session.node_id) is session:
+                del self._reconcile[session.node_id]
+                keep = {s.lease_id for s in heartbeat.leases}
+                if early is not None and early[0] == session.session_id:
+                    keep |= early[1]
+                await self._lose_missing(session, keep)
         record = self.registry.nodes.get(session.node_id)
         if record is None:
             return
@@ -836,6 +838,27 @@ class LeaseDispatcher:
         # changed or it just came back online. At 10k nodes a pass per heartbeat
         # (1,000/s) kept the dispatcher busy re-reading the whole fleet.
         if self.store.counts.get("pending", 0) > 0 and (before is not after or liveness_changed):
+            self.kick()
+
+    async def _lose_missing(self, session: Session, keep: set[str]) -> None:
+        lost = await self.store.node_lost(
+            session.node_id, "the agent no longer runs it (missing after reconnect)", keep=keep
+        )
+        for row in lost:
+            log.warning(
+                "lease lost: agent does not list it after reconnecting",
+                extra={"lease_id": row.lease_id, "node_id": session.node_id, "state": row.state},
+            )
+            # Should the agent run it after all (a list older than its work), it stops:
+            # the coordinator no longer bills it, and a re-queued copy may run elsewhere.
+            await self._send_cancel(
+                session.node_id,
+                row.lease_id,
+                "not yours any more: the coordinator "
+                + ("re-queued it" if row.state == "pending" else f"ended it ({row.state})")
+                + " as missing after your reconnect",
+            )
+        if lost:
             self.kick()
 
     async def on_liveness(self, changes: Sequence[tuple[str, Liveness, Liveness]]) -> None:

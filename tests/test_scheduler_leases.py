@@ -491,6 +491,56 @@ async def test_reconnect_reconciles_with_the_agents_lease_list(env: Env) -> None
     await until(lambda: any(c.lease_id == "ghost-1" for c in agent.cancels), what="ghost cancel")
     lost = await env.wait_state(lease.lease_id, S.LEASE_STATE_LOST)
     assert "missing after reconnect" in lost.reason
+    # Told, in case it runs it after all: the coordinator bills it no more.
+    await until(
+        lambda: any(c.lease_id == lease.lease_id for c in agent.cancels), what="lost cancel"
+    )
+    told = next(c for c in agent.cancels if c.lease_id == lease.lease_id)
+    assert "ended it (lost) as missing after your reconnect" in told.reason
+
+
+@pytest.mark.asyncio
+async def test_an_assignment_during_reconnect_survives_a_heartbeat_older_than_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass may offer to a node whose session is registered while its on_connect still
+    runs; the agent accepts, and its first heartbeat is a snapshot from before that.
+    The lease was assigned on this very session: it is not "missing" (it used to end
+    lost while the agent ran it to the end, unbilled: the fault suite's churn test)."""
+    stale: dict[str, int] = {}
+
+    async def accept_behind_the_snapshot(agent: FakeAgent, assign: leases_pb2.LeaseAssign) -> None:
+        await accept(agent, assign)
+        # The heartbeat being built was read before this accept.
+        stale[assign.lease_id] = agent.leases.pop(assign.lease_id)
+
+    agent = await env.agent("a", accept_behind_the_snapshot)
+    await agent.close()
+    store = env.server.leases_store
+    real_get_many = store.get_many
+    in_on_connect, offered = asyncio.Event(), asyncio.Event()
+
+    async def slow_get_many(ids: list[str]) -> dict[str, LeaseRow]:
+        if not in_on_connect.is_set():  # on_connect's read, once
+            in_on_connect.set()
+            await offered.wait()
+        return await real_get_many(ids)
+
+    monkeypatch.setattr(store, "get_many", slow_get_many)
+    await agent.start()
+    await asyncio.wait_for(in_on_connect.wait(), 5)
+    lease = await env.submit()
+    await until(lambda: lease.lease_id in stale, what="the accept")
+    offered.set()
+    record = env.server.registry.nodes[agent.node_id]
+    # Heartbeat 2 is handled only after heartbeat 1's reconciliation has finished.
+    await until(
+        lambda: record.last_heartbeat is not None and record.last_heartbeat.seq >= 2,
+        what="two heartbeats",
+    )
+    got = await env.get(lease.lease_id)
+    assert got.state == S.LEASE_STATE_ASSIGNED, got.reason
+    assert not any(c.lease_id == lease.lease_id for c in agent.cancels)
 
 
 @pytest.mark.asyncio
