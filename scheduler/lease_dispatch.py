@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,11 @@ Placed = Callable[[str, int], None]  # (gpu model, ask per GPU-hour) of each lea
 # 1.0 a few heartbeats later: scheduler/uptime.py) is not held at 0 for long.
 UPTIME_REFRESH_S = 60.0
 UPTIME_REFRESH_HEARTBEATS = 5
+# Nodes whose uptime one pass re-reads, at most (after the first pass, which reads all).
+# A whole 10,000-node re-read in one pass stopped the event loop for over half a second
+# (fleet_replicas at 10k: every Submit and heartbeat behind it waited); in slices, the
+# rest is read between passes (``run``), so a sweep still ends within its interval.
+UPTIME_SLICE = 256
 MONTH = dict(uptime.WINDOWS)["30d"]
 
 
@@ -186,7 +192,8 @@ class LeaseDispatcher:
         self.on_placed = on_placed
         self._bad_price: set[tuple[str, str]] = set()
         self._uptimes: dict[str, float] = {}  # node -> 30-day uptime, refreshed slowly
-        self._uptimes_at = float("-inf")
+        self._uptimes_at = float("-inf")  # when the current sweep over the fleet began
+        self._uptime_queue: list[str] = []  # nodes the current sweep has still to read
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> session id whose first heartbeat completes the reconnect reconciliation
@@ -225,6 +232,11 @@ class LeaseDispatcher:
                 except Exception:  # one bad pass must not stop placement for good
                     log.exception("placement pass failed")
                 await wait_any(self._wake, stop, within=self.settings.retry_interval)
+                # Between passes, the uptime sweep goes on in slices sized to end in time.
+                per_wait = self.settings.retry_interval / self._uptime_every()
+                self._refresh_uptimes(
+                    max(UPTIME_SLICE, math.ceil(len(self.registry.nodes) * per_wait))
+                )
         finally:
             await self.shutdown()
 
@@ -280,17 +292,34 @@ class LeaseDispatcher:
             scratch_free_bytes=scratch.free_bytes if scratch is not None else None,
         )
 
-    def _refresh_uptimes(self) -> None:
-        """Every UPTIME_REFRESH_S: re-read 30-day uptimes; a changed one updates its
-        node's cached market view (and so its placement view)."""
-        now = self.registry.clock()
-        every = min(
+    def _uptime_every(self) -> float:
+        return min(
             UPTIME_REFRESH_S, UPTIME_REFRESH_HEARTBEATS * self.registry.policy.heartbeat_interval
         )
-        if now - self._uptimes_at < every:
+
+    def _refresh_uptimes(self, limit: int | None = UPTIME_SLICE) -> None:
+        """Every UPTIME_REFRESH_S a sweep re-reads 30-day uptimes, ``limit`` nodes per
+        call (all of them on the first call: a pass needs every node's uptime); a
+        changed one updates its node's cached market view (and so its placement view)."""
+        now = self.registry.clock()
+        first = self._uptimes_at == float("-inf")
+        if now - self._uptimes_at >= self._uptime_every():
+            self._uptimes_at = now
+            # Oldest first: a sweep still under way when the next is due goes on, so
+            # under a steady stream of passes no node waits more than two intervals.
+            queued = set(self._uptime_queue)
+            self._uptime_queue += [n for n in self.registry.nodes if n not in queued]
+        if not self._uptime_queue:
             return
-        self._uptimes_at = now
-        for node_id, record in self.registry.nodes.items():
+        if first or limit is None or limit >= len(self._uptime_queue):
+            batch, self._uptime_queue = self._uptime_queue, []
+        else:
+            batch, self._uptime_queue = self._uptime_queue[:limit], self._uptime_queue[limit:]
+        nodes = self.registry.nodes
+        for node_id in batch:
+            record = nodes.get(node_id)
+            if record is None:
+                continue
             ratio = uptime.ratio(record.spans, now, MONTH, record.first_seen)
             old = self._uptimes.get(node_id)
             self._uptimes[node_id] = ratio
@@ -418,6 +447,20 @@ class LeaseDispatcher:
                 append(view)
                 continue
             connected = node_id in sessions
+            if (
+                not connected
+                and view is not None
+                and view.offline_reason == "not connected"
+                and view.draining == (record.draining or capacity.draining)
+                and view.free_gpus is capacity.gpus
+                and view.isolation_block == capacity.isolation_block
+                and view.market is capacity.market
+            ):
+                # A node whose stream is on another replica (or nowhere): not a
+                # candidate here, and its view is last pass's. Half a fleet on each
+                # pass of a replica: the comparison below, cut short.
+                append(view)
+                continue
             # The full evaluation only for the reason text.
             online = connected and is_online(policy, seen, now)
             draining = record.draining or capacity.draining
@@ -539,7 +582,10 @@ class LeaseDispatcher:
                         "gpu_uuids": list(chosen.gpu_uuids),
                         "ask_micros": chosen.ask_micros,
                         "attempt": offered.attempts,
-                        "skipped": decision.skipped_counts(),
+                        # A count, not the kinds: wording why each of 10,000 nodes was
+                        # passed over cost more than the rest of a placement (py-spy at
+                        # 10k agents). A waiting lease still logs the kinds.
+                        "skipped": len(decision.rejected),
                     },
                 )
                 nodes = placement.take(nodes, chosen)

@@ -361,7 +361,12 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
             if replicas > 1:
                 self.store.stored(replicas)
             self.dispatcher.kick()
-        return await self._with_token(caller(), await self._verified(row.to_proto()))
+        lease = row.to_proto()
+        if not created or replicas > 1:
+            # Only a redundant run's parent has copies; a new lease is nobody's copy (its
+            # id was free). Skipping the read saves a transaction on every Submit.
+            lease = await self._verified(lease)
+        return await self._with_token(caller(), lease)
 
     async def _verified(self, lease: leases_pb2.Lease) -> leases_pb2.Lease:
         """A redundant run's parent with its copies; a copy with its parent id."""

@@ -15,11 +15,11 @@ from benchmarks.node_fixtures import simulated_gpus
 from gpuagent.v1 import coordinator_pb2, inventory_pb2, leases_pb2
 from scheduler.db import Database
 from scheduler.group_commit import GroupCommit
-from scheduler.lease_dispatch import LeaseDispatcher
+from scheduler.lease_dispatch import UPTIME_SLICE, LeaseDispatcher
 from scheduler.leases_store import LeaseStore, NewLease
 from scheduler.liveness import LivenessPolicy
 from scheduler.registry import Registry
-from tests.coordinator_harness import drop_messages
+from tests.coordinator_harness import FakeClock, drop_messages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,3 +198,50 @@ async def test_one_flush_writes_every_nodes_latest_heartbeat(db: Database) -> No
         assert record.last_seen is not None
         assert seen[record.node_id] == round(record.last_seen * 1e9)
         assert ends[record.node_id] == round(record.spans[-1][1] * 1e9)
+
+
+@pytest.mark.asyncio
+async def test_the_uptime_sweep_reads_a_slice_per_pass_and_the_rest_between_passes(
+    db: Database,
+) -> None:
+    """The first pass reads every node's uptime; later sweeps read UPTIME_SLICE nodes per
+    pass (a 10,000-node sweep in one pass stopped the loop for half a second), and the
+    dispatcher's idle waits read the rest, so every node's view moves within a sweep."""
+    clock = FakeClock()
+    policy = LivenessPolicy()
+    registry = Registry(db, policy, clock)
+    dispatcher = LeaseDispatcher(store=LeaseStore(db), registry=registry)
+    count = 2 * UPTIME_SLICE + 10
+    for i in range(count):
+        _record, session = await registry.register(_hello(i), "test", drop_messages)
+        beat = coordinator_pb2.Heartbeat(seq=1, gpu_health=_hello(i).gpu_health)
+        await registry.heartbeat(session, beat)
+    clock.advance(policy.heartbeat_interval)  # up for one interval since its first Hello
+    first = {v.node_id: v.market.uptime_30d for v in dispatcher.node_views([])}
+    assert len(first) == count and all(u > 0.0 for u in first.values())
+    # Silence: each node's covered time stays, the window grows, every uptime falls.
+    clock.advance(dispatcher._uptime_every())
+    moved = {v.node_id for v in dispatcher.node_views([]) if v.market.uptime_30d < first[v.node_id]}
+    assert len(moved) == UPTIME_SLICE
+    dispatcher._refresh_uptimes(count)  # what run() does between passes
+    after = {v.node_id: v.market.uptime_30d for v in dispatcher.node_views([])}
+    assert all(after[n] < first[n] for n in first)
+
+
+@pytest.mark.asyncio
+async def test_a_disconnected_nodes_view_is_reused_until_something_it_shows_changes(
+    db: Database,
+) -> None:
+    """A node without a stream here (another replica holds it) keeps last pass's view,
+    and a change to what that view shows (draining) still rebuilds it."""
+    registry = Registry(db, LivenessPolicy())
+    dispatcher = LeaseDispatcher(store=LeaseStore(db), registry=registry)
+    record, session = await registry.register(_hello(1), "test", drop_messages)
+    await registry.end_session(session, "moved to another replica")
+    (view,) = dispatcher.node_views([])
+    assert (view.online, view.offline_reason) == (False, "not connected")
+    (again,) = dispatcher.node_views([])
+    assert again is view
+    await registry.set_draining(record, True)
+    (drained,) = dispatcher.node_views([])
+    assert drained.draining and drained.offline_reason == "not connected"
