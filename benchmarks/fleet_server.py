@@ -90,6 +90,30 @@ class PhaseTimer:
             self._time_async(cls, name)
         self._time_sync(LeaseDispatcher, "node_views")
         self._time_sync(placement, "choose")
+        self._count_view_rebuilds()
+
+    def _count_view_rebuilds(self) -> None:
+        """How many nodes a pass re-reads a capacity for (its cache missed), split by
+        whether this replica holds the node's stream: what makes a pass slow."""
+        views, capacity = LeaseDispatcher.node_views, LeaseDispatcher._capacity
+        counts = self.counts = collections.Counter[str]()
+        inside = [False]
+
+        def node_views(dispatcher: Any, *args: Any, **kwargs: Any) -> Any:
+            inside[0] = True
+            try:
+                return views(dispatcher, *args, **kwargs)
+            finally:
+                inside[0] = False
+
+        def counted(dispatcher: Any, record: Any) -> Any:
+            if inside[0]:
+                here = record.node_id in dispatcher.registry.sessions
+                counts["capacity re-read in a pass, " + ("held here" if here else "elsewhere")] += 1
+            return capacity(dispatcher, record)
+
+        LeaseDispatcher.node_views = node_views  # type: ignore[method-assign,assignment]
+        LeaseDispatcher._capacity = counted  # type: ignore[method-assign,assignment]
 
     def _time_async(self, owner: Any, name: str) -> None:
         real, series = getattr(owner, name), self.ms
@@ -118,6 +142,9 @@ class PhaseTimer:
     def take(self) -> dict[str, list[float]]:
         out = {name: list(values) for name, values in self.ms.items()}
         self.ms.clear()
+        for name, n in self.counts.items():
+            out[name] = [float(n)]  # one "sample": the count since the last take
+        self.counts.clear()
         return out
 
 

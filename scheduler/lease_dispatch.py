@@ -195,6 +195,7 @@ class LeaseDispatcher:
         self._uptimes_at = float("-inf")  # when the current sweep over the fleet began
         self._uptime_queue: list[str] = []  # nodes the current sweep has still to read
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
+        self._away_views: dict[str, placement.NodeView] = {}  # nodes with no stream here
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> session id whose first heartbeat completes the reconnect reconciliation
         self._reconcile: dict[str, Session] = {}
@@ -416,7 +417,25 @@ class LeaseDispatcher:
         capacities = self._capacities
         sessions = registry.sessions
         self._refresh_uptimes()
+        away = self._away_views
         for node_id, record in registry.nodes.items():
+            if node_id not in sessions:
+                # No stream here: never a candidate, whatever its heartbeat says (with
+                # replicas, half the fleet is held elsewhere). Its capacity is not read:
+                # a pass that met 5,000 such nodes for the first time (the leader reads
+                # in the other replicas' nodes) stopped the loop for 300 ms building
+                # capacities nobody could use.
+                view = away.get(node_id)
+                if view is None:
+                    view = away[node_id] = placement.NodeView(
+                        node_id=node_id,
+                        online=False,
+                        draining=False,
+                        ask_micros=0,
+                        offline_reason="not connected",
+                    )
+                append(view)
+                continue
             capacity = capacities.get(node_id)
             if capacity is None or capacity.heartbeat is not record.last_heartbeat:
                 capacity = self._capacity(record)
@@ -436,7 +455,6 @@ class LeaseDispatcher:
                         and now_ns < capacity.eligible_until_ns
                     )
                 )
-                and node_id in sessions
                 and not record.draining
                 and not capacity.draining
                 and node_id not in held
@@ -446,23 +464,8 @@ class LeaseDispatcher:
                 # below, a fraction of the work (this loop runs over every node).
                 append(view)
                 continue
-            connected = node_id in sessions
-            if (
-                not connected
-                and view is not None
-                and view.offline_reason == "not connected"
-                and view.draining == (record.draining or capacity.draining)
-                and view.free_gpus is capacity.gpus
-                and view.isolation_block == capacity.isolation_block
-                and view.market is capacity.market
-            ):
-                # A node whose stream is on another replica (or nowhere): not a
-                # candidate here, and its view is last pass's. Half a fleet on each
-                # pass of a replica: the comparison below, cut short.
-                append(view)
-                continue
             # The full evaluation only for the reason text.
-            online = connected and is_online(policy, seen, now)
+            online = is_online(policy, seen, now)
             draining = record.draining or capacity.draining
             gpus = capacity.gpus
             if online and not draining and gpus:
@@ -474,11 +477,7 @@ class LeaseDispatcher:
                     gpus = tuple(kept) if kept is not gpus else gpus
                     capacity.eligible_generation = generation
                     capacity.eligible_until_ns = until
-            offline_reason = "online"
-            if not connected:
-                offline_reason = "not connected"
-            elif not online:
-                offline_reason = registry.liveness(record).value
+            offline_reason = "online" if online else registry.liveness(record).value
             if (
                 view is None
                 or view.online != online
