@@ -304,9 +304,7 @@ def _cluster_factory() -> object | None:
     return lambda: Cluster(bin_dir, durable=True)
 
 
-async def _run_all(
-    sizes: Sequence[int], smoke: bool
-) -> tuple[list[Figure], list[ReplicaResult]]:
+async def _run_all(sizes: Sequence[int], smoke: bool) -> tuple[list[Figure], list[ReplicaResult]]:
     factory = _cluster_factory()
     if factory is None:
         print("fleet-pg2: PostgreSQL server binaries not found; skipped")

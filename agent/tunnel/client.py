@@ -285,9 +285,7 @@ class TunnelClient:
                 )
             )
             await outputs_http.serve(outputs_http.ByteStream(read, write), output)
-            with contextlib.suppress(
-                grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError
-            ):
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
                 await call.done_writing()
                 # Cancelling now would reset the stream, and the relay may not have
                 # read the last response yet (a 416 or 404 then reached the buyer as a
