@@ -90,13 +90,14 @@ class PhaseTimer:
             self._time_async(cls, name)
         self._time_sync(LeaseDispatcher, "node_views")
         self._time_sync(placement, "choose")
+        self.counts: collections.Counter[str] = collections.Counter()
         self._count_view_rebuilds()
 
     def _count_view_rebuilds(self) -> None:
         """How many nodes a pass re-reads a capacity for (its cache missed), split by
         whether this replica holds the node's stream: what makes a pass slow."""
         views, capacity = LeaseDispatcher.node_views, LeaseDispatcher._capacity
-        counts = self.counts = collections.Counter[str]()
+        counts = self.counts
         inside = [False]
 
         def node_views(dispatcher: Any, *args: Any, **kwargs: Any) -> Any:

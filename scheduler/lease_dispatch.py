@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -193,13 +194,13 @@ class LeaseDispatcher:
         self._bad_price: set[tuple[str, str]] = set()
         self._uptimes: dict[str, float] = {}  # node -> 30-day uptime, refreshed slowly
         self._uptimes_at = float("-inf")  # when the current sweep over the fleet began
-        self._uptime_queue: list[str] = []  # nodes the current sweep has still to read
+        self._uptime_queue: deque[str] = deque()  # nodes the current sweep has still to read
         self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
         self._away_views: dict[str, placement.NodeView] = {}  # nodes with no stream here
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
-        # node -> session id whose first heartbeat completes the reconnect reconciliation
-        self._reconcile: dict[str, Session] = {}
-        # node -> the session whose first heartbeat has been reconciled (one per node).
+        # node -> the session whose first heartbeat has been reconciled (one per node): a
+        # session's first heartbeat completes the reconnect reconciliation (the connect
+        # hooks, on_connect among them, run before any heartbeat of it is read).
         self._reconciled: dict[str, str] = {}
         # node -> (session id, leases assigned on that session before its first heartbeat
         # was reconciled): never "missing", whatever that heartbeat lists. Keyed by node so
@@ -309,15 +310,11 @@ class LeaseDispatcher:
             # Oldest first: a sweep still under way when the next is due goes on, so
             # under a steady stream of passes no node waits more than two intervals.
             queued = set(self._uptime_queue)
-            self._uptime_queue += [n for n in self.registry.nodes if n not in queued]
-        if not self._uptime_queue:
-            return
-        if first or limit is None or limit >= len(self._uptime_queue):
-            batch, self._uptime_queue = self._uptime_queue, []
-        else:
-            batch, self._uptime_queue = self._uptime_queue[:limit], self._uptime_queue[limit:]
+            self._uptime_queue.extend(n for n in self.registry.nodes if n not in queued)
+        queue = self._uptime_queue
+        count = len(queue) if first or limit is None else min(limit, len(queue))
         nodes = self.registry.nodes
-        for node_id in batch:
+        for node_id in (queue.popleft() for _ in range(count)):
             record = nodes.get(node_id)
             if record is None:
                 continue
@@ -855,7 +852,6 @@ class LeaseDispatcher:
                 # A token rotated while the node was away: its hash, or a revoked token
                 # would keep working at an agent in direct mode.
                 self.push_token(lease_id, forward=False)
-        self._reconcile[session.node_id] = session
         if self.store.counts.get("pending", 0) > 0:
             # Only a waiting lease can use the new node; with none, a Hello storm
             # (a whole fleet reconnecting) must not queue a pass per Hello.
@@ -865,12 +861,10 @@ class LeaseDispatcher:
         if self._reconciled.get(session.node_id) != session.session_id:
             self._reconciled[session.node_id] = session.session_id
             early = self._assigned_early.pop(session.node_id, None)
-            if self._reconcile.get(session.node_id) is session:
-                del self._reconcile[session.node_id]
-                keep = {s.lease_id for s in heartbeat.leases}
-                if early is not None and early[0] == session.session_id:
-                    keep |= early[1]
-                await self._lose_missing(session, keep)
+            keep = {s.lease_id for s in heartbeat.leases}
+            if early is not None and early[0] == session.session_id:
+                keep |= early[1]
+            await self._lose_missing(session, keep)
         record = self.registry.nodes.get(session.node_id)
         if record is None:
             return
