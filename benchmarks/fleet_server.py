@@ -39,6 +39,7 @@ from scheduler.config import load_scheduler_config
 from scheduler.db import Database
 from scheduler.lease_dispatch import LeaseDispatcher
 from scheduler.leases_store import LeaseStore
+from scheduler.node_views import NodeViews
 from scheduler.registry import Session
 from scheduler.server import SchedulerServer
 
@@ -95,26 +96,33 @@ class PhaseTimer:
 
     def _count_view_rebuilds(self) -> None:
         """How many nodes a pass re-reads a capacity for (its cache missed), split by
-        whether this replica holds the node's stream: what makes a pass slow."""
-        views, capacity = LeaseDispatcher.node_views, LeaseDispatcher._capacity
+        whether this replica holds the node's stream, and how many views it evaluates
+        again: what makes a pass slow."""
+        current, capacity, update = NodeViews.current, NodeViews.capacity, NodeViews._update
         counts = self.counts
         inside = [False]
 
-        def node_views(dispatcher: Any, *args: Any, **kwargs: Any) -> Any:
+        def in_pass(views: Any, *args: Any, **kwargs: Any) -> Any:
             inside[0] = True
             try:
-                return views(dispatcher, *args, **kwargs)
+                return current(views, *args, **kwargs)
             finally:
                 inside[0] = False
 
-        def counted(dispatcher: Any, record: Any) -> Any:
+        def counted(views: Any, record: Any) -> Any:
             if inside[0]:
-                here = record.node_id in dispatcher.registry.sessions
+                here = record.node_id in views.registry.sessions
                 counts["capacity re-read in a pass, " + ("held here" if here else "elsewhere")] += 1
-            return capacity(dispatcher, record)
+            return capacity(views, record)
 
-        LeaseDispatcher.node_views = node_views  # type: ignore[method-assign,assignment]
-        LeaseDispatcher._capacity = counted  # type: ignore[method-assign,assignment]
+        def evaluated(views: Any, node_id: str, now: float) -> Any:
+            if inside[0]:
+                counts["views evaluated again in a pass"] += 1
+            return update(views, node_id, now)
+
+        NodeViews.current = in_pass  # type: ignore[method-assign,assignment]
+        NodeViews.capacity = counted  # type: ignore[method-assign,assignment]
+        NodeViews._update = evaluated  # type: ignore[method-assign,assignment]
 
     def _time_async(self, owner: Any, name: str) -> None:
         real, series = getattr(owner, name), self.ms

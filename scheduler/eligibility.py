@@ -25,14 +25,26 @@ class Eligibility:
     def __init__(self, attestation: AttestationManager, ledger: LedgerService) -> None:
         self._attestation = attestation
         self._ledger = ledger
-        # Bumped by every event that can change an answer (a verdict stored, collateral
-        # moved): an answer given at one generation holds until the next, or until the
-        # time ``filter`` returned with it (a verdict's expiry).
-        self.generation = 0
+        # Told of every event that can change an answer (a verdict stored, collateral
+        # moved): an answer holds until then, or until the time ``filter`` returned
+        # with it (a verdict's expiry).
+        self._watchers: list[set[str]] = []
 
-    def changed(self, _node_id: str = "") -> None:
-        """A listener of attestation verdicts and of the ledger's eligibility."""
-        self.generation += 1
+    def watch(self) -> set[str]:
+        """A set this adds the id of each node whose answers may have changed to ("":
+        any node's); the watcher empties it as it catches up (scheduler/node_views.py)."""
+        watched: set[str] = set()
+        self._watchers.append(watched)
+        return watched
+
+    def unwatch(self, watched: set[str]) -> None:
+        self._watchers = [w for w in self._watchers if w is not watched]
+
+    def changed(self, node_id: str = "") -> None:
+        """A listener of attestation verdicts (with the node) and of the ledger's
+        collateral ("": any node)."""
+        for watched in self._watchers:
+            watched.add(node_id)
 
     @property
     def restricts(self) -> bool:
@@ -40,7 +52,7 @@ class Eligibility:
 
     def filter(self, node_id: str, gpus: Sequence[G], now_ns: int) -> tuple[Sequence[G], int]:
         """The GPUs of ``gpus`` a new lease may use now (``gpus`` itself when all may),
-        and until when (ns) that answer holds while ``generation`` does not change."""
+        and until when (ns) that answer holds while ``changed`` is not called."""
         if not self._ledger.node_eligible(node_id):
             return (), FOREVER
         until = FOREVER

@@ -27,15 +27,14 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from gpuagent.aio import TaskSet, wait_any
-from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, leases_pb2
+from gpuagent.v1 import common_pb2, coordinator_pb2, leases_pb2
 
-from . import outputs_store, placement, uptime
+from . import outputs_store, placement
 from .eligibility import Eligibility
 from .leases_store import (
     TERMINAL,
@@ -45,27 +44,15 @@ from .leases_store import (
     UpdateOutcome,
     state_name,
 )
-from .liveness import Liveness, is_online
-from .market import Asks, node_asks
+from .liveness import Liveness
+from .market import Asks
+from .node_views import UPTIME_SLICE, NodeViews
 from .registry import NodeRecord, Registry, Session
 from .verify import CopyPlacement, Verifier
 
 log = logging.getLogger(__name__)
 
 Placed = Callable[[str, int], None]  # (gpu model, ask per GPU-hour) of each lease placed
-
-# How often placement re-reads nodes' 30-day uptime: it moves slowly, and reading it
-# for every node on every pass is work a 1,000-node pass cannot spare. At most five
-# heartbeat intervals, so a node that just joined (uptime 0 at its first Hello, near
-# 1.0 a few heartbeats later: scheduler/uptime.py) is not held at 0 for long.
-UPTIME_REFRESH_S = 60.0
-UPTIME_REFRESH_HEARTBEATS = 5
-# Nodes whose uptime one pass re-reads, at most (after the first pass, which reads all).
-# A whole 10,000-node re-read in one pass stopped the event loop for over half a second
-# (fleet_replicas at 10k: every Submit and heartbeat behind it waited); in slices, the
-# rest is read between passes (``run``), so a sweep still ends within its interval.
-UPTIME_SLICE = 256
-MONTH = dict(uptime.WINDOWS)["30d"]
 
 
 def request_for(
@@ -118,33 +105,6 @@ class _Offer:
 _SETTLED = frozenset({"accepted", "rejected", "settled"})
 
 
-@dataclass
-class _Capacity:
-    """What placement reads from a node's last heartbeat, cached per node."""
-
-    heartbeat: coordinator_pb2.Heartbeat | None
-    gpus: tuple[placement.GpuView, ...]  # free, healthy, not cordoned
-    draining: bool
-    ask_micros: int  # the lowest ask of its free GPUs
-    generation: int = 0  # NodeRecord.generation it was built from
-    isolation_block: str = ""  # placement.isolation_block of the node's inventory
-    view: placement.NodeView | None = None  # the last pass's view, reused while it holds
-    uniform_price: bool = True
-    market: placement.NodeMarket = placement.NO_MARKET
-    # The view's eligibility answer: built at this Eligibility.generation, good until then.
-    eligible_generation: int = -1
-    eligible_until_ns: int = 0
-
-    def same_as(self, other: _Capacity) -> bool:
-        return (
-            self.gpus == other.gpus
-            and self.draining == other.draining
-            and self.ask_micros == other.ask_micros
-            and self.isolation_block == other.isolation_block
-            and self.market == other.market
-        )
-
-
 def agent_spec(spec: leases_pb2.LeaseSpec) -> leases_pb2.LeaseSpec:
     """The spec without its placement constraints: they are the coordinator's, already
     applied, and an agent rejects a spec with fields it does not know (unknown_field),
@@ -191,12 +151,7 @@ class LeaseDispatcher:
         self._tasks = TaskSet()
         self._waiting: dict[str, str] = {}  # lease -> last "why not placed", logged on change
         self.on_placed = on_placed
-        self._bad_price: set[tuple[str, str]] = set()
-        self._uptimes: dict[str, float] = {}  # node -> 30-day uptime, refreshed slowly
-        self._uptimes_at = float("-inf")  # when the current sweep over the fleet began
-        self._uptime_queue: deque[str] = deque()  # nodes the current sweep has still to read
-        self._capacities: dict[str, _Capacity] = {}  # node -> placement's view of it
-        self._away_views: dict[str, placement.NodeView] = {}  # nodes with no stream here
+        self.views = NodeViews(registry, settings, eligibility)
         self._last_liveness: dict[str, Liveness] = {}  # at the node's last heartbeat
         # node -> the session whose first heartbeat has been reconciled (one per node): a
         # session's first heartbeat completes the reconnect reconciliation (the connect
@@ -235,10 +190,13 @@ class LeaseDispatcher:
                     log.exception("placement pass failed")
                 await wait_any(self._wake, stop, within=self.settings.retry_interval)
                 # Between passes, the uptime sweep goes on in slices sized to end in time.
-                per_wait = self.settings.retry_interval / self._uptime_every()
-                self._refresh_uptimes(
+                per_wait = self.settings.retry_interval / self.views.uptime_every()
+                self.views.refresh_uptimes(
                     max(UPTIME_SLICE, math.ceil(len(self.registry.nodes) * per_wait))
                 )
+                # And what changed meanwhile: with no lease waiting no pass runs, and
+                # the first Submit after an idle hour must not evaluate all of it.
+                self.views.catch_up()
         finally:
             await self.shutdown()
 
@@ -253,253 +211,22 @@ class LeaseDispatcher:
 
     def asks(self, record: NodeRecord) -> Asks:
         """The node's ask per GPU model: its offer, else its old label, else the default."""
-        asks = node_asks(
-            record.offer, record.labels, self.settings.default_ask_micros, self.settings.price_label
-        )
-        raw = record.labels.get(self.settings.price_label)
-        if (
-            asks.source == "default"
-            and raw is not None
-            and (record.node_id, raw) not in self._bad_price
-        ):
-            # An old agent's label that is not a whole number would silently ask the default.
-            self._bad_price.add((record.node_id, raw))
-            log.warning(
-                "node price label is not a whole number of micro-units; using the default ask",
-                extra={
-                    "node_id": record.node_id,
-                    "label": self.settings.price_label,
-                    "value": raw[:64],
-                    "default_ask": self.settings.default_ask_micros,
-                },
-            )
-        return asks
+        return self.views.asks(record)
 
     def ask_price(self, record: NodeRecord) -> int:
         """The node's lowest ask over its GPU models (what a node of one model asks)."""
-        asks = self.asks(record)
-        models = {g.name for g in record.inventory.gpus}
-        return min((asks.for_model(m) for m in models), default=asks.default)
-
-    def _market(self, record: NodeRecord) -> placement.NodeMarket:
-        """Built with the node's capacity (each Hello, OfferUpdate, capacity change)."""
-        offer = record.offer
-        scratch = record.inventory.scratch if record.inventory.HasField("scratch") else None
-        return placement.NodeMarket(
-            region=offer.location.region,
-            country=offer.location.country,
-            labels=record.labels,
-            uptime_30d=self._uptimes.get(record.node_id, 0.0),
-            bandwidth_bps=offer.bandwidth.bits_per_second,
-            scratch_free_bytes=scratch.free_bytes if scratch is not None else None,
-        )
-
-    def _uptime_every(self) -> float:
-        return min(
-            UPTIME_REFRESH_S, UPTIME_REFRESH_HEARTBEATS * self.registry.policy.heartbeat_interval
-        )
-
-    def _refresh_uptimes(self, limit: int | None = UPTIME_SLICE) -> None:
-        """Every UPTIME_REFRESH_S a sweep re-reads 30-day uptimes, ``limit`` nodes per
-        call (all of them on the first call: a pass needs every node's uptime); a
-        changed one updates its node's cached market view (and so its placement view)."""
-        now = self.registry.clock()
-        first = self._uptimes_at == float("-inf")
-        if now - self._uptimes_at >= self._uptime_every():
-            self._uptimes_at = now
-            # Oldest first: a sweep still under way when the next is due goes on, so
-            # under a steady stream of passes no node waits more than two intervals.
-            queued = set(self._uptime_queue)
-            self._uptime_queue.extend(n for n in self.registry.nodes if n not in queued)
-        queue = self._uptime_queue
-        count = len(queue) if first or limit is None else min(limit, len(queue))
-        nodes = self.registry.nodes
-        for node_id in (queue.popleft() for _ in range(count)):
-            record = nodes.get(node_id)
-            if record is None:
-                continue
-            ratio = uptime.ratio(record.spans, now, MONTH, record.first_seen)
-            old = self._uptimes.get(node_id)
-            self._uptimes[node_id] = ratio
-            capacity = self._capacities.get(node_id)
-            if capacity is not None and (old is None or abs(old - ratio) >= 1e-4):
-                capacity.market = replace(capacity.market, uptime_30d=ratio)
+        return self.views.ask_price(record)
 
     def offer_changed(self, node_id: str) -> None:
         """After an OfferUpdate: the node's prices and market view rebuild at the next
         pass (new leases pay the new ask; placed ones keep theirs)."""
-        self._capacities.pop(node_id, None)
+        self.views.offer_changed(node_id)
         if self.store.counts.get("pending", 0) > 0:
             self.kick()
 
-    def _capacity(self, record: NodeRecord) -> _Capacity:
-        """The node's free healthy GPUs and price, rebuilt only when its heartbeat changed
-        them: a pass over a 10,000-node fleet must not re-read every heartbeat."""
-        heartbeat = record.last_heartbeat
-        cached = self._capacities.get(record.node_id)
-        # Registry.register (the only place labels and inventory change) and load always
-        # store a new heartbeat object, so its identity is the whole cache key.
-        if cached is not None and cached.heartbeat is heartbeat:
-            return cached
-        old = cached.heartbeat if cached is not None else None
-        if (
-            cached is not None
-            and old is not None
-            and heartbeat is not None
-            and cached.generation == record.generation
-            and heartbeat.free_gpu_uuids == old.free_gpu_uuids
-            and heartbeat.gpu_health == old.gpu_health
-            and heartbeat.draining == old.draining
-        ):
-            # Nearly every heartbeat: the fields placement reads are as before (compared
-            # in C), so nothing is rebuilt; at 10k nodes this runs 1,000 times a second.
-            cached.heartbeat = heartbeat
-            return cached
-        hb = heartbeat or coordinator_pb2.Heartbeat()
-        usable = {
-            h.uuid
-            for h in hb.gpu_health
-            if h.state == inventory_pb2.GpuHealth.HEALTHY and not h.cordoned
-        }
-        free = set(hb.free_gpu_uuids) & usable
-        asks = self.asks(record)
-        gpus = tuple(
-            placement.GpuView(
-                gpu.uuid, gpu.name, gpu.memory_total_bytes, gpu.index, asks.for_model(gpu.name)
-            )
-            for gpu in record.inventory.gpus
-            if gpu.uuid in free
-        )
-        prices = {g.ask_micros for g in gpus}
-        capacity = _Capacity(
-            heartbeat=heartbeat,
-            gpus=gpus,
-            draining=hb.draining,
-            ask_micros=min(prices) if prices else self.ask_price(record),
-            uniform_price=len(prices) <= 1,
-            market=self._market(record),
-            generation=record.generation,
-            # Inventory changes only with a Hello, which bumps the generation.
-            isolation_block=placement.isolation_block(
-                record.inventory, self.settings.require_isolation
-            ),
-        )
-        if cached is not None and cached.same_as(capacity):
-            cached.heartbeat = heartbeat  # same capacity, newer heartbeat: keep the entry
-            cached.generation = record.generation
-            return cached
-        self._capacities[record.node_id] = capacity
-        return capacity
-
     def node_views(self, holding: Sequence[LeaseRow]) -> list[placement.NodeView]:
-        held: dict[str, set[str]] = {}
-        for row in holding:
-            if row.node_id is not None:
-                held.setdefault(row.node_id, set()).update(row.gpu_uuids)
-        registry = self.registry
-        now = registry.clock()
-        policy = registry.policy
-        # None when no rule can refuse a GPU. Otherwise a node's last answer is reused
-        # while no verdict or collateral changed and none of its verdicts expired, so
-        # the fast path below still serves every unchanged node.
-        eligibility = (
-            self.eligibility
-            if self.eligibility is not None and self.eligibility.restricts
-            else None
-        )
-        generation = eligibility.generation if eligibility is not None else 0
-        now_ns = round(now * 1e9)
-        views: list[placement.NodeView] = []
-        append = views.append
-        capacities = self._capacities
-        sessions = registry.sessions
-        self._refresh_uptimes()
-        away = self._away_views
-        for node_id, record in registry.nodes.items():
-            if node_id not in sessions:
-                # No stream here: never a candidate, whatever its heartbeat says (with
-                # replicas, half the fleet is held elsewhere). Its capacity is not read:
-                # a pass that met 5,000 such nodes for the first time (the leader reads
-                # in the other replicas' nodes) stopped the loop for 300 ms building
-                # capacities nobody could use.
-                view = away.get(node_id)
-                if view is None:
-                    view = away[node_id] = placement.NodeView(
-                        node_id=node_id,
-                        online=False,
-                        draining=False,
-                        ask_micros=0,
-                        offline_reason="not connected",
-                    )
-                append(view)
-                continue
-            capacity = capacities.get(node_id)
-            if capacity is None or capacity.heartbeat is not record.last_heartbeat:
-                capacity = self._capacity(record)
-            view = capacity.view
-            seen = record.last_seen
-            if (
-                view is not None
-                and view.online
-                and not view.draining
-                and view.free_gpus is capacity.gpus
-                and view.market is capacity.market  # uptime refreshes replace it
-                and is_online(policy, seen, now)
-                and (
-                    eligibility is None
-                    or (
-                        capacity.eligible_generation == generation
-                        and now_ns < capacity.eligible_until_ns
-                    )
-                )
-                and not record.draining
-                and not capacity.draining
-                and node_id not in held
-            ):
-                # Most of a fleet on most passes: online, free, nothing held, nothing
-                # filtered, and last pass's view says exactly that. Same outcome as
-                # below, a fraction of the work (this loop runs over every node).
-                append(view)
-                continue
-            # The full evaluation only for the reason text.
-            online = is_online(policy, seen, now)
-            draining = record.draining or capacity.draining
-            gpus = capacity.gpus
-            if online and not draining and gpus:
-                taken = held.get(node_id)
-                if taken:
-                    gpus = tuple(g for g in gpus if g.uuid not in taken)
-                if eligibility is not None:
-                    kept, until = eligibility.filter(node_id, gpus, now_ns)
-                    gpus = tuple(kept) if kept is not gpus else gpus
-                    capacity.eligible_generation = generation
-                    capacity.eligible_until_ns = until
-            offline_reason = "online" if online else registry.liveness(record).value
-            if (
-                view is None
-                or view.online != online
-                or view.draining != draining
-                or view.offline_reason != offline_reason
-                or view.free_gpus != gpus  # same objects: an identity check per GPU
-                or view.isolation_block != capacity.isolation_block
-                or view.market is not capacity.market
-            ):
-                # Building a frozen dataclass per node per pass is most of a pass's cost;
-                # a node whose view did not change reuses last pass's.
-                view = placement.NodeView(
-                    node_id=node_id,
-                    online=online,
-                    draining=draining,
-                    ask_micros=capacity.ask_micros,
-                    free_gpus=gpus,
-                    offline_reason=offline_reason,
-                    isolation_block=capacity.isolation_block,
-                    market=capacity.market,
-                    uniform_price=capacity.uniform_price,
-                )
-                capacity.view = view
-            append(view)
-        return views
+        """Every node's view for a pass (scheduler/node_views.py keeps them current)."""
+        return self.views.current(holding)
 
     async def place_pending(self) -> int:
         """One placement pass; returns how many offers it sent."""
@@ -869,14 +596,13 @@ class LeaseDispatcher:
         if record is None:
             return
         # Refreshed here, spread over heartbeats, so a pass finds every node's view ready.
-        before = self._capacities.get(session.node_id)
-        after = self._capacity(record)
+        capacity_changed = self.views.heartbeat(record)
         liveness_changed = self._last_liveness.get(session.node_id) is not record.liveness
         self._last_liveness[session.node_id] = record.liveness
         # Kick only when this heartbeat can change a placement: the node's capacity
         # changed or it just came back online. At 10k nodes a pass per heartbeat
         # (1,000/s) kept the dispatcher busy re-reading the whole fleet.
-        if self.store.counts.get("pending", 0) > 0 and (before is not after or liveness_changed):
+        if self.store.counts.get("pending", 0) > 0 and (capacity_changed or liveness_changed):
             self.kick()
 
     async def _lose_missing(self, session: Session, keep: set[str]) -> None:

@@ -146,8 +146,8 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
         # Unslashed stake per node, mirrored from the database so placement's
         # synchronous filter (node_eligible) never waits on it.
         self._available: dict[str, int] = {}
-        # Called when a node's eligibility may have changed (e.g. dispatcher.kick).
-        self._eligibility_listeners: list[Callable[[], None]] = []
+        # Called with the node whose eligibility may have changed ("": any node).
+        self._eligibility_listeners: list[Callable[[str], None]] = []
 
     async def load(self) -> None:
         """Read every node's collateral; call once at startup, after the database opens."""
@@ -164,15 +164,16 @@ class LedgerService(ledger_pb2_grpc.LedgerServicer):
 
     def _collateral_changed(self, node_id: str, found: ledger.Collateral | None) -> None:
         self._available[node_id] = found.available_micros if found else 0
-        self._eligibility_changed()
+        self._eligibility_changed(node_id)
 
-    def on_eligibility_change(self, listener: Callable[[], None]) -> None:
-        """Call ``listener()`` whenever a node's collateral eligibility may have changed."""
+    def on_eligibility_change(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(node_id)`` whenever a node's collateral eligibility may have
+        changed (``""``: any node's, e.g. after a reload)."""
         self._eligibility_listeners.append(listener)
 
-    def _eligibility_changed(self) -> None:
+    def _eligibility_changed(self, node_id: str = "") -> None:
         for listener in self._eligibility_listeners:
-            listener()
+            listener(node_id)
 
     def node_eligible(self, node_id: str) -> bool:
         """Placement's collateral rule: unslashed stake >= ``ledger.min_collateral_micros``."""

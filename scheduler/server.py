@@ -216,7 +216,7 @@ class SchedulerServer:
         # A GPU that just passed, or collateral that now suffices, may be what a
         # pending lease waits for.
         self.attestation.add_listener(lambda _node_id: self.dispatcher.kick())
-        self.ledger.on_eligibility_change(self.dispatcher.kick)
+        self.ledger.on_eligibility_change(lambda _node_id: self.dispatcher.kick())
         # Verdicts and collateral invalidate the dispatcher's cached answers.
         self.attestation.add_listener(eligibility.changed)
         self.ledger.on_eligibility_change(eligibility.changed)

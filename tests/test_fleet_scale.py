@@ -15,9 +15,10 @@ from benchmarks.node_fixtures import simulated_gpus
 from gpuagent.v1 import coordinator_pb2, inventory_pb2, leases_pb2
 from scheduler.db import Database
 from scheduler.group_commit import GroupCommit
-from scheduler.lease_dispatch import UPTIME_SLICE, LeaseDispatcher
+from scheduler.lease_dispatch import LeaseDispatcher
 from scheduler.leases_store import LeaseStore, NewLease
 from scheduler.liveness import LivenessPolicy
+from scheduler.node_views import UPTIME_SLICE
 from scheduler.registry import Registry
 from tests.coordinator_harness import FakeClock, drop_messages
 
@@ -123,18 +124,18 @@ async def test_a_new_hello_rebuilds_capacity_even_when_heartbeats_look_the_same(
     first = coordinator_pb2.Heartbeat(seq=1, gpu_health=health, free_gpu_uuids=free)
     await registry.heartbeat(session, first)
     await dispatcher.on_heartbeat(session, first)
-    cached = dispatcher._capacities[session.node_id]
+    cached = dispatcher.views.capacities[session.node_id]
     assert cached.ask_micros == 0
     same = coordinator_pb2.Heartbeat(seq=2, gpu_health=health, free_gpu_uuids=free)
     await registry.heartbeat(session, same)
     await dispatcher.on_heartbeat(session, same)
-    assert dispatcher._capacities[session.node_id] is cached
+    assert dispatcher.views.capacities[session.node_id] is cached
     hello.labels["price_micros_per_gpu_hour"] = "7000"
     _record, session = await registry.register(hello, "test", drop_messages)
     again = coordinator_pb2.Heartbeat(seq=1, gpu_health=health, free_gpu_uuids=free)
     await registry.heartbeat(session, again)
     await dispatcher.on_heartbeat(session, again)
-    assert dispatcher._capacities[session.node_id].ask_micros == 7000
+    assert dispatcher.views.capacities[session.node_id].ask_micros == 7000
 
 
 @pytest.mark.asyncio
@@ -220,10 +221,10 @@ async def test_the_uptime_sweep_reads_a_slice_per_pass_and_the_rest_between_pass
     first = {v.node_id: v.market.uptime_30d for v in dispatcher.node_views([])}
     assert len(first) == count and all(u > 0.0 for u in first.values())
     # Silence: each node's covered time stays, the window grows, every uptime falls.
-    clock.advance(dispatcher._uptime_every())
+    clock.advance(dispatcher.views.uptime_every())
     moved = {v.node_id for v in dispatcher.node_views([]) if v.market.uptime_30d < first[v.node_id]}
     assert len(moved) == UPTIME_SLICE
-    dispatcher._refresh_uptimes(count)  # what run() does between passes
+    dispatcher.views.refresh_uptimes(count)  # what run() does between passes
     after = {v.node_id: v.market.uptime_30d for v in dispatcher.node_views([])}
     assert all(after[n] < first[n] for n in first)
 
@@ -240,10 +241,10 @@ async def test_a_node_without_a_stream_here_is_never_a_candidate_and_costs_no_ca
     hello = _hello(1)
     _record, session = await registry.register(hello, "test", drop_messages)
     await registry.end_session(session, "moved to another replica")
-    dispatcher._capacities.clear()
+    dispatcher.views.capacities.clear()
     (view,) = dispatcher.node_views([])
     assert (view.online, view.offline_reason, view.free_gpus) == (False, "not connected", ())
-    assert dispatcher._capacities == {}
+    assert dispatcher.views.capacities == {}
     assert dispatcher.node_views([])[0] is view
     _record, session = await registry.register(hello, "test", drop_messages)
     beat = coordinator_pb2.Heartbeat(

@@ -70,7 +70,8 @@ async def test_required_attestation_withholds_unattested_gpus(tmp_path: Path) ->
     try:
         assert server.dispatcher.eligibility.restricts  # type: ignore[union-attr]
         free, checks = await _views_and_checks(server, 3)
-        assert free == 0 and checks == 12  # no verdict: every pass asks again
+        # Asked once per GPU: with no verdict stored since, the second pass asks nothing.
+        assert free == 0 and checks == 6
     finally:
         await server.db.close()
 
@@ -92,7 +93,8 @@ async def test_attested_nodes_take_the_fast_path_until_a_verdict_changes_or_expi
     tmp_path: Path,
 ) -> None:
     """With attestation required (the production default), a pass reuses each node's
-    last answer while no verdict arrived and none expired: no per-GPU checks."""
+    last answer while no verdict arrived and none expired: no per-GPU checks. A verdict
+    asks again about its own node only."""
     clock = FakeClock()
     attestation = {"enabled": True, "required": True}
     liveness = {"heartbeat_interval": 10.0}  # online for 30 s without heartbeats
@@ -111,10 +113,10 @@ async def test_attested_nodes_take_the_fast_path_until_a_verdict_changes_or_expi
         assert _free(server) == 6 and counter.checks == 6
         assert _free(server) == 6 and counter.checks == 6  # fast path: nothing asked
         await server.attestation._store(_passed(hellos[0].node_id, "GPU-other", now_ns))
-        assert _free(server) == 6 and counter.checks == 12  # a new verdict: asked again
-        assert _free(server) == 6 and counter.checks == 12
+        assert _free(server) == 6 and counter.checks == 8  # a new verdict: its node again
+        assert _free(server) == 6 and counter.checks == 8
         clock.advance(6)  # past every verdict's expiry; the nodes are still online
-        assert _free(server) == 0 and counter.checks == 18
+        assert _free(server) == 0 and counter.checks == 14
     finally:
         await server.db.close()
 
