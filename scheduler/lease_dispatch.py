@@ -245,20 +245,22 @@ class LeaseDispatcher:
             self._waiting = {k: v for k, v in self._waiting.items() if k in waiting}
             if not pending:
                 return 0
-            nodes = self.node_views(holding)
+            nodes, away = self.views.split(holding)
             offers = 0
             for row in pending:
                 request = request_for(
                     row.spec, row.pinned_node_id, frozenset(tried.get(row.lease_id, ()))
                 )
                 started = time.perf_counter()
-                candidates: Sequence[placement.NodeView] = nodes
                 if copies is not None and copies.is_copy(row.lease_id):
-                    candidates, wait = copies.nodes_for(row.lease_id, nodes, request)
+                    candidates, wait = copies.nodes_for(row.lease_id, [*nodes, *away], request)
                     if wait:
                         await self._copy_waits(row, wait, copies.parent_of[row.lease_id])
                         continue
-                decision = placement.choose(candidates, request)
+                    decision = placement.choose(candidates, request)
+                else:
+                    # The nodes held elsewhere are rejected untested ("not connected").
+                    decision = placement.choose(nodes, request, away)
                 if self.observe_placement is not None:
                     self.observe_placement(time.perf_counter() - started)
                 summary = decision.summary()

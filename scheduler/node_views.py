@@ -113,7 +113,10 @@ class NodeViews:
         self._uptimes_at = float("-inf")  # when the current sweep over the fleet began
         self._uptime_queue: deque[str] = deque()  # nodes the current sweep has still to read
         self._bad_price: set[tuple[str, str]] = set()
-        self._views: dict[str, placement.NodeView] = {}
+        # Node -> view: the nodes whose streams this scheduler holds, and the rest
+        # (never a candidate here: "not connected").
+        self._here: dict[str, placement.NodeView] = {}
+        self._away: dict[str, placement.NodeView] = {}
         # Nodes whose view is to be evaluated again (EVERY_NODE: all of them).
         self._changed = registry.watch()
         self._eligibility_changed = eligibility.watch() if eligibility is not None else set()
@@ -281,6 +284,15 @@ class NodeViews:
 
     def current(self, holding: Sequence[LeaseRow]) -> list[placement.NodeView]:
         """Every node's view, with the GPUs ``holding`` leases hold taken out."""
+        here, away = self.split(holding)
+        return here + away
+
+    def split(
+        self, holding: Sequence[LeaseRow]
+    ) -> tuple[list[placement.NodeView], list[placement.NodeView]]:
+        """``current``'s views in two: the nodes whose streams are here, and the others
+        (no candidates: ``placement.choose`` takes them as ``unavailable`` and does
+        not test them; with replicas, half of every pass)."""
         self.refresh_uptimes()
         now = self.registry.clock()
         changed = self._changes(now)
@@ -292,7 +304,7 @@ class NodeViews:
         self._held = held
         for node_id in changed:
             self._update(node_id, now)
-        return list(self._views.values())
+        return list(self._here.values()), list(self._away.values())
 
     def catch_up(self) -> None:
         """Evaluate what changed since the last pass, between passes: the next pass
@@ -314,7 +326,7 @@ class NodeViews:
         now = self.registry.clock()
         for node_id in self.registry.nodes:
             fresh._update(node_id, now)
-        return list(fresh._views.values())
+        return list(fresh._here.values()) + list(fresh._away.values())
 
     def _changes(self, now: float) -> set[str]:
         """The nodes whose views are to be evaluated again (not counting held GPUs)."""
@@ -340,30 +352,35 @@ class NodeViews:
             else:
                 heapq.heappush(due, (at, node_id))  # heard from since: due later
         nodes = self.registry.nodes
-        if len(self._views) != len(nodes):
+        here, away = self._here, self._away
+        if len(here) + len(away) != len(nodes):
             # A node this never heard of (the first pass: all of them).
-            changed.update(n for n in nodes if n not in self._views)
+            changed.update(n for n in nodes if n not in here and n not in away)
         if EVERY_NODE in changed:
-            changed = set(nodes) | set(self._views)
+            changed = set(nodes) | set(here) | set(away)
         return changed
 
     def _update(self, node_id: str, now: float) -> None:
         """Evaluate ``node_id``'s view again, and when it next changes with time alone."""
         registry = self.registry
         record = registry.nodes.get(node_id)
+        here, away = self._here, self._away
         if record is None:
-            self._views.pop(node_id, None)
+            here.pop(node_id, None)
+            away.pop(node_id, None)
             self._schedule(node_id, None)
             return
-        old = self._views.get(node_id)
         if node_id not in registry.sessions:
             # No stream here: never a candidate, whatever its heartbeat says (with
             # replicas, half the fleet is held elsewhere), so its capacity is not read:
             # a leader taking in 5,000 such nodes must not build 5,000 capacities.
-            if old is None or old.offline_reason != "not connected":
-                self._views[node_id] = _not_connected(node_id)
+            here.pop(node_id, None)
+            if node_id not in away:
+                away[node_id] = _not_connected(node_id)
             self._schedule(node_id, None)
             return
+        away.pop(node_id, None)
+        old = here.get(node_id)
         capacity = self.capacity(record)
         policy = registry.policy
         seen = record.last_seen
@@ -395,7 +412,7 @@ class NodeViews:
             or old.market is not capacity.market
             or old.uniform_price != capacity.uniform_price
         ):
-            self._views[node_id] = placement.NodeView(
+            here[node_id] = placement.NodeView(
                 node_id=node_id,
                 online=online,
                 draining=draining,

@@ -365,12 +365,15 @@ def _why(node: NodeView, request: Request) -> Why | None:
     return None
 
 
-def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
+def choose(
+    nodes: Iterable[NodeView], request: Request, unavailable: Sequence[NodeView] = ()
+) -> Decision:
     """The best node and GPUs for ``request``; ``Decision.skipped`` says why not the others.
 
     The loop inlines ``why_not``'s tests (same outcome; the reasons are worded later,
     on demand, by ``why_not`` in its order): it runs for every node of the fleet on
-    every pass.
+    every pass. ``unavailable`` are nodes known to be no candidate for any lease (not
+    online): counted among the rejected, with their reasons, without being tested.
     """
     rejected: list[NodeView] = []
     best: NodeView | None = None
@@ -430,6 +433,8 @@ def choose(nodes: Iterable[NodeView], request: Request) -> Decision:
         )
         if best_score is None or score < best_score:
             best, best_score, best_ask = node, score, ask
+    if unavailable:
+        rejected.extend(unavailable)
     if best is None:
         return Decision(None, candidates, tuple(rejected), request)
     # GPUs are picked for the winner only: sorting every candidate's GPUs is what

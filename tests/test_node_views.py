@@ -173,6 +173,9 @@ async def test_views_kept_by_change_equal_a_rebuild_after_every_step(
             got = _comparable(world.views.current(world.holding))
             want = _comparable(world.views.rebuilt(world.holding))
             assert got == want, f"step {n}: views differ after {sorted(kinds)}"
+            here, away = world.views.split(world.holding)
+            assert {v.node_id for v in here} == set(server.registry.sessions)
+            assert all(v.offline_reason == "not connected" for v in away)
         assert {"hello", "heartbeat", "end", "drain", "offer", "time", "hold", "verdict"} <= kinds
         online = [v for v in world.views.current(world.holding) if v.online]
         assert online and len(online) < NODES  # the walk saw both, not one state only

@@ -145,3 +145,23 @@ def test_isolation_requirement_defaults_to_real_gpus_with_the_policy_on() -> Non
     node = NodeView("n1", online=True, draining=False, ask_micros=0, isolation_block=block)
     reason = why_not(node, Request(gpu_count=0))
     assert reason is not None and reason.startswith("not isolated: isolation failed")
+
+
+def test_nodes_passed_as_unavailable_decide_as_if_they_were_tested() -> None:
+    """A pass hands the nodes held by another replica to choose as ``unavailable``
+    (untested): the choice, the candidate count and every reason are those of the one
+    list, so a lease pinned to such a node, or tried everywhere else, reads the same."""
+    away = [_node(f"away-{i}", online=False, offline_reason="not connected") for i in range(3)]
+    here = [_node("a", ask=300), _node("b", ask=200, gpus=1), _node("c", online=False)]
+    for request in (
+        Request(gpu_count=1, price_ceiling_micros=500),
+        Request(gpu_count=1, price_ceiling_micros=500, pinned_node_id="away-1"),
+        Request(gpu_count=1, price_ceiling_micros=500, excluded=frozenset({"a", "b"})),
+        Request(gpu_count=4, price_ceiling_micros=500),
+    ):
+        split, whole = choose(here, request, away), choose(here + away, request)
+        assert split.placement == whole.placement
+        assert split.candidates == whole.candidates
+        assert split.skipped == whole.skipped
+        assert split.skipped_counts() == whole.skipped_counts()
+        assert split.summary() == whole.summary()
