@@ -37,7 +37,6 @@ from gpuagent.v1 import coordinator_pb2
 from scheduler import placement
 from scheduler.config import load_scheduler_config
 from scheduler.db import Database
-from scheduler.lease_dispatch import LeaseDispatcher
 from scheduler.leases_store import LeaseStore
 from scheduler.node_views import NodeViews
 from scheduler.registry import Session
@@ -89,7 +88,7 @@ class PhaseTimer:
             (LeaseStore, "offer"),
         ):
             self._time_async(cls, name)
-        self._time_sync(LeaseDispatcher, "node_views")
+        self._time_sync(NodeViews, "split")  # what a pass reads (scheduler/node_views.py)
         self._time_sync(placement, "choose")
         self.counts: collections.Counter[str] = collections.Counter()
         self._count_view_rebuilds()
@@ -98,14 +97,14 @@ class PhaseTimer:
         """How many nodes a pass re-reads a capacity for (its cache missed), split by
         whether this replica holds the node's stream, and how many views it evaluates
         again: what makes a pass slow."""
-        current, capacity, update = NodeViews.current, NodeViews.capacity, NodeViews._update
+        split, capacity, update = NodeViews.split, NodeViews.capacity, NodeViews._update
         counts = self.counts
         inside = [False]
 
         def in_pass(views: Any, *args: Any, **kwargs: Any) -> Any:
             inside[0] = True
             try:
-                return current(views, *args, **kwargs)
+                return split(views, *args, **kwargs)
             finally:
                 inside[0] = False
 
@@ -120,7 +119,7 @@ class PhaseTimer:
                 counts["views evaluated again in a pass"] += 1
             return update(views, node_id, now)
 
-        NodeViews.current = in_pass  # type: ignore[method-assign,assignment]
+        NodeViews.split = in_pass  # type: ignore[method-assign,assignment]
         NodeViews.capacity = counted  # type: ignore[method-assign,assignment]
         NodeViews._update = evaluated  # type: ignore[method-assign,assignment]
 
@@ -170,6 +169,8 @@ class HeartbeatProbe:
         self.young_gc_max_ms = 0.0
         self.stalls = StallSampler()
         self.phases = PhaseTimer()
+        self.database: Database | None = None  # the server's, once it exists
+        self._retried = 0
         gc.callbacks.append(self._on_gc)
         self._time_database_jobs()
 
@@ -217,6 +218,10 @@ class HeartbeatProbe:
             self.processing_ms.append((time.monotonic_ns() - session.last_read_mono_ns) / 1e6)
 
     def dump(self) -> None:
+        # Transactions PostgreSQL made the replica run again (SERIALIZABLE conflicts).
+        retries = getattr(self.database, "retries", 0)
+        self.phases.counts["transactions retried (serialization)"] += retries - self._retried
+        self._retried = retries
         samples = {
             "heartbeat_latency_ms": self.latencies_ms,
             "heartbeat_processing_ms": self.processing_ms,
@@ -241,6 +246,7 @@ async def _main(config_path: Path, stats: Path) -> int:
     setup_logging(config.log.level, config.log.format)
     server = SchedulerServer(config)
     probe = HeartbeatProbe(stats)
+    probe.database = server.db
     server.coordinator.on_heartbeat(probe.on_heartbeat)
     stop = stop_on_signals()
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, probe.dump)
