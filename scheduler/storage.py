@@ -28,6 +28,9 @@ Rules for portable SQL (a test runs every store on both backends):
 8. Row locks: append ``FOR UPDATE`` (or ``FOR UPDATE SKIP LOCKED``) to a SELECT
    that must own rows until commit. SQLite drops it (its one writer already
    serializes); PostgreSQL takes the lock.
+   A lock on something that is not one row, or on a row that other work updates
+   often (a node's row takes a heartbeat flush every second), is ``lock_key``: a
+   transaction-scoped advisory lock, which no row update waits for or conflicts with.
 9. No SQLite-only functions (``json_*``, ``strftime``, ``printf``, ``GLOB``,
    ``ifnull``: use ``COALESCE``), no PostgreSQL-only casts (``::``).
 10. Migrations (scheduler/db.py MIGRATIONS) are written in SQLite's DDL with the
@@ -44,6 +47,7 @@ return value, after ``Database.call`` returns).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import sqlite3
@@ -103,6 +107,20 @@ class Conn(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor: ...
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+
+def lock_key(conn: Conn, space: int, key: str) -> None:
+    """Hold a lock named ``(space, key)`` until the transaction ends (rule 8).
+
+    PostgreSQL: ``pg_advisory_xact_lock`` on two 32-bit keys, ``space`` and a stable
+    hash of ``key`` (a collision only makes two keys wait for each other). SQLite:
+    nothing to do, its one writer already serializes."""
+    if conn.dialect != "postgresql":
+        return
+    digest = hashlib.blake2b(key.encode(), digest_size=4).digest()
+    conn.execute(
+        "SELECT pg_advisory_xact_lock(?, ?)", (space, int.from_bytes(digest, "big", signed=True))
+    )
 
 
 # -- targets ---------------------------------------------------------------------------

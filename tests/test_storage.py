@@ -326,6 +326,33 @@ async def test_a_gpu_is_never_offered_to_two_leases_by_two_replicas(
 
 
 @pytest.mark.asyncio
+async def test_an_offer_does_not_wait_for_a_heartbeat_flush_of_its_node(
+    replicas: tuple[Database, Database],
+) -> None:
+    """A heartbeat flush updates every heard-from node's row each second. An offer that
+    locked the node's row waited for an open flush, then failed serialization and ran
+    again; it takes the node's advisory lock instead, and neither waits for the other."""
+    a, _b = replicas
+    await _node(a, "n-a")
+    await a.call(lambda c: ledger.deposit(c, "alice", 100_000_000, NOW, POLICY))
+    store = _stores(replicas)[0]
+    await store.submit(_new("l1"))
+    assert isinstance(a, PostgresDatabase)
+    with psycopg.connect(a.target.conninfo) as flush:  # a transaction, left open
+        flush.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        flush.execute("UPDATE nodes SET last_seen_ns = %s WHERE node_id = 'n-a'", (NOW + SEC,))
+        retries = a.retries
+        offered = await asyncio.wait_for(store.offer("l1", "n-a", ["GPU-0"], 0, "t"), 10)
+        assert offered is not None and offered.node_id == "n-a"
+        flush.commit()  # and the flush commits after it
+    assert a.retries == retries
+    seen = await a.call(
+        lambda c: c.execute("SELECT last_seen_ns FROM nodes WHERE node_id = 'n-a'").fetchone()[0]
+    )
+    assert seen == NOW + SEC
+
+
+@pytest.mark.asyncio
 async def test_usage_is_stored_and_settled_once_when_both_replicas_ingest_it(
     replicas: tuple[Database, Database], tmp_path: Path
 ) -> None:
