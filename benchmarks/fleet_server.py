@@ -36,7 +36,7 @@ from gpuagent.logsetup import setup_logging
 from gpuagent.v1 import coordinator_pb2
 from scheduler import placement
 from scheduler.config import load_scheduler_config
-from scheduler.db import Database
+from scheduler.db import Database, PostgresDatabase
 from scheduler.leases_store import LeaseStore
 from scheduler.node_views import NodeViews
 from scheduler.registry import Session
@@ -169,8 +169,7 @@ class HeartbeatProbe:
         self.young_gc_max_ms = 0.0
         self.stalls = StallSampler()
         self.phases = PhaseTimer()
-        self.database: Database | None = None  # the server's, once it exists
-        self._retried = 0
+        self.count_retries()
         gc.callbacks.append(self._on_gc)
         self._time_database_jobs()
 
@@ -217,11 +216,23 @@ class HeartbeatProbe:
         if session.last_read_mono_ns:
             self.processing_ms.append((time.monotonic_ns() - session.last_read_mono_ns) / 1e6)
 
+    def count_retries(self) -> None:
+        """Which transactions PostgreSQL made this replica run again (SERIALIZABLE
+        conflicts), by the store function that ran them."""
+        call_sync, counts = PostgresDatabase.call_sync, self.phases.counts
+
+        def counted(db: PostgresDatabase, fn: Any) -> Any:
+            before = db.retries
+            try:
+                return call_sync(db, fn)
+            finally:
+                if db.retries != before:
+                    name = getattr(fn, "__qualname__", "?").removesuffix(".<locals>.txn")
+                    counts[f"retried: {name}"] += db.retries - before
+
+        PostgresDatabase.call_sync = counted  # type: ignore[method-assign,assignment]
+
     def dump(self) -> None:
-        # Transactions PostgreSQL made the replica run again (SERIALIZABLE conflicts).
-        retries = getattr(self.database, "retries", 0)
-        self.phases.counts["transactions retried (serialization)"] += retries - self._retried
-        self._retried = retries
         samples = {
             "heartbeat_latency_ms": self.latencies_ms,
             "heartbeat_processing_ms": self.processing_ms,
@@ -246,7 +257,6 @@ async def _main(config_path: Path, stats: Path) -> int:
     setup_logging(config.log.level, config.log.format)
     server = SchedulerServer(config)
     probe = HeartbeatProbe(stats)
-    probe.database = server.db
     server.coordinator.on_heartbeat(probe.on_heartbeat)
     stop = stop_on_signals()
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, probe.dump)
