@@ -558,6 +558,15 @@ class Database:
 
         return await self.run(txn)
 
+    async def read(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn(conn)``, which only reads, on one snapshot: for a read whose answer
+        is a hint that the write acting on it checks again (placement's view of what
+        is pending and what GPUs are held: the offer re-checks both under its lock).
+        SQLite: a transaction like ``call``'s. PostgreSQL: REPEATABLE READ, READ ONLY,
+        so it takes no predicate locks: it never makes a writer retry (``call``'s
+        SERIALIZABLE reads of a whole table conflicted with every write to it)."""
+        return await self.call(fn)
+
     async def close(self) -> None:
         if self._executor._shutdown:  # closed already (a server stopped twice)
             return
@@ -667,6 +676,24 @@ class PostgresDatabase(Database):
 
     async def call(self, fn: Callable[[Conn], T]) -> T:
         return await self.run(lambda: self.call_sync(fn))
+
+    async def read(self, fn: Callable[[Conn], T]) -> T:
+        return await self.run(lambda: self.read_sync(fn))
+
+    def read_sync(self, fn: Callable[[Conn], T]) -> T:
+        """``fn(conn)`` on one REPEATABLE READ, READ ONLY snapshot (Database.read)."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if self._pool is None:
+            raise DatabaseError(f"{self.display}: database is not open")
+        try:
+            with self._pool.connection() as raw, raw.transaction():
+                # Before any query of the transaction: it replaces BEGIN's SERIALIZABLE.
+                raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                return fn(PgConn(raw))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"{self.display}: {exc}") from None
 
     def call_sync(self, fn: Callable[[Conn], T]) -> T:
         """``fn(conn)`` in one SERIALIZABLE transaction on this thread, retried on conflict."""

@@ -479,7 +479,10 @@ class LeaseStore:
                 tried.setdefault(lease_id, set()).add(node)
             return pending, holding, tried
 
-        return await self.db.call(read)
+        # A snapshot: every pass on every replica reads the whole leases table, and as
+        # a SERIALIZABLE read it made Submits, offers and updates retry (fleet_replicas
+        # at 10k); what it returns is checked again by the offer.
+        return await self.db.read(read)
 
     async def on_node(self, node_id: str) -> list[LeaseRow]:
         """Non-terminal leases placed on ``node_id`` (offers in flight included)."""

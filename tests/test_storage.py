@@ -326,6 +326,30 @@ async def test_a_gpu_is_never_offered_to_two_leases_by_two_replicas(
 
 
 @pytest.mark.asyncio
+async def test_a_read_is_a_read_only_snapshot_that_no_writer_waits_for(
+    replicas: tuple[Database, Database],
+) -> None:
+    """Database.read (placement's view of the leases) runs REPEATABLE READ, READ ONLY:
+    no predicate locks to make a writer retry, and nothing written by mistake."""
+    a, b = replicas
+    level = await a.read(lambda c: c.execute("SHOW transaction_isolation").fetchone()[0])
+    assert level == "repeatable read"
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        await a.read(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')"))
+    assert (
+        await a.call(lambda c: c.execute("SELECT COUNT(*) FROM meta WHERE key = 'k'").fetchone()[0])
+        == 0
+    )
+    # A connection the read used goes back to the pool as it came: SERIALIZABLE again.
+    levels = await asyncio.gather(
+        *(a.call(lambda c: c.execute("SHOW transaction_isolation").fetchone()[0]) for _ in range(8))
+    )
+    assert set(levels) == {"serializable"}
+    await _node(b, "n-a")
+    assert await a.read(lambda c: c.execute("SELECT node_id FROM nodes").fetchall()) == [("n-a",)]
+
+
+@pytest.mark.asyncio
 async def test_an_offer_does_not_wait_for_a_heartbeat_flush_of_its_node(
     replicas: tuple[Database, Database],
 ) -> None:
