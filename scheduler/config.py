@@ -115,6 +115,13 @@ class ReplicaConfig(Strict):
     dead_after: Duration = Field(
         default=5.0, gt=0, description="a replica (or this one's database) silent this long"
     )
+    home_first: Duration = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="a lease submitted on another replica is left to it this long to offer "
+        "to the nodes it holds (it says sooner when none fits); 0 = every replica at once",
+    )
 
 
 class LivenessConfig(Strict):

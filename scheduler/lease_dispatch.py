@@ -161,6 +161,12 @@ class LeaseDispatcher:
         # was reconciled): never "missing", whatever that heartbeat lists. Keyed by node so
         # a session that ends unreconciled leaves nothing behind once its node returns.
         self._assigned_early: dict[str, tuple[str, set[str]]] = {}
+        # Several replicas: lease -> when (monotonic) this replica may offer it too. A
+        # lease submitted on another replica is that replica's to offer first, to the
+        # nodes it holds; two replicas offering every lease at once wrote the same row
+        # at once, and PostgreSQL ran one of them again (docs/scaling.md).
+        self._not_before: dict[str, float] = {}
+        self._home_here: set[str] = set()  # submitted here, not yet placed or released
 
     # -- the loop ------------------------------------------------------------------
 
@@ -174,10 +180,29 @@ class LeaseDispatcher:
     # how to ask the other replicas to push a rotated one to a node they hold.
     token_hash: Callable[[str], Awaitable[bytes]] | None = None
     forward_token: Callable[[str], Awaitable[None]] | None = None
+    # Several replicas: tell the others that no node here fits a lease submitted here,
+    # so they offer it at once instead of after ``home_first``.
+    release_home: Callable[[str], Awaitable[None]] | None = None
 
     def kick(self) -> None:
         """Ask for a placement pass soon (coalesced)."""
         self._wake.set()
+
+    def submitted(self, lease_id: str, home: bool, home_first: float) -> None:
+        """A lease was submitted (on this replica when ``home``): a pass, now or, for
+        another replica's lease, once ``home_first`` has passed, unless that replica
+        releases it sooner (``released``)."""
+        if home:
+            self._home_here.add(lease_id)
+        elif home_first > 0:
+            self._not_before[lease_id] = time.monotonic() + home_first
+            asyncio.get_running_loop().call_later(home_first, self.kick)
+        self.kick()
+
+    def released(self, lease_id: str) -> None:
+        """Its home replica has no node for it: offer it now."""
+        self._not_before.pop(lease_id, None)
+        self.kick()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Placement passes until ``stop``: when kicked, and every ``retry_interval``."""
@@ -243,11 +268,20 @@ class LeaseDispatcher:
                     copies = CopyPlacement(self.registry, groups)
             waiting = {r.lease_id for r in pending}
             self._waiting = {k: v for k, v in self._waiting.items() if k in waiting}
+            self._not_before = {k: v for k, v in self._not_before.items() if k in waiting}
+            self._home_here &= waiting
             if not pending:
                 return 0
             nodes, away = self.views.split(holding)
             offers = 0
+            now = time.monotonic()
             for row in pending:
+                if self._not_before.get(row.lease_id, now) > now and (
+                    copies is None or not copies.is_copy(row.lease_id)
+                ):
+                    # Its home replica offers it first. Not a redundant run's copy: the
+                    # copies need distinct providers, which one replica may not hold.
+                    continue
                 request = request_for(
                     row.spec, row.pinned_node_id, frozenset(tried.get(row.lease_id, ()))
                 )
@@ -280,6 +314,9 @@ class LeaseDispatcher:
                         self._waiting.pop(row.lease_id, None)
                     continue
                 if chosen is None:
+                    if row.lease_id in self._home_here and self.release_home is not None:
+                        self._home_here.discard(row.lease_id)
+                        await self.release_home(row.lease_id)
                     if self._waiting.get(row.lease_id) != summary:
                         self._waiting[row.lease_id] = summary
                         log.info(

@@ -299,12 +299,29 @@ class SchedulerServer:
             await self.registry.writes.write(lambda c: replicas.claim_in(c, record.node_id))
 
         self.coordinator.on_connect(claim)
-        # Submitted on any replica: every replica places it on the nodes it holds
-        # (the node's row lock and the offer's guard make one of them win).
+        # Submitted on any replica: the replica that took it offers it to the nodes it
+        # holds; the others offer it to theirs after replica.home_first, or as soon as
+        # it says none of its nodes fits ("released"). The offer's guard makes one win.
+        home_first = rc.home_first
         self.leases_store.add_hooks(
-            on_submitted=lambda c, row: replicas.notify_in(c, "pending", row.lease_id)
+            on_submitted=lambda c, row: replicas.notify_in(
+                c, "pending", f"{row.lease_id}|{replicas.replica_id}"
+            )
         )
-        replicas.on("pending", lambda _: self.dispatcher.kick())
+
+        def pending(payload: str) -> None:
+            lease_id, _, home = payload.partition("|")
+            if not home:  # released by its home replica, or an older replica's notice
+                self.dispatcher.released(lease_id)
+                return
+            self.dispatcher.submitted(lease_id, home == replicas.replica_id, home_first)
+
+        replicas.on("pending", pending)
+
+        async def release_home(lease_id: str) -> None:
+            await replicas.notify("pending", lease_id)
+
+        self.dispatcher.release_home = release_home
         replicas.on("resync", lambda _: self.dispatcher.kick())
         replicas.on("cancel", self._remote_cancel)
         self.dispatcher.remote_nodes = replicas.nodes_held_elsewhere

@@ -42,7 +42,7 @@ async def eventually(
     return time.monotonic() - started
 
 
-def replica_config(tmp: Path, url: str, name: str) -> SchedulerConfig:
+def replica_config(tmp: Path, url: str, name: str, home_first: float = 1.0) -> SchedulerConfig:
     base = scheduler_config(tmp / name, None)
     return base.model_copy(
         update={
@@ -52,6 +52,7 @@ def replica_config(tmp: Path, url: str, name: str) -> SchedulerConfig:
                 heartbeat_interval=0.2,
                 dead_after=1.0,
                 relay_url=f"https://relay-{name}.example.net",
+                home_first=home_first,
             ),
             # Placement passes only when kicked: a prompt placement proves the NOTIFY.
             "placement": base.placement.model_copy(update={"retry_interval": 60.0}),
@@ -60,11 +61,14 @@ def replica_config(tmp: Path, url: str, name: str) -> SchedulerConfig:
 
 
 @pytest_asyncio.fixture
-async def pair(tmp_path: Path, pg_cluster: Cluster) -> AsyncIterator[list[SchedulerServer]]:
+async def pair(
+    tmp_path: Path, pg_cluster: Cluster, request: pytest.FixtureRequest
+) -> AsyncIterator[list[SchedulerServer]]:
     url = pg_cluster.new_database()
     servers = []
+    home_first = getattr(request, "param", 1.0)
     for name in ("a", "b"):
-        server = SchedulerServer(replica_config(tmp_path, url, name))
+        server = SchedulerServer(replica_config(tmp_path, url, name, home_first))
         await server.start()
         servers.append(server)
     yield servers
@@ -227,3 +231,66 @@ async def test_a_token_rotated_on_one_replica_reaches_the_node_held_by_the_other
     finally:
         stop.set()
         await task
+
+
+async def _agents_on(
+    servers: list[SchedulerServer], tmp_path: Path, stop: asyncio.Event
+) -> tuple[list[str], list[asyncio.Task[None]]]:
+    """One agent on each replica, holding its offers; their node ids."""
+    nodes, tasks = [], []
+    for n, server in enumerate(servers):
+        link, identity = make_link(agent_config(server.port, None), tmp_path / f"agent-{n}")
+        link.on("lease_assign", hold_offer)  # type: ignore[arg-type]
+        tasks.append(asyncio.create_task(link.run(stop)))
+        await asyncio.wait_for(link.wait_connected(), 10)
+        nodes.append(identity.node_id)
+    return nodes, tasks
+
+
+async def _offered_to(server: SchedulerServer, lease_id: str) -> list[str]:
+    rows = await server.db.call(
+        lambda c: c.execute(
+            "SELECT node_id FROM placement_attempts WHERE lease_id = ? ORDER BY rowid", (lease_id,)
+        ).fetchall()
+    )
+    return [r[0] for r in rows]
+
+
+@pytest.mark.parametrize("pair", [30.0], indirect=True)
+async def test_the_replica_that_took_a_submit_offers_it_first_to_its_own_nodes(
+    pair: list[SchedulerServer], tmp_path: Path
+) -> None:
+    """Both replicas hold a node that fits. The one that took the Submit offers the
+    lease; the other leaves it alone for replica.home_first (30 s here), so the two
+    never write the same lease at once. When none of its nodes fits (the lease is
+    pinned to the other's node), the home replica says so and the other offers it at
+    once, long before home_first."""
+    a, b = pair
+    stop = asyncio.Event()
+    (node_a, node_b), tasks = await _agents_on(pair, tmp_path, stop)
+    try:
+        await b.leases_store.submit(_lease("home-1"))
+
+        async def offered() -> bool:
+            row = await a.leases_store.get("home-1")
+            return row is not None and row.node_id is not None
+
+        await eventually(offered, what="an offer of home-1")
+        assert await _offered_to(a, "home-1") == [node_b]
+        passes = a.dispatcher._not_before.get("home-1")
+        assert passes is not None and passes - time.monotonic() > 20  # a still waits
+
+        pinned = NewLease(
+            lease_id="home-2", buyer="alice", spec=_lease("x").spec, pinned_node_id=node_a
+        )
+        await b.leases_store.submit(pinned)
+
+        async def offered_by_a() -> bool:
+            row = await a.leases_store.get("home-2")
+            return row is not None and row.node_id == node_a
+
+        assert await eventually(offered_by_a, what="a to offer home-2") < 5.0
+        assert await _offered_to(a, "home-2") == [node_a]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
