@@ -25,7 +25,7 @@ from enum import Enum
 from gpuagent.v1 import common_pb2, leases_pb2
 
 from . import outputs_store
-from .db import Database
+from .db import Database, DatabaseError
 from .secretbox import SecretBox
 from .storage import Conn, lock_key
 
@@ -543,12 +543,19 @@ class LeaseStore:
 
     def _insert(
         self, conn: Conn, new: NewLease, spec_bytes: bytes, sealed: bytes | None, now: int
-    ) -> LeaseRow:
-        """Store a new pending lease and run the submit hooks (a refusal raises)."""
-        conn.execute(
-            "INSERT INTO leases (lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"
+    ) -> LeaseRow | None:
+        """Store a new pending lease and run the submit hooks (a refusal raises); None
+        when the lease id is taken.
+
+        Writes only, no reads of the leases or their events (the row comes back with
+        RETURNING, a new lease's first event is seq 1): on PostgreSQL a SERIALIZABLE
+        read here sat on the index pages of the lease placed just before, and one
+        Submit in three was run again (fleet_replicas at 10k agents)."""
+        found = conn.execute(
+            "INSERT INTO leases (lease_id, buyer, spec, gpu_count, price_micros_per_gpu_hour,"  # noqa: S608 - constant columns
             " max_duration_s, pinned_node_id, replace_on_lost, state, created_ns, updated_ns,"
-            " registry_auth_enc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " registry_auth_enc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            f" ON CONFLICT (lease_id) DO NOTHING RETURNING {_COLUMNS}",
             (
                 new.lease_id,
                 new.buyer,
@@ -563,10 +570,15 @@ class LeaseStore:
                 now,
                 sealed,
             ),
+        ).fetchone()
+        if found is None:
+            return None
+        row = LeaseRow.from_db(found)
+        conn.execute(
+            "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"
+            " VALUES (?, 1, ?, 'submitted', NULL, ?)",
+            (new.lease_id, PENDING, now),
         )
-        self._event(conn, new.lease_id, PENDING, "submitted", None, now)
-        row = self._get(conn, new.lease_id)
-        assert row is not None
         for hook in self._hooks.on_submitted:
             try:
                 hook(conn, row)
@@ -578,7 +590,10 @@ class LeaseStore:
         """A new lease inside the caller's transaction (a redundant run's copies); the
         caller calls ``stored(n)`` once it committed."""
         spec_bytes, sealed = self._prepare(new)
-        return self._insert(conn, new, spec_bytes, sealed, self._now())
+        row = self._insert(conn, new, spec_bytes, sealed, self._now())
+        if row is None:
+            raise LeaseRefused(f"lease id {new.lease_id!r} is taken")
+        return row
 
     def stored(self, count: int) -> None:
         """``count`` leases stored by ``insert_in`` were committed (metrics, kicks)."""
@@ -596,24 +611,28 @@ class LeaseStore:
         now = self._now()
 
         def txn(conn: Conn) -> tuple[LeaseRow, bool]:
-            existing = self._get(conn, new.lease_id)
-            if existing is not None:
-                same = (
-                    existing.spec.SerializeToString(deterministic=True) == spec_bytes
-                    and existing.buyer == new.buyer
-                    and existing.pinned_node_id == new.pinned_node_id
-                    and existing.replace_on_lost == new.replace_on_lost
-                )
-                if not same:
-                    raise IdempotencyConflict(
-                        f"idempotency key {new.lease_id!r} was already used for a different "
-                        "lease request; use a new key"
-                    )
-                return existing, False
             row = self._insert(conn, new, spec_bytes, sealed, now)
-            if also is not None:
-                also(conn, row)
-            return row, True
+            if row is not None:
+                if also is not None:
+                    also(conn, row)
+                return row, True
+            # The key is taken. (On PostgreSQL, by a transaction this one cannot see
+            # yet: its INSERT failed serialization instead, and the call runs again.)
+            existing = self._get(conn, new.lease_id)
+            if existing is None:
+                raise DatabaseError(f"lease {new.lease_id!r}: its id is taken but no row found")
+            same = (
+                existing.spec.SerializeToString(deterministic=True) == spec_bytes
+                and existing.buyer == new.buyer
+                and existing.pinned_node_id == new.pinned_node_id
+                and existing.replace_on_lost == new.replace_on_lost
+            )
+            if not same:
+                raise IdempotencyConflict(
+                    f"idempotency key {new.lease_id!r} was already used for a different "
+                    "lease request; use a new key"
+                )
+            return existing, False
 
         row, created = await self.db.call(txn)
         if created:

@@ -31,7 +31,7 @@ from scheduler.db import (
     migrate,
     open_database,
 )
-from scheduler.leases_store import LeaseRefused, LeaseStore, NewLease
+from scheduler.leases_store import IdempotencyConflict, LeaseRefused, LeaseStore, NewLease
 from scheduler.storage import (
     PASSWORD_ENV,
     Conn,
@@ -347,6 +347,31 @@ async def test_a_read_is_a_read_only_snapshot_that_no_writer_waits_for(
     assert set(levels) == {"serializable"}
     await _node(b, "n-a")
     assert await a.read(lambda c: c.execute("SELECT node_id FROM nodes").fetchall()) == [("n-a",)]
+
+
+@pytest.mark.asyncio
+async def test_one_idempotency_key_submitted_on_two_replicas_at_once_is_one_lease(
+    replicas: tuple[Database, Database],
+) -> None:
+    """Submit writes first (INSERT .. ON CONFLICT DO NOTHING) and reads only when the key
+    is taken: the same request sent to both replicas at once is stored once, with one
+    escrow, and every caller gets that lease; another request under the key is refused."""
+    a, b = replicas
+    await a.call(lambda c: ledger.deposit(c, "alice", 100_000_000, NOW, POLICY))
+    stores = _stores(replicas)
+    results = await asyncio.gather(*(stores[i % 2].submit(_new("same")) for i in range(8)))
+    assert sum(created for _row, created in results) == 1
+    assert {row.lease_id for row, _ in results} == {"same"}
+    assert {row.created_ns for row, _ in results} == {results[0][0].created_ns}
+    held = await b.call(lambda c: c.execute("SELECT COUNT(*) FROM escrow").fetchone()[0])
+    events = await b.call(
+        lambda c: c.execute(
+            "SELECT seq, state FROM lease_events WHERE lease_id = 'same'"
+        ).fetchall()
+    )
+    assert held == 1 and [tuple(e) for e in events] == [(1, "pending")]
+    with pytest.raises(IdempotencyConflict):
+        await stores[1].submit(_new("same", gpus=2))
 
 
 @pytest.mark.asyncio
