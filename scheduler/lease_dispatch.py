@@ -46,7 +46,7 @@ from .leases_store import (
 )
 from .liveness import Liveness
 from .market import Asks
-from .node_views import UPTIME_SLICE, NodeViews
+from .node_views import IDLE_SLICE, UPTIME_SLICE, NodeViews
 from .registry import NodeRecord, Registry, Session
 from .verify import CopyPlacement, Verifier
 
@@ -213,17 +213,31 @@ class LeaseDispatcher:
                     await self.place_pending()
                 except Exception:  # one bad pass must not stop placement for good
                     log.exception("placement pass failed")
+                if not self.store.counts.get("pending", 0):
+                    await self._between_passes()  # kicked often, with nothing to place
                 await wait_any(self._wake, stop, within=self.settings.retry_interval)
-                # Between passes, the uptime sweep goes on in slices sized to end in time.
-                per_wait = self.settings.retry_interval / self.views.uptime_every()
-                self.views.refresh_uptimes(
-                    max(UPTIME_SLICE, math.ceil(len(self.registry.nodes) * per_wait))
-                )
-                # And what changed meanwhile: with no lease waiting no pass runs, and
-                # the first Submit after an idle hour must not evaluate all of it.
-                self.views.catch_up()
+                await self._between_passes()
         finally:
             await self.shutdown()
+
+    async def _between_passes(self) -> None:
+        """Work no Submit waits on, in slices, until a pass is asked for: the uptime
+        sweep (sized to end within its interval) and the views of what changed since
+        the last pass (with no lease waiting no pass runs, and the first Submit after
+        an idle hour must not evaluate all of it). It used to run whole after every
+        wait, kicks included, so a Submit's pass waited behind 1,000 uptime reads."""
+        per_wait = self.settings.retry_interval / self.views.uptime_every()
+        uptimes = max(UPTIME_SLICE, math.ceil(len(self.registry.nodes) * per_wait))
+        while uptimes > 0 and not self._wake.is_set():
+            read = self.views.refresh_uptimes(min(IDLE_SLICE, uptimes))
+            uptimes -= IDLE_SLICE
+            await asyncio.sleep(0)  # a Submit's kick gets in between slices
+            if not read:
+                break
+        for _ in range(math.ceil(len(self.registry.nodes) / IDLE_SLICE) + 1):
+            if self._wake.is_set() or self.views.catch_up(IDLE_SLICE):
+                break
+            await asyncio.sleep(0)  # as above
 
     async def shutdown(self) -> None:
         """Stop waiting for offers; the store recovers in-flight offers on next start."""

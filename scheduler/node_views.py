@@ -55,6 +55,9 @@ UPTIME_REFRESH_HEARTBEATS = 5
 # rest is read between passes (``LeaseDispatcher.run``), so a sweep still ends within
 # its interval.
 UPTIME_SLICE = 256
+# Nodes read (uptime) or evaluated (views) between two looks at whether a pass is
+# wanted, between passes: about a millisecond of work.
+IDLE_SLICE = 64
 MONTH = dict(uptime.WINDOWS)["30d"]
 # A due time this close is taken as reached: re-evaluating a view a microsecond early
 # gives the same view (and a new due time), and float seconds against integer ns
@@ -184,10 +187,11 @@ class NodeViews:
             UPTIME_REFRESH_S, UPTIME_REFRESH_HEARTBEATS * self.registry.policy.heartbeat_interval
         )
 
-    def refresh_uptimes(self, limit: int | None = UPTIME_SLICE) -> None:
+    def refresh_uptimes(self, limit: int | None = UPTIME_SLICE) -> int:
         """Every UPTIME_REFRESH_S a sweep re-reads 30-day uptimes, ``limit`` nodes per
         call (all of them on the first call: a pass needs every node's uptime); a
-        changed one updates its node's cached market view (and so its placement view)."""
+        changed one updates its node's cached market view (and so its placement view).
+        Returns how many it read."""
         now = self.registry.clock()
         first = self._uptimes_at == float("-inf")
         if now - self._uptimes_at >= self.uptime_every():
@@ -210,6 +214,7 @@ class NodeViews:
             if capacity is not None and (old is None or abs(old - ratio) >= 1e-4):
                 capacity.market = replace(capacity.market, uptime_30d=ratio)
                 self._changed.add(node_id)
+        return count
 
     # -- capacity ------------------------------------------------------------------
 
@@ -306,12 +311,18 @@ class NodeViews:
             self._update(node_id, now)
         return list(self._here.values()), list(self._away.values())
 
-    def catch_up(self) -> None:
-        """Evaluate what changed since the last pass, between passes: the next pass
-        (a Submit waiting on it) finds less to do, however long no pass ran."""
+    def catch_up(self, limit: int | None = None) -> bool:
+        """Evaluate what changed since the last pass, ``limit`` nodes at most, between
+        passes: the next pass (a Submit waiting on it) finds less to do, however long
+        no pass ran. Whether nothing is left."""
         now = self.registry.clock()
-        for node_id in self._changes(now):
+        changed = list(self._changes(now))
+        if limit is not None and len(changed) > limit:
+            self._changed.update(changed[limit:])  # the next call's
+            changed = changed[:limit]
+        for node_id in changed:
             self._update(node_id, now)
+        return not self._changed
 
     def rebuilt(self, holding: Sequence[LeaseRow]) -> list[placement.NodeView]:
         """Every node's view built from nothing, as ``current`` builds a changed one

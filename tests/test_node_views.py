@@ -12,9 +12,12 @@ import pytest
 
 from gpuagent.v1 import coordinator_pb2, inventory_pb2, leases_pb2, market_pb2
 from scheduler import placement
-from scheduler.leases_store import LeaseRow
-from scheduler.node_views import NodeViews
-from scheduler.registry import Session
+from scheduler.db import Database
+from scheduler.lease_dispatch import LeaseDispatcher
+from scheduler.leases_store import LeaseRow, LeaseStore
+from scheduler.liveness import LivenessPolicy
+from scheduler.node_views import IDLE_SLICE, UPTIME_SLICE, NodeViews
+from scheduler.registry import Registry, Session
 from scheduler.server import SchedulerServer
 from tests.coordinator_harness import FakeClock, drop_messages
 from tests.test_fleet_scale import _hello
@@ -236,3 +239,30 @@ async def test_a_pass_after_heartbeats_alone_evaluates_no_view(tmp_path: Path) -
         assert evaluated == []
     finally:
         await server.db.close()
+
+
+@pytest.mark.asyncio
+async def test_work_between_passes_goes_in_slices_and_stops_for_a_kick(db: Database) -> None:
+    """Between passes the dispatcher reads uptimes and catches up changed views in
+    slices, and stops as soon as a pass is asked for: a Submit's pass used to wait
+    behind a whole slice of 1,000 uptime reads (fleet_replicas at 10k)."""
+    clock = FakeClock()
+    registry = Registry(db, LivenessPolicy(), clock)
+    dispatcher = LeaseDispatcher(store=LeaseStore(db), registry=registry)
+    views = dispatcher.views
+    sessions = [(await registry.register(_hello(i), "t", drop_messages))[1] for i in range(300)]
+    views.current([])  # the first pass reads every uptime
+    clock.advance(views.uptime_every())  # a sweep is due
+    swept_at = views._uptimes_at
+    dispatcher.kick()
+    await dispatcher._between_passes()
+    assert views._uptimes_at == swept_at  # a pass is wanted: nothing read
+    dispatcher._wake.clear()
+    await dispatcher._between_passes()
+    assert views._uptimes_at > swept_at and len(views._uptime_queue) == 300 - UPTIME_SLICE
+    # Changed views are caught up IDLE_SLICE at a time; the rest wait for the next call.
+    for session in sessions[:100]:
+        await registry.heartbeat(session, coordinator_pb2.Heartbeat(seq=2))
+    assert not views.catch_up(IDLE_SLICE)
+    assert len(views._changed) == 100 - IDLE_SLICE
+    assert views.catch_up(IDLE_SLICE) and not views._changed
