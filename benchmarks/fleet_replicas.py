@@ -304,7 +304,14 @@ def _cluster_factory() -> object | None:
     return lambda: Cluster(bin_dir, durable=True)
 
 
-async def _run_all(sizes: Sequence[int], smoke: bool) -> tuple[list[Figure], list[ReplicaResult]]:
+# Leases placed per fleet size: the p99 of 50 (what this placed before) is the slowest
+# but one, and a single hiccup of the shared host decided it.
+LEASES = 200
+
+
+async def _run_all(
+    sizes: Sequence[int], smoke: bool, leases: int = LEASES
+) -> tuple[list[Figure], list[ReplicaResult]]:
     factory = _cluster_factory()
     if factory is None:
         print("fleet-pg2: PostgreSQL server binaries not found; skipped")
@@ -317,7 +324,7 @@ async def _run_all(sizes: Sequence[int], smoke: bool) -> tuple[list[Figure], lis
                 agents,
                 heartbeat_interval=2.0 if smoke else 10.0,
                 steady_window=4.0 if smoke else 30.0,
-                leases=10 if smoke else 50,
+                leases=10 if smoke else leases,
                 workdir=Path(tmp),
                 cluster_factory=factory,
             )
@@ -337,8 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fleet_replicas")
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--smoke", action="store_true", help="short intervals and windows")
+    parser.add_argument("--leases", type=int, default=LEASES, help="leases placed, one by one")
     args = parser.parse_args(argv)
-    figures, results = asyncio.run(_run_all([args.agents], args.smoke))
+    figures, results = asyncio.run(_run_all([args.agents], args.smoke, args.leases))
     for f in figures:
         print(f"{f.name:<56} {f.value:>10.4g} {f.unit:<6} {f.target}")
     for r in results:
