@@ -243,3 +243,19 @@ def test_coordinator_address_takes_a_list_of_replicas() -> None:
     for bad in ([], ["a:1", ""]):
         with pytest.raises(ValueError, match="none empty"):
             CoordinatorConfig.model_validate({"address": bad})
+
+
+@pytest.mark.parametrize("value", ["-1s", "61s", "soon"])
+def test_replica_home_first_out_of_range_is_named(tmp_path: Path, value: str) -> None:
+    """replica.home_first holds a lease back from the other replicas: 0-60 s. Longer
+    would leave a dead replica's Submits unplaced for minutes."""
+    path = _write(tmp_path, f"replica: {{home_first: {value}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_scheduler_config(path)
+    assert info.value.problems[0].startswith("replica.home_first:"), info.value.problems
+
+
+def test_replica_home_first_zero_and_default(tmp_path: Path) -> None:
+    assert load_scheduler_config(_write(tmp_path, "{}\n")).replica.home_first == 1.0
+    path = _write(tmp_path, "replica: {home_first: 0s}\n", "zero.yaml")
+    assert load_scheduler_config(path).replica.home_first == 0.0
