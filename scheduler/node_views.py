@@ -187,6 +187,11 @@ class NodeViews:
             UPTIME_REFRESH_S, UPTIME_REFRESH_HEARTBEATS * self.registry.policy.heartbeat_interval
         )
 
+    @property
+    def swept(self) -> bool:
+        """Whether an uptime sweep has begun (the first reads every node)."""
+        return self._uptimes_at != float("-inf")
+
     def refresh_uptimes(self, limit: int | None = UPTIME_SLICE) -> int:
         """Every UPTIME_REFRESH_S a sweep re-reads 30-day uptimes, ``limit`` nodes per
         call (all of them on the first call: a pass needs every node's uptime); a
