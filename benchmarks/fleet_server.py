@@ -221,10 +221,10 @@ class HeartbeatProbe:
         conflicts), by the store function that ran them."""
         call_sync, counts = PostgresDatabase.call_sync, self.phases.counts
 
-        def counted(db: PostgresDatabase, fn: Any) -> Any:
+        def counted(db: PostgresDatabase, fn: Any, **kwargs: Any) -> Any:
             before = db.retries
             try:
-                return call_sync(db, fn)
+                return call_sync(db, fn, **kwargs)
             finally:
                 if db.retries != before:
                     name = getattr(fn, "__qualname__", "?").removesuffix(".<locals>.txn")

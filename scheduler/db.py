@@ -678,25 +678,12 @@ class PostgresDatabase(Database):
         return await self.run(lambda: self.call_sync(fn))
 
     async def read(self, fn: Callable[[Conn], T]) -> T:
-        return await self.run(lambda: self.read_sync(fn))
+        return await self.run(lambda: self.call_sync(fn, read_only=True))
 
-    def read_sync(self, fn: Callable[[Conn], T]) -> T:
-        """``fn(conn)`` on one REPEATABLE READ, READ ONLY snapshot (Database.read)."""
-        import psycopg
-        from psycopg_pool import PoolTimeout
-
-        if self._pool is None:
-            raise DatabaseError(f"{self.display}: database is not open")
-        try:
-            with self._pool.connection() as raw, raw.transaction():
-                # Before any query of the transaction: it replaces BEGIN's SERIALIZABLE.
-                raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                return fn(PgConn(raw))
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise DatabaseUnavailable(f"{self.display}: {exc}") from None
-
-    def call_sync(self, fn: Callable[[Conn], T]) -> T:
-        """``fn(conn)`` in one SERIALIZABLE transaction on this thread, retried on conflict."""
+    def call_sync(self, fn: Callable[[Conn], T], *, read_only: bool = False) -> T:
+        """``fn(conn)`` in one SERIALIZABLE transaction on this thread, retried on conflict;
+        ``read_only``: on one REPEATABLE READ, READ ONLY snapshot (Database.read), which
+        never fails serialization."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
@@ -705,6 +692,9 @@ class PostgresDatabase(Database):
         for attempt in range(MAX_RETRIES + 1):
             try:
                 with self._pool.connection() as raw, raw.transaction():
+                    if read_only:
+                        # Before any query of the transaction: it replaces BEGIN's level.
+                        raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                     return fn(PgConn(raw))
             except RetryableError:
                 if attempt == MAX_RETRIES:

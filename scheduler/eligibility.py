@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
+from .changes import EVERYTHING, Changes
+
 if TYPE_CHECKING:
     from .attestation import AttestationManager
     from .ledger_service import LedgerService
@@ -25,26 +27,15 @@ class Eligibility:
     def __init__(self, attestation: AttestationManager, ledger: LedgerService) -> None:
         self._attestation = attestation
         self._ledger = ledger
-        # Told of every event that can change an answer (a verdict stored, collateral
-        # moved): an answer holds until then, or until the time ``filter`` returned
-        # with it (a verdict's expiry).
-        self._watchers: list[set[str]] = []
+        # Nodes whose answers may have changed (a verdict stored, collateral moved): an
+        # answer holds until then, or until the time ``filter`` returned with it (a
+        # verdict's expiry).
+        self.changes = Changes()
 
-    def watch(self) -> set[str]:
-        """A set this adds the id of each node whose answers may have changed to ("":
-        any node's); the watcher empties it as it catches up (scheduler/node_views.py)."""
-        watched: set[str] = set()
-        self._watchers.append(watched)
-        return watched
-
-    def unwatch(self, watched: set[str]) -> None:
-        self._watchers = [w for w in self._watchers if w is not watched]
-
-    def changed(self, node_id: str = "") -> None:
+    def changed(self, node_id: str = EVERYTHING) -> None:
         """A listener of attestation verdicts (with the node) and of the ledger's
-        collateral ("": any node)."""
-        for watched in self._watchers:
-            watched.add(node_id)
+        collateral (EVERYTHING: any node)."""
+        self.changes.add(node_id)
 
     @property
     def restricts(self) -> bool:

@@ -272,13 +272,26 @@ class LeaseStore:
 
     @staticmethod
     def _event(
-        conn: Conn, lease_id: str, state: str, reason: str, node: str | None, ts: int
+        conn: Conn,
+        lease_id: str,
+        state: str,
+        reason: str,
+        node: str | None,
+        ts: int,
+        *,
+        first: bool = False,
     ) -> None:
+        """Record the lease's next event."""
+        params: tuple[object, ...]
+        if first:  # a lease just inserted: seq 1, no events to read (``_insert``)
+            seq, params = "1", (lease_id, state, reason, node, ts)
+        else:
+            seq = "(SELECT COALESCE(MAX(seq), 0) + 1 FROM lease_events WHERE lease_id = ?)"
+            params = (lease_id, lease_id, state, reason, node, ts)
         conn.execute(
-            "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"
-            " VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM lease_events WHERE lease_id = ?),"
-            " ?, ?, ?, ?)",
-            (lease_id, lease_id, state, reason, node, ts),
+            "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"  # noqa: S608 - seq is one of two constants
+            f" VALUES (?, {seq}, ?, ?, ?, ?)",
+            params,
         )
 
     @staticmethod
@@ -574,11 +587,7 @@ class LeaseStore:
         if found is None:
             return None
         row = LeaseRow.from_db(found)
-        conn.execute(
-            "INSERT INTO lease_events (lease_id, seq, state, reason, node_id, ts_ns)"
-            " VALUES (?, 1, ?, 'submitted', NULL, ?)",
-            (new.lease_id, PENDING, now),
-        )
+        self._event(conn, new.lease_id, PENDING, "submitted", None, now, first=True)
         for hook in self._hooks.on_submitted:
             try:
                 hook(conn, row)

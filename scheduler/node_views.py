@@ -6,11 +6,11 @@ Python loop over every node, with cold caches, on every Submit. Here a node's vi
 is evaluated again only when something it is made of changed:
 
 - its record or stream: a Hello, a heartbeat, an OfferUpdate, a drain, the session
-  ending (``Registry.watch``);
+  ending (``Registry.changes``);
 - the GPUs that placed leases hold on it (each pass diffs the store's holding rows
   against the last pass's);
 - whether its GPUs may take a lease: an attestation verdict stored, collateral moved
-  (``Eligibility.watch``);
+  (``Eligibility.changes``);
 - its 30-day uptime (the slow sweep, ``refresh_uptimes``);
 - time alone: a silent node stops being online ``suspect_after`` after it was last
   heard from, "suspect" turns "offline" after the grace, an attestation expires. Each
@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from gpuagent.v1 import coordinator_pb2, inventory_pb2
 
 from . import placement, uptime
+from .changes import EVERYTHING
 from .eligibility import FOREVER, Eligibility
 from .liveness import evaluate, is_online
 from .market import Asks, node_asks
@@ -63,8 +64,6 @@ MONTH = dict(uptime.WINDOWS)["30d"]
 # gives the same view (and a new due time), and float seconds against integer ns
 # could otherwise leave an expired attestation counted for a pass.
 _DUE_SLACK = 1e-6
-# In a watched set: every node changed (a collateral reload, a policy change).
-EVERY_NODE = ""
 
 
 @dataclass
@@ -120,9 +119,11 @@ class NodeViews:
         # (never a candidate here: "not connected").
         self._here: dict[str, placement.NodeView] = {}
         self._away: dict[str, placement.NodeView] = {}
-        # Nodes whose view is to be evaluated again (EVERY_NODE: all of them).
-        self._changed = registry.watch()
-        self._eligibility_changed = eligibility.watch() if eligibility is not None else set()
+        # Nodes whose view is to be evaluated again (EVERYTHING: all of them).
+        self._changed = registry.changes.watch()
+        self._eligibility_changed = (
+            eligibility.changes.watch() if eligibility is not None else set()
+        )
         self._restricts: bool | None = None  # eligibility.restricts at the last read
         # (when, node): when the node's view changes with time alone; _due_at holds each
         # node's current time, so entries a later evaluation replaced are skipped.
@@ -177,8 +178,8 @@ class NodeViews:
 
     def offer_changed(self, node_id: str) -> None:
         """After an OfferUpdate: the node's prices and market view rebuild."""
+        # Its view is evaluated again: Registry.update_offer marked the node changed.
         self.capacities.pop(node_id, None)
-        self._changed.add(node_id)
 
     # -- uptime --------------------------------------------------------------------
 
@@ -335,9 +336,9 @@ class NodeViews:
         fresh = NodeViews(self.registry, self.settings, self.eligibility)
         fresh.uptimes = self.uptimes
         fresh._uptimes_at = float("inf")  # no sweep: the same uptimes as this one
-        self.registry.unwatch(fresh._changed)
+        self.registry.changes.unwatch(fresh._changed)
         if self.eligibility is not None:
-            self.eligibility.unwatch(fresh._eligibility_changed)
+            self.eligibility.changes.unwatch(fresh._eligibility_changed)
         fresh._held = _held_by_node(holding)
         now = self.registry.clock()
         for node_id in self.registry.nodes:
@@ -355,7 +356,7 @@ class NodeViews:
             restricts = eligibility.restricts
             if restricts != self._restricts:
                 self._restricts = restricts
-                changed.add(EVERY_NODE)
+                changed.add(EVERYTHING)
         due, due_at, limit = self._due, self._due_at, now + _DUE_SLACK
         while due and due[0][0] <= limit:
             _when, node_id = heapq.heappop(due)
@@ -372,7 +373,7 @@ class NodeViews:
         if len(here) + len(away) != len(nodes):
             # A node this never heard of (the first pass: all of them).
             changed.update(n for n in nodes if n not in here and n not in away)
-        if EVERY_NODE in changed:
+        if EVERYTHING in changed:
             changed = set(nodes) | set(here) | set(away)
         return changed
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from gpuagent.v1 import common_pb2, coordinator_pb2, inventory_pb2, market_pb2, nodes_pb2
 
 from . import uptime
+from .changes import Changes
 from .db import Database
 from .group_commit import GroupCommit
 from .liveness import Liveness, LivenessPolicy, evaluate, is_online
@@ -118,22 +119,9 @@ class Registry:
         # and coverage spans a heartbeat extended: (node_id, start_ns) -> end_ns.
         self._dirty_nodes: dict[str, NodeRecord] = {}
         self._dirty_spans: dict[tuple[str, int], int] = {}
-        self._watchers: list[set[str]] = []
-
-    def watch(self) -> set[str]:
-        """A set this adds the id of every node to whose record or stream changes (a
-        Hello, a heartbeat, an offer, a drain, a session's end, a node read in); the
-        watcher empties it as it catches up (scheduler/node_views.py)."""
-        watched: set[str] = set()
-        self._watchers.append(watched)
-        return watched
-
-    def unwatch(self, watched: set[str]) -> None:
-        self._watchers = [w for w in self._watchers if w is not watched]
-
-    def _touch(self, node_id: str) -> None:
-        for watched in self._watchers:
-            watched.add(node_id)
+        # Nodes whose record or stream changed: a Hello, a heartbeat, an offer, a drain,
+        # a session's end, a node read in (placement's views watch it).
+        self.changes = Changes()
 
     async def load(self, *, end_open_sessions: bool = True) -> None:
         """Read every known node back; called once at startup. ``end_open_sessions``:
@@ -157,7 +145,7 @@ class Registry:
         for record in await self.db.call(read):
             self.nodes[record.node_id] = record
             record.liveness = self.liveness(record)
-            self._touch(record.node_id)
+            self.changes.add(record.node_id)
         for node_id, blob in await self.db.call(read_offers):
             if node_id in self.nodes:
                 self.nodes[node_id].offer.ParseFromString(blob)
@@ -180,7 +168,7 @@ class Registry:
         seen, new = await self.db.call(read)
         for record in new:
             if self.nodes.setdefault(record.node_id, record) is record:
-                self._touch(record.node_id)
+                self.changes.add(record.node_id)
         for node_id, seen_ns in seen:
             known = self.nodes.get(node_id)
             if known is None or node_id in self.sessions or seen_ns is None:
@@ -378,7 +366,7 @@ class Registry:
             old.closed.set()
         self.sessions[record.node_id] = session
         record.liveness = self.liveness(record)
-        self._touch(record.node_id)
+        self.changes.add(record.node_id)
         return record, session
 
     async def heartbeat(self, session: Session, heartbeat: coordinator_pb2.Heartbeat) -> None:
@@ -392,7 +380,7 @@ class Registry:
         spans = self._dirty_spans
         spans[(record.node_id, key)] = max(end, spans.get((record.node_id, key), 0))
         self._dirty_nodes[record.node_id] = record
-        self._touch(record.node_id)
+        self.changes.add(record.node_id)
         if record.liveness is not Liveness.ONLINE:
             self.sweep()
 
@@ -463,14 +451,14 @@ class Registry:
         record.offer = cleaned
         record.region = cleaned.location.region
         record.generation += 1  # placement's caches of the node's prices rebuild
-        self._touch(record.node_id)
+        self.changes.add(record.node_id)
         await self.writes.write(lambda conn: _write_offer(conn, record))
         return problems
 
     async def end_session(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-            self._touch(session.node_id)
+            self.changes.add(session.node_id)
         now = _ns(self.clock())
         await self.writes.write(
             lambda conn: conn.execute(
@@ -481,7 +469,7 @@ class Registry:
 
     async def set_draining(self, record: NodeRecord, draining: bool) -> None:
         record.draining = draining
-        self._touch(record.node_id)
+        self.changes.add(record.node_id)
         await self.db.call(
             lambda conn: conn.execute(
                 "UPDATE nodes SET draining = ? WHERE node_id = ?", (int(draining), record.node_id)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuagent.v1 import coordinator_pb2, inventory_pb2, leases_pb2, market_pb2
+from gpuagent.v1 import coordinator_pb2, inventory_pb2, market_pb2
 from scheduler import placement
 from scheduler.db import Database
 from scheduler.lease_dispatch import LeaseDispatcher
@@ -21,6 +21,7 @@ from scheduler.registry import Registry, Session
 from scheduler.server import SchedulerServer
 from tests.coordinator_harness import FakeClock, drop_messages
 from tests.test_fleet_scale import _hello
+from tests.test_ledger import lease
 from tests.test_scheduler_wiring import _config, _passed
 
 NODES = 12
@@ -34,33 +35,8 @@ STEP_KINDS = (
 
 
 def _holding(node_id: str, gpus: list[str]) -> LeaseRow:
-    return LeaseRow(
-        lease_id=f"held-{node_id}-{'-'.join(gpus)}",
-        buyer="b",
-        spec=leases_pb2.LeaseSpec(),
-        gpu_count=len(gpus),
-        price_micros_per_gpu_hour=0,
-        accepted_price_micros_per_gpu_hour=None,
-        max_duration_s=60,
-        pinned_node_id="",
-        replace_on_lost=False,
-        node_id=node_id,
-        gpu_uuids=gpus,
-        state="running",
-        exit_code=None,
-        reason="",
-        log_tail="",
-        container_id="",
-        last_update_seq=0,
-        created_ns=0,
-        updated_ns=0,
-        placed_ns=0,
-        started_ns=0,
-        ended_ns=None,
-        cancel_requested_ns=None,
-        attempts=1,
-        expires_at_ns=0,
-    )
+    """A running lease holding ``gpus`` on ``node_id`` (what placement_view returns)."""
+    return replace(lease(f"held-{node_id}-{'-'.join(gpus)}", node=node_id), gpu_uuids=gpus)
 
 
 def _comparable(views: list[placement.NodeView]) -> dict[str, placement.NodeView]:
