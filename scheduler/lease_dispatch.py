@@ -228,11 +228,6 @@ class LeaseDispatcher:
         wait, kicks included, so a Submit's pass waited behind 1,000 uptime reads."""
         per_wait = self.settings.retry_interval / self.views.uptime_every()
         uptimes = max(UPTIME_SLICE, math.ceil(len(self.registry.nodes) * per_wait))
-        if not self.views.swept:
-            # The first sweep reads every node at once: it belongs to the first pass
-            # that needs the views, not to a start before any node has connected (it
-            # would hold every node that joins after it at uptime 0 for a sweep).
-            uptimes = 0
         while uptimes > 0 and not self._wake.is_set():
             read = self.views.refresh_uptimes(min(IDLE_SLICE, uptimes))
             uptimes -= IDLE_SLICE
