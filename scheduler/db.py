@@ -691,11 +691,24 @@ class PostgresDatabase(Database):
             raise DatabaseError(f"{self.display}: database is not open")
         for attempt in range(MAX_RETRIES + 1):
             try:
-                with self._pool.connection() as raw, raw.transaction():
-                    if read_only:
-                        # Before any query of the transaction: it replaces BEGIN's level.
-                        raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    return fn(PgConn(raw))
+                with self._pool.connection() as raw:
+                    if not read_only:
+                        with raw.transaction():
+                            return fn(PgConn(raw))
+                    # Said in BEGIN itself (psycopg writes the connection's level and
+                    # access mode into it): a SET TRANSACTION after was a round trip more
+                    # in every placement pass.
+                    raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                    raw.read_only = True
+                    try:
+                        with raw.transaction():
+                            return fn(PgConn(raw))
+                    finally:
+                        try:
+                            raw.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+                            raw.read_only = None
+                        except psycopg.Error:
+                            raw.close()  # broken: never back in the pool read-only
             except RetryableError:
                 if attempt == MAX_RETRIES:
                     raise
