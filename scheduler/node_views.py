@@ -194,9 +194,7 @@ class NodeViews:
         sweep and no pass has to read the whole fleet at once."""
         ratio = self.uptimes.get(record.node_id)
         if ratio is None:
-            now = self.registry.clock()
-            ratio = uptime.ratio(record.spans, now, MONTH, record.first_seen)
-            self.uptimes[record.node_id] = ratio
+            ratio = self.uptimes[record.node_id] = _month_uptime(record, self.registry.clock())
         return ratio
 
     def refresh_uptimes(self, limit: int | None = UPTIME_SLICE) -> int:
@@ -222,7 +220,7 @@ class NodeViews:
             record = nodes.get(node_id)
             if record is None:
                 continue
-            ratio = uptime.ratio(record.spans, now, MONTH, record.first_seen)
+            ratio = _month_uptime(record, now)
             old = self.uptimes.get(node_id)
             self.uptimes[node_id] = ratio
             capacity = self.capacities.get(node_id)
@@ -479,6 +477,11 @@ class NodeViews:
         if seen < started:
             offline_at = max(offline_at, started + policy.restart_grace)
         return offline_at if offline_at >= now else None
+
+
+def _month_uptime(record: NodeRecord, now: float) -> float:
+    """The node's uptime over the last 30 days (since first seen, if later)."""
+    return uptime.ratio(record.spans, now, MONTH, record.first_seen)
 
 
 def _held_by_node(holding: Sequence[LeaseRow]) -> dict[str, set[str]]:
