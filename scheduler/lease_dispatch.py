@@ -271,13 +271,17 @@ class LeaseDispatcher:
         """One placement pass; returns how many offers it sent."""
         async with self._place_lock:
             copies: CopyPlacement | None = None
-            if self.verify is not None:
-                # Redundant runs: copies that ended are judged first (a tie-break copy
-                # this stores is placed by this very pass).
+            view = await self.store.placement_view()
+            if self.verify is not None and view.copies_ended:
+                # Redundant runs: copies that ended are judged first, and the view read
+                # again (a tie-break copy this stores is placed by this very pass).
                 await self.verify.sweep()
-            pending, holding, tried = await self.store.placement_view()
-            if self.verify is not None:
-                groups = await self.verify.placement_groups(pending)
+                view = await self.store.placement_view()
+            pending, holding, tried = view.pending, view.holding, view.tried
+            if self.verify is not None and view.copies:
+                groups = await self.verify.placement_groups(
+                    [r for r in pending if r.lease_id in view.copies]
+                )
                 if groups:
                     copies = CopyPlacement(self.registry, groups)
             waiting = {r.lease_id for r in pending}
@@ -395,13 +399,13 @@ class LeaseDispatcher:
 
         Read-only: the same views and the same ``choose`` as a pass; leases already
         waiting ahead of it are not counted against the nodes it finds."""
-        _pending, holding, _tried = await self.store.placement_view()
+        holding = (await self.store.placement_view()).holding
         return placement.choose(self.node_views(holding), request_for(spec, pinned))
 
     async def quote_copies(self, spec: leases_pb2.LeaseSpec, replicas: int) -> str:
         """Why a verified lease's ``replicas`` copies would wait now ("" = they would be
         placed): the same distinct-provider rule as a pass, reserving nothing."""
-        _pending, holding, _tried = await self.store.placement_view()
+        holding = (await self.store.placement_view()).holding
         plan = CopyPlacement(
             self.registry, {f"quote.{n}": ("quote", replicas, []) for n in range(replicas)}
         )

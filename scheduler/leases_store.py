@@ -178,6 +178,19 @@ class LeaseRow:
 
 
 @dataclass(frozen=True)
+class PlacementView:
+    """What a placement pass reads (LeaseStore.placement_view)."""
+
+    pending: list[LeaseRow]  # to place, oldest first
+    holding: list[LeaseRow]  # placed, not ended: what holds GPUs
+    tried: dict[str, set[str]]  # pending lease -> nodes it was offered to
+    copies: frozenset[str]  # pending leases that are a redundant run's copies
+    # A copy's lease ended and its verify row is still open: the verifier's sweep has
+    # work (a pass runs it only then).
+    copies_ended: bool
+
+
+@dataclass(frozen=True)
 class NewLease:
     lease_id: str
     buyer: str
@@ -458,29 +471,40 @@ class LeaseStore:
 
         return await self.db.call(read)
 
-    async def placement_view(self) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
-        """(pending leases to place, leases holding GPUs, nodes tried per pending lease)."""
+    async def placement_view(self) -> PlacementView:
+        """What a placement pass reads, in one statement of one snapshot."""
 
-        def read(
-            conn: Conn,
-        ) -> tuple[list[LeaseRow], list[LeaseRow], dict[str, set[str]]]:
-            # One statement for both kinds of lease, and the attempts only when a pending
-            # lease was ever offered: every pass runs this, and on a loaded host each
-            # round trip cost milliseconds (fleet_replicas at 10k: 3 of them, 11 ms).
+        def read(conn: Conn) -> PlacementView:
+            # One statement for both kinds of lease, the redundant runs' copies among
+            # them, and whether a copy ended that the verifier has not judged: every pass
+            # runs this, and on a loaded host each round trip cost milliseconds
+            # (fleet_replicas at 10k: a pass was 4 of them, the verifier's sweep a
+            # SERIALIZABLE transaction even with no redundant run anywhere).
             terminal = tuple(TERMINAL)
+            marks = ", ".join("?" * len(terminal))
             pending: list[LeaseRow] = []
             holding: list[LeaseRow] = []
+            copies: set[str] = set()
+            copies_ended = False
             for r in conn.execute(
-                f"SELECT {_COLUMNS} FROM leases"  # noqa: S608 - constant columns
+                f"SELECT {_COLUMNS}, CASE WHEN EXISTS (SELECT 1 FROM verify_copies c"  # noqa: S608
+                " WHERE c.copy_id = leases.lease_id) THEN 1 ELSE 0 END FROM leases"
                 " WHERE (state = ? AND node_id IS NULL"
                 # A redundant run's parent is never placed: its copies are.
                 " AND lease_id NOT IN (SELECT parent_id FROM verify_groups))"
-                f" OR (node_id IS NOT NULL AND state NOT IN ({', '.join('?' * len(terminal))}))"
+                f" OR (node_id IS NOT NULL AND state NOT IN ({marks}))"
+                f" OR (state IN ({marks}) AND lease_id IN"
+                " (SELECT copy_id FROM verify_copies WHERE ended = 0))"
                 " ORDER BY created_ns, lease_id",
-                (PENDING, *terminal),
+                (PENDING, *terminal, *terminal),
             ):
                 row = LeaseRow.from_db(r)
+                if row.state in TERMINAL:
+                    copies_ended = True
+                    continue
                 (holding if row.node_id is not None else pending).append(row)
+                if r[-1] and row.node_id is None:
+                    copies.add(row.lease_id)
             tried: dict[str, set[str]] = {}
             if any(row.attempts for row in pending):  # an attempt comes with an offer
                 for lease_id, node in conn.execute(
@@ -490,7 +514,7 @@ class LeaseStore:
                     (PENDING,),
                 ):
                     tried.setdefault(lease_id, set()).add(node)
-            return pending, holding, tried
+            return PlacementView(pending, holding, tried, frozenset(copies), copies_ended)
 
         # A snapshot: every pass on every replica reads the whole leases table, and as
         # a SERIALIZABLE read it made Submits, offers and updates retry (fleet_replicas

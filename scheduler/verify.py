@@ -380,7 +380,8 @@ class Verifier:
     async def sweep(self) -> None:
         """Copies that ended without an update carrying their result (lost, cancelled,
         an offer that failed for good; a success whose update this scheduler never saw)
-        end with no digest; their groups are decided. Runs before each placement pass."""
+        end with no digest; their groups are decided. A placement pass runs it first when
+        its view has such a copy (``PlacementView.copies_ended``)."""
         now = self._now()
         grace = now - round(SUCCEEDED_GRACE_S * 1e9)
         terminal = tuple(TERMINAL)

@@ -695,3 +695,53 @@ async def test_another_buyer_cannot_see_or_cancel_a_verified_lease(tmp_path: Pat
         finally:
             await alice.close()
             await mallory.close()
+
+
+@pytest.mark.asyncio
+async def test_a_pass_sweeps_only_when_its_view_has_a_copy_that_ended_unseen(
+    tmp_path: Path,
+) -> None:
+    """The placement view names the pending copies and says when a copy ended without
+    the verifier judging it; a pass runs the verifier's sweep (a SERIALIZABLE
+    transaction) only then, and the ended copy is judged by that pass alone."""
+    async with make_env(tmp_path) as env:
+        store, dispatcher = env.server.leases_store, env.server.dispatcher
+        parent = await env.submit(2)  # no node yet: both copies wait
+        view = await store.placement_view()
+        copy_ids = {r.lease_id for r in view.pending}
+        assert len(copy_ids) == 2 and parent.lease_id not in copy_ids
+        assert view.copies == copy_ids and not view.copies_ended
+
+        sweeps = [0]
+        real = env.server.verify.sweep
+
+        async def counted() -> None:
+            sweeps[0] += 1
+            await real()
+
+        env.server.verify.sweep = counted  # type: ignore[method-assign]
+        for _ in range(3):
+            await dispatcher.place_pending()
+        assert sweeps[0] == 0
+
+        # One copy ends with no update this scheduler saw (its row written directly).
+        lost = sorted(copy_ids)[0]
+        await env.server.db.call(
+            lambda conn: conn.execute(
+                "UPDATE leases SET state = 'lost', ended_ns = 1 WHERE lease_id = ?", (lost,)
+            )
+        )
+        view = await store.placement_view()
+        assert view.copies_ended and lost not in view.copies
+        await dispatcher.place_pending()
+        assert sweeps[0] >= 1  # the background loop's pass may have been the one
+        judged = sweeps[0]
+        view = await store.placement_view()
+        assert not view.copies_ended
+        for _ in range(3):
+            await dispatcher.place_pending()
+        assert sweeps[0] == judged
+        ended = db_rows(
+            env.server.config, "SELECT ended FROM verify_copies WHERE copy_id = ?", lost
+        )
+        assert ended == [(1,)]
