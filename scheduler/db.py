@@ -567,6 +567,18 @@ class Database:
         SERIALIZABLE reads of a whole table conflicted with every write to it)."""
         return await self.call(fn)
 
+    async def call_locked(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn(conn)`` in one transaction that holds its invariants itself, by
+        explicit locks and guarded writes, never by the isolation level: every row it
+        reads to decide a write is locked first (``FOR UPDATE``, an advisory lock) or
+        protected by a constraint (``INSERT .. ON CONFLICT``, ``UPDATE .. WHERE
+        guard``, ``CHECK``). SQLite: a transaction like ``call``'s (one writer).
+        PostgreSQL: READ COMMITTED, so it never fails serialization: the hottest writes
+        (a Submit, an offer) were run again when SSI saw them meet other writers on the
+        leases table's index pages (docs/scaling.md). Each statement sees what was
+        committed before it started, a lock's waiter included."""
+        return await self.call(fn)
+
     async def close(self) -> None:
         if self._executor._shutdown:  # closed already (a server stopped twice)
             return
@@ -680,26 +692,37 @@ class PostgresDatabase(Database):
     async def read(self, fn: Callable[[Conn], T]) -> T:
         return await self.run(lambda: self.call_sync(fn, read_only=True))
 
-    def call_sync(self, fn: Callable[[Conn], T], *, read_only: bool = False) -> T:
+    async def call_locked(self, fn: Callable[[Conn], T]) -> T:
+        return await self.run(lambda: self.call_sync(fn, locked=True))
+
+    def call_sync(
+        self, fn: Callable[[Conn], T], *, read_only: bool = False, locked: bool = False
+    ) -> T:
         """``fn(conn)`` in one SERIALIZABLE transaction on this thread, retried on conflict;
         ``read_only``: on one REPEATABLE READ, READ ONLY snapshot (Database.read), which
-        never fails serialization."""
+        never fails serialization; ``locked``: READ COMMITTED (Database.call_locked),
+        retried only on a deadlock."""
         import psycopg
         from psycopg_pool import PoolTimeout
 
         if self._pool is None:
             raise DatabaseError(f"{self.display}: database is not open")
+        level = psycopg.IsolationLevel.SERIALIZABLE
+        if read_only:
+            level = psycopg.IsolationLevel.REPEATABLE_READ
+        elif locked:
+            level = psycopg.IsolationLevel.READ_COMMITTED
         for attempt in range(MAX_RETRIES + 1):
             try:
                 with self._pool.connection() as raw:
-                    if not read_only:
+                    if level == psycopg.IsolationLevel.SERIALIZABLE:
                         with raw.transaction():
                             return fn(PgConn(raw))
                     # Said in BEGIN itself (psycopg writes the connection's level and
                     # access mode into it): a SET TRANSACTION after was a round trip more
                     # in every placement pass.
-                    raw.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-                    raw.read_only = True
+                    raw.isolation_level = level
+                    raw.read_only = True if read_only else None
                     try:
                         with raw.transaction():
                             return fn(PgConn(raw))

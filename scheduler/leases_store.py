@@ -10,7 +10,9 @@ Ledger hooks: ``on_submitted(conn, row)`` runs inside Submit's transaction and
 ``on_terminal(conn, row)`` inside the transaction that ends a lease. A submit
 hook refuses a lease by raising one of the ``refusals`` exception types given
 with it (e.g. the ledger's insufficient-balance error); Submit then fails with
-that message and nothing is stored.
+that message and nothing is stored. On PostgreSQL a plain lease's Submit runs READ
+COMMITTED (``Database.call_locked``): a submit hook locks what it reads to decide a
+write (``FOR UPDATE``) or writes guarded, as ``ledger.reserve`` does.
 """
 
 from __future__ import annotations
@@ -667,7 +669,12 @@ class LeaseStore:
                 )
             return existing, False
 
-        row, created = await self.db.call(txn)
+        # A plain lease's Submit is writes the guards keep straight (the key's unique
+        # index, the escrow's conditional UPDATE or its locked read): READ COMMITTED on
+        # PostgreSQL, never run again for meeting the offers and updates of other leases.
+        # A redundant run's copies are stored by the verifier's code: SERIALIZABLE.
+        call = self.db.call_locked if also is None else self.db.call
+        row, created = await call(txn)
         if created:
             self._count(None, PENDING)
         return row, created
@@ -741,7 +748,11 @@ class LeaseStore:
             self._attempt(conn, lease_id, node_id, "offered", reason, now)
             return LeaseRow.from_db(found)
 
-        return await self.db.call(txn)
+        # READ COMMITTED on PostgreSQL: the GPU check reads after the node's lock is
+        # held, so it sees the offer that held it before (SERIALIZABLE took its snapshot
+        # at the lock statement, before the wait, and failed serialization instead), and
+        # the guarded UPDATE lets one of two offers of one lease win.
+        return await self.db.call_locked(txn)
 
     async def offer_failed(
         self, lease_id: str, node_id: str, outcome: str, reason: str, max_attempts: int

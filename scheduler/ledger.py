@@ -240,8 +240,10 @@ def reserve(conn: Conn, lease: LeaseRow, now: int, policy: LedgerPolicy) -> int:
     )
     if not paid:
         _ensure_account(conn, lease.buyer, policy, now)
+        # Locked: Submit runs READ COMMITTED on PostgreSQL (Database.call_locked), and a
+        # balance read unlocked could be spent by another Submit before the UPDATE.
         (balance,) = conn.execute(
-            "SELECT balance_micros FROM accounts WHERE buyer = ?", (lease.buyer,)
+            "SELECT balance_micros FROM accounts WHERE buyer = ? FOR UPDATE", (lease.buyer,)
         ).fetchone()
         if amount > balance:
             raise LedgerError(

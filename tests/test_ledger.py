@@ -22,24 +22,27 @@ from scheduler.db import migrate
 from scheduler.leases_store import LeaseRow
 from scheduler.ledger import LedgerError, LedgerPolicy
 from scheduler.ledger_service import lease_usage
+from scheduler.storage import SqliteConn
 
 NOW = 1_700_000_000 * 10**9
 HOUR_NS = 3600 * 10**9
 POLICY = LedgerPolicy(final_record_grace_ns=600 * 10**9)
 
 
-def open_db() -> sqlite3.Connection:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    conn.execute("PRAGMA foreign_keys=ON")
-    migrate(conn)
-    return conn
+def open_db() -> SqliteConn:
+    """The ledger's statements run through the scheduler's connection adapter, as in
+    production (it drops the row locks that only PostgreSQL takes)."""
+    raw = sqlite3.connect(":memory:", isolation_level=None)
+    raw.execute("PRAGMA foreign_keys=ON")
+    migrate(raw)
+    return SqliteConn(raw)
 
 
 @pytest.fixture
-def conn() -> Iterator[sqlite3.Connection]:
+def conn() -> Iterator[SqliteConn]:
     db = open_db()
     yield db
-    db.close()
+    db.raw.close()
 
 
 def lease(
@@ -84,7 +87,7 @@ def lease(
     )
 
 
-def escrow_row(conn: sqlite3.Connection, lease_id: str) -> tuple[int, int, int, int, str]:
+def escrow_row(conn: SqliteConn, lease_id: str) -> tuple[int, int, int, int, str]:
     return conn.execute(  # type: ignore[no-any-return]
         "SELECT cap_micros, reserved_micros, settled_micros, released_micros, state"
         " FROM escrow WHERE lease_id = ?",
@@ -92,7 +95,7 @@ def escrow_row(conn: sqlite3.Connection, lease_id: str) -> tuple[int, int, int, 
     ).fetchone()
 
 
-def test_reserve_settle_release_arithmetic_is_exact(conn: sqlite3.Connection) -> None:
+def test_reserve_settle_release_arithmetic_is_exact(conn: SqliteConn) -> None:
     """A 2-GPU, 1 h lease at 1.5/GPU-hour reserves 3.0; 30 min on 2 GPUs costs 1.5
     (paid to the node); release returns exactly the remaining 1.5."""
     ledger.deposit(conn, "alice", 10_000_000, NOW, POLICY)
@@ -118,7 +121,7 @@ def test_reserve_settle_release_arithmetic_is_exact(conn: sqlite3.Connection) ->
     assert kinds == ["deposit", "reserve", "settle", "release"]
 
 
-def test_reservation_rounds_up_and_is_refused_when_short(conn: sqlite3.Connection) -> None:
+def test_reservation_rounds_up_and_is_refused_when_short(conn: SqliteConn) -> None:
     """The reservation covers the worst case (rounded up); a short balance refuses it
     with a message naming both amounts, and moves nothing."""
     assert ledger.reservation_micros(1, 1, 1) == 1  # 1/3600 of a micro rounds up to 1
@@ -129,7 +132,7 @@ def test_reservation_rounds_up_and_is_refused_when_short(conn: sqlite3.Connectio
     assert conn.execute("SELECT COUNT(*) FROM escrow").fetchone()[0] == 0
 
 
-def test_priced_lease_without_max_duration_or_buyer_is_refused(conn: sqlite3.Connection) -> None:
+def test_priced_lease_without_max_duration_or_buyer_is_refused(conn: SqliteConn) -> None:
     """Escrow needs a bound and a payer; a free lease needs neither."""
     with pytest.raises(LedgerError, match="max_duration"):
         ledger.reserve(conn, lease(max_s=0), NOW, POLICY)
@@ -138,7 +141,7 @@ def test_priced_lease_without_max_duration_or_buyer_is_refused(conn: sqlite3.Con
     assert ledger.reserve(conn, lease("free", buyer="", price=0, max_s=0), NOW, POLICY) == 0
 
 
-def test_cumulative_rounding_never_loses_or_creates_a_micro(conn: sqlite3.Connection) -> None:
+def test_cumulative_rounding_never_loses_or_creates_a_micro(conn: SqliteConn) -> None:
     """Charged per record as the difference of floor(price x cumulative / hour): seven
     records whose individual costs all round down still add up to the exact total."""
     ledger.deposit(conn, "alice", 10**9, NOW, POLICY)
@@ -152,7 +155,7 @@ def test_cumulative_rounding_never_loses_or_creates_a_micro(conn: sqlite3.Connec
     assert naive < sum(charged), "per-record rounding would have lost micros"
 
 
-def test_usage_beyond_the_reservation_is_not_charged(conn: sqlite3.Connection) -> None:
+def test_usage_beyond_the_reservation_is_not_charged(conn: SqliteConn) -> None:
     """The reservation is the most a lease can cost: metered time past it is recorded
     as unbilled, the buyer is never charged more than was reserved."""
     ledger.deposit(conn, "alice", 5_000_000, NOW, POLICY)
@@ -169,7 +172,7 @@ def test_usage_beyond_the_reservation_is_not_charged(conn: sqlite3.Connection) -
     assert ledger.account(conn, "alice").spent_micros == 1_000_000
 
 
-def test_price_is_the_nodes_accepted_ask_not_the_ceiling(conn: sqlite3.Connection) -> None:
+def test_price_is_the_nodes_accepted_ask_not_the_ceiling(conn: SqliteConn) -> None:
     """The buyer reserves at its ceiling but pays the placed node's (lower) ask."""
     ledger.deposit(conn, "alice", 5_000_000, NOW, POLICY)
     row = lease(price=2_000_000, accepted=500_000, max_s=3600)
@@ -178,7 +181,7 @@ def test_price_is_the_nodes_accepted_ask_not_the_ceiling(conn: sqlite3.Connectio
     assert ledger.release(conn, "l1", NOW, "end") == 1_500_000
 
 
-def test_escrow_waits_for_the_final_record_then_releases(conn: sqlite3.Connection) -> None:
+def test_escrow_waits_for_the_final_record_then_releases(conn: SqliteConn) -> None:
     """A lease that ran is released when its final record arrives after the end (not at
     the end, so the last interval is paid from escrow); a lease that never ran is
     released at once; one whose final record never comes, after the grace."""
@@ -198,7 +201,7 @@ def test_escrow_waits_for_the_final_record_then_releases(conn: sqlite3.Connectio
     assert ledger.account(conn, "alice").balance_micros == 10_000_000 - 250_000
 
 
-def test_late_record_after_release_is_charged_from_the_balance(conn: sqlite3.Connection) -> None:
+def test_late_record_after_release_is_charged_from_the_balance(conn: SqliteConn) -> None:
     """A record arriving after release is still paid (up to the cap and the balance),
     and the escrow identity stays exact: reserved - settled - released == 0."""
     ledger.deposit(conn, "alice", 2_000_000, NOW, POLICY)
@@ -213,7 +216,7 @@ def test_late_record_after_release_is_charged_from_the_balance(conn: sqlite3.Con
     assert ledger.earnings(conn, "node-a") == 100_000
 
 
-def test_deposit_is_idempotent_by_key_and_validates(conn: sqlite3.Connection) -> None:
+def test_deposit_is_idempotent_by_key_and_validates(conn: SqliteConn) -> None:
     """A repeated key credits once; reusing it for another amount, a zero or negative
     amount, or an empty buyer are refused."""
     ledger.deposit(conn, "alice", 5, NOW, POLICY, idempotency_key="k1")
@@ -228,7 +231,7 @@ def test_deposit_is_idempotent_by_key_and_validates(conn: sqlite3.Connection) ->
         ledger.deposit(conn, "", 1, NOW, POLICY)
 
 
-def test_default_credit_opens_new_accounts_with_a_balance(conn: sqlite3.Connection) -> None:
+def test_default_credit_opens_new_accounts_with_a_balance(conn: SqliteConn) -> None:
     """The demo setting credits a buyer's first use, once, as a journaled deposit."""
     policy = LedgerPolicy(default_credit_micros=50_000_000)
     ledger.reserve(conn, lease(price=1_000_000, max_s=3600), NOW, policy)
@@ -237,7 +240,7 @@ def test_default_credit_opens_new_accounts_with_a_balance(conn: sqlite3.Connecti
     assert ledger.account(conn, "alice").deposited_micros == 50_000_000
 
 
-def test_collateral_is_required_when_configured(conn: sqlite3.Connection) -> None:
+def test_collateral_is_required_when_configured(conn: SqliteConn) -> None:
     """With a minimum stake, only nodes whose unslashed stake meets it are eligible;
     with none configured, every node is."""
     policy = LedgerPolicy(min_collateral_micros=100_000_000)
@@ -255,7 +258,7 @@ def test_collateral_is_required_when_configured(conn: sqlite3.Connection) -> Non
     assert eligible(policy) == {"node-a", "node-b"}
 
 
-def test_slashing_takes_stake_never_more_than_there_is(conn: sqlite3.Connection) -> None:
+def test_slashing_takes_stake_never_more_than_there_is(conn: SqliteConn) -> None:
     """A slash below the minimum makes the node ineligible; a slash larger than what is
     left takes only what is left; a node without stake loses nothing."""
     policy = LedgerPolicy(min_collateral_micros=100_000_000)
@@ -270,7 +273,7 @@ def test_slashing_takes_stake_never_more_than_there_is(conn: sqlite3.Connection)
     assert reasons == ["failed attestation", "again"]
 
 
-def test_uptime_below_commitment_is_slashed_once_per_window(conn: sqlite3.Connection) -> None:
+def test_uptime_below_commitment_is_slashed_once_per_window(conn: SqliteConn) -> None:
     """Measured uptime under the declared commitment slashes the configured amount, at
     most once per window; meeting the commitment (or having none) slashes nothing."""
     policy = LedgerPolicy(slash_uptime_micros=10_000_000)
@@ -286,7 +289,7 @@ def test_uptime_below_commitment_is_slashed_once_per_window(conn: sqlite3.Connec
     assert found is not None and found.slashed_micros == 20_000_000
 
 
-def test_stake_rejects_a_commitment_outside_0_to_1(conn: sqlite3.Connection) -> None:
+def test_stake_rejects_a_commitment_outside_0_to_1(conn: SqliteConn) -> None:
     """An uptime commitment is a ratio."""
     with pytest.raises(LedgerError, match=r"0\.\.1"):
         ledger.stake(conn, "node-a", 1, NOW, uptime_commitment=1.5)
@@ -318,7 +321,7 @@ _op = st.one_of(
 )
 
 
-def check_conservation(conn: sqlite3.Connection, deposited: dict[str, int]) -> None:
+def check_conservation(conn: SqliteConn, deposited: dict[str, int]) -> None:
     spent_total = 0
     for buyer in BUYERS:
         a = ledger.account(conn, buyer)
@@ -366,10 +369,10 @@ def test_balance_escrow_and_spent_are_conserved(ops: list[tuple[object, ...]]) -
         ledger.release_due(conn, NOW + POLICY.final_record_grace_ns, POLICY)
         check_conservation(conn, deposited)
     finally:
-        conn.close()
+        conn.raw.close()
 
 
-def _store_record(conn: sqlite3.Connection, record: UsageRecord) -> None:
+def _store_record(conn: SqliteConn, record: UsageRecord) -> None:
     conn.execute(
         "INSERT INTO usage_records (node_id, seq, lease_id, status, start_ns, end_ns,"
         " duration_ns, gpu_count, gpu_ns, final, canonical, signature, received_ns)"
@@ -390,7 +393,7 @@ def _store_record(conn: sqlite3.Connection, record: UsageRecord) -> None:
     )
 
 
-def test_lease_usage_keeps_unmeasured_network_unknown(conn: sqlite3.Connection) -> None:
+def test_lease_usage_keeps_unmeasured_network_unknown(conn: SqliteConn) -> None:
     """Totals carry the records' unmeasured bits: a lease whose node could not read
     its network counters shows network unknown, not 0 bytes; one measured record
     among them makes the bytes a lower bound, still flagged."""

@@ -225,11 +225,13 @@ async def replicas(pg_cluster: Cluster) -> AsyncIterator[tuple[Database, Databas
     pg_cluster.drop_database(url)
 
 
-def _stores(dbs: tuple[Database, Database]) -> list[LeaseStore]:
+def _stores(
+    dbs: tuple[Database, Database], policy: ledger.LedgerPolicy = POLICY
+) -> list[LeaseStore]:
     stores = []
     for db in dbs:
         store = LeaseStore(db, clock=lambda: NOW / SEC)
-        ledger.LeaseHooks(POLICY, lambda: NOW).register(store)
+        ledger.LeaseHooks(policy, lambda: NOW).register(store)
         stores.append(store)
     return stores
 
@@ -273,6 +275,44 @@ async def test_escrow_is_never_overdrawn_by_two_replicas(
         lambda c: c.execute("SELECT COUNT(*), SUM(reserved_micros) FROM escrow").fetchone()
     )
     assert tuple(held) == (3, 3_000_000)
+    # READ COMMITTED (Database.call_locked): the Submits queue on the account's row
+    # lock; none was run again, as SERIALIZABLE ran the losers of each race.
+    assert isinstance(a, PostgresDatabase) and isinstance(b, PostgresDatabase)
+    assert a.retries == b.retries == 0
+
+
+@pytest.mark.asyncio
+async def test_a_new_buyers_first_submits_on_two_replicas_credit_once_and_never_overdraw(
+    replicas: tuple[Database, Database],
+) -> None:
+    """The account is created by the first Submit (the slow path: created, read
+    locked, refused or paid): racing on two replicas it is created once, credited once,
+    and pays exactly as many leases as the credit covers; the rest say why."""
+    a, b = replicas
+    stores = _stores(replicas, ledger.LedgerPolicy(default_credit_micros=2_500_000))
+    refusals: list[str] = []
+
+    async def submit(i: int) -> bool:
+        try:
+            await stores[i % 2].submit(_new(f"l{i}"))  # each reserves 1_000_000
+        except LeaseRefused as exc:
+            refusals.append(str(exc))
+            return False
+        return True
+
+    accepted = await asyncio.gather(*(submit(i) for i in range(10)))
+    assert sum(accepted) == 2
+    assert len(refusals) == 8
+    assert all(r.startswith("insufficient balance: buyer 'alice' has 0.5") for r in refusals)
+    account = await b.call(lambda c: ledger.account(c, "alice"))
+    assert (account.balance_micros, account.deposited_micros) == (500_000, 2_500_000)
+    kinds = await a.call(
+        lambda c: c.execute(
+            "SELECT kind, COUNT(*), SUM(amount_micros) FROM ledger_entries GROUP BY kind"
+            " ORDER BY kind"
+        ).fetchall()
+    )
+    assert [tuple(k) for k in kinds] == [("deposit", 1, 2_500_000), ("reserve", 2, 2_000_000)]
 
 
 @pytest.mark.asyncio
@@ -341,6 +381,24 @@ async def test_a_read_is_a_read_only_snapshot_that_no_writer_waits_for(
         == 0
     )
     # A connection the read used goes back to the pool as it came: SERIALIZABLE again.
+    levels = await asyncio.gather(
+        *(a.call(lambda c: c.execute("SHOW transaction_isolation").fetchone()[0]) for _ in range(8))
+    )
+    assert set(levels) == {"serializable"}
+    # Database.call_locked runs READ COMMITTED, read-write, and gives the connection
+    # back SERIALIZABLE too.
+    locked = await asyncio.gather(
+        *(
+            a.call_locked(
+                lambda c: c.execute(
+                    "SELECT current_setting('transaction_isolation'),"
+                    " current_setting('transaction_read_only')"
+                ).fetchone()
+            )
+            for _ in range(8)
+        )
+    )
+    assert {tuple(r) for r in locked} == {("read committed", "off")}
     levels = await asyncio.gather(
         *(a.call(lambda c: c.execute("SHOW transaction_isolation").fetchone()[0]) for _ in range(8))
     )
